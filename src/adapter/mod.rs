@@ -1,0 +1,129 @@
+//! The PEFT adapter: `lora_A` from the leader's components, zero `lora_B`, and
+//! `adapter_config.json` with PEFT's EVA semantics (DESIGN.md §3).
+//!
+//! | module | role |
+//! |---|---|
+//! | [`report`] | `eva_report.json` |
+//! | [`write`] | safetensors serialization and atomic directory writing |
+
+pub mod report;
+pub mod write;
+
+use crate::config::{EvaParams, RunConfig};
+use crate::leader::convergence::normalize_signs;
+use crate::leader::Spectrum;
+use crate::source::Catalog;
+use ndarray::{s, Array2};
+use serde_json::{json, Map, Value};
+
+/// One layer's LoRA weights.
+#[derive(Clone, Debug)]
+pub struct LayerAdapter {
+    /// Module path.
+    pub name: String,
+    /// Allocated rank (> 0).
+    pub rank: usize,
+    /// `lora_alpha` for this layer.
+    pub alpha: f64,
+    /// `lora_A`, `rank x in_features`: the top components (rows), whitened if asked.
+    pub a: Array2<f32>,
+    /// Rows of the zero `lora_B` (`out_features x rank`).
+    pub out_features: usize,
+}
+
+/// Everything PEFT needs to load the adapter.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    /// Layers with rank > 0, catalog order.
+    pub layers: Vec<LayerAdapter>,
+    /// `adapter_config.json`.
+    pub config: Value,
+}
+
+/// `alpha_l = alpha × rank_l / r` with PEFT's `adjust_scaling_factors`, else `alpha`.
+pub fn layer_alpha(params: &EvaParams, rank: usize) -> f64 {
+    if params.adjust_alpha {
+        params.alpha * rank as f64 / params.rank as f64
+    } else {
+        params.alpha
+    }
+}
+
+/// Builds the adapter from final ranks (per layer) and spectra (per input).
+pub fn build(catalog: &Catalog, ranks: &[usize], spectra: &[Spectrum], cfg: &RunConfig) -> Adapter {
+    let params = &cfg.eva;
+    let mut layers = Vec::new();
+    for (layer, &rank) in catalog.layers.iter().zip(ranks) {
+        if rank == 0 {
+            continue;
+        }
+        let spectrum = &spectra[layer.input];
+        let mut v = spectrum.vectors.slice(s![.., ..rank]).to_owned();
+        normalize_signs(&mut v);
+        let mut a = v.t().mapv(|x| x as f32);
+        if params.whiten {
+            // Singular values of the centered data matrix: σ_i = sqrt(λ_i (n - 1)).
+            let n1 = spectrum.tokens.saturating_sub(1) as f64;
+            for (mut row, &lambda) in a.rows_mut().into_iter().zip(&spectrum.values) {
+                let sigma = (lambda * n1).sqrt();
+                if sigma > 0.0 {
+                    row.mapv_inplace(|x| (x as f64 / sigma.sqrt()) as f32);
+                }
+            }
+        }
+        layers.push(LayerAdapter { name: layer.name.clone(), rank, alpha: layer_alpha(params, rank), a, out_features: layer.out_features });
+    }
+    let config = config_json(&layers, cfg);
+    Adapter { layers, config }
+}
+
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
+}
+
+fn config_json(layers: &[LayerAdapter], cfg: &RunConfig) -> Value {
+    let p = &cfg.eva;
+    let mut rank_pattern = Map::new();
+    let mut alpha_pattern = Map::new();
+    for l in layers {
+        if l.rank != p.rank {
+            rank_pattern.insert(l.name.clone(), json!(l.rank));
+        }
+        if l.alpha != p.alpha {
+            alpha_pattern.insert(l.name.clone(), number(l.alpha));
+        }
+    }
+    json!({
+        "peft_type": "LORA",
+        "task_type": cfg.task_type,
+        "base_model_name_or_path": cfg.base_model,
+        "r": p.rank,
+        "lora_alpha": number(p.alpha),
+        "target_modules": layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": "eva",
+        "eva_config": {
+            "rho": p.rho,
+            "tau": p.tau,
+            "use_label_mask": p.use_label_mask,
+            "label_mask_value": p.label_mask_value,
+            "whiten": p.whiten,
+            "adjust_scaling_factors": p.adjust_alpha,
+        },
+        "bias": "none",
+        "lora_dropout": p.lora_dropout,
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "revision": null,
+    })
+}

@@ -1,0 +1,94 @@
+//! `eva_report.json`: per layer, what was allocated and how certain it is; per run, where the
+//! time went and what was communicated.
+
+use serde::Serialize;
+
+/// Seconds spent in each phase (on the leader).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Times {
+    /// Producing layer inputs (shard reading and decoding, synthetic generation, model forward).
+    pub forward: f64,
+    /// Accumulating statistics.
+    pub statistics: f64,
+    /// Collectives.
+    pub communication: f64,
+    /// Eigenpairs, convergence and allocation.
+    pub leader: f64,
+    /// Serializing and writing the output directory.
+    pub writing: f64,
+    /// Wall time of the whole run.
+    pub total: f64,
+}
+
+/// Bytes this rank passed to collectives.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Bytes {
+    /// Over the whole run.
+    pub per_rank_total: u64,
+    /// Largest single step.
+    pub per_rank_max_step: u64,
+}
+
+/// Accuracy statement for one layer's statistics.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CertificateReport {
+    /// Exact covariance; eigensolver residual relative to λ₁.
+    Exact { residual: f64 },
+    /// Nyström sketch; errors are absolute on the covariance, `ratio_error_bound` relative to its trace.
+    Sketch { sketch_size: usize, nuclear_error: f64, spectral_bound: f64, trace: f64 },
+}
+
+/// One target layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    /// The representative of its equal-input group (itself when alone).
+    pub input: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Allocated rank (0 = left out of the adapter).
+    pub rank: usize,
+    pub alpha: f64,
+    /// Explained-variance ratios of the candidate components, descending.
+    pub explained_variance_ratio: Vec<f64>,
+    /// Step (1-based) after which its components were stable, or null if they never were.
+    pub converged_step: Option<usize>,
+    /// Tokens its statistics hold.
+    pub tokens: u64,
+    /// `exact` or `sketch`.
+    pub estimator: &'static str,
+    /// Bound on each explained-variance ratio's error (0 for exact statistics).
+    pub error_bound: f64,
+    /// Whether the rank is the same for every spectrum the error bounds allow.
+    pub allocation_certain: bool,
+    pub certificate: CertificateReport,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub eva_version: &'static str,
+    /// What the activations came from.
+    pub source: String,
+    pub world_size: usize,
+    /// Global steps taken.
+    pub steps: usize,
+    /// Units per global step.
+    pub batch_size: usize,
+    pub units_seen: usize,
+    pub units_total: usize,
+    /// `converged`, `data_exhausted` or `max_steps` (`all_data` with --no-early-stop).
+    pub stop_reason: &'static str,
+    /// Every layer converged.
+    pub converged: bool,
+    /// Layers whose components had not converged when the run stopped.
+    pub unconverged_layers: Vec<String>,
+    pub rank_budget: usize,
+    pub r: usize,
+    pub rho: f64,
+    pub tau: f64,
+    pub time_s: Times,
+    pub bytes: Bytes,
+    pub layers: Vec<LayerReport>,
+}

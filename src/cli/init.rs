@@ -1,0 +1,134 @@
+//! `eva init`: validates arguments, opens the source, runs the engine and writes the adapter.
+
+use super::progress::Progress;
+use super::InitArgs;
+use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
+use crate::comm::SingleProcess;
+use crate::config::{EvaParams, RunConfig};
+use crate::source::shards::ShardSource;
+use crate::source::synthetic::SyntheticSource;
+use crate::source::{Source, Targeted};
+use crate::{engine, linalg, Error, Result};
+use std::time::Instant;
+
+/// Checks value ranges that clap's types cannot express.
+pub fn validate(args: &InitArgs) -> Result<RunConfig> {
+    let bad = |flag: &str, want: &str, found: String| Err(Error::usage(format!("{flag} must be {want}, found {found}")));
+    if args.rank == 0 {
+        return bad("--rank", "at least 1", args.rank.to_string());
+    }
+    if !(args.rho >= 1.0 && args.rho.is_finite()) {
+        return bad("--rho", ">= 1", args.rho.to_string());
+    }
+    if !(0.0..=1.0).contains(&args.tau) {
+        return bad("--tau", "in [0, 1]", args.tau.to_string());
+    }
+    if !(args.alpha > 0.0 && args.alpha.is_finite()) {
+        return bad("--alpha", "a positive number", args.alpha.to_string());
+    }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        return bad("--lora-dropout", "in [0, 1)", args.lora_dropout.to_string());
+    }
+    if args.batch_size == 0 {
+        return bad("--batch-size", "at least 1", "0".into());
+    }
+    if args.max_steps == Some(0) {
+        return bad("--max-steps", "at least 1", "0".into());
+    }
+    if args.sketch_size == Some(0) {
+        return bad("--sketch-size", "at least 1", "0".into());
+    }
+    if !(args.stats_memory >= 0.0 && args.stats_memory.is_finite()) {
+        return bad("--stats-memory", "a non-negative number of GiB", args.stats_memory.to_string());
+    }
+    if let Some(t) = args.targets.as_ref().and_then(|t| t.iter().find(|t| t.trim().is_empty())) {
+        return bad("--targets", "a comma-separated list of non-empty names", format!("`{t}`"));
+    }
+    Ok(RunConfig {
+        eva: EvaParams {
+            rank: args.rank,
+            rho: args.rho,
+            tau: args.tau,
+            alpha: args.alpha,
+            whiten: args.whiten,
+            adjust_alpha: !args.no_adjust_alpha,
+            use_label_mask: !args.no_label_mask,
+            label_mask_value: -100,
+            lora_dropout: args.lora_dropout,
+        },
+        batch_size: args.batch_size,
+        max_steps: args.max_steps,
+        no_early_stop: args.no_early_stop,
+        estimator: args.estimator.into(),
+        sketch_size: args.sketch_size,
+        stats_memory: (args.stats_memory * (1u64 << 30) as f64) as u64,
+        seed: args.seed,
+        out: args.out.clone(),
+        force: args.force,
+        base_model: args.base_model.clone(),
+        task_type: args.task_type.clone(),
+        quiet: args.quiet,
+    })
+}
+
+/// Opens the source named on the command line, restricted to `--targets`.
+fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
+    let (source, desc): (Box<dyn Source>, String) = if let Some(dir) = &args.activations {
+        (Box::new(ShardSource::open(dir)?), format!("activations:{}", dir.display()))
+    } else if let Some(spec) = &args.synthetic {
+        (Box::new(SyntheticSource::new(spec.clone())?), format!("synthetic:{spec}"))
+    } else {
+        return Err(Error::usage("one of --activations or --synthetic is required"));
+    };
+    match &args.targets {
+        Some(t) => Ok((Box::new(Targeted::new(source, t)?), desc)),
+        None => Ok((source, desc)),
+    }
+}
+
+/// Runs `eva init`.
+pub fn run(args: &InitArgs) -> Result<()> {
+    let cfg = validate(args)?;
+    linalg::set_threads(args.threads);
+    write::check_target(&cfg.out, cfg.force)?;
+    let (mut source, desc) = open_source(args)?;
+    let mut progress = Progress::new(cfg.quiet);
+    let comm = SingleProcess;
+    let result = engine::run(source.as_mut(), &desc, &comm, &cfg, &mut |info| progress.step(info));
+    progress.finish();
+    let mut outcome = result?;
+
+    let started = Instant::now();
+    let weights = write::safetensors_bytes(&outcome.adapter)?;
+    let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
+    outcome.report.time_s.writing = started.elapsed().as_secs_f64();
+    let report = serde_json::to_vec_pretty(&outcome.report).expect("report serializes");
+    write::write_dir(&cfg.out, cfg.force, &[(WEIGHTS_FILE, weights), (CONFIG_FILE, config), (REPORT_FILE, report)])?;
+
+    let r = &outcome.report;
+    if !r.converged {
+        eprintln!(
+            "eva: warning: stopped ({}) after {} steps with {} of {} layers not converged; their components are the last estimates, marked converged_step = null in {}",
+            r.stop_reason.replace('_', " "),
+            r.steps,
+            r.unconverged_layers.len(),
+            r.layers.len(),
+            REPORT_FILE
+        );
+    }
+    if !cfg.quiet {
+        let kept = outcome.adapter.layers.len();
+        let ranks: Vec<usize> = outcome.adapter.layers.iter().map(|l| l.rank).collect();
+        eprintln!(
+            "[eva] wrote {}: {kept} of {} layers (ranks {}..{}), {} steps, stop: {}, {:.2} s",
+            cfg.out.display(),
+            r.layers.len(),
+            ranks.iter().min().unwrap_or(&0),
+            ranks.iter().max().unwrap_or(&0),
+            r.steps,
+            r.stop_reason,
+            r.time_s.total + r.time_s.writing
+        );
+    }
+    Ok(())
+}

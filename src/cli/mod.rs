@@ -1,0 +1,149 @@
+//! The `eva` command line: raw clap arguments ([`Cli`]) are validated into a [`RunConfig`]
+//! and a data source in [`init`], kept apart from the engine.
+
+pub mod init;
+pub mod progress;
+
+use crate::config::EstimatorChoice;
+use crate::source::synthetic::SyntheticSpec;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// eva: EVA initialization of LoRA adapters from explained variance, written for PEFT.
+#[derive(Debug, Parser)]
+#[command(name = "eva", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Compute an EVA-initialized LoRA adapter and write it as a PEFT adapter directory.
+    Init(InitArgs),
+}
+
+/// `--estimator` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EstimatorArg {
+    /// Exact Gram where all Grams fit --stats-memory, else sketch.
+    Auto,
+    /// Exact Gram: 8·d² bytes per unique input.
+    Exact,
+    /// Nyström sketch: 8·d·(k+10) bytes per unique input, with an error certificate.
+    Sketch,
+}
+
+impl From<EstimatorArg> for EstimatorChoice {
+    fn from(e: EstimatorArg) -> Self {
+        match e {
+            EstimatorArg::Auto => EstimatorChoice::Auto,
+            EstimatorArg::Exact => EstimatorChoice::Exact,
+            EstimatorArg::Sketch => EstimatorChoice::Sketch,
+        }
+    }
+}
+
+/// Arguments of `eva init`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["activations", "synthetic"]))]
+pub struct InitArgs {
+    /// Activation shards: every *.safetensors file in DIR (file-name order) is one unit; see docs/formats.md.
+    #[arg(long, value_name = "DIR")]
+    pub activations: Option<PathBuf>,
+
+    /// Generated activations with a known spectrum, e.g. "layers=4,dim=256,tokens=256,units=64"
+    /// (keys: layers, group, dim, out, decay, mean, tokens, units, seed; see docs/formats.md).
+    #[arg(long, value_name = "SPEC")]
+    pub synthetic: Option<SyntheticSpec>,
+
+    /// Output adapter directory (written atomically).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Target modules, comma-separated, PEFT semantics: a layer is targeted when its name equals an
+    /// entry or ends with "." + entry [default: every layer of the source].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub targets: Option<Vec<String>>,
+
+    /// LoRA rank r per layer before redistribution; the budget is r × target layers.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+
+    /// Each layer may take up to round(r × rho) components; 1 = no redistribution.
+    #[arg(long, default_value_t = 2.0)]
+    pub rho: f64,
+
+    /// Convergence threshold on the similarity of consecutive estimates, in [0, 1].
+    #[arg(long, default_value_t = 0.99)]
+    pub tau: f64,
+
+    /// lora_alpha.
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+
+    /// Divide each component by the square root of its singular value.
+    #[arg(long)]
+    pub whiten: bool,
+
+    /// Keep lora_alpha for every layer instead of alpha × rank_l / r.
+    #[arg(long)]
+    pub no_adjust_alpha: bool,
+
+    /// Record use_label_mask = false (tokens labelled -100 are not left out).
+    #[arg(long)]
+    pub no_label_mask: bool,
+
+    /// lora_dropout written to adapter_config.json.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+
+    /// Units (activation files, or sequences) per global step, whatever the number of processes.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+
+    /// Stop after this many steps even if not converged [default: no limit].
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+
+    /// Use all data once and ignore convergence.
+    #[arg(long)]
+    pub no_early_stop: bool,
+
+    /// Statistic per unique layer input.
+    #[arg(long, value_enum, default_value_t = EstimatorArg::Auto)]
+    pub estimator: EstimatorArg,
+
+    /// Sketch columns per input [default: max(4k, k+16) for k = round(r × rho), at most in_features].
+    #[arg(long)]
+    pub sketch_size: Option<usize>,
+
+    /// Memory for exact Grams under --estimator auto, in GiB.
+    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
+    pub stats_memory: f64,
+
+    /// Seed of the sketch's random test matrices.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Threads for BLAS and decompositions (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+
+    /// base_model_name_or_path written to adapter_config.json.
+    #[arg(long, value_name = "NAME")]
+    pub base_model: Option<String>,
+
+    /// task_type written to adapter_config.json (e.g. CAUSAL_LM).
+    #[arg(long, value_name = "TYPE")]
+    pub task_type: Option<String>,
+
+    /// Print only warnings and errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}

@@ -1,0 +1,91 @@
+//! Validated run configuration shared by the engine, the leader and the adapter writer.
+
+use std::path::PathBuf;
+
+/// PEFT's EVA knobs (`LoraConfig.r`, `lora_alpha`, `EvaConfig`), validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaParams {
+    /// Per-layer rank before redistribution; the budget is `rank × number of target layers`.
+    pub rank: usize,
+    /// Cap per layer is `round(rank × rho)`; `rho = 1` disables redistribution.
+    pub rho: f64,
+    /// Convergence threshold on the (sign-free) similarity of consecutive components.
+    pub tau: f64,
+    /// `lora_alpha` written to the config.
+    pub alpha: f64,
+    /// Divide each component by the square root of its singular value.
+    pub whiten: bool,
+    /// `alpha_l = alpha × rank_l / rank` (PEFT's `adjust_scaling_factors`).
+    pub adjust_alpha: bool,
+    /// Leave out tokens whose label equals `label_mask_value`.
+    pub use_label_mask: bool,
+    /// The label value that marks masked tokens (PEFT: -100).
+    pub label_mask_value: i64,
+    /// `lora_dropout` written to the config.
+    pub lora_dropout: f64,
+}
+
+impl Default for EvaParams {
+    fn default() -> Self {
+        EvaParams {
+            rank: 8,
+            rho: 2.0,
+            tau: 0.99,
+            alpha: 8.0,
+            whiten: false,
+            adjust_alpha: true,
+            use_label_mask: true,
+            label_mask_value: -100,
+            lora_dropout: 0.0,
+        }
+    }
+}
+
+impl EvaParams {
+    /// Candidate components per layer: `round(rank × rho)` (PEFT's `max_components`).
+    pub fn max_components(&self) -> usize {
+        (self.rank as f64 * self.rho).round() as usize
+    }
+}
+
+/// Which statistic each unique input accumulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EstimatorChoice {
+    /// Exact Gram where its memory fits `stats_memory`, sketch otherwise.
+    Auto,
+    /// Exact Gram (`8·d²` bytes per unique input).
+    Exact,
+    /// Nyström sketch (`8·d·(k+q)` bytes per unique input).
+    Sketch,
+}
+
+/// Everything `eva init` needs besides the data source.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// EVA's own knobs.
+    pub eva: EvaParams,
+    /// Units (files or sequences) per global step, whatever the world size.
+    pub batch_size: usize,
+    /// Stop after this many steps even if not converged.
+    pub max_steps: Option<usize>,
+    /// Use all data once and ignore convergence.
+    pub no_early_stop: bool,
+    /// Statistic choice.
+    pub estimator: EstimatorChoice,
+    /// Sketch columns per unique input (`None` = automatic, see `stats::sketch_size`).
+    pub sketch_size: Option<usize>,
+    /// Memory budget in bytes for exact Grams under `--estimator auto`.
+    pub stats_memory: u64,
+    /// Seed for test matrices (and nothing else: exact runs do not depend on it).
+    pub seed: u64,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// `base_model_name_or_path` written to the config.
+    pub base_model: Option<String>,
+    /// `task_type` written to the config.
+    pub task_type: Option<String>,
+    /// Print nothing but errors and warnings.
+    pub quiet: bool,
+}

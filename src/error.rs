@@ -1,0 +1,56 @@
+//! The library's error type: every message names what was expected and what was found.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in eva. [`Error::exit_code`] maps each kind to the process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command-line value or combination that cannot work (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Input data that is missing, malformed or inconsistent (exit code 1).
+    #[error("{0}")]
+    Data(String),
+    /// An I/O failure on a named path (exit code 1).
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A numerical routine that failed to produce a result (exit code 1).
+    #[error("numerical failure in {op}: {detail}")]
+    Numeric { op: &'static str, detail: String },
+    /// A collective operation failed or another rank reported an error (exit code 1).
+    #[error("{0}")]
+    Comm(String),
+}
+
+impl Error {
+    /// Shorthand for a usage error.
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+
+    /// Shorthand for a data error.
+    pub fn data(msg: impl Into<String>) -> Self {
+        Error::Data(msg.into())
+    }
+
+    /// Wraps an I/O error with the operation and path involved.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { op, path: path.into(), source }
+    }
+
+    /// Process exit code: 2 for usage errors, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! PEFT's global rank redistribution (`_get_rank_distribution` in `peft/tuners/lora/eva.py`):
+//! every target layer offers its input's first `min(round(r·rho), in_features)` explained-variance
+//! ratios; the global top `budget = r × layers` are kept and each layer's rank is its count.
+//! Members of an equal-input group offer the same ratios under their own names.
+//!
+//! Ties (equal ratios, e.g. inside a group) are broken deterministically: a group's
+//! representative first, then layer order, then component index — so the representative holds
+//! the largest rank of its group, as PEFT's swap step ensures.
+
+use crate::source::Catalog;
+
+/// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending).
+pub fn redistribute(catalog: &Catalog, ratios: &[Vec<f64>], cap: usize, budget: usize) -> Vec<usize> {
+    let mut candidates = Vec::new();
+    for (l, layer) in catalog.layers.iter().enumerate() {
+        let rep = catalog.inputs[layer.input].members[0] == l;
+        let r = &ratios[layer.input];
+        for (j, &ratio) in r.iter().take(cap.min(layer.in_features)).enumerate() {
+            candidates.push((ratio, !rep, l, j));
+        }
+    }
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    let mut ranks = vec![0; catalog.layers.len()];
+    for &(_, _, l, _) in candidates.iter().take(budget) {
+        ranks[l] += 1;
+    }
+    ranks
+}
+
+/// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
+/// true ratio of component `i` of input `g` lies in `[ratios[g][i], ratios[g][i] + bounds[g]]`.
+/// Exact statistics (`bounds = 0`) are always certain.
+pub fn certain(catalog: &Catalog, ratios: &[Vec<f64>], bounds: &[f64], ranks: &[usize], cap: usize) -> Vec<bool> {
+    let (mut kept_min, mut dropped_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let offered = |l: usize| {
+        let g = catalog.layers[l].input;
+        ratios[g].iter().take(cap.min(catalog.layers[l].in_features)).enumerate().map(move |(j, &r)| (j, r, r + bounds[g]))
+    };
+    for l in 0..catalog.layers.len() {
+        for (j, lo, hi) in offered(l) {
+            if j < ranks[l] {
+                kept_min = kept_min.min(lo);
+            } else {
+                dropped_max = dropped_max.max(hi);
+            }
+        }
+    }
+    (0..catalog.layers.len())
+        .map(|l| offered(l).all(|(j, lo, hi)| if j < ranks[l] { lo >= dropped_max } else { hi <= kept_min }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(dims: &[usize], groups: Vec<Vec<usize>>) -> Catalog {
+        Catalog::new(dims.iter().enumerate().map(|(i, &d)| (format!("l{i}"), d, d)).collect(), groups)
+    }
+
+    #[test]
+    fn budget_goes_to_the_largest_ratios() {
+        let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]);
+        let ratios = vec![vec![0.5, 0.3, 0.1, 0.05], vec![0.9, 0.05, 0.01, 0.0], vec![0.2, 0.19, 0.18, 0.17]];
+        // r = 2, rho = 2: cap 4, budget 6.
+        let ranks = redistribute(&c, &ratios, 4, 6);
+        assert_eq!(ranks, vec![2, 1, 3]);
+        assert_eq!(ranks.iter().sum::<usize>(), 6);
+    }
+
+    #[test]
+    fn rho_one_keeps_every_rank() {
+        let c = catalog(&[8, 8], vec![vec![0], vec![1]]);
+        let ratios = vec![vec![0.9, 0.05], vec![0.01, 0.001]];
+        assert_eq!(redistribute(&c, &ratios, 2, 4), vec![2, 2]);
+    }
+
+    #[test]
+    fn rank_zero_and_cap_by_dimension() {
+        let c = catalog(&[8, 2], vec![vec![0], vec![1]]);
+        let ratios = vec![vec![0.6, 0.3, 0.05, 0.01], vec![0.001, 0.0005]];
+        assert_eq!(redistribute(&c, &ratios, 4, 4), vec![4, 0]);
+        // The second layer may never exceed its in_features.
+        let ratios = vec![vec![0.01, 0.0, 0.0, 0.0], vec![0.9, 0.5]];
+        assert_eq!(redistribute(&c, &ratios, 4, 4), vec![2, 2]);
+    }
+
+    #[test]
+    fn groups_share_ratios_and_the_representative_wins_ties() {
+        // Layers 0,1,2 share input 0 (like q/k/v); layer 3 is alone.
+        let c = catalog(&[8, 8, 8, 8], vec![vec![0, 1, 2], vec![3]]);
+        let ratios = vec![vec![0.4, 0.2, 0.1, 0.05], vec![0.3, 0.15, 0.02, 0.01]];
+        // Sorted: 0.4 x3 (group), 0.3, 0.2 x3 (group), 0.15 ...; a budget of 7 cuts inside the
+        // tied 0.2s, and the later group members lose.
+        let ranks = redistribute(&c, &ratios, 4, 7);
+        assert_eq!(ranks, vec![2, 2, 1, 2]);
+        assert!(ranks[0] >= ranks[1] && ranks[1] >= ranks[2]);
+    }
+
+    #[test]
+    fn certainty_follows_the_bounds() {
+        let c = catalog(&[8, 8], vec![vec![0], vec![1]]);
+        let ratios = vec![vec![0.5, 0.2], vec![0.19, 0.01]];
+        let ranks = redistribute(&c, &ratios, 2, 2);
+        assert_eq!(ranks, vec![2, 0]);
+        assert_eq!(certain(&c, &ratios, &[0.0, 0.0], &ranks, 2), vec![true, true]);
+        // If input 1's ratios may be 0.02 higher, its 0.19 could beat input 0's 0.2.
+        assert_eq!(certain(&c, &ratios, &[0.0, 0.02], &ranks, 2), vec![false, false]);
+    }
+
+    #[test]
+    fn exact_ties_break_by_layer_order() {
+        let c = catalog(&[4, 4], vec![vec![0], vec![1]]);
+        let ratios = vec![vec![0.25; 4], vec![0.25; 4]];
+        assert_eq!(redistribute(&c, &ratios, 4, 5), vec![4, 1]);
+    }
+}

@@ -1,0 +1,26 @@
+//! `eva`: parse, run, print the error, exit with its code (2 usage, 1 data).
+
+use clap::Parser;
+use eva::cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let result = match &cli.command {
+        Command::Init(args) => eva::cli::init::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Every message already carries its cause: one line per error.
+            eprintln!("eva: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

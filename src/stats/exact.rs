@@ -1,0 +1,58 @@
+//! Exact statistics: the Gram `Σ (x-c)(x-c)ᵀ` of shifted rows, formed per chunk by `ssyrk`
+//! (f32 products over at most `CHUNK_ROWS` rows) and summed in f64.
+
+use super::{shift_into, Moments, CHUNK_ROWS};
+use crate::linalg;
+use crate::Result;
+use ndarray::{Array2, ArrayView2};
+
+/// Exact Gram statistics of one unique input.
+pub struct ExactStats {
+    d: usize,
+    reference: Vec<f32>,
+    /// Count and sums of shifted rows.
+    pub moments: Moments,
+    /// Upper triangle of `Σ (x-c)(x-c)ᵀ`, row-major `d x d`.
+    gram: Vec<f64>,
+    scratch: Vec<f32>,
+    shifted: Array2<f32>,
+}
+
+impl ExactStats {
+    /// Empty statistics around the reference vector `reference` (length `d`).
+    pub fn new(reference: Vec<f32>) -> Self {
+        let d = reference.len();
+        ExactStats { d, reference, moments: Moments::new(d), gram: vec![0.0; d * d], scratch: Vec::new(), shifted: Array2::zeros((0, d)) }
+    }
+
+    /// Adds rows (`tokens x d`).
+    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+        for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
+            let chunk = x.slice(ndarray::s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
+            shift_into(chunk, &self.reference, &mut self.shifted);
+            self.moments.add(self.shifted.view());
+            linalg::syrk_accumulate(self.shifted.view(), &mut self.scratch, &mut self.gram)?;
+        }
+        Ok(())
+    }
+
+    /// Dimension.
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// `G·Q` for the Gram of shifted rows (`Q` is `d x m`); [`Moments::center`] turns it into `C·Q`.
+    pub fn gram_apply(&self, q: ArrayView2<f64>) -> Result<Array2<f64>> {
+        linalg::symm_upper(&self.gram, self.d, q)
+    }
+
+    /// The dense sample covariance (`d x d`).
+    pub fn covariance(&self) -> Array2<f64> {
+        let (d, n) = (self.d, self.moments.n as f64);
+        let s = &self.moments.sum;
+        Array2::from_shape_fn((d, d), |(i, j)| {
+            let g = if j >= i { self.gram[i * d + j] } else { self.gram[j * d + i] };
+            (g - s[i] * s[j] / n) / (n - 1.0)
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! Additive per-input statistics. Everything here is a sum of per-token contributions, so a
+//! plain sum all-reduce combines ranks and the result does not depend on data order.
+//!
+//! Rows are shifted by a reference vector `c` (the mean of the first unit, identical on every
+//! rank) before accumulation, which removes the cancellation of `G - s sᵀ/n` when the mean is
+//! large (Chan, Golub & LeVeque 1983); the covariance is shift-invariant.
+//!
+//! | estimator | state per input | memory |
+//! |---|---|---|
+//! | [`exact::ExactStats`] | Gram of shifted rows (f64, upper triangle) | `8·d²` bytes |
+//! | [`sketch::SketchStats`] | Nyström sketch `G[Ω Θ]` (f64) | `8·d·(k+q)` bytes |
+
+pub mod exact;
+pub mod sketch;
+
+use crate::config::EstimatorChoice;
+use crate::Result;
+use ndarray::{Array2, ArrayView2};
+
+/// Rows per BLAS call: bounds scratch memory and the length of each f32 product sum.
+pub const CHUNK_ROWS: usize = 4096;
+
+/// Count, feature sums and feature sums of squares of the shifted rows.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    /// Number of rows (tokens).
+    pub n: u64,
+    /// `Σ (x - c)`.
+    pub sum: Vec<f64>,
+    /// `Σ (x - c)²` per feature (its total is `trace G`).
+    pub sum_sq: Vec<f64>,
+}
+
+impl Moments {
+    fn new(d: usize) -> Self {
+        Moments { n: 0, sum: vec![0.0; d], sum_sq: vec![0.0; d] }
+    }
+
+    fn add(&mut self, x: ArrayView2<f32>) {
+        self.n += x.nrows() as u64;
+        for row in x.rows() {
+            for ((s, q), &v) in self.sum.iter_mut().zip(self.sum_sq.iter_mut()).zip(row) {
+                let v = v as f64;
+                *s += v;
+                *q += v * v;
+            }
+        }
+    }
+
+    /// Trace of the sample covariance, `(Σ q₂ - ‖s‖²/n) / (n-1)`.
+    pub fn covariance_trace(&self) -> f64 {
+        if self.n < 2 {
+            return 0.0;
+        }
+        let n = self.n as f64;
+        let sq: f64 = self.sum_sq.iter().sum();
+        let ss: f64 = self.sum.iter().map(|v| v * v).sum();
+        ((sq - ss / n) / (n - 1.0)).max(0.0)
+    }
+
+    /// `C·Q` from `G·Q` by the rank-one centering correction `(GQ - s (sᵀQ)/n) / (n-1)`.
+    pub fn center(&self, gq: &mut Array2<f64>, q: ArrayView2<f64>) {
+        let n = self.n as f64;
+        let s = ndarray::ArrayView1::from(&self.sum[..]);
+        let stq = s.dot(&q);
+        for (i, mut row) in gq.rows_mut().into_iter().enumerate() {
+            row.scaled_add(-s[i] / n, &stq);
+        }
+        *gq /= n - 1.0;
+    }
+}
+
+/// The statistic one unique input accumulates.
+pub enum InputStats {
+    Exact(exact::ExactStats),
+    Sketch(sketch::SketchStats),
+}
+
+impl InputStats {
+    /// Adds rows (`tokens x d`).
+    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+        match self {
+            InputStats::Exact(s) => s.accumulate(x),
+            InputStats::Sketch(s) => s.accumulate(x),
+        }
+    }
+
+    /// The count and sums shared by both estimators.
+    pub fn moments(&self) -> &Moments {
+        match self {
+            InputStats::Exact(s) => &s.moments,
+            InputStats::Sketch(s) => &s.moments,
+        }
+    }
+
+    /// The estimator's name in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            InputStats::Exact(_) => "exact",
+            InputStats::Sketch(_) => "sketch",
+        }
+    }
+}
+
+/// Shifts `x` by `c` into `buf` (resized to `x`'s shape) in f32.
+fn shift_into(x: ArrayView2<f32>, c: &[f32], buf: &mut Array2<f32>) {
+    if buf.dim() != x.dim() {
+        *buf = Array2::zeros(x.dim());
+    }
+    for (mut out, row) in buf.rows_mut().into_iter().zip(x.rows()) {
+        for ((o, &v), &ci) in out.iter_mut().zip(row).zip(c) {
+            *o = v - ci;
+        }
+    }
+}
+
+/// Probe columns used by the sketch's a-posteriori error estimate.
+pub const PROBES: usize = 10;
+
+/// Default sketch columns for `kmax` candidate components and dimension `d`:
+/// `min(d, max(4·kmax, kmax + 16))` (docs/numerics.md explains the choice).
+pub fn default_sketch_size(kmax: usize, d: usize) -> usize {
+    (4 * kmax).max(kmax + 16).min(d)
+}
+
+/// Bytes of statistics one input of dimension `d` needs under each estimator.
+pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize) -> u64 {
+    if exact {
+        8 * (d as u64) * (d as u64) + 4 * (d as u64) * (d as u64)
+    } else {
+        8 * (d as u64) * (sketch_size + PROBES) as u64 * 2
+    }
+}
+
+/// Decides exact or sketch for every input: `auto` takes exact when all exact Grams together
+/// fit `budget` bytes.
+pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64) -> bool {
+    match choice {
+        EstimatorChoice::Exact => true,
+        EstimatorChoice::Sketch => false,
+        EstimatorChoice::Auto => dims.iter().map(|&d| memory_bytes(true, d, 0)).sum::<u64>() <= budget,
+    }
+}

@@ -1,0 +1,139 @@
+//! Nyström sketch (Tropp, Yurtsever, Udell & Cevher, NeurIPS 2017): `Y = G[Ω Θ]` for a seeded
+//! orthonormal Gaussian test matrix `Ω` (`d x k`) and `q` Gaussian probe columns `Θ`, identical
+//! on every rank. The leader centers it with a rank-one correction, reconstructs the top
+//! eigenpairs stably and certifies the error (docs/numerics.md).
+
+use super::{shift_into, Moments, CHUNK_ROWS, PROBES};
+use crate::linalg;
+use crate::rng::Rng;
+use crate::{Error, Result};
+use ndarray::{s, Array2, ArrayView2};
+
+/// Sketch statistics of one unique input.
+pub struct SketchStats {
+    k: usize,
+    reference: Vec<f32>,
+    /// Count and sums of shifted rows.
+    pub moments: Moments,
+    /// `[Ω Θ]` in f64 (`d x (k+q)`), for the leader.
+    test: Array2<f64>,
+    /// `[Ω Θ]` in f32, for the products.
+    test32: Array2<f32>,
+    /// `Σ (x-c)ᵀ((x-c)[Ω Θ])`, f64.
+    y: Array2<f64>,
+    shifted: Array2<f32>,
+}
+
+/// The Nyström approximation `Ĉ = U diag(λ̂) Uᵀ` of the covariance and its certificates.
+#[derive(Clone, Debug)]
+pub struct Nystrom {
+    /// Eigenvalues of `Ĉ`, descending (`k` of them); each is ≤ the true one.
+    pub values: Vec<f64>,
+    /// Eigenvectors of `Ĉ` as columns (`d x k`).
+    pub vectors: Array2<f64>,
+    /// Trace of the true covariance.
+    pub trace: f64,
+    /// `trace C - Σ λ̂ = ‖C - Ĉ‖_*` (exact, since `0 ≼ Ĉ ≼ C`).
+    pub nuclear_error: f64,
+    /// `10·sqrt(2/π)·max_j ‖(C - Ĉ)θ_j‖ ≥ ‖C - Ĉ‖₂` with probability ≥ 1 - 10^-q
+    /// (Halko, Martinsson & Tropp 2011, Lemma 4.1).
+    pub spectral_bound: f64,
+}
+
+impl Nystrom {
+    /// `min(spectral bound, nuclear error)`: bounds `‖C - Ĉ‖₂`, so every true eigenvalue
+    /// `λ_i ∈ [λ̂_i, λ̂_i + ε]` (Weyl).
+    pub fn error_bound(&self) -> f64 {
+        self.spectral_bound.min(self.nuclear_error)
+    }
+}
+
+impl SketchStats {
+    /// Empty sketch of `k` columns around `reference`, test matrix drawn from `seed` and `input`.
+    pub fn new(reference: Vec<f32>, k: usize, seed: u64, input: usize) -> Self {
+        let d = reference.len();
+        let k = k.min(d).max(1);
+        let mut rng = Rng::new(&[seed, 0x5EED, input as u64]);
+        let omega = Array2::from_shape_fn((d, k), |_| rng.normal());
+        let omega = linalg::orthonormalize(omega.view());
+        let mut test = Array2::<f64>::zeros((d, k + PROBES));
+        test.slice_mut(s![.., ..k]).assign(&omega);
+        test.slice_mut(s![.., k..]).mapv_inplace(|_| rng.normal());
+        let test32 = test.mapv(|v| v as f32);
+        SketchStats {
+            k,
+            reference,
+            moments: Moments::new(d),
+            y: Array2::zeros((d, k + PROBES)),
+            test,
+            test32,
+            shifted: Array2::zeros((0, d)),
+        }
+    }
+
+    /// Sketch columns (without probes).
+    pub fn size(&self) -> usize {
+        self.k
+    }
+
+    /// Adds rows (`tokens x d`).
+    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+        for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
+            let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
+            shift_into(chunk, &self.reference, &mut self.shifted);
+            self.moments.add(self.shifted.view());
+            let p = self.shifted.dot(&self.test32);
+            let yc = self.shifted.t().dot(&p);
+            self.y.zip_mut_with(&yc, |a, &b| *a += b as f64);
+        }
+        Ok(())
+    }
+
+    /// Centered sketch `C[Ω Θ]`.
+    fn centered(&self) -> Array2<f64> {
+        let mut cy = self.y.clone();
+        self.moments.center(&mut cy, self.test.view());
+        cy
+    }
+
+    /// Stable Nyström reconstruction with the shift of Frangella, Tropp & Udell (2023).
+    pub fn nystrom(&self) -> Result<Nystrom> {
+        let (d, k) = (self.test.nrows(), self.k);
+        let trace = self.moments.covariance_trace();
+        let cy = self.centered();
+        let (cy_omega, cy_probe) = (cy.slice(s![.., ..k]), cy.slice(s![.., k..]));
+        let omega = self.test.slice(s![.., ..k]);
+        let norm = cy_omega.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let mut nu = (d as f64).sqrt() * f64::EPSILON * norm.max(f64::MIN_POSITIVE);
+        let (u, sigma) = loop {
+            let y_nu = &cy_omega + &(&omega * nu);
+            let b = omega.t().dot(&y_nu);
+            let b = (&b + &b.t()) * 0.5;
+            if let Some(l) = linalg::cholesky_lower(b.view()) {
+                let f = linalg::solve_right_lower_transpose(y_nu.view(), l.view());
+                break linalg::thin_svd_left(f.view())?;
+            }
+            nu *= 10.0;
+            if !nu.is_finite() || nu > norm.max(1.0) {
+                return Err(Error::Numeric { op: "Nyström reconstruction", detail: format!("Cholesky failed for every shift up to {nu:e}") });
+            }
+        };
+        let values: Vec<f64> = sigma.iter().map(|s| (s * s - nu).max(0.0)).collect();
+        let captured: f64 = values.iter().sum();
+        // Probe residuals (C - Ĉ)θ_j = Cθ_j - U diag(λ̂) Uᵀθ_j.
+        let probes = self.test.slice(s![.., k..]);
+        let mut coeff = u.t().dot(&probes);
+        for (mut row, &l) in coeff.rows_mut().into_iter().zip(&values) {
+            row *= l;
+        }
+        let resid = &cy_probe - &u.dot(&coeff);
+        let max_probe = resid.columns().into_iter().map(|c| c.dot(&c).sqrt()).fold(0.0, f64::max);
+        Ok(Nystrom {
+            values,
+            vectors: u,
+            trace,
+            nuclear_error: (trace - captured).max(0.0),
+            spectral_bound: 10.0 * (2.0 / std::f64::consts::PI).sqrt() * max_probe,
+        })
+    }
+}
