@@ -263,3 +263,21 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     };
     Ok(Outcome { adapter, report })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::units_of_step;
+
+    #[test]
+    fn every_world_size_covers_each_step_exactly_once() {
+        for size in 1..=5 {
+            for step in 0..4 {
+                let mut all: Vec<usize> = (0..size).flat_map(|r| units_of_step(step, 3, 10, r, size)).collect();
+                all.sort_unstable();
+                let want: Vec<usize> = (step * 3..((step + 1) * 3).min(10)).collect();
+                assert_eq!(all, want, "size {size}, step {step}");
+            }
+        }
+        assert_eq!(units_of_step(1, 4, 10, 1, 2), vec![5, 7]);
+    }
+}

@@ -238,3 +238,67 @@ impl Leader {
         self.allocate();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spectrum(values: &[f64], vectors: Array2<f64>) -> Spectrum {
+        Spectrum { values: values.to_vec(), vectors, trace: 1.0, tokens: 100, certificate: Certificate::Exact { residual: 0.0 } }
+    }
+
+    /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2).
+    fn leader() -> Leader {
+        let catalog = Catalog::new(vec![("a".into(), 4, 4), ("b".into(), 4, 4)], vec![vec![0], vec![1]]);
+        let params = EvaParams { rank: 1, rho: 2.0, ..EvaParams::default() };
+        Leader::new(&catalog, &params, true)
+    }
+
+    #[test]
+    fn converged_inputs_stop_and_reopen_when_their_rank_grows() {
+        let mut l = leader();
+        let e = Array2::<f64>::eye(4);
+        let e2 = e.slice(ndarray::s![.., ..2]).to_owned();
+        // Step 1: first estimates, nothing converged yet.
+        l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
+        l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
+        let d = l.decide(1);
+        assert_eq!(l.ranks, vec![1, 1]);
+        assert_eq!(d.active, vec![true, true]);
+        // Step 2: input 0's first component rotates away (not converged); input 1's first
+        // component is stable and its second moved. Input 1 needs rank 1 only: it is done.
+        let mut moved = e2.clone();
+        moved.column_mut(0).assign(&e.column(3));
+        l.observe(0, spectrum(&[0.5, 0.1], moved)).unwrap();
+        let mut moved = e2.clone();
+        moved.column_mut(1).assign(&e.column(2));
+        l.observe(1, spectrum(&[0.3, 0.2], moved)).unwrap();
+        let d = l.decide(2);
+        assert_eq!(l.ranks, vec![1, 1]);
+        assert_eq!(d.active, vec![true, false]);
+        assert_eq!(l.states[1].converged_step, Some(2));
+        // Step 3: only input 0 accumulates; its ratios drop, so input 1's second (unconverged)
+        // component enters the budget: input 1 reopens, input 0 falls to rank 0 and is done.
+        l.observe(0, spectrum(&[0.15, 0.1], e2.clone())).unwrap();
+        let d = l.decide(3);
+        assert_eq!(l.ranks, vec![0, 2]);
+        assert_eq!(d.active, vec![false, true]);
+        assert_eq!(l.states[1].converged_step, None);
+        assert_eq!(l.states[0].converged_step, Some(3));
+        assert!(!d.all_done);
+    }
+
+    #[test]
+    fn without_early_stop_every_input_stays_active() {
+        let mut l = leader();
+        l.early_stop = false;
+        let e2 = Array2::<f64>::eye(4).slice(ndarray::s![.., ..2]).to_owned();
+        for step in 1..=2 {
+            l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
+            l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
+            let d = l.decide(step);
+            assert_eq!(d.active, vec![true, true]);
+        }
+        assert!(l.states.iter().all(|s| s.done));
+    }
+}

@@ -9,6 +9,10 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 use ndarray::{s, Array2, ArrayView2};
 
+/// Allowance added to both certificates, relative to the trace, for the f32 rounding of the
+/// products `X[Ω Θ]` and `Xᵀ(X[Ω Θ])` and the shift ν (measured rounding: ≤ 3e-8 of the trace).
+pub const ROUNDING_SLACK: f64 = 1e-6;
+
 /// Sketch statistics of one unique input.
 pub struct SketchStats {
     k: usize,
@@ -33,10 +37,11 @@ pub struct Nystrom {
     pub vectors: Array2<f64>,
     /// Trace of the true covariance.
     pub trace: f64,
-    /// `trace C - Σ λ̂ = ‖C - Ĉ‖_*` (exact, since `0 ≼ Ĉ ≼ C`).
+    /// `trace C - Σ λ̂ = ‖C - Ĉ‖_*` (exact in exact arithmetic, since `0 ≼ Ĉ ≼ C`), plus
+    /// [`ROUNDING_SLACK`]` · trace`.
     pub nuclear_error: f64,
     /// `10·sqrt(2/π)·max_j ‖(C - Ĉ)θ_j‖ ≥ ‖C - Ĉ‖₂` with probability ≥ 1 - 10^-q
-    /// (Halko, Martinsson & Tropp 2011, Lemma 4.1).
+    /// (Halko, Martinsson & Tropp 2011, Lemma 4.1), plus [`ROUNDING_SLACK`]` · trace`.
     pub spectral_bound: f64,
 }
 
@@ -128,12 +133,13 @@ impl SketchStats {
         }
         let resid = &cy_probe - &u.dot(&coeff);
         let max_probe = resid.columns().into_iter().map(|c| c.dot(&c).sqrt()).fold(0.0, f64::max);
+        let slack = ROUNDING_SLACK * trace;
         Ok(Nystrom {
             values,
             vectors: u,
             trace,
-            nuclear_error: (trace - captured).max(0.0),
-            spectral_bound: 10.0 * (2.0 / std::f64::consts::PI).sqrt() * max_probe,
+            nuclear_error: (trace - captured).max(0.0) + slack,
+            spectral_bound: 10.0 * (2.0 / std::f64::consts::PI).sqrt() * max_probe + slack,
         })
     }
 }

@@ -1,0 +1,104 @@
+//! Helpers shared by the `harness = false` benches: timing with a warm-up and a median, the
+//! command line (`cargo bench --bench NAME -- 1024 reps=5`), and what the BLAS library says about
+//! itself. No criterion: CI compiles dev-dependencies on 2 cores.
+
+#![allow(dead_code)]
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+use std::time::Instant;
+
+extern "C" {
+    fn openblas_get_config() -> *const c_char;
+    fn openblas_get_corename() -> *const c_char;
+    fn openblas_get_num_threads() -> c_int;
+}
+
+/// One line describing the OpenBLAS the binary runs with (version, build options, kernel, threads).
+pub fn openblas_description() -> String {
+    // SAFETY: OpenBLAS returns pointers to static NUL-terminated strings.
+    unsafe {
+        format!(
+            "{} (core: {}, threads: {})",
+            CStr::from_ptr(openblas_get_config()).to_string_lossy().trim(),
+            CStr::from_ptr(openblas_get_corename()).to_string_lossy(),
+            openblas_get_num_threads()
+        )
+    }
+}
+
+/// Seconds of each of `reps` timed runs of `f`, after one untimed warm-up run.
+pub fn time_runs(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f();
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+/// Median, minimum and maximum of a non-empty sample.
+pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).expect("times are finite"));
+    let n = s.len();
+    let median = if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) };
+    (median, s[0], s[n - 1])
+}
+
+/// Command line of a bench binary: bare integers (sizes) and `key=value` options. Flags that
+/// cargo adds (`--bench`) are ignored.
+pub struct Args {
+    pub sizes: Vec<usize>,
+    pub options: Vec<(String, String)>,
+}
+
+impl Args {
+    pub fn parse(usage: &str) -> Args {
+        let mut sizes = Vec::new();
+        let mut options = Vec::new();
+        for arg in std::env::args().skip(1) {
+            if arg.starts_with("--") {
+                if arg == "--help" || arg == "-h" {
+                    println!("{usage}");
+                    std::process::exit(0);
+                }
+                continue;
+            }
+            if let Some((k, v)) = arg.split_once('=') {
+                options.push((k.to_string(), v.to_string()));
+            } else if let Ok(n) = arg.parse::<usize>() {
+                sizes.push(n);
+            } else {
+                eprintln!("unrecognised argument `{arg}`\n{usage}");
+                std::process::exit(2);
+            }
+        }
+        Args { sizes, options }
+    }
+
+    /// The value of option `key` (an integer), or `default`.
+    pub fn get(&self, key: &str, default: usize) -> usize {
+        match self.options.iter().rev().find(|(k, _)| k == key) {
+            Some((_, v)) => v.parse().unwrap_or_else(|_| {
+                eprintln!("option {key} expects a non-negative integer, found `{v}`");
+                std::process::exit(2)
+            }),
+            None => default,
+        }
+    }
+}
+
+/// Column means of `x` (`rows x d`), the reference vector the engine takes from unit 0.
+pub fn column_means(x: ndarray::ArrayView2<f32>) -> Vec<f32> {
+    let n = x.nrows().max(1) as f64;
+    let mut s = vec![0.0f64; x.ncols()];
+    for row in x.rows() {
+        for (a, &v) in s.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    s.iter().map(|v| (v / n) as f32).collect()
+}

@@ -1,0 +1,9 @@
+//! Integration tests: exact numerics against a float64 dense PCA, the sketch's certificate,
+//! the output format PEFT reads, steps and stopping, and one test per bad input.
+
+mod common;
+mod errors;
+mod exact;
+mod output;
+mod sketch;
+mod steps;

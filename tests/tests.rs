@@ -1,0 +1,3 @@
+//! eva's integration tests, in one binary to keep link time down.
+
+mod suite;
