@@ -141,7 +141,6 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
     let mut active = vec![true; dims.len()];
     let mut step = 0;
-    let mut tokens = 0u64;
     let stop_reason = loop {
         if cfg.max_steps.is_some_and(|m| step >= m) {
             break "max_steps";
@@ -161,7 +160,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         times.forward += (read_start.elapsed() - stat_time).as_secs_f64();
         times.statistics += stat_time.as_secs_f64();
         step += 1;
-        tokens = all_stats.iter().map(|s| s.moments().n).max().unwrap_or(0);
+        let tokens = all_stats.iter().map(|s| s.moments().n).max().unwrap_or(0);
 
         let leader_start = Instant::now();
         for g in 0..dims.len() {

@@ -14,11 +14,11 @@ pub struct TopK {
     pub values: Vec<f64>,
     /// Eigenvectors as columns (`d x k`).
     pub vectors: Array2<f64>,
-    /// `max_i ‖C u_i - λ_i u_i‖ / λ_1` at exit (0 for the dense solver).
-    pub residual: f64,
+    /// `‖C u_i - λ_i u_i‖ / λ_1` per pair at exit (0 for the dense solver).
+    pub residuals: Vec<f64>,
     /// Operator applications used (0 for the dense solver).
     pub iterations: usize,
-    /// Whether `residual <= tol` was reached.
+    /// Whether every residual reached `tol`.
     pub converged: bool,
 }
 
@@ -29,7 +29,7 @@ pub fn dense_top_k(c: ArrayView2<f64>, k: usize) -> Result<TopK> {
     Ok(TopK {
         values: values[..k].iter().map(|v| v.max(0.0)).collect(),
         vectors: vectors.slice(s![.., ..k]).to_owned(),
-        residual: 0.0,
+        residuals: vec![0.0; k],
         iterations: 0,
         converged: true,
     })
@@ -72,16 +72,17 @@ pub fn subspace_top_k(
         let u = q.dot(&w);
         let cu = z.dot(&w);
         let scale = theta[0].abs().max(f64::MIN_POSITIVE);
-        let mut residual: f64 = 0.0;
-        for i in 0..k {
-            let r = &cu.column(i) - &(&u.column(i) * theta[i]);
-            residual = residual.max(r.dot(&r).sqrt() / scale);
-        }
-        let converged = residual <= tol || theta[0] <= 0.0;
+        let residuals: Vec<f64> = (0..k)
+            .map(|i| {
+                let r = &cu.column(i) - &(&u.column(i) * theta[i]);
+                r.dot(&r).sqrt() / scale
+            })
+            .collect();
+        let converged = residuals.iter().all(|&r| r <= tol) || theta[0] <= 0.0;
         let result = TopK {
             values: theta[..k].iter().map(|v| v.max(0.0)).collect(),
             vectors: u.slice(s![.., ..k]).to_owned(),
-            residual,
+            residuals,
             iterations: it,
             converged,
         };

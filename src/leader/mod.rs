@@ -21,10 +21,14 @@ use ndarray::{Array2, ArrayView2};
 /// Inputs up to this dimension use the dense eigensolver.
 pub const DENSE_MAX_DIM: usize = 256;
 
+/// Relative residual below which a step's eigenpair counts as solved; a pair above it is never
+/// taken as converged (a stalled warm-started iteration would otherwise look stable).
+pub const STEP_TOLERANCE: f64 = 1e-5;
+
 /// How accurately the eigenpairs are wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
-    /// During the steps: enough for the convergence test (residual ≤ 1e-5·λ₁).
+    /// During the steps: enough for the convergence test (residual ≤ [`STEP_TOLERANCE`]`·λ₁`).
     Step,
     /// For the adapter: residual ≤ 1e-11·λ₁, dense fallback if the iteration stalls.
     Final,
@@ -33,7 +37,7 @@ pub enum Precision {
 impl Precision {
     fn tolerance(self) -> (f64, usize) {
         match self {
-            Precision::Step => (1e-5, 60),
+            Precision::Step => (STEP_TOLERANCE, 60),
             Precision::Final => (1e-11, 400),
         }
     }
@@ -55,6 +59,8 @@ pub struct Spectrum {
     pub values: Vec<f64>,
     /// Eigenvectors as columns (`d x kmax`).
     pub vectors: Array2<f64>,
+    /// Eigensolver residual of each pair relative to λ₁ (0 when solved densely or from a sketch).
+    pub residuals: Vec<f64>,
     /// Trace of the covariance (total variance).
     pub trace: f64,
     /// Tokens the statistics hold.
@@ -113,7 +119,15 @@ impl Spectrum {
                 top
             }
         };
-        Ok(Spectrum { values: top.values, vectors: top.vectors, trace, tokens: moments.n, certificate: Certificate::Exact { residual: top.residual } })
+        let residual = top.residuals.iter().copied().fold(0.0, f64::max);
+        Ok(Spectrum {
+            values: top.values,
+            vectors: top.vectors,
+            residuals: top.residuals,
+            trace,
+            tokens: moments.n,
+            certificate: Certificate::Exact { residual },
+        })
     }
 
     /// Top `kmax` eigenpairs of the Nyström approximation.
@@ -123,6 +137,7 @@ impl Spectrum {
         Ok(Spectrum {
             values: ny.values[..k].to_vec(),
             vectors: ny.vectors.slice(ndarray::s![.., ..k]).to_owned(),
+            residuals: vec![0.0; k],
             trace: ny.trace,
             tokens: sketch.moments.n,
             certificate: Certificate::Sketch { sketch_size: sketch.size(), nuclear_error: ny.nuclear_error, spectral_bound: ny.spectral_bound },
@@ -197,7 +212,7 @@ impl Leader {
             Some(prev) => convergence::similarities(prev.vectors.view(), spectrum.vectors.view(), &spectrum.values)?,
             None => vec![0.0; spectrum.values.len()],
         };
-        state.converged = state.similarity.iter().map(|&s| s >= self.tau).collect();
+        state.converged = state.similarity.iter().zip(&spectrum.residuals).map(|(&s, &r)| s >= self.tau && r <= STEP_TOLERANCE).collect();
         state.spectrum = Some(spectrum);
         Ok(())
     }
@@ -244,7 +259,7 @@ mod tests {
     use super::*;
 
     fn spectrum(values: &[f64], vectors: Array2<f64>) -> Spectrum {
-        Spectrum { values: values.to_vec(), vectors, trace: 1.0, tokens: 100, certificate: Certificate::Exact { residual: 0.0 } }
+        Spectrum { values: values.to_vec(), vectors, residuals: vec![0.0; values.len()], trace: 1.0, tokens: 100, certificate: Certificate::Exact { residual: 0.0 } }
     }
 
     /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2).

@@ -105,6 +105,9 @@ pub trait Source {
 
 /// Fails on the first NaN or infinity in `rows`, naming where it came from.
 pub fn check_finite(rows: ArrayView2<f32>, context: impl FnOnce() -> String) -> Result<()> {
+    if rows.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
     if let Some((pos, v)) = rows.indexed_iter().find(|(_, v)| !v.is_finite()) {
         return Err(Error::data(format!(
             "{}: non-finite activation {v} at token {}, feature {}",
