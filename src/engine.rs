@@ -139,6 +139,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let units = source.units();
     let data_steps = units.div_ceil(cfg.batch_size);
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
+    let mut workspace = stats::Workspace::default();
     let mut active = vec![true; dims.len()];
     let mut step = 0;
     let stop_reason = loop {
@@ -153,7 +154,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         let mut stat_time = Duration::ZERO;
         source.read(&mine, &active, &mut |g, x| {
             let t = Instant::now();
-            all_stats[g].accumulate(x)?;
+            all_stats[g].accumulate(x, &mut workspace)?;
             stat_time += t.elapsed();
             Ok(())
         })?;

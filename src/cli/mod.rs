@@ -29,9 +29,9 @@ pub enum Command {
 pub enum EstimatorArg {
     /// Exact Gram where all Grams fit --stats-memory, else sketch.
     Auto,
-    /// Exact Gram: 8·d² bytes per unique input.
+    /// Exact Gram: 8·d² bytes per unique input (f64).
     Exact,
-    /// Nyström sketch: 8·d·(k+10) bytes per unique input, with an error certificate.
+    /// Nyström sketch: about 20·d·(k+10) bytes per unique input, with an error certificate.
     Sketch,
 }
 

@@ -1,7 +1,7 @@
 //! Exact statistics: the Gram `Σ (x-c)(x-c)ᵀ` of shifted rows, formed per chunk by `ssyrk`
 //! (f32 products over at most `CHUNK_ROWS` rows) and summed in f64.
 
-use super::{shift_into, Moments, CHUNK_ROWS};
+use super::{shift_into, Moments, Workspace, CHUNK_ROWS};
 use crate::linalg;
 use crate::Result;
 use ndarray::{Array2, ArrayView2};
@@ -14,24 +14,22 @@ pub struct ExactStats {
     pub moments: Moments,
     /// Upper triangle of `Σ (x-c)(x-c)ᵀ`, row-major `d x d`.
     gram: Vec<f64>,
-    scratch: Vec<f32>,
-    shifted: Array2<f32>,
 }
 
 impl ExactStats {
     /// Empty statistics around the reference vector `reference` (length `d`).
     pub fn new(reference: Vec<f32>) -> Self {
         let d = reference.len();
-        ExactStats { d, reference, moments: Moments::new(d), gram: vec![0.0; d * d], scratch: Vec::new(), shifted: Array2::zeros((0, d)) }
+        ExactStats { d, reference, moments: Moments::new(d), gram: vec![0.0; d * d] }
     }
 
     /// Adds rows (`tokens x d`).
-    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+    pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(ndarray::s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
-            shift_into(chunk, &self.reference, &mut self.shifted);
-            self.moments.add(self.shifted.view());
-            linalg::syrk_accumulate(self.shifted.view(), &mut self.scratch, &mut self.gram)?;
+            shift_into(chunk, &self.reference, &mut ws.shifted);
+            self.moments.add(ws.shifted.view());
+            linalg::syrk_accumulate(ws.shifted.view(), &mut ws.product, &mut self.gram)?;
         }
         Ok(())
     }

@@ -76,12 +76,20 @@ pub enum InputStats {
     Sketch(sketch::SketchStats),
 }
 
+/// Scratch buffers shared by all inputs of a rank (one input accumulates at a time): the
+/// shifted rows of a chunk and the f32 product before it is added in f64.
+#[derive(Default)]
+pub struct Workspace {
+    shifted: Array2<f32>,
+    product: Vec<f32>,
+}
+
 impl InputStats {
     /// Adds rows (`tokens x d`).
-    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+    pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         match self {
-            InputStats::Exact(s) => s.accumulate(x),
-            InputStats::Sketch(s) => s.accumulate(x),
+            InputStats::Exact(s) => s.accumulate(x, ws),
+            InputStats::Sketch(s) => s.accumulate(x, ws),
         }
     }
 
@@ -102,10 +110,12 @@ impl InputStats {
     }
 }
 
-/// Shifts `x` by `c` into `buf` (resized to `x`'s shape) in f32.
+/// Shifts `x` by `c` into `buf` (reshaped to `x`'s shape, reusing its allocation) in f32.
 fn shift_into(x: ArrayView2<f32>, c: &[f32], buf: &mut Array2<f32>) {
     if buf.dim() != x.dim() {
-        *buf = Array2::zeros(x.dim());
+        let mut v = std::mem::take(buf).into_raw_vec_and_offset().0;
+        v.resize(x.len(), 0.0);
+        *buf = Array2::from_shape_vec(x.dim(), v).expect("length matches");
     }
     for (mut out, row) in buf.rows_mut().into_iter().zip(x.rows()) {
         for ((o, &v), &ci) in out.iter_mut().zip(row).zip(c) {
@@ -123,12 +133,14 @@ pub fn default_sketch_size(kmax: usize, d: usize) -> usize {
     (4 * kmax).max(kmax + 16).min(d)
 }
 
-/// Bytes of statistics one input of dimension `d` needs under each estimator.
+/// Bytes of statistics one input of dimension `d` keeps under each estimator (the shared
+/// [`Workspace`] adds `4·d²` for exact or `4·d·(k+q)` for sketch, plus `4·CHUNK_ROWS·d`, once).
 pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize) -> u64 {
     if exact {
-        8 * (d as u64) * (d as u64) + 4 * (d as u64) * (d as u64)
+        8 * (d as u64) * (d as u64)
     } else {
-        8 * (d as u64) * (sketch_size + PROBES) as u64 * 2
+        // Sketch and test matrix (f64), test matrix (f32).
+        20 * (d as u64) * (sketch_size + PROBES) as u64
     }
 }
 

@@ -3,7 +3,7 @@
 //! on every rank. The leader centers it with a rank-one correction, reconstructs the top
 //! eigenpairs stably and certifies the error (docs/numerics.md).
 
-use super::{shift_into, Moments, CHUNK_ROWS, PROBES};
+use super::{shift_into, Moments, Workspace, CHUNK_ROWS, PROBES};
 use crate::linalg;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -25,7 +25,6 @@ pub struct SketchStats {
     test32: Array2<f32>,
     /// `Σ (x-c)ᵀ((x-c)[Ω Θ])`, f64.
     y: Array2<f64>,
-    shifted: Array2<f32>,
 }
 
 /// The Nyström approximation `Ĉ = U diag(λ̂) Uᵀ` of the covariance and its certificates.
@@ -72,7 +71,6 @@ impl SketchStats {
             y: Array2::zeros((d, k + PROBES)),
             test,
             test32,
-            shifted: Array2::zeros((0, d)),
         }
     }
 
@@ -82,13 +80,13 @@ impl SketchStats {
     }
 
     /// Adds rows (`tokens x d`).
-    pub fn accumulate(&mut self, x: ArrayView2<f32>) -> Result<()> {
+    pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
-            shift_into(chunk, &self.reference, &mut self.shifted);
-            self.moments.add(self.shifted.view());
-            let p = self.shifted.dot(&self.test32);
-            let yc = self.shifted.t().dot(&p);
+            shift_into(chunk, &self.reference, &mut ws.shifted);
+            self.moments.add(ws.shifted.view());
+            let p = ws.shifted.dot(&self.test32);
+            let yc = ws.shifted.t().dot(&p);
             self.y.zip_mut_with(&yc, |a, &b| *a += b as f64);
         }
         Ok(())

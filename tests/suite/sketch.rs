@@ -19,8 +19,9 @@ fn check(decay: f64, mean: f64, k: usize, seed: u64) {
     let units: Vec<Array2<f32>> = (0..6).map(|u| gen_rows(seed, u, 400, &power_law(d, decay), mean)).collect();
     let reference: Vec<f32> = units[0].mean_axis(ndarray::Axis(0)).unwrap().to_vec();
     let mut sk = SketchStats::new(reference, k, 11, 0);
+    let mut ws = eva::stats::Workspace::default();
     for u in &units {
-        sk.accumulate(u.view()).unwrap();
+        sk.accumulate(u.view(), &mut ws).unwrap();
     }
     let ny = sk.nystrom().unwrap();
     let c = covariance(&units);
