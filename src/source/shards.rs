@@ -45,6 +45,19 @@ fn check_dtype(path: &Path, unit: usize, name: &str, dtype: Dtype) -> Result<()>
     }
 }
 
+/// Borrows F32 bytes as rows without copying when they are aligned (little-endian hosts).
+fn borrow_f32(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Option<ndarray::ArrayView2<'_, f32>> {
+    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; `align_to` only yields the aligned middle.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    if !pre.is_empty() || !post.is_empty() {
+        return None;
+    }
+    ndarray::ArrayView2::from_shape((rows, cols), mid).ok()
+}
+
 /// Decodes little-endian F32/F16/BF16 bytes into f32 rows.
 fn decode(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Array2<f32> {
     let values: Vec<f32> = match dtype {
@@ -217,9 +230,16 @@ impl Source for ShardSource {
                     }
                 };
                 check_dtype(path, unit, name, view.dtype())?;
-                let x = decode(view.dtype(), view.data(), rows, d);
-                check_finite(x.view(), || format!("activation shard {} (unit {unit}), layer {name}", path.display()))?;
-                sink(input, x.view())?;
+                let decoded;
+                let x = match borrow_f32(view.dtype(), view.data(), rows, d) {
+                    Some(x) => x,
+                    None => {
+                        decoded = decode(view.dtype(), view.data(), rows, d);
+                        decoded.view()
+                    }
+                };
+                check_finite(x, || format!("activation shard {} (unit {unit}), layer {name}", path.display()))?;
+                sink(input, x)?;
             }
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! Exact statistics: the Gram `Σ (x-c)(x-c)ᵀ` of shifted rows, formed per chunk by `ssyrk`
 //! (f32 products over at most `CHUNK_ROWS` rows) and summed in f64.
 
-use super::{shift_into, Moments, Workspace, CHUNK_ROWS};
+use super::{Moments, Workspace, CHUNK_ROWS};
 use crate::linalg;
 use crate::Result;
 use ndarray::{Array2, ArrayView2};
@@ -27,8 +27,7 @@ impl ExactStats {
     pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(ndarray::s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
-            shift_into(chunk, &self.reference, &mut ws.shifted);
-            self.moments.add(ws.shifted.view());
+            self.moments.add_shifted(chunk, &self.reference, &mut ws.shifted);
             linalg::syrk_accumulate(ws.shifted.view(), &mut ws.product, &mut self.gram)?;
         }
         Ok(())

@@ -20,6 +20,9 @@ use ndarray::{Array2, ArrayView2};
 /// Rows per BLAS call: bounds scratch memory and the length of each f32 product sum.
 pub const CHUNK_ROWS: usize = 4096;
 
+/// Rows per f32 partial sum of the feature sums before it is added in f64.
+pub const SUM_BLOCK: usize = 256;
+
 /// Count, feature sums and feature sums of squares of the shifted rows.
 #[derive(Clone, Debug)]
 pub struct Moments {
@@ -36,13 +39,35 @@ impl Moments {
         Moments { n: 0, sum: vec![0.0; d], sum_sq: vec![0.0; d] }
     }
 
-    fn add(&mut self, x: ArrayView2<f32>) {
+    /// Writes `x - c` into `buf` (reshaped to `x`'s shape, reusing its allocation) and adds the
+    /// shifted rows to the count and sums, in one pass. Partial sums run in f32 over blocks of
+    /// [`SUM_BLOCK`] rows (vectorized across features) and are added in f64.
+    fn add_shifted(&mut self, x: ArrayView2<f32>, c: &[f32], buf: &mut Array2<f32>) {
+        let d = c.len();
+        if buf.dim() != x.dim() {
+            let mut v = std::mem::take(buf).into_raw_vec_and_offset().0;
+            v.resize(x.len(), 0.0);
+            *buf = Array2::from_shape_vec(x.dim(), v).expect("length matches");
+        }
         self.n += x.nrows() as u64;
-        for row in x.rows() {
-            for ((s, q), &v) in self.sum.iter_mut().zip(self.sum_sq.iter_mut()).zip(row) {
-                let v = v as f64;
-                *s += v;
-                *q += v * v;
+        let x = x.as_standard_layout();
+        let src = x.as_slice().expect("standard layout");
+        let dst = buf.as_slice_mut().expect("owned standard layout");
+        let (mut s32, mut q32) = (vec![0f32; d], vec![0f32; d]);
+        for (block_in, block_out) in src.chunks(SUM_BLOCK * d).zip(dst.chunks_mut(SUM_BLOCK * d)) {
+            for (row_in, row_out) in block_in.chunks_exact(d).zip(block_out.chunks_exact_mut(d)) {
+                for ((((o, &v), &ci), s), q) in row_out.iter_mut().zip(row_in).zip(c).zip(s32.iter_mut()).zip(q32.iter_mut()) {
+                    let y = v - ci;
+                    *o = y;
+                    *s += y;
+                    *q += y * y;
+                }
+            }
+            for (((s, q), s_), q_) in self.sum.iter_mut().zip(self.sum_sq.iter_mut()).zip(s32.iter_mut()).zip(q32.iter_mut()) {
+                *s += *s_ as f64;
+                *q += *q_ as f64;
+                *s_ = 0.0;
+                *q_ = 0.0;
             }
         }
     }
@@ -106,20 +131,6 @@ impl InputStats {
         match self {
             InputStats::Exact(_) => "exact",
             InputStats::Sketch(_) => "sketch",
-        }
-    }
-}
-
-/// Shifts `x` by `c` into `buf` (reshaped to `x`'s shape, reusing its allocation) in f32.
-fn shift_into(x: ArrayView2<f32>, c: &[f32], buf: &mut Array2<f32>) {
-    if buf.dim() != x.dim() {
-        let mut v = std::mem::take(buf).into_raw_vec_and_offset().0;
-        v.resize(x.len(), 0.0);
-        *buf = Array2::from_shape_vec(x.dim(), v).expect("length matches");
-    }
-    for (mut out, row) in buf.rows_mut().into_iter().zip(x.rows()) {
-        for ((o, &v), &ci) in out.iter_mut().zip(row).zip(c) {
-            *o = v - ci;
         }
     }
 }

@@ -3,7 +3,7 @@
 //! on every rank. The leader centers it with a rank-one correction, reconstructs the top
 //! eigenpairs stably and certifies the error (docs/numerics.md).
 
-use super::{shift_into, Moments, Workspace, CHUNK_ROWS, PROBES};
+use super::{Moments, Workspace, CHUNK_ROWS, PROBES};
 use crate::linalg;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -83,8 +83,7 @@ impl SketchStats {
     pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
-            shift_into(chunk, &self.reference, &mut ws.shifted);
-            self.moments.add(ws.shifted.view());
+            self.moments.add_shifted(chunk, &self.reference, &mut ws.shifted);
             let p = ws.shifted.dot(&self.test32);
             let yc = ws.shifted.t().dot(&p);
             self.y.zip_mut_with(&yc, |a, &b| *a += b as f64);

@@ -26,7 +26,8 @@ fn check(decay: f64, mean: f64, k: usize, seed: u64) {
     let ny = sk.nystrom().unwrap();
     let c = covariance(&units);
     let trace: f64 = (0..d).map(|i| c[(i, i)]).sum();
-    assert!((ny.trace - trace).abs() <= 1e-8 * trace, "trace {} vs {}", ny.trace, trace);
+    // f32 partial sums over 256-row blocks: relative error far below 1e-6.
+    assert!((ny.trace - trace).abs() <= 1e-6 * trace, "trace {} vs {}", ny.trace, trace);
     let lam = Array2::from_diag(&ndarray::Array1::from(ny.values.clone()));
     let approx = ny.vectors.dot(&lam).dot(&ny.vectors.t());
     let e = &c - &approx;
