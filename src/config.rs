@@ -42,9 +42,24 @@ impl Default for EvaParams {
 }
 
 impl EvaParams {
-    /// Candidate components per layer: `round(rank × rho)` (PEFT's `max_components`).
+    /// Candidate components per layer: `round(rank × rho)` (PEFT's `max_components`), with
+    /// Python's round-half-to-even so that e.g. r = 3, rho = 1.5 gives 4 as in PEFT.
     pub fn max_components(&self) -> usize {
-        (self.rank as f64 * self.rho).round() as usize
+        (self.rank as f64 * self.rho).round_ties_even() as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EvaParams;
+
+    #[test]
+    fn max_components_rounds_like_python() {
+        let c = |rank, rho| EvaParams { rank, rho, ..EvaParams::default() }.max_components();
+        assert_eq!(c(3, 1.5), 4);
+        assert_eq!(c(5, 1.5), 8);
+        assert_eq!(c(8, 2.0), 16);
+        assert_eq!(c(3, 1.0), 3);
     }
 }
 

@@ -28,6 +28,9 @@ pub enum Error {
     /// A collective operation failed or another rank reported an error (exit code 1).
     #[error("{0}")]
     Comm(String),
+    /// A backend that this build does not include was asked for (exit code 2).
+    #[error("{backend} is not available: {hint}")]
+    NotCompiled { backend: &'static str, hint: &'static str },
 }
 
 impl Error {
@@ -46,10 +49,10 @@ impl Error {
         Error::Io { op, path: path.into(), source }
     }
 
-    /// Process exit code: 2 for usage errors, 1 for everything else.
+    /// Process exit code: 2 for usage errors (and missing backends), 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::NotCompiled { .. } => 2,
             _ => 1,
         }
     }

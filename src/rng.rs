@@ -1,6 +1,11 @@
 //! A small, fixed pseudo-random generator (SplitMix64 seeding + xoshiro256++), so that seeded
 //! test matrices and synthetic data are identical on every rank, platform and crate version.
 
+/// A stable 64-bit key of a name (FNV-1a), e.g. to draw a layer's test matrix.
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// xoshiro256++ (Blackman & Vigna 2019), seeded through SplitMix64.
 #[derive(Clone, Debug)]
 pub struct Rng {

@@ -1,10 +1,10 @@
 //! `eva_report.json`: per layer, what was allocated and how certain it is; per run, where the
 //! time went and what was communicated.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Seconds spent in each phase (on the leader).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Times {
     /// Producing layer inputs (shard reading and decoding, synthetic generation, model forward).
     pub forward: f64,
@@ -20,17 +20,22 @@ pub struct Times {
     pub total: f64,
 }
 
-/// Bytes this rank passed to collectives.
-#[derive(Clone, Debug, Default, Serialize)]
+/// Payload bytes the leader passed to collectives (0 in a world of one): every rank moves the
+/// same all-reduce payloads; broadcasts are counted once, at their root.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Bytes {
     /// Over the whole run.
     pub per_rank_total: u64,
     /// Largest single step.
     pub per_rank_max_step: u64,
+    /// Mean over the steps.
+    pub per_rank_mean_step: f64,
+    /// Per step, in order.
+    pub per_step: Vec<u64>,
 }
 
 /// Accuracy statement for one layer's statistics.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CertificateReport {
     /// Exact covariance; eigensolver residual relative to λ₁.
@@ -40,7 +45,7 @@ pub enum CertificateReport {
 }
 
 /// One target layer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LayerReport {
     pub name: String,
     /// The representative of its equal-input group (itself when alone).
@@ -57,7 +62,7 @@ pub struct LayerReport {
     /// Tokens its statistics hold.
     pub tokens: u64,
     /// `exact` or `sketch`.
-    pub estimator: &'static str,
+    pub estimator: String,
     /// Bound on each explained-variance ratio's error (0 for exact statistics).
     pub error_bound: f64,
     /// Whether the rank is the same for every spectrum the error bounds allow.
@@ -66,9 +71,11 @@ pub struct LayerReport {
 }
 
 /// The whole run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub eva_version: &'static str,
+    pub eva_version: String,
+    /// Collectives backend (`single`, `threads`, `mpi`, `nccl`).
+    pub backend: String,
     /// What the activations came from.
     pub source: String,
     pub world_size: usize,
@@ -79,7 +86,7 @@ pub struct Report {
     pub units_seen: usize,
     pub units_total: usize,
     /// `converged`, `data_exhausted` or `max_steps` (`all_data` with --no-early-stop).
-    pub stop_reason: &'static str,
+    pub stop_reason: String,
     /// Every layer converged.
     pub converged: bool,
     /// Layers whose components had not converged when the run stopped.

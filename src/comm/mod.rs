@@ -1,25 +1,57 @@
 //! Collectives between ranks. Every backend implements [`Communicator`]; the engine talks to
 //! nothing else, so single-process, thread, MPI and NCCL worlds share one code path.
 //!
-//! | backend | world |
-//! |---|---|
-//! | [`SingleProcess`] | one rank; every collective is the identity |
+//! | backend | world | built |
+//! |---|---|---|
+//! | [`SingleProcess`] | one rank; collectives return at once | always |
+//! | [`threads::ThreadWorld`] | N ranks as threads of one process (tests, one-box runs) | always |
+//! | [`MpiWorld`] | the ranks `mpirun`/`srun` started (rsmpi) | feature `mpi` |
+//! | [`NcclWorld`] | MPI world whose all-reduce runs on GPUs through NCCL (cudarc) | feature `cuda` |
+//!
+//! A backend that was not compiled in is an uninhabited twin whose constructor returns
+//! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
+//! eva is a world of one and never initializes MPI.
 
-use crate::Result;
+pub mod launcher;
+pub mod threads;
+pub mod wire;
+
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(not(feature = "mpi"))]
+#[path = "no_mpi.rs"]
+mod mpi;
+
+#[cfg(feature = "cuda")]
+mod nccl;
+#[cfg(not(feature = "cuda"))]
+#[path = "no_nccl.rs"]
+mod nccl;
+
+pub use self::mpi::MpiWorld;
+pub use self::nccl::NcclWorld;
+
+use crate::{Error, Result};
 
 /// What a rank can do with the others. All methods are collective: every rank of the world
-/// must call them in the same order with buffers of the same length.
+/// must call them in the same order with matching arguments.
 pub trait Communicator {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.
     fn size(&self) -> usize;
-    /// Element-wise sum across ranks, in place; every rank receives the result.
+    /// Element-wise sum across ranks, in place; every rank receives the same result.
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
     /// Replaces `buf` on every rank with `root`'s bytes (lengths may differ before the call).
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
+    /// `root` receives every rank's bytes in rank order; the others receive `None`.
+    fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>>;
     /// Waits until every rank has arrived.
     fn barrier(&self) -> Result<()>;
+    /// Sub-worlds of the ranks that pass the same `color`, ordered by `(key, rank)`.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+    /// Backend name for reports.
+    fn backend(&self) -> &'static str;
     /// Rank 0 leads: it decides and writes the output.
     fn is_leader(&self) -> bool {
         self.rank() == 0
@@ -43,7 +75,66 @@ impl Communicator for SingleProcess {
     fn broadcast(&self, _buf: &mut Vec<u8>, _root: usize) -> Result<()> {
         Ok(())
     }
+    fn gather(&self, send: &[u8], _root: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        Ok(Some(vec![send.to_vec()]))
+    }
     fn barrier(&self) -> Result<()> {
         Ok(())
+    }
+    fn split(&self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(SingleProcess))
+    }
+    fn backend(&self) -> &'static str {
+        "single"
+    }
+}
+
+/// Makes every rank agree on a local result: if any rank failed, every rank returns an error —
+/// the failing rank its own, the others one that names the lowest failing rank and its message.
+/// Call it at the same point on every rank; it costs one `size`-long all-reduce.
+pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
+    if comm.size() == 1 {
+        return local;
+    }
+    let mut flags = vec![0.0; comm.size()];
+    if local.is_err() {
+        flags[comm.rank()] = 1.0;
+    }
+    comm.all_reduce_sum(&mut flags)?;
+    let Some(first) = flags.iter().position(|&f| f > 0.0) else {
+        return local;
+    };
+    let mut msg = match &local {
+        Err(e) if comm.rank() == first => e.to_string().into_bytes(),
+        _ => Vec::new(),
+    };
+    comm.broadcast(&mut msg, first)?;
+    match local {
+        Err(e) => Err(e),
+        Ok(_) => Err(Error::Comm(format!("rank {first} failed: {}", String::from_utf8_lossy(&msg)))),
+    }
+}
+
+/// Which collectives backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// MPI under a launcher (NCCL with `--device cuda`), one process otherwise.
+    Auto,
+    /// MPI (rsmpi).
+    Mpi,
+    /// NCCL for all-reduce, MPI for the rest.
+    Nccl,
+}
+
+/// Connects to the world the launcher started (or a world of one without a launcher).
+pub fn connect(backend: Backend) -> Result<Box<dyn Communicator>> {
+    let launch = launcher::detect();
+    match (backend, &launch) {
+        (Backend::Auto, None) => Ok(Box::new(SingleProcess)),
+        (Backend::Auto | Backend::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
+        (Backend::Nccl, launch) => {
+            let local_rank = launch.as_ref().map_or(0, |l| l.local_rank);
+            Ok(Box::new(NcclWorld::init(MpiWorld::init()?, local_rank)?))
+        }
     }
 }

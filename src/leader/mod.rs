@@ -13,7 +13,7 @@ pub mod eigen;
 
 use crate::config::EvaParams;
 use crate::source::Catalog;
-use crate::stats::sketch::SketchStats;
+use crate::stats::sketch::Nystrom;
 use crate::stats::Moments;
 use crate::Result;
 use ndarray::{Array2, ArrayView2};
@@ -130,17 +130,17 @@ impl Spectrum {
         })
     }
 
-    /// Top `kmax` eigenpairs of the Nyström approximation.
-    pub fn from_sketch(sketch: &SketchStats, kmax: usize) -> Result<Spectrum> {
-        let ny = sketch.nystrom()?;
+    /// Top `kmax` eigenpairs of a Nyström approximation from a sketch of `sketch_size` columns
+    /// over `tokens` tokens.
+    pub fn from_sketch(ny: &Nystrom, sketch_size: usize, tokens: u64, kmax: usize) -> Result<Spectrum> {
         let k = kmax.min(ny.values.len());
         Ok(Spectrum {
             values: ny.values[..k].to_vec(),
             vectors: ny.vectors.slice(ndarray::s![.., ..k]).to_owned(),
             residuals: vec![0.0; k],
             trace: ny.trace,
-            tokens: sketch.moments.n,
-            certificate: Certificate::Sketch { sketch_size: sketch.size(), nuclear_error: ny.nuclear_error, spectral_bound: ny.spectral_bound },
+            tokens,
+            certificate: Certificate::Sketch { sketch_size, nuclear_error: ny.nuclear_error, spectral_bound: ny.spectral_bound },
         })
     }
 }

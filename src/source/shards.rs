@@ -124,8 +124,13 @@ impl ShardSource {
                 )));
             }
             layers.push((name.clone(), *d, out));
+            // An empty tensor says nothing about later units: it stays alone.
             let key = (format!("{:?}", view.dtype()), view.shape().to_vec(), view.data());
-            by_content.entry(key).or_default().push(i);
+            if view.data().is_empty() {
+                by_content.insert((format!("empty:{name}"), Vec::new(), &[]), vec![i]);
+            } else {
+                by_content.entry(key).or_default().push(i);
+            }
         }
         let mut groups: Vec<Vec<usize>> = by_content.into_values().collect();
         groups.sort_by_key(|g| g[0]);

@@ -43,13 +43,24 @@ impl ExactStats {
         linalg::symm_upper(&self.gram, self.d, q)
     }
 
-    /// The dense sample covariance (`d x d`).
-    pub fn covariance(&self) -> Array2<f64> {
-        let (d, n) = (self.d, self.moments.n as f64);
-        let s = &self.moments.sum;
-        Array2::from_shape_fn((d, d), |(i, j)| {
-            let g = if j >= i { self.gram[i * d + j] } else { self.gram[j * d + i] };
-            (g - s[i] * s[j] / n) / (n - 1.0)
-        })
+    /// Upper triangle of the local Gram (row-major `d x d`), e.g. to all-reduce it.
+    pub fn gram(&self) -> &[f64] {
+        &self.gram
     }
+
+    /// The dense sample covariance (`d x d`) of these statistics alone.
+    pub fn covariance(&self) -> Array2<f64> {
+        covariance(&self.gram, self.d, &self.moments)
+    }
+}
+
+/// The dense sample covariance from the upper triangle of a Gram of shifted rows and their
+/// moments: `(G - s sᵀ/n) / (n-1)`.
+pub fn covariance(gram: &[f64], d: usize, moments: &Moments) -> Array2<f64> {
+    let n = moments.n as f64;
+    let s = &moments.sum;
+    Array2::from_shape_fn((d, d), |(i, j)| {
+        let g = if j >= i { gram[i * d + j] } else { gram[j * d + i] };
+        (g - s[i] * s[j] / n) / (n - 1.0)
+    })
 }

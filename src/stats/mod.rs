@@ -35,7 +35,8 @@ pub struct Moments {
 }
 
 impl Moments {
-    fn new(d: usize) -> Self {
+    /// Zero count and sums of dimension `d`.
+    pub fn new(d: usize) -> Self {
         Moments { n: 0, sum: vec![0.0; d], sum_sq: vec![0.0; d] }
     }
 
@@ -95,6 +96,44 @@ impl Moments {
     }
 }
 
+/// The part of an input's statistics that every step all-reduces: count and sums, and for the
+/// sketch estimator the sketch itself. (The exact Gram stays on its rank; the leader reaches it
+/// through products, see `engine::protocol`.)
+#[derive(Clone, Debug)]
+pub struct Shared {
+    /// Summed count and sums.
+    pub moments: Moments,
+    /// Summed sketch (`d x (k+q)`), for the sketch estimator.
+    pub sketch: Option<Array2<f64>>,
+}
+
+impl Shared {
+    /// Number of f64 values [`InputStats::pack_shared`] appends.
+    pub fn len(&self) -> usize {
+        1 + 2 * self.moments.sum.len() + self.sketch.as_ref().map_or(0, |y| y.len())
+    }
+
+    /// Whether there is nothing to reduce.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads back what [`InputStats::pack_shared`] wrote (after the sum), returning the rest.
+    pub fn unpack<'a>(&mut self, data: &'a [f64]) -> &'a [f64] {
+        let d = self.moments.sum.len();
+        self.moments.n = data[0].round() as u64;
+        self.moments.sum.copy_from_slice(&data[1..1 + d]);
+        self.moments.sum_sq.copy_from_slice(&data[1 + d..1 + 2 * d]);
+        let mut rest = &data[1 + 2 * d..];
+        if let Some(y) = &mut self.sketch {
+            let n = y.len();
+            y.as_slice_mut().expect("owned standard layout").copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        rest
+    }
+}
+
 /// The statistic one unique input accumulates.
 pub enum InputStats {
     Exact(exact::ExactStats),
@@ -123,6 +162,29 @@ impl InputStats {
         match self {
             InputStats::Exact(s) => &s.moments,
             InputStats::Sketch(s) => &s.moments,
+        }
+    }
+
+    /// An empty [`Shared`] of the right shape for this input.
+    pub fn empty_shared(&self) -> Shared {
+        let d = self.moments().sum.len();
+        Shared {
+            moments: Moments::new(d),
+            sketch: match self {
+                InputStats::Exact(_) => None,
+                InputStats::Sketch(s) => Some(Array2::zeros(s.sketch().dim())),
+            },
+        }
+    }
+
+    /// Appends the local part to be all-reduced: `[n, Σx, Σx², sketch]`.
+    pub fn pack_shared(&self, out: &mut Vec<f64>) {
+        let m = self.moments();
+        out.push(m.n as f64);
+        out.extend_from_slice(&m.sum);
+        out.extend_from_slice(&m.sum_sq);
+        if let InputStats::Sketch(s) = self {
+            out.extend(s.sketch().iter());
         }
     }
 

@@ -53,11 +53,12 @@ impl Nystrom {
 }
 
 impl SketchStats {
-    /// Empty sketch of `k` columns around `reference`, test matrix drawn from `seed` and `input`.
-    pub fn new(reference: Vec<f32>, k: usize, seed: u64, input: usize) -> Self {
+    /// Empty sketch of `k` columns around `reference`; the test matrix is drawn from `seed` and
+    /// `stream` (e.g. a hash of the layer name, so it does not depend on which layers are targeted).
+    pub fn new(reference: Vec<f32>, k: usize, seed: u64, stream: u64) -> Self {
         let d = reference.len();
         let k = k.min(d).max(1);
-        let mut rng = Rng::new(&[seed, 0x5EED, input as u64]);
+        let mut rng = Rng::new(&[seed, 0x5EED, stream]);
         let omega = Array2::from_shape_fn((d, k), |_| rng.normal());
         let omega = linalg::orthonormalize(omega.view());
         let mut test = Array2::<f64>::zeros((d, k + PROBES));
@@ -91,18 +92,23 @@ impl SketchStats {
         Ok(())
     }
 
-    /// Centered sketch `C[Ω Θ]`.
-    fn centered(&self) -> Array2<f64> {
-        let mut cy = self.y.clone();
-        self.moments.center(&mut cy, self.test.view());
-        cy
+    /// The local sketch `Σ (x-c)ᵀ((x-c)[Ω Θ])` (`d x (k+q)`), e.g. to all-reduce it.
+    pub fn sketch(&self) -> &Array2<f64> {
+        &self.y
     }
 
-    /// Stable Nyström reconstruction with the shift of Frangella, Tropp & Udell (2023).
+    /// Stable Nyström reconstruction of these statistics alone.
     pub fn nystrom(&self) -> Result<Nystrom> {
+        self.nystrom_from(&self.moments, &self.y)
+    }
+
+    /// Stable Nyström reconstruction (shift of Frangella, Tropp & Udell 2023) from summed
+    /// moments and sketch, using this input's test matrix.
+    pub fn nystrom_from(&self, moments: &Moments, y: &Array2<f64>) -> Result<Nystrom> {
         let (d, k) = (self.test.nrows(), self.k);
-        let trace = self.moments.covariance_trace();
-        let cy = self.centered();
+        let trace = moments.covariance_trace();
+        let mut cy = y.clone();
+        moments.center(&mut cy, self.test.view());
         let (cy_omega, cy_probe) = (cy.slice(s![.., ..k]), cy.slice(s![.., k..]));
         let omega = self.test.slice(s![.., ..k]);
         let norm = cy_omega.iter().map(|v| v * v).sum::<f64>().sqrt();

@@ -1,0 +1,94 @@
+//! NCCL backend (cudarc): all-reduce runs on the GPU chosen by the node-local rank; broadcast,
+//! gather, barrier and split go through MPI, which also carries the NCCL unique id from rank 0.
+
+use super::{Communicator, MpiWorld};
+use crate::{Error, Result};
+use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+use std::sync::Arc;
+
+/// An MPI world whose sums run through NCCL.
+pub struct NcclWorld {
+    mpi: MpiWorld,
+    comm: Comm,
+    stream: Arc<CudaStream>,
+}
+
+/// cudarc's `NcclError` prints only "NcclError": keep the code's name.
+fn nccl(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> Error {
+    move |e| Error::Comm(format!("NCCL {op} failed: {:?}", e.0))
+}
+
+fn cuda(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Comm(format!("CUDA {op} failed: {e:?}"))
+}
+
+impl NcclWorld {
+    /// Opens the GPU `local_rank % devices` and joins the NCCL communicator of `mpi`'s ranks.
+    pub fn init(mpi: MpiWorld, local_rank: usize) -> Result<Self> {
+        // A missing library panics inside cudarc: probe first.
+        // SAFETY: the probes only try to load the shared libraries.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Comm("NCCL backend: the CUDA driver library (libcuda.so) was not found".into()));
+        }
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::Comm("NCCL backend: libnccl.so was not found (pip's nvidia-nccl ships only libnccl.so.2: link it as libnccl.so on the library path)".into()));
+        }
+        let devices = CudaContext::device_count().map_err(cuda("device count"))?.max(0) as usize;
+        if devices == 0 {
+            return Err(Error::Comm("NCCL backend: no CUDA device is visible".into()));
+        }
+        let ctx = CudaContext::new(local_rank % devices).map_err(cuda("context creation"))?;
+        let stream = ctx.default_stream();
+        let mut id_bytes = if mpi.rank() == 0 {
+            Id::new().map_err(nccl("unique id"))?.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        mpi.broadcast(&mut id_bytes, 0)?;
+        let raw: [std::ffi::c_char; 128] = std::array::from_fn(|i| id_bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
+        let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), Id::uninit(raw)).map_err(nccl("communicator init"))?;
+        Ok(NcclWorld { mpi, comm, stream })
+    }
+}
+
+impl Communicator for NcclWorld {
+    fn rank(&self) -> usize {
+        self.mpi.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.mpi.size()
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut dev = self.stream.clone_htod(&buf[..]).map_err(cuda("host-to-device copy"))?;
+        self.comm.all_reduce_in_place(&mut dev, &ReduceOp::Sum).map_err(nccl("all-reduce"))?;
+        self.stream.memcpy_dtoh(&dev, buf).map_err(cuda("device-to-host copy"))?;
+        self.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.mpi.broadcast(buf, root)
+    }
+
+    fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        self.mpi.gather(send, root)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.mpi.barrier()
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        // Sub-worlds sum over MPI: stage groups are small and their traffic is d x k blocks.
+        self.mpi.split(color, key)
+    }
+
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+}

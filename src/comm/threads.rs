@@ -1,0 +1,162 @@
+//! An in-process world: N ranks as threads sharing one rendezvous. Every collective is an
+//! all-gather of bytes; sums run in rank order, so results are identical on every rank and
+//! independent of thread timing. A rank that panics or leaves aborts the others' collectives
+//! with an error instead of a hang.
+
+use super::Communicator;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Option<Vec<u8>>>,
+    arrived: usize,
+    result: Option<Arc<Vec<Vec<u8>>>>,
+    departed: usize,
+    aborted: Option<String>,
+    splits: HashMap<(u64, usize), Arc<Shared>>,
+}
+
+struct Shared {
+    size: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Shared { size, state: Mutex::new(State { slots: vec![None; size], ..State::default() }), cv: Condvar::new() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn abort(&self, why: String) {
+        let mut st = self.lock();
+        st.aborted.get_or_insert(why);
+        self.cv.notify_all();
+    }
+}
+
+/// One rank of an in-process world.
+pub struct ThreadWorld {
+    rank: usize,
+    shared: Arc<Shared>,
+    splits: std::cell::Cell<u64>,
+}
+
+impl ThreadWorld {
+    /// A world of `size` ranks; hand each element to its own thread.
+    pub fn create(size: usize) -> Vec<ThreadWorld> {
+        let shared = Shared::new(size.max(1));
+        (0..size.max(1)).map(|rank| ThreadWorld { rank, shared: shared.clone(), splits: std::cell::Cell::new(0) }).collect()
+    }
+
+    /// All-gather of bytes: every rank receives every rank's contribution, in rank order.
+    fn exchange(&self, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+        let sh = &*self.shared;
+        let aborted = |st: &State| st.aborted.clone().map(|why| Error::Comm(format!("thread world aborted: {why}")));
+        let mut st = sh.lock();
+        // Wait for the previous round to drain.
+        while st.result.is_some() {
+            if let Some(e) = aborted(&st) {
+                return Err(e);
+            }
+            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(e) = aborted(&st) {
+            return Err(e);
+        }
+        st.slots[self.rank] = Some(mine);
+        st.arrived += 1;
+        if st.arrived == sh.size {
+            let all = st.slots.iter_mut().map(|s| s.take().unwrap_or_default()).collect();
+            st.result = Some(Arc::new(all));
+            st.arrived = 0;
+            sh.cv.notify_all();
+        }
+        while st.result.is_none() || st.slots[self.rank].is_some() {
+            if let Some(e) = aborted(&st) {
+                return Err(e);
+            }
+            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let out = st.result.clone().expect("result published");
+        st.departed += 1;
+        if st.departed == sh.size {
+            st.departed = 0;
+            st.result = None;
+            sh.cv.notify_all();
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ThreadWorld {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() { format!("rank {} panicked", self.rank) } else { format!("rank {} left the world", self.rank) };
+        // Leaving is only an error for ranks still waiting in (or later entering) a collective;
+        // at a normal end no rank calls another one.
+        self.shared.abort(why);
+    }
+}
+
+impl Communicator for ThreadWorld {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
+        let mine = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.exchange(mine)?;
+        buf.iter_mut().for_each(|v| *v = 0.0);
+        for (r, part) in all.iter().enumerate() {
+            if part.len() != buf.len() * 8 {
+                return Err(Error::Comm(format!("all-reduce length mismatch: rank {} sent {} values, rank {} {}", r, part.len() / 8, self.rank, buf.len())));
+            }
+            for (v, b) in buf.iter_mut().zip(part.chunks_exact(8)) {
+                *v += f64::from_le_bytes(b.try_into().expect("8 bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        let mine = if self.rank == root { std::mem::take(buf) } else { Vec::new() };
+        let all = self.exchange(mine)?;
+        *buf = all[root].clone();
+        Ok(())
+    }
+
+    fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        let all = self.exchange(send.to_vec())?;
+        Ok((self.rank == root).then(|| all.as_ref().clone()))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.exchange(Vec::new()).map(|_| ())
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        let mine = [color as u64, key as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.exchange(mine)?;
+        let parse = |b: &Vec<u8>| (u64::from_le_bytes(b[..8].try_into().expect("8")) as usize, u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize);
+        let mut members: Vec<(usize, usize)> = all.iter().enumerate().map(|(r, b)| (parse(b), r)).filter(|((c, _), _)| *c == color).map(|((_, k), r)| (k, r)).collect();
+        members.sort_unstable();
+        let rank = members.iter().position(|&(_, r)| r == self.rank).expect("this rank is a member");
+        let seq = self.splits.get();
+        self.splits.set(seq + 1);
+        let shared = self.shared.lock().splits.entry((seq, color)).or_insert_with(|| Shared::new(members.len())).clone();
+        Ok(Box::new(ThreadWorld { rank, shared, splits: std::cell::Cell::new(0) }))
+    }
+
+    fn backend(&self) -> &'static str {
+        "threads"
+    }
+}

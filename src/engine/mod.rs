@@ -1,0 +1,441 @@
+//! The step loop (DESIGN.md §2). Every global step, on every rank:
+//!
+//! 1. read this rank's units of the step and accumulate statistics of the active inputs;
+//! 2. agree that no rank failed (one `P`-long all-reduce);
+//! 3. one fused all-reduce of the shared parts (counts, sums, sketches) of the active inputs;
+//! 4. the leader estimates eigenpairs — exact Grams stay on their ranks and are reached through
+//!    `Σ_r G_r·Q` products ([`protocol`]) — tests convergence, redistributes ranks and
+//!    broadcasts the decision; the others serve its products until the decision arrives.
+//!
+//! At the end the leader solves precisely, allocates, builds the adapter and broadcasts it
+//! with the report, so every rank returns the same [`Outcome`].
+
+pub mod protocol;
+
+use crate::adapter::report::{Bytes, CertificateReport, LayerReport, Report, Times};
+use crate::adapter::{self, layer_alpha, Adapter};
+use crate::comm::wire::{Reader, Writer};
+use crate::comm::Communicator;
+use crate::config::RunConfig;
+use crate::leader::{allocate, Certificate, Leader, Precision, Spectrum};
+use crate::source::{Catalog, Source};
+use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
+use crate::{Error, Result};
+use protocol::{Command, Reply, Wire};
+use std::time::{Duration, Instant};
+
+/// Progress after one global step (shown by the leader).
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps the data allows (or `--max-steps`, if smaller).
+    pub total_steps: usize,
+    /// Layers whose components are stable.
+    pub converged_layers: usize,
+    /// Target layers.
+    pub layers: usize,
+    /// Tokens accumulated so far (all ranks) by the input that has seen the most.
+    pub tokens: u64,
+    /// Tokens per second since the start.
+    pub tokens_per_s: f64,
+}
+
+/// The adapter and the report of a finished run (identical on every rank).
+pub struct Outcome {
+    pub adapter: Adapter,
+    pub report: Report,
+}
+
+/// Which units global step `step` covers on `rank` of `size` (DESIGN.md §2 Determinism).
+pub fn units_of_step(step: usize, batch: usize, units: usize, rank: usize, size: usize) -> Vec<usize> {
+    let start = step.saturating_mul(batch).min(units);
+    let end = start.saturating_add(batch).min(units);
+    (start..end).filter(|u| u % size == rank).collect()
+}
+
+/// A one-line description of the catalog, for checking that every rank sees the same layers.
+fn fingerprint(catalog: &Catalog, units: usize) -> String {
+    let layers: Vec<String> = catalog.layers.iter().map(|l| format!("{}:{}x{}@{}", l.name, l.in_features, l.out_features, l.input)).collect();
+    format!("{units} units; {}", layers.join(","))
+}
+
+/// Fails unless every rank's source has the leader's layers and unit count.
+fn check_same_source(wire: &Wire, catalog: &Catalog, units: usize) -> Result<()> {
+    let mine = fingerprint(catalog, units);
+    let mut leaders = mine.clone().into_bytes();
+    wire.broadcast(&mut leaders, 0)?;
+    let local = if leaders == mine.as_bytes() {
+        Ok(())
+    } else {
+        Err(Error::data(format!(
+            "rank {} sees a different source than rank 0 (layers or number of units differ): {} vs {}",
+            wire.comm.rank(),
+            mine.chars().take(200).collect::<String>(),
+            String::from_utf8_lossy(&leaders).chars().take(200).collect::<String>()
+        )))
+    };
+    wire.agree(local)
+}
+
+/// Column means of unit 0 per input, read on rank 0 and broadcast: the shift that keeps the
+/// Gram free of cancellation (identical on every rank, so sums stay additive).
+fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32>>> {
+    let dims: Vec<usize> = source.catalog().inputs.iter().map(|i| i.dim).collect();
+    let mut sums: Vec<Vec<f64>> = dims.iter().map(|&d| vec![0.0; d]).collect();
+    let mut counts = vec![0usize; dims.len()];
+    let local = if wire.comm.is_leader() && source.units() > 0 {
+        let all = vec![true; dims.len()];
+        source.read(&[0], &all, &mut |g, x| {
+            counts[g] += x.nrows();
+            for row in x.rows() {
+                for (s, &v) in sums[g].iter_mut().zip(row) {
+                    *s += v as f64;
+                }
+            }
+            Ok(())
+        })
+    } else {
+        Ok(())
+    };
+    wire.agree(local)?;
+    let means: Vec<f32> = sums.iter().zip(&counts).flat_map(|(s, &n)| s.iter().map(move |v| if n > 0 { (v / n as f64) as f32 } else { 0.0 })).collect();
+    let mut buf = Writer::default().f32s(&means).0.clone();
+    wire.broadcast(&mut buf, 0)?;
+    let values = Reader::new(&buf).f32s()?;
+    let mut it = values.into_iter();
+    Ok(dims.iter().map(|&d| it.by_ref().take(d).collect()).collect())
+}
+
+/// Eigenpairs of one input from the reduced statistics (leader only).
+fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: Option<&Spectrum>, precision: Precision) -> Result<Spectrum> {
+    match &local[g] {
+        InputStats::Exact(e) => Spectrum::from_gram(
+            &mut |q| protocol::apply(wire, local, g, q),
+            &mut || Ok(exact::covariance(&protocol::gram(wire, local, g)?, e.dim(), &shared.moments)),
+            &shared.moments,
+            kmax,
+            warm.map(|s| s.vectors.view()),
+            precision,
+        ),
+        InputStats::Sketch(s) => {
+            let y = shared.sketch.as_ref().expect("sketch inputs share their sketch");
+            Spectrum::from_sketch(&s.nystrom_from(&shared.moments, y)?, s.size(), shared.moments.n, kmax)
+        }
+    }
+}
+
+/// Leader: runs `work`; on success broadcasts what `announce` makes of its result, on failure
+/// broadcasts an abort so that the other ranks stop serving and fail with the same message.
+fn lead<T>(wire: &Wire, work: impl FnOnce() -> Result<T>, announce: impl FnOnce(&T) -> Command) -> Result<T> {
+    match work() {
+        Ok(v) => {
+            if wire.comm.size() > 1 {
+                protocol::send(wire, &announce(&v))?;
+            }
+            Ok(v)
+        }
+        Err(e) => {
+            if wire.comm.size() > 1 {
+                protocol::send(wire, &Command::Abort(e.to_string()))?;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Runs EVA over `source` on every rank of `comm`; returns the same adapter and report on each.
+pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, cfg: &RunConfig, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Outcome> {
+    let started = Instant::now();
+    let wire = Wire::new(comm);
+    let catalog = source.catalog().clone();
+    let params = &cfg.eva;
+    if let Some(l) = catalog.layers.iter().find(|l| l.in_features < params.rank) {
+        return Err(Error::usage(format!("--rank {} is larger than in_features = {} of layer {}", params.rank, l.in_features, l.name)));
+    }
+    let units = source.units();
+    check_same_source(&wire, &catalog, units)?;
+    let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop);
+    let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
+    let name_of = |g: usize| catalog.layers[catalog.inputs[g].members[0]].name.clone();
+    let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory);
+    let mut times = Times::default();
+
+    let refs = reference_vectors(source, &wire)?;
+    let mut local = Vec::with_capacity(dims.len());
+    for (g, reference) in refs.into_iter().enumerate() {
+        let kmax = leader.kmax(g);
+        local.push(if exact {
+            InputStats::Exact(exact::ExactStats::new(reference))
+        } else {
+            let k = cfg.sketch_size.unwrap_or_else(|| stats::default_sketch_size(kmax, dims[g]));
+            if k < kmax {
+                return Err(Error::usage(format!(
+                    "--sketch-size {k} is smaller than the {kmax} candidate components (round(rank x rho)) of layer {}",
+                    name_of(g)
+                )));
+            }
+            InputStats::Sketch(SketchStats::new(reference, k, cfg.seed, crate::rng::name_key(&name_of(g))))
+        });
+    }
+    let mut shared: Vec<Shared> = local.iter().map(InputStats::empty_shared).collect();
+    let mut workspace = stats::Workspace::default();
+    let data_steps = units.div_ceil(cfg.batch_size);
+    let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
+    let mut active = vec![true; dims.len()];
+    let mut step = 0;
+    let mut step_bytes = Vec::new();
+    let stop_reason = loop {
+        if cfg.max_steps.is_some_and(|m| step >= m) {
+            break "max_steps";
+        }
+        if step >= data_steps {
+            break if cfg.no_early_stop { "all_data" } else { "data_exhausted" };
+        }
+        let bytes_before = wire.bytes();
+        // 1-2. Local statistics, then agreement that every rank succeeded.
+        let mine = units_of_step(step, cfg.batch_size, units, comm.rank(), comm.size());
+        let read_start = Instant::now();
+        let mut stat_time = Duration::ZERO;
+        let read = source.read(&mine, &active, &mut |g, x| {
+            let t = Instant::now();
+            let r = local[g].accumulate(x, &mut workspace);
+            stat_time += t.elapsed();
+            r
+        });
+        times.forward += (read_start.elapsed() - stat_time).as_secs_f64();
+        times.statistics += stat_time.as_secs_f64();
+        wire.agree(read)?;
+        step += 1;
+
+        // 3. One fused all-reduce of the active inputs' shared parts.
+        let mut buf = Vec::new();
+        for g in (0..dims.len()).filter(|&g| active[g]) {
+            local[g].pack_shared(&mut buf);
+        }
+        wire.all_reduce_sum(&mut buf)?;
+        let mut rest = &buf[..];
+        for g in (0..dims.len()).filter(|&g| active[g]) {
+            rest = shared[g].unpack(rest);
+        }
+
+        // 4. The leader decides; the others serve its products until the decision arrives.
+        let leader_start = Instant::now();
+        let comm_before = wire.time();
+        let (next, all_done) = if comm.is_leader() {
+            let decision = lead(
+                &wire,
+                || {
+                    for g in 0..dims.len() {
+                        // PEFT skips batches with fewer tokens than components; wait for enough data.
+                        if active[g] && shared[g].moments.n as usize > leader.kmax(g) {
+                            let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), leader.states[g].spectrum.as_ref(), Precision::Step)?;
+                            leader.observe(g, spectrum)?;
+                        }
+                    }
+                    Ok(leader.decide(step))
+                },
+                |d| Command::Decide { active: d.active.clone(), all_done: d.all_done },
+            )?;
+            (decision.active, decision.all_done)
+        } else {
+            match protocol::serve(&wire, &local)? {
+                Reply::Decide { active, all_done } => (active, all_done),
+                Reply::Finish(_) => return Err(Error::Comm("rank 0 finished the run in the middle of a step".into())),
+            }
+        };
+        times.leader += (leader_start.elapsed() - (wire.time() - comm_before)).as_secs_f64();
+        if next.len() != dims.len() {
+            return Err(Error::Comm(format!("decision names {} inputs, this rank has {}", next.len(), dims.len())));
+        }
+        active = next;
+        step_bytes.push(wire.bytes() - bytes_before);
+
+        if comm.is_leader() {
+            let converged_layers = catalog.layers.iter().filter(|l| leader.states[l.input].done).count();
+            let tokens = shared.iter().map(|s| s.moments.n).max().unwrap_or(0);
+            on_step(&StepInfo {
+                step,
+                total_steps,
+                converged_layers,
+                layers: catalog.layers.len(),
+                tokens,
+                tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            });
+        }
+        if !cfg.no_early_stop && all_done {
+            break "converged";
+        }
+    };
+
+    // Final: precise eigenpairs, allocation, adapter; broadcast to every rank.
+    if !comm.is_leader() {
+        return match protocol::serve(&wire, &local)? {
+            Reply::Finish(bytes) => decode_outcome(&bytes),
+            Reply::Decide { .. } => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
+        };
+    }
+    let leader_start = Instant::now();
+    let comm_before = wire.time();
+    let bytes_before = wire.bytes();
+    let mut outcome = lead(
+        &wire,
+        || {
+            let mut finals = Vec::with_capacity(dims.len());
+            for g in 0..dims.len() {
+                let n = shared[g].moments.n;
+                if (n as usize) <= leader.kmax(g) {
+                    return Err(Error::data(format!(
+                        "layer {}: only {n} tokens were seen, fewer than the {} the candidate components need (more data or a smaller --rank/--rho)",
+                        name_of(g),
+                        leader.kmax(g) + 1
+                    )));
+                }
+                finals.push(estimate(&wire, &local, &shared[g], g, leader.kmax(g), leader.states[g].spectrum.as_ref(), Precision::Final)?);
+            }
+            leader.finalize(finals.clone());
+            times.leader += (leader_start.elapsed() - (wire.time() - comm_before)).as_secs_f64();
+            times.communication = wire.time().as_secs_f64();
+            let final_bytes = wire.bytes() - bytes_before;
+            if let Some(last) = step_bytes.last_mut() {
+                *last += final_bytes;
+            }
+            let bytes = Bytes {
+                per_rank_total: wire.bytes(),
+                per_rank_max_step: step_bytes.iter().copied().max().unwrap_or(0),
+                per_rank_mean_step: if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 },
+                per_step: step_bytes.clone(),
+            };
+            times.total = started.elapsed().as_secs_f64();
+            let report = build_report(&catalog, &leader, &finals, &local, cfg, comm, source_desc, step, units, stop_reason, times.clone(), bytes);
+            let adapter = adapter::build(&catalog, &leader.ranks, &finals, cfg);
+            Ok(Outcome { adapter, report })
+        },
+        |o| Command::Finish(encode_outcome(o)),
+    )?;
+    // The report's byte count includes the outcome broadcast itself only on the leader's side.
+    outcome.report.time_s.communication = wire.time().as_secs_f64();
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    catalog: &Catalog,
+    leader: &Leader,
+    finals: &[Spectrum],
+    local: &[InputStats],
+    cfg: &RunConfig,
+    comm: &dyn Communicator,
+    source_desc: &str,
+    steps: usize,
+    units: usize,
+    stop_reason: &str,
+    times: Times,
+    bytes: Bytes,
+) -> Report {
+    let params = &cfg.eva;
+    let ranks = &leader.ranks;
+    let ratios: Vec<Vec<f64>> = finals.iter().map(Spectrum::ratios).collect();
+    let bounds: Vec<f64> = finals.iter().map(Spectrum::ratio_error_bound).collect();
+    let certain = allocate::certain(catalog, &ratios, &bounds, ranks, params.max_components());
+    let layers: Vec<LayerReport> = catalog
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| {
+            let g = layer.input;
+            let spectrum = &finals[g];
+            LayerReport {
+                name: layer.name.clone(),
+                input: catalog.layers[catalog.inputs[g].members[0]].name.clone(),
+                in_features: layer.in_features,
+                out_features: layer.out_features,
+                rank: ranks[l],
+                alpha: layer_alpha(params, ranks[l]),
+                explained_variance_ratio: ratios[g].clone(),
+                converged_step: leader.states[g].converged_step,
+                tokens: spectrum.tokens,
+                estimator: local[g].name().to_string(),
+                error_bound: bounds[g],
+                allocation_certain: certain[l],
+                certificate: match spectrum.certificate {
+                    Certificate::Exact { residual } => CertificateReport::Exact { residual },
+                    Certificate::Sketch { sketch_size, nuclear_error, spectral_bound } => {
+                        CertificateReport::Sketch { sketch_size, nuclear_error, spectral_bound, trace: spectrum.trace }
+                    }
+                },
+            }
+        })
+        .collect();
+    let unconverged_layers: Vec<String> = layers.iter().filter(|l| l.converged_step.is_none()).map(|l| l.name.clone()).collect();
+    Report {
+        eva_version: env!("CARGO_PKG_VERSION").to_string(),
+        backend: comm.backend().to_string(),
+        source: source_desc.to_string(),
+        world_size: comm.size(),
+        steps,
+        batch_size: cfg.batch_size,
+        units_seen: steps.saturating_mul(cfg.batch_size).min(units),
+        units_total: units,
+        stop_reason: stop_reason.to_string(),
+        converged: unconverged_layers.is_empty(),
+        unconverged_layers,
+        rank_budget: params.rank * catalog.layers.len(),
+        r: params.rank,
+        rho: params.rho,
+        tau: params.tau,
+        time_s: times,
+        bytes,
+        layers,
+    }
+}
+
+/// The outcome as bytes: the adapter's layers, its config and the report.
+fn encode_outcome(o: &Outcome) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(o.adapter.layers.len() as u64);
+    for l in &o.adapter.layers {
+        w.bytes(l.name.as_bytes()).u64(l.rank as u64).f64s(&[l.alpha]).u64(l.out_features as u64).u64(l.a.ncols() as u64);
+        w.f32s(l.a.as_standard_layout().as_slice().expect("standard layout"));
+    }
+    w.bytes(&serde_json::to_vec(&o.adapter.config).expect("JSON serializes"));
+    w.bytes(&serde_json::to_vec(&o.report).expect("report serializes"));
+    w.0
+}
+
+fn decode_outcome(buf: &[u8]) -> Result<Outcome> {
+    let bad = |e: String| Error::Comm(format!("malformed outcome from rank 0: {e}"));
+    let mut r = Reader::new(buf);
+    let n = r.u64()? as usize;
+    let mut layers = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        let name = String::from_utf8_lossy(r.bytes()?).into_owned();
+        let rank = r.u64()? as usize;
+        let alpha = r.f64s()?.first().copied().ok_or_else(|| bad("missing alpha".into()))?;
+        let out_features = r.u64()? as usize;
+        let cols = r.u64()? as usize;
+        let a = ndarray::Array2::from_shape_vec((rank, cols), r.f32s()?).map_err(|e| bad(e.to_string()))?;
+        layers.push(adapter::LayerAdapter { name, rank, alpha, a, out_features });
+    }
+    let config = serde_json::from_slice(r.bytes()?).map_err(|e| bad(e.to_string()))?;
+    let report = serde_json::from_slice(r.bytes()?).map_err(|e| bad(e.to_string()))?;
+    Ok(Outcome { adapter: Adapter { layers, config }, report })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::units_of_step;
+
+    #[test]
+    fn every_world_size_covers_each_step_exactly_once() {
+        for size in 1..=5 {
+            for step in 0..4 {
+                let mut all: Vec<usize> = (0..size).flat_map(|r| units_of_step(step, 3, 10, r, size)).collect();
+                all.sort_unstable();
+                let want: Vec<usize> = (step * 3..((step + 1) * 3).min(10)).collect();
+                assert_eq!(all, want, "size {size}, step {step}");
+            }
+        }
+        assert_eq!(units_of_step(1, 4, 10, 1, 2), vec![5, 7]);
+    }
+}
