@@ -5,7 +5,8 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`source`] | where layer inputs come from: activation shards, synthetic spectra |
+//! | [`source`] | where layer inputs come from: a model run on text, activation shards, synthetic spectra |
+//! | [`model`] | HuggingFace checkpoints, tokenizer, the forward passes that capture layer inputs |
 //! | [`stats`] | additive per-input statistics: exact Gram, Nyström sketch |
 //! | [`comm`] | the `Communicator` seam: all-reduce, broadcast, barrier |
 //! | [`leader`] | eigenpairs, convergence, global rank redistribution |
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod error;
 pub mod leader;
 pub mod linalg;
+pub mod model;
 pub mod rng;
 pub mod source;
 pub mod stats;

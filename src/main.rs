@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Init(args) => eva::cli::init::run(args),
+        Command::Inspect(args) => eva::cli::inspect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

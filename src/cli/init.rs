@@ -5,6 +5,7 @@ use super::InitArgs;
 use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
 use crate::comm::SingleProcess;
 use crate::config::{EvaParams, RunConfig};
+use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
 use crate::source::synthetic::SyntheticSource;
 use crate::source::{Source, Targeted};
@@ -65,20 +66,27 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         seed: args.seed,
         out: args.out.clone(),
         force: args.force,
-        base_model: args.base_model.clone(),
-        task_type: args.task_type.clone(),
+        base_model: args.base_model.clone().or_else(|| args.model.as_deref().map(super::inspect::model_name)),
+        task_type: match (&args.task_type, &args.model) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(dir)) => super::inspect::task_type(dir),
+            (None, None) => None,
+        },
         quiet: args.quiet,
     })
 }
 
 /// Opens the source named on the command line, restricted to `--targets`.
 fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
-    let (source, desc): (Box<dyn Source>, String) = if let Some(dir) = &args.activations {
+    let (source, desc): (Box<dyn Source>, String) = if let (Some(dir), Some(data)) = (&args.model, &args.data) {
+        let opts = ModelOptions { text_field: args.text_field.clone(), max_seq_len: args.max_seq_len, use_label_mask: !args.no_label_mask };
+        (Box::new(ModelSource::open(dir, data, &opts)?), format!("model:{} data:{}", dir.display(), data.display()))
+    } else if let Some(dir) = &args.activations {
         (Box::new(ShardSource::open(dir)?), format!("activations:{}", dir.display()))
     } else if let Some(spec) = &args.synthetic {
         (Box::new(SyntheticSource::new(spec.clone())?), format!("synthetic:{spec}"))
     } else {
-        return Err(Error::usage("one of --activations or --synthetic is required"));
+        return Err(Error::usage("one of --model with --data, --activations or --synthetic is required"));
     };
     match &args.targets {
         Some(t) => Ok((Box::new(Targeted::new(source, t)?), desc)),

@@ -2,6 +2,7 @@
 //! and a data source in [`init`], kept apart from the engine.
 
 pub mod init;
+pub mod inspect;
 pub mod progress;
 
 use crate::config::EstimatorChoice;
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Compute an EVA-initialized LoRA adapter and write it as a PEFT adapter directory.
     Init(InitArgs),
+    /// Describe a model: architecture, target modules and shapes, equal-input groups, memory.
+    Inspect(inspect::InspectArgs),
 }
 
 /// `--estimator` values.
@@ -47,8 +50,26 @@ impl From<EstimatorArg> for EstimatorChoice {
 
 /// Arguments of `eva init`.
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("source").required(true).args(["activations", "synthetic"]))]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["model", "activations", "synthetic"]))]
 pub struct InitArgs {
+    /// A HuggingFace model directory (config.json, model.safetensors or shards, tokenizer.json);
+    /// needs --data. Supported: llama, mistral, qwen2, bert, roberta (see docs/model.md).
+    #[arg(long, value_name = "DIR", requires = "data")]
+    pub model: Option<PathBuf>,
+
+    /// Training examples for --model: .txt (one per line) or .jsonl (`text`, or `prompt` +
+    /// `completion` with prompt tokens label-masked). One example is one unit.
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub data: Option<PathBuf>,
+
+    /// JSON key holding the text in .jsonl data [default: `text`, else `prompt` + `completion`].
+    #[arg(long, value_name = "KEY", requires = "data")]
+    pub text_field: Option<String>,
+
+    /// Tokens per example, special tokens included (truncated beyond; capped by the model's positions).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_seq_len: usize,
+
     /// Activation shards: every *.safetensors file in DIR (file-name order) is one unit; see docs/formats.md.
     #[arg(long, value_name = "DIR")]
     pub activations: Option<PathBuf>,

@@ -3,9 +3,11 @@
 //!
 //! | source | unit |
 //! |---|---|
+//! | [`model::ModelSource`] | one example (line) of `--data FILE`, run through `--model DIR` |
 //! | [`shards::ShardSource`] | one `*.safetensors` file of `--activations DIR` |
 //! | [`synthetic::SyntheticSource`] | one generated batch of `--synthetic SPEC` |
 
+pub mod model;
 pub mod shards;
 pub mod synthetic;
 

@@ -4,6 +4,7 @@
 mod common;
 mod errors;
 mod exact;
+mod model;
 mod output;
 mod sketch;
 mod steps;

@@ -1,0 +1,187 @@
+//! `eva inspect --model DIR`: what `eva init --model DIR` would capture, without running it:
+//! architecture, blocks, every targeted module with its shape, the equal-input groups, the
+//! statistics memory per estimator and the size of the weights.
+
+use crate::model::config::{Family, ModelConfig};
+use crate::model::{Model, Point};
+use crate::source::{matches_target, Catalog};
+use crate::stats::{default_sketch_size, memory_bytes};
+use crate::{Error, Result};
+use clap::Args;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `eva inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A HuggingFace model directory (config.json, model.safetensors or shards).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+
+    /// Target modules, comma-separated, PEFT semantics [default: every linear layer inside the blocks].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub targets: Option<Vec<String>>,
+
+    /// LoRA rank r, for the sketch size and memory estimate.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+
+    /// rho, for the sketch size and memory estimate.
+    #[arg(long, default_value_t = 2.0)]
+    pub rho: f64,
+
+    /// Sketch columns per input [default: as `eva init`].
+    #[arg(long)]
+    pub sketch_size: Option<usize>,
+
+    /// Memory for exact Grams under --estimator auto, in GiB.
+    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
+    pub stats_memory: f64,
+}
+
+/// `base_model_name_or_path` for a model directory: its absolute path.
+pub fn model_name(dir: &Path) -> String {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string()
+}
+
+/// PEFT `task_type` from the checkpoint's class (`None` if unreadable or without one).
+pub fn task_type(dir: &Path) -> Option<String> {
+    crate::model::config::load(dir).ok().and_then(|c| c.task_type().map(str::to_string))
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn describe(c: &ModelConfig) -> String {
+    match &c.family {
+        Family::Decoder(d) => {
+            let windows: Vec<usize> = d.windows.iter().flatten().copied().collect();
+            let window = match windows.first() {
+                Some(w) => format!(", sliding window {w} in {} of {} blocks", windows.len(), d.layers),
+                None => String::new(),
+            };
+            format!(
+                "hidden {}, heads {} (kv {}, head_dim {}), intermediate {}, {:?}, RMSNorm eps {:e}, RoPE {}{window}; bias q/k/v {}, o {}, mlp {}",
+                d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.act, d.eps, d.rope_desc, d.qkv_bias, d.o_bias, d.mlp_bias
+            )
+        }
+        Family::Encoder(e) => format!(
+            "hidden {}, heads {}, intermediate {}, {:?}, LayerNorm eps {:e}, {} positions{}, {} token types",
+            e.hidden,
+            e.heads,
+            e.intermediate,
+            e.act,
+            e.eps,
+            e.max_positions,
+            e.position_offset.map_or(String::new(), |p| format!(" (offset {})", p + 1)),
+            e.type_vocab
+        ),
+    }
+}
+
+/// The report `eva inspect` prints.
+pub fn report(args: &InspectArgs) -> Result<String> {
+    if args.rank == 0 {
+        return Err(Error::usage("--rank must be at least 1, found 0"));
+    }
+    if !(args.rho >= 1.0 && args.rho.is_finite()) {
+        return Err(Error::usage(format!("--rho must be >= 1, found {}", args.rho)));
+    }
+    let model = Model::open(&args.model)?;
+    let c = &model.config;
+    let modules = model.modules();
+    let all: Vec<(String, usize, usize)> = modules.iter().map(|m| (m.name.clone(), m.in_features, m.out_features)).collect();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, m) in modules.iter().enumerate() {
+        match groups.iter_mut().find(|g| modules[g[0]].layer == m.layer && modules[g[0]].point == m.point) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    let catalog = Catalog::new(all, groups);
+    let catalog = match &args.targets {
+        None => catalog,
+        Some(t) => {
+            if let Some(bad) = t.iter().find(|t| !catalog.layers.iter().any(|l| matches_target(&l.name, std::slice::from_ref(t)))) {
+                let names: Vec<&str> = catalog.layers.iter().map(|l| l.name.as_str()).collect();
+                return Err(Error::usage(format!("--targets entry `{bad}` matches no layer; available layers: {}", names.join(", "))));
+            }
+            catalog.retain(|l| matches_target(&l.name, t))
+        }
+    };
+
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "model        {}", model_name(&args.model));
+    let _ = writeln!(w, "architecture {} ({}), task_type {}", c.arch.name(), if c.class.is_empty() { "no architectures entry" } else { &c.class }, c.task_type().unwrap_or("none"));
+    let _ = writeln!(w, "blocks       {}: {}", model.layers(), describe(c));
+    let _ = writeln!(w, "key prefix   {}", if model.prefix.is_empty() { "(none)" } else { &model.prefix });
+    if let Some(m) = c.max_positions() {
+        let _ = writeln!(w, "max tokens   {m} per example (learned positions; --max-seq-len is capped to it)");
+    }
+    let by_dtype = model.checkpoint.bytes_by_dtype();
+    let total: u64 = by_dtype.values().sum();
+    let parts: Vec<String> = by_dtype.iter().map(|(d, b)| format!("{d} {}", mib(*b))).collect();
+    let decoded: u64 = by_dtype.iter().filter(|(d, _)| *d == "F16" || *d == "BF16").map(|(_, b)| 2 * b).sum();
+    let _ = writeln!(
+        w,
+        "weights      {} in {} file(s) ({}); eva decodes F16/BF16 to f32 ({} more memory, at most) and reads F32 in place",
+        mib(total),
+        model.checkpoint.files.len(),
+        parts.join(", "),
+        mib(decoded)
+    );
+    let _ = writeln!(
+        w,
+        "targets      {} modules, {} unique inputs{}",
+        catalog.layers.len(),
+        catalog.inputs.len(),
+        if args.targets.is_none() { " (default: every linear layer inside the blocks)" } else { "" }
+    );
+    let _ = writeln!(w);
+    let width = catalog.layers.iter().map(|l| l.name.len()).max().unwrap_or(6).max(6);
+    let _ = writeln!(w, "{:<width$}  {:>6}  {:>6}  input", "module", "in", "out");
+    for l in &catalog.layers {
+        let _ = writeln!(w, "{:<width$}  {:>6}  {:>6}  {}", l.name, l.in_features, l.out_features, l.input);
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(w, "equal-input groups (layers that read the same tensor share one decomposition):");
+    for (g, inp) in catalog.inputs.iter().enumerate() {
+        let names: Vec<&str> = inp.members.iter().map(|&m| catalog.layers[m].name.as_str()).collect();
+        let first = &modules.iter().find(|m| m.name == names[0]).expect("from the model").point;
+        let what = match first {
+            Point::AttnIn => "attention input",
+            Point::AttnOut => "attention output",
+            Point::MlpIn => "MLP input",
+            Point::MlpHidden => "MLP hidden",
+        };
+        let _ = writeln!(w, "  {g:>3}  d={:<6} {what:<16} {}", inp.dim, names.join(", "));
+    }
+    let kmax = (args.rank as f64 * args.rho).round() as usize;
+    let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
+    let exact: u64 = dims.iter().map(|&d| memory_bytes(true, d, 0)).sum();
+    let sketch: u64 = dims.iter().map(|&d| memory_bytes(false, d, args.sketch_size.unwrap_or_else(|| default_sketch_size(kmax, d)).min(d))).sum();
+    let budget = (args.stats_memory * (1u64 << 30) as f64) as u64;
+    let _ = writeln!(w);
+    let _ = writeln!(w, "statistics memory (rank {}, rho {}: {kmax} candidate components per input)", args.rank, args.rho);
+    let _ = writeln!(w, "  exact   {} (8·d² bytes per unique input)", mib(exact));
+    let _ = writeln!(
+        w,
+        "  sketch  {} ({} columns per input)",
+        mib(sketch),
+        args.sketch_size.map_or_else(|| "default".to_string(), |k| k.to_string())
+    );
+    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB picks {}", args.stats_memory, if exact <= budget { "exact" } else { "sketch" });
+    Ok(s)
+}
+
+/// Runs `eva inspect`.
+pub fn run(args: &InspectArgs) -> Result<()> {
+    print!("{}", report(args)?);
+    Ok(())
+}

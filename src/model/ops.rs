@@ -1,0 +1,426 @@
+//! The tensor operations the forward passes are written against, and their CPU implementation.
+//!
+//! A forward pass ([`super::decoder`], [`super::encoder`]) only calls [`Backend`] methods, so a
+//! device backend (CUDA) slots in by implementing this trait; nothing else changes.
+//!
+//! | op | meaning |
+//! |---|---|
+//! | [`Backend::weight`] | a checkpoint tensor, decoded to f32, resident where the backend computes |
+//! | [`Backend::embed`] | rows of an embedding table (`out += table[ids]`) |
+//! | [`Backend::linear`] | `x Wᵀ + b` (PyTorch's `nn.Linear`) |
+//! | [`Backend::add`] | `x += y` (residual connections) |
+//! | [`Backend::rms_norm`], [`Backend::layer_norm`] | per-token normalization |
+//! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
+//! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
+//! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
+//! | [`Backend::rows`] | selected token rows copied to host memory |
+//!
+//! Activations are 2-D: `[tokens, features]`, the tokens of all sequences of a batch packed one
+//! after another (no padding is materialized; [`Segments`] says where each sequence lies).
+
+use super::checkpoint::HostTensor;
+use crate::{Error, Result};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use std::ops::Range;
+
+/// Activation functions by their HF `hidden_act` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(x)` (`silu`, `swish`).
+    Silu,
+    /// `x · Φ(x)` with the exact error function (`gelu`).
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl Activation {
+    /// Parses an HF `hidden_act` value.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Activation::Silu),
+            "gelu" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    /// Applies the function to one value.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Activation::GeluTanh => {
+                // transformers' NewGELUActivation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³))).
+                const C: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+            }
+            Activation::Relu => x.max(0.0),
+        }
+    }
+}
+
+/// Where each sequence of a packed batch lies: sequence `i` owns tokens `ranges[i]`.
+#[derive(Clone, Debug, Default)]
+pub struct Segments {
+    /// Token ranges, contiguous and in order.
+    pub ranges: Vec<Range<usize>>,
+}
+
+impl Segments {
+    /// Segments of consecutive sequences of the given lengths.
+    pub fn from_lengths(lengths: impl IntoIterator<Item = usize>) -> Self {
+        let mut start = 0;
+        let ranges = lengths
+            .into_iter()
+            .map(|n| {
+                let r = start..start + n;
+                start += n;
+                r
+            })
+            .collect();
+        Segments { ranges }
+    }
+
+    /// Total tokens.
+    pub fn tokens(&self) -> usize {
+        self.ranges.last().map_or(0, |r| r.end)
+    }
+}
+
+/// Which keys a query may attend to, within its own sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Every token of the sequence (BERT; padding is never attended because it is not there).
+    Bidirectional,
+    /// Keys `j ≤ i`, and with `Some(w)` also `j > i - w` (Mistral's sliding window, as in
+    /// transformers' `sliding_window_overlay`: `kv_idx > q_idx - sliding_window`).
+    Causal { window: Option<usize> },
+}
+
+/// Head layout of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` must be a multiple; GQA shares each among `heads / kv_heads`).
+    pub kv_heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+}
+
+/// Precomputed rotary tables: `cos`/`sin` of `position · inv_freq[i]` for `i < head_dim / 2`.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// Inverse frequencies (`head_dim / 2`), after any scaling rule.
+    pub inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// cos and sin of every position in `positions` (`[tokens, head_dim/2]` each), computed as
+    /// transformers does: the angle `position · inv_freq` rounded to f32, then cos / sin.
+    pub fn tables(&self, positions: &[u32]) -> (Array2<f32>, Array2<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Array2::zeros((positions.len(), half));
+        let mut sin = Array2::zeros((positions.len(), half));
+        for (t, &p) in positions.iter().enumerate() {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let angle = p as f32 * f;
+                cos[(t, i)] = angle.cos();
+                sin[(t, i)] = angle.sin();
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// The operations a forward pass needs. `Tensor` is a 2-D f32 activation `[tokens, features]`;
+/// `Weight` is a checkpoint tensor (a matrix `[out, in]` or a vector) resident on the device.
+pub trait Backend {
+    /// Activations.
+    type Tensor;
+    /// Weights.
+    type Weight;
+
+    /// A short name for reports (`cpu`).
+    fn name(&self) -> &'static str;
+    /// Makes a checkpoint tensor usable (decoding F16/BF16 to f32).
+    fn weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    /// The shape of a weight (`[n]` for vectors).
+    fn weight_shape<'a>(&self, w: &'a Self::Weight) -> &'a [usize];
+    /// A zero activation of `tokens x dim`.
+    fn zeros(&self, tokens: usize, dim: usize) -> Self::Tensor;
+    /// `x[t] += table[ids[t]]`; an id outside the table is an error naming `what`.
+    fn embed(&self, x: &mut Self::Tensor, table: &Self::Weight, ids: &[u32], what: &str) -> Result<()>;
+    /// `x Wᵀ + b` for `W: [out, in]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, b: Option<&Self::Weight>) -> Self::Tensor;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// `x / sqrt(mean(x²) + eps) · w` per token (Llama's RMSNorm, computed in f32).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `(x - mean) / sqrt(var + eps) · w + b` per token (biased variance, as `nn.LayerNorm`).
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
+    /// `softmax(q kᵀ / sqrt(head_dim) + mask) v` per sequence and head; `q: [tokens, heads·hd]`,
+    /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, heads: Heads, segments: &Segments, mask: AttentionMask) -> Self::Tensor;
+    /// `x = act(x)` element-wise.
+    fn activate(&self, x: &mut Self::Tensor, act: Activation);
+    /// `act(gate) ⊙ up`.
+    fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation) -> Self::Tensor;
+    /// Copies the token rows `keep` (in order) to host memory.
+    fn rows(&self, x: &Self::Tensor, keep: &[usize]) -> Array2<f32>;
+    /// Feature dimension of an activation.
+    fn dim(&self, x: &Self::Tensor) -> usize;
+}
+
+/// The CPU backend: ndarray with OpenBLAS for products, plain loops for the rest.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// A weight on the CPU: borrowed from the memory-mapped checkpoint when it is aligned F32,
+/// decoded into an owned buffer otherwise.
+pub struct CpuWeight {
+    storage: Storage,
+    shape: Vec<usize>,
+}
+
+enum Storage {
+    Mapped { map: std::sync::Arc<memmap2::Mmap>, range: Range<usize> },
+    Owned(Vec<f32>),
+}
+
+impl CpuWeight {
+    /// The values, row-major.
+    pub fn as_slice(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Mapped { map, range } => {
+                // SAFETY: checked at construction: the range is 4-aligned, inside the map and
+                // holds little-endian f32 (every bit pattern is a valid f32).
+                let bytes = &map[range.clone()];
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) }
+            }
+            Storage::Owned(v) => v,
+        }
+    }
+
+    /// As a matrix `[rows, cols]`; a vector is one row.
+    pub fn matrix(&self) -> ArrayView2<'_, f32> {
+        let (r, c) = match self.shape[..] {
+            [r, c] => (r, c),
+            [n] => (1, n),
+            _ => unreachable!("weights are 1-D or 2-D (checked when loaded)"),
+        };
+        ArrayView2::from_shape((r, c), self.as_slice()).expect("length checked when loaded")
+    }
+
+    /// Whether the weight borrows the checkpoint's memory map (no copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+}
+
+impl Backend for Cpu {
+    type Tensor = Array2<f32>;
+    type Weight = CpuWeight;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn weight(&self, t: &HostTensor) -> Result<CpuWeight> {
+        if !(1..=2).contains(&t.shape.len()) {
+            return Err(Error::data(format!("checkpoint tensor {}: expected 1-D or 2-D, found shape {:?}", t.name, t.shape)));
+        }
+        let shape = t.shape.clone();
+        let bytes = t.bytes();
+        let aligned = (bytes.as_ptr() as usize) % 4 == 0;
+        if t.dtype == safetensors::Dtype::F32 && aligned && cfg!(target_endian = "little") {
+            return Ok(CpuWeight { storage: Storage::Mapped { map: t.map.clone(), range: t.range.clone() }, shape });
+        }
+        Ok(CpuWeight { storage: Storage::Owned(t.to_f32()?), shape })
+    }
+
+    fn weight_shape<'a>(&self, w: &'a CpuWeight) -> &'a [usize] {
+        &w.shape
+    }
+
+    fn zeros(&self, tokens: usize, dim: usize) -> Array2<f32> {
+        Array2::zeros((tokens, dim))
+    }
+
+    fn embed(&self, x: &mut Array2<f32>, table: &CpuWeight, ids: &[u32], what: &str) -> Result<()> {
+        let t = table.matrix();
+        for (mut row, &id) in x.rows_mut().into_iter().zip(ids) {
+            if id as usize >= t.nrows() {
+                return Err(Error::data(format!("{what}: index {id} is outside the table of {} rows", t.nrows())));
+            }
+            row += &t.row(id as usize);
+        }
+        Ok(())
+    }
+
+    fn linear(&self, x: &Array2<f32>, w: &CpuWeight, b: Option<&CpuWeight>) -> Array2<f32> {
+        let w = w.matrix();
+        let mut y = Array2::zeros((x.nrows(), w.nrows()));
+        ndarray::linalg::general_mat_mul(1.0, x, &w.t(), 0.0, &mut y);
+        if let Some(b) = b {
+            let b = ndarray::ArrayView1::from(b.as_slice());
+            for mut row in y.rows_mut() {
+                row += &b;
+            }
+        }
+        y
+    }
+
+    fn add(&self, x: &mut Array2<f32>, y: &Array2<f32>) {
+        *x += y;
+    }
+
+    fn rms_norm(&self, x: &Array2<f32>, w: &CpuWeight, eps: f32) -> Array2<f32> {
+        let w = w.as_slice();
+        let mut out = Array2::zeros(x.raw_dim());
+        for (row, mut o) in x.rows().into_iter().zip(out.rows_mut()) {
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+            let inv = 1.0 / ((ms as f32) + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(row.iter()).zip(w) {
+                *o = g * (v * inv);
+            }
+        }
+        out
+    }
+
+    fn layer_norm(&self, x: &Array2<f32>, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Array2<f32> {
+        let (w, b) = (w.as_slice(), b.as_slice());
+        let mut out = Array2::zeros(x.raw_dim());
+        let n = x.ncols() as f64;
+        for (row, mut o) in x.rows().into_iter().zip(out.rows_mut()) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / ((var as f32) + eps).sqrt();
+            let mean = mean as f32;
+            for (((o, &v), &g), &c) in o.iter_mut().zip(row.iter()).zip(w).zip(b) {
+                *o = (v - mean) * inv * g + c;
+            }
+        }
+        out
+    }
+
+    fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+        let half = head_dim / 2;
+        for ((mut row, c), s) in x.rows_mut().into_iter().zip(cos.rows()).zip(sin.rows()) {
+            let row = row.as_slice_mut().expect("activations are standard layout");
+            for head in row.chunks_exact_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        }
+    }
+
+    fn attention(&self, q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>, h: Heads, segments: &Segments, mask: AttentionMask) -> Array2<f32> {
+        let hd = h.head_dim;
+        let group = h.heads / h.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = Array2::zeros((q.nrows(), h.heads * hd));
+        let mut scores = Array2::<f32>::zeros((0, 0));
+        for r in &segments.ranges {
+            let n = r.len();
+            if n == 0 {
+                continue;
+            }
+            if scores.dim() != (n, n) {
+                scores = Array2::zeros((n, n));
+            }
+            for head in 0..h.heads {
+                let kv = head / group;
+                let qh = q.slice(s![r.clone(), head * hd..(head + 1) * hd]);
+                let kh = k.slice(s![r.clone(), kv * hd..(kv + 1) * hd]);
+                let vh = v.slice(s![r.clone(), kv * hd..(kv + 1) * hd]);
+                ndarray::linalg::general_mat_mul(scale, &qh, &kh.t(), 0.0, &mut scores);
+                softmax_rows(scores.view_mut(), mask);
+                let mut oh = out.slice_mut(s![r.clone(), head * hd..(head + 1) * hd]);
+                ndarray::linalg::general_mat_mul(1.0, &scores, &vh, 0.0, &mut oh);
+            }
+        }
+        out
+    }
+
+    fn activate(&self, x: &mut Array2<f32>, act: Activation) {
+        x.mapv_inplace(|v| act.apply(v));
+    }
+
+    fn gated(&self, gate: &Array2<f32>, up: &Array2<f32>, act: Activation) -> Array2<f32> {
+        let mut out = gate.clone();
+        ndarray::Zip::from(&mut out).and(up).for_each(|g, &u| *g = act.apply(*g) * u);
+        out
+    }
+
+    fn rows(&self, x: &Array2<f32>, keep: &[usize]) -> Array2<f32> {
+        if keep.len() == x.nrows() && keep.iter().enumerate().all(|(i, &k)| i == k) {
+            return x.clone();
+        }
+        x.select(Axis(0), keep)
+    }
+
+    fn dim(&self, x: &Array2<f32>) -> usize {
+        x.ncols()
+    }
+}
+
+/// Row-wise masked softmax in place (f32, max-subtracted, as PyTorch's eager attention).
+/// Masked entries become exactly 0, as adding PyTorch's `finfo.min` and exponentiating does.
+fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
+    for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
+        let row = row.as_slice_mut().expect("scores are standard layout");
+        let (lo, hi) = match mask {
+            AttentionMask::Bidirectional => (0, row.len()),
+            AttentionMask::Causal { window } => (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1),
+        };
+        let max = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0f32;
+        for v in &mut row[lo..hi] {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in &mut row[lo..hi] {
+            *v *= inv;
+        }
+        row[..lo].fill(0.0);
+        row[hi..].fill(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_window_keeps_the_last_w_keys() {
+        let mut s = Array2::<f32>::ones((5, 5));
+        softmax_rows(s.view_mut(), AttentionMask::Causal { window: Some(2) });
+        // Row 4 may see keys 3 and 4 (kv_idx > 4 - 2).
+        assert_eq!(s.row(4).to_vec(), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
+        assert_eq!(s.row(0).to_vec(), vec![1.0, 0.0, 0.0, 0.0, 0.0]);
+        let mut s = Array2::<f32>::ones((3, 3));
+        softmax_rows(s.view_mut(), AttentionMask::Bidirectional);
+        assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
+    }
+
+    #[test]
+    fn activations_match_closed_forms() {
+        assert!((Activation::Gelu.apply(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((Activation::Silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((Activation::GeluTanh.apply(1.0) - 0.841_192).abs() < 1e-5);
+        assert_eq!(Activation::Relu.apply(-2.0), 0.0);
+    }
+}

@@ -1,0 +1,188 @@
+//! Training examples from a data file and their tokenization with the model's `tokenizer.json`.
+//!
+//! - `.txt`: one example per line.
+//! - `.jsonl`: one JSON object per line, with a string field `text` (or the `--text-field` key),
+//!   or string fields `prompt` and `completion`: the model sees `prompt + completion`, and the
+//!   prompt's tokens get label -100 (left out of the statistics under `use_label_mask`), as in
+//!   completion-only supervised fine-tuning.
+//!
+//! Blank lines (and examples whose text is blank) are skipped. Special tokens are added as the
+//! tokenizer's post-processor adds them; sequences are truncated to the maximum length.
+
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// One training example.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Example {
+    /// Plain text; every token counts.
+    Text(String),
+    /// A prompt (label-masked) followed by its completion.
+    Pair { prompt: String, completion: String },
+}
+
+/// The examples of a data file, in file order, with their 1-based line numbers.
+#[derive(Clone, Debug)]
+pub struct Examples {
+    pub path: PathBuf,
+    pub items: Vec<Example>,
+    pub lines: Vec<usize>,
+}
+
+/// Reads `.txt` or `.jsonl`; `text_field` names the JSON key of plain text (`None`: `text`,
+/// falling back to `prompt` + `completion`).
+pub fn read_examples(path: &Path, text_field: Option<&str>) -> Result<Examples> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let jsonl = match ext.as_str() {
+        "txt" | "text" => false,
+        "jsonl" => true,
+        _ => {
+            return Err(Error::usage(format!(
+                "--data {}: expected a .txt file (one example per line) or a .jsonl file (one JSON object per line)",
+                path.display()
+            )))
+        }
+    };
+    if text_field.is_some() && !jsonl {
+        return Err(Error::usage(format!("--text-field applies to .jsonl data, but {} is a text file", path.display())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read data file", path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        Error::data(format!("{}:{line}: not valid UTF-8", path.display()))
+    })?;
+    let mut items = Vec::new();
+    let mut lines = Vec::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ex = if jsonl { parse_json_line(path, i + 1, line, text_field)? } else { Example::Text(line.to_string()) };
+        let blank = match &ex {
+            Example::Text(t) => t.trim().is_empty(),
+            Example::Pair { prompt, completion } => prompt.trim().is_empty() && completion.trim().is_empty(),
+        };
+        if !blank {
+            items.push(ex);
+            lines.push(i + 1);
+        }
+    }
+    if items.is_empty() {
+        return Err(Error::data(format!("data file {} holds no examples (every line is blank)", path.display())));
+    }
+    Ok(Examples { path: path.to_path_buf(), items, lines })
+}
+
+fn parse_json_line(path: &Path, line_no: usize, line: &str, text_field: Option<&str>) -> Result<Example> {
+    let at = || format!("{}:{line_no}", path.display());
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::data(format!("{}: not valid JSON: {e}", at())))?;
+    let Some(obj) = v.as_object() else {
+        return Err(Error::data(format!("{}: expected a JSON object, found {}", at(), json_kind(&v))));
+    };
+    let string = |key: &str| -> Result<Option<String>> {
+        match obj.get(key) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(Error::data(format!("{}: field `{key}` must be a string, found {}", at(), json_kind(other)))),
+        }
+    };
+    let field = text_field.unwrap_or("text");
+    if let Some(t) = string(field)? {
+        return Ok(Example::Text(t));
+    }
+    if text_field.is_none() {
+        if let (Some(prompt), Some(completion)) = (string("prompt")?, string("completion")?) {
+            return Ok(Example::Pair { prompt, completion });
+        }
+    }
+    let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    let want = if text_field.is_some() {
+        format!("a string field `{field}` (--text-field)")
+    } else {
+        "a string field `text`, or string fields `prompt` and `completion` (or name the text key with --text-field)".to_string()
+    };
+    Err(Error::data(format!("{}: expected {want}; found keys: {}", at(), if keys.is_empty() { "none".into() } else { keys.join(", ") })))
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// `false` where the token's label is -100 (prompt tokens, and special tokens before the
+    /// first completion token).
+    pub labelled: Vec<bool>,
+}
+
+/// The model's tokenizer, truncating to a maximum length and never padding.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    /// Maximum tokens per sequence, special tokens included.
+    pub max_len: usize,
+}
+
+impl TextEncoder {
+    /// Loads `dir/tokenizer.json`.
+    pub fn open(dir: &Path, max_len: usize) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::data(format!(
+                "model directory {} has no tokenizer.json (eva tokenizes with the model's fast tokenizer; write one with \
+                 transformers.AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))",
+                dir.display()
+            )));
+        }
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::data(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .map_err(|e| Error::data(format!("{}: cannot set truncation to {max_len} tokens: {e}", path.display())))?;
+        tokenizer.with_padding(None);
+        Ok(TextEncoder { tokenizer, max_len })
+    }
+
+    /// Tokenizes one example (`what` names it in errors).
+    pub fn encode(&self, ex: &Example, what: impl Fn() -> String) -> Result<Encoded> {
+        let fail = |e: tokenizers::Error| Error::data(format!("{}: tokenization failed: {e}", what()));
+        match ex {
+            Example::Text(t) => {
+                let enc = self.tokenizer.encode(t.as_str(), true).map_err(fail)?;
+                Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), labelled: vec![true; enc.get_ids().len()] })
+            }
+            Example::Pair { prompt, completion } => {
+                let text = format!("{prompt}{completion}");
+                let enc = self.tokenizer.encode(text.as_str(), true).map_err(fail)?;
+                // Byte offsets: a token belongs to the prompt when it ends inside it.
+                let mut seen_completion = false;
+                let labelled = enc
+                    .get_offsets()
+                    .iter()
+                    .zip(enc.get_special_tokens_mask())
+                    .map(|(&(_, end), &special)| {
+                        if special == 1 {
+                            seen_completion
+                        } else if end <= prompt.len() {
+                            false
+                        } else {
+                            seen_completion = true;
+                            true
+                        }
+                    })
+                    .collect();
+                Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), labelled })
+            }
+        }
+    }
+}

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Writes the tiny random checkpoints under tests/reference/<arch>/ and the layer inputs PyTorch
+computes for them, so that eva's Rust tests compare against transformers without needing PyTorch.
+
+Run it by hand (never in CI), from the repository root, in a scratch virtual environment:
+
+    python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch transformers peft safetensors tokenizers
+    /tmp/ref/bin/python tests/reference/make_fixtures.py
+
+For each architecture it writes:
+- config.json, model.safetensors (or shards + model.safetensors.index.json), tokenizer.json:
+  a 2-block model with random weights, every norm weight and bias perturbed away from 1 / 0 so
+  that a missing bias or a wrong norm shows, and a tokenizer trained on examples/data/sample.txt;
+- reference.safetensors: for every nn.Linear inside the transformer blocks, the rows of its input
+  (forward pre-hook) that eva must capture: real tokens (attention_mask = 1) whose label is not
+  -100 (prompt tokens of prompt/completion examples are labelled -100), in batch order, float32,
+  keyed by module name; plus the padded batch `input_ids`, `attention_mask` and `keep` (int64).
+  The metadata holds `max_seq_len`.
+
+It also writes examples/tiny-llama/, the checkpoint the README's main command runs on.
+
+The checkpoints cover the config variants eva must read: transformers-5 `rope_parameters` with
+llama3 scaling (llama), top-level `rope_theta` and sliding-window attention (mistral, edited into
+the old config style), `head_dim` != hidden/heads and a single KV head (mistral), GQA, tied
+embeddings, `attention_bias` and `mlp_bias` (llama), Qwen2's q/k/v bias, key prefixes `model.`,
+`bert.` and none, F32 / BF16 / F16 weights, sharded weights (llama), RoBERTa's padding-offset
+positions, BERT's token types and pooler/classifier heads (which eva must skip).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+import transformers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2Model,
+    RobertaConfig,
+    RobertaModel,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "tests" / "reference"
+SAMPLE = ROOT / "examples" / "data" / "sample.txt"
+DATA = HERE / "data.jsonl"
+MAX_SEQ_LEN = 24
+
+
+def corpus():
+    return [l.strip() for l in SAMPLE.read_text().splitlines() if l.strip()]
+
+
+def byte_level_bpe(vocab, specials, post):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = post(tok)
+    return tok
+
+
+def llama_tokenizer(vocab=400):
+    return byte_level_bpe(
+        vocab,
+        ["<s>", "</s>", "<pad>"],
+        lambda t: processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", t.token_to_id("<s>"))]),
+    )
+
+
+def qwen_tokenizer():
+    # Qwen2's tokenizer adds no special tokens: its post-processor is ByteLevel only.
+    return byte_level_bpe(400, ["<|endoftext|>"], lambda t: processors.ByteLevel(trim_offsets=False))
+
+
+def roberta_tokenizer():
+    tok = byte_level_bpe(400, ["<s>", "<pad>", "</s>", "<unk>"], lambda t: processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False))
+    assert tok.token_to_id("<pad>") == 1
+    return tok
+
+
+def sentencepiece_bpe():
+    # Mistral-like: Metaspace pre-tokenization, <s> prepended.
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def bert_tokenizer():
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def perturb(model, seed, scale):
+    """Random weights with a larger spread than HF's init, norm weights near 1, non-zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(scale * noise)
+
+
+def examples():
+    """The reference data: text lines and prompt/completion pairs, one blank line (skipped)."""
+    rows = [line for line in DATA.read_text().splitlines()]
+    out = []
+    for line in rows:
+        if not line.strip():
+            continue
+        out.append(json.loads(line))
+    return out
+
+
+def encode(tok, ex):
+    """Token ids, type ids and the label mask eva must reproduce: prompt tokens (and special
+    tokens before the first completion token) are label -100."""
+    if "text" in ex:
+        enc = tok.encode(ex["text"])
+        return enc.ids, enc.type_ids, [1] * len(enc.ids)
+    prompt, completion = ex["prompt"], ex["completion"]
+    enc = tok.encode(prompt + completion)
+    # Offsets are character offsets in Python (byte offsets in Rust): the data is ASCII.
+    labels, seen_completion = [], False
+    for (start, end), special in zip(enc.offsets, enc.special_tokens_mask):
+        if special:
+            labels.append(1 if seen_completion else 0)
+        elif end <= len(prompt):
+            labels.append(0)
+        else:
+            seen_completion = True
+            labels.append(1)
+    return enc.ids, enc.type_ids, labels
+
+
+def reference(model_dir, tok, pad_id, block_prefix):
+    model = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    exs = examples()
+    encs = [encode(tok, e) for e in exs]
+    length = max(len(e[0]) for e in encs)
+    ids = torch.full((len(encs), length), pad_id, dtype=torch.long)
+    types = torch.zeros((len(encs), length), dtype=torch.long)
+    mask = torch.zeros((len(encs), length), dtype=torch.long)
+    keep = torch.zeros((len(encs), length), dtype=torch.long)
+    for i, (a, t, l) in enumerate(encs):
+        ids[i, : len(a)] = torch.tensor(a)
+        types[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(a)] = 1
+        keep[i, : len(a)] = torch.tensor(l)
+    captured = {}
+    # AutoModel loads the bare model: its module names have no task-head prefix. The checkpoint's
+    # own key prefix (e.g. `bert.`, `model.`) is added back so that names match eva's.
+    prefix = block_prefix
+
+    def hook(name):
+        def f(_module, args):
+            x = args[0].detach()
+            captured[prefix + name] = x[keep.bool()].contiguous().float()
+
+        return f
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".layers." in "." + name or "encoder.layer." in name):
+            module.register_forward_pre_hook(hook(name))
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if "token_type_ids" in model.forward.__code__.co_varnames:
+        kwargs["token_type_ids"] = types
+    with torch.no_grad():
+        model(**kwargs)
+    tensors = dict(captured)
+    tensors["input_ids"] = ids
+    tensors["attention_mask"] = mask
+    tensors["keep"] = keep
+    save_file(tensors, str(Path(model_dir) / "reference.safetensors"), metadata={"format": "pt", "max_seq_len": str(MAX_SEQ_LEN)})
+    return {k: tuple(v.shape) for k, v in captured.items()}
+
+
+def fresh(path):
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def save(model, tok, out, dtype, **kw):
+    model.to(dtype).save_pretrained(out, **kw)
+    t = Tokenizer.from_str(tok.to_str())
+    t.no_truncation()
+    t.no_padding()
+    t.save(str(out / "tokenizer.json"))
+    tok.enable_truncation(MAX_SEQ_LEN)
+
+
+def edit_config(out, fn):
+    p = out / "config.json"
+    cfg = json.loads(p.read_text())
+    fn(cfg)
+    p.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def llama():
+    out = fresh(HERE / "llama")
+    tok = llama_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=tok.token_to_id("<pad>"),
+    )
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(cfg)
+    perturb(m, 1, 0.1)
+    save(m, tok, out, torch.float32, max_shard_size="150KB")
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
+def mistral():
+    out = fresh(HERE / "mistral")
+    tok = sentencepiece_bpe()
+    cfg = MistralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=8,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(2)
+    m = MistralForCausalLM(cfg)
+    perturb(m, 2, 0.1)
+    save(m, tok, out, torch.bfloat16)
+
+    # The pre-transformers-5 style: rope_theta at top level, no rope_parameters.
+    def old_style(c):
+        rp = c.pop("rope_parameters")
+        assert rp.get("rope_type", "default") == "default"
+        c["rope_theta"] = 50000.0
+
+    edit_config(out, old_style)
+    return reference(out, tok, 0, "model.")
+
+
+def qwen2():
+    out = fresh(HERE / "qwen2")
+    tok = qwen_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(3)
+    m = Qwen2Model(cfg)
+    perturb(m, 3, 0.1)
+    save(m, tok, out, torch.float16)
+    return reference(out, tok, tok.token_to_id("<|endoftext|>"), "")
+
+
+def bert():
+    out = fresh(HERE / "bert")
+    tok = bert_tokenizer()
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=3,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )
+    torch.manual_seed(4)
+    m = BertForSequenceClassification(cfg)
+    perturb(m, 4, 0.1)
+    save(m, tok, out, torch.float32)
+    return reference(out, tok, tok.token_to_id("[PAD]"), "bert.")
+
+
+def roberta():
+    out = fresh(HERE / "roberta")
+    tok = roberta_tokenizer()
+    cfg = RobertaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_SEQ_LEN + 2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(5)
+    m = RobertaModel(cfg)
+    perturb(m, 5, 0.1)
+    save(m, tok, out, torch.float32)
+    return reference(out, tok, 1, "")
+
+
+def tiny_llama():
+    """examples/tiny-llama: the README's checkpoint (4 blocks, random weights, BF16)."""
+    out = fresh(ROOT / "examples" / "tiny-llama")
+    tok = llama_tokenizer(vocab=1024)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=tok.token_to_id("<pad>"),
+    )
+    torch.manual_seed(6)
+    m = LlamaForCausalLM(cfg)
+    perturb(m, 6, 0.1)
+    save(m, tok, out, torch.bfloat16)
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for fn in (llama, mistral, qwen2, bert, roberta):
+        shapes = fn()
+        print(fn.__name__, len(shapes), "layers", sorted(set(shapes.values())))
+    tiny_llama()
+    for d in sorted(HERE.iterdir()):
+        if d.is_dir():
+            size = sum(f.stat().st_size for f in d.iterdir())
+            print(f"{d.name}: {size / 1024:.0f} KiB")
