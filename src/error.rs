@@ -28,6 +28,13 @@ pub enum Error {
     /// A collective operation failed or another rank reported an error (exit code 1).
     #[error("{0}")]
     Comm(String),
+    /// An error on one rank of a multi-rank world (exit code of the inner error).
+    #[error("rank {rank}: {source}")]
+    Rank {
+        rank: usize,
+        #[source]
+        source: Box<Error>,
+    },
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
     NotCompiled { backend: &'static str, hint: &'static str },
@@ -53,6 +60,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::NotCompiled { .. } => 2,
+            Error::Rank { source, .. } => source.exit_code(),
             _ => 1,
         }
     }

@@ -3,7 +3,8 @@
 use super::progress::Progress;
 use super::InitArgs;
 use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
-use crate::comm::SingleProcess;
+use crate::comm::threads::ThreadWorld;
+use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EvaParams, RunConfig};
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
@@ -94,18 +95,46 @@ fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
     }
 }
 
-/// Runs `eva init`.
+/// Runs `eva init`: in a world of one, as N thread ranks (`--local-ranks`), or as one rank of the
+/// world a launcher started.
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
-    linalg::set_threads(args.threads);
-    write::check_target(&cfg.out, cfg.force)?;
-    let (mut source, desc) = open_source(args)?;
-    let mut progress = Progress::new(cfg.quiet);
-    let comm = SingleProcess;
-    let result = engine::run(source.as_mut(), &desc, &comm, &cfg, &mut |info| progress.step(info));
-    progress.finish();
-    let mut outcome = result?;
+    let launch = launcher::detect();
+    let threads = |ranks: usize| if args.threads > 0 { args.threads } else { launcher::cores_per_rank(ranks) };
+    if args.local_ranks > 1 {
+        if launch.is_some() {
+            return Err(Error::usage("--local-ranks starts an in-process world; do not combine it with mpirun or srun"));
+        }
+        linalg::set_threads(threads(args.local_ranks));
+        let worlds = ThreadWorld::create(args.local_ranks);
+        let cfg = &cfg;
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || run_rank(&w, args, cfg))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))).collect()
+        });
+        // Ranks agree on failures: rank 0's result speaks for the job.
+        return results.into_iter().next().unwrap_or(Ok(()));
+    }
+    let comm = comm::connect(args.comm.into())?;
+    linalg::set_threads(threads(launch.map_or(1, |l| l.local_size)));
+    run_rank(comm.as_ref(), args, &cfg).map_err(|e| if comm.size() > 1 { Error::Rank { rank: comm.rank(), source: Box::new(e) } } else { e })
+}
 
+/// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.
+fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result<()> {
+    let leader = comm.is_leader();
+    agree(comm, if leader { write::check_target(&cfg.out, cfg.force) } else { Ok(()) })?;
+    let (mut source, desc) = agree(comm, open_source(args))?;
+    let mut progress = Progress::new(cfg.quiet || !leader);
+    let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
+    progress.finish();
+    let outcome = result?;
+    let written = if leader { write_outcome(cfg, outcome) } else { Ok(()) };
+    agree(comm, written)
+}
+
+/// Writes the output directory and tells the user what happened.
+fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
@@ -128,13 +157,14 @@ pub fn run(args: &InitArgs) -> Result<()> {
         let kept = outcome.adapter.layers.len();
         let ranks: Vec<usize> = outcome.adapter.layers.iter().map(|l| l.rank).collect();
         eprintln!(
-            "[eva] wrote {}: {kept} of {} layers (ranks {}..{}), {} steps, stop: {}, {:.2} s",
+            "[eva] wrote {}: {kept} of {} layers (ranks {}..{}), {} steps, stop: {}, {} rank(s), {:.2} s",
             cfg.out.display(),
             r.layers.len(),
             ranks.iter().min().unwrap_or(&0),
             ranks.iter().max().unwrap_or(&0),
             r.steps,
             r.stop_reason,
+            r.world_size,
             r.time_s.total + r.time_s.writing
         );
     }

@@ -48,6 +48,27 @@ impl From<EstimatorArg> for EstimatorChoice {
     }
 }
 
+/// `--comm` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CommArg {
+    /// MPI when a launcher (mpirun, srun) started this process; one process otherwise.
+    Auto,
+    /// MPI (needs a build with `--features mpi`).
+    Mpi,
+    /// NCCL on the GPUs for all-reduce, MPI for the rest (needs `--features cuda`).
+    Nccl,
+}
+
+impl From<CommArg> for crate::comm::Backend {
+    fn from(c: CommArg) -> Self {
+        match c {
+            CommArg::Auto => crate::comm::Backend::Auto,
+            CommArg::Mpi => crate::comm::Backend::Mpi,
+            CommArg::Nccl => crate::comm::Backend::Nccl,
+        }
+    }
+}
+
 /// Arguments of `eva init`.
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("source").required(true).args(["model", "activations", "synthetic"]))]
@@ -152,9 +173,17 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Threads for BLAS and decompositions (0 = all cores).
+    /// Threads for BLAS and decompositions per rank (0 = the node's cores divided among its ranks).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+
+    /// Collectives backend; launch with mpirun/srun and the same command line for several processes.
+    #[arg(long, value_enum, default_value_t = CommArg::Auto)]
+    pub comm: CommArg,
+
+    /// Run this many ranks as threads of one process (an in-process world, no launcher needed).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub local_ranks: usize,
 
     /// base_model_name_or_path written to adapter_config.json.
     #[arg(long, value_name = "NAME")]

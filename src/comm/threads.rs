@@ -160,3 +160,73 @@ impl Communicator for ThreadWorld {
         "threads"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_world<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
+        let worlds = ThreadWorld::create(n);
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || f(&w))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn closed_forms_hold_for_every_world_size() {
+        for n in [1, 2, 3, 4, 7] {
+            for r in run_world(n, |w| crate::comm::selftest(w)) {
+                r.unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn many_rounds_keep_their_order() {
+        let out = run_world(3, |w| {
+            let mut total = 0.0;
+            for i in 0..200 {
+                let mut v = [(w.rank() * 1000 + i) as f64];
+                w.all_reduce_sum(&mut v).unwrap();
+                total += v[0];
+            }
+            total
+        });
+        assert!(out.iter().all(|&t| t == out[0]));
+    }
+
+    #[test]
+    fn a_rank_that_leaves_early_fails_the_others_instead_of_hanging() {
+        let worlds = ThreadWorld::create(2);
+        let mut it = worlds.into_iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        drop(b);
+        let mut v = [1.0];
+        let err = a.all_reduce_sum(&mut v).unwrap_err().to_string();
+        assert!(err.contains("rank 1 left"), "{err}");
+    }
+
+    #[test]
+    fn a_panicking_rank_aborts_the_world() {
+        let worlds = ThreadWorld::create(2);
+        let results: Vec<std::thread::Result<Result<()>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| {
+                    s.spawn(move || {
+                        if w.rank() == 1 {
+                            panic!("boom");
+                        }
+                        w.barrier()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        assert!(results[1].is_err());
+        let err = results[0].as_ref().unwrap().as_ref().unwrap_err().to_string();
+        assert!(err.contains("rank 1"), "{err}");
+    }
+}

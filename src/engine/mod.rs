@@ -107,18 +107,28 @@ fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32
     Ok(dims.iter().map(|&d| it.by_ref().take(d).collect()).collect())
 }
 
-/// Eigenpairs of one input from the reduced statistics (leader only).
+/// Eigenpairs of one input from the reduced statistics (leader only): a shared Gram is used in
+/// place, an unshared one through `Σ_r G_r·Q` products with every rank.
 fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: Option<&Spectrum>, precision: Precision) -> Result<Spectrum> {
-    match &local[g] {
-        InputStats::Exact(e) => Spectrum::from_gram(
+    let warm = warm.map(|s| s.vectors.view());
+    match (&local[g], &shared.gram) {
+        (InputStats::Exact(e), Some(gram)) => Spectrum::from_gram(
+            &mut |q| crate::linalg::symm_upper(gram, e.dim(), q),
+            &mut || Ok(exact::covariance(gram, e.dim(), &shared.moments)),
+            &shared.moments,
+            kmax,
+            warm,
+            precision,
+        ),
+        (InputStats::Exact(e), None) => Spectrum::from_gram(
             &mut |q| protocol::apply(wire, local, g, q),
             &mut || Ok(exact::covariance(&protocol::gram(wire, local, g)?, e.dim(), &shared.moments)),
             &shared.moments,
             kmax,
-            warm.map(|s| s.vectors.view()),
+            warm,
             precision,
         ),
-        InputStats::Sketch(s) => {
+        (InputStats::Sketch(s), _) => {
             let y = shared.sketch.as_ref().expect("sketch inputs share their sketch");
             Spectrum::from_sketch(&s.nystrom_from(&shared.moments, y)?, s.size(), shared.moments.n, kmax)
         }
@@ -178,7 +188,8 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
             InputStats::Sketch(SketchStats::new(reference, k, cfg.seed, crate::rng::name_key(&name_of(g))))
         });
     }
-    let mut shared: Vec<Shared> = local.iter().map(InputStats::empty_shared).collect();
+    let share_gram = |g: usize| comm.size() > 1 && dims[g] < stats::SHARED_GRAM_MAX_DIM;
+    let mut shared: Vec<Shared> = local.iter().enumerate().map(|(g, s)| s.empty_shared(share_gram(g))).collect();
     let mut workspace = stats::Workspace::default();
     let data_steps = units.div_ceil(cfg.batch_size);
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
@@ -211,7 +222,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         // 3. One fused all-reduce of the active inputs' shared parts.
         let mut buf = Vec::new();
         for g in (0..dims.len()).filter(|&g| active[g]) {
-            local[g].pack_shared(&mut buf);
+            local[g].pack_shared(&shared[g], &mut buf);
         }
         wire.all_reduce_sum(&mut buf)?;
         let mut rest = &buf[..];

@@ -23,7 +23,12 @@ pub const DENSE_MAX_DIM: usize = 256;
 
 /// Relative residual below which a step's eigenpair counts as solved; a pair above it is never
 /// taken as converged (a stalled warm-started iteration would otherwise look stable).
-pub const STEP_TOLERANCE: f64 = 1e-5;
+pub const STEP_TOLERANCE: f64 = 1e-4;
+
+/// Subspace iterations per step at most: the next step continues from where this one stopped
+/// (warm start), and pairs whose residual is still above [`STEP_TOLERANCE`] do not count as
+/// converged, so a cap bounds the time and bytes of a step without faking convergence.
+pub const STEP_ITERATIONS: usize = 12;
 
 /// How accurately the eigenpairs are wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +42,7 @@ pub enum Precision {
 impl Precision {
     fn tolerance(self) -> (f64, usize) {
         match self {
-            Precision::Step => (STEP_TOLERANCE, 60),
+            Precision::Step => (STEP_TOLERANCE, STEP_ITERATIONS),
             Precision::Final => (1e-11, 400),
         }
     }

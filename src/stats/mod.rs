@@ -96,28 +96,25 @@ impl Moments {
     }
 }
 
-/// The part of an input's statistics that every step all-reduces: count and sums, and for the
-/// sketch estimator the sketch itself. (The exact Gram stays on its rank; the leader reaches it
-/// through products, see `engine::protocol`.)
+/// The part of an input's statistics that every step all-reduces: count and sums; the sketch
+/// for the sketch estimator; and, for exact inputs below [`SHARED_GRAM_MAX_DIM`] in a world of
+/// several ranks, the Gram's upper triangle. Larger exact Grams stay on their ranks and the
+/// leader reaches them through products (see `engine::protocol`).
 #[derive(Clone, Debug)]
 pub struct Shared {
     /// Summed count and sums.
     pub moments: Moments,
     /// Summed sketch (`d x (k+q)`), for the sketch estimator.
     pub sketch: Option<Array2<f64>>,
+    /// Summed Gram (row-major `d x d`, upper triangle valid), when shared.
+    pub gram: Option<Vec<f64>>,
 }
 
+/// Exact inputs smaller than this share their Gram (`d(d+1)/2` values per step), which costs
+/// less than the `≈ 2·d·m` values of each distributed product; larger ones never move `d²`.
+pub const SHARED_GRAM_MAX_DIM: usize = 2048;
+
 impl Shared {
-    /// Number of f64 values [`InputStats::pack_shared`] appends.
-    pub fn len(&self) -> usize {
-        1 + 2 * self.moments.sum.len() + self.sketch.as_ref().map_or(0, |y| y.len())
-    }
-
-    /// Whether there is nothing to reduce.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Reads back what [`InputStats::pack_shared`] wrote (after the sum), returning the rest.
     pub fn unpack<'a>(&mut self, data: &'a [f64]) -> &'a [f64] {
         let d = self.moments.sum.len();
@@ -129,6 +126,13 @@ impl Shared {
             let n = y.len();
             y.as_slice_mut().expect("owned standard layout").copy_from_slice(&rest[..n]);
             rest = &rest[n..];
+        }
+        if let Some(g) = &mut self.gram {
+            for i in 0..d {
+                let len = d - i;
+                g[i * d + i..(i + 1) * d].copy_from_slice(&rest[..len]);
+                rest = &rest[len..];
+            }
         }
         rest
     }
@@ -165,8 +169,9 @@ impl InputStats {
         }
     }
 
-    /// An empty [`Shared`] of the right shape for this input.
-    pub fn empty_shared(&self) -> Shared {
+    /// An empty [`Shared`] of the right shape for this input; `share_gram` asks exact inputs to
+    /// share their Gram.
+    pub fn empty_shared(&self, share_gram: bool) -> Shared {
         let d = self.moments().sum.len();
         Shared {
             moments: Moments::new(d),
@@ -174,17 +179,29 @@ impl InputStats {
                 InputStats::Exact(_) => None,
                 InputStats::Sketch(s) => Some(Array2::zeros(s.sketch().dim())),
             },
+            gram: match self {
+                InputStats::Exact(_) if share_gram => Some(vec![0.0; d * d]),
+                _ => None,
+            },
         }
     }
 
-    /// Appends the local part to be all-reduced: `[n, Σx, Σx², sketch]`.
-    pub fn pack_shared(&self, out: &mut Vec<f64>) {
+    /// Appends the local part to be all-reduced: `[n, Σx, Σx², sketch | Gram upper triangle]`
+    /// (the Gram only when `shared` holds one).
+    pub fn pack_shared(&self, shared: &Shared, out: &mut Vec<f64>) {
         let m = self.moments();
         out.push(m.n as f64);
         out.extend_from_slice(&m.sum);
         out.extend_from_slice(&m.sum_sq);
-        if let InputStats::Sketch(s) = self {
-            out.extend(s.sketch().iter());
+        match self {
+            InputStats::Sketch(s) => out.extend(s.sketch().iter()),
+            InputStats::Exact(e) if shared.gram.is_some() => {
+                let d = e.dim();
+                for i in 0..d {
+                    out.extend_from_slice(&e.gram()[i * d + i..(i + 1) * d]);
+                }
+            }
+            InputStats::Exact(_) => {}
         }
     }
 

@@ -2,6 +2,7 @@
 //! the output format PEFT reads, steps and stopping, and one test per bad input.
 
 mod common;
+mod distributed;
 mod errors;
 mod exact;
 mod model;
