@@ -22,6 +22,7 @@ use crate::source::{Catalog, Source};
 use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
 use crate::{Error, Result};
 use protocol::{Command, Reply, Wire};
+use ndarray::Array2;
 use std::time::{Duration, Instant};
 
 /// Progress after one global step (shown by the leader).
@@ -109,8 +110,8 @@ fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32
 
 /// Eigenpairs of one input from the reduced statistics (leader only): a shared Gram is used in
 /// place, an unshared one through `Σ_r G_r·Q` products with every rank.
-fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: Option<&Spectrum>, precision: Precision) -> Result<Spectrum> {
-    let warm = warm.map(|s| s.vectors.view());
+fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: Option<&Array2<f64>>, precision: Precision) -> Result<Spectrum> {
+    let warm = warm.map(|v| v.view());
     match (&local[g], &shared.gram) {
         (InputStats::Exact(e), Some(gram)) => Spectrum::from_gram(
             &mut |q| crate::linalg::symm_upper(gram, e.dim(), q),
@@ -133,6 +134,48 @@ fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: 
             Spectrum::from_sketch(&s.nystrom_from(&shared.moments, y)?, s.size(), shared.moments.n, kmax)
         }
     }
+}
+
+/// Whether every rank holds all of an input's statistics after the fused all-reduce (a shared
+/// Gram, or a sketch), so that any rank can solve it.
+fn solvable_anywhere(local: &InputStats, shared: &Shared) -> bool {
+    shared.gram.is_some() || matches!(local, InputStats::Sketch(_))
+}
+
+/// Solves `inputs` round-robin over the ranks (input `g` on rank `g mod P`, warm-started from
+/// that rank's previous solve) and gathers the spectra on the leader (the others get none).
+#[allow(clippy::too_many_arguments)]
+fn solve_spread(
+    wire: &Wire,
+    local: &[InputStats],
+    shared: &[Shared],
+    inputs: &[usize],
+    kmax: &dyn Fn(usize) -> usize,
+    warm: &mut [Option<Array2<f64>>],
+    precision: Precision,
+) -> Result<Vec<(usize, Spectrum)>> {
+    let (rank, size) = (wire.comm.rank(), wire.comm.size());
+    let mut mine = Vec::new();
+    let solved = inputs.iter().filter(|&&g| g % size == rank).try_for_each(|&g| {
+        let s = estimate(wire, local, &shared[g], g, kmax(g), warm[g].as_ref(), precision)?;
+        warm[g] = Some(s.vectors.clone());
+        mine.push((g, s));
+        Ok(())
+    });
+    wire.agree(solved)?;
+    if size == 1 {
+        return Ok(mine);
+    }
+    Ok(match wire.gather(&protocol::encode_spectra(&mine), 0)? {
+        Some(parts) => {
+            let mut all = Vec::with_capacity(inputs.len());
+            for part in parts {
+                all.extend(protocol::decode_spectra(&part)?);
+            }
+            all
+        }
+        None => Vec::new(),
+    })
 }
 
 /// Leader: runs `work`; on success broadcasts what `announce` makes of its result, on failure
@@ -194,6 +237,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let data_steps = units.div_ceil(cfg.batch_size);
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
     let mut active = vec![true; dims.len()];
+    let mut warm: Vec<Option<Array2<f64>>> = vec![None; dims.len()];
     let mut step = 0;
     let mut step_bytes = Vec::new();
     let stop_reason = loop {
@@ -230,19 +274,26 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
             rest = shared[g].unpack(rest);
         }
 
-        // 4. The leader decides; the others serve its products until the decision arrives.
+        // 4. Inputs every rank holds in full are solved round-robin; the leader solves the
+        // others through products, decides and broadcasts; the others serve until it arrives.
         let leader_start = Instant::now();
         let comm_before = wire.time();
+        let kmax = |g: usize| leader.kmax(g);
+        // PEFT skips batches with fewer tokens than components; wait for enough data.
+        let ready: Vec<usize> = (0..dims.len()).filter(|&g| active[g] && shared[g].moments.n as usize > kmax(g)).collect();
+        let spread: Vec<usize> = ready.iter().copied().filter(|&g| solvable_anywhere(&local[g], &shared[g])).collect();
+        let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Step)?;
         let (next, all_done) = if comm.is_leader() {
             let decision = lead(
                 &wire,
                 || {
-                    for g in 0..dims.len() {
-                        // PEFT skips batches with fewer tokens than components; wait for enough data.
-                        if active[g] && shared[g].moments.n as usize > leader.kmax(g) {
-                            let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), leader.states[g].spectrum.as_ref(), Precision::Step)?;
-                            leader.observe(g, spectrum)?;
-                        }
+                    for (g, spectrum) in solved {
+                        leader.observe(g, spectrum)?;
+                    }
+                    for &g in ready.iter().filter(|g| !spread.contains(g)) {
+                        let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), warm[g].as_ref(), Precision::Step)?;
+                        warm[g] = Some(spectrum.vectors.clone());
+                        leader.observe(g, spectrum)?;
                     }
                     Ok(leader.decide(step))
                 },
@@ -279,19 +330,29 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         }
     };
 
-    // Final: precise eigenpairs, allocation, adapter; broadcast to every rank.
+    // Final: precise eigenpairs (round-robin where possible), allocation, adapter; broadcast.
+    let leader_start = Instant::now();
+    let comm_before = wire.time();
+    let bytes_before = wire.bytes();
+    let kmax = |g: usize| leader.kmax(g);
+    let spread: Vec<usize> = (0..dims.len()).filter(|&g| shared[g].moments.n as usize > kmax(g) && solvable_anywhere(&local[g], &shared[g])).collect();
+    let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Final)?;
     if !comm.is_leader() {
         return match protocol::serve(&wire, &local)? {
             Reply::Finish(bytes) => decode_outcome(&bytes),
             Reply::Decide { .. } => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
         };
     }
-    let leader_start = Instant::now();
-    let comm_before = wire.time();
-    let bytes_before = wire.bytes();
     let mut outcome = lead(
         &wire,
         || {
+            let mut solved: Vec<Option<Spectrum>> = {
+                let mut v = vec![None; dims.len()];
+                for (g, s) in solved {
+                    v[g] = Some(s);
+                }
+                v
+            };
             let mut finals = Vec::with_capacity(dims.len());
             for g in 0..dims.len() {
                 let n = shared[g].moments.n;
@@ -302,7 +363,10 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                         leader.kmax(g) + 1
                     )));
                 }
-                finals.push(estimate(&wire, &local, &shared[g], g, leader.kmax(g), leader.states[g].spectrum.as_ref(), Precision::Final)?);
+                finals.push(match solved[g].take() {
+                    Some(s) => s,
+                    None => estimate(&wire, &local, &shared[g], g, leader.kmax(g), warm[g].as_ref(), Precision::Final)?,
+                });
             }
             leader.finalize(finals.clone());
             times.leader += (leader_start.elapsed() - (wire.time() - comm_before)).as_secs_f64();

@@ -13,6 +13,7 @@
 
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
+use crate::leader::{Certificate, Spectrum};
 use crate::stats::exact::ExactStats;
 use crate::stats::InputStats;
 use crate::{Error, Result};
@@ -53,6 +54,12 @@ impl<'a> Wire<'a> {
         self.count(n, || self.comm.broadcast(buf, root))
     }
 
+    /// Gather to `root` (counted at the senders).
+    pub fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        let n = if self.comm.rank() == root { 0 } else { send.len() };
+        self.count(n, || self.comm.gather(send, root))
+    }
+
     /// [`crate::comm::agree`], timed.
     pub fn agree<T>(&self, local: Result<T>) -> Result<T> {
         self.count(8 * self.comm.size(), || crate::comm::agree(self.comm, local))
@@ -67,6 +74,53 @@ impl<'a> Wire<'a> {
     pub fn time(&self) -> Duration {
         self.time.get()
     }
+}
+
+/// Spectra as bytes, for gathering the round-robin solves on the leader.
+pub fn encode_spectra(spectra: &[(usize, Spectrum)]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(spectra.len() as u64);
+    for (g, s) in spectra {
+        w.u64(*g as u64).f64s(&s.values).u64(s.vectors.nrows() as u64);
+        w.f64s(s.vectors.as_standard_layout().as_slice().expect("standard layout"));
+        w.f64s(&s.residuals).f64s(&[s.trace]).u64(s.tokens);
+        match s.certificate {
+            Certificate::Exact { residual } => w.u8(0).f64s(&[residual]),
+            Certificate::Sketch { sketch_size, nuclear_error, spectral_bound } => w.u8(1).u64(sketch_size as u64).f64s(&[nuclear_error, spectral_bound]),
+        };
+    }
+    w.0
+}
+
+/// Reads back [`encode_spectra`].
+pub fn decode_spectra(buf: &[u8]) -> Result<Vec<(usize, Spectrum)>> {
+    let bad = |what: &str| Error::Comm(format!("malformed spectrum message: {what}"));
+    let mut r = Reader::new(buf);
+    let n = r.u64()? as usize;
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let g = r.u64()? as usize;
+        let values = r.f64s()?;
+        let rows = r.u64()? as usize;
+        let data = r.f64s()?;
+        let vectors = Array2::from_shape_vec((rows, values.len()), data).map_err(|e| bad(&e.to_string()))?;
+        let residuals = r.f64s()?;
+        let trace = *r.f64s()?.first().ok_or_else(|| bad("trace"))?;
+        let tokens = r.u64()?;
+        let certificate = match r.u8()? {
+            0 => Certificate::Exact { residual: *r.f64s()?.first().ok_or_else(|| bad("residual"))? },
+            _ => {
+                let sketch_size = r.u64()? as usize;
+                let e = r.f64s()?;
+                if e.len() != 2 {
+                    return Err(bad("sketch certificate"));
+                }
+                Certificate::Sketch { sketch_size, nuclear_error: e[0], spectral_bound: e[1] }
+            }
+        };
+        out.push((g, Spectrum { values, vectors, residuals, trace, tokens, certificate }));
+    }
+    Ok(out)
 }
 
 /// What the leader tells the others to do.
@@ -189,7 +243,7 @@ mod tests {
     fn commands_round_trip() {
         let q = Array2::from_shape_fn((3, 2), |(i, j)| (i * 2 + j) as f64);
         match Command::decode(&Command::Apply { input: 4, q: q.clone() }.encode()).unwrap() {
-            Command::Apply { input, q: back } => assert_eq!((input, back), (4, q)),
+            Command::Apply { input, q: back } => assert_eq!((input, &back), (4, &q)),
             _ => panic!("wrong command"),
         }
         match Command::decode(&Command::Decide { active: vec![true, false], all_done: true }.encode()).unwrap() {
@@ -197,6 +251,19 @@ mod tests {
             _ => panic!("wrong command"),
         }
         assert!(Command::decode(&[9]).is_err());
+        let spectrum = Spectrum {
+            values: vec![2.0, 1.0],
+            vectors: q.slice(ndarray::s![.., ..2]).to_owned(),
+            residuals: vec![1e-9, 2e-9],
+            trace: 4.0,
+            tokens: 77,
+            certificate: Certificate::Sketch { sketch_size: 9, nuclear_error: 0.5, spectral_bound: 0.25 },
+        };
+        let back = decode_spectra(&encode_spectra(&[(3, spectrum.clone())])).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0, 3);
+        assert_eq!((back[0].1.values.clone(), back[0].1.vectors.clone(), back[0].1.tokens), (spectrum.values, spectrum.vectors, 77));
+        assert_eq!(back[0].1.certificate, spectrum.certificate);
         assert!(Command::decode(&[]).is_err());
     }
 }
