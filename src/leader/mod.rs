@@ -35,7 +35,8 @@ pub const STEP_ITERATIONS: usize = 12;
 pub enum Precision {
     /// During the steps: enough for the convergence test (residual ≤ [`STEP_TOLERANCE`]`·λ₁`).
     Step,
-    /// For the adapter: residual ≤ 1e-11·λ₁, dense fallback if the iteration stalls.
+    /// For the adapter: residual ≤ 1e-9·λ₁ (angle error ≤ 1e-5 for a relative gap of 1e-4),
+    /// dense fallback if the iteration stalls.
     Final,
 }
 
@@ -43,7 +44,7 @@ impl Precision {
     fn tolerance(self) -> (f64, usize) {
         match self {
             Precision::Step => (STEP_TOLERANCE, STEP_ITERATIONS),
-            Precision::Final => (1e-11, 400),
+            Precision::Final => (1e-9, 400),
         }
     }
 }
