@@ -203,11 +203,12 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let wire = Wire::new(comm);
     let catalog = source.catalog().clone();
     let params = &cfg.eva;
+    let units = source.units();
+    // First collective: from here on every rank takes the same decisions on the same catalog.
+    check_same_source(&wire, &catalog, units)?;
     if let Some(l) = catalog.layers.iter().find(|l| l.in_features < params.rank) {
         return Err(Error::usage(format!("--rank {} is larger than in_features = {} of layer {}", params.rank, l.in_features, l.name)));
     }
-    let units = source.units();
-    check_same_source(&wire, &catalog, units)?;
     let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let name_of = |g: usize| catalog.layers[catalog.inputs[g].members[0]].name.clone();
