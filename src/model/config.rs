@@ -95,17 +95,17 @@ pub enum Family {
 }
 
 impl ModelConfig {
-    /// The PEFT `task_type` that matches the checkpoint's class (`None` when PEFT has none).
+    /// The PEFT `task_type` written for the checkpoint's class: `CAUSAL_LM` for `*ForCausalLM`,
+    /// `FEATURE_EXTRACTION` for bare `*Model`s, and none otherwise. PEFT's `SEQ_CLS`,
+    /// `TOKEN_CLS` and `QUESTION_ANS` models add the task head to `modules_to_save` and then
+    /// refuse to load an adapter file without the head's weights (peft 0.21,
+    /// `set_peft_model_state_dict`: KeyError `base_model.model.classifier.weight`); eva writes
+    /// LoRA tensors only, so for those classes it leaves `task_type` null, which loads
+    /// (`--task-type` overrides).
     pub fn task_type(&self) -> Option<&'static str> {
         let c = self.class.as_str();
         if c.ends_with("ForCausalLM") {
             Some("CAUSAL_LM")
-        } else if c.ends_with("ForSequenceClassification") {
-            Some("SEQ_CLS")
-        } else if c.ends_with("ForTokenClassification") {
-            Some("TOKEN_CLS")
-        } else if c.ends_with("ForQuestionAnswering") {
-            Some("QUESTION_ANS")
         } else if c.ends_with("Model") {
             Some("FEATURE_EXTRACTION")
         } else {
@@ -460,7 +460,7 @@ mod tests {
     fn task_type_follows_the_class() {
         let mut v = json!({"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16});
-        for (class, task) in [("BertModel", Some("FEATURE_EXTRACTION")), ("BertForSequenceClassification", Some("SEQ_CLS")), ("BertForMaskedLM", None)] {
+        for (class, task) in [("BertModel", Some("FEATURE_EXTRACTION")), ("BertForSequenceClassification", None), ("BertForMaskedLM", None)] {
             v["architectures"] = json!([class]);
             assert_eq!(cfg(v.clone()).unwrap().task_type(), task);
         }

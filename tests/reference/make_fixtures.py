@@ -19,6 +19,9 @@ For each architecture it writes:
 
 It also writes examples/tiny-llama/, the checkpoint the README's main command runs on.
 
+With EVA_MINILM_DIR pointing at the real all-MiniLM-L6-v2 (see .ci/run), it writes only
+tests/reference/minilm/pca.safetensors (see `minilm` below).
+
 The checkpoints cover the config variants eva must read: transformers-5 `rope_parameters` with
 llama3 scaling (llama), top-level `rope_theta` and sliding-window attention (mistral, edited into
 the old config style), `head_dim` != hidden/heads and a single KV head (mistral), GQA, tied
@@ -373,7 +376,63 @@ def tiny_llama():
     save(m, tok, out, torch.bfloat16)
 
 
+def minilm(model_dir):
+    """tests/reference/minilm/pca.safetensors: for the real all-MiniLM-L6-v2 (not committed; see
+    .ci/run), the float64 PCA of PyTorch's own layer inputs over examples/data/sample.txt
+    (max_seq_len 128): per unique input (keyed by its first module), the top-4 components
+    `<name>.components` [4, d] and `<name>.eigenvalues` [4] of the covariance, and its trace
+    `<name>.trace` [1]; metadata `tokens`."""
+    out = HERE / "minilm"
+    out.mkdir(exist_ok=True)
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(128)
+    model = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    encs = [tok.encode(t) for t in corpus()]
+    captured = {}
+
+    def hook(name):
+        def f(_m, args):
+            x = args[0].detach()[mask.bool()].double()
+            captured.setdefault(name, []).append(x)
+
+        return f
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "encoder.layer." in name:
+            module.register_forward_pre_hook(hook(name))
+            names.append(name)
+    for start in range(0, len(encs), 16):
+        chunk = encs[start : start + 16]
+        n = max(len(e.ids) for e in chunk)
+        ids = torch.zeros((len(chunk), n), dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for i, e in enumerate(chunk):
+            ids[i, : len(e.ids)] = torch.tensor(e.ids)
+            mask[i, : len(e.ids)] = 1
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    tensors, seen = {}, []
+    for name in names:
+        x = torch.cat(captured[name])
+        if any(torch.equal(x, y) for y in seen):
+            continue
+        seen.append(x)
+        c = torch.cov(x.T)
+        vals, vecs = torch.linalg.eigh(c)
+        tensors[f"{name}.components"] = vecs[:, -4:].flip(1).T.float().contiguous()
+        tensors[f"{name}.eigenvalues"] = vals[-4:].flip(0).contiguous()
+        tensors[f"{name}.trace"] = c.trace().reshape(1)
+        tokens = x.shape[0]
+    save_file(tensors, str(out / "pca.safetensors"), metadata={"format": "pt", "tokens": str(tokens), "max_seq_len": "128"})
+    print(f"minilm: {len(seen)} unique inputs, {tokens} tokens")
+
+
 if __name__ == "__main__":
+    if os.environ.get("EVA_MINILM_DIR"):
+        minilm(os.environ["EVA_MINILM_DIR"])
+        raise SystemExit(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for fn in (llama, mistral, qwen2, bert, roberta):
         shapes = fn()
