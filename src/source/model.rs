@@ -14,10 +14,6 @@ use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Tokens per forward call: a step's examples run in packed micro-batches of about this many
-/// tokens (bounds activation memory; results do not depend on it).
-pub const TOKEN_BUDGET: usize = 8192;
-
 /// Settings of the model source.
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
@@ -146,30 +142,13 @@ impl Source for ModelSource {
         if need.last().is_none() || units.is_empty() {
             return Ok(());
         }
-        // Micro-batches of consecutive units, about TOKEN_BUDGET tokens each (an estimate from
-        // the byte length keeps this from tokenizing twice; results do not depend on the cut).
-        let mut start = 0;
-        while start < units.len() {
-            let mut end = start;
-            let mut tokens = 0;
-            while end < units.len() && (end == start || tokens < TOKEN_BUDGET) {
-                tokens += self.estimate_tokens(units[end]);
-                end += 1;
-            }
-            self.run(&units[start..end], &need, wanted, sink)?;
-            start = end;
+        // One forward pass per example: its activations, their f32 Gram products and so the
+        // adapter are then bitwise the same whichever rank reads it and whatever else is in the
+        // step (grouping examples would change BLAS shapes and f32 rounding with the world size).
+        for &u in units {
+            self.run(&[u], &need, wanted, sink)?;
         }
         Ok(())
     }
 }
 
-impl ModelSource {
-    /// An upper estimate of an example's tokens (bytes / 2, at most the maximum length).
-    fn estimate_tokens(&self, unit: usize) -> usize {
-        let bytes = match &self.examples.items[unit] {
-            crate::model::text::Example::Text(t) => t.len(),
-            crate::model::text::Example::Pair { prompt, completion } => prompt.len() + completion.len(),
-        };
-        (bytes / 2 + 2).min(self.encoder.max_len)
-    }
-}

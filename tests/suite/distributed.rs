@@ -85,6 +85,28 @@ fn thread_worlds_match_a_single_process_on_synthetic_data() {
     assert_same_adapter(&sketch1, &sketch3);
 }
 
+/// The tiny Llama checkpoint and text that ship with the repository.
+pub fn shipped_model() -> [&'static str; 4] {
+    [
+        "--model",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama"),
+        "--data",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/sample.txt"),
+    ]
+}
+
+#[test]
+fn thread_worlds_match_a_single_process_on_the_shipped_model() {
+    let tmp = tempdir();
+    let single = tmp.path().join("p1");
+    init(&single, &shipped_model(), &[]);
+    for p in ["2", "4"] {
+        let out = tmp.path().join(format!("t{p}"));
+        init(&out, &shipped_model(), &["--local-ranks", p]);
+        assert_same_adapter(&single, &out);
+    }
+}
+
 #[test]
 fn bytes_per_step_do_not_grow_with_tokens() {
     let tmp = tempdir();
@@ -175,7 +197,7 @@ mod mpi {
         let data = tmp.path().join("acts");
         shards(&data);
         let spec = "layers=3,group=2,dim=64,tokens=128,units=30,mean=4";
-        for source in [vec!["--activations", data.to_str().unwrap()], vec!["--synthetic", spec]] {
+        for source in [vec!["--activations", data.to_str().unwrap()], vec!["--synthetic", spec], shipped_model().to_vec()] {
             let single = tmp.path().join("single");
             init(&single, &source, &[]);
             for np in [1, 2, 4] {
