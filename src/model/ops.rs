@@ -13,7 +13,7 @@
 //! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
 //! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
 //! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
-//! | [`Backend::rows`] | selected token rows copied to host memory |
+//! | [`Backend::rows`], [`Backend::host_view`] | selected token rows copied to host memory; all rows without a copy where possible |
 //!
 //! Activations are 2-D: `[tokens, features]`, the tokens of all sequences of a batch packed one
 //! after another (no padding is materialized; [`Segments`] says where each sequence lies).
@@ -52,7 +52,7 @@ impl Activation {
     #[inline]
     pub fn apply(self, x: f32) -> f32 {
         match self {
-            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Silu => x / (1.0 + exp(-x)),
             Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
             Activation::GeluTanh => {
                 // transformers' NewGELUActivation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³))).
@@ -61,6 +61,33 @@ impl Activation {
             }
             Activation::Relu => x.max(0.0),
         }
+    }
+}
+
+/// `e^x` in f32 without a libm call, so that loops over slices vectorize: Cephes' `expf`
+/// (range reduction `x = n·ln2 + r` with a two-part ln2, a degree-5 polynomial for `e^r`,
+/// `2^n` built in the exponent bits, no float-to-int conversion); relative error below 3e-7.
+/// Inputs below -87.33 give 0 (where PyTorch's masked scores and GELU tails land); inputs above
+/// 88.37 saturate at 2.5e38.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: m = x·log2(e) + ROUND holds round(x·log2 e) in its low bits.
+    let under = x < -87.336_55;
+    let x = x.clamp(-87.336_55, 88.37);
+    let m = x * LOG2E + ROUND;
+    let n = m - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n ∈ [-126, 127]: 2^n = bits (n + 127) << 23, with n = bits(m) - bits(ROUND).
+    let scale = f32::from_bits((m.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
+    if under {
+        0.0
+    } else {
+        e * scale
     }
 }
 
@@ -74,7 +101,7 @@ pub fn erf(x: f32) -> f32 {
     let ax = x.abs();
     let t = 1.0 / (P * ax + 1.0);
     let r = (((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0];
-    let y = 1.0 - r * t * (-ax * ax).exp();
+    let y = 1.0 - r * t * exp(-ax * ax);
     y.copysign(x)
 }
 
@@ -189,6 +216,8 @@ pub trait Backend {
     fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation) -> Self::Tensor;
     /// Copies the token rows `keep` (in order) to host memory.
     fn rows(&self, x: &Self::Tensor, keep: &[usize]) -> Array2<f32>;
+    /// The activation as a host matrix without copying, where it already is one (the CPU).
+    fn host_view<'a>(&self, x: &'a Self::Tensor) -> Option<ArrayView2<'a, f32>>;
     /// Feature dimension of an activation.
     fn dim(&self, x: &Self::Tensor) -> usize;
 }
@@ -369,12 +398,20 @@ impl Backend for Cpu {
     }
 
     fn activate(&self, x: &mut Array2<f32>, act: Activation) {
-        x.mapv_inplace(|v| act.apply(v));
+        let v = x.as_slice_mut().expect("activations are standard layout");
+        // One loop per function, so that each vectorizes.
+        match act {
+            Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
+            Activation::Gelu => v.iter_mut().for_each(|x| *x = Activation::Gelu.apply(*x)),
+            Activation::GeluTanh => v.iter_mut().for_each(|x| *x = Activation::GeluTanh.apply(*x)),
+            Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
+        }
     }
 
     fn gated(&self, gate: &Array2<f32>, up: &Array2<f32>, act: Activation) -> Array2<f32> {
         let mut out = gate.clone();
-        ndarray::Zip::from(&mut out).and(up).for_each(|g, &u| *g = act.apply(*g) * u);
+        self.activate(&mut out, act);
+        out *= up;
         out
     }
 
@@ -383,6 +420,10 @@ impl Backend for Cpu {
             return x.clone();
         }
         x.select(Axis(0), keep)
+    }
+
+    fn host_view<'a>(&self, x: &'a Array2<f32>) -> Option<ArrayView2<'a, f32>> {
+        Some(x.view())
     }
 
     fn dim(&self, x: &Array2<f32>) -> usize {
@@ -402,7 +443,7 @@ fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
         let max = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut sum = 0.0f32;
         for v in &mut row[lo..hi] {
-            *v = (*v - max).exp();
+            *v = exp(*v - max);
             sum += *v;
         }
         let inv = 1.0 / sum;
@@ -428,6 +469,21 @@ mod tests {
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
+    }
+
+    #[test]
+    fn exp_is_accurate_to_f32() {
+        let mut worst = 0.0f64;
+        for i in -8730..=8800 {
+            let x = i as f32 / 100.0 + 0.003;
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(88.7).is_finite());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! the same block ([`crate::model::Point`]: q/k/v, gate/up, BERT's query/key/value).
 
 use super::{check_finite, Catalog, Sink, Source};
-use crate::model::ops::Cpu;
+use crate::model::ops::{Backend, Cpu};
 use crate::model::text::{read_examples, Examples, TextEncoder};
 use crate::model::{Loaded, Model, Need, Point};
 use crate::{Error, Result};
@@ -114,11 +114,19 @@ impl ModelSource {
             if !wanted[g] {
                 return Ok(());
             }
-            let rows = crate::model::ops::Backend::rows(be, x, &keep);
+            // Every token kept (no label mask hit): hand over the activation itself.
+            let copied;
+            let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
+                Some(v) => v,
+                None => {
+                    copied = be.rows(x, &keep);
+                    copied.view()
+                }
+            };
             let name = || modules.iter().find(|m| m.layer == layer && m.point == point).map_or("?", |m| m.name.as_str()).to_string();
-            check_finite(rows.view(), || format!("model forward, input of {} (examples on lines {first}..={last} of {})", name(), ex.path.display()))?;
+            check_finite(rows, || format!("model forward, input of {} (examples on lines {first}..={last} of {})", name(), ex.path.display()))?;
             debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
-            sink(g, rows.view())
+            sink(g, rows)
         })
     }
 }
