@@ -353,6 +353,17 @@ def roberta():
     return reference(out, tok, 1, "")
 
 
+def train_text():
+    """examples/data/train.txt: 400 examples of 3-8 sentences of sample.txt each (fixed seed), enough
+    for the README's run on examples/tiny-llama to converge."""
+    import random
+
+    rng = random.Random(0)
+    lines = corpus()
+    out = [" ".join(rng.choice(lines) for _ in range(rng.randint(3, 8))) for _ in range(400)]
+    (ROOT / "examples" / "data" / "train.txt").write_text("\n".join(out) + "\n")
+
+
 def tiny_llama():
     """examples/tiny-llama: the README's checkpoint (4 blocks, random weights, BF16)."""
     out = fresh(ROOT / "examples" / "tiny-llama")
@@ -438,6 +449,7 @@ if __name__ == "__main__":
         shapes = fn()
         print(fn.__name__, len(shapes), "layers", sorted(set(shapes.values())))
     tiny_llama()
+    train_text()
     for d in sorted(HERE.iterdir()):
         if d.is_dir():
             size = sum(f.stat().st_size for f in d.iterdir())

@@ -563,7 +563,7 @@ fn readme_example_runs() {
     let out = tmp.path().join("adapter");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let o = eva(&[
-        "init", "--model", root.join("examples/tiny-llama").to_str().unwrap(), "--data", root.join("examples/data/sample.txt").to_str().unwrap(),
+        "init", "--model", root.join("examples/tiny-llama").to_str().unwrap(), "--data", root.join("examples/data/train.txt").to_str().unwrap(),
         "--out", out.to_str().unwrap(), "-q",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
