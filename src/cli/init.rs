@@ -101,9 +101,12 @@ pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
     let launch = launcher::detect();
     let threads = |ranks: usize| if args.threads > 0 { args.threads } else { launcher::cores_per_rank(ranks) };
+    if args.local_ranks == 0 {
+        return Err(Error::usage("--local-ranks must be at least 1, found 0"));
+    }
     if args.local_ranks > 1 {
-        if launch.is_some() {
-            return Err(Error::usage("--local-ranks starts an in-process world; do not combine it with mpirun or srun"));
+        if launch.is_some() || args.comm != super::CommArg::Auto {
+            return Err(Error::usage("--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm"));
         }
         linalg::set_threads(threads(args.local_ranks));
         let worlds = ThreadWorld::create(args.local_ranks);

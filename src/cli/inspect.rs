@@ -162,7 +162,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         };
         let _ = writeln!(w, "  {g:>3}  d={:<6} {what:<16} {}", inp.dim, names.join(", "));
     }
-    let kmax = (args.rank as f64 * args.rho).round() as usize;
+    let kmax = crate::config::EvaParams { rank: args.rank, rho: args.rho, ..Default::default() }.max_components();
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let exact: u64 = dims.iter().map(|&d| memory_bytes(true, d, 0)).sum();
     let sketch: u64 = dims.iter().map(|&d| memory_bytes(false, d, args.sketch_size.unwrap_or_else(|| default_sketch_size(kmax, d)).min(d))).sum();

@@ -118,7 +118,7 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
 /// Which collectives backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// MPI under a launcher (NCCL with `--device cuda`), one process otherwise.
+    /// MPI under a launcher, one process otherwise.
     Auto,
     /// MPI (rsmpi).
     Mpi,

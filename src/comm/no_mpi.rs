@@ -11,7 +11,7 @@ impl MpiWorld {
     pub fn init() -> Result<Self> {
         Err(Error::NotCompiled {
             backend: "MPI",
-            hint: "a launcher (mpirun/srun) started this process, but this eva was built without MPI; rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)",
+            hint: "MPI was asked for (a launcher such as mpirun/srun started this process, or --comm mpi/nccl), but this eva was built without it; rebuild with `cargo build --release --features mpi` (`--features cuda` for NCCL; needs libopenmpi-dev and libclang-dev)",
         })
     }
 }

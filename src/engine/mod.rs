@@ -344,7 +344,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
             Reply::Decide { .. } => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
         };
     }
-    let mut outcome = lead(
+    let outcome = lead(
         &wire,
         || {
             let mut solved: Vec<Option<Spectrum>> = {
@@ -389,8 +389,6 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         },
         |o| Command::Finish(encode_outcome(o)),
     )?;
-    // The report's byte count includes the outcome broadcast itself only on the leader's side.
-    outcome.report.time_s.communication = wire.time().as_secs_f64();
     Ok(outcome)
 }
 

@@ -14,7 +14,7 @@
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::leader::{Certificate, Spectrum};
-use crate::stats::exact::ExactStats;
+use crate::stats::exact::{pack_upper, unpack_upper, ExactStats};
 use crate::stats::InputStats;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
@@ -203,8 +203,12 @@ pub fn gram(wire: &Wire, stats: &[InputStats], input: usize) -> Result<Vec<f64>>
     if wire.comm.size() > 1 {
         send(wire, &Command::Gram { input })?;
     }
-    let mut g = exact(stats, input)?.gram().to_vec();
-    wire.all_reduce_sum(&mut g)?;
+    let e = exact(stats, input)?;
+    let mut packed = Vec::new();
+    pack_upper(e.gram(), e.dim(), &mut packed);
+    wire.all_reduce_sum(&mut packed)?;
+    let mut g = vec![0.0; e.dim() * e.dim()];
+    unpack_upper(&packed, e.dim(), &mut g);
     Ok(g)
 }
 
@@ -225,8 +229,10 @@ pub fn serve(wire: &Wire, stats: &[InputStats]) -> Result<Reply> {
                 wire.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
             }
             Command::Gram { input } => {
-                let mut g = exact(stats, input)?.gram().to_vec();
-                wire.all_reduce_sum(&mut g)?;
+                let e = exact(stats, input)?;
+                let mut packed = Vec::new();
+                pack_upper(e.gram(), e.dim(), &mut packed);
+                wire.all_reduce_sum(&mut packed)?;
             }
             Command::Decide { active, all_done } => return Ok(Reply::Decide { active, all_done }),
             Command::Finish(bytes) => return Ok(Reply::Finish(bytes)),

@@ -54,6 +54,24 @@ impl ExactStats {
     }
 }
 
+/// Appends the upper triangle of a row-major `d x d` matrix, row by row (`d(d+1)/2` values).
+pub fn pack_upper(full: &[f64], d: usize, out: &mut Vec<f64>) {
+    for i in 0..d {
+        out.extend_from_slice(&full[i * d + i..(i + 1) * d]);
+    }
+}
+
+/// Writes a packed upper triangle (see [`pack_upper`]) into `full`, returning what follows it.
+pub fn unpack_upper<'a>(packed: &'a [f64], d: usize, full: &mut [f64]) -> &'a [f64] {
+    let mut rest = packed;
+    for i in 0..d {
+        let len = d - i;
+        full[i * d + i..(i + 1) * d].copy_from_slice(&rest[..len]);
+        rest = &rest[len..];
+    }
+    rest
+}
+
 /// The dense sample covariance from the upper triangle of a Gram of shifted rows and their
 /// moments: `(G - s sᵀ/n) / (n-1)`.
 pub fn covariance(gram: &[f64], d: usize, moments: &Moments) -> Array2<f64> {

@@ -110,8 +110,9 @@ pub struct Shared {
     pub gram: Option<Vec<f64>>,
 }
 
-/// Exact inputs smaller than this share their Gram (`d(d+1)/2` values per step), which costs
-/// less than the `≈ 2·d·m` values of each distributed product; larger ones never move `d²`.
+/// Exact inputs smaller than this share their Gram (`d(d+1)/2` values per step), which at these
+/// sizes costs about as much as a step of distributed products (`≤ 12 · 2·d·m` values) and saves
+/// their latency; larger ones never move `d²`.
 pub const SHARED_GRAM_MAX_DIM: usize = 2048;
 
 impl Shared {
@@ -128,11 +129,7 @@ impl Shared {
             rest = &rest[n..];
         }
         if let Some(g) = &mut self.gram {
-            for i in 0..d {
-                let len = d - i;
-                g[i * d + i..(i + 1) * d].copy_from_slice(&rest[..len]);
-                rest = &rest[len..];
-            }
+            rest = exact::unpack_upper(rest, d, g);
         }
         rest
     }
@@ -195,12 +192,7 @@ impl InputStats {
         out.extend_from_slice(&m.sum_sq);
         match self {
             InputStats::Sketch(s) => out.extend(s.sketch().iter()),
-            InputStats::Exact(e) if shared.gram.is_some() => {
-                let d = e.dim();
-                for i in 0..d {
-                    out.extend_from_slice(&e.gram()[i * d + i..(i + 1) * d]);
-                }
-            }
+            InputStats::Exact(e) if shared.gram.is_some() => exact::pack_upper(e.gram(), e.dim(), out),
             InputStats::Exact(_) => {}
         }
     }
