@@ -1,1 +1,211 @@
-fn main(){}
+//! Leader time per step: the top-k eigenpairs of one exact input (d = 4096, k = 32) after one more
+//! unit of rows, solved warm-started from the previous vectors at `Precision::Step`, as the engine
+//! does at every step; per input and times the number of inputs (32) a step has to solve.
+//!
+//! | row | what is timed |
+//! |---|---|
+//! | Step, warm | `Spectrum::from_gram(.., warm = previous vectors, Precision::Step)` |
+//! | Step, cold | the same without a warm start (seeded random block) |
+//! | Final, cold | `Precision::Final` on the previous statistics (the vectors the warm start uses) |
+//! | dense | `ExactStats::covariance()` and `eigen::dense_top_k` (faer, full `d x d`) |
+//!
+//! A second table splits one iteration into its parts (the `dsymm` product with the Gram, QR,
+//! the small eigenproblem) and, for comparison, times the same product as a `dgemm` on the full
+//! matrix and as an `sgemm` on an f32 copy.
+//!
+//! Statistics: `SyntheticSource` "layers=1,dim=D,tokens=4096,units=4,decay=1.0" (eigenvalues
+//! `1/i`, dense eigenvectors); units 0–1 (8192 rows) give the previous estimate, unit 2 is the new
+//! step. Step solves run once untimed, then `reps` interleaved rounds; median shown. Final and
+//! dense run once. Iteration counts come from `eigen::subspace_top_k` called with the same
+//! operator and the tolerance `Precision::Step` uses.
+//!
+//! Usage: `cargo bench --bench leader [-- [D] [k=32] [inputs=32] [reps=3] [dense=1]]`
+
+mod util;
+
+use eva::leader::{eigen, Precision, Spectrum, STEP_TOLERANCE};
+use eva::linalg;
+use eva::source::synthetic::{SyntheticSource, SyntheticSpec};
+use eva::stats::exact::ExactStats;
+use eva::stats::Workspace;
+use ndarray::{Array2, ArrayView2};
+use std::time::Instant;
+use util::{summary, time_interleaved, time_runs, Args, Load};
+
+const USAGE: &str = "usage: cargo bench --bench leader [-- [D] [k=N] [inputs=N] [reps=N] [dense=0|1]]";
+
+/// Iteration caps of `Precision::Step` and `Precision::Final` and the Final tolerance (private in
+/// the library; keep in step with `Precision::tolerance` in `leader/mod.rs`).
+const STEP_MAX_ITER: usize = 60;
+const FINAL_TOLERANCE: f64 = 1e-11;
+const FINAL_MAX_ITER: usize = 400;
+
+fn solve(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, precision: Precision) -> Spectrum {
+    Spectrum::from_gram(&mut |q| stats.gram_apply(q), &mut || Ok(stats.covariance()), &stats.moments, k, warm, precision).expect("eigensolver")
+}
+
+/// Iterations a solve takes (same operator, seed and tolerance as `Spectrum::from_gram`).
+fn iterations(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, (tol, max_iter): (f64, usize)) -> (usize, bool) {
+    let d = stats.dim();
+    let mut cov = |q: ArrayView2<f64>| {
+        let mut gq = stats.gram_apply(q)?;
+        stats.moments.center(&mut gq, q);
+        Ok(gq)
+    };
+    let top = eigen::subspace_top_k(&mut cov, d, k, warm, d as u64, tol, max_iter).expect("eigensolver");
+    (top.iterations, top.converged)
+}
+
+/// `‖AᵀB‖_F² / k` for orthonormal `d x k` bases: 1 when the subspaces agree.
+fn subspace_similarity(a: ArrayView2<f64>, b: ArrayView2<f64>) -> f64 {
+    let m = a.t().dot(&b);
+    m.iter().map(|v| v * v).sum::<f64>() / a.ncols() as f64
+}
+
+fn ms(t: f64) -> String {
+    format!("{:.1}", t * 1e3)
+}
+
+fn main() {
+    let args = Args::parse(USAGE);
+    let d = args.sizes.first().copied().unwrap_or(4096);
+    let k = args.get("k", 32);
+    let inputs = args.get("inputs", 32);
+    let reps = args.get("reps", 3);
+    let run_dense = args.get("dense", 1) != 0;
+    linalg::set_threads(0);
+    println!("# leader step time, d = {d}, k = {k}, {inputs} inputs per step");
+    println!();
+    println!("OpenBLAS: {}", util::openblas_description());
+    println!();
+    let load = Load::start();
+
+    eprintln!("[leader] generating 3 units of 4096 x {d} ...");
+    let spec: SyntheticSpec = format!("layers=1,dim={d},tokens=4096,units=4,decay=1.0").parse().expect("valid spec");
+    let source = SyntheticSource::new(spec).expect("synthetic source");
+    let units: Vec<Array2<f32>> = (0..3).map(|u| source.generate(0, u)).collect();
+    let mut ws = Workspace::default();
+    let mut stats = ExactStats::new(util::column_means(units[0].view()));
+    for u in &units[..2] {
+        stats.accumulate(u.view(), &mut ws).expect("accumulate");
+    }
+
+    eprintln!("[leader] Final solve on 8192 rows ...");
+    let t = Instant::now();
+    let previous = solve(&stats, k, None, Precision::Final);
+    let t_final = t.elapsed().as_secs_f64();
+    let (it_final, conv_final) = iterations(&stats, k, None, (FINAL_TOLERANCE, FINAL_MAX_ITER));
+    stats.accumulate(units[2].view(), &mut ws).expect("accumulate");
+    drop(units);
+
+    eprintln!("[leader] Step solves on 12288 rows, {reps} rounds ...");
+    let warm = previous.vectors.view();
+    let (mut warm_out, mut cold_out) = (None, None);
+    let times = time_interleaved(
+        reps,
+        &mut [&mut || warm_out = Some(solve(&stats, k, Some(warm), Precision::Step)), &mut || cold_out = Some(solve(&stats, k, None, Precision::Step))],
+    );
+    let (warm_out, cold_out) = (warm_out.expect("ran"), cold_out.expect("ran"));
+    let step = (STEP_TOLERANCE, STEP_MAX_ITER);
+    let (it_warm, conv_warm) = iterations(&stats, k, Some(warm), step);
+    let (it_cold, conv_cold) = iterations(&stats, k, None, step);
+
+    // Cost of one iteration's parts, with the block size the solver uses.
+    let m = eigen::block_size(k, d);
+    let q = linalg::orthonormalize(Array2::from_shape_fn((d, m), |(i, j)| ((i * 7 + j * 13) % 29) as f64 - 14.0).view());
+    let t_apply = time_runs(5, || {
+        let mut gq = stats.gram_apply(q.view()).expect("apply");
+        stats.moments.center(&mut gq, q.view());
+    });
+    let t_orth = time_runs(5, || {
+        linalg::orthonormalize(q.view());
+    });
+    let h = q.t().dot(&stats.gram_apply(q.view()).expect("apply"));
+    let h = (&h + &h.t()) * 0.5;
+    let t_eig = time_runs(5, || {
+        linalg::sym_eig_desc(h.view()).expect("eig");
+    });
+    let t_rr = time_runs(5, || {
+        let _ = q.dot(&h);
+    });
+
+    // The same product on a full (not triangle) matrix: what a dgemm or an f32 sgemm would cost.
+    let t = Instant::now();
+    let c = stats.covariance();
+    let t_cov = t.elapsed().as_secs_f64();
+    let t_dgemm = time_runs(5, || {
+        let _ = c.dot(&q);
+    });
+    let (c32, q32) = (c.mapv(|v| v as f32), q.mapv(|v| v as f32));
+    let t_sgemm = time_runs(5, || {
+        let _ = c32.dot(&q32);
+    });
+    drop(c32);
+
+    let dense = if run_dense {
+        eprintln!("[leader] dense eigendecomposition of {d} x {d} (once) ...");
+        let t = Instant::now();
+        let top = eigen::dense_top_k(c.view(), k).expect("dense eigensolver");
+        Some((t.elapsed().as_secs_f64(), top))
+    } else {
+        None
+    };
+    drop(c);
+    let (mine, others) = load.finish();
+
+    let (wm, wmin, wmax) = summary(&times[0]);
+    let (cm, cmin, cmax) = summary(&times[1]);
+    println!("| solve (d = {d}, k = {k}, block {m}) | iterations | time per input, ms | × {inputs} inputs per step, s |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| Step, warm-started from the previous Final vectors | {it_warm}{} | {} ({}–{}) | {:.2} |",
+        if conv_warm { "" } else { " (not converged)" },
+        ms(wm),
+        ms(wmin),
+        ms(wmax),
+        wm * inputs as f64
+    );
+    println!(
+        "| Step, cold (random start) | {it_cold}{} | {} ({}–{}) | {:.2} |",
+        if conv_cold { "" } else { " (not converged)" },
+        ms(cm),
+        ms(cmin),
+        ms(cmax),
+        cm * inputs as f64
+    );
+    println!(
+        "| Final, cold (previous statistics, once) | {it_final}{} | {} | {:.2} |",
+        if conv_final { "" } else { " (not converged: dense fallback)" },
+        ms(t_final),
+        t_final * inputs as f64
+    );
+    println!("| dense: `covariance()` (once) | — | {} | {:.2} |", ms(t_cov), t_cov * inputs as f64);
+    if let Some((t_eig, _)) = &dense {
+        println!("| dense: `dense_top_k` on {d}² (once) | — | {} | {:.2} |", ms(*t_eig), t_eig * inputs as f64);
+    }
+    println!();
+    println!("One iteration's parts (median of 5, block {d} x {m}):");
+    println!();
+    println!("| part | ms |");
+    println!("|---|---:|");
+    println!("| `gram_apply` (dsymm) + centering | {} |", ms(summary(&t_apply).0));
+    println!("| for comparison: `C·Q` as dgemm on the full f64 matrix | {} |", ms(summary(&t_dgemm).0));
+    println!("| for comparison: `C·Q` as sgemm on a full f32 copy | {} |", ms(summary(&t_sgemm).0));
+    println!("| `orthonormalize` (faer thin QR + copies) | {} |", ms(summary(&t_orth).0));
+    println!("| `sym_eig_desc` of the {m} x {m} Rayleigh quotient | {} |", ms(summary(&t_eig).0));
+    println!("| one `d x m · m x m` product (ndarray) | {} |", ms(summary(&t_rr).0));
+    println!();
+    let res = |s: &Spectrum| s.residuals.iter().copied().fold(0.0, f64::max);
+    println!(
+        "Checks: max residual warm {:.1e}, cold {:.1e}; top-{k} subspace similarity warm vs cold {:.8}{}.",
+        res(&warm_out),
+        res(&cold_out),
+        subspace_similarity(warm_out.vectors.view(), cold_out.vectors.view()),
+        match &dense {
+            Some((_, top)) => format!(", warm vs dense {:.8}", subspace_similarity(warm_out.vectors.view(), top.vectors.view())),
+            None => String::new(),
+        }
+    );
+    println!();
+    println!("Load: this process used {mine:.2} cores on average, other processes {others:.2} cores (above ~0.1 the numbers are disturbed).");
+}

@@ -39,6 +39,59 @@ pub fn time_runs(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
+/// Interleaved timing: every function runs once untimed, then `reps` rounds run each function
+/// once in turn, so a change in machine load hits all of them alike. Seconds per function and run.
+pub fn time_interleaved(reps: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    for f in fs.iter_mut() {
+        f();
+    }
+    let mut out = vec![Vec::with_capacity(reps); fs.len()];
+    for _ in 0..reps.max(1) {
+        for (f, times) in fs.iter_mut().zip(out.iter_mut()) {
+            let t = Instant::now();
+            f();
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    out
+}
+
+/// CPU time used by this process and by the whole machine, from `/proc` (Linux), to tell how
+/// much of the 2 cores other processes took while a bench ran.
+pub struct Load {
+    start: Instant,
+    own: f64,
+    busy: f64,
+}
+
+fn proc_times() -> Option<(f64, f64)> {
+    let tick = 100.0; // USER_HZ, 100 on Linux x86_64
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let own = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
+    let sys = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<f64> = sys.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...; busy = all but idle and iowait.
+    let busy = cpu.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum::<f64>() / tick;
+    Some((own, busy))
+}
+
+impl Load {
+    pub fn start() -> Load {
+        let (own, busy) = proc_times().unwrap_or((0.0, 0.0));
+        Load { start: Instant::now(), own, busy }
+    }
+
+    /// `(cores used by this process, cores used by everything else)` on average since `start`.
+    pub fn finish(&self) -> (f64, f64) {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let (own, busy) = proc_times().unwrap_or((self.own, self.busy));
+        let mine = (own - self.own) / wall;
+        (mine, ((busy - self.busy) / wall - mine).max(0.0))
+    }
+}
+
 /// Median, minimum and maximum of a non-empty sample.
 pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
     let mut s = samples.to_vec();
