@@ -638,3 +638,29 @@ fn minilm_matches_pytorch_pca() {
     }
     println!("minilm: {checked} layers, {tokens} tokens, min subspace similarity {:.7}, max ratio rel. error {:.2e}", worst.0, worst.1);
 }
+
+/// Old BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters `gamma` / `beta`;
+/// transformers renames them on load, and so does eva: the layer inputs are unchanged.
+#[test]
+fn bert_gamma_beta_names_load_the_same() {
+    let tmp = tempdir();
+    let dir = copy_fixture("bert", tmp.path());
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<Raw> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let name = n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
+            Raw { name, dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() }
+        })
+        .collect();
+    assert!(renamed.iter().any(|t| t.name.ends_with("LayerNorm.gamma")));
+    std::fs::write(&p, safetensors::serialize(renamed.iter().map(|t| (t.name.clone(), t)), None).unwrap()).unwrap();
+    let reference = read_reference("bert");
+    let opts = ModelOptions { text_field: None, max_seq_len: reference.max_seq_len, use_label_mask: true };
+    let mut renamed_source = ModelSource::open(&dir, &reference_data(), &opts).unwrap();
+    let mut original = open("bert", reference.max_seq_len);
+    assert_eq!(capture_all(&mut renamed_source), capture_all(&mut original));
+}
