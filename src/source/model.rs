@@ -1,7 +1,8 @@
 //! `--model DIR --data FILE`: a HuggingFace checkpoint run forward on tokenized examples. A unit
 //! is one example (one line of the data file), so each rank reads only its own examples. The
 //! inputs of the linear layers inside the transformer blocks are captured; rows of padding (never
-//! materialized: sequences are packed) and of tokens labelled -100 never reach the statistics.
+//! materialized: each example runs on its own) and of tokens labelled -100 never reach the
+//! statistics.
 //!
 //! Equal-input groups come from the architecture: the layers reading the same capture point of
 //! the same block ([`crate::model::Point`]: q/k/v, gate/up, BERT's query/key/value).
@@ -89,7 +90,7 @@ impl ModelSource {
         self.encoder.max_len
     }
 
-    /// Runs one packed micro-batch of examples `units`, delivering the needed inputs to `sink`.
+    /// Runs examples `units` as one packed batch, delivering the needed inputs to `sink`.
     fn run(&self, units: &[usize], need: &Need, wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);

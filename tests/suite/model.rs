@@ -210,7 +210,8 @@ fn no_label_mask_keeps_prompt_tokens() {
     assert!(rows.iter().all(|r| r.nrows() == total));
 }
 
-/// Reading units one at a time, or a few at a time, gives the same rows as one packed batch.
+/// Reading units one at a time, or a few at a time, gives bitwise the same rows as reading them
+/// all at once (each example runs on its own, so no BLAS shape depends on the others).
 #[test]
 fn rows_do_not_depend_on_batching() {
     let reference = read_reference("llama");
@@ -230,8 +231,7 @@ fn rows_do_not_depend_on_batching() {
     for (g, p) in pieces.iter().enumerate() {
         let views: Vec<_> = p.iter().map(|a| a.view()).collect();
         let cat = concatenate(Axis(0), &views).unwrap();
-        let (abs, _) = errors(&cat, &all[g]);
-        assert!(abs <= 1e-5, "input {g}: {abs}");
+        assert_eq!(cat, all[g], "input {g}");
     }
 }
 
