@@ -29,7 +29,7 @@ pub fn assert_same_adapter(a: &Path, b: &Path) {
     }
 }
 
-/// Shards for 3 inputs (d = 24, 40 and 300: dense, dense, iterative) and 12 units.
+/// Shards for 3 inputs (d = 24, 40 and 600: dense, dense, iterative) and 12 units.
 pub fn shards(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     for u in 0..12u64 {
@@ -37,7 +37,7 @@ pub fn shards(dir: &Path) {
             ("blk.0.attn.k".to_string(), gen_rows(1, u, 96, &power_law(24, 1.0), 2.0), 24),
             ("blk.0.attn.q".to_string(), gen_rows(1, u, 96, &power_law(24, 1.0), 2.0), 24),
             ("blk.0.mlp.up".to_string(), gen_rows(2, u, 96, &power_law(40, 0.7), 0.0), 80),
-            ("blk.1.mlp.up".to_string(), gen_rows(3, u, 96, &power_law(300, 1.3), 5.0), 64),
+            ("blk.1.mlp.up".to_string(), gen_rows(3, u, 96, &power_law(600, 1.3), 5.0), 64),
         ];
         write_shard(&shard(dir, u as usize), &layers, Fmt::F32);
     }
@@ -134,7 +134,7 @@ fn a_failing_rank_ends_every_rank_with_its_cause() {
         ("blk.0.attn.k".to_string(), gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0), 24),
         ("blk.0.attn.q".to_string(), gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0), 24),
         ("blk.0.mlp.up".to_string(), x, 80),
-        ("blk.1.mlp.up".to_string(), gen_rows(3, 4, 96, &power_law(300, 1.3), 5.0), 64),
+        ("blk.1.mlp.up".to_string(), gen_rows(3, 4, 96, &power_law(600, 1.3), 5.0), 64),
     ];
     write_shard(&shard(&data, 4), &layers, Fmt::F32);
     let out = tmp.path().join("adapter");
@@ -216,7 +216,7 @@ mod mpi {
         let data = tmp.path().join("acts");
         shards(&data);
         // Unit 5 belongs to rank 1 of 2 (5 mod 2), which alone reads it.
-        let mut x = gen_rows(3, 5, 96, &power_law(300, 1.3), 5.0);
+        let mut x = gen_rows(3, 5, 96, &power_law(600, 1.3), 5.0);
         x[(0, 0)] = f32::INFINITY;
         let layers = vec![
             ("blk.0.attn.k".to_string(), gen_rows(1, 5, 96, &power_law(24, 1.0), 2.0), 24),

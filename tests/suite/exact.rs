@@ -38,7 +38,7 @@ fn check_against_reference(fmt: Fmt) {
     let inputs = vec![
         Input { dim: 48, spectrum: power_law(48, 1.0), mean: 30.0 },
         Input { dim: 48, spectrum: power_law(48, 0.5), mean: 0.0 },
-        Input { dim: 300, spectrum: power_law(300, 1.5), mean: 100.0 },
+        Input { dim: 600, spectrum: power_law(600, 1.5), mean: 100.0 },
     ];
     // Catalog order is natural name order; k_proj and q_proj share input 0 (k_proj leads).
     let layers = [
