@@ -12,6 +12,38 @@
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
 //! eva is a world of one and never initializes MPI.
 
+/// Implements [`Communicator`] for an uninhabited (not compiled) backend twin.
+macro_rules! uninhabited_communicator {
+    ($ty:ty) => {
+        impl $crate::comm::Communicator for $ty {
+            fn rank(&self) -> usize {
+                match *self {}
+            }
+            fn size(&self) -> usize {
+                match *self {}
+            }
+            fn all_reduce_sum(&self, _: &mut [f64]) -> $crate::Result<()> {
+                match *self {}
+            }
+            fn broadcast(&self, _: &mut Vec<u8>, _: usize) -> $crate::Result<()> {
+                match *self {}
+            }
+            fn gather(&self, _: &[u8], _: usize) -> $crate::Result<Option<Vec<Vec<u8>>>> {
+                match *self {}
+            }
+            fn barrier(&self) -> $crate::Result<()> {
+                match *self {}
+            }
+            fn split(&self, _: usize, _: usize) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
+                match *self {}
+            }
+            fn backend(&self) -> &'static str {
+                match *self {}
+            }
+        }
+    };
+}
+
 pub mod launcher;
 pub mod threads;
 pub mod wire;

@@ -1,6 +1,5 @@
 //! Twin of the MPI backend for builds without the `mpi` feature: it cannot be constructed.
 
-use super::Communicator;
 use crate::{Error, Result};
 
 /// Uninhabited: this eva was built without MPI.
@@ -16,29 +15,4 @@ impl MpiWorld {
     }
 }
 
-impl Communicator for MpiWorld {
-    fn rank(&self) -> usize {
-        match *self {}
-    }
-    fn size(&self) -> usize {
-        match *self {}
-    }
-    fn all_reduce_sum(&self, _: &mut [f64]) -> Result<()> {
-        match *self {}
-    }
-    fn broadcast(&self, _: &mut Vec<u8>, _: usize) -> Result<()> {
-        match *self {}
-    }
-    fn gather(&self, _: &[u8], _: usize) -> Result<Option<Vec<Vec<u8>>>> {
-        match *self {}
-    }
-    fn barrier(&self) -> Result<()> {
-        match *self {}
-    }
-    fn split(&self, _: usize, _: usize) -> Result<Box<dyn Communicator>> {
-        match *self {}
-    }
-    fn backend(&self) -> &'static str {
-        match *self {}
-    }
-}
+uninhabited_communicator!(MpiWorld);
