@@ -12,7 +12,9 @@
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
 //! eva is a world of one and never initializes MPI.
 
-/// Implements [`Communicator`] for an uninhabited (not compiled) backend twin.
+/// Implements [`Communicator`] for an uninhabited (not compiled) backend twin (unused when every
+/// backend is built).
+#[allow(unused_macros)]
 macro_rules! uninhabited_communicator {
     ($ty:ty) => {
         impl $crate::comm::Communicator for $ty {
