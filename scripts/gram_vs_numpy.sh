@@ -11,7 +11,7 @@
 #   EVA_BENCH_REPS   timed runs of each side, median reported              (3)
 #   EVA_BENCH_TOKENS rows per shard and layer                              (4096)
 #   EVA_BENCH_KEEP   1 = keep the shards afterwards                        (0)
-#   EVA_BIN          eva binary to time                     (target/release/eva, built if absent)
+#   EVA_BIN          eva binary to time      (default: cargo build --release, target/release/eva)
 # Needs python3 with venv and pip access (PyPI). Never part of CI.
 set -euo pipefail
 
@@ -43,13 +43,18 @@ fi
 busy_s() { awk '/^cpu /{printf "%.2f\n", ($2+$3+$4+$7+$8+$9)/100}' /proc/stat; }
 
 # One `eva init` run: wall seconds, peak RSS in KiB, and the cores other processes used meanwhile
-# (machine busy time minus eva's own CPU time, over the wall time); eva's stderr goes to $3.
+# (machine busy time minus eva's own CPU time, over the wall time). eva's warnings are shown when
+# $3 is "show", else dropped.
 time_eva() {
-    local dir=$1 out=$2 log=${3:-/dev/null} tf b0 b1
+    local dir=$1 out=$2 tf b0 b1
+    local cmd=("$EVA_BIN" init --activations "$dir" --out "$out" --force --no-early-stop --estimator exact -q)
     tf=$(mktemp)
     b0=$(busy_s)
-    /usr/bin/time -f '%e %M %U %S' -o "$tf" "$EVA_BIN" init --activations "$dir" --out "$out" --force \
-        --no-early-stop --estimator exact -q 2>"$log"
+    if [ "${3:-}" = show ]; then
+        /usr/bin/time -f '%e %M %U %S' -o "$tf" "${cmd[@]}"
+    else
+        /usr/bin/time -f '%e %M %U %S' -o "$tf" "${cmd[@]}" 2>/dev/null
+    fi
     b1=$(busy_s)
     read -r e m u s <"$tf"
     rm -f "$tf"
@@ -75,7 +80,7 @@ for v in "${VARIANTS[@]}"; do
     GIB=$("$PY" -c "print(f'{$LAYERS*$UNITS*$TOKENS*$DIM*4/2**30:.2f}')")
 
     echo "[bench] d=$DIM: eva init, 1 untimed + $REPS timed runs" >&2
-    time_eva "$DIR" "$OUT" /dev/stderr >/dev/null
+    time_eva "$DIR" "$OUT" show >/dev/null
     EVA_T=()
     EVA_OTHERS=()
     RSS=0
