@@ -196,3 +196,18 @@ pub fn assert_nothing_written(out: &Path) {
         }
     }
 }
+
+/// Asserts a refused run: exit `code`, every `needle` in stderr, one `eva: error` line for data
+/// errors, no panic, and nothing written at or beside `out`.
+pub fn assert_refused(o: &Output, code: i32, needles: &[&str], out: &Path) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    for n in needles {
+        assert!(err.contains(n), "message should mention `{n}`: {err}");
+    }
+    if code == 1 {
+        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("eva: error")).count(), 1, "{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert_nothing_written(out);
+}

@@ -27,17 +27,7 @@ fn refuse(data: &Path, extra: &[&str], code: i32, needles: &[&str]) {
         args.extend_from_slice(&["--rank", "2"]);
     }
     args.extend_from_slice(extra);
-    let o = eva(&args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    for n in needles {
-        assert!(err.contains(n), "message should mention `{n}`: {err}");
-    }
-    if code == 1 {
-        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("eva: error")).count(), 1, "{err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
-    assert_nothing_written(&out);
+    assert_refused(&eva(&args), code, needles, &out);
 }
 
 #[test]
