@@ -231,8 +231,9 @@ mod mpi {
         assert!(t.elapsed() < Duration::from_secs(60));
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
-        // Both ranks say so: rank 1 with its own error, rank 0 naming rank 1.
-        assert!(err.contains("rank 1: activation shard") && err.contains("rank 0: rank 1 failed") && err.contains("unit-00005"), "{err}");
+        // Rank 1 prints its own error and rank 0 one naming rank 1; mpirun may kill rank 1 once
+        // rank 0 has exited, so either line alone must name the failing rank and the cause.
+        assert!((err.contains("rank 1: activation shard") || err.contains("rank 0: rank 1 failed")) && err.contains("unit-00005") && err.contains("non-finite"), "{err}");
         assert_nothing_written(&out);
     }
 }
