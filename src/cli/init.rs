@@ -128,6 +128,17 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
     let leader = comm.is_leader();
     agree(comm, if leader { write::check_target(&cfg.out, cfg.force) } else { Ok(()) })?;
     let (mut source, desc) = agree(comm, open_source(args))?;
+    let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
+    if leader && comm.size() > passes {
+        eprintln!(
+            "eva: warning: a step of --batch-size {} has {passes} passes of {} units, so {} of {} ranks have nothing to read; use --batch-size {} or more to keep every rank busy",
+            cfg.batch_size,
+            source.pass_units(),
+            comm.size() - passes,
+            comm.size(),
+            comm.size() * source.pass_units()
+        );
+    }
     let mut progress = Progress::new(cfg.quiet || !leader);
     let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
     progress.finish();

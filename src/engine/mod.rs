@@ -48,11 +48,22 @@ pub struct Outcome {
     pub report: Report,
 }
 
-/// Which units global step `step` covers on `rank` of `size` (DESIGN.md §2 Determinism).
-pub fn units_of_step(step: usize, batch: usize, units: usize, rank: usize, size: usize) -> Vec<usize> {
+/// The passes of global step `step` that `rank` of `size` reads (DESIGN.md §2 Determinism): the
+/// step's units `[step·batch, (step+1)·batch)` cut into runs of `pass` consecutive units, pass
+/// `j` (numbered across steps) going to rank `j mod size`; the cut never depends on `size`. With
+/// `pass = 1` rank `p` reads the units `u ≡ p (mod size)`.
+pub fn passes_of_step(step: usize, batch: usize, pass: usize, units: usize, rank: usize, size: usize) -> Vec<Vec<usize>> {
     let start = step.saturating_mul(batch).min(units);
     let end = start.saturating_add(batch).min(units);
-    (start..end).filter(|u| u % size == rank).collect()
+    let pass = pass.max(1);
+    let first = step.saturating_mul(passes_per_step(batch, pass));
+    let ids: Vec<usize> = (start..end).collect();
+    ids.chunks(pass).enumerate().filter(|(i, _)| (first + i) % size == rank).map(|(_, c)| c.to_vec()).collect()
+}
+
+/// Passes per step: ranks beyond this count have nothing to read.
+pub fn passes_per_step(batch: usize, pass: usize) -> usize {
+    batch.div_ceil(pass.max(1))
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -250,14 +261,16 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         }
         let bytes_before = wire.bytes();
         // 1-2. Local statistics, then agreement that every rank succeeded.
-        let mine = units_of_step(step, cfg.batch_size, units, comm.rank(), comm.size());
+        let passes = passes_of_step(step, cfg.batch_size, source.pass_units(), units, comm.rank(), comm.size());
         let read_start = Instant::now();
         let mut stat_time = Duration::ZERO;
-        let read = source.read(&mine, &active, &mut |g, x| {
-            let t = Instant::now();
-            let r = local[g].accumulate(x, &mut workspace);
-            stat_time += t.elapsed();
-            r
+        let read = passes.iter().try_for_each(|pass| {
+            source.read(pass, &active, &mut |g, x| {
+                let t = Instant::now();
+                let r = local[g].accumulate(x, &mut workspace);
+                stat_time += t.elapsed();
+                r
+            })
         });
         times.forward += (read_start.elapsed() - stat_time).as_secs_f64();
         times.statistics += stat_time.as_secs_f64();
@@ -498,18 +511,29 @@ fn decode_outcome(buf: &[u8]) -> Result<Outcome> {
 
 #[cfg(test)]
 mod tests {
-    use super::units_of_step;
+    use super::passes_of_step;
 
     #[test]
-    fn every_world_size_covers_each_step_exactly_once() {
-        for size in 1..=5 {
-            for step in 0..4 {
-                let mut all: Vec<usize> = (0..size).flat_map(|r| units_of_step(step, 3, 10, r, size)).collect();
-                all.sort_unstable();
-                let want: Vec<usize> = (step * 3..((step + 1) * 3).min(10)).collect();
-                assert_eq!(all, want, "size {size}, step {step}");
+    fn every_world_size_covers_each_step_exactly_once_in_the_same_passes() {
+        for pass in 1..=4 {
+            let one: Vec<Vec<usize>> = (0..4).flat_map(|step| passes_of_step(step, 5, pass, 17, 0, 1)).collect();
+            for size in 1..=5 {
+                for step in 0..4 {
+                    let mut all: Vec<usize> = (0..size).flat_map(|r| passes_of_step(step, 5, pass, 17, r, size)).flatten().collect();
+                    all.sort_unstable();
+                    let want: Vec<usize> = (step * 5..((step + 1) * 5).min(17)).collect();
+                    assert_eq!(all, want, "size {size}, step {step}, pass {pass}");
+                }
+                // The same passes, whichever rank reads them.
+                let mut passes: Vec<Vec<usize>> = (0..4).flat_map(|step| (0..size).flat_map(move |r| passes_of_step(step, 5, pass, 17, r, size))).collect();
+                passes.sort();
+                let mut want = one.clone();
+                want.sort();
+                assert_eq!(passes, want, "size {size}, pass {pass}");
             }
         }
-        assert_eq!(units_of_step(1, 4, 10, 1, 2), vec![5, 7]);
+        assert_eq!(passes_of_step(1, 4, 1, 10, 1, 2), vec![vec![5], vec![7]]);
+        // Step 1 of batch 8 in passes of 3: global passes 3 ([8,9,10]), 4 ([11,12,13]), 5 ([14,15]).
+        assert_eq!(passes_of_step(1, 8, 3, 20, 1, 2), vec![vec![8, 9, 10], vec![14, 15]]);
     }
 }

@@ -101,8 +101,16 @@ pub trait Source {
     fn catalog(&self) -> &Catalog;
     /// Number of units.
     fn units(&self) -> usize;
-    /// Visits the rows of every input with `wanted[input]` for each unit in `units`, in order.
+    /// Visits the rows of every input with `wanted[input]` for the units in `units`, in order.
+    /// The units of one call form a *pass*, which a source may compute together (the model
+    /// source runs them as one forward pass) and hand over as one block of rows.
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()>;
+    /// Consecutive units of a step the engine hands to one [`Source::read`] call (see
+    /// [`crate::engine::passes_of_step`]): the grouping depends on this and the batch size only,
+    /// never on the world size, so every rank computes a pass bit for bit the same.
+    fn pass_units(&self) -> usize {
+        1
+    }
 }
 
 /// Fails on the first NaN or infinity in `rows`, naming where it came from.
@@ -206,6 +214,10 @@ impl Source for Targeted {
 
     fn units(&self) -> usize {
         self.inner.units()
+    }
+
+    fn pass_units(&self) -> usize {
+        self.inner.pass_units()
     }
 
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
