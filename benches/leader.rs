@@ -1,29 +1,33 @@
 //! Leader time per step: the top-k eigenpairs of one exact input (d = 4096, k = 32) after one more
-//! unit of rows, solved warm-started from the previous vectors at `Precision::Step`, as the engine
+//! unit of rows, solved warm-started from the previous basis at `Precision::Step`, as the engine
 //! does at every step; per input and times the number of inputs (32) a step has to solve.
 //!
 //! | row | what is timed |
 //! |---|---|
-//! | Step, warm | `Spectrum::from_gram(.., warm = previous vectors, Precision::Step)` |
+//! | Step, warm | `Spectrum::from_gram(Gram::Local(..), warm = previous Final basis, Precision::Step)` |
+//! | Step, warm from k vectors | the same, started from the previous `k` eigenvectors only |
+//! | Final, warm | `Precision::Final`, started from the previous Final basis (what the engine's last solve does) |
 //! | Step, cold | the same without a warm start (seeded random block) |
-//! | Final, cold | `Precision::Final` on the previous statistics (the vectors the warm start uses) |
+//! | Final, cold | `Precision::Final` on the previous statistics (gives the basis the warm starts use) |
 //! | dense | `ExactStats::covariance()` and `eigen::dense_top_k` (faer, full `d x d`) |
 //!
-//! A second table splits one iteration into its parts (the `dsymm` product with the Gram, QR,
-//! the small eigenproblem) and, for comparison, times the same product as a `dgemm` on the full
-//! matrix and as an `sgemm` on an f32 copy.
+//! A second table splits one iteration into its parts (the product with the Gram or covariance in
+//! its forms: `dsymm` on the Gram, `dgemm` on the full covariance (Final), `sgemm` on an f32 copy
+//! (Step); orthonormalization by faer QR and by CholQR2; the small eigenproblem) and times the
+//! dense top-k solvers `dsyevr` / `ssyevr` on the full matrix.
 //!
 //! Statistics: `SyntheticSource` "layers=1,dim=D,tokens=4096,units=4,decay=1.0" (eigenvalues
 //! `1/i`, dense eigenvectors); units 0–1 (8192 rows) give the previous estimate, unit 2 is the new
-//! step. Step solves run once untimed, then `reps` interleaved rounds; median shown. Final and
-//! dense run once. Iteration counts come from `eigen::subspace_top_k` called with the same
-//! operator, seed, tolerances and iteration caps as `Spectrum::from_gram`.
+//! step. Step and warm Final solves run once untimed, then `reps` interleaved rounds; median shown.
+//! Cold Final and dense run once. Iteration counts (operator applications) come from
+//! `eigen::subspace_top_k` called with the same operator, seed, tolerances and iteration caps as
+//! `Spectrum::from_gram` (for d ≤ 512 the Step solve may end in `ssyevr` instead).
 //!
 //! Usage: `cargo bench --bench leader [-- [D] [k=32] [inputs=32] [reps=3] [dense=1]]`
 
 mod util;
 
-use eva::leader::{eigen, Precision, Spectrum, STEP_ITERATIONS, STEP_TOLERANCE};
+use eva::leader::{eigen, Gram, Precision, Spectrum, STEP_ITERATIONS, STEP_TOLERANCE};
 use eva::linalg;
 use eva::source::synthetic::{SyntheticSource, SyntheticSpec};
 use eva::stats::exact::ExactStats;
@@ -39,17 +43,25 @@ const USAGE: &str = "usage: cargo bench --bench leader [-- [D] [k=N] [inputs=N] 
 const FINAL_TOLERANCE: f64 = 1e-9;
 const FINAL_MAX_ITER: usize = 400;
 
-fn solve(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, precision: Precision) -> Spectrum {
-    Spectrum::from_gram(&mut |q| stats.gram_apply(q), &mut || Ok(stats.covariance()), &stats.moments, k, warm, precision).expect("eigensolver")
+/// One solve as the engine does it on a local Gram; `warm` is the previous basis (read, and
+/// replaced by this solve's).
+fn solve(stats: &ExactStats, k: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Spectrum {
+    Spectrum::from_gram(Gram::Local(stats.gram()), &stats.moments, k, warm, precision).expect("eigensolver")
 }
 
-/// Iterations a solve takes (same operator, seed and tolerance as `Spectrum::from_gram`).
-fn iterations(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, (tol, max_iter): (f64, usize)) -> (usize, bool) {
+/// Iterations a solve takes (same operator, seed and tolerance as `Spectrum::from_gram`: the
+/// f32 covariance at `Precision::Step`, the centered f64 Gram at `Final`).
+fn iterations(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, precision: Precision) -> (usize, bool) {
     let d = stats.dim();
-    let mut cov = |q: ArrayView2<f64>| {
-        let mut gq = stats.gram_apply(q)?;
-        stats.moments.center(&mut gq, q);
-        Ok(gq)
+    let (tol, max_iter) = match precision {
+        Precision::Step => (STEP_TOLERANCE, STEP_ITERATIONS),
+        Precision::Final => (FINAL_TOLERANCE, FINAL_MAX_ITER),
+    };
+    let c: Vec<f64> = stats.covariance().iter().copied().collect();
+    let c32: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+    let mut cov = |q: ArrayView2<f64>| match precision {
+        Precision::Step => linalg::gemm_square(&c32, d, q),
+        Precision::Final => linalg::gemm_square(&c, d, q),
     };
     let top = eigen::subspace_top_k(&mut cov, d, k, warm, d as u64, tol, max_iter).expect("eigensolver");
     (top.iterations, top.converged)
@@ -91,23 +103,31 @@ fn main() {
 
     eprintln!("[leader] Final solve on 8192 rows ...");
     let t = Instant::now();
-    let previous = solve(&stats, k, None, Precision::Final);
+    let mut basis = None;
+    let previous = solve(&stats, k, &mut basis, Precision::Final);
     let t_final = t.elapsed().as_secs_f64();
-    let (it_final, conv_final) = iterations(&stats, k, None, (FINAL_TOLERANCE, FINAL_MAX_ITER));
+    let basis = basis.expect("a solve leaves its basis");
+    let (it_final, conv_final) = iterations(&stats, k, None, Precision::Final);
     stats.accumulate(units[2].view(), &mut ws).expect("accumulate");
     drop(units);
 
     eprintln!("[leader] Step solves on 12288 rows, {reps} rounds ...");
-    let warm = previous.vectors.view();
-    let (mut warm_out, mut cold_out) = (None, None);
+    let warm = basis.view();
+    let (mut warm_out, mut cold_out, mut warmk_out, mut final_out) = (None, None, None, None);
     let times = time_interleaved(
         reps,
-        &mut [&mut || warm_out = Some(solve(&stats, k, Some(warm), Precision::Step)), &mut || cold_out = Some(solve(&stats, k, None, Precision::Step))],
+        &mut [
+            &mut || warm_out = Some(solve(&stats, k, &mut Some(basis.clone()), Precision::Step)),
+            &mut || cold_out = Some(solve(&stats, k, &mut None, Precision::Step)),
+            &mut || warmk_out = Some(solve(&stats, k, &mut Some(previous.vectors.clone()), Precision::Step)),
+            &mut || final_out = Some(solve(&stats, k, &mut Some(basis.clone()), Precision::Final)),
+        ],
     );
-    let (warm_out, cold_out) = (warm_out.expect("ran"), cold_out.expect("ran"));
-    let step = (STEP_TOLERANCE, STEP_ITERATIONS);
-    let (it_warm, conv_warm) = iterations(&stats, k, Some(warm), step);
-    let (it_cold, conv_cold) = iterations(&stats, k, None, step);
+    let (warm_out, cold_out, final_out) = (warm_out.expect("ran"), cold_out.expect("ran"), final_out.expect("ran"));
+    let (it_warm, conv_warm) = iterations(&stats, k, Some(warm), Precision::Step);
+    let (it_cold, conv_cold) = iterations(&stats, k, None, Precision::Step);
+    let (it_warmk, conv_warmk) = iterations(&stats, k, Some(previous.vectors.view()), Precision::Step);
+    let (it_fwarm, conv_fwarm) = iterations(&stats, k, Some(warm), Precision::Final);
 
     // Cost of one iteration's parts, with the block size the solver uses.
     let m = eigen::block_size(k, d);
@@ -118,6 +138,9 @@ fn main() {
     });
     let t_orth = time_runs(5, || {
         linalg::orthonormalize(q.view());
+    });
+    let t_cholqr = time_runs(5, || {
+        linalg::cholqr2(q.view()).expect("well conditioned");
     });
     let h = q.t().dot(&stats.gram_apply(q.view()).expect("apply"));
     let h = (&h + &h.t()) * 0.5;
@@ -139,7 +162,19 @@ fn main() {
     let t_sgemm = time_runs(5, || {
         let _ = c32.dot(&q32);
     });
+    let c32 = c32.into_raw_vec_and_offset().0;
+    let t_sgemm_sq = time_runs(5, || {
+        linalg::gemm_square(&c32, d, q.view()).expect("sgemm");
+    });
     drop(c32);
+    let cu: Vec<f64> = c.iter().copied().collect();
+    let t_dsyevr = time_runs(3, || {
+        eigen::dense_top_k_upper(&mut cu.clone(), d, k).expect("dsyevr");
+    });
+    let cu32: Vec<f32> = cu.iter().map(|&v| v as f32).collect();
+    let t_ssyevr = time_runs(3, || {
+        eigen::dense_top_k_upper(&mut cu32.clone(), d, k).expect("ssyevr");
+    });
 
     let dense = if run_dense {
         eprintln!("[leader] dense eigendecomposition of {d} x {d} (once) ...");
@@ -154,6 +189,8 @@ fn main() {
 
     let (wm, wmin, wmax) = summary(&times[0]);
     let (cm, cmin, cmax) = summary(&times[1]);
+    let (km, kmin, kmax) = summary(&times[2]);
+    let (fm, fmin, fmax) = summary(&times[3]);
     println!("| solve (d = {d}, k = {k}, block {m}) | iterations | time per input, ms | × {inputs} inputs per step, s |");
     println!("|---|---:|---:|---:|");
     println!(
@@ -163,6 +200,22 @@ fn main() {
         ms(wmin),
         ms(wmax),
         wm * inputs as f64
+    );
+    println!(
+        "| Step, warm-started from the previous k vectors only | {it_warmk}{} | {} ({}–{}) | {:.2} |",
+        if conv_warmk { "" } else { " (cap, not converged)" },
+        ms(km),
+        ms(kmin),
+        ms(kmax),
+        km * inputs as f64
+    );
+    println!(
+        "| Final, warm-started from the previous Final basis | {it_fwarm}{} | {} ({}–{}) | {:.2} |",
+        if conv_fwarm { "" } else { " (not converged: dense fallback)" },
+        ms(fm),
+        ms(fmin),
+        ms(fmax),
+        fm * inputs as f64
     );
     println!(
         "| Step, cold (random start) | {it_cold}{} | {} ({}–{}) | {:.2} |",
@@ -190,15 +243,20 @@ fn main() {
     println!("| `gram_apply` (dsymm) + centering | {} |", ms(summary(&t_apply).0));
     println!("| for comparison: `C·Q` as dgemm on the full f64 matrix | {} |", ms(summary(&t_dgemm).0));
     println!("| for comparison: `C·Q` as sgemm on a full f32 copy | {} |", ms(summary(&t_sgemm).0));
-    println!("| `orthonormalize` (faer thin QR + copies) | {} |", ms(summary(&t_orth).0));
+    println!("| `linalg::gemm_square` in f32 (what the Step iteration uses, with conversions) | {} |", ms(summary(&t_sgemm_sq).0));
+    println!("| `linalg::orthonormalize` (faer thin QR + copies) | {} |", ms(summary(&t_orth).0));
+    println!("| `linalg::cholqr2` (what the iteration uses) | {} |", ms(summary(&t_cholqr).0));
     println!("| `sym_eig_desc` of the {m} x {m} Rayleigh quotient | {} |", ms(summary(&t_eig).0));
     println!("| one `d x m · m x m` product (ndarray) | {} |", ms(summary(&t_rr).0));
+    println!("| dense top {k}: `dsyevr` on {d}² | {} |", ms(summary(&t_dsyevr).0));
+    println!("| dense top {k}: `ssyevr` on {d}² | {} |", ms(summary(&t_ssyevr).0));
     println!();
     let res = |s: &Spectrum| s.residuals.iter().copied().fold(0.0, f64::max);
     println!(
-        "Checks: max residual warm {:.1e}, cold {:.1e}; top-{k} subspace similarity warm vs cold {:.8}{}.",
+        "Checks: max residual warm {:.1e}, cold {:.1e}, final warm {:.1e}; top-{k} subspace similarity warm vs cold {:.8}{}.",
         res(&warm_out),
         res(&cold_out),
+        res(&final_out),
         subspace_similarity(warm_out.vectors.view(), cold_out.vectors.view()),
         match &dense {
             Some((_, top)) => format!(", warm vs dense {:.8}", subspace_similarity(warm_out.vectors.view(), top.vectors.view())),

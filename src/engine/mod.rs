@@ -17,7 +17,7 @@ use crate::adapter::{self, layer_alpha, Adapter};
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::config::RunConfig;
-use crate::leader::{allocate, Certificate, Leader, Precision, Spectrum};
+use crate::leader::{allocate, Certificate, Gram, Leader, Precision, Spectrum};
 use crate::source::{Catalog, Source};
 use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
 use crate::{Error, Result};
@@ -121,20 +121,13 @@ fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32
 
 /// Eigenpairs of one input from the reduced statistics (leader only): a shared Gram is used in
 /// place, an unshared one through `Σ_r G_r·Q` products with every rank.
-fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: Option<&Array2<f64>>, precision: Precision) -> Result<Spectrum> {
-    let warm = warm.map(|v| v.view());
+fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
     match (&local[g], &shared.gram) {
-        (InputStats::Exact(e), Some(gram)) => Spectrum::from_gram(
-            &mut |q| crate::linalg::symm_upper(gram, e.dim(), q),
-            &mut || Ok(exact::covariance(gram, e.dim(), &shared.moments)),
-            &shared.moments,
-            kmax,
-            warm,
-            precision,
-        ),
-        (InputStats::Exact(e), None) => Spectrum::from_gram(
-            &mut |q| protocol::apply(wire, local, g, q),
-            &mut || Ok(exact::covariance(&protocol::gram(wire, local, g)?, e.dim(), &shared.moments)),
+        (InputStats::Exact(_), Some(gram)) => Spectrum::from_gram(Gram::Local(gram), &shared.moments, kmax, warm, precision),
+        // A world of one: the local Gram is the sum.
+        (InputStats::Exact(e), None) if wire.comm.size() == 1 => Spectrum::from_gram(Gram::Local(e.gram()), &shared.moments, kmax, warm, precision),
+        (InputStats::Exact(_), None) => Spectrum::from_gram(
+            Gram::Remote { apply: &mut |q| protocol::apply(wire, local, g, q), gather: &mut || protocol::gram(wire, local, g) },
             &shared.moments,
             kmax,
             warm,
@@ -168,8 +161,7 @@ fn solve_spread(
     let (rank, size) = (wire.comm.rank(), wire.comm.size());
     let mut mine = Vec::new();
     let solved = inputs.iter().filter(|&&g| g % size == rank).try_for_each(|&g| {
-        let s = estimate(wire, local, &shared[g], g, kmax(g), warm[g].as_ref(), precision)?;
-        warm[g] = Some(s.vectors.clone());
+        let s = estimate(wire, local, &shared[g], g, kmax(g), &mut warm[g], precision)?;
         mine.push((g, s));
         Ok(())
     });
@@ -305,8 +297,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                         leader.observe(g, spectrum)?;
                     }
                     for &g in ready.iter().filter(|g| !spread.contains(g)) {
-                        let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), warm[g].as_ref(), Precision::Step)?;
-                        warm[g] = Some(spectrum.vectors.clone());
+                        let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), &mut warm[g], Precision::Step)?;
                         leader.observe(g, spectrum)?;
                     }
                     Ok(leader.decide(step))
@@ -379,7 +370,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                 }
                 finals.push(match solved[g].take() {
                     Some(s) => s,
-                    None => estimate(&wire, &local, &shared[g], g, leader.kmax(g), warm[g].as_ref(), Precision::Final)?,
+                    None => estimate(&wire, &local, &shared[g], g, leader.kmax(g), &mut warm[g], Precision::Final)?,
                 });
             }
             leader.finalize(finals.clone());
