@@ -168,7 +168,7 @@ pub fn cholqr2(a: ArrayView2<f64>) -> Option<Array2<f64>> {
         let mut g = gram_small(&q).ok()?;
         if pass == 1 {
             let off = (0..m).flat_map(|i| (0..m).map(move |j| (i, j))).map(|(i, j)| (g[i * m + j] - if i == j { 1.0 } else { 0.0 }).abs()).fold(0.0, f64::max);
-            if !(off <= 0.5) {
+            if off.is_nan() || off > 0.5 {
                 return None;
             }
         }

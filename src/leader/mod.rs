@@ -79,6 +79,12 @@ pub enum Gram<'a> {
     },
 }
 
+/// `Q ↦ C·Q` for one solve.
+type Operator<'a> = Box<dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>> + 'a>;
+
+/// Produces the full covariance (row-major `d x d`) for a dense solve.
+type Fetch<'a> = Box<dyn FnMut() -> Result<Vec<f64>> + 'a>;
+
 /// The centered covariance `(G − s sᵀ/n) / (n − 1)`, full and symmetric (row-major `d x d`), from
 /// the upper triangle of a row-major Gram, converted by `conv` (to f32 for the step's operator).
 /// Full rather than a triangle because the products with it are GEMMs: at d = 1536, m = 32
@@ -203,7 +209,7 @@ impl Spectrum {
             (gram, _) => {
                 // Local: the full f64 covariance, formed once (a transient `8·d²` bytes), for
                 // `dgemm` products and the dense solvers. Remote: centered products.
-                let (mut apply, mut dense): (Box<dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>> + '_>, Box<dyn FnMut() -> Result<Vec<f64>> + '_>) = match gram {
+                let (mut apply, mut dense): (Operator<'_>, Fetch<'_>) = match gram {
                     Gram::Local(g) if d > COPY_MAX_DIM => (
                         Box::new(move |q: ArrayView2<f64>| {
                             let mut gq = linalg::symm_upper(g, d, q)?;
