@@ -164,19 +164,23 @@ pub fn report(args: &InspectArgs) -> Result<String> {
     }
     let kmax = crate::config::EvaParams { rank: args.rank, rho: args.rho, ..Default::default() }.max_components();
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
-    let exact: u64 = dims.iter().map(|&d| memory_bytes(true, d, 0)).sum();
-    let sketch: u64 = dims.iter().map(|&d| memory_bytes(false, d, args.sketch_size.unwrap_or_else(|| default_sketch_size(kmax, d)).min(d))).sum();
+    let total = |exact: bool, world: usize| -> u64 {
+        dims.iter().map(|&d| memory_bytes(exact, d, args.sketch_size.unwrap_or_else(|| default_sketch_size(kmax, d)).min(d), world)).sum()
+    };
     let budget = (args.stats_memory * (1u64 << 30) as f64) as u64;
     let _ = writeln!(w);
-    let _ = writeln!(w, "statistics memory (rank {}, rho {}: {kmax} candidate components per input)", args.rank, args.rho);
-    let _ = writeln!(w, "  exact   {} (8·d² bytes per unique input)", mib(exact));
+    let _ = writeln!(w, "statistics memory per rank (rank {}, rho {}: {kmax} candidate components per input)", args.rank, args.rho);
+    let _ = writeln!(w, "                one rank    several ranks (summed copies for the all-reduce)");
+    let _ = writeln!(w, "  exact   {:>12}  {:>12}", mib(total(true, 1)), mib(total(true, 2)));
     let _ = writeln!(
         w,
-        "  sketch  {} ({} columns per input)",
-        mib(sketch),
+        "  sketch  {:>12}  {:>12}  ({} columns per input)",
+        mib(total(false, 1)),
+        mib(total(false, 2)),
         args.sketch_size.map_or_else(|| "default".to_string(), |k| k.to_string())
     );
-    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB picks {}", args.stats_memory, if exact <= budget { "exact" } else { "sketch" });
+    let pick = |world: usize| if total(true, world) <= budget { "exact" } else { "sketch" };
+    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB picks {} on one rank, {} on several", args.stats_memory, pick(1), pick(2));
     Ok(s)
 }
 

@@ -215,7 +215,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let name_of = |g: usize| catalog.layers[catalog.inputs[g].members[0]].name.clone();
-    let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory);
+    let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory, comm.size());
     let mut times = Times::default();
 
     let refs = reference_vectors(source, &wire)?;

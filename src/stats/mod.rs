@@ -215,23 +215,31 @@ pub fn default_sketch_size(kmax: usize, d: usize) -> usize {
     (4 * kmax).max(kmax + 16).min(d)
 }
 
-/// Bytes of statistics one input of dimension `d` keeps under each estimator (the shared
-/// [`Workspace`] adds `4·d²` for exact or `4·d·(k+q)` for sketch, plus `4·CHUNK_ROWS·d`, once).
-pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize) -> u64 {
+/// Bytes of statistics one input of dimension `d` keeps under each estimator on one rank of a
+/// world of `world` ranks (the shared [`Workspace`] adds `4·d²` for exact or `4·d·(k+q)` for
+/// sketch, plus `4·CHUNK_ROWS·d`, once). With several ranks an input also keeps its all-reduced
+/// [`Shared`] copy and its part of the send buffer: exact Grams below
+/// [`SHARED_GRAM_MAX_DIM`] add `8·d²` (the summed Gram) and `4·d(d+1)` (the packed triangle);
+/// sketches add `16·d·(k+q)`.
+pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize, world: usize) -> u64 {
+    let d = d as u64;
+    let several = world > 1;
     if exact {
-        8 * (d as u64) * (d as u64)
+        let shared = if several && d < SHARED_GRAM_MAX_DIM as u64 { 8 * d * d + 4 * d * (d + 1) } else { 0 };
+        8 * d * d + shared
     } else {
-        // Sketch and test matrix (f64), test matrix (f32).
-        20 * (d as u64) * (sketch_size + PROBES) as u64
+        let cols = (sketch_size + PROBES) as u64;
+        // Sketch and test matrix (f64), test matrix (f32); summed copy and send buffer.
+        20 * d * cols + if several { 16 * d * cols } else { 0 }
     }
 }
 
-/// Decides exact or sketch for every input: `auto` takes exact when all exact Grams together
-/// fit `budget` bytes.
-pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64) -> bool {
+/// Decides exact or sketch for every input: `auto` takes exact when all exact statistics
+/// together ([`memory_bytes`] on a world of `world` ranks) fit `budget` bytes.
+pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64, world: usize) -> bool {
     match choice {
         EstimatorChoice::Exact => true,
         EstimatorChoice::Sketch => false,
-        EstimatorChoice::Auto => dims.iter().map(|&d| memory_bytes(true, d, 0)).sum::<u64>() <= budget,
+        EstimatorChoice::Auto => dims.iter().map(|&d| memory_bytes(true, d, 0, world)).sum::<u64>() <= budget,
     }
 }
