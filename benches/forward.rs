@@ -11,7 +11,10 @@
 //! `examples/data/sample.txt` (fixed seed), truncated to `--max-seq-len 128`, 32 per step.
 //! The same files feed PEFT's EVA in `tests/reference/peft_eva_bench.py` (docs/model.md).
 //!
-//! Usage: `cargo bench --bench forward [-- [minilm] [llama-100m] [examples=N] [reps=N] [forward-only]]`.
+//! Usage: `cargo bench --bench forward [-- [minilm] [llama-100m] [examples=N] [reps=N] [forward-only] [pack=N]]`.
+//!
+//! `pack=N` (implies `forward-only`): the forward pass runs N examples packed per call of
+//! `Model::forward` (tokenized up front, outside the timing) instead of `eva init`'s one per pass.
 
 use eva::model::ops::Cpu;
 use eva::source::model::{ModelOptions, ModelSource};
@@ -176,6 +179,48 @@ fn forward_only(model: &Path, data: &Path, reps: usize) -> (f64, u64, f64) {
     (tokens as f64 / secs, tokens, flops_per_token * tokens as f64 / secs / 1e9)
 }
 
+/// Forward-only with `pack` examples per pass, driving the model directly (tokenization outside
+/// the timing); every capture point is needed and its tokens counted.
+fn forward_packed(model_dir: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u64, f64) {
+    use eva::model::text::{read_examples, TextEncoder};
+    use eva::model::{Model, Need, Point};
+    let model = Model::open(model_dir).unwrap();
+    let max_len = model.config.max_positions().map_or(MAX_SEQ_LEN, |m| m.min(MAX_SEQ_LEN));
+    let encoder = TextEncoder::open(model_dir, max_len).unwrap();
+    let examples = read_examples(data, None).unwrap();
+    let encoded: Vec<_> = examples.items.iter().map(|e| encoder.encode(e, String::new).unwrap()).collect();
+    let batches: Vec<_> = encoded.chunks(pack).map(|c| model.batch(c.iter().map(|e| (&e.ids[..], &e.type_ids[..])))).collect();
+    let loaded = model.load(&Cpu, model.layers()).unwrap();
+    let mut need = Need::new(model.layers());
+    for m in model.modules() {
+        need.set(m.layer, m.point);
+    }
+    let mut tokens = 0u64;
+    let mut times = Vec::new();
+    for r in 0..=reps {
+        let t = Instant::now();
+        let mut n = 0u64;
+        for b in &batches {
+            loaded
+                .forward(&Cpu, b, &need, &mut |layer, point, x: &Array2<f32>| {
+                    if layer == 0 && point == Point::AttnIn {
+                        n += x.nrows() as u64;
+                    }
+                    std::hint::black_box(x);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        if r > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        tokens = n;
+    }
+    let secs = median(times);
+    let flops_per_token: f64 = model.modules().iter().map(|m| 2.0 * (m.in_features * m.out_features) as f64).sum();
+    (tokens as f64 / secs, tokens, flops_per_token * tokens as f64 / secs / 1e9)
+}
+
 /// A whole `eva init` run; returns (wall seconds, report).
 fn init_run(model: &Path, data: &Path, extra: &[&str]) -> (f64, serde_json::Value) {
     let out = bench_dir().join("adapter");
@@ -197,9 +242,13 @@ fn main() {
     let mut examples = 512;
     let mut reps = 3;
     let mut forward_only_flag = false;
+    let mut pack = 0usize;
     for a in std::env::args().skip(1).filter(|a| !a.starts_with("--")) {
         if let Some(v) = a.strip_prefix("examples=") {
             examples = v.parse().expect("examples=N");
+        } else if let Some(v) = a.strip_prefix("pack=") {
+            pack = v.parse().expect("pack=N");
+            forward_only_flag = true;
         } else if a == "forward-only" {
             forward_only_flag = true;
         } else if let Some(v) = a.strip_prefix("reps=") {
@@ -232,13 +281,14 @@ fn main() {
             other => panic!("unknown model {other} (minilm, llama-100m)"),
         };
         let rate = sgemm_rate(BATCH * 90, d, inter, 5);
-        let (tps, tokens, gflops) = forward_only(&dir, &data, reps);
+        let (tps, tokens, gflops) = if pack > 0 { forward_packed(&dir, &data, reps, pack) } else { forward_only(&dir, &data, reps) };
         let split = |r: &serde_json::Value| {
             let t = &r["time_s"];
             format!("{:.1} / {:.1} / {:.1}", t["forward"].as_f64().unwrap(), t["statistics"].as_f64().unwrap(), t["leader"].as_f64().unwrap())
         };
         if forward_only_flag {
-            println!("| {name} ({tokens} tokens) | {rate:.0} | {tps:.0} | {gflops:.0} | | |");
+            let packed = if pack > 0 { format!(", {pack} per pass") } else { String::new() };
+            println!("| {name} ({tokens} tokens{packed}) | {rate:.0} | {tps:.0} | {gflops:.0} | | |");
             continue;
         }
         let (wall_exact, rep_exact) = init_run(&dir, &data, &["--no-early-stop", "--estimator", "exact"]);
