@@ -138,9 +138,7 @@ impl<B: Backend> Encoder<B> {
             if last == (layer, Point::AttnOut) {
                 break;
             }
-            let mut a = b.attn_out.apply(be, &ctx);
-            be.add(&mut a, &h);
-            let a = be.layer_norm(&a, &b.attn_norm.0, &b.attn_norm.1, c.eps);
+            let a = be.add_layer_norm(b.attn_out.apply(be, &ctx), &h, &b.attn_norm.0, &b.attn_norm.1, c.eps);
             if need.get(layer, Point::MlpIn) {
                 capture(layer, Point::MlpIn, &a)?;
             }
@@ -155,9 +153,7 @@ impl<B: Backend> Encoder<B> {
             if last == (layer, Point::MlpHidden) {
                 break;
             }
-            let mut o = b.output.apply(be, &i);
-            be.add(&mut o, &a);
-            h = be.layer_norm(&o, &b.out_norm.0, &b.out_norm.1, c.eps);
+            h = be.add_layer_norm(b.output.apply(be, &i), &a, &b.out_norm.0, &b.out_norm.1, c.eps);
         }
         Ok(())
     }

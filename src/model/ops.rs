@@ -9,7 +9,7 @@
 //! | [`Backend::embed`] | rows of an embedding table (`out += table[ids]`) |
 //! | [`Backend::linear`] | `x Wᵀ + b` (PyTorch's `nn.Linear`) |
 //! | [`Backend::add`] | `x += y` (residual connections) |
-//! | [`Backend::rms_norm`], [`Backend::layer_norm`] | per-token normalization |
+//! | [`Backend::rms_norm`], [`Backend::layer_norm`], [`Backend::add_layer_norm`] | per-token normalization (the last after a residual add) |
 //! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
 //! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
 //! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
@@ -20,7 +20,8 @@
 
 use super::checkpoint::HostTensor;
 use crate::{Error, Result};
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use cblas_sys::{CBLAS_LAYOUT, CBLAS_TRANSPOSE};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use std::ops::Range;
 
 /// Activation functions by their HF `hidden_act` names.
@@ -205,6 +206,12 @@ pub trait Backend {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `(x - mean) / sqrt(var + eps) · w + b` per token (biased variance, as `nn.LayerNorm`).
     fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `layer_norm(x + y)`, reusing `x`'s storage where the backend can (a residual connection
+    /// followed by BERT's post-LayerNorm).
+    fn add_layer_norm(&self, mut x: Self::Tensor, y: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor {
+        self.add(&mut x, y);
+        self.layer_norm(&x, w, b, eps)
+    }
     /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
     /// `softmax(q kᵀ / sqrt(head_dim) + mask) v` per sequence and head; `q: [tokens, heads·hd]`,
@@ -222,7 +229,9 @@ pub trait Backend {
     fn dim(&self, x: &Self::Tensor) -> usize;
 }
 
-/// The CPU backend: ndarray with OpenBLAS for products, plain loops for the rest.
+/// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on as
+/// many threads as OpenBLAS uses when the work is large enough, split by token rows (or by heads
+/// in attention), never inside a sum, so their results do not depend on the thread count.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
@@ -310,108 +319,162 @@ impl Backend for Cpu {
 
     fn linear(&self, x: &Array2<f32>, w: &CpuWeight, b: Option<&CpuWeight>) -> Array2<f32> {
         let w = w.matrix();
-        let mut y = Array2::zeros((x.nrows(), w.nrows()));
-        ndarray::linalg::general_mat_mul(1.0, x, &w.t(), 0.0, &mut y);
-        if let Some(b) = b {
-            let b = ndarray::ArrayView1::from(b.as_slice());
-            for mut row in y.rows_mut() {
-                row += &b;
+        let (m, k, n) = (x.nrows(), x.ncols(), w.nrows());
+        assert_eq!(w.ncols(), k, "linear: input has {k} features, the weight expects {}", w.ncols());
+        // The output starts as the bias rows (or zeros) and sgemm adds `x Wᵀ` with beta = 1, as
+        // PyTorch's addmm: no zeroing pass inside sgemm and no second pass for the bias.
+        let mut y = Vec::with_capacity(m * n);
+        match b {
+            Some(b) => {
+                let b = b.as_slice();
+                for _ in 0..m {
+                    y.extend_from_slice(b);
+                }
             }
+            None => y.resize(m * n, 0.0),
         }
-        y
+        if m > 0 && n > 0 {
+            let x = x.as_slice().expect("activations are standard layout");
+            // SAFETY: x is m x k, w is n x k (both row-major, contiguous), y is m x n.
+            unsafe { sgemm(false, true, m, n, k, 1.0, x.as_ptr(), k, w.as_ptr(), k, 1.0, y.as_mut_ptr(), n) };
+        }
+        Array2::from_shape_vec((m, n), y).expect("m x n values")
     }
 
     fn add(&self, x: &mut Array2<f32>, y: &Array2<f32>) {
-        *x += y;
+        assert_eq!(x.dim(), y.dim(), "add: shapes differ");
+        let y = y.as_slice().expect("activations are standard layout");
+        let x = x.as_slice_mut().expect("activations are standard layout");
+        par_chunks(x, 1, 1, |start, x| {
+            for (a, &b) in x.iter_mut().zip(&y[start..]) {
+                *a += b;
+            }
+        });
     }
 
     fn rms_norm(&self, x: &Array2<f32>, w: &CpuWeight, eps: f32) -> Array2<f32> {
         let w = w.as_slice();
-        let mut out = Array2::zeros(x.raw_dim());
-        for (row, mut o) in x.rows().into_iter().zip(out.rows_mut()) {
-            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
-            let inv = 1.0 / ((ms as f32) + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(row.iter()).zip(w) {
-                *o = g * (v * inv);
+        let d = x.ncols();
+        let src = x.as_slice().expect("activations are standard layout");
+        let mut out = vec![0.0f32; src.len()];
+        par_chunks(&mut out, d, 4 * d, |start, out| {
+            for (row, o) in src[start * d..].chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                let ms = sum_f64(row, |v| v * v) / d as f64;
+                let inv = 1.0 / ((ms as f32) + eps).sqrt();
+                for ((o, &v), &g) in o.iter_mut().zip(row).zip(w) {
+                    *o = g * (v * inv);
+                }
             }
-        }
-        out
+        });
+        Array2::from_shape_vec(x.raw_dim(), out).expect("same shape")
     }
 
     fn layer_norm(&self, x: &Array2<f32>, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Array2<f32> {
-        let (w, b) = (w.as_slice(), b.as_slice());
-        let mut out = Array2::zeros(x.raw_dim());
-        let n = x.ncols() as f64;
-        for (row, mut o) in x.rows().into_iter().zip(out.rows_mut()) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            let inv = 1.0 / ((var as f32) + eps).sqrt();
-            let mean = mean as f32;
-            for (((o, &v), &g), &c) in o.iter_mut().zip(row.iter()).zip(w).zip(b) {
-                *o = (v - mean) * inv * g + c;
-            }
-        }
+        let mut out = x.clone();
+        layer_norm_in_place(&mut out, None, w, b, eps);
         out
+    }
+
+    fn add_layer_norm(&self, mut x: Array2<f32>, y: &Array2<f32>, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Array2<f32> {
+        assert_eq!(x.dim(), y.dim(), "add_layer_norm: shapes differ");
+        layer_norm_in_place(&mut x, Some(y.as_slice().expect("activations are standard layout")), w, b, eps);
+        x
     }
 
     fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
         let half = head_dim / 2;
-        for ((mut row, c), s) in x.rows_mut().into_iter().zip(cos.rows()).zip(sin.rows()) {
-            let row = row.as_slice_mut().expect("activations are standard layout");
-            for head in row.chunks_exact_mut(head_dim) {
-                let (a, b) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2) = (a[i], b[i]);
-                    a[i] = x1 * c[i] - x2 * s[i];
-                    b[i] = x2 * c[i] + x1 * s[i];
+        let d = x.ncols();
+        let (cos, sin) = (cos.as_slice().expect("standard layout"), sin.as_slice().expect("standard layout"));
+        let x = x.as_slice_mut().expect("activations are standard layout");
+        par_chunks(x, d, 4 * d, |start, x| {
+            for (t, row) in x.chunks_exact_mut(d).enumerate() {
+                let t = start + t;
+                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                for head in row.chunks_exact_mut(head_dim) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x1, x2) = (a[i], b[i]);
+                        a[i] = x1 * c[i] - x2 * s[i];
+                        b[i] = x2 * c[i] + x1 * s[i];
+                    }
                 }
             }
-        }
+        });
     }
 
     fn attention(&self, q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>, h: Heads, segments: &Segments, mask: AttentionMask) -> Array2<f32> {
         let hd = h.head_dim;
         let group = h.heads / h.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = Array2::zeros((q.nrows(), h.heads * hd));
-        let mut scores = Array2::<f32>::zeros((0, 0));
-        for r in &segments.ranges {
-            let n = r.len();
-            if n == 0 {
-                continue;
+        let (ldq, ldk, ldv, ldo) = (q.ncols(), k.ncols(), v.ncols(), h.heads * hd);
+        let (q, k, v) = (q.as_ptr() as usize, k.as_ptr() as usize, v.as_ptr() as usize);
+        let mut out = Array2::<f32>::zeros((segments.tokens(), ldo));
+        let o = out.as_mut_ptr() as usize;
+        // Heads are independent: the threads take contiguous groups of heads, each with its
+        // own scores buffer, so every value is computed the same whatever the thread count.
+        // Concurrent sgemm calls are only made when every product is below OpenBLAS's
+        // threading threshold (m·n·k < 4·65536), so that each runs on its caller's thread.
+        let longest = segments.ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+        let flops: usize = segments.ranges.iter().map(|r| 4 * r.len() * r.len() * hd).sum();
+        let small = longest * longest * hd < 4 * 65536;
+        let t = if small { threads().min(h.heads).min(flops * h.heads / PAR_MIN_WORK).max(1) } else { 1 };
+        let run = |heads: Range<usize>| {
+            let mut scores = Vec::new();
+            for r in &segments.ranges {
+                let n = r.len();
+                if n == 0 {
+                    continue;
+                }
+                scores.resize(n * n, 0.0f32);
+                for head in heads.clone() {
+                    let kv = head / group;
+                    // SAFETY: the pointers address rows r of head `head` / `kv` of q, k, v
+                    // (row-major with leading dimensions ldq, ldk, ldv) and of `out`; threads
+                    // write disjoint column blocks of `out`, which outlives them.
+                    unsafe {
+                        let qh = (q as *const f32).add(r.start * ldq + head * hd);
+                        let kh = (k as *const f32).add(r.start * ldk + kv * hd);
+                        let vh = (v as *const f32).add(r.start * ldv + kv * hd);
+                        let oh = (o as *mut f32).add(r.start * ldo + head * hd);
+                        sgemm(false, true, n, n, hd, scale, qh, ldq, kh, ldk, 0.0, scores.as_mut_ptr(), n);
+                        softmax_rows(ArrayViewMut2::from_shape((n, n), &mut scores[..]).expect("n x n"), mask);
+                        // `out` is zeros: beta = 1 spares sgemm its zeroing pass.
+                        sgemm(false, false, n, hd, n, 1.0, scores.as_ptr(), n, vh, ldv, 1.0, oh, ldo);
+                    }
+                }
             }
-            if scores.dim() != (n, n) {
-                scores = Array2::zeros((n, n));
-            }
-            for head in 0..h.heads {
-                let kv = head / group;
-                let qh = q.slice(s![r.clone(), head * hd..(head + 1) * hd]);
-                let kh = k.slice(s![r.clone(), kv * hd..(kv + 1) * hd]);
-                let vh = v.slice(s![r.clone(), kv * hd..(kv + 1) * hd]);
-                ndarray::linalg::general_mat_mul(scale, &qh, &kh.t(), 0.0, &mut scores);
-                softmax_rows(scores.view_mut(), mask);
-                let mut oh = out.slice_mut(s![r.clone(), head * hd..(head + 1) * hd]);
-                ndarray::linalg::general_mat_mul(1.0, &scores, &vh, 0.0, &mut oh);
-            }
+        };
+        if t <= 1 {
+            run(0..h.heads);
+        } else {
+            let per = h.heads.div_ceil(t);
+            std::thread::scope(|s| {
+                for i in 1..t {
+                    let run = &run;
+                    s.spawn(move || run(i * per..((i + 1) * per).min(h.heads)));
+                }
+                run(0..per);
+            });
         }
         out
     }
 
     fn activate(&self, x: &mut Array2<f32>, act: Activation) {
         let v = x.as_slice_mut().expect("activations are standard layout");
-        // One loop per function, so that each vectorizes.
-        match act {
-            Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
-            Activation::Gelu => v.iter_mut().for_each(|x| *x = Activation::Gelu.apply(*x)),
-            Activation::GeluTanh => v.iter_mut().for_each(|x| *x = Activation::GeluTanh.apply(*x)),
-            Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
-        }
+        par_chunks(v, 1, 16, |_, v| activate_slice(v, act));
     }
 
     fn gated(&self, gate: &Array2<f32>, up: &Array2<f32>, act: Activation) -> Array2<f32> {
+        assert_eq!(gate.dim(), up.dim(), "gated: shapes differ");
         let mut out = gate.clone();
-        self.activate(&mut out, act);
-        out *= up;
+        let u = up.as_slice().expect("activations are standard layout");
+        let v = out.as_slice_mut().expect("activations are standard layout");
+        par_chunks(v, 1, 16, |start, v| {
+            activate_slice(v, act);
+            for (a, &b) in v.iter_mut().zip(&u[start..]) {
+                *a *= b;
+            }
+        });
         out
     }
 
@@ -431,6 +494,180 @@ impl Backend for Cpu {
     }
 }
 
+/// Threads of the CPU backend's own loops: OpenBLAS's thread count ([`crate::linalg::set_threads`]).
+fn threads() -> usize {
+    extern "C" {
+        fn openblas_get_num_threads() -> std::os::raw::c_int;
+    }
+    // SAFETY: a plain getter.
+    (unsafe { openblas_get_num_threads() }).max(1) as usize
+}
+
+/// Rough operation count below which a loop stays on the calling thread (starting a scoped
+/// thread costs some tens of microseconds).
+const PAR_MIN_WORK: usize = 1 << 17;
+
+/// Runs `f(first_row, rows)` over `data` (rows of `row_len` values, `cost` operations each) cut
+/// into one contiguous block of whole rows per thread. Each row is computed by the same code
+/// whichever block it falls in, so results do not depend on the thread count.
+fn par_chunks(data: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = if row_len == 0 { 0 } else { data.len() / row_len };
+    let t = threads().min(rows.saturating_mul(cost) / PAR_MIN_WORK).max(1);
+    if t <= 1 {
+        f(0, data);
+        return;
+    }
+    let per = rows.div_ceil(t);
+    std::thread::scope(|s| {
+        let mut blocks = data.chunks_mut(per * row_len).enumerate();
+        let (_, first) = blocks.next().expect("at least one block");
+        for (i, block) in blocks {
+            let f = &f;
+            s.spawn(move || f(i * per, block));
+        }
+        f(0, first);
+    });
+}
+
+/// `act` over a slice, one loop per function so that each vectorizes; 8 lanes where the CPU has
+/// AVX2. The lane width changes no result: every value goes through the same operations (Rust
+/// never contracts `a * b + c` into an FMA).
+fn activate_slice(v: &mut [f32], act: Activation) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(v: &mut [f32], act: Activation) {
+            activate_lanes(v, act)
+        }
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide(v, act) };
+    }
+    activate_lanes(v, act)
+}
+
+#[inline(always)]
+fn activate_lanes(v: &mut [f32], act: Activation) {
+    match act {
+        Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
+        Activation::Gelu => v.iter_mut().for_each(|x| *x = Activation::Gelu.apply(*x)),
+        Activation::GeluTanh => v.iter_mut().for_each(|x| *x = Activation::GeluTanh.apply(*x)),
+        Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
+    }
+}
+
+/// `nn.LayerNorm` of every row of `x` (plus the same row of `residual`, added first), in place
+/// (f64 statistics, biased variance).
+fn layer_norm_in_place(x: &mut Array2<f32>, residual: Option<&[f32]>, w: &CpuWeight, b: &CpuWeight, eps: f32) {
+    let (w, b) = (w.as_slice(), b.as_slice());
+    let d = x.ncols();
+    let x = x.as_slice_mut().expect("activations are standard layout");
+    par_chunks(x, d, 6 * d, |start, x| {
+        let residual = residual.map(|r| &r[start * d..start * d + x.len()]);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            unsafe fn wide(x: &mut [f32], residual: Option<&[f32]>, d: usize, w: &[f32], b: &[f32], eps: f32) {
+                layer_norm_rows(x, residual, d, w, b, eps)
+            }
+            // SAFETY: the CPU has AVX2.
+            return unsafe { wide(x, residual, d, w, b, eps) };
+        }
+        layer_norm_rows(x, residual, d, w, b, eps)
+    });
+}
+
+#[inline(always)]
+fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, d: usize, w: &[f32], b: &[f32], eps: f32) {
+    for (t, row) in x.chunks_exact_mut(d).enumerate() {
+        if let Some(r) = residual {
+            for (v, &r) in row.iter_mut().zip(&r[t * d..(t + 1) * d]) {
+                *v += r;
+            }
+        }
+        let n = d as f64;
+        let mean = sum_f64(row, |v| v) / n;
+        let var = sum_f64(row, |v| (v - mean) * (v - mean)) / n;
+        let inv = 1.0 / ((var as f32) + eps).sqrt();
+        let mean = mean as f32;
+        for ((v, &g), &c) in row.iter_mut().zip(w).zip(b) {
+            *v = (*v - mean) * inv * g + c;
+        }
+    }
+}
+
+/// `Σ f(x)` over a row in f64, in 8 interleaved partial sums (so that the additions pipeline
+/// and vectorize) added pairwise at the end; the order is fixed by the row length alone.
+#[inline(always)]
+fn sum_f64(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += f(v as f64);
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// Row-major `C = alpha · op(A) op(B) + beta · C` (`C: m x n`) through CBLAS.
+///
+/// # Safety
+/// The pointers must address matrices of the given shapes and leading dimensions.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
+    let t = |t: bool| if t { CBLAS_TRANSPOSE::CblasTrans } else { CBLAS_TRANSPOSE::CblasNoTrans };
+    let i = |v: usize| i32::try_from(v).expect("matrix dimension exceeds the BLAS 32-bit limit");
+    cblas_sys::cblas_sgemm(CBLAS_LAYOUT::CblasRowMajor, t(ta), t(tb), i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc));
+}
+
+/// `v = e^(v - max(v))` over a slice; returns `Σ v`. 8 lanes with AVX2, same values (see
+/// [`activate_slice`]); the max is taken, and the sum added, in 8 interleaved partial results
+/// combined pairwise, an order fixed by the slice length alone.
+fn exp_shifted(v: &mut [f32]) -> f32 {
+    #[inline(always)]
+    fn lanes(v: &mut [f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 8];
+        let chunks = v.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (m, &x) in m.iter_mut().zip(c) {
+                *m = m.max(x);
+            }
+        }
+        for (m, &x) in m.iter_mut().zip(tail) {
+            *m = m.max(x);
+        }
+        let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut s = [0.0f32; 8];
+        let mut chunks = v.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for (s, x) in s.iter_mut().zip(c) {
+                *x = exp(*x - max);
+                *s += *x;
+            }
+        }
+        for (s, x) in s.iter_mut().zip(chunks.into_remainder()) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+        ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(v: &mut [f32]) -> f32 {
+            lanes(v)
+        }
+        // SAFETY: the CPU has AVX2.
+        return unsafe { wide(v) };
+    }
+    lanes(v)
+}
+
 /// Row-wise masked softmax in place (f32, max-subtracted, as PyTorch's eager attention).
 /// Masked entries become exactly 0, as adding PyTorch's `finfo.min` and exponentiating does.
 fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
@@ -440,12 +677,7 @@ fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
             AttentionMask::Bidirectional => (0, row.len()),
             AttentionMask::Causal { window } => (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1),
         };
-        let max = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0f32;
-        for v in &mut row[lo..hi] {
-            *v = exp(*v - max);
-            sum += *v;
-        }
+        let sum = exp_shifted(&mut row[lo..hi]);
         let inv = 1.0 / sum;
         for v in &mut row[lo..hi] {
             *v *= inv;
