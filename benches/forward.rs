@@ -13,8 +13,8 @@
 //!
 //! Usage: `cargo bench --bench forward [-- [minilm] [llama-100m] [examples=N] [reps=N] [forward-only] [pack=N]]`.
 //!
-//! `pack=N` (implies `forward-only`): the forward pass runs N examples packed per call of
-//! `Model::forward` (tokenized up front, outside the timing) instead of `eva init`'s one per pass.
+//! The forward-only column runs the model source's passes (`EXAMPLES_PER_PASS` = 8 examples, as
+//! `eva init` does); `pack=N` (implies `forward-only`) runs N examples per pass instead.
 
 use eva::model::ops::Cpu;
 use eva::source::model::{ModelOptions, ModelSource};
@@ -147,8 +147,9 @@ fn sgemm_rate(tokens: usize, d: usize, inter: usize, reps: usize) -> f64 {
     2.0 * (tokens * d * inter) as f64 / median(t) / 1e9
 }
 
-/// Forward-only: every unit read with every input wanted, rows delivered and dropped.
-fn forward_only(model: &Path, data: &Path, reps: usize) -> (f64, u64, f64) {
+/// Forward-only: every unit read with every input wanted, `pack` examples per pass (0: the
+/// model source's own, as `eva init` runs them), rows delivered and dropped.
+fn forward_only(model: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u64, f64) {
     let opts = ModelOptions { text_field: None, max_seq_len: MAX_SEQ_LEN, use_label_mask: true };
     let mut source = ModelSource::open(model, data, &opts).unwrap();
     let inputs = source.catalog().inputs.len();
@@ -158,9 +159,10 @@ fn forward_only(model: &Path, data: &Path, reps: usize) -> (f64, u64, f64) {
     for r in 0..=reps {
         let t = Instant::now();
         let mut n = 0u64;
-        for step in units.chunks(BATCH) {
+        let pack = if pack > 0 { pack } else { source.pass_units() };
+        for pass in units.chunks(pack) {
             source
-                .read(step, &vec![true; inputs], &mut |g, x| {
+                .read(pass, &vec![true; inputs], &mut |g, x| {
                     if g == 0 {
                         n += x.nrows() as u64;
                     }
@@ -176,48 +178,6 @@ fn forward_only(model: &Path, data: &Path, reps: usize) -> (f64, u64, f64) {
     let secs = median(times);
     // Linear-layer flops per token: 2 · Σ in·out over the captured modules.
     let flops_per_token: f64 = source.model().modules().iter().map(|m| 2.0 * (m.in_features * m.out_features) as f64).sum();
-    (tokens as f64 / secs, tokens, flops_per_token * tokens as f64 / secs / 1e9)
-}
-
-/// Forward-only with `pack` examples per pass, driving the model directly (tokenization outside
-/// the timing); every capture point is needed and its tokens counted.
-fn forward_packed(model_dir: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u64, f64) {
-    use eva::model::text::{read_examples, TextEncoder};
-    use eva::model::{Model, Need, Point};
-    let model = Model::open(model_dir).unwrap();
-    let max_len = model.config.max_positions().map_or(MAX_SEQ_LEN, |m| m.min(MAX_SEQ_LEN));
-    let encoder = TextEncoder::open(model_dir, max_len).unwrap();
-    let examples = read_examples(data, None).unwrap();
-    let encoded: Vec<_> = examples.items.iter().map(|e| encoder.encode(e, String::new).unwrap()).collect();
-    let batches: Vec<_> = encoded.chunks(pack).map(|c| model.batch(c.iter().map(|e| (&e.ids[..], &e.type_ids[..])))).collect();
-    let loaded = model.load(&Cpu, model.layers()).unwrap();
-    let mut need = Need::new(model.layers());
-    for m in model.modules() {
-        need.set(m.layer, m.point);
-    }
-    let mut tokens = 0u64;
-    let mut times = Vec::new();
-    for r in 0..=reps {
-        let t = Instant::now();
-        let mut n = 0u64;
-        for b in &batches {
-            loaded
-                .forward(&Cpu, b, &need, &mut |layer, point, x: &Array2<f32>| {
-                    if layer == 0 && point == Point::AttnIn {
-                        n += x.nrows() as u64;
-                    }
-                    std::hint::black_box(x);
-                    Ok(())
-                })
-                .unwrap();
-        }
-        if r > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-        tokens = n;
-    }
-    let secs = median(times);
-    let flops_per_token: f64 = model.modules().iter().map(|m| 2.0 * (m.in_features * m.out_features) as f64).sum();
     (tokens as f64 / secs, tokens, flops_per_token * tokens as f64 / secs / 1e9)
 }
 
@@ -281,7 +241,7 @@ fn main() {
             other => panic!("unknown model {other} (minilm, llama-100m)"),
         };
         let rate = sgemm_rate(BATCH * 90, d, inter, 5);
-        let (tps, tokens, gflops) = if pack > 0 { forward_packed(&dir, &data, reps, pack) } else { forward_only(&dir, &data, reps) };
+        let (tps, tokens, gflops) = forward_only(&dir, &data, reps, pack);
         let split = |r: &serde_json::Value| {
             let t = &r["time_s"];
             format!("{:.1} / {:.1} / {:.1}", t["forward"].as_f64().unwrap(), t["statistics"].as_f64().unwrap(), t["leader"].as_f64().unwrap())
