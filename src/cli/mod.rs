@@ -173,7 +173,7 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Threads for BLAS and decompositions per rank (0 = the node's cores divided among its ranks).
+    /// Threads per rank for the tiled BLAS kernels and decompositions (0 = the node's cores divided among its ranks).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 

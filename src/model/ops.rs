@@ -333,11 +333,8 @@ impl Backend for Cpu {
             }
             None => y.resize(m * n, 0.0),
         }
-        if m > 0 && n > 0 {
-            let x = x.as_slice().expect("activations are standard layout");
-            // SAFETY: x is m x k, w is n x k (both row-major, contiguous), y is m x n.
-            unsafe { sgemm(false, true, m, n, k, 1.0, x.as_ptr(), k, w.as_ptr(), k, 1.0, y.as_mut_ptr(), n) };
-        }
+        let x = x.as_slice().expect("activations are standard layout");
+        crate::linalg::linear_f32(x, w.as_slice().expect("weights are contiguous"), &mut y, m, k, n);
         Array2::from_shape_vec((m, n), y).expect("m x n values")
     }
 
@@ -411,13 +408,10 @@ impl Backend for Cpu {
         let mut out = Array2::<f32>::zeros((segments.tokens(), ldo));
         let o = out.as_mut_ptr() as usize;
         // Heads are independent: the threads take contiguous groups of heads, each with its
-        // own scores buffer, so every value is computed the same whatever the thread count.
-        // Concurrent sgemm calls are only made when every product is below OpenBLAS's
-        // threading threshold (m·n·k < 4·65536), so that each runs on its caller's thread.
-        let longest = segments.ranges.iter().map(|r| r.len()).max().unwrap_or(0);
+        // own scores buffer, so every value is computed the same whatever the thread count
+        // (OpenBLAS runs each sgemm on its caller's thread, see `linalg`).
         let flops: usize = segments.ranges.iter().map(|r| 4 * r.len() * r.len() * hd).sum();
-        let small = longest * longest * hd < 4 * 65536;
-        let t = if small { threads().min(h.heads).min(flops * h.heads / PAR_MIN_WORK).max(1) } else { 1 };
+        let t = threads().min(h.heads).min(flops * h.heads / PAR_MIN_WORK).max(1);
         let run = |heads: Range<usize>| {
             let mut scores = Vec::new();
             for r in &segments.ranges {
@@ -496,11 +490,7 @@ impl Backend for Cpu {
 
 /// Threads of the CPU backend's own loops: OpenBLAS's thread count ([`crate::linalg::set_threads`]).
 fn threads() -> usize {
-    extern "C" {
-        fn openblas_get_num_threads() -> std::os::raw::c_int;
-    }
-    // SAFETY: a plain getter.
-    (unsafe { openblas_get_num_threads() }).max(1) as usize
+    crate::linalg::threads()
 }
 
 /// Rough operation count below which a loop stays on the calling thread (starting a scoped

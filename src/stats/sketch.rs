@@ -85,9 +85,19 @@ impl SketchStats {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
             self.moments.add_shifted(chunk, &self.reference, &mut ws.shifted);
-            let p = ws.shifted.dot(&self.test32);
-            let yc = ws.shifted.t().dot(&p);
-            self.y.zip_mut_with(&yc, |a, &b| *a += b as f64);
+            // Column tiles of the test matrix: `Y_j += Xᵀ(X Ω_j)`, each tile on one thread
+            // (fixed shapes, so the f32 products do not depend on the thread count).
+            let cols = linalg::tiles(self.test32.ncols(), 16);
+            let x = &ws.shifted;
+            let parts: Vec<std::sync::Mutex<Option<Array2<f32>>>> = cols.iter().map(|_| std::sync::Mutex::new(None)).collect();
+            linalg::par_tiles(cols.len(), |t| {
+                let p = x.dot(&self.test32.slice(s![.., cols[t].clone()]));
+                *parts[t].lock().expect("no tile panicked") = Some(x.t().dot(&p));
+            });
+            for (c, part) in cols.iter().zip(parts) {
+                let yc = part.into_inner().expect("no tile panicked").expect("every tile ran");
+                self.y.slice_mut(s![.., c.clone()]).zip_mut_with(&yc, |a, &b| *a += b as f64);
+            }
         }
         Ok(())
     }
