@@ -16,6 +16,8 @@
 //! The forward-only column runs the model source's passes (`EXAMPLES_PER_PASS` = 8 examples, as
 //! `eva init` does); `pack=N` (implies `forward-only`) runs N examples per pass instead.
 
+mod util;
+
 use eva::model::ops::Cpu;
 use eva::source::model::{ModelOptions, ModelSource};
 use eva::source::Source;
@@ -126,24 +128,16 @@ fn llama_100m() -> PathBuf {
     dir
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    util::summary(&v).0
 }
 
-/// Sgemm GFLOP/s at the shape of an MLP up-projection of `tokens` rows.
+/// Sgemm GFLOP/s at the shape of an MLP up-projection of `tokens` rows (OpenBLAS on all threads).
 fn sgemm_rate(tokens: usize, d: usize, inter: usize, reps: usize) -> f64 {
     let a = Array2::<f32>::from_shape_fn((tokens, d), |(i, j)| ((i * 7 + j * 3) % 13) as f32 / 13.0);
     let b = Array2::<f32>::from_shape_fn((inter, d), |(i, j)| ((i * 5 + j) % 11) as f32 / 11.0);
     let mut c = Array2::<f32>::zeros((tokens, inter));
-    ndarray::linalg::general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c);
-    let t = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            ndarray::linalg::general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
+    let t = util::time_runs(reps, || util::blas_reference(|| ndarray::linalg::general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c)));
     2.0 * (tokens * d * inter) as f64 / median(t) / 1e9
 }
 

@@ -156,11 +156,11 @@ fn main() {
     let c = stats.covariance();
     let t_cov = t.elapsed().as_secs_f64();
     let t_dgemm = time_runs(5, || {
-        let _ = c.dot(&q);
+        let _ = util::blas_reference(|| c.dot(&q));
     });
     let (c32, q32) = (c.mapv(|v| v as f32), q.mapv(|v| v as f32));
     let t_sgemm = time_runs(5, || {
-        let _ = c32.dot(&q32);
+        let _ = util::blas_reference(|| c32.dot(&q32));
     });
     let c32 = c32.into_raw_vec_and_offset().0;
     let t_sgemm_sq = time_runs(5, || {

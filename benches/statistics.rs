@@ -82,12 +82,14 @@ fn bench_dim(d: usize, n: usize, k: usize, reps: usize, rows: &mut Vec<Row>) {
     let x = x.view();
     let (mut ws_exact, mut ws_sketch) = (Workspace::default(), Workspace::default());
     let mut f_exact = || exact.accumulate(x, &mut ws_exact).expect("accumulate");
-    let mut f_sgemm = || general_mat_mul(1.0, &x.t(), &x, 0.0, &mut c);
-    let mut f_syrk = || ssyrk(x, &mut c_syrk);
+    let mut f_sgemm = || util::blas_reference(|| general_mat_mul(1.0, &x.t(), &x, 0.0, &mut c));
+    let mut f_syrk = || util::blas_reference(|| ssyrk(x, &mut c_syrk));
     let mut f_sketch = || sketch.accumulate(x, &mut ws_sketch).expect("accumulate");
     let mut f_gemm = || {
-        general_mat_mul(1.0, &x, &test, 0.0, &mut p);
-        general_mat_mul(1.0, &x.t(), &p, 0.0, &mut y);
+        util::blas_reference(|| {
+            general_mat_mul(1.0, &x, &test, 0.0, &mut p);
+            general_mat_mul(1.0, &x.t(), &p, 0.0, &mut y);
+        })
     };
     let mut t = time_interleaved(reps, &mut [&mut f_exact, &mut f_sgemm, &mut f_syrk, &mut f_sketch, &mut f_gemm]).into_iter();
     let (t_exact, t_sgemm, t_syrk, t_sketch, t_gemm) = (t.next().unwrap(), t.next().unwrap(), t.next().unwrap(), t.next().unwrap(), t.next().unwrap());

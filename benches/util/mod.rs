@@ -12,9 +12,21 @@ extern "C" {
     fn openblas_get_config() -> *const c_char;
     fn openblas_get_corename() -> *const c_char;
     fn openblas_get_num_threads() -> c_int;
+    fn openblas_set_num_threads(n: c_int);
 }
 
-/// One line describing the OpenBLAS the binary runs with (version, build options, kernel, threads).
+/// Runs a reference BLAS call with OpenBLAS on all of eva's threads (`linalg::threads()`), as a
+/// user calling OpenBLAS directly would; eva itself keeps OpenBLAS on one thread per tile.
+pub fn blas_reference<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: OpenBLAS allows changing its thread count between calls.
+    unsafe { openblas_set_num_threads(eva::linalg::threads() as c_int) };
+    let r = f();
+    unsafe { openblas_set_num_threads(1) };
+    r
+}
+
+/// One line describing the OpenBLAS the binary runs with (version, build options, kernel, and
+/// the threads its reference calls get).
 pub fn openblas_description() -> String {
     // SAFETY: OpenBLAS returns pointers to static NUL-terminated strings.
     unsafe {
@@ -22,7 +34,7 @@ pub fn openblas_description() -> String {
             "{} (core: {}, threads: {})",
             CStr::from_ptr(openblas_get_config()).to_string_lossy().trim(),
             CStr::from_ptr(openblas_get_corename()).to_string_lossy(),
-            openblas_get_num_threads()
+            blas_reference(|| openblas_get_num_threads())
         )
     }
 }

@@ -85,18 +85,26 @@ impl SketchStats {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
             self.moments.add_shifted(chunk, &self.reference, &mut ws.shifted);
-            // Column tiles of the test matrix: `Y_j += Xᵀ(X Ω_j)`, each tile on one thread
-            // (fixed shapes, so the f32 products do not depend on the thread count).
-            let cols = linalg::tiles(self.test32.ncols(), 16);
+            // Two tiled products with fixed tile shapes (so the f32 results do not depend on the
+            // thread count): `P = X[Ω Θ]` by row tiles of X, then `Y += XᵀP` by tiles of Y's
+            // rows (column blocks of X); X is read twice in all.
             let x = &ws.shifted;
-            let parts: Vec<std::sync::Mutex<Option<Array2<f32>>>> = cols.iter().map(|_| std::sync::Mutex::new(None)).collect();
-            linalg::par_tiles(cols.len(), |t| {
-                let p = x.dot(&self.test32.slice(s![.., cols[t].clone()]));
-                *parts[t].lock().expect("no tile panicked") = Some(x.t().dot(&p));
+            let (n, d) = x.dim();
+            let rows = linalg::tiles(n, 512);
+            let p_parts: Vec<std::sync::Mutex<Array2<f32>>> = rows.iter().map(|_| std::sync::Mutex::new(Array2::zeros((0, 0)))).collect();
+            linalg::par_tiles(rows.len(), |t| {
+                *p_parts[t].lock().expect("no tile panicked") = x.slice(s![rows[t].clone(), ..]).dot(&self.test32);
             });
-            for (c, part) in cols.iter().zip(parts) {
-                let yc = part.into_inner().expect("no tile panicked").expect("every tile ran");
-                self.y.slice_mut(s![.., c.clone()]).zip_mut_with(&yc, |a, &b| *a += b as f64);
+            let p_views: Vec<Array2<f32>> = p_parts.into_iter().map(|m| m.into_inner().expect("no tile panicked")).collect();
+            let p = ndarray::concatenate(ndarray::Axis(0), &p_views.iter().map(|a| a.view()).collect::<Vec<_>>()).expect("same columns");
+            let cols = linalg::tiles(d, 256);
+            let y_parts: Vec<std::sync::Mutex<Array2<f32>>> = cols.iter().map(|_| std::sync::Mutex::new(Array2::zeros((0, 0)))).collect();
+            linalg::par_tiles(cols.len(), |t| {
+                *y_parts[t].lock().expect("no tile panicked") = x.slice(s![.., cols[t].clone()]).t().dot(&p);
+            });
+            for (c, part) in cols.iter().zip(y_parts) {
+                let yc = part.into_inner().expect("no tile panicked");
+                self.y.slice_mut(s![c.clone(), ..]).zip_mut_with(&yc, |a, &b| *a += b as f64);
             }
         }
         Ok(())
