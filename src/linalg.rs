@@ -76,14 +76,21 @@ pub fn par_tiles(count: usize, f: impl Fn(usize) + Sync) {
     });
 }
 
+/// `[f(0), f(1), ..]` for `count` tiles computed as in [`par_tiles`], in tile order.
+pub fn par_map<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    par_tiles(count, |t| *slots[t].lock().expect("no tile panicked") = Some(f(t)));
+    slots.into_iter().map(|m| m.into_inner().expect("no tile panicked").expect("every tile ran")).collect()
+}
+
 /// A raw pointer that tiles writing disjoint parts of one buffer may share across threads.
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
+struct SendPtr<T>(*mut T);
 // SAFETY: only used by tiles that write disjoint elements, inside a scope that outlives them.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl<T> Shared<T> {
+impl<T> SendPtr<T> {
     fn at(self, offset: usize) -> *mut T {
         // SAFETY: callers stay inside the buffer.
         unsafe { self.0.add(offset) }
@@ -96,6 +103,17 @@ fn trans(t: bool) -> CBLAS_TRANSPOSE {
     } else {
         CBLAS_TRANSPOSE::CblasNoTrans
     }
+}
+
+/// Row-major `C = alpha · op(A) op(B) + beta · C` (`C: m x n`) through CBLAS, on the calling
+/// thread.
+///
+/// # Safety
+/// The pointers must address matrices of the given shapes and leading dimensions.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
+    let i = |v: usize| i32::try_from(v).expect("matrix dimension exceeds the BLAS 32-bit limit");
+    cblas_sys::cblas_sgemm(CBLAS_LAYOUT::CblasRowMajor, trans(ta), trans(tb), i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc));
 }
 
 /// Rows and columns of an output tile of the tiled products: large enough for BLAS to run near
@@ -112,31 +130,13 @@ pub fn linear_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: us
     if m == 0 || n == 0 {
         return;
     }
-    let i = |v: usize| i32::try_from(v).expect("matrix dimension exceeds the BLAS 32-bit limit");
     let (rows, cols) = (tiles(m, TILE_ROWS), tiles(n, TILE_COLS));
-    let out = Shared(y.as_mut_ptr());
+    let out = SendPtr(y.as_mut_ptr());
     par_tiles(rows.len() * cols.len(), |t| {
         let (r, c) = (&rows[t / cols.len()], &cols[t % cols.len()]);
         // SAFETY: the tile reads rows r of x and rows c of w, and writes the r x c block of y
         // (leading dimension n); tiles are disjoint.
-        unsafe {
-            cblas_sys::cblas_sgemm(
-                CBLAS_LAYOUT::CblasRowMajor,
-                trans(false),
-                trans(true),
-                i(r.len()),
-                i(c.len()),
-                i(k),
-                1.0,
-                x.as_ptr().add(r.start * k),
-                i(k),
-                w.as_ptr().add(c.start * k),
-                i(k),
-                1.0,
-                out.at(r.start * n + c.start),
-                i(n),
-            )
-        };
+        unsafe { sgemm(false, true, r.len(), c.len(), k, 1.0, x.as_ptr().add(r.start * k), k, w.as_ptr().add(c.start * k), k, 1.0, out.at(r.start * n + c.start), n) };
     });
 }
 
@@ -161,21 +161,20 @@ pub fn syrk_accumulate(x: ArrayView2<f32>, scratch: &mut Vec<f32>, out: &mut [f6
     let blocks = tiles(d, if d >= 1024 { 512 } else { 256 });
     let pairs: Vec<(usize, usize)> = (0..blocks.len()).flat_map(|i| (i..blocks.len()).map(move |j| (i, j))).collect();
     let (ni, di) = (int(n, "ssyrk")?, int(d, "ssyrk")?);
-    let prod = Shared(scratch.as_mut_ptr());
+    let prod = SendPtr(scratch.as_mut_ptr());
     par_tiles(pairs.len(), |t| {
         let (bi, bj) = (&blocks[pairs[t].0], &blocks[pairs[t].1]);
-        let (ri, rj) = (bi.len() as i32, bj.len() as i32);
         // SAFETY: x is n*d row-major; the tile writes the bi x bj block of the d x d scratch
         // (leading dimension d), disjoint from every other tile's.
         unsafe {
             if bi == bj {
-                cblas_sys::cblas_ssyrk(CBLAS_LAYOUT::CblasRowMajor, CBLAS_UPLO::CblasUpper, trans(true), ri, ni, 1.0, xs.as_ptr().add(bi.start), di, 0.0, prod.at(bi.start * d + bi.start), di);
+                cblas_sys::cblas_ssyrk(CBLAS_LAYOUT::CblasRowMajor, CBLAS_UPLO::CblasUpper, trans(true), bi.len() as i32, ni, 1.0, xs.as_ptr().add(bi.start), di, 0.0, prod.at(bi.start * d + bi.start), di);
             } else {
-                cblas_sys::cblas_sgemm(CBLAS_LAYOUT::CblasRowMajor, trans(true), trans(false), ri, rj, ni, 1.0, xs.as_ptr().add(bi.start), di, xs.as_ptr().add(bj.start), di, 0.0, prod.at(bi.start * d + bj.start), di);
+                sgemm(true, false, bi.len(), bj.len(), n, 1.0, xs.as_ptr().add(bi.start), d, xs.as_ptr().add(bj.start), d, 0.0, prod.at(bi.start * d + bj.start), d);
             }
         }
     });
-    let (src, dst) = (&scratch[..], Shared(out.as_mut_ptr()));
+    let (src, dst) = (&scratch[..], SendPtr(out.as_mut_ptr()));
     par_tiles(blocks.len(), |b| {
         for i in blocks[b].clone() {
             // SAFETY: row i of the upper triangle, written by this tile only.
@@ -200,7 +199,7 @@ pub fn symm_upper(g: &[f64], d: usize, q: ArrayView2<f64>) -> Result<Array2<f64>
     }
     let (di, mi) = (int(d, "dsymm")?, int(m, "dsymm")?);
     let cols = tiles(m, 16);
-    let (qs, o) = (q.as_slice().expect("contiguous"), Shared(out.as_mut_ptr()));
+    let (qs, o) = (q.as_slice().expect("contiguous"), SendPtr(out.as_mut_ptr()));
     par_tiles(cols.len(), |t| {
         let c = &cols[t];
         // SAFETY: g is d*d, q and out are d*m, all row-major; the tile writes columns c of out.
@@ -256,7 +255,7 @@ pub fn gemm_square<T: Gemm>(c: &[T], d: usize, q: ArrayView2<f64>) -> Result<Arr
     if d > 0 && m > 0 {
         let (mi, di) = (int(m, "gemm")?, int(d, "gemm")?);
         let blocks = tiles(d, TILE_COLS);
-        let o = Shared(out.as_mut_ptr());
+        let o = SendPtr(out.as_mut_ptr());
         par_tiles(blocks.len(), |t| {
             let r = &blocks[t];
             // SAFETY: c is d*d, qt and out d*m, row-major (q.iter() is logical order); the tile
@@ -290,18 +289,16 @@ pub fn cholqr2(a: ArrayView2<f64>) -> Option<Array2<f64>> {
         col /= norm;
     }
     for pass in 0..2 {
-        let mut g = gram_small(&q).ok()?;
+        let g = q.t().dot(&q);
         if pass == 1 {
-            let off = (0..m).flat_map(|i| (0..m).map(move |j| (i, j))).map(|(i, j)| (g[i * m + j] - if i == j { 1.0 } else { 0.0 }).abs()).fold(0.0, f64::max);
+            let off = g.indexed_iter().map(|((i, j), v)| (v - if i == j { 1.0 } else { 0.0 }).abs()).fold(0.0, f64::max);
             if off.is_nan() || off > 0.5 {
                 return None;
             }
         }
-        if !cholesky_in_place(&mut g, m) {
-            return None;
-        }
+        let l = cholesky_lower(g.view())?;
         // Q ← Q L⁻ᵀ (L lower, row-major m x m): solve X Lᵀ = Q from the right.
-        // SAFETY: q is d*m and g m*m, row-major.
+        // SAFETY: q is d*m and l m*m, row-major.
         unsafe {
             cblas_sys::cblas_dtrsm(
                 CBLAS_LAYOUT::CblasRowMajor,
@@ -312,7 +309,7 @@ pub fn cholqr2(a: ArrayView2<f64>) -> Option<Array2<f64>> {
                 int(d, "dtrsm").ok()?,
                 int(m, "dtrsm").ok()?,
                 1.0,
-                g.as_ptr(),
+                l.as_slice().expect("standard layout").as_ptr(),
                 int(m, "dtrsm").ok()?,
                 q.as_slice_mut().expect("standard layout").as_mut_ptr(),
                 int(m, "dtrsm").ok()?,
@@ -320,61 +317,6 @@ pub fn cholqr2(a: ArrayView2<f64>) -> Option<Array2<f64>> {
         }
     }
     q.iter().all(|v| v.is_finite()).then_some(q)
-}
-
-/// `AᵀA` (`m x m`, full, row-major) of a standard-layout `d x m` matrix by `dsyrk`.
-fn gram_small(a: &Array2<f64>) -> Result<Vec<f64>> {
-    let (d, m) = a.dim();
-    let mut g = vec![0.0; m * m];
-    // SAFETY: a is d*m row-major, g m*m.
-    unsafe {
-        cblas_sys::cblas_dsyrk(
-            CBLAS_LAYOUT::CblasRowMajor,
-            CBLAS_UPLO::CblasLower,
-            CBLAS_TRANSPOSE::CblasTrans,
-            int(m, "dsyrk")?,
-            int(d, "dsyrk")?,
-            1.0,
-            a.as_slice().expect("standard layout").as_ptr(),
-            int(m, "dsyrk")?,
-            0.0,
-            g.as_mut_ptr(),
-            int(m, "dsyrk")?,
-        );
-    }
-    for i in 0..m {
-        for j in i + 1..m {
-            g[i * m + j] = g[j * m + i];
-        }
-    }
-    Ok(g)
-}
-
-/// In-place lower Cholesky factor of a small row-major `m x m` matrix (the upper part is zeroed);
-/// `false` if a pivot is not positive and finite.
-fn cholesky_in_place(a: &mut [f64], m: usize) -> bool {
-    for j in 0..m {
-        let mut diag = a[j * m + j];
-        for p in 0..j {
-            diag -= a[j * m + p] * a[j * m + p];
-        }
-        if !(diag > 0.0 && diag.is_finite()) {
-            return false;
-        }
-        let l = diag.sqrt();
-        a[j * m + j] = l;
-        for i in j + 1..m {
-            let mut v = a[i * m + j];
-            for p in 0..j {
-                v -= a[i * m + p] * a[j * m + p];
-            }
-            a[i * m + j] = v / l;
-        }
-        for i in 0..j {
-            a[i * m + j] = 0.0;
-        }
-    }
-    true
 }
 
 /// LAPACK `xsyevr` (OpenBLAS exports it; Fortran ABI: every argument by pointer, then the hidden

@@ -57,8 +57,12 @@ pub fn passes_of_step(step: usize, batch: usize, pass: usize, units: usize, rank
     let end = start.saturating_add(batch).min(units);
     let pass = pass.max(1);
     let first = step.saturating_mul(passes_per_step(batch, pass));
-    let ids: Vec<usize> = (start..end).collect();
-    ids.chunks(pass).enumerate().filter(|(i, _)| (first + i) % size == rank).map(|(_, c)| c.to_vec()).collect()
+    (start..end)
+        .step_by(pass)
+        .enumerate()
+        .filter(|(i, _)| (first + i) % size == rank)
+        .map(|(_, p)| (p..(p + pass).min(end)).collect())
+        .collect()
 }
 
 /// Passes per step: ranks beyond this count have nothing to read.

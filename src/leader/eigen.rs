@@ -52,6 +52,17 @@ fn orthonormalize(a: ArrayView2<f64>) -> Array2<f64> {
     linalg::cholqr2(a).unwrap_or_else(|| linalg::orthonormalize(a))
 }
 
+/// `‖C u_i − θ_i u_i‖ / |θ_1|` for the pairs `(θ_i, u_i)`, from `CU` (columns `i < θ.len()`).
+pub fn residuals(cu: ArrayView2<f64>, u: ArrayView2<f64>, theta: &[f64]) -> Vec<f64> {
+    let scale = theta.first().map_or(1.0, |v| v.abs()).max(f64::MIN_POSITIVE);
+    (0..theta.len())
+        .map(|i| {
+            let r = &cu.column(i) - &(&u.column(i) * theta[i]);
+            r.dot(&r).sqrt() / scale
+        })
+        .collect()
+}
+
 /// Subspace block size for `k` wanted pairs: `k + max(k, 8)` extra columns speed up convergence
 /// (the rate is `λ_{m+1}/λ_k` per iteration).
 pub fn block_size(k: usize, d: usize) -> usize {
@@ -118,13 +129,7 @@ pub fn subspace_top_k(
         let (theta, w) = linalg::sym_eig_desc(h.view())?;
         let u = q.dot(&w);
         let cu = z.dot(&w);
-        let scale = theta[0].abs().max(f64::MIN_POSITIVE);
-        let residuals: Vec<f64> = (0..k)
-            .map(|i| {
-                let r = &cu.column(i) - &(&u.column(i) * theta[i]);
-                r.dot(&r).sqrt() / scale
-            })
-            .collect();
+        let residuals = residuals(cu.view(), u.view(), &theta[..k]);
         let converged = residuals.iter().all(|&r| r <= tol) || theta[0] <= 0.0;
         if converged || applications >= max_iter {
             return Ok(TopK {

@@ -15,7 +15,7 @@ use crate::config::EvaParams;
 use crate::linalg;
 use crate::source::Catalog;
 use crate::stats::sketch::Nystrom;
-use crate::stats::Moments;
+use crate::stats::{exact, Moments};
 use crate::Result;
 use ndarray::{Array2, ArrayView2};
 
@@ -84,44 +84,6 @@ type Operator<'a> = Box<dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>> + 'a>;
 
 /// Produces the full covariance (row-major `d x d`) for a dense solve.
 type Fetch<'a> = Box<dyn FnMut() -> Result<Vec<f64>> + 'a>;
-
-/// The centered covariance `(G − s sᵀ/n) / (n − 1)`, full and symmetric (row-major `d x d`), from
-/// the upper triangle of a row-major Gram, converted by `conv` (to f32 for the step's operator).
-/// Full rather than a triangle because the products with it are GEMMs: at d = 1536, m = 32
-/// (2 Zen 2 cores) `dgemm` 6.6 ms against `dsymm` + centering 10.7 ms, `sgemm` 3.5 ms against
-/// `ssymm` 5.1 ms. Built in 64 x 64 tiles, each written with its transpose while in cache.
-fn covariance_full<T: Copy + Default>(g: &[f64], d: usize, moments: &Moments, conv: impl Fn(f64) -> T) -> Vec<T> {
-    const TILE: usize = 64;
-    let n = moments.n as f64;
-    let scale = 1.0 / (n - 1.0);
-    let s = &moments.sum;
-    let sn: Vec<f64> = s.iter().map(|v| v / n).collect();
-    let mut c = vec![T::default(); d * d];
-    for i0 in (0..d).step_by(TILE) {
-        for j0 in (i0..d).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(d) {
-                for j in j0.max(i)..(j0 + TILE).min(d) {
-                    let v = conv((g[i * d + j] - sn[i] * s[j]) * scale);
-                    c[i * d + j] = v;
-                    c[j * d + i] = v;
-                }
-            }
-        }
-    }
-    c
-}
-
-/// `‖C u_i − λ_i u_i‖ / λ₁` per pair, with `apply(U) = C·U`.
-fn residuals(apply: &mut dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>>, u: &Array2<f64>, values: &[f64]) -> Result<Vec<f64>> {
-    let cu = apply(u.view())?;
-    let scale = values.first().map_or(1.0, |v| v.abs()).max(f64::MIN_POSITIVE);
-    Ok((0..values.len())
-        .map(|i| {
-            let r = &cu.column(i) - &(&u.column(i) * values[i]);
-            r.dot(&r).sqrt() / scale
-        })
-        .collect())
-}
 
 /// Top eigenpairs of one input's sample covariance.
 #[derive(Clone, Debug)]
@@ -195,12 +157,12 @@ impl Spectrum {
         let start = start.as_ref().map(|w| w.view());
         let top = match (gram, precision) {
             (Gram::Local(g), Precision::Step) if d <= COPY_MAX_DIM => {
-                let c32 = covariance_full(g, d, moments, |v| v as f32);
+                let c32 = exact::covariance_full(g, d, moments, |v| v as f32);
                 let mut apply = |q: ArrayView2<f64>| linalg::gemm_square(&c32, d, q);
                 let top = eigen::subspace_top_k(&mut apply, d, kmax, start, d as u64, tol, max_iter)?;
                 if d <= DENSE_MAX_DIM && !top.converged {
                     let mut top = eigen::dense_top_k_upper(&mut c32.clone(), d, kmax)?;
-                    top.residuals = residuals(&mut apply, &top.vectors, &top.values)?;
+                    top.residuals = eigen::residuals(apply(top.vectors.view())?.view(), top.vectors.view(), &top.values);
                     top
                 } else {
                     top
@@ -216,10 +178,10 @@ impl Spectrum {
                             moments.center(&mut gq, q);
                             Ok(gq)
                         }),
-                        Box::new(move || Ok(covariance_full(g, d, moments, |v| v))),
+                        Box::new(move || Ok(exact::covariance_full(g, d, moments, |v| v))),
                     ),
                     Gram::Local(g) => {
-                        let c = std::rc::Rc::new(covariance_full(g, d, moments, |v| v));
+                        let c = std::rc::Rc::new(exact::covariance_full(g, d, moments, |v| v));
                         let c2 = c.clone();
                         (Box::new(move |q| linalg::gemm_square(&c, d, q)), Box::new(move || Ok(c2.to_vec())))
                     }
@@ -229,7 +191,7 @@ impl Spectrum {
                             moments.center(&mut gq, q);
                             Ok(gq)
                         }),
-                        Box::new(move || Ok(covariance_full(&gather()?, d, moments, |v| v))),
+                        Box::new(move || Ok(exact::covariance_full(&gather()?, d, moments, |v| v))),
                     ),
                 };
                 if d <= DENSE_MAX_DIM {

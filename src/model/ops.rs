@@ -20,7 +20,7 @@
 
 use super::checkpoint::HostTensor;
 use crate::{Error, Result};
-use cblas_sys::{CBLAS_LAYOUT, CBLAS_TRANSPOSE};
+use crate::linalg::{sgemm, threads};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use std::ops::Range;
 
@@ -489,10 +489,6 @@ impl Backend for Cpu {
 }
 
 /// Threads of the CPU backend's own loops: OpenBLAS's thread count ([`crate::linalg::set_threads`]).
-fn threads() -> usize {
-    crate::linalg::threads()
-}
-
 /// Rough operation count below which a loop stays on the calling thread (starting a scoped
 /// thread costs some tens of microseconds).
 const PAR_MIN_WORK: usize = 1 << 17;
@@ -603,16 +599,6 @@ fn sum_f64(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// Row-major `C = alpha · op(A) op(B) + beta · C` (`C: m x n`) through CBLAS.
-///
-/// # Safety
-/// The pointers must address matrices of the given shapes and leading dimensions.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
-    let t = |t: bool| if t { CBLAS_TRANSPOSE::CblasTrans } else { CBLAS_TRANSPOSE::CblasNoTrans };
-    let i = |v: usize| i32::try_from(v).expect("matrix dimension exceeds the BLAS 32-bit limit");
-    cblas_sys::cblas_sgemm(CBLAS_LAYOUT::CblasRowMajor, t(ta), t(tb), i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc));
-}
 
 /// `v = e^(v - max(v))` over a slice; returns `Σ v`. 8 lanes with AVX2, same values (see
 /// [`activate_slice`]); the max is taken, and the sum added, in 8 interleaved partial results

@@ -50,7 +50,7 @@ impl ExactStats {
 
     /// The dense sample covariance (`d x d`) of these statistics alone.
     pub fn covariance(&self) -> Array2<f64> {
-        covariance(&self.gram, self.d, &self.moments)
+        Array2::from_shape_vec((self.d, self.d), covariance_full(&self.gram, self.d, &self.moments, |v| v)).expect("d x d values")
     }
 }
 
@@ -72,13 +72,28 @@ pub fn unpack_upper<'a>(packed: &'a [f64], d: usize, full: &mut [f64]) -> &'a [f
     rest
 }
 
-/// The dense sample covariance from the upper triangle of a Gram of shifted rows and their
-/// moments: `(G - s sᵀ/n) / (n-1)`.
-pub fn covariance(gram: &[f64], d: usize, moments: &Moments) -> Array2<f64> {
+/// The centered covariance `(G − s sᵀ/n) / (n − 1)`, full and symmetric (row-major `d x d`), from
+/// the upper triangle of a row-major Gram, converted by `conv` (to f32 for the step's operator).
+/// Full rather than a triangle because the products with it are GEMMs: at d = 1536, m = 32
+/// (2 Zen 2 cores) `dgemm` 6.6 ms against `dsymm` + centering 10.7 ms, `sgemm` 3.5 ms against
+/// `ssymm` 5.1 ms. Built in 64 x 64 tiles, each written with its transpose while in cache.
+pub fn covariance_full<T: Copy + Default>(g: &[f64], d: usize, moments: &Moments, conv: impl Fn(f64) -> T) -> Vec<T> {
+    const TILE: usize = 64;
     let n = moments.n as f64;
+    let scale = 1.0 / (n - 1.0);
     let s = &moments.sum;
-    Array2::from_shape_fn((d, d), |(i, j)| {
-        let g = if j >= i { gram[i * d + j] } else { gram[j * d + i] };
-        (g - s[i] * s[j] / n) / (n - 1.0)
-    })
+    let sn: Vec<f64> = s.iter().map(|v| v / n).collect();
+    let mut c = vec![T::default(); d * d];
+    for i0 in (0..d).step_by(TILE) {
+        for j0 in (i0..d).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(d) {
+                for j in j0.max(i)..(j0 + TILE).min(d) {
+                    let v = conv((g[i * d + j] - sn[i] * s[j]) * scale);
+                    c[i * d + j] = v;
+                    c[j * d + i] = v;
+                }
+            }
+        }
+    }
+    c
 }

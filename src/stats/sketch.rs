@@ -91,20 +91,12 @@ impl SketchStats {
             let x = &ws.shifted;
             let (n, d) = x.dim();
             let rows = linalg::tiles(n, 512);
-            let p_parts: Vec<std::sync::Mutex<Array2<f32>>> = rows.iter().map(|_| std::sync::Mutex::new(Array2::zeros((0, 0)))).collect();
-            linalg::par_tiles(rows.len(), |t| {
-                *p_parts[t].lock().expect("no tile panicked") = x.slice(s![rows[t].clone(), ..]).dot(&self.test32);
-            });
-            let p_views: Vec<Array2<f32>> = p_parts.into_iter().map(|m| m.into_inner().expect("no tile panicked")).collect();
-            let p = ndarray::concatenate(ndarray::Axis(0), &p_views.iter().map(|a| a.view()).collect::<Vec<_>>()).expect("same columns");
+            let p_parts = linalg::par_map(rows.len(), |t| x.slice(s![rows[t].clone(), ..]).dot(&self.test32));
+            let p = ndarray::concatenate(ndarray::Axis(0), &p_parts.iter().map(|a| a.view()).collect::<Vec<_>>()).expect("same columns");
             let cols = linalg::tiles(d, 256);
-            let y_parts: Vec<std::sync::Mutex<Array2<f32>>> = cols.iter().map(|_| std::sync::Mutex::new(Array2::zeros((0, 0)))).collect();
-            linalg::par_tiles(cols.len(), |t| {
-                *y_parts[t].lock().expect("no tile panicked") = x.slice(s![.., cols[t].clone()]).t().dot(&p);
-            });
-            for (c, part) in cols.iter().zip(y_parts) {
-                let yc = part.into_inner().expect("no tile panicked");
-                self.y.slice_mut(s![c.clone(), ..]).zip_mut_with(&yc, |a, &b| *a += b as f64);
+            let y_parts = linalg::par_map(cols.len(), |t| x.slice(s![.., cols[t].clone()]).t().dot(&p));
+            for (c, yc) in cols.iter().zip(&y_parts) {
+                self.y.slice_mut(s![c.clone(), ..]).zip_mut_with(yc, |a, &b| *a += b as f64);
             }
         }
         Ok(())
