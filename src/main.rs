@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Every message already carries its cause: one line per error.
-            eprintln!("eva: error: {e}");
+            eva::cli::progress::say(&format!("eva: error: {e}"));
             ExitCode::from(e.exit_code() as u8)
         }
     }

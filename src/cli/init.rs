@@ -1,6 +1,6 @@
 //! `eva init`: validates arguments, opens the source, runs the engine and writes the adapter.
 
-use super::progress::Progress;
+use super::progress::{say, Progress};
 use super::InitArgs;
 use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
 use crate::comm::threads::ThreadWorld;
@@ -130,14 +130,14 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
     let (mut source, desc) = agree(comm, open_source(args))?;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
     if leader && comm.size() > passes {
-        eprintln!(
+        say(&format!(
             "eva: warning: a step of --batch-size {} has {passes} passes of {} units, so {} of {} ranks have nothing to read; use --batch-size {} or more to keep every rank busy",
             cfg.batch_size,
             source.pass_units(),
             comm.size() - passes,
             comm.size(),
             comm.size() * source.pass_units()
-        );
+        ));
     }
     let mut progress = Progress::new(cfg.quiet || !leader);
     let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
@@ -158,19 +158,19 @@ fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
 
     let r = &outcome.report;
     if !r.converged {
-        eprintln!(
+        say(&format!(
             "eva: warning: stopped ({}) after {} steps with {} of {} layers not converged; their components are the last estimates, marked converged_step = null in {}",
             r.stop_reason.replace('_', " "),
             r.steps,
             r.unconverged_layers.len(),
             r.layers.len(),
             REPORT_FILE
-        );
+        ));
     }
     if !cfg.quiet {
         let kept = outcome.adapter.layers.len();
         let ranks: Vec<usize> = outcome.adapter.layers.iter().map(|l| l.rank).collect();
-        eprintln!(
+        say(&format!(
             "[eva] wrote {}: {kept} of {} layers (ranks {}..{}), {} steps, stop: {}, {} rank(s), {:.2} s",
             cfg.out.display(),
             r.layers.len(),
@@ -180,7 +180,7 @@ fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
             r.stop_reason,
             r.world_size,
             r.time_s.total + r.time_s.writing
-        );
+        ));
     }
     Ok(())
 }

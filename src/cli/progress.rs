@@ -1,5 +1,5 @@
-//! Step progress: a redrawn line on a terminal, plain log lines (at most one per second)
-//! otherwise, nothing with `--quiet`.
+//! What eva prints on stderr: step progress (a redrawn line on a terminal, plain log lines at
+//! most once per second otherwise, nothing with `--quiet`) and whole-line messages.
 
 use crate::engine::StepInfo;
 use std::io::{IsTerminal, Write};
@@ -31,13 +31,11 @@ impl Progress {
         if self.quiet {
             return;
         }
-        let mut err = std::io::stderr().lock();
         if self.tty {
-            let _ = write!(err, "\r\x1b[2K[eva] {}", Self::line(info));
-            let _ = err.flush();
+            write_once(&format!("\r\x1b[2K[eva] {}", Self::line(info)));
             self.drawn = true;
         } else if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || info.step == info.total_steps {
-            let _ = writeln!(err, "[eva] {}", Self::line(info));
+            say(&format!("[eva] {}", Self::line(info)));
             self.last = Some(Instant::now());
         }
     }
@@ -45,8 +43,18 @@ impl Progress {
     /// Ends the progress line so that the next message starts on its own line.
     pub fn finish(&mut self) {
         if self.drawn {
-            eprintln!();
+            write_once("\n");
             self.drawn = false;
         }
     }
+}
+
+/// Prints one line on stderr in a single write, so that the lines of ranks sharing a terminal
+/// under `mpirun` never interleave mid-line (`eprintln!` writes each formatted piece apart).
+pub fn say(line: &str) {
+    write_once(&format!("{line}\n"));
+}
+
+fn write_once(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
