@@ -20,6 +20,7 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Compute an EVA-initialized LoRA adapter and write it as a PEFT adapter directory.
     Init(InitArgs),

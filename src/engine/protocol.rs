@@ -162,7 +162,7 @@ impl Command {
                 let input = r.u64()? as usize;
                 let cols = r.u64()? as usize;
                 let data = r.f64s()?;
-                let rows = if cols == 0 { 0 } else { data.len() / cols };
+                let rows = data.len().checked_div(cols).unwrap_or(0);
                 let q = Array2::from_shape_vec((rows, cols), data).map_err(|e| Error::Comm(format!("malformed Apply command: {e}")))?;
                 Command::Apply { input, q }
             }

@@ -36,9 +36,9 @@ pub fn certain(catalog: &Catalog, ratios: &[Vec<f64>], bounds: &[f64], ranks: &[
         let g = catalog.layers[l].input;
         ratios[g].iter().take(cap.min(catalog.layers[l].in_features)).enumerate().map(move |(j, &r)| (j, r, r + bounds[g]))
     };
-    for l in 0..catalog.layers.len() {
+    for (l, &rank) in ranks.iter().enumerate() {
         for (j, lo, hi) in offered(l) {
-            if j < ranks[l] {
+            if j < rank {
                 kept_min = kept_min.min(lo);
             } else {
                 dropped_max = dropped_max.max(hi);

@@ -219,8 +219,8 @@ mod tests {
         let it = subspace_top_k(&mut apply, 120, 10, None, 0, 1e-10, 500).unwrap();
         assert!(it.converged);
         check_invariants(&a, &it, 1e-9);
-        for i in 0..10 {
-            assert!((it.values[i] - w[i]).abs() < 1e-10);
+        for (v, w) in it.values.iter().zip(&w) {
+            assert!((v - w).abs() < 1e-10);
         }
         assert!(subspace_similarity(it.vectors.view(), q.slice(s![.., ..10])) > 1.0 - 1e-12);
     }
@@ -339,7 +339,7 @@ mod tests {
         let c0 = a.column(0).to_owned();
         let c1 = &c0 + &(&a.column(1) * 1e-14);
         a.column_mut(1).assign(&c1);
-        assert!(linalg::cholqr2(a.view()).map_or(true, |q| (&q.t().dot(&q) - &Array2::<f64>::eye(m)).iter().all(|v| v.abs() < 1e-12)));
+        assert!(linalg::cholqr2(a.view()).is_none_or(|q| (&q.t().dot(&q) - &Array2::<f64>::eye(m)).iter().all(|v| v.abs() < 1e-12)));
         let q = orthonormalize(a.view());
         assert!((&q.t().dot(&q) - &Array2::<f64>::eye(m)).iter().all(|v| v.abs() < 1e-12));
     }

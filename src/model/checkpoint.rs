@@ -181,7 +181,7 @@ impl Checkpoint {
         let t = self.tensors.get(name).ok_or_else(|| {
             Error::data(format!("checkpoint in {}: tensor {name} is missing (config.json says it should exist)", self.dir.display()))
         })?;
-        let ok = t.shape.len() == shape.len() && t.shape.iter().zip(shape).all(|(&a, b)| b.map_or(true, |b| a == b));
+        let ok = t.shape.len() == shape.len() && t.shape.iter().zip(shape).all(|(&a, b)| b.is_none_or(|b| a == b));
         if !ok {
             let want: Vec<String> = shape.iter().map(|d| d.map_or("?".into(), |d| d.to_string())).collect();
             return Err(Error::data(format!(

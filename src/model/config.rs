@@ -223,7 +223,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
                 path.display()
             )));
         }
-        if hidden % heads != 0 && v.get("head_dim").map_or(true, Value::is_null) {
+        if hidden % heads != 0 && v.get("head_dim").is_none_or(Value::is_null) {
             return Err(Error::data(format!(
                 "{}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} and no head_dim is given",
                 path.display()

@@ -497,7 +497,7 @@ const PAR_MIN_WORK: usize = 1 << 17;
 /// into one contiguous block of whole rows per thread. Each row is computed by the same code
 /// whichever block it falls in, so results do not depend on the thread count.
 fn par_chunks(data: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = if row_len == 0 { 0 } else { data.len() / row_len };
+    let rows = data.len().checked_div(row_len).unwrap_or(0);
     let t = threads().min(rows.saturating_mul(cost) / PAR_MIN_WORK).max(1);
     if t <= 1 {
         f(0, data);

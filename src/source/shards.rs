@@ -100,7 +100,8 @@ impl ShardSource {
         }
         let mut layers = Vec::new();
         // Equal-input groups: same dtype, shape and bytes in the first unit.
-        let mut by_content: HashMap<(String, Vec<usize>, &[u8]), Vec<usize>> = HashMap::new();
+        type Content<'a> = (String, Vec<usize>, &'a [u8]);
+        let mut by_content: HashMap<Content, Vec<usize>> = HashMap::new();
         for (i, name) in names.iter().enumerate() {
             let view = st.tensor(name).expect("name listed by the file");
             check_dtype(first, 0, name, view.dtype())?;

@@ -206,11 +206,9 @@ impl Source for SyntheticSource {
             if unit >= self.spec.units {
                 return Err(Error::data(format!("synthetic unit {unit} does not exist ({} units)", self.spec.units)));
             }
-            for input in 0..self.catalog.inputs.len() {
-                if wanted[input] {
-                    let x = self.generate(input, unit);
-                    sink(input, x.view())?;
-                }
+            for input in (0..self.catalog.inputs.len()).filter(|&i| wanted[i]) {
+                let x = self.generate(input, unit);
+                sink(input, x.view())?;
             }
         }
         Ok(())

@@ -117,9 +117,9 @@ fn whitening_divides_by_root_singular_values() {
     let (vals, vecs) = dense_pca(&seen[1]);
     let n = 4000.0;
     let a = &w.tensors["base_model.model.model.b.steep.lora_A.weight"];
-    for i in 0..a.nrows() {
+    for (i, &val) in vals.iter().enumerate().take(a.nrows()) {
         // PEFT: A_i = u_i / sqrt(σ_i), σ_i = singular value of the centered data = sqrt(λ_i (n-1)).
-        let sigma = (vals[i] * (n - 1.0)).sqrt();
+        let sigma = (val * (n - 1.0)).sqrt();
         let norm = a.row(i).mapv(|v| v as f64).dot(&a.row(i).mapv(|v| v as f64)).sqrt();
         assert!((norm * sigma.sqrt() - 1.0).abs() < 1e-4, "row {i}: norm {norm}, sigma {sigma}");
         let cos = a.row(i).mapv(|v| v as f64).dot(&vecs.column(i)) / norm;
