@@ -85,6 +85,9 @@ pub struct RunConfig {
     pub max_steps: Option<usize>,
     /// Use all data once and ignore convergence.
     pub no_early_stop: bool,
+    /// Done inputs keep accumulating until the run stops, instead of stopping when they
+    /// converge (PEFT's behaviour).
+    pub refine_converged: bool,
     /// Statistic choice.
     pub estimator: EstimatorChoice,
     /// Sketch columns per unique input (`None` = automatic, see `stats::sketch_size`).

@@ -61,6 +61,7 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         batch_size: args.batch_size,
         max_steps: args.max_steps,
         no_early_stop: args.no_early_stop,
+        refine_converged: args.refine_converged,
         estimator: args.estimator.into(),
         sketch_size: args.sketch_size,
         stats_memory: (args.stats_memory * (1u64 << 30) as f64) as u64,

@@ -158,6 +158,12 @@ pub struct InitArgs {
     #[arg(long)]
     pub no_early_stop: bool,
 
+    /// Keep accumulating a converged layer's statistics until the run stops (by default it
+    /// stops at convergence, as in PEFT): its components become the PCA of all the data the run
+    /// read, for the cost of its statistics and of the forward pass through it.
+    #[arg(long, conflicts_with = "no_early_stop")]
+    pub refine_converged: bool,
+
     /// Statistic per unique layer input.
     #[arg(long, value_enum, default_value_t = EstimatorArg::Auto)]
     pub estimator: EstimatorArg,

@@ -1,11 +1,12 @@
 //! The step loop (DESIGN.md §2). Every global step, on every rank:
 //!
-//! 1. read this rank's units of the step and accumulate statistics of the active inputs;
+//! 1. read this rank's units of the step and accumulate statistics of the accumulating inputs;
 //! 2. agree that no rank failed (one `P`-long all-reduce);
-//! 3. one fused all-reduce of the shared parts (counts, sums, sketches) of the active inputs;
-//! 4. the leader estimates eigenpairs — exact Grams stay on their ranks and are reached through
-//!    `Σ_r G_r·Q` products ([`protocol`]) — tests convergence, redistributes ranks and
-//!    broadcasts the decision; the others serve its products until the decision arrives.
+//! 3. one fused all-reduce of the shared parts (counts, sums, sketches) of those inputs;
+//! 4. the leader estimates eigenpairs of the inputs under test — exact Grams stay on their ranks
+//!    and are reached through `Σ_r G_r·Q` products ([`protocol`]) — tests convergence,
+//!    redistributes ranks and broadcasts the decision (which inputs accumulate and which are
+//!    tested next); the others serve its products until the decision arrives.
 //!
 //! At the end the leader solves precisely, allocates, builds the adapter and broadcasts it
 //! with the report, so every rank returns the same [`Outcome`].
@@ -17,7 +18,7 @@ use crate::adapter::{self, layer_alpha, Adapter};
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::config::RunConfig;
-use crate::leader::{allocate, Certificate, Gram, Leader, Precision, Spectrum};
+use crate::leader::{allocate, Certificate, Decision, Gram, Leader, Precision, Spectrum};
 use crate::source::{Catalog, Source};
 use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
 use crate::{Error, Result};
@@ -216,7 +217,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     if let Some(l) = catalog.layers.iter().find(|l| l.in_features < params.rank) {
         return Err(Error::usage(format!("--rank {} is larger than in_features = {} of layer {}", params.rank, l.in_features, l.name)));
     }
-    let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop);
+    let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop, cfg.refine_converged);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let name_of = |g: usize| catalog.layers[catalog.inputs[g].members[0]].name.clone();
     let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory, comm.size());
@@ -244,7 +245,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let mut workspace = stats::Workspace::default();
     let data_steps = units.div_ceil(cfg.batch_size);
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
-    let mut active = vec![true; dims.len()];
+    let mut decision = Decision::first(dims.len());
     let mut warm: Vec<Option<Array2<f64>>> = vec![None; dims.len()];
     let mut step = 0;
     let mut step_bytes = Vec::new();
@@ -261,7 +262,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         let read_start = Instant::now();
         let mut stat_time = Duration::ZERO;
         let read = passes.iter().try_for_each(|pass| {
-            source.read(pass, &active, &mut |g, x| {
+            source.read(pass, &decision.accumulate, &mut |g, x| {
                 let t = Instant::now();
                 let r = local[g].accumulate(x, &mut workspace);
                 stat_time += t.elapsed();
@@ -273,14 +274,15 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         wire.agree(read)?;
         step += 1;
 
-        // 3. One fused all-reduce of the active inputs' shared parts.
+        // 3. One fused all-reduce of the accumulating inputs' shared parts.
+        let accumulated = || (0..dims.len()).filter(|&g| decision.accumulate[g]);
         let mut buf = Vec::new();
-        for g in (0..dims.len()).filter(|&g| active[g]) {
+        for g in accumulated() {
             local[g].pack_shared(&shared[g], &mut buf);
         }
         wire.all_reduce_sum(&mut buf)?;
         let mut rest = &buf[..];
-        for g in (0..dims.len()).filter(|&g| active[g]) {
+        for g in accumulated() {
             rest = shared[g].unpack(rest);
         }
 
@@ -290,11 +292,11 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         let comm_before = wire.time();
         let kmax = |g: usize| leader.kmax(g);
         // PEFT skips batches with fewer tokens than components; wait for enough data.
-        let ready: Vec<usize> = (0..dims.len()).filter(|&g| active[g] && shared[g].moments.n as usize > kmax(g)).collect();
+        let ready: Vec<usize> = (0..dims.len()).filter(|&g| decision.test[g] && shared[g].moments.n as usize > kmax(g)).collect();
         let spread: Vec<usize> = ready.iter().copied().filter(|&g| solvable_anywhere(&local[g], &shared[g])).collect();
         let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Step)?;
-        let (next, all_done) = if comm.is_leader() {
-            let decision = lead(
+        let next = if comm.is_leader() {
+            lead(
                 &wire,
                 || {
                     for (g, spectrum) in solved {
@@ -306,20 +308,19 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                     }
                     Ok(leader.decide(step))
                 },
-                |d| Command::Decide { active: d.active.clone(), all_done: d.all_done },
-            )?;
-            (decision.active, decision.all_done)
+                |d| Command::Decide(d.clone()),
+            )?
         } else {
             match protocol::serve(&wire, &local)? {
-                Reply::Decide { active, all_done } => (active, all_done),
+                Reply::Decide(d) => d,
                 Reply::Finish(_) => return Err(Error::Comm("rank 0 finished the run in the middle of a step".into())),
             }
         };
         times.leader += (leader_start.elapsed() - (wire.time() - comm_before)).as_secs_f64();
-        if next.len() != dims.len() {
-            return Err(Error::Comm(format!("decision names {} inputs, this rank has {}", next.len(), dims.len())));
+        if next.accumulate.len() != dims.len() || next.test.len() != dims.len() {
+            return Err(Error::Comm(format!("decision names {} inputs, this rank has {}", next.accumulate.len(), dims.len())));
         }
-        active = next;
+        decision = next;
         step_bytes.push(wire.bytes() - bytes_before);
 
         if comm.is_leader() {
@@ -334,7 +335,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             });
         }
-        if !cfg.no_early_stop && all_done {
+        if !cfg.no_early_stop && decision.all_done {
             break "converged";
         }
     };
@@ -349,7 +350,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     if !comm.is_leader() {
         return match protocol::serve(&wire, &local)? {
             Reply::Finish(bytes) => decode_outcome(&bytes),
-            Reply::Decide { .. } => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
+            Reply::Decide(_) => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
         };
     }
     let outcome = lead(

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `Apply` | input, `Q` (`d x m`) | their local `G·Q`, summed by all-reduce |
 //! | `Gram` | input | their local Gram (upper triangle), summed by all-reduce (small `d` only) |
-//! | `Decide` | active inputs, all-done flag | — (the step ends) |
+//! | `Decide` | inputs that accumulate and inputs tested next step, all-done flag | — (the step ends) |
 //! | `Finish` | the adapter and report | — (the run ends) |
 //! | `Abort` | the leader's error | — (every rank fails with it) |
 //!
@@ -13,7 +13,7 @@
 
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
-use crate::leader::{Certificate, Spectrum};
+use crate::leader::{Certificate, Decision, Spectrum};
 use crate::stats::exact::{pack_upper, unpack_upper, ExactStats};
 use crate::stats::InputStats;
 use crate::{Error, Result};
@@ -127,7 +127,7 @@ pub fn decode_spectra(buf: &[u8]) -> Result<Vec<(usize, Spectrum)>> {
 pub enum Command {
     Apply { input: usize, q: Array2<f64> },
     Gram { input: usize },
-    Decide { active: Vec<bool>, all_done: bool },
+    Decide(Decision),
     Finish(Vec<u8>),
     Abort(String),
 }
@@ -142,8 +142,8 @@ impl Command {
             Command::Gram { input } => {
                 w.u8(1).u64(*input as u64);
             }
-            Command::Decide { active, all_done } => {
-                w.u8(2).bools(active).u8(*all_done as u8);
+            Command::Decide(d) => {
+                w.u8(2).bools(&d.accumulate).bools(&d.test).u8(d.all_done as u8);
             }
             Command::Finish(bytes) => {
                 w.u8(3).bytes(bytes);
@@ -167,7 +167,7 @@ impl Command {
                 Command::Apply { input, q }
             }
             1 => Command::Gram { input: r.u64()? as usize },
-            2 => Command::Decide { active: r.bools()?, all_done: r.u8()? != 0 },
+            2 => Command::Decide(Decision { accumulate: r.bools()?, test: r.bools()?, all_done: r.u8()? != 0 }),
             3 => Command::Finish(r.bytes()?.to_vec()),
             4 => Command::Abort(String::from_utf8_lossy(r.bytes()?).into_owned()),
             tag => return Err(Error::Comm(format!("unknown leader command {tag}"))),
@@ -214,7 +214,7 @@ pub fn gram(wire: &Wire, stats: &[InputStats], input: usize) -> Result<Vec<f64>>
 
 /// What ends a follower's service.
 pub enum Reply {
-    Decide { active: Vec<bool>, all_done: bool },
+    Decide(Decision),
     Finish(Vec<u8>),
 }
 
@@ -234,7 +234,7 @@ pub fn serve(wire: &Wire, stats: &[InputStats]) -> Result<Reply> {
                 pack_upper(e.gram(), e.dim(), &mut packed);
                 wire.all_reduce_sum(&mut packed)?;
             }
-            Command::Decide { active, all_done } => return Ok(Reply::Decide { active, all_done }),
+            Command::Decide(d) => return Ok(Reply::Decide(d)),
             Command::Finish(bytes) => return Ok(Reply::Finish(bytes)),
             Command::Abort(msg) => return Err(Error::Comm(format!("rank 0 failed: {msg}"))),
         }
@@ -252,8 +252,9 @@ mod tests {
             Command::Apply { input, q: back } => assert_eq!((input, &back), (4, &q)),
             _ => panic!("wrong command"),
         }
-        match Command::decode(&Command::Decide { active: vec![true, false], all_done: true }.encode()).unwrap() {
-            Command::Decide { active, all_done } => assert_eq!((active, all_done), (vec![true, false], true)),
+        let d = Decision { accumulate: vec![true, true, false], test: vec![true, false, false], all_done: true };
+        match Command::decode(&Command::Decide(d.clone()).encode()).unwrap() {
+            Command::Decide(back) => assert_eq!(back, d),
             _ => panic!("wrong command"),
         }
         assert!(Command::decode(&[9]).is_err());

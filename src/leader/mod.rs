@@ -246,17 +246,25 @@ pub struct InputState {
     pub done: bool,
     /// The step (1-based) after which the input became done, if it is done.
     pub converged_step: Option<usize>,
-    /// Steps in which the input accumulated data.
-    pub steps_accumulated: usize,
 }
 
 /// The leader's per-step decision, broadcast to every rank.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
-    /// Inputs that accumulate during the next step.
-    pub active: Vec<bool>,
+    /// Inputs that accumulate statistics during the next step.
+    pub accumulate: Vec<bool>,
+    /// Inputs re-estimated and tested for convergence after the next step: those not done (all
+    /// of them without early stopping).
+    pub test: Vec<bool>,
     /// Every input is done (early stopping may end the run).
     pub all_done: bool,
+}
+
+impl Decision {
+    /// The decision before the first step: every input accumulates and is tested.
+    pub fn first(inputs: usize) -> Self {
+        Decision { accumulate: vec![true; inputs], test: vec![true; inputs], all_done: false }
+    }
 }
 
 /// Convergence and allocation state across steps.
@@ -266,6 +274,7 @@ pub struct Leader {
     budget: usize,
     tau: f64,
     early_stop: bool,
+    refine_converged: bool,
     /// Per unique input.
     pub states: Vec<InputState>,
     /// Current rank per layer (catalog order); `cap` for all before the first allocation, as in PEFT.
@@ -273,8 +282,10 @@ pub struct Leader {
 }
 
 impl Leader {
-    /// A leader for `catalog` with PEFT's knobs; `early_stop = false` keeps every input active.
-    pub fn new(catalog: &Catalog, params: &EvaParams, early_stop: bool) -> Self {
+    /// A leader for `catalog` with PEFT's knobs. `early_stop = false` tests every input at every
+    /// step. Done inputs stop accumulating, as in PEFT, unless `refine_converged`: then they keep
+    /// accumulating, untested, until the run stops.
+    pub fn new(catalog: &Catalog, params: &EvaParams, early_stop: bool, refine_converged: bool) -> Self {
         let cap = params.max_components();
         Leader {
             catalog: catalog.clone(),
@@ -282,6 +293,7 @@ impl Leader {
             budget: params.rank * catalog.layers.len(),
             tau: params.tau,
             early_stop,
+            refine_converged,
             states: vec![InputState::default(); catalog.inputs.len()],
             ranks: catalog.layers.iter().map(|l| cap.min(l.in_features)).collect(),
         }
@@ -295,7 +307,6 @@ impl Leader {
     /// Records the new estimate of an input that accumulated data this step.
     pub fn observe(&mut self, input: usize, spectrum: Spectrum) -> Result<()> {
         let state = &mut self.states[input];
-        state.steps_accumulated += 1;
         state.similarity = match &state.spectrum {
             Some(prev) => convergence::similarities(prev.vectors.view(), spectrum.vectors.view(), &spectrum.values)?,
             None => vec![0.0; spectrum.values.len()],
@@ -329,8 +340,9 @@ impl Leader {
             state.done = done;
         }
         let all_done = self.states.iter().all(|s| s.done);
-        let active = self.states.iter().map(|s| !self.early_stop || !s.done).collect();
-        Decision { active, all_done }
+        let test: Vec<bool> = self.states.iter().map(|s| !self.early_stop || !s.done).collect();
+        let accumulate = test.iter().map(|&t| t || self.refine_converged).collect();
+        Decision { accumulate, test, all_done }
     }
 
     /// Replaces every estimate with its final one and allocates ranks from them.
@@ -350,16 +362,28 @@ mod tests {
         Spectrum { values: values.to_vec(), vectors, residuals: vec![0.0; values.len()], trace: 1.0, tokens: 100, certificate: Certificate::Exact { residual: 0.0 } }
     }
 
-    /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2).
-    fn leader() -> Leader {
+    /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2), with early stopping.
+    fn leader(refine_converged: bool) -> Leader {
         let catalog = Catalog::new(vec![("a".into(), 4, 4), ("b".into(), 4, 4)], vec![vec![0], vec![1]]);
         let params = EvaParams { rank: 1, rho: 2.0, ..EvaParams::default() };
-        Leader::new(&catalog, &params, true)
+        Leader::new(&catalog, &params, true, refine_converged)
+    }
+
+    /// Checks a decision's tested inputs; done inputs accumulate only when refined.
+    fn assert_tests(d: &Decision, refine: bool, test: &[bool]) {
+        assert_eq!(d.test, test);
+        assert_eq!(d.accumulate, if refine { vec![true; test.len()] } else { test.to_vec() });
     }
 
     #[test]
     fn converged_inputs_stop_and_reopen_when_their_rank_grows() {
-        let mut l = leader();
+        for refine in [false, true] {
+            converged_inputs_stop_and_reopen(refine);
+        }
+    }
+
+    fn converged_inputs_stop_and_reopen(refine: bool) {
+        let mut l = leader(refine);
         let e = Array2::<f64>::eye(4);
         let e2 = e.slice(ndarray::s![.., ..2]).to_owned();
         // Step 1: first estimates, nothing converged yet.
@@ -367,7 +391,7 @@ mod tests {
         l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
         let d = l.decide(1);
         assert_eq!(l.ranks, vec![1, 1]);
-        assert_eq!(d.active, vec![true, true]);
+        assert_tests(&d, refine, &[true, true]);
         // Step 2: input 0's first component rotates away (not converged); input 1's first
         // component is stable and its second moved. Input 1 needs rank 1 only: it is done.
         let mut moved = e2.clone();
@@ -378,14 +402,14 @@ mod tests {
         l.observe(1, spectrum(&[0.3, 0.2], moved)).unwrap();
         let d = l.decide(2);
         assert_eq!(l.ranks, vec![1, 1]);
-        assert_eq!(d.active, vec![true, false]);
+        assert_tests(&d, refine, &[true, false]);
         assert_eq!(l.states[1].converged_step, Some(2));
-        // Step 3: only input 0 accumulates; its ratios drop, so input 1's second (unconverged)
+        // Step 3: only input 0 is re-estimated; its ratios drop, so input 1's second (unconverged)
         // component enters the budget: input 1 reopens, input 0 falls to rank 0 and is done.
         l.observe(0, spectrum(&[0.15, 0.1], e2.clone())).unwrap();
         let d = l.decide(3);
         assert_eq!(l.ranks, vec![0, 2]);
-        assert_eq!(d.active, vec![false, true]);
+        assert_tests(&d, refine, &[false, true]);
         assert_eq!(l.states[1].converged_step, None);
         assert_eq!(l.states[0].converged_step, Some(3));
         assert!(!d.all_done);
@@ -438,14 +462,14 @@ mod tests {
 
     #[test]
     fn without_early_stop_every_input_stays_active() {
-        let mut l = leader();
+        let mut l = leader(false);
         l.early_stop = false;
         let e2 = Array2::<f64>::eye(4).slice(ndarray::s![.., ..2]).to_owned();
         for step in 1..=2 {
             l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
             l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
             let d = l.decide(step);
-            assert_eq!(d.active, vec![true, true]);
+            assert_tests(&d, false, &[true, true]);
         }
         assert!(l.states.iter().all(|s| s.done));
     }

@@ -86,12 +86,17 @@ def main():
     if args.forward_only:
         return
 
+    # PEFT cycles its data loader with itertools.cycle, which replays saved batches: count the
+    # model's forward calls instead (its first, hashing, pass included).
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
     config = LoraConfig(r=8, lora_alpha=8, target_modules=targets(cfg), init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.99))
     t = time.perf_counter()
     peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
     initialize_lora_eva_weights(peft_model, data, show_progress_bar=False)
     eva_time = time.perf_counter() - t
-    print(f"peft eva init: {eva_time:.2f} s")
+    print(f"peft eva init: {eva_time:.2f} s, {forwards[0]} forward passes ({len(data)} batches in the data)")
 
     if args.exact:
         exact = load_file(str(Path(args.exact) / "adapter_model.safetensors"))

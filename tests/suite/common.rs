@@ -211,3 +211,25 @@ pub fn assert_refused(o: &Output, code: i32, needles: &[&str], out: &Path) {
     assert!(!err.contains("panicked"), "{err}");
     assert_nothing_written(out);
 }
+
+/// Largest entry difference allowed between adapters that should be equal (after aligning each
+/// row's sign): float64 sums in another order, then one f32 rounding of A.
+pub const MAX_DELTA_A: f32 = 1e-6;
+
+/// Asserts that two written adapters hold the same ranks, steps and A matrices.
+pub fn assert_same_written(wa: &Written, wb: &Written) {
+    assert_eq!(wa.report["steps"], wb.report["steps"], "steps differ");
+    let ranks = |w: &Written| w.report["layers"].as_array().unwrap().iter().map(|l| l["rank"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ranks(wa), ranks(wb), "ranks differ");
+    assert_eq!(wa.config["rank_pattern"], wb.config["rank_pattern"]);
+    assert_eq!(wa.tensors.keys().collect::<Vec<_>>(), wb.tensors.keys().collect::<Vec<_>>());
+    for (name, ta) in &wa.tensors {
+        let tb = &wb.tensors[name];
+        assert_eq!(ta.dim(), tb.dim(), "{name}");
+        for (ra, rb) in ta.rows().into_iter().zip(tb.rows()) {
+            let sign = if ra.dot(&rb) < 0.0 { -1.0 } else { 1.0 };
+            let delta = ra.iter().zip(rb.iter()).map(|(x, y)| (x - sign * y).abs()).fold(0.0f32, f32::max);
+            assert!(delta <= MAX_DELTA_A, "{name}: max |ΔA| = {delta}");
+        }
+    }
+}

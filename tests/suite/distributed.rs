@@ -10,27 +10,9 @@ use super::common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Largest entry difference allowed between adapters of different world sizes (after aligning
-/// each row's sign): float64 sums in another order, then one f32 rounding of A.
-pub const MAX_DELTA_A: f32 = 1e-6;
-
 /// Asserts that two adapter directories hold the same ranks, steps and A matrices.
 pub fn assert_same_adapter(a: &Path, b: &Path) {
-    let (wa, wb) = (read_adapter(a), read_adapter(b));
-    assert_eq!(wa.report["steps"], wb.report["steps"], "steps differ");
-    let ranks = |w: &Written| w.report["layers"].as_array().unwrap().iter().map(|l| l["rank"].as_u64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(ranks(&wa), ranks(&wb), "ranks differ");
-    assert_eq!(wa.config["rank_pattern"], wb.config["rank_pattern"]);
-    assert_eq!(wa.tensors.keys().collect::<Vec<_>>(), wb.tensors.keys().collect::<Vec<_>>());
-    for (name, ta) in &wa.tensors {
-        let tb = &wb.tensors[name];
-        assert_eq!(ta.dim(), tb.dim(), "{name}");
-        for (ra, rb) in ta.rows().into_iter().zip(tb.rows()) {
-            let sign = if ra.dot(&rb) < 0.0 { -1.0 } else { 1.0 };
-            let delta = ra.iter().zip(rb.iter()).map(|(x, y)| (x - sign * y).abs()).fold(0.0f32, f32::max);
-            assert!(delta <= MAX_DELTA_A, "{name}: max |ΔA| = {delta}");
-        }
-    }
+    assert_same_written(&read_adapter(a), &read_adapter(b));
 }
 
 /// Shards for 3 inputs (d = 24, 40 and 600: dense, dense, iterative) and 12 units.

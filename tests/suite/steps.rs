@@ -30,6 +30,30 @@ fn early_stopping_ends_before_the_data() {
 }
 
 #[test]
+fn refined_converged_layers_hold_the_pca_of_all_data_read() {
+    // Layers converge at different steps (decay 0.5..1.5 over the inputs).
+    let spec = "layers=4,dim=48,tokens=32,units=400,decay=1.0";
+    let common = ["--rank", "4", "--batch-size", "1", "-q"];
+    let (_, frozen) = run(spec, &common);
+    let (_, refined) = run(spec, &[&common[..], &["--refine-converged"]].concat());
+    let r = &refined.report;
+    // The same convergence and stop: done layers are not tested again.
+    assert_eq!(r["stop_reason"], "converged");
+    assert_eq!(r["steps"], frozen.report["steps"]);
+    let layers = |w: &Written| w.report["layers"].as_array().unwrap().clone();
+    let steps = r["steps"].as_u64().unwrap();
+    assert!(layers(&frozen).iter().any(|l| l["converged_step"].as_u64().unwrap() < steps), "no layer converged early");
+    for (a, b) in layers(&frozen).iter().zip(&layers(&refined)) {
+        assert_eq!(a["converged_step"], b["converged_step"]);
+        // Every input accumulated every unit read.
+        assert_eq!(b["tokens"].as_u64().unwrap(), 32 * steps);
+    }
+    // Its adapter is that of a run over the same units that never stops accumulating anything.
+    let (_, all) = run(spec, &[&common[..], &["--no-early-stop", "--max-steps", &steps.to_string()]].concat());
+    assert_same_written(&refined, &all);
+}
+
+#[test]
 fn max_steps_stops_and_marks_unconverged_layers() {
     // tau = 1 is never reached by a moving estimate.
     let (o, w) = run("layers=2,dim=32,tokens=256,units=50", &["--rank", "2", "--tau", "1", "--max-steps", "3"]);
