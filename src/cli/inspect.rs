@@ -5,7 +5,8 @@
 use crate::model::config::{Family, ModelConfig};
 use crate::model::{Model, Point};
 use crate::source::{matches_target, Catalog};
-use crate::stats::{default_sketch_size, memory_bytes};
+use crate::config::EstimatorChoice;
+use crate::stats::{choose, default_sketch_size, memory_bytes};
 use crate::{Error, Result};
 use clap::Args;
 use std::fmt::Write as _;
@@ -179,8 +180,15 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         mib(total(false, 2)),
         args.sketch_size.map_or_else(|| "default".to_string(), |k| k.to_string())
     );
-    let pick = |world: usize| if total(true, world) <= budget { "exact" } else { "sketch" };
-    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB picks {} on one rank, {} on several", args.stats_memory, pick(1), pick(2));
+    let pick = |world: usize| {
+        let exact = choose(EstimatorChoice::Auto, &dims, budget, world);
+        match exact.iter().filter(|&&e| e).count() {
+            n if n == dims.len() => "exact for all inputs".to_string(),
+            0 => "sketch for all inputs".to_string(),
+            n => format!("exact for the {n} smallest of {} inputs, sketch for the rest", dims.len()),
+        }
+    };
+    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB: {} on one rank; {} on several", args.stats_memory, pick(1), pick(2));
     Ok(s)
 }
 

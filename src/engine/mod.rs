@@ -227,7 +227,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let mut local = Vec::with_capacity(dims.len());
     for (g, reference) in refs.into_iter().enumerate() {
         let kmax = leader.kmax(g);
-        local.push(if exact {
+        local.push(if exact[g] {
             InputStats::Exact(exact::ExactStats::new(reference))
         } else {
             let k = cfg.sketch_size.unwrap_or_else(|| stats::default_sketch_size(kmax, dims[g]));

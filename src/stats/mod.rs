@@ -234,12 +234,48 @@ pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize, world: usize) -> 
     }
 }
 
-/// Decides exact or sketch for every input: `auto` takes exact when all exact statistics
-/// together ([`memory_bytes`] on a world of `world` ranks) fit `budget` bytes.
-pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64, world: usize) -> bool {
+/// Decides, per input, exact (`true`) or sketch. `auto` makes inputs exact from the smallest `d`
+/// up (ties in input order) while their exact statistics together ([`memory_bytes`] on a world
+/// of `world` ranks) fit `budget` bytes; the rest use the sketch. The sketch's components are far
+/// less accurate than its certified ratios (numerics.md), so every input that fits is exact.
+pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64, world: usize) -> Vec<bool> {
     match choice {
-        EstimatorChoice::Exact => true,
-        EstimatorChoice::Sketch => false,
-        EstimatorChoice::Auto => dims.iter().map(|&d| memory_bytes(true, d, 0, world)).sum::<u64>() <= budget,
+        EstimatorChoice::Exact => vec![true; dims.len()],
+        EstimatorChoice::Sketch => vec![false; dims.len()],
+        EstimatorChoice::Auto => {
+            let mut order: Vec<usize> = (0..dims.len()).collect();
+            order.sort_by_key(|&g| dims[g]);
+            let mut exact = vec![false; dims.len()];
+            let mut used = 0u64;
+            for g in order {
+                used = used.saturating_add(memory_bytes(true, dims[g], 0, world));
+                if used > budget {
+                    break;
+                }
+                exact[g] = true;
+            }
+            exact
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_makes_the_smallest_inputs_exact_within_the_budget() {
+        let dims = [600, 24, 40, 24];
+        let gram = |d: u64| 8 * d * d;
+        // Room for the two d = 24 and the d = 40 Grams, not for d = 600.
+        let budget = 2 * gram(24) + gram(40);
+        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget, 1), vec![false, true, true, true]);
+        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget - 1, 1), vec![false, true, false, true]);
+        assert_eq!(choose(EstimatorChoice::Auto, &dims, u64::MAX, 1), vec![true; 4]);
+        assert_eq!(choose(EstimatorChoice::Auto, &dims, 0, 1), vec![false; 4]);
+        // Several ranks also hold the summed copy (20·d² below d = 2048): one d = 24 fits.
+        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget, 2), vec![false, true, false, false]);
+        assert_eq!(choose(EstimatorChoice::Exact, &dims, 0, 1), vec![true; 4]);
+        assert_eq!(choose(EstimatorChoice::Sketch, &dims, u64::MAX, 1), vec![false; 4]);
     }
 }

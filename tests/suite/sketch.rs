@@ -80,3 +80,25 @@ fn sketch_run_reports_its_certificate() {
         }
     }
 }
+
+/// `--estimator auto` keeps exact statistics for the inputs that fit `--stats-memory`, smallest
+/// first, and sketches only the rest.
+#[test]
+fn auto_sketches_only_the_inputs_beyond_the_memory_budget() {
+    let tmp = tempdir();
+    let data = tmp.path().join("acts");
+    // Inputs of d = 24 (k and q), 40 and 600: Grams of 4.6 KB, 12.8 KB and 2.9 MB.
+    super::distributed::shards(&data);
+    let estimators = |memory: &str| {
+        let out = tmp.path().join(format!("adapter-{memory}"));
+        init_ok(&data, &out, &["--rank", "3", "--stats-memory", memory]);
+        let w = read_adapter(&out);
+        w.report["layers"].as_array().unwrap().iter().map(|l| (l["name"].as_str().unwrap().to_string(), l["estimator"].as_str().unwrap().to_string())).collect::<Vec<_>>()
+    };
+    let est = estimators("0.001");
+    for (name, e) in &est {
+        let want = if name == "blk.1.mlp.up" { "sketch" } else { "exact" };
+        assert_eq!(e, want, "{name}: {est:?}");
+    }
+    assert!(estimators("4").iter().all(|(_, e)| e == "exact"));
+}
