@@ -4,7 +4,7 @@ comparison in docs/model.md. Run by hand in the scratch virtual environment (nev
 
     /tmp/ref/bin/python tests/reference/peft_eva_bench.py MODEL_DIR DATA.txt [--exact EVA_EXACT_ADAPTER] [--eva EVA_ADAPTER]
 
-It tokenizes DATA with MODEL_DIR/tokenizer.json (truncation 128, padded per batch of 32, as eva),
+It tokenizes DATA with MODEL_DIR/tokenizer.json (truncation 128, padded per batch of --batch examples, 32 by default, as eva),
 times PyTorch's forward over all batches (tokens/s), then times PEFT's EVA initialization
 (`get_peft_model` + `initialize_lora_eva_weights`, r = 8, rho = 2, tau = 0.99, every linear layer
 inside the blocks). With --exact (an adapter eva wrote with `--no-early-stop --estimator exact`,
@@ -23,18 +23,17 @@ from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weig
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-BATCH = 32
 MAX_SEQ_LEN = 128
 
 
-def batches(model_dir, data):
+def batches(model_dir, data, batch):
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(MAX_SEQ_LEN)
     texts = [l for l in Path(data).read_text().splitlines() if l.strip()]
     out = []
-    for i in range(0, len(texts), BATCH):
-        encs = [tok.encode(t) for t in texts[i : i + BATCH]]
+    for i in range(0, len(texts), batch):
+        encs = [tok.encode(t) for t in texts[i : i + batch]]
         n = max(len(e.ids) for e in encs)
         ids = torch.zeros((len(encs), n), dtype=torch.long)
         mask = torch.zeros((len(encs), n), dtype=torch.long)
@@ -65,13 +64,14 @@ def main():
     p.add_argument("--exact")
     p.add_argument("--eva")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32, help="examples per batch (eva's --batch-size)")
     p.add_argument("--forward-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     cls = getattr(transformers, cfg["architectures"][0])
     model = cls.from_pretrained(args.model, dtype=torch.float32).eval()
-    data = batches(args.model, args.data)
+    data = batches(args.model, args.data, args.batch)
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, peft {__import__('peft').__version__}")
     print(f"{args.model}: {cls.__name__}, {len(data)} batches, {tokens} tokens")
