@@ -22,6 +22,11 @@ extern "C" {
 /// Threads for eva's tiled kernels and faer (0: not set yet).
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Set inside [`par_each_alone`]'s tasks: the tiled kernels they call stay on their thread.
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Sets the number of threads eva's tiled kernels and faer use (0 = all available cores), and
 /// keeps OpenBLAS on the calling thread (see the module docs).
 pub fn set_threads(n: usize) {
@@ -42,6 +47,9 @@ pub fn set_threads(n: usize) {
 /// Threads of eva's tiled kernels; all cores unless [`set_threads`] said otherwise (the first
 /// call also puts OpenBLAS on the calling thread).
 pub fn threads() -> usize {
+    if ALONE.with(|a| a.get()) {
+        return 1;
+    }
     match THREADS.load(Ordering::Relaxed) {
         0 => {
             set_threads(0);
@@ -81,6 +89,39 @@ pub fn par_map<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let slots: Vec<std::sync::Mutex<Option<T>>> = (0..count).map(|_| std::sync::Mutex::new(None)).collect();
     par_tiles(count, |t| *slots[t].lock().expect("no tile panicked") = Some(f(t)));
     slots.into_iter().map(|m| m.into_inner().expect("no tile panicked").expect("every tile ran")).collect()
+}
+
+/// Runs tasks `0..count` on up to [`threads`] threads, each task taking the next free one
+/// (dynamic: tasks of unequal cost still end together), and returns the results in completion
+/// order. Inside a task the tiled kernels run on its thread alone ([`threads`] = 1);
+/// their tile shapes do not depend on it, so a task's result is the same as when run by itself.
+pub fn par_each_alone<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let t = threads().min(count);
+    let next = AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(Vec::with_capacity(count));
+    let work = || {
+        let was = ALONE.with(|a| a.replace(true));
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                break;
+            }
+            let r = f(i);
+            out.lock().expect("no task panicked").push(r);
+        }
+        ALONE.with(|a| a.set(was));
+    };
+    if t <= 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 1..t {
+                s.spawn(work);
+            }
+            work();
+        });
+    }
+    out.into_inner().expect("no task panicked")
 }
 
 /// A raw pointer that tiles writing disjoint parts of one buffer may share across threads.

@@ -21,7 +21,7 @@ use crate::config::RunConfig;
 use crate::leader::{allocate, Certificate, Decision, Gram, Leader, Precision, Spectrum};
 use crate::source::{Catalog, Source};
 use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
-use crate::{Error, Result};
+use crate::{linalg, Error, Result};
 use protocol::{Command, Reply, Wire};
 use ndarray::Array2;
 use std::time::{Duration, Instant};
@@ -124,20 +124,27 @@ fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32
     Ok(dims.iter().map(|&d| it.by_ref().take(d).collect()).collect())
 }
 
-/// Eigenpairs of one input from the reduced statistics (leader only): a shared Gram is used in
-/// place, an unshared one through `Σ_r G_r·Q` products with every rank.
+/// Eigenpairs of one input from the reduced statistics (leader only): a Gram held here is used
+/// in place, one spread over the ranks through `Σ_r G_r·Q` products with every rank.
 fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
-    match (&local[g], &shared.gram) {
+    if held_here(&local[g], shared, wire.comm.size()) {
+        return estimate_held(&local[g], shared, kmax, warm, precision);
+    }
+    Spectrum::from_gram(
+        Gram::Remote { apply: &mut |q| protocol::apply(wire, local, g, q), gather: &mut || protocol::gram(wire, local, g) },
+        &shared.moments,
+        kmax,
+        warm,
+        precision,
+    )
+}
+
+/// Eigenpairs of an input whose reduced statistics this rank holds in full ([`held_here`]).
+fn estimate_held(local: &InputStats, shared: &Shared, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
+    match (local, &shared.gram) {
         (InputStats::Exact(_), Some(gram)) => Spectrum::from_gram(Gram::Local(gram), &shared.moments, kmax, warm, precision),
         // A world of one: the local Gram is the sum.
-        (InputStats::Exact(e), None) if wire.comm.size() == 1 => Spectrum::from_gram(Gram::Local(e.gram()), &shared.moments, kmax, warm, precision),
-        (InputStats::Exact(_), None) => Spectrum::from_gram(
-            Gram::Remote { apply: &mut |q| protocol::apply(wire, local, g, q), gather: &mut || protocol::gram(wire, local, g) },
-            &shared.moments,
-            kmax,
-            warm,
-            precision,
-        ),
+        (InputStats::Exact(e), None) => Spectrum::from_gram(Gram::Local(e.gram()), &shared.moments, kmax, warm, precision),
         (InputStats::Sketch(s), _) => {
             let y = shared.sketch.as_ref().expect("sketch inputs share their sketch");
             Spectrum::from_sketch(&s.nystrom_from(&shared.moments, y)?, s.size(), shared.moments.n, kmax)
@@ -146,13 +153,16 @@ fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: 
 }
 
 /// Whether every rank holds all of an input's statistics after the fused all-reduce (a shared
-/// Gram, or a sketch), so that any rank can solve it.
-fn solvable_anywhere(local: &InputStats, shared: &Shared) -> bool {
-    shared.gram.is_some() || matches!(local, InputStats::Sketch(_))
+/// Gram, a sketch, or anything in a world of one), so that any rank can solve it alone.
+fn held_here(local: &InputStats, shared: &Shared, world: usize) -> bool {
+    world == 1 || shared.gram.is_some() || matches!(local, InputStats::Sketch(_))
 }
 
 /// Solves `inputs` round-robin over the ranks (input `g` on rank `g mod P`, warm-started from
-/// that rank's previous solve) and gathers the spectra on the leader (the others get none).
+/// that rank's previous solve) and gathers the spectra on the leader (the others get none). A
+/// rank solves its inputs concurrently, one per thread ([`linalg::par_each_alone`]): most are
+/// small problems whose products do not fill the cores, and each solve's result does not depend
+/// on the threads it runs on.
 #[allow(clippy::too_many_arguments)]
 fn solve_spread(
     wire: &Wire,
@@ -164,13 +174,26 @@ fn solve_spread(
     precision: Precision,
 ) -> Result<Vec<(usize, Spectrum)>> {
     let (rank, size) = (wire.comm.rank(), wire.comm.size());
-    let mut mine = Vec::new();
-    let solved = inputs.iter().filter(|&&g| g % size == rank).try_for_each(|&g| {
-        let s = estimate(wire, local, &shared[g], g, kmax(g), &mut warm[g], precision)?;
-        mine.push((g, s));
-        Ok(())
+    let ours: Vec<usize> = inputs.iter().copied().filter(|&g| g % size == rank).collect();
+    // Largest first, so that the threads finish together.
+    let mut order: Vec<usize> = (0..ours.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(shared[ours[i]].moments.sum.len()));
+    let ks: Vec<usize> = ours.iter().map(|&g| kmax(g)).collect();
+    let starts: Vec<std::sync::Mutex<Option<Array2<f64>>>> = ours.iter().map(|&g| std::sync::Mutex::new(warm[g].take())).collect();
+    let results = linalg::par_each_alone(order.len(), |j| {
+        let i = order[j];
+        let g = ours[i];
+        let mut start = starts[i].lock().expect("one solve per input");
+        (i, estimate_held(&local[g], &shared[g], ks[i], &mut start, precision))
     });
-    wire.agree(solved)?;
+    for (&g, start) in ours.iter().zip(starts) {
+        warm[g] = start.into_inner().expect("no solve panicked");
+    }
+    let mut results: Vec<(usize, Result<Spectrum>)> = results;
+    results.sort_by_key(|(i, _)| *i);
+    // Input order; a failure reports the first failing input.
+    let mine: Result<Vec<(usize, Spectrum)>> = results.into_iter().map(|(i, r)| r.map(|s| (ours[i], s))).collect();
+    let mine = wire.agree(mine)?;
     if size == 1 {
         return Ok(mine);
     }
@@ -293,7 +316,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         let kmax = |g: usize| leader.kmax(g);
         // PEFT skips batches with fewer tokens than components; wait for enough data.
         let ready: Vec<usize> = (0..dims.len()).filter(|&g| decision.test[g] && shared[g].moments.n as usize > kmax(g)).collect();
-        let spread: Vec<usize> = ready.iter().copied().filter(|&g| solvable_anywhere(&local[g], &shared[g])).collect();
+        let spread: Vec<usize> = ready.iter().copied().filter(|&g| held_here(&local[g], &shared[g], comm.size())).collect();
         let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Step)?;
         let next = if comm.is_leader() {
             lead(
@@ -345,7 +368,7 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let comm_before = wire.time();
     let bytes_before = wire.bytes();
     let kmax = |g: usize| leader.kmax(g);
-    let spread: Vec<usize> = (0..dims.len()).filter(|&g| shared[g].moments.n as usize > kmax(g) && solvable_anywhere(&local[g], &shared[g])).collect();
+    let spread: Vec<usize> = (0..dims.len()).filter(|&g| shared[g].moments.n as usize > kmax(g) && held_here(&local[g], &shared[g], comm.size())).collect();
     let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Final)?;
     if !comm.is_leader() {
         return match protocol::serve(&wire, &local)? {
