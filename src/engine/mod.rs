@@ -152,6 +152,11 @@ fn estimate_held(local: &InputStats, shared: &Shared, kmax: usize, warm: &mut Op
     }
 }
 
+/// Inputs below this dimension are solved concurrently, one per thread: each solve's transient
+/// covariance copy is then at most 32 MiB (f64), so `threads` of them stay small next to the
+/// statistics, and above it one solve's products fill the cores by themselves.
+pub const CONCURRENT_MAX_DIM: usize = 2048;
+
 /// Whether every rank holds all of an input's statistics after the fused all-reduce (a shared
 /// Gram, a sketch, or anything in a world of one), so that any rank can solve it alone.
 fn held_here(local: &InputStats, shared: &Shared, world: usize) -> bool {
@@ -160,9 +165,10 @@ fn held_here(local: &InputStats, shared: &Shared, world: usize) -> bool {
 
 /// Solves `inputs` round-robin over the ranks (input `g` on rank `g mod P`, warm-started from
 /// that rank's previous solve) and gathers the spectra on the leader (the others get none). A
-/// rank solves its inputs concurrently, one per thread ([`linalg::par_each_alone`]): most are
-/// small problems whose products do not fill the cores, and each solve's result does not depend
-/// on the threads it runs on.
+/// rank solves its inputs below [`CONCURRENT_MAX_DIM`] concurrently, one per thread
+/// ([`linalg::par_each_alone`]): small problems whose products do not fill the cores; larger ones
+/// one after the other, each on all threads. A solve's result does not depend on the threads it
+/// runs on.
 #[allow(clippy::too_many_arguments)]
 fn solve_spread(
     wire: &Wire,
@@ -175,23 +181,24 @@ fn solve_spread(
 ) -> Result<Vec<(usize, Spectrum)>> {
     let (rank, size) = (wire.comm.rank(), wire.comm.size());
     let ours: Vec<usize> = inputs.iter().copied().filter(|&g| g % size == rank).collect();
-    // Largest first, so that the threads finish together.
-    let mut order: Vec<usize> = (0..ours.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(shared[ours[i]].moments.sum.len()));
+    let dim = |i: usize| shared[ours[i]].moments.sum.len();
+    // Small inputs largest first, so that the threads finish together.
+    let (mut small, large): (Vec<usize>, Vec<usize>) = (0..ours.len()).partition(|&i| dim(i) < CONCURRENT_MAX_DIM);
+    small.sort_by_key(|&i| std::cmp::Reverse(dim(i)));
     let ks: Vec<usize> = ours.iter().map(|&g| kmax(g)).collect();
     let starts: Vec<std::sync::Mutex<Option<Array2<f64>>>> = ours.iter().map(|&g| std::sync::Mutex::new(warm[g].take())).collect();
-    let results = linalg::par_each_alone(order.len(), |j| {
-        let i = order[j];
+    let solve = |i: usize| {
         let g = ours[i];
         let mut start = starts[i].lock().expect("one solve per input");
         (i, estimate_held(&local[g], &shared[g], ks[i], &mut start, precision))
-    });
+    };
+    let mut results: Vec<(usize, Result<Spectrum>)> = large.into_iter().map(solve).collect();
+    results.extend(linalg::par_each_alone(small.len(), |j| solve(small[j])));
     for (&g, start) in ours.iter().zip(starts) {
         warm[g] = start.into_inner().expect("no solve panicked");
     }
-    let mut results: Vec<(usize, Result<Spectrum>)> = results;
+    // Back to input order, so that a failure names the first failing input.
     results.sort_by_key(|(i, _)| *i);
-    // Input order; a failure reports the first failing input.
     let mine: Result<Vec<(usize, Spectrum)>> = results.into_iter().map(|(i, r)| r.map(|s| (ours[i], s))).collect();
     let mine = wire.agree(mine)?;
     if size == 1 {
