@@ -5,12 +5,12 @@ use super::InitArgs;
 use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::{EvaParams, RunConfig};
+use crate::config::{EstimatorChoice, EvaParams, RunConfig};
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
 use crate::source::synthetic::SyntheticSource;
-use crate::source::{Source, Targeted};
-use crate::{engine, linalg, Error, Result};
+use crate::source::{Catalog, Source, Targeted};
+use crate::{engine, linalg, stats, Error, Result};
 use std::time::Instant;
 
 /// Checks value ranges that clap's types cannot express.
@@ -140,12 +140,39 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             comm.size() * source.pass_units()
         ));
     }
+    if leader {
+        warn_partly_sketched(cfg, source.catalog(), comm.size());
+    }
     let mut progress = Progress::new(cfg.quiet || !leader);
     let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
     progress.finish();
     let outcome = result?;
     let written = if leader { write_outcome(cfg, outcome) } else { Ok(()) };
     agree(comm, written)
+}
+
+/// Under `--estimator auto`, says which inputs do not fit `--stats-memory` and will be sketched
+/// (their components are much less accurate), and what budget would make them all exact.
+fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, world: usize) {
+    if cfg.estimator != EstimatorChoice::Auto {
+        return;
+    }
+    let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
+    let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory, world);
+    let sketched = exact.iter().filter(|&&e| !e).count();
+    if sketched == 0 {
+        return;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let need: u64 = dims.iter().map(|&d| stats::memory_bytes(true, d, 0, world)).sum();
+    say(&format!(
+        "eva: warning: --stats-memory {:.3} GiB holds exact statistics for {} of {} inputs; the other {sketched} (d up to {}) use the Nystrom sketch, whose components are much less accurate; --stats-memory {:.3} (or --estimator exact) makes every input exact",
+        gib(cfg.stats_memory),
+        dims.len() - sketched,
+        dims.len(),
+        dims.iter().zip(&exact).filter(|(_, &e)| !e).map(|(&d, _)| d).max().unwrap_or(0),
+        (gib(need) * 1000.0).ceil() / 1000.0
+    ));
 }
 
 /// Writes the output directory and tells the user what happened.

@@ -36,7 +36,7 @@ pub struct InspectArgs {
     pub sketch_size: Option<usize>,
 
     /// Memory for exact Grams under --estimator auto, in GiB.
-    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
+    #[arg(long, default_value_t = super::DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
     pub stats_memory: f64,
 }
 

@@ -10,6 +10,11 @@ use crate::source::synthetic::SyntheticSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// Default `--stats-memory`: exact statistics for every input of models up to ~1B parameters
+/// (Qwen2.5-0.5B needs 5.0 GB, TinyLlama-1.1B 7.8 GB in a world of one), where the sketch's
+/// components would be far less accurate.
+pub const DEFAULT_STATS_MEMORY_GIB: f64 = 8.0;
+
 /// eva: EVA initialization of LoRA adapters from explained variance, written for PEFT.
 #[derive(Debug, Parser)]
 #[command(name = "eva", version, about, long_about = None, propagate_version = true)]
@@ -173,7 +178,7 @@ pub struct InitArgs {
     pub sketch_size: Option<usize>,
 
     /// Memory for exact Grams under --estimator auto, in GiB.
-    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
+    #[arg(long, default_value_t = DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
     pub stats_memory: f64,
 
     /// Seed of the sketch's random test matrices.

@@ -541,7 +541,7 @@ fn inspect_describes_the_model() {
         "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj, model.layers.0.self_attn.v_proj",
         "exact   ",
         "sketch  ",
-        "--estimator auto with --stats-memory 4 GiB: exact for all inputs on one rank",
+        "--estimator auto with --stats-memory 8 GiB: exact for all inputs on one rank",
     ] {
         assert!(s.contains(needle), "inspect output should contain `{needle}`:\n{s}");
     }

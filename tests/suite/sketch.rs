@@ -89,16 +89,21 @@ fn auto_sketches_only_the_inputs_beyond_the_memory_budget() {
     let data = tmp.path().join("acts");
     // Inputs of d = 24 (k and q), 40 and 600: Grams of 4.6 KB, 12.8 KB and 2.9 MB.
     super::distributed::shards(&data);
-    let estimators = |memory: &str| {
+    let run = |memory: &str| {
         let out = tmp.path().join(format!("adapter-{memory}"));
-        init_ok(&data, &out, &["--rank", "3", "--stats-memory", memory]);
+        let o = init_ok(&data, &out, &["--rank", "3", "--stats-memory", memory]);
         let w = read_adapter(&out);
-        w.report["layers"].as_array().unwrap().iter().map(|l| (l["name"].as_str().unwrap().to_string(), l["estimator"].as_str().unwrap().to_string())).collect::<Vec<_>>()
+        let est = w.report["layers"].as_array().unwrap().iter().map(|l| (l["name"].as_str().unwrap().to_string(), l["estimator"].as_str().unwrap().to_string())).collect::<Vec<_>>();
+        (est, String::from_utf8_lossy(&o.stderr).to_string())
     };
-    let est = estimators("0.001");
+    let (est, err) = run("0.001");
     for (name, e) in &est {
         let want = if name == "blk.1.mlp.up" { "sketch" } else { "exact" };
         assert_eq!(e, want, "{name}: {est:?}");
     }
-    assert!(estimators("4").iter().all(|(_, e)| e == "exact"));
+    // The user is told, with the budget that would keep every input exact (2.9 MB: 0.003 GiB).
+    assert!(err.contains("exact statistics for 2 of 3 inputs") && err.contains("--stats-memory 0.003"), "{err}");
+    let (est, err) = run("4");
+    assert!(est.iter().all(|(_, e)| e == "exact"));
+    assert!(!err.contains("Nystrom"), "{err}");
 }
