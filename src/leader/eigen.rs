@@ -114,11 +114,17 @@ pub fn subspace_top_k(
     let m = block_size(k, d);
     let max_iter = max_iter.max(1);
     let mut rng = Rng::new(&[seed, 0x5B5, d as u64, k as u64]);
-    let mut q = Array2::from_shape_fn((d, m), |_| rng.normal());
-    if let Some(start) = start {
-        let cols = start.ncols().min(m);
-        q.slice_mut(s![.., ..cols]).assign(&start.slice(s![.., ..cols]));
-    }
+    // A warm start fills the block; otherwise seeded random columns complete it.
+    let q = match start {
+        Some(start) if start.ncols() >= m => start.slice(s![.., ..m]).to_owned(),
+        _ => {
+            let mut q = Array2::from_shape_fn((d, m), |_| rng.normal());
+            if let Some(start) = start {
+                q.slice_mut(s![.., ..start.ncols()]).assign(&start);
+            }
+            q
+        }
+    };
     let mut q = orthonormalize(q.view());
     let mut applications = 0;
     loop {
