@@ -23,7 +23,7 @@ extern "C" {
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// Set inside [`par_each_alone`]'s tasks: the tiled kernels they call stay on their thread.
+    /// Set inside [`par_tiles`]' tiles: the tiled kernels they call stay on their thread.
     static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -66,21 +66,33 @@ pub fn tiles(n: usize, target: usize) -> Vec<Range<usize>> {
     (0..count).map(|i| i * n / count..(i + 1) * n / count).filter(|r| !r.is_empty()).collect()
 }
 
-/// Runs `f(i)` for every tile `i < count`, tile `i` on thread `i mod t` of `t = min(threads(),
-/// count)` (the caller's thread is thread 0). Each tile is computed by the same code on any
-/// thread, so results do not depend on `t`.
+/// Runs `f(i)` for every tile `i < count` on up to [`threads`] threads, each tile taking the next
+/// free one (tiles of unequal cost still end together). Inside a tile eva's tiled kernels run on
+/// its thread alone ([`threads`] = 1); tile shapes never depend on the thread count, so every
+/// result is the same as when computed by itself.
 pub fn par_tiles(count: usize, f: impl Fn(usize) + Sync) {
     let t = threads().min(count);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let was = ALONE.with(|a| a.replace(true));
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                break;
+            }
+            f(i);
+        }
+        ALONE.with(|a| a.set(was));
+    };
     if t <= 1 {
-        (0..count).for_each(f);
+        work();
         return;
     }
     std::thread::scope(|s| {
-        for w in 1..t {
-            let f = &f;
-            s.spawn(move || (w..count).step_by(t).for_each(f));
+        for _ in 1..t {
+            s.spawn(work);
         }
-        (0..count).step_by(t).for_each(&f);
+        work();
     });
 }
 
@@ -89,39 +101,6 @@ pub fn par_map<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let slots: Vec<std::sync::Mutex<Option<T>>> = (0..count).map(|_| std::sync::Mutex::new(None)).collect();
     par_tiles(count, |t| *slots[t].lock().expect("no tile panicked") = Some(f(t)));
     slots.into_iter().map(|m| m.into_inner().expect("no tile panicked").expect("every tile ran")).collect()
-}
-
-/// Runs tasks `0..count` on up to [`threads`] threads, each task taking the next free one
-/// (dynamic: tasks of unequal cost still end together), and returns the results in completion
-/// order. Inside a task the tiled kernels run on its thread alone ([`threads`] = 1);
-/// their tile shapes do not depend on it, so a task's result is the same as when run by itself.
-pub fn par_each_alone<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let t = threads().min(count);
-    let next = AtomicUsize::new(0);
-    let out = std::sync::Mutex::new(Vec::with_capacity(count));
-    let work = || {
-        let was = ALONE.with(|a| a.replace(true));
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= count {
-                break;
-            }
-            let r = f(i);
-            out.lock().expect("no task panicked").push(r);
-        }
-        ALONE.with(|a| a.set(was));
-    };
-    if t <= 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 1..t {
-                s.spawn(work);
-            }
-            work();
-        });
-    }
-    out.into_inner().expect("no task panicked")
 }
 
 /// A raw pointer that tiles writing disjoint parts of one buffer may share across threads.

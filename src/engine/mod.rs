@@ -166,7 +166,7 @@ fn held_here(local: &InputStats, shared: &Shared, world: usize) -> bool {
 /// Solves `inputs` round-robin over the ranks (input `g` on rank `g mod P`, warm-started from
 /// that rank's previous solve) and gathers the spectra on the leader (the others get none). A
 /// rank solves its inputs below [`CONCURRENT_MAX_DIM`] concurrently, one per thread
-/// ([`linalg::par_each_alone`]): small problems whose products do not fill the cores; larger ones
+/// ([`linalg::par_map`]): small problems whose products do not fill the cores; larger ones
 /// one after the other, each on all threads. A solve's result does not depend on the threads it
 /// runs on.
 #[allow(clippy::too_many_arguments)]
@@ -175,7 +175,7 @@ fn solve_spread(
     local: &[InputStats],
     shared: &[Shared],
     inputs: &[usize],
-    kmax: &dyn Fn(usize) -> usize,
+    kmax: &(dyn Fn(usize) -> usize + Sync),
     warm: &mut [Option<Array2<f64>>],
     precision: Precision,
 ) -> Result<Vec<(usize, Spectrum)>> {
@@ -185,21 +185,24 @@ fn solve_spread(
     // Small inputs largest first, so that the threads finish together.
     let (mut small, large): (Vec<usize>, Vec<usize>) = (0..ours.len()).partition(|&i| dim(i) < CONCURRENT_MAX_DIM);
     small.sort_by_key(|&i| std::cmp::Reverse(dim(i)));
-    let ks: Vec<usize> = ours.iter().map(|&g| kmax(g)).collect();
     let starts: Vec<std::sync::Mutex<Option<Array2<f64>>>> = ours.iter().map(|&g| std::sync::Mutex::new(warm[g].take())).collect();
     let solve = |i: usize| {
         let g = ours[i];
         let mut start = starts[i].lock().expect("one solve per input");
-        (i, estimate_held(&local[g], &shared[g], ks[i], &mut start, precision))
+        estimate_held(&local[g], &shared[g], kmax(g), &mut start, precision)
     };
-    let mut results: Vec<(usize, Result<Spectrum>)> = large.into_iter().map(solve).collect();
-    results.extend(linalg::par_each_alone(small.len(), |j| solve(small[j])));
+    let mut results: Vec<Option<Result<Spectrum>>> = (0..ours.len()).map(|_| None).collect();
+    for i in large {
+        results[i] = Some(solve(i));
+    }
+    for (i, r) in small.iter().zip(linalg::par_map(small.len(), |j| solve(small[j]))) {
+        results[*i] = Some(r);
+    }
     for (&g, start) in ours.iter().zip(starts) {
         warm[g] = start.into_inner().expect("no solve panicked");
     }
-    // Back to input order, so that a failure names the first failing input.
-    results.sort_by_key(|(i, _)| *i);
-    let mine: Result<Vec<(usize, Spectrum)>> = results.into_iter().map(|(i, r)| r.map(|s| (ours[i], s))).collect();
+    // In input order, so that a failure names the first failing input.
+    let mine: Result<Vec<(usize, Spectrum)>> = ours.iter().zip(results).map(|(&g, r)| r.expect("every input solved").map(|s| (g, s))).collect();
     let mine = wire.agree(mine)?;
     if size == 1 {
         return Ok(mine);

@@ -581,20 +581,27 @@ fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, d: usize, w: &[f32],
     }
 }
 
-/// `Σ f(x)` over a row in f64, in 8 interleaved partial sums (so that the additions pipeline
-/// and vectorize) added pairwise at the end; the order is fixed by the row length alone.
+/// `Σ f(x)` over a row in f64 ([`lane_sum`]).
 #[inline(always)]
 fn sum_f64(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
+    lane_sum(row, |v| f(v as f64))
+}
+
+/// `Σ f(x)` over a row in 8 interleaved partial sums (lane `j` takes the entries `j mod 8`, so
+/// that the additions pipeline and vectorize) added pairwise at the end: an order fixed by the
+/// row length alone.
+#[inline(always)]
+fn lane_sum<T: Copy + Default + std::ops::Add<Output = T>>(row: &[f32], f: impl Fn(f32) -> T) -> T {
+    let mut acc = [T::default(); 8];
     let chunks = row.chunks_exact(8);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v as f64);
+            *a = *a + f(v);
         }
     }
     for (a, &v) in acc.iter_mut().zip(tail) {
-        *a += f(v as f64);
+        *a = *a + f(v);
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
@@ -619,22 +626,11 @@ fn exp_shifted(v: &mut [f32]) -> f32 {
         }
         let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         // A plain loop for the exponentials (the loop vectorizer takes it; fused with the sums
-        // below it stayed scalar), then the sums, lane j taking the entries j mod 8.
+        // it stayed scalar), then the sums.
         for x in v.iter_mut() {
             *x = exp(*x - max);
         }
-        let mut s = [0.0f32; 8];
-        let chunks = v.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for (s, &x) in s.iter_mut().zip(c) {
-                *s += x;
-            }
-        }
-        for (s, &x) in s.iter_mut().zip(tail) {
-            *s += x;
-        }
-        ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+        lane_sum(v, |x| x)
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
