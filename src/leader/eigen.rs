@@ -25,12 +25,20 @@ pub struct TopK {
     pub basis: Array2<f64>,
 }
 
+impl TopK {
+    /// Pairs from a direct solver (no iterations, residuals reported as 0); negative rounding of
+    /// the eigenvalues of a semi-definite matrix is clipped to 0.
+    fn direct(values: &[f64], vectors: Array2<f64>) -> TopK {
+        let k = values.len();
+        TopK { values: values.iter().map(|v| v.max(0.0)).collect(), basis: vectors.clone(), vectors, residuals: vec![0.0; k], iterations: 0, converged: true }
+    }
+}
+
 /// Top-k eigenpairs of a dense symmetric matrix.
 pub fn dense_top_k(c: ArrayView2<f64>, k: usize) -> Result<TopK> {
     let (values, vectors) = linalg::sym_eig_desc(c)?;
     let k = k.min(values.len());
-    let vectors = vectors.slice(s![.., ..k]).to_owned();
-    Ok(TopK { values: values[..k].iter().map(|v| v.max(0.0)).collect(), basis: vectors.clone(), vectors, residuals: vec![0.0; k], iterations: 0, converged: true })
+    Ok(TopK::direct(&values[..k], vectors.slice(s![.., ..k]).to_owned()))
 }
 
 /// Top-k eigenpairs of a symmetric matrix given by its upper triangle (row-major `d x d`, f64 or
@@ -40,8 +48,7 @@ pub fn dense_top_k(c: ArrayView2<f64>, k: usize) -> Result<TopK> {
 /// for [`dense_top_k`]; callers of the f32 variant measure them (see `Spectrum::from_gram`).
 pub fn dense_top_k_upper<T: linalg::Syevr>(upper: &mut [T], d: usize, k: usize) -> Result<TopK> {
     let (values, vectors) = linalg::sym_eig_top(upper, d, k)?;
-    let k = values.len();
-    Ok(TopK { values: values.iter().map(|v| v.max(0.0)).collect(), basis: vectors.clone(), vectors, residuals: vec![0.0; k], iterations: 0, converged: true })
+    Ok(TopK::direct(&values, vectors))
 }
 
 /// Orthonormal basis of the columns of `a`: Cholesky QR twice ([`linalg::cholqr2`], two BLAS-3
