@@ -36,7 +36,7 @@ pub enum Command {
 /// `--estimator` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EstimatorArg {
-    /// Exact Gram where all Grams fit --stats-memory, else sketch.
+    /// Exact Gram for as many inputs as fit --stats-memory (smallest first), sketch for the rest.
     Auto,
     /// Exact Gram: 8·d² bytes per unique input (f64).
     Exact,
