@@ -11,6 +11,9 @@ use std::rc::Rc;
 /// Elements per MPI call: MPI counts are 32-bit.
 const MAX_COUNT: usize = 1 << 30;
 
+/// Tag of eva's point-to-point messages, apart from the gathers' (the default tag 0).
+const P2P_TAG: i32 = 1;
+
 /// An MPI communicator (the world, or a split of it).
 pub struct MpiWorld {
     comm: SimpleCommunicator,
@@ -96,6 +99,25 @@ impl EvaCommunicator for MpiWorld {
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .ok_or_else(|| Error::Comm(format!("MPI split by color {color} returned no communicator")))?;
         Ok(Box::new(MpiWorld { comm, _universe: self._universe.clone() }))
+    }
+
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        let to = self.comm.process_at_rank(dest as i32);
+        to.send_with_tag(&(buf.len() as u64), P2P_TAG);
+        for chunk in buf.chunks(MAX_COUNT) {
+            to.send_with_tag(chunk, P2P_TAG);
+        }
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let from = self.comm.process_at_rank(src as i32);
+        let (len, _) = from.receive_with_tag::<u64>(P2P_TAG);
+        let mut v = vec![0u8; len as usize];
+        for chunk in v.chunks_mut(MAX_COUNT) {
+            from.receive_into_with_tag(chunk, P2P_TAG);
+        }
+        Ok(v)
     }
 
     fn backend(&self) -> &'static str {
