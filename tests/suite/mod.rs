@@ -2,10 +2,11 @@
 //! the output format PEFT reads, steps and stopping, and one test per bad input.
 
 mod common;
-mod distributed;
+pub mod distributed;
 mod errors;
 mod exact;
 mod model;
 mod output;
+mod pipeline;
 mod sketch;
 mod steps;
