@@ -250,3 +250,71 @@ fn inspect_prints_the_split_init_uses() {
         );
     }
 }
+
+#[test]
+fn units_split_into_stage_files_read_as_whole_units() {
+    let tmp = tempdir();
+    let whole = tmp.path().join("whole");
+    shards(&whole);
+    // The same units, each split into one file per training stage (blocks 0 and 1).
+    let split = tmp.path().join("split");
+    std::fs::create_dir_all(&split).unwrap();
+    for u in 0..12 {
+        let bytes = std::fs::read(shard(&whole, u)).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let outs: std::collections::BTreeMap<String, usize> =
+            serde_json::from_str(&meta.metadata().as_ref().unwrap()["out_features"]).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for stage in 0..2 {
+            let prefix = format!("blk.{stage}.");
+            let tensors: Vec<Raw> = st
+                .tensors()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(name, v)| Raw {
+                    name,
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    bytes: v.data().to_vec(),
+                })
+                .collect();
+            let outs: std::collections::BTreeMap<String, usize> = outs
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(n, o)| (n.clone(), *o))
+                .collect();
+            write_raw(
+                &split.join(format!("unit-{u:05}.stage-{stage:02}.safetensors")),
+                &tensors,
+                Some(&outs),
+            );
+        }
+    }
+    let one = init(
+        &tmp.path().join("one"),
+        &["--activations", whole.to_str().unwrap()],
+        &["--batch-size", "3"],
+    );
+    for extra in [&[][..], &["--local-ranks", "2", "--pp", "2"][..]] {
+        let out = tmp.path().join("from-split");
+        let w = init(
+            &out,
+            &["--activations", split.to_str().unwrap()],
+            &[&["--batch-size", "3"][..], extra].concat(),
+        );
+        assert_same_written(&one, &w);
+        assert_eq!(w.report["units_total"], 12);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // A unit that is both whole and split is refused.
+    std::fs::copy(shard(&whole, 0), split.join("unit-00000.safetensors")).unwrap();
+    let out = tmp.path().join("bad");
+    let o = eva(&[
+        "init",
+        "--activations",
+        split.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_refused(&o, 1, &["unit-00000.safetensors", "whole unit"], &out);
+}
