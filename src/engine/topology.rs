@@ -7,18 +7,37 @@
 //! between stages (point-to-point, one pass at a time) are what crosses nodes. This is the
 //! order of Megatron-LM, where the pipeline dimension is outermost.
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, SingleProcess};
 use crate::{Error, Result};
+use std::ops::Deref;
+
+/// A group of ranks: the world itself, or a part split from it.
+pub enum Group<'a> {
+    World(&'a dyn Communicator),
+    Split(Box<dyn Communicator>),
+}
+
+impl<'a> Deref for Group<'a> {
+    type Target = dyn Communicator + 'a;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Group::World(c) => *c,
+            Group::Split(c) => c.as_ref(),
+        }
+    }
+}
 
 /// Where this rank sits in the grid, with the communicators of its groups.
 pub struct Topology<'a> {
     /// Every rank.
     pub world: &'a dyn Communicator,
-    /// This rank's stage's data-parallel group (rank = replica).
-    pub stage_comm: Box<dyn Communicator>,
-    /// The stage leaders (replica 0 of each stage; rank = stage); for other ranks, a group of
-    /// the other replicas that is never used.
-    pub leaders: Box<dyn Communicator>,
+    /// This rank's stage's data-parallel group (rank = replica): the world itself with one
+    /// stage (so that NCCL carries the statistics), a split of it otherwise.
+    pub stage_comm: Group<'a>,
+    /// The stage leaders (replica 0 of each stage; rank = stage): the world itself with one
+    /// replica; for ranks other than replica 0, a group of no use.
+    pub leaders: Group<'a>,
     /// This rank's stage, `0..stages`.
     pub stage: usize,
     /// Pipeline stages (`--pp`).
@@ -45,8 +64,19 @@ impl<'a> Topology<'a> {
         check_grid(world.size(), stages)?;
         let replicas = world.size() / stages;
         let (stage, replica) = (world.rank() / replicas, world.rank() % replicas);
-        let stage_comm = world.split(stage, replica)?;
-        let leaders = world.split(usize::from(replica != 0), stage)?;
+        // Only a grid with both dimensions needs new communicators (split is collective: every
+        // rank takes the same branch).
+        let stage_comm = match (stages, replicas) {
+            (1, _) => Group::World(world),
+            (_, 1) => Group::Split(Box::new(SingleProcess)),
+            _ => Group::Split(world.split(stage, replica)?),
+        };
+        let leaders = match (stages, replicas) {
+            (_, 1) => Group::World(world),
+            // One stage: its leader, rank 0, is the only stage leader.
+            (1, _) => Group::Split(Box::new(SingleProcess)),
+            _ => Group::Split(world.split(usize::from(replica != 0), stage)?),
+        };
         Ok(Topology {
             world,
             stage_comm,
