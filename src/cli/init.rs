@@ -126,7 +126,10 @@ pub fn open_source(
     };
     if let (Some(dir), Some(data)) = (&args.model, &args.data) {
         let model = Model::open(dir)?;
-        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref())?;
+        let memory = stages::block_memory(&model, args.targets.as_deref(), |d| {
+            statistics_bytes(cfg, d)
+        });
+        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref(), memory)?;
         let block: std::collections::HashMap<String, usize> = model
             .modules()
             .iter()
@@ -203,6 +206,16 @@ pub fn open_source(
         owner,
         split,
     })
+}
+
+/// Statistics bytes of one input of dimension `d`, as the stages are balanced: exact unless
+/// `--estimator sketch`, on one replica (so that the split does not depend on `dp`).
+fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
+    let kmax = cfg.eva.max_components().min(d);
+    let sketch = cfg
+        .sketch_size
+        .unwrap_or_else(|| stats::default_sketch_size(kmax, d));
+    stats::memory_bytes(cfg.estimator != EstimatorChoice::Sketch, d, sketch, 1)
 }
 
 /// Runs `eva init`: in a world of one, as N thread ranks (`--local-ranks`), or as one rank of the
