@@ -7,5 +7,6 @@ mod errors;
 mod exact;
 mod model;
 mod output;
+mod report;
 mod sketch;
 mod steps;
