@@ -2,7 +2,8 @@
 
 use super::progress::{say, Progress};
 use super::InitArgs;
-use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
+use crate::adapter::write::{self, CARD_FILE, CONFIG_FILE, REPORT_FILE, SVG_FILE, WEIGHTS_FILE};
+use crate::adapter::{card, svg};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EstimatorChoice, EvaParams, RunConfig};
@@ -375,17 +376,18 @@ fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
+    let picture = svg::render(&outcome.report).into_bytes();
+    let model_card = card::render(&outcome.report, &outcome.adapter.config).into_bytes();
     outcome.report.time_s.writing = started.elapsed().as_secs_f64();
     let report = serde_json::to_vec_pretty(&outcome.report).expect("report serializes");
-    write::write_dir(
-        &cfg.out,
-        cfg.force,
-        &[
-            (WEIGHTS_FILE, weights),
-            (CONFIG_FILE, config),
-            (REPORT_FILE, report),
-        ],
-    )?;
+    let files = [
+        (WEIGHTS_FILE, weights),
+        (CONFIG_FILE, config),
+        (REPORT_FILE, report),
+        (SVG_FILE, picture),
+        (CARD_FILE, model_card),
+    ];
+    write::write_dir(&cfg.out, cfg.force, &files)?;
 
     let r = &outcome.report;
     if !r.converged {

@@ -8,5 +8,6 @@ mod exact;
 mod model;
 mod output;
 mod pipeline;
+mod report;
 mod sketch;
 mod steps;
