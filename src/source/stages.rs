@@ -28,8 +28,8 @@ pub fn balance(costs: &[u64], parts: usize) -> Vec<Range<usize>> {
     // best[k][i]: the smallest largest run when the first i items form k + 1 runs; cut[k][i]: where the last run starts.
     let mut best = vec![vec![u64::MAX; n + 1]; parts];
     let mut cut = vec![vec![0usize; n + 1]; parts];
-    for i in 1..=n {
-        best[0][i] = sum(0, i);
+    for (i, b) in best[0].iter_mut().enumerate().skip(1) {
+        *b = sum(0, i);
     }
     for k in 1..parts {
         for i in (k + 1)..=n {
