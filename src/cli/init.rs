@@ -46,6 +46,7 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
     if let Some(t) = args.targets.as_ref().and_then(|t| t.iter().find(|t| t.trim().is_empty())) {
         return bad("--targets", "a comma-separated list of non-empty names", format!("`{t}`"));
     }
+    validate_device(args)?;
     Ok(RunConfig {
         eva: EvaParams {
             rank: args.rank,
@@ -76,6 +77,31 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         },
         quiet: args.quiet,
     })
+}
+
+/// `--device` and `--dtype`: a GPU runs the model's forward pass, so it needs `--model`; the
+/// CPU has no `--dtype`. `--device cuda` is checked here, before any work: a build without the
+/// `cuda` feature, or a machine without the driver, a GPU, NVRTC or cuBLAS, is an exit code 2
+/// naming what is missing and where it was looked for.
+fn validate_device(args: &InitArgs) -> Result<()> {
+    match args.device {
+        super::DeviceArg::Cpu => {
+            if let Some(d) = args.dtype {
+                let name = match d {
+                    super::DTypeArg::Bf16 => "bf16",
+                    super::DTypeArg::F32 => "f32",
+                };
+                return Err(Error::usage(format!("--dtype {name} applies to --device cuda; the CPU computes in f32")));
+            }
+            Ok(())
+        }
+        super::DeviceArg::Cuda => {
+            if args.model.is_none() {
+                return Err(Error::usage("--device cuda runs the forward pass of --model; --activations and --synthetic are read on the CPU"));
+            }
+            crate::model::cuda::available()
+        }
+    }
 }
 
 /// Opens the source named on the command line, restricted to `--targets`.
