@@ -35,12 +35,23 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// An error inside one pipeline stage (exit code of the inner error).
+    #[error("stage {stage} ({slice}): {source}")]
+    Stage {
+        stage: usize,
+        slice: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// A GPU operation failed: a driver, cuBLAS or NVRTC status, or out of device memory (exit code 1).
     #[error("{0}")]
     Device(String),
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
-    NotCompiled { backend: &'static str, hint: &'static str },
+    NotCompiled {
+        backend: &'static str,
+        hint: &'static str,
+    },
 }
 
 impl Error {
@@ -56,14 +67,18 @@ impl Error {
 
     /// Wraps an I/O error with the operation and path involved.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Process exit code: 2 for usage errors (and missing backends), 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::NotCompiled { .. } => 2,
-            Error::Rank { source, .. } => source.exit_code(),
+            Error::Rank { source, .. } | Error::Stage { source, .. } => source.exit_code(),
             _ => 1,
         }
     }

@@ -232,6 +232,15 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub local_ranks: usize,
 
+    /// Pipeline stages: the world's ranks form dp = ranks / S data-parallel replicas of S stages,
+    /// each stage holding a contiguous slice of the model's blocks (or of the shards' inputs).
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub pp: usize,
+
+    /// Blocks per pipeline stage, comma-separated (e.g. 10,10,10) [default: balanced by the weights' bytes].
+    #[arg(long, value_delimiter = ',', value_name = "BLOCKS", requires = "model")]
+    pub pp_split: Option<Vec<usize>>,
+
     /// base_model_name_or_path written to adapter_config.json.
     #[arg(long, value_name = "NAME")]
     pub base_model: Option<String>,

@@ -36,7 +36,17 @@ macro_rules! uninhabited_communicator {
             fn barrier(&self) -> $crate::Result<()> {
                 match *self {}
             }
-            fn split(&self, _: usize, _: usize) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
+            fn split(
+                &self,
+                _: usize,
+                _: usize,
+            ) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
+                match *self {}
+            }
+            fn send(&self, _: &[u8], _: usize) -> $crate::Result<()> {
+                match *self {}
+            }
+            fn recv(&self, _: usize) -> $crate::Result<Vec<u8>> {
                 match *self {}
             }
             fn backend(&self) -> &'static str {
@@ -67,8 +77,11 @@ pub use self::nccl::NcclWorld;
 
 use crate::{Error, Result};
 
-/// What a rank can do with the others. All methods are collective: every rank of the world
-/// must call them in the same order with matching arguments.
+/// What a rank can do with the others. All methods but [`send`](Communicator::send) and
+/// [`recv`](Communicator::recv) are collective: every rank of the world must call them in the
+/// same order with matching arguments. The point-to-point pair involves two ranks only: every
+/// `send(_, dest)` on one rank is matched by one `recv(src)` on `dest`, and messages between a
+/// pair arrive in the order they were sent.
 pub trait Communicator {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
@@ -84,6 +97,10 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
     /// Sub-worlds of the ranks that pass the same `color`, ordered by `(key, rank)`.
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+    /// Sends `buf` to rank `dest` (point-to-point; may return before `dest` receives it).
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()>;
+    /// Receives the next message that rank `src` sent to this rank.
+    fn recv(&self, src: usize) -> Result<Vec<u8>>;
     /// Backend name for reports.
     fn backend(&self) -> &'static str;
     /// Rank 0 leads: it decides and writes the output.
@@ -118,6 +135,16 @@ impl Communicator for SingleProcess {
     fn split(&self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {
         Ok(Box::new(SingleProcess))
     }
+    fn send(&self, _buf: &[u8], dest: usize) -> Result<()> {
+        Err(Error::Comm(format!(
+            "point-to-point send to rank {dest} in a world of one"
+        )))
+    }
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        Err(Error::Comm(format!(
+            "point-to-point receive from rank {src} in a world of one"
+        )))
+    }
     fn backend(&self) -> &'static str {
         "single"
     }
@@ -145,7 +172,10 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
     comm.broadcast(&mut msg, first)?;
     match local {
         Err(e) => Err(e),
-        Ok(_) => Err(Error::Comm(format!("rank {first} failed: {}", String::from_utf8_lossy(&msg)))),
+        Ok(_) => Err(Error::Comm(format!(
+            "rank {first} failed: {}",
+            String::from_utf8_lossy(&msg)
+        ))),
     }
 }
 
@@ -177,29 +207,63 @@ pub fn connect(backend: Backend) -> Result<Box<dyn Communicator>> {
 /// `rank + 1`, so sums are `n(n+1)/2`): one body for the thread, MPI and NCCL backends.
 pub fn selftest(comm: &dyn Communicator) -> Result<()> {
     let (rank, n) = (comm.rank(), comm.size());
-    let fail = |what: String| Err(Error::Comm(format!("collective self-test on rank {rank} of {n} ({}): {what}", comm.backend())));
+    let fail = |what: String| {
+        Err(Error::Comm(format!(
+            "collective self-test on rank {rank} of {n} ({}): {what}",
+            comm.backend()
+        )))
+    };
     let mut v = vec![(rank + 1) as f64; 1000];
     v[999] = rank as f64 * 0.5;
     comm.all_reduce_sum(&mut v)?;
     let want = (n * (n + 1)) as f64 / 2.0;
     if v[..999].iter().any(|&x| x != want) || v[999] != 0.25 * ((n * (n - 1)) as f64) {
-        return fail(format!("all-reduce gave {} and {}, expected {want} and {}", v[0], v[999], 0.25 * (n * (n - 1)) as f64));
+        return fail(format!(
+            "all-reduce gave {} and {}, expected {want} and {}",
+            v[0],
+            v[999],
+            0.25 * (n * (n - 1)) as f64
+        ));
     }
     for root in [0, n - 1] {
-        let mut b = if rank == root { format!("from {root}").into_bytes() } else { vec![7; rank * 3] };
+        let mut b = if rank == root {
+            format!("from {root}").into_bytes()
+        } else {
+            vec![7; rank * 3]
+        };
         comm.broadcast(&mut b, root)?;
         if b != format!("from {root}").into_bytes() {
-            return fail(format!("broadcast from {root} gave {:?}", String::from_utf8_lossy(&b)));
+            return fail(format!(
+                "broadcast from {root} gave {:?}",
+                String::from_utf8_lossy(&b)
+            ));
         }
     }
     let gathered = comm.gather(&vec![rank as u8; rank + 1], 0)?;
     match (rank, gathered) {
-        (0, Some(all)) if all.iter().enumerate().all(|(r, b)| *b == vec![r as u8; r + 1]) && all.len() == n => {}
+        (0, Some(all))
+            if all
+                .iter()
+                .enumerate()
+                .all(|(r, b)| *b == vec![r as u8; r + 1])
+                && all.len() == n => {}
         (0, other) => return fail(format!("gather gave {other:?}")),
         (_, None) => {}
         (_, Some(_)) => return fail("gather delivered to a non-root rank".into()),
     }
     comm.barrier()?;
+    // Point-to-point: every rank sends two messages to the next one around the ring, in order.
+    if n > 1 {
+        let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+        comm.send(&vec![rank as u8; rank + 2], next)?;
+        comm.send(&[], next)?;
+        let (first, second) = (comm.recv(prev)?, comm.recv(prev)?);
+        if first != vec![prev as u8; prev + 2] || !second.is_empty() {
+            return fail(format!(
+                "send/recv from {prev} gave {first:?} then {second:?}"
+            ));
+        }
+    }
     // Split into even and odd ranks; each half sums its own ranks + 1.
     let half = comm.split(rank % 2, rank)?;
     let mut s = [(rank + 1) as f64];
@@ -207,7 +271,13 @@ pub fn selftest(comm: &dyn Communicator) -> Result<()> {
     let members: Vec<usize> = (0..n).filter(|r| r % 2 == rank % 2).collect();
     let want: f64 = members.iter().map(|r| (r + 1) as f64).sum();
     if s[0] != want || half.size() != members.len() || half.rank() != rank / 2 {
-        return fail(format!("split: sum {} (want {want}), size {} (want {}), rank {}", s[0], half.size(), members.len(), half.rank()));
+        return fail(format!(
+            "split: sum {} (want {want}), size {} (want {}), rank {}",
+            s[0],
+            half.size(),
+            members.len(),
+            half.rank()
+        ));
     }
     Ok(())
 }

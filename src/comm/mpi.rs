@@ -11,6 +11,9 @@ use std::rc::Rc;
 /// Elements per MPI call: MPI counts are 32-bit.
 const MAX_COUNT: usize = 1 << 30;
 
+/// Tag of eva's point-to-point messages, apart from the gathers' (the default tag 0).
+const P2P_TAG: i32 = 1;
+
 /// An MPI communicator (the world, or a split of it).
 pub struct MpiWorld {
     comm: SimpleCommunicator,
@@ -20,9 +23,13 @@ pub struct MpiWorld {
 impl MpiWorld {
     /// Initializes MPI and returns the world.
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| Error::Comm("MPI is already initialized in this process".into()))?;
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::Comm("MPI is already initialized in this process".into()))?;
         let comm = universe.world();
-        Ok(MpiWorld { comm, _universe: Rc::new(universe) })
+        Ok(MpiWorld {
+            comm,
+            _universe: Rc::new(universe),
+        })
     }
 }
 
@@ -38,7 +45,8 @@ impl EvaCommunicator for MpiWorld {
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
         for chunk in buf.chunks_mut(MAX_COUNT) {
             let send = chunk.to_vec();
-            self.comm.all_reduce_into(&send[..], chunk, SystemOperation::sum());
+            self.comm
+                .all_reduce_into(&send[..], chunk, SystemOperation::sum());
         }
         Ok(())
     }
@@ -57,10 +65,14 @@ impl EvaCommunicator for MpiWorld {
     fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
         let lens = if self.rank() == root {
             let mut lens = vec![0u64; self.size()];
-            self.comm.process_at_rank(root as i32).gather_into_root(&(send.len() as u64), &mut lens[..]);
+            self.comm
+                .process_at_rank(root as i32)
+                .gather_into_root(&(send.len() as u64), &mut lens[..]);
             lens
         } else {
-            self.comm.process_at_rank(root as i32).gather_into(&(send.len() as u64));
+            self.comm
+                .process_at_rank(root as i32)
+                .gather_into(&(send.len() as u64));
             Vec::new()
         };
         if self.rank() != root {
@@ -94,8 +106,34 @@ impl EvaCommunicator for MpiWorld {
         let comm = self
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
-            .ok_or_else(|| Error::Comm(format!("MPI split by color {color} returned no communicator")))?;
-        Ok(Box::new(MpiWorld { comm, _universe: self._universe.clone() }))
+            .ok_or_else(|| {
+                Error::Comm(format!(
+                    "MPI split by color {color} returned no communicator"
+                ))
+            })?;
+        Ok(Box::new(MpiWorld {
+            comm,
+            _universe: self._universe.clone(),
+        }))
+    }
+
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        let to = self.comm.process_at_rank(dest as i32);
+        to.send_with_tag(&(buf.len() as u64), P2P_TAG);
+        for chunk in buf.chunks(MAX_COUNT) {
+            to.send_with_tag(chunk, P2P_TAG);
+        }
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let from = self.comm.process_at_rank(src as i32);
+        let (len, _) = from.receive_with_tag::<u64>(P2P_TAG);
+        let mut v = vec![0u8; len as usize];
+        for chunk in v.chunks_mut(MAX_COUNT) {
+            from.receive_into_with_tag(chunk, P2P_TAG);
+        }
+        Ok(v)
     }
 
     fn backend(&self) -> &'static str {

@@ -1,11 +1,12 @@
 //! An in-process world: N ranks as threads sharing one rendezvous. Every collective is an
 //! all-gather of bytes; sums run in rank order, so results are identical on every rank and
-//! independent of thread timing. A rank that panics or leaves aborts the others' collectives
-//! with an error instead of a hang.
+//! independent of thread timing. Point-to-point messages go through one queue per (sender,
+//! receiver) pair; `send` never blocks. A rank that panics or leaves aborts the others'
+//! collectives and receives with an error instead of a hang.
 
 use super::Communicator;
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -16,6 +17,8 @@ struct State {
     departed: usize,
     aborted: Option<String>,
     splits: HashMap<(u64, usize), Arc<Shared>>,
+    /// Point-to-point messages in flight, by (sender, receiver).
+    mail: HashMap<(usize, usize), VecDeque<Vec<u8>>>,
 }
 
 struct Shared {
@@ -26,7 +29,14 @@ struct Shared {
 
 impl Shared {
     fn new(size: usize) -> Arc<Self> {
-        Arc::new(Shared { size, state: Mutex::new(State { slots: vec![None; size], ..State::default() }), cv: Condvar::new() })
+        Arc::new(Shared {
+            size,
+            state: Mutex::new(State {
+                slots: vec![None; size],
+                ..State::default()
+            }),
+            cv: Condvar::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -51,13 +61,23 @@ impl ThreadWorld {
     /// A world of `size` ranks; hand each element to its own thread.
     pub fn create(size: usize) -> Vec<ThreadWorld> {
         let shared = Shared::new(size.max(1));
-        (0..size.max(1)).map(|rank| ThreadWorld { rank, shared: shared.clone(), splits: std::cell::Cell::new(0) }).collect()
+        (0..size.max(1))
+            .map(|rank| ThreadWorld {
+                rank,
+                shared: shared.clone(),
+                splits: std::cell::Cell::new(0),
+            })
+            .collect()
     }
 
     /// All-gather of bytes: every rank receives every rank's contribution, in rank order.
     fn exchange(&self, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let sh = &*self.shared;
-        let aborted = |st: &State| st.aborted.clone().map(|why| Error::Comm(format!("thread world aborted: {why}")));
+        let aborted = |st: &State| {
+            st.aborted
+                .clone()
+                .map(|why| Error::Comm(format!("thread world aborted: {why}")))
+        };
         let mut st = sh.lock();
         // Wait for the previous round to drain.
         while st.result.is_some() {
@@ -72,7 +92,11 @@ impl ThreadWorld {
         st.slots[self.rank] = Some(mine);
         st.arrived += 1;
         if st.arrived == sh.size {
-            let all = st.slots.iter_mut().map(|s| s.take().unwrap_or_default()).collect();
+            let all = st
+                .slots
+                .iter_mut()
+                .map(|s| s.take().unwrap_or_default())
+                .collect();
             st.result = Some(Arc::new(all));
             st.arrived = 0;
             sh.cv.notify_all();
@@ -96,7 +120,11 @@ impl ThreadWorld {
 
 impl Drop for ThreadWorld {
     fn drop(&mut self) {
-        let why = if std::thread::panicking() { format!("rank {} panicked", self.rank) } else { format!("rank {} left the world", self.rank) };
+        let why = if std::thread::panicking() {
+            format!("rank {} panicked", self.rank)
+        } else {
+            format!("rank {} left the world", self.rank)
+        };
         // Leaving is only an error for ranks still waiting in (or later entering) a collective;
         // at a normal end no rank calls another one.
         self.shared.abort(why);
@@ -118,7 +146,13 @@ impl Communicator for ThreadWorld {
         buf.iter_mut().for_each(|v| *v = 0.0);
         for (r, part) in all.iter().enumerate() {
             if part.len() != buf.len() * 8 {
-                return Err(Error::Comm(format!("all-reduce length mismatch: rank {} sent {} values, rank {} {}", r, part.len() / 8, self.rank, buf.len())));
+                return Err(Error::Comm(format!(
+                    "all-reduce length mismatch: rank {} sent {} values, rank {} {}",
+                    r,
+                    part.len() / 8,
+                    self.rank,
+                    buf.len()
+                )));
             }
             for (v, b) in buf.iter_mut().zip(part.chunks_exact(8)) {
                 *v += f64::from_le_bytes(b.try_into().expect("8 bytes"));
@@ -128,7 +162,11 @@ impl Communicator for ThreadWorld {
     }
 
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
-        let mine = if self.rank == root { std::mem::take(buf) } else { Vec::new() };
+        let mine = if self.rank == root {
+            std::mem::take(buf)
+        } else {
+            Vec::new()
+        };
         let all = self.exchange(mine)?;
         *buf = all[root].clone();
         Ok(())
@@ -144,16 +182,88 @@ impl Communicator for ThreadWorld {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        let mine = [color as u64, key as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mine = [color as u64, key as u64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let all = self.exchange(mine)?;
-        let parse = |b: &Vec<u8>| (u64::from_le_bytes(b[..8].try_into().expect("8")) as usize, u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize);
-        let mut members: Vec<(usize, usize)> = all.iter().enumerate().map(|(r, b)| (parse(b), r)).filter(|((c, _), _)| *c == color).map(|((_, k), r)| (k, r)).collect();
+        let parse = |b: &Vec<u8>| {
+            (
+                u64::from_le_bytes(b[..8].try_into().expect("8")) as usize,
+                u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize,
+            )
+        };
+        let mut members: Vec<(usize, usize)> = all
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (parse(b), r))
+            .filter(|((c, _), _)| *c == color)
+            .map(|((_, k), r)| (k, r))
+            .collect();
         members.sort_unstable();
-        let rank = members.iter().position(|&(_, r)| r == self.rank).expect("this rank is a member");
+        let rank = members
+            .iter()
+            .position(|&(_, r)| r == self.rank)
+            .expect("this rank is a member");
         let seq = self.splits.get();
         self.splits.set(seq + 1);
-        let shared = self.shared.lock().splits.entry((seq, color)).or_insert_with(|| Shared::new(members.len())).clone();
-        Ok(Box::new(ThreadWorld { rank, shared, splits: std::cell::Cell::new(0) }))
+        let shared = self
+            .shared
+            .lock()
+            .splits
+            .entry((seq, color))
+            .or_insert_with(|| Shared::new(members.len()))
+            .clone();
+        Ok(Box::new(ThreadWorld {
+            rank,
+            shared,
+            splits: std::cell::Cell::new(0),
+        }))
+    }
+
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        let sh = &*self.shared;
+        if dest >= sh.size {
+            return Err(Error::Comm(format!(
+                "send to rank {dest} in a world of {}",
+                sh.size
+            )));
+        }
+        let mut st = sh.lock();
+        if let Some(why) = &st.aborted {
+            return Err(Error::Comm(format!("thread world aborted: {why}")));
+        }
+        st.mail
+            .entry((self.rank, dest))
+            .or_default()
+            .push_back(buf.to_vec());
+        sh.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let sh = &*self.shared;
+        if src >= sh.size {
+            return Err(Error::Comm(format!(
+                "receive from rank {src} in a world of {}",
+                sh.size
+            )));
+        }
+        let mut st = sh.lock();
+        loop {
+            // A message already sent is delivered even if its sender has left since.
+            if let Some(msg) = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(msg);
+            }
+            if let Some(why) = &st.aborted {
+                return Err(Error::Comm(format!("thread world aborted while rank {} waited for a message from rank {src}: {why}", self.rank)));
+            }
+            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn backend(&self) -> &'static str {
@@ -181,6 +291,31 @@ mod tests {
                 r.unwrap();
             }
         }
+    }
+
+    #[test]
+    fn messages_between_a_pair_arrive_in_order_and_a_leaver_fails_the_receiver() {
+        let out = run_world(3, |w| {
+            if w.rank() == 0 {
+                for i in 0..50u8 {
+                    w.send(&[i], 2).unwrap();
+                }
+                Vec::new()
+            } else if w.rank() == 2 {
+                (0..50).map(|_| w.recv(0).unwrap()[0]).collect()
+            } else {
+                Vec::new()
+            }
+        });
+        assert_eq!(out[2], (0..50u8).collect::<Vec<_>>());
+        let mut it = ThreadWorld::create(2).into_iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        drop(b);
+        let err = a.recv(1).unwrap_err().to_string();
+        assert!(
+            err.contains("waited for a message from rank 1") && err.contains("rank 1 left"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -226,7 +361,12 @@ mod tests {
             handles.into_iter().map(|h| h.join()).collect()
         });
         assert!(results[1].is_err());
-        let err = results[0].as_ref().unwrap().as_ref().unwrap_err().to_string();
+        let err = results[0]
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rank 1"), "{err}");
     }
 }

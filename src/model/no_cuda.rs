@@ -33,6 +33,11 @@ pub fn available() -> Result<()> {
     Cuda::new(CudaOptions::default()).map(|_| ())
 }
 
+/// Always fails in this build (see [`available`]).
+pub fn device_count() -> Result<usize> {
+    available().map(|_| 0)
+}
+
 /// Uninhabited: this eva was built without CUDA.
 pub enum Cuda {}
 
@@ -52,6 +57,16 @@ impl Cuda {
 
     /// Unreachable (no value exists).
     pub fn describe(&self) -> String {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn from_host(&self, _: &Array2<f32>) -> Result<Infallible> {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn to_host(&self, _: &Infallible) -> Result<Array2<f32>> {
         match *self {}
     }
 }
@@ -90,7 +105,15 @@ impl ops::Backend for Cuda {
     fn rope(&self, _: &mut Infallible, _: usize, _: &Array2<f32>, _: &Array2<f32>) {
         match *self {}
     }
-    fn attention(&self, _: &Infallible, _: &Infallible, _: &Infallible, _: Heads, _: &Segments, _: AttentionMask) -> Infallible {
+    fn attention(
+        &self,
+        _: &Infallible,
+        _: &Infallible,
+        _: &Infallible,
+        _: Heads,
+        _: &Segments,
+        _: AttentionMask,
+    ) -> Infallible {
         match *self {}
     }
     fn activate(&self, _: &mut Infallible, _: Activation) {
@@ -108,13 +131,18 @@ impl ops::Backend for Cuda {
     fn dim(&self, _: &Infallible) -> usize {
         match *self {}
     }
+    fn tokens(&self, _: &Infallible) -> usize {
+        match *self {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn asking_for_cuda_in_a_cpu_build_is_exit_code_2() {
-        let e = super::Cuda::new(Default::default()).err().expect("cannot construct");
+        let e = super::Cuda::new(Default::default())
+            .err()
+            .expect("cannot construct");
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("--features cuda"), "{e}");
     }

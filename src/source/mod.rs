@@ -9,6 +9,7 @@
 
 pub mod model;
 pub mod shards;
+pub mod stages;
 pub mod synthetic;
 
 use crate::{Error, Result};
@@ -51,7 +52,12 @@ impl Catalog {
     pub fn new(layers: Vec<(String, usize, usize)>, groups: Vec<Vec<usize>>) -> Self {
         let mut infos: Vec<LayerInfo> = layers
             .into_iter()
-            .map(|(name, in_features, out_features)| LayerInfo { name, in_features, out_features, input: 0 })
+            .map(|(name, in_features, out_features)| LayerInfo {
+                name,
+                in_features,
+                out_features,
+                input: 0,
+            })
             .collect();
         let mut groups = groups;
         for g in &mut groups {
@@ -65,27 +71,52 @@ impl Catalog {
                 for &m in &members {
                     infos[m].input = i;
                 }
-                InputInfo { dim: infos[members[0]].in_features, members }
+                InputInfo {
+                    dim: infos[members[0]].in_features,
+                    members,
+                }
             })
             .collect();
-        Catalog { layers: infos, inputs }
+        Catalog {
+            layers: infos,
+            inputs,
+        }
+    }
+
+    /// The index of input `g`'s representative layer (its group's first member).
+    pub fn representative(&self, g: usize) -> usize {
+        self.inputs[g].members[0]
     }
 
     /// Keeps only the layers `keep` selects, renumbering inputs; inputs left without layers go.
     pub fn retain(&self, keep: impl Fn(&LayerInfo) -> bool) -> Catalog {
-        let kept: Vec<usize> = (0..self.layers.len()).filter(|&i| keep(&self.layers[i])).collect();
+        let kept: Vec<usize> = (0..self.layers.len())
+            .filter(|&i| keep(&self.layers[i]))
+            .collect();
         let mut index = vec![usize::MAX; self.layers.len()];
         for (new, &old) in kept.iter().enumerate() {
             index[old] = new;
         }
         let layers = kept
             .iter()
-            .map(|&i| (self.layers[i].name.clone(), self.layers[i].in_features, self.layers[i].out_features))
+            .map(|&i| {
+                (
+                    self.layers[i].name.clone(),
+                    self.layers[i].in_features,
+                    self.layers[i].out_features,
+                )
+            })
             .collect();
         let groups = self
             .inputs
             .iter()
-            .map(|inp| inp.members.iter().filter(|&&m| index[m] != usize::MAX).map(|&m| index[m]).collect::<Vec<_>>())
+            .map(|inp| {
+                inp.members
+                    .iter()
+                    .filter(|&&m| index[m] != usize::MAX)
+                    .map(|&m| index[m])
+                    .collect::<Vec<_>>()
+            })
             .filter(|g| !g.is_empty())
             .collect();
         Catalog::new(layers, groups)
@@ -94,6 +125,10 @@ impl Catalog {
 
 /// Receives the rows (`tokens x dim`, f32) of unique input `input` for the units being read.
 pub type Sink<'a> = dyn FnMut(usize, ArrayView2<f32>) -> Result<()> + 'a;
+
+/// What one pipeline stage hands the next for a pass: the hidden state after its last block
+/// (`tokens x hidden`, f32).
+pub type Hidden = ndarray::Array2<f32>;
 
 /// A numbered sequence of units of layer inputs.
 pub trait Source {
@@ -105,6 +140,26 @@ pub trait Source {
     /// The units of one call form a *pass*, which a source may compute together (the model
     /// source runs them as one forward pass) and hand over as one block of rows.
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()>;
+    /// [`Source::read`] as one stage of a pipeline: `input` is the hidden state the previous
+    /// stage returned for this pass (`None` on the first stage), and with `output` the stage
+    /// returns its own for the next. Sources whose stages read on their own (shards, synthetic
+    /// data: [`Source::pipelined`] is false) just read.
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
+        let _ = (input, output);
+        self.read(units, wanted, sink).map(|_| None)
+    }
+    /// Whether a stage's inputs are computed from the previous stage's output (a model's
+    /// blocks), so that passes flow stage to stage.
+    fn pipelined(&self) -> bool {
+        false
+    }
     /// Consecutive units of a step the engine hands to one [`Source::read`] call (see
     /// [`crate::engine::passes_of_step`]): the grouping depends on this and the batch size only,
     /// never on the world size, so every rank computes a pass bit for bit the same.
@@ -166,7 +221,12 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// PEFT `target_modules` matching: the name equals an entry or ends with `.` + entry.
 pub fn matches_target(name: &str, targets: &[String]) -> bool {
-    targets.iter().any(|t| name == t || (name.len() > t.len() && name.ends_with(t.as_str()) && name.as_bytes()[name.len() - t.len() - 1] == b'.'))
+    targets.iter().any(|t| {
+        name == t
+            || (name.len() > t.len()
+                && name.ends_with(t.as_str())
+                && name.as_bytes()[name.len() - t.len() - 1] == b'.')
+    })
 }
 
 /// A source restricted to the layers that `--targets` selects.
@@ -185,9 +245,16 @@ impl Targeted {
     pub fn new(inner: Box<dyn Source>, targets: &[String]) -> Result<Self> {
         let all = inner.catalog();
         for t in targets {
-            if !all.layers.iter().any(|l| matches_target(&l.name, std::slice::from_ref(t))) {
+            if !all
+                .layers
+                .iter()
+                .any(|l| matches_target(&l.name, std::slice::from_ref(t)))
+            {
                 let names: Vec<&str> = all.layers.iter().map(|l| l.name.as_str()).collect();
-                return Err(Error::usage(format!("--targets entry `{t}` matches no layer; available layers: {}", names.join(", "))));
+                return Err(Error::usage(format!(
+                    "--targets entry `{t}` matches no layer; available layers: {}",
+                    names.join(", ")
+                )));
             }
         }
         let catalog = all.retain(|l| matches_target(&l.name, targets));
@@ -196,14 +263,23 @@ impl Targeted {
             .iter()
             .map(|inp| {
                 let name = &catalog.layers[inp.members[0]].name;
-                all.layers.iter().find(|l| &l.name == name).expect("retained from this catalog").input
+                all.layers
+                    .iter()
+                    .find(|l| &l.name == name)
+                    .expect("retained from this catalog")
+                    .input
             })
             .collect();
         let mut from_inner = vec![None; all.inputs.len()];
         for (ours, &theirs) in to_inner.iter().enumerate() {
             from_inner[theirs] = Some(ours);
         }
-        Ok(Targeted { inner, catalog, to_inner, from_inner })
+        Ok(Targeted {
+            inner,
+            catalog,
+            to_inner,
+            from_inner,
+        })
     }
 }
 
@@ -220,16 +296,38 @@ impl Source for Targeted {
         self.inner.pass_units()
     }
 
+    fn pipelined(&self) -> bool {
+        self.inner.pipelined()
+    }
+
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+        self.read_stage(units, wanted, None, false, sink)
+            .map(|_| ())
+    }
+
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
         let mut inner_wanted = vec![false; self.from_inner.len()];
         for (ours, &theirs) in self.to_inner.iter().enumerate() {
             inner_wanted[theirs] = wanted[ours];
         }
         let from_inner = &self.from_inner;
-        self.inner.read(units, &inner_wanted, &mut |g, x| match from_inner[g] {
-            Some(ours) => sink(ours, x),
-            None => Ok(()),
-        })
+        self.inner.read_stage(
+            units,
+            &inner_wanted,
+            input,
+            output,
+            &mut |g, x| match from_inner[g] {
+                Some(ours) => sink(ours, x),
+                None => Ok(()),
+            },
+        )
     }
 }
 

@@ -7,13 +7,19 @@
 //!
 //! Equal-input groups come from the architecture: the layers reading the same capture point of
 //! the same block ([`crate::model::Point`]: q/k/v, gate/up, BERT's query/key/value).
+//!
+//! A pipeline stage loads only its slice of blocks ([`ModelSource::open`] with `blocks`): it
+//! starts from the previous stage's hidden state and hands its own to the next
+//! ([`Source::read_stage`]); the catalog still lists every layer of the model.
 
-use super::{check_finite, Catalog, Sink, Source};
+use super::{check_finite, Catalog, Hidden, Sink, Source};
+use crate::model::cuda::{Cuda, CudaOptions};
 use crate::model::ops::{Backend, Cpu};
 use crate::model::text::{read_examples, Examples, TextEncoder};
 use crate::model::{Loaded, Model, Need, Point};
 use crate::{Error, Result};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 /// Examples per forward pass. Packing amortizes each layer's weights over more rows (larger
@@ -33,11 +39,20 @@ pub struct ModelOptions {
     pub use_label_mask: bool,
 }
 
+/// Where the weights live and the forward pass runs.
+#[allow(clippy::large_enum_variant)] // one per source
+enum Resident {
+    /// The CPU reference (activations are host matrices: captures are handed over without a copy).
+    Cpu(Loaded<Cpu>),
+    /// A GPU (`--device cuda`): captured rows are gathered on the device and copied to the host,
+    /// where the statistics accumulate today.
+    Cuda((Cuda, Loaded<Cuda>)),
+}
+
 /// A model and a data file as a [`Source`].
 pub struct ModelSource {
     model: Model,
-    loaded: Loaded<Cpu>,
-    backend: Cpu,
+    resident: Resident,
     encoder: TextEncoder,
     examples: Examples,
     catalog: Catalog,
@@ -47,39 +62,73 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Opens the checkpoint, tokenizer and data, and loads the weights.
-    pub fn open(model_dir: &Path, data: &Path, opts: &ModelOptions) -> Result<Self> {
+    /// Opens the tokenizer and data for `model` and loads the weights of `blocks` (all of them
+    /// for a single stage); the catalog lists every linear layer of the model.
+    pub fn open(
+        model: Model,
+        data: &Path,
+        opts: &ModelOptions,
+        blocks: Range<usize>,
+    ) -> Result<Self> {
+        Self::open_on(model, data, opts, blocks, None)
+    }
+
+    /// [`ModelSource::open`] on the CPU (`device` `None`) or on the GPU `device` names: the
+    /// slice's weights are uploaded once (after a check that they fit).
+    pub fn open_on(
+        mut model: Model,
+        data: &Path,
+        opts: &ModelOptions,
+        blocks: Range<usize>,
+        device: Option<CudaOptions>,
+    ) -> Result<Self> {
         if opts.max_seq_len == 0 {
             return Err(Error::usage("--max-seq-len must be at least 1, found 0"));
         }
-        let model = Model::open(model_dir)?;
-        let max_len = model.config.max_positions().map_or(opts.max_seq_len, |m| m.min(opts.max_seq_len));
-        let encoder = TextEncoder::open(model_dir, max_len)?;
+        let dir = model.checkpoint.dir.clone();
+        let max_len = model
+            .config
+            .max_positions()
+            .map_or(opts.max_seq_len, |m| m.min(opts.max_seq_len));
+        let encoder = TextEncoder::open(&dir, max_len)?;
         let examples = read_examples(data, opts.text_field.as_deref())?;
-        let modules = model.modules();
-        let layers: Vec<(String, usize, usize)> = modules.iter().map(|m| (m.name.clone(), m.in_features, m.out_features)).collect();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut group_of: HashMap<(usize, Point), usize> = HashMap::new();
-        for (i, m) in modules.iter().enumerate() {
-            let g = *group_of.entry((m.layer, m.point)).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
-        let catalog = Catalog::new(layers, groups);
-        let inputs = catalog
-            .inputs
-            .iter()
+        let (catalog, points) = model.catalog();
+        let inputs = points
+            .into_iter()
             .enumerate()
-            .map(|(g, inp)| {
-                let m = &modules[inp.members[0]];
-                ((m.layer, m.point), g)
-            })
+            .map(|(g, p)| (p, g))
             .collect();
-        let backend = Cpu;
-        let loaded = model.load(&backend, model.layers())?;
-        Ok(ModelSource { model, loaded, backend, encoder, examples, catalog, inputs, use_label_mask: opts.use_label_mask })
+        let resident = match device {
+            None => Resident::Cpu(model.load(&Cpu, blocks)?),
+            Some(mut o) => {
+                o.slice = format!(
+                    "blocks {}..{} of {}",
+                    blocks.start,
+                    blocks.end,
+                    model.layers()
+                );
+                let gpu = Cuda::new(o)?;
+                let loaded = model.load(&gpu, blocks)?;
+                gpu.check()?;
+                Resident::Cuda((gpu, loaded))
+            }
+        };
+        Ok(ModelSource {
+            model,
+            resident,
+            encoder,
+            examples,
+            catalog,
+            inputs,
+            use_label_mask: opts.use_label_mask,
+        })
+    }
+
+    /// Opens `dir` and loads every block (a single stage).
+    pub fn open_dir(dir: &Path, data: &Path, opts: &ModelOptions) -> Result<Self> {
+        let model = Model::open(dir)?;
+        let blocks = 0..model.layers();
+        Self::open(model, data, opts, blocks)
     }
 
     /// The checkpoint.
@@ -97,12 +146,74 @@ impl ModelSource {
         self.encoder.max_len
     }
 
-    /// Runs examples `units` as one packed batch, delivering the needed inputs to `sink`.
-    fn run(&self, units: &[usize], need: &Need, wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+    /// Runs examples `units` as one packed batch through the loaded slice (from `input` if a
+    /// previous stage sent one), delivering the needed inputs to `sink` and, with `output`,
+    /// returning the slice's hidden state.
+    fn run(
+        &self,
+        units: &[usize],
+        need: &Need,
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
+        match &self.resident {
+            Resident::Cpu(loaded) => self.pass(
+                &Cpu,
+                loaded,
+                units,
+                need,
+                wanted,
+                input,
+                output,
+                &|| Ok(()),
+                sink,
+            ),
+            Resident::Cuda(r) => {
+                let (gpu, loaded) = r;
+                let input = input.map(|h| gpu.from_host(&h)).transpose()?;
+                let out = self.pass(
+                    gpu,
+                    loaded,
+                    units,
+                    need,
+                    wanted,
+                    input,
+                    output,
+                    &|| gpu.check(),
+                    sink,
+                )?;
+                gpu.check()?;
+                out.map(|h| gpu.to_host(&h)).transpose()
+            }
+        }
+    }
+
+    /// [`ModelSource::run`] on one backend; `check` reports a device failure recorded by an op
+    /// that could not return it (called before each capture reaches the statistics).
+    #[allow(clippy::too_many_arguments)]
+    fn pass<B: Backend>(
+        &self,
+        be: &B,
+        loaded: &Loaded<B>,
+        units: &[usize],
+        need: &Need,
+        wanted: &[bool],
+        input: Option<B::Tensor>,
+        output: bool,
+        check: &dyn Fn() -> Result<()>,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<B::Tensor>> {
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);
-        let encoded = units.iter().map(|&u| self.encoder.encode(&ex.items[u], || what(u))).collect::<Result<Vec<_>>>()?;
-        let batch = self.model.batch(encoded.iter().map(|e| (&e.ids[..], &e.type_ids[..])));
+        let encoded = units
+            .iter()
+            .map(|&u| self.encoder.encode(&ex.items[u], || what(u)))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = self
+            .model
+            .batch(encoded.iter().map(|e| (&e.ids[..], &e.type_ids[..])));
         let keep: Vec<usize> = encoded
             .iter()
             .flat_map(|e| e.labelled.iter())
@@ -110,16 +221,27 @@ impl ModelSource {
             .filter(|(_, &l)| l || !self.use_label_mask)
             .map(|(i, _)| i)
             .collect();
-        if keep.is_empty() {
-            return Ok(());
+        if keep.is_empty() && !output {
+            return Ok(None);
         }
-        let (first, last) = (ex.lines[units[0]], ex.lines[*units.last().expect("non-empty")]);
+        let (first, last) = (
+            ex.lines[units[0]],
+            ex.lines[*units.last().expect("non-empty")],
+        );
         let modules = self.model.modules();
         let catalog = &self.catalog;
-        let be = &self.backend;
-        self.loaded.forward(be, &batch, need, &mut |layer, point, x| {
+        if let Some(h) = &input {
+            if be.tokens(h) != batch.ids.len() {
+                return Err(Error::Comm(format!(
+                    "examples on lines {first}..={last}: the previous stage sent {} hidden states for {} tokens",
+                    be.tokens(h),
+                    batch.ids.len()
+                )));
+            }
+        }
+        loaded.forward(be, &batch, need, input, output, &mut |layer, point, x| {
             let g = self.inputs[&(layer, point)];
-            if !wanted[g] {
+            if !wanted[g] || keep.is_empty() {
                 return Ok(());
             }
             // Every token kept (no label mask hit): hand over the activation itself.
@@ -128,11 +250,24 @@ impl ModelSource {
                 Some(v) => v,
                 None => {
                     copied = be.rows(x, &keep);
+                    check()?;
                     copied.view()
                 }
             };
-            let name = || modules.iter().find(|m| m.layer == layer && m.point == point).map_or("?", |m| m.name.as_str()).to_string();
-            check_finite(rows, || format!("model forward, input of {} (examples on lines {first}..={last} of {})", name(), ex.path.display()))?;
+            let name = || {
+                modules
+                    .iter()
+                    .find(|m| m.layer == layer && m.point == point)
+                    .map_or("?", |m| m.name.as_str())
+                    .to_string()
+            };
+            check_finite(rows, || {
+                format!(
+                    "model forward, input of {} (examples on lines {first}..={last} of {})",
+                    name(),
+                    ex.path.display()
+                )
+            })?;
             debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
             sink(g, rows)
         })
@@ -149,23 +284,38 @@ impl Source for ModelSource {
     }
 
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+        self.read_stage(units, wanted, None, false, sink)
+            .map(|_| ())
+    }
+
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
         let mut need = Need::new(self.model.layers());
         for (&(layer, point), &g) in &self.inputs {
             if wanted[g] {
                 need.set(layer, point);
             }
         }
-        if need.last().is_none() || units.is_empty() {
-            return Ok(());
+        if (need.last().is_none() && !output) || units.is_empty() {
+            return Ok(None);
         }
         // One forward pass per pass of units: the engine groups examples the same way on every
         // world size, so the activations, their f32 Gram products and the adapter are bitwise
         // the same whichever rank reads them.
-        self.run(units, &need, wanted, sink)
+        self.run(units, &need, wanted, input, output, sink)
+    }
+
+    fn pipelined(&self) -> bool {
+        true
     }
 
     fn pass_units(&self) -> usize {
         EXAMPLES_PER_PASS
     }
 }
-

@@ -2,12 +2,13 @@
 //! the output format PEFT reads, steps and stopping, and one test per bad input.
 
 mod common;
-mod distributed;
+pub mod distributed;
 mod errors;
 mod exact;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod model;
 mod output;
+mod pipeline;
 mod sketch;
 mod steps;

@@ -76,7 +76,9 @@ pub enum DeviceError {
 impl From<DeviceError> for crate::Error {
     fn from(e: DeviceError) -> Self {
         match e {
-            DeviceError::Missing { .. } | DeviceError::NoDevice(_) => crate::Error::Usage(e.to_string()),
+            DeviceError::Missing { .. } | DeviceError::NoDevice(_) => {
+                crate::Error::Usage(e.to_string())
+            }
             e => crate::Error::Device(e.to_string()),
         }
     }
@@ -116,11 +118,19 @@ mod tests {
 
     #[test]
     fn missing_library_is_a_usage_error_naming_where_it_looked() {
-        let e = DeviceError::Missing { what: "cuBLAS", names: "libcublas.so, libcublas.so.13".into(), ld_library_path: "/opt/x".into(), hint: "" };
+        let e = DeviceError::Missing {
+            what: "cuBLAS",
+            names: "libcublas.so, libcublas.so.13".into(),
+            ld_library_path: "/opt/x".into(),
+            hint: "",
+        };
         let e: crate::Error = e.into();
         assert_eq!(e.exit_code(), 2);
         let msg = e.to_string();
-        assert!(msg.contains("libcublas.so.13") && msg.contains("/opt/x"), "{msg}");
+        assert!(
+            msg.contains("libcublas.so.13") && msg.contains("/opt/x"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -134,7 +144,12 @@ mod tests {
             total: Bytes(80 << 30),
         };
         let msg = crate::Error::from(e).to_string();
-        for want in ["blocks 0..30 of 30", "2.00 GiB", "--pp", "--estimator sketch"] {
+        for want in [
+            "blocks 0..30 of 30",
+            "2.00 GiB",
+            "--pp",
+            "--estimator sketch",
+        ] {
             assert!(msg.contains(want), "{msg} lacks {want}");
         }
     }

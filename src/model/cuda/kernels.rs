@@ -67,7 +67,9 @@ pub fn compile(arch: &str) -> Result<Ptx, DeviceError> {
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options(arch)).map_err(|e| DeviceError::Compile {
         arch: arch.to_string(),
         detail: match e {
-            cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => format!("{:?}: {}", nvrtc.0, log.to_string_lossy()),
+            cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
+                format!("{:?}: {}", nvrtc.0, log.to_string_lossy())
+            }
             e => format!("{e:?}"),
         },
     })
@@ -89,10 +91,21 @@ pub enum Shape {
 impl Shape {
     /// The launch configuration, or `None` when there is nothing to do (no launch).
     pub fn config(self) -> Result<Option<LaunchConfig>, DeviceError> {
-        let grid = |x: usize, y: usize| LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let too_big = |what: &str, n: usize, max: usize| DeviceError::Unsupported { op: "kernel launch", detail: format!("{what}: at most {max}, found {n}") };
+        let grid = |x: usize, y: usize| LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let too_big = |what: &str, n: usize, max: usize| DeviceError::Unsupported {
+            op: "kernel launch",
+            detail: format!("{what}: at most {max}, found {n}"),
+        };
         Ok(match self {
-            Shape::Elements(0) | Shape::Rows(0) | Shape::Features(0) | Shape::Attention { tokens: 0, .. } | Shape::Attention { heads: 0, .. } => None,
+            Shape::Elements(0)
+            | Shape::Rows(0)
+            | Shape::Features(0)
+            | Shape::Attention { tokens: 0, .. }
+            | Shape::Attention { heads: 0, .. } => None,
             Shape::Elements(n) => Some(grid(n.div_ceil(BLOCK as usize).min(MAX_GRID), 1)),
             Shape::Rows(n) => {
                 if n > i32::MAX as usize {
@@ -130,8 +143,14 @@ mod tests {
         let mut got = defined.clone();
         got.sort_unstable();
         assert_eq!(got, want);
-        assert!(SOURCE.contains(&format!("#define BLOCK {BLOCK}\n")), "kernels.cu's BLOCK differs from kernels::BLOCK");
-        assert!(!SOURCE.contains("#include"), "the kernels must stay self-contained (NVRTC without CUDA headers)");
+        assert!(
+            SOURCE.contains(&format!("#define BLOCK {BLOCK}\n")),
+            "kernels.cu's BLOCK differs from kernels::BLOCK"
+        );
+        assert!(
+            !SOURCE.contains("#include"),
+            "the kernels must stay self-contained (NVRTC without CUDA headers)"
+        );
     }
 
     #[test]
@@ -145,11 +164,28 @@ mod tests {
         assert_eq!(c.grid_dim, (4096, 1, 1));
         let c = Shape::Features(257).config().unwrap().unwrap();
         assert_eq!(c.grid_dim, (2, 1, 1));
-        let c = Shape::Attention { tokens: 12, heads: 9 }.config().unwrap().unwrap();
+        let c = Shape::Attention {
+            tokens: 12,
+            heads: 9,
+        }
+        .config()
+        .unwrap()
+        .unwrap();
         assert_eq!(c.grid_dim, (12, 9, 1));
         assert!(Shape::Elements(0).config().unwrap().is_none());
-        assert!(Shape::Attention { tokens: 3, heads: 0 }.config().unwrap().is_none());
-        assert!(Shape::Attention { tokens: 3, heads: 70_000 }.config().is_err());
+        assert!(Shape::Attention {
+            tokens: 3,
+            heads: 0
+        }
+        .config()
+        .unwrap()
+        .is_none());
+        assert!(Shape::Attention {
+            tokens: 3,
+            heads: 70_000
+        }
+        .config()
+        .is_err());
         assert!(Shape::Rows(1 << 33).config().is_err());
     }
 
@@ -157,7 +193,9 @@ mod tests {
     fn options_pin_the_architecture_and_two_roundings() {
         let o = options("compute_90");
         assert_eq!(o.fmad, Some(false));
-        assert!(o.options.contains(&"--gpu-architecture=compute_90".to_string()));
+        assert!(o
+            .options
+            .contains(&"--gpu-architecture=compute_90".to_string()));
         assert_eq!(arch(8, 0), "compute_80");
     }
 
@@ -184,9 +222,17 @@ mod tests {
             let ptx = compile(a).unwrap_or_else(|e| panic!("{e}"));
             let text = ptx.to_src();
             for name in NAMES {
-                assert!(text.contains(&format!(".entry {name}(")), "PTX for {a} lacks the entry point {name}");
+                assert!(
+                    text.contains(&format!(".entry {name}(")),
+                    "PTX for {a} lacks the entry point {name}"
+                );
             }
-            eprintln!("NVRTC compiled {} kernels for {a} in {:.2} s ({} bytes of PTX)", NAMES.len(), t.elapsed().as_secs_f64(), text.len());
+            eprintln!(
+                "NVRTC compiled {} kernels for {a} in {:.2} s ({} bytes of PTX)",
+                NAMES.len(),
+                t.elapsed().as_secs_f64(),
+                text.len()
+            );
         }
     }
 }

@@ -35,7 +35,10 @@ pub use error::{Bytes, DeviceError};
 use super::checkpoint::HostTensor;
 use super::ops::{self, Activation, AttentionMask, Heads, Segments};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PushKernelArg,
+};
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -102,11 +105,17 @@ pub mod probe {
         libraries()?;
         let visible = || std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
         let count = cudarc::driver::CudaContext::device_count().map_err(|e| match e.0 {
-            cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => DeviceError::NoDevice(format!("the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})", visible())),
+            cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => DeviceError::NoDevice(format!(
+                "the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})",
+                visible()
+            )),
             _ => super::driver("driver initialization")(e),
         })?;
         if count <= 0 {
-            return Err(DeviceError::NoDevice(format!("the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})", visible())));
+            return Err(DeviceError::NoDevice(format!(
+                "the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})",
+                visible()
+            )));
         }
         Ok(count as usize)
     }
@@ -115,7 +124,12 @@ pub mod probe {
     pub fn missing(what: &'static str, name: &str, hint: &'static str) -> DeviceError {
         let mut names = candidates(name);
         names.dedup();
-        DeviceError::Missing { what, names: names.join(", "), ld_library_path: std::env::var("LD_LIBRARY_PATH").unwrap_or_else(|_| "unset".into()), hint }
+        DeviceError::Missing {
+            what,
+            names: names.join(", "),
+            ld_library_path: std::env::var("LD_LIBRARY_PATH").unwrap_or_else(|_| "unset".into()),
+            hint,
+        }
     }
 }
 
@@ -126,9 +140,17 @@ pub fn available() -> crate::Result<()> {
     Ok(())
 }
 
+/// The GPUs the driver sees (at least one), or the usage error naming what is missing.
+pub fn device_count() -> crate::Result<usize> {
+    Ok(probe::devices()?)
+}
+
 /// A CUDA driver error with its status name.
 fn driver(op: &'static str) -> impl Fn(DriverError) -> DeviceError {
-    move |e| DeviceError::Driver { op, name: format!("{:?}", e.0) }
+    move |e| DeviceError::Driver {
+        op,
+        name: format!("{:?}", e.0),
+    }
 }
 
 /// An activation on the device: f32, row-major `[rows, cols]`. Empty (`None`) after a device
@@ -157,7 +179,10 @@ impl CudaTensor {
 
 /// Stand-in error for an op on a tensor that a failed op left empty (the first error is kept).
 fn poisoned() -> DeviceError {
-    DeviceError::Unsupported { op: "CUDA backend", detail: "an earlier device operation failed".into() }
+    DeviceError::Unsupported {
+        op: "CUDA backend",
+        detail: "an earlier device operation failed".into(),
+    }
 }
 
 /// A weight on the device: matrices in the chosen [`DType`], vectors (norms, biases) in f32.
@@ -175,7 +200,10 @@ impl CudaWeight {
     fn f32(&self, what: &'static str) -> Result<&CudaSlice<f32>, DeviceError> {
         match &self.data {
             WeightData::F32(s) => Ok(s),
-            WeightData::Bf16(_) => Err(DeviceError::Unsupported { op: what, detail: "expected an f32 vector, found a bf16 matrix".into() }),
+            WeightData::Bf16(_) => Err(DeviceError::Unsupported {
+                op: what,
+                detail: "expected an f32 vector, found a bf16 matrix".into(),
+            }),
         }
     }
 
@@ -222,21 +250,45 @@ impl Cuda {
         // SAFETY: no buffer of this context is used from another stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let capability = ctx.compute_capability().map_err(driver("compute capability query"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(driver("compute capability query"))?;
         let name = ctx.name().map_err(driver("device name query"))?;
         let ptx = kernels::compile(&kernels::arch(capability.0, capability.1))?;
-        let module = ctx.load_module(ptx).map_err(driver("loading the kernels (PTX newer than the driver? use the NVRTC of this machine's CUDA)"))?;
+        let module = ctx.load_module(ptx).map_err(driver(
+            "loading the kernels (PTX newer than the driver? use the NVRTC of this machine's CUDA)",
+        ))?;
         let mut functions = HashMap::new();
         for name in kernels::NAMES {
-            functions.insert(name, module.load_function(name).map_err(driver("kernel lookup"))?);
+            functions.insert(
+                name,
+                module
+                    .load_function(name)
+                    .map_err(driver("kernel lookup"))?,
+            );
         }
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas { op: "handle creation", name: format!("{:?}", e.0) })?;
-        Ok(Cuda { ctx, stream, blas, functions, opts, name, capability, error: Mutex::new(None) })
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas {
+            op: "handle creation",
+            name: format!("{:?}", e.0),
+        })?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas,
+            functions,
+            opts,
+            name,
+            capability,
+            error: Mutex::new(None),
+        })
     }
 
     /// The device's name and compute capability (`NVIDIA H200, sm_90`).
     pub fn describe(&self) -> String {
-        format!("{} (GPU {}, sm_{}{}, weights {:?})", self.name, self.opts.ordinal, self.capability.0, self.capability.1, self.opts.dtype)
+        format!(
+            "{} (GPU {}, sm_{}{}, weights {:?})",
+            self.name, self.opts.ordinal, self.capability.0, self.capability.1, self.opts.dtype
+        )
     }
 
     /// The first device failure of a tensor-returning op, if any (see the module docs).
@@ -267,7 +319,11 @@ impl Cuda {
         DeviceError::OutOfMemory {
             device: self.opts.ordinal,
             what: what.to_string(),
-            slice: if self.opts.slice.is_empty() { "this rank's layer slice".into() } else { self.opts.slice.clone() },
+            slice: if self.opts.slice.is_empty() {
+                "this rank's layer slice".into()
+            } else {
+                self.opts.slice.clone()
+            },
             needed: Bytes(needed),
             free: Bytes(free),
             total: Bytes(total),
@@ -285,21 +341,38 @@ impl Cuda {
     }
 
     /// A device allocation of `len` values, out-of-memory named.
-    fn alloc<T: cudarc::driver::DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>, DeviceError> {
+    fn alloc<T: cudarc::driver::DeviceRepr>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>, DeviceError> {
         // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy) before
         // it is read.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
     }
 
-    fn zeros_of<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize, what: &str) -> Result<CudaSlice<T>, DeviceError> {
-        self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
+    fn zeros_of<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>, DeviceError> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T], what: &str) -> Result<CudaSlice<T>, DeviceError> {
+    fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>, DeviceError> {
         if host.is_empty() {
             return self.alloc(0, what);
         }
-        self.stream.clone_htod(host).map_err(|e| self.alloc_error(e, std::mem::size_of_val(host), what))
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| self.alloc_error(e, std::mem::size_of_val(host), what))
     }
 
     fn alloc_error(&self, e: DriverError, bytes: usize, what: &str) -> DeviceError {
@@ -325,15 +398,32 @@ impl Cuda {
 
     /// Runs a tensor-producing op unless an earlier one failed; a failure is recorded and gives
     /// an empty tensor of the same shape.
-    fn produce(&self, rows: usize, cols: usize, op: impl FnOnce() -> Result<CudaSlice<f32>, DeviceError>) -> CudaTensor {
+    fn produce(
+        &self,
+        rows: usize,
+        cols: usize,
+        op: impl FnOnce() -> Result<CudaSlice<f32>, DeviceError>,
+    ) -> CudaTensor {
         if self.failed() {
-            return CudaTensor { data: None, rows, cols };
+            return CudaTensor {
+                data: None,
+                rows,
+                cols,
+            };
         }
         match op() {
-            Ok(data) => CudaTensor { data: Some(data), rows, cols },
+            Ok(data) => CudaTensor {
+                data: Some(data),
+                rows,
+                cols,
+            },
             Err(e) => {
                 self.fail(e);
-                CudaTensor { data: None, rows, cols }
+                CudaTensor {
+                    data: None,
+                    rows,
+                    cols,
+                }
             }
         }
     }
@@ -349,13 +439,22 @@ impl Cuda {
     }
 
     fn function(&self, name: &'static str) -> &CudaFunction {
-        self.functions.get(name).expect("every kernel in kernels::NAMES was loaded in Cuda::new")
+        self.functions
+            .get(name)
+            .expect("every kernel in kernels::NAMES was loaded in Cuda::new")
     }
 
     /// Launches `name` with `shape` and `args` (device pointers and element counts as `u64`,
     /// sizes as `i32`, scalars as `f32`, in the order of the kernel's parameters).
-    fn launch(&self, name: &'static str, shape: kernels::Shape, args: &[Arg]) -> Result<(), DeviceError> {
-        let Some(cfg): Option<LaunchConfig> = shape.config()? else { return Ok(()) };
+    fn launch(
+        &self,
+        name: &'static str,
+        shape: kernels::Shape,
+        args: &[Arg],
+    ) -> Result<(), DeviceError> {
+        let Some(cfg): Option<LaunchConfig> = shape.config()? else {
+            return Ok(());
+        };
         let f = self.function(name);
         let mut b = self.stream.launch_builder(f);
         for a in args {
@@ -378,15 +477,39 @@ impl Cuda {
     /// `C = alpha · op(A) op(B) + beta · C` in cuBLAS's column-major terms, f32 accumulation
     /// (`CUBLAS_COMPUTE_32F`, no TF32), inputs f32 or bf16, output f32.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, ta: bool, tb: bool, m: usize, n: usize, k: usize, a: u64, lda: usize, b: u64, ldb: usize, beta: f32, c: u64, ldc: usize, input: DType) -> Result<(), DeviceError> {
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        input: DType,
+    ) -> Result<(), DeviceError> {
         if m == 0 || n == 0 {
             return Ok(());
         }
         let dims = [m, n, k, lda, ldb, ldc];
         if dims.iter().any(|&v| v > i32::MAX as usize) {
-            return Err(DeviceError::Unsupported { op: "cuBLAS GemmEx", detail: format!("dimensions {dims:?} exceed i32") });
+            return Err(DeviceError::Unsupported {
+                op: "cuBLAS GemmEx",
+                detail: format!("dimensions {dims:?} exceed i32"),
+            });
         }
-        let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let ty = match input {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
             DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
@@ -417,18 +540,30 @@ impl Cuda {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| DeviceError::Blas { op: "GemmEx", name: format!("{:?}", e.0) })
+        .map_err(|e| DeviceError::Blas {
+            op: "GemmEx",
+            name: format!("{:?}", e.0),
+        })
     }
 
     /// `x` rounded to bf16 (the input of a bf16 product).
     fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<half::bf16>, DeviceError> {
         let y = self.alloc::<half::bf16>(n, "rounding activations to bf16")?;
         let (px, py, n64) = (self.ptr(x), self.ptr(&y), n as u64);
-        self.launch("cast_bf16", kernels::Shape::Elements(n), &args![px, py, n64])?;
+        self.launch(
+            "cast_bf16",
+            kernels::Shape::Elements(n),
+            &args![px, py, n64],
+        )?;
         Ok(y)
     }
 
-    fn try_linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaSlice<f32>, DeviceError> {
+    fn try_linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaSlice<f32>, DeviceError> {
         let (m, k) = (x.rows, x.cols);
         let n = w.shape[0];
         let xb = x.buf()?;
@@ -446,10 +581,38 @@ impl Cuda {
         // Row-major Y[m,n] = X[m,k] Wᵀ is column-major Yᶜ[n,m] = Wᶜᵀ Xᶜ with Wᶜ = W as [k,n].
         let pw = w.ptr(&self.stream);
         match &w.data {
-            WeightData::F32(_) => self.gemm(true, false, n, m, k, pw, k, self.ptr(xb), k, beta, py, n, DType::F32)?,
+            WeightData::F32(_) => self.gemm(
+                true,
+                false,
+                n,
+                m,
+                k,
+                pw,
+                k,
+                self.ptr(xb),
+                k,
+                beta,
+                py,
+                n,
+                DType::F32,
+            )?,
             WeightData::Bf16(_) => {
                 let xh = self.to_bf16(xb, m * k)?;
-                self.gemm(true, false, n, m, k, pw, k, self.ptr(&xh), k, beta, py, n, DType::Bf16)?
+                self.gemm(
+                    true,
+                    false,
+                    n,
+                    m,
+                    k,
+                    pw,
+                    k,
+                    self.ptr(&xh),
+                    k,
+                    beta,
+                    py,
+                    n,
+                    DType::Bf16,
+                )?
             }
         }
         Ok(y)
@@ -457,19 +620,40 @@ impl Cuda {
 
     /// `layer_norm` kernel over `rows × d` values: `(x + residual)` normalized with `(w, b, eps)`
     /// into `out` (which may be `x`).
-    fn try_layer_norm(&self, x: &CudaSlice<f32>, residual: Option<&CudaSlice<f32>>, out: u64, (rows, d): (usize, usize), (w, b, eps): (&CudaWeight, &CudaWeight, f32)) -> Result<(), DeviceError> {
+    fn try_layer_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        out: u64,
+        (rows, d): (usize, usize),
+        (w, b, eps): (&CudaWeight, &CudaWeight, f32),
+    ) -> Result<(), DeviceError> {
         let (px, pr) = (self.ptr(x), residual.map_or(0u64, |r| self.ptr(r)));
-        let (pw, pb) = (self.ptr(w.f32("layer_norm weight")?), self.ptr(b.f32("layer_norm bias")?));
+        let (pw, pb) = (
+            self.ptr(w.f32("layer_norm weight")?),
+            self.ptr(b.f32("layer_norm bias")?),
+        );
         let d32 = d as i32;
-        self.launch("layer_norm", kernels::Shape::Rows(rows), &args![px, pr, pw, pb, out, d32, eps])
+        self.launch(
+            "layer_norm",
+            kernels::Shape::Rows(rows),
+            &args![px, pr, pw, pb, out, d32, eps],
+        )
     }
 
     /// Uploads a host matrix as an activation (tests, and rows produced on the host).
     pub fn from_host(&self, x: &Array2<f32>) -> crate::Result<CudaTensor> {
         self.check()?;
         let x = x.as_standard_layout();
-        let data = self.upload(x.as_slice().expect("standard layout"), "uploading an activation")?;
-        Ok(CudaTensor { data: Some(data), rows: x.nrows(), cols: x.ncols() })
+        let data = self.upload(
+            x.as_slice().expect("standard layout"),
+            "uploading an activation",
+        )?;
+        Ok(CudaTensor {
+            data: Some(data),
+            rows: x.nrows(),
+            cols: x.ncols(),
+        })
     }
 
     /// Copies a whole activation to host memory.
@@ -477,7 +661,9 @@ impl Cuda {
         self.check()?;
         let mut host = vec![0.0f32; x.rows * x.cols];
         if !host.is_empty() {
-            self.stream.memcpy_dtoh(x.buf()?, &mut host[..]).map_err(driver("device-to-host copy"))?;
+            self.stream
+                .memcpy_dtoh(x.buf()?, &mut host[..])
+                .map_err(driver("device-to-host copy"))?;
             self.stream.synchronize().map_err(driver("synchronize"))?;
         }
         Ok(Array2::from_shape_vec((x.rows, x.cols), host).expect("rows x cols values"))
@@ -494,13 +680,19 @@ impl ops::Backend for Cuda {
 
     fn weight(&self, t: &HostTensor) -> crate::Result<CudaWeight> {
         if !(1..=2).contains(&t.shape.len()) {
-            return Err(crate::Error::data(format!("checkpoint tensor {}: expected 1-D or 2-D, found shape {:?}", t.name, t.shape)));
+            return Err(crate::Error::data(format!(
+                "checkpoint tensor {}: expected 1-D or 2-D, found shape {:?}",
+                t.name, t.shape
+            )));
         }
         self.check()?;
         let what = format!("uploading the weight {}", t.name);
         let data = if t.shape.len() == 2 && self.opts.dtype == DType::Bf16 {
             let host: Vec<half::bf16> = if t.dtype == safetensors::Dtype::BF16 {
-                t.bytes().chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect()
+                t.bytes()
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                    .collect()
             } else {
                 t.to_f32()?.into_iter().map(half::bf16::from_f32).collect()
             };
@@ -508,7 +700,10 @@ impl ops::Backend for Cuda {
         } else {
             WeightData::F32(self.upload(&t.to_f32()?, &what)?)
         };
-        Ok(CudaWeight { data, shape: t.shape.clone() })
+        Ok(CudaWeight {
+            data,
+            shape: t.shape.clone(),
+        })
     }
 
     fn weight_shape<'a>(&self, w: &'a CudaWeight) -> &'a [usize] {
@@ -516,19 +711,34 @@ impl ops::Backend for Cuda {
     }
 
     fn zeros(&self, tokens: usize, dim: usize) -> CudaTensor {
-        self.produce(tokens, dim, || self.zeros_of::<f32>(tokens * dim, "an activation"))
+        self.produce(tokens, dim, || {
+            self.zeros_of::<f32>(tokens * dim, "an activation")
+        })
     }
 
-    fn embed(&self, x: &mut CudaTensor, table: &CudaWeight, ids: &[u32], what: &str) -> crate::Result<()> {
+    fn embed(
+        &self,
+        x: &mut CudaTensor,
+        table: &CudaWeight,
+        ids: &[u32],
+        what: &str,
+    ) -> crate::Result<()> {
         let rows = table.shape[0];
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
-            return Err(crate::Error::data(format!("{what}: index {id} is outside the table of {rows} rows")));
+            return Err(crate::Error::data(format!(
+                "{what}: index {id} is outside the table of {rows} rows"
+            )));
         }
         self.check()?;
         let n = ids.len().min(x.rows);
         let run = || -> Result<(), DeviceError> {
             let dev_ids = self.upload(&ids[..n], "token ids")?;
-            let (px, pt, pi, dim) = (self.ptr(x.buf()?), table.ptr(&self.stream), self.ptr(&dev_ids), x.cols as i32);
+            let (px, pt, pi, dim) = (
+                self.ptr(x.buf()?),
+                table.ptr(&self.stream),
+                self.ptr(&dev_ids),
+                x.cols as i32,
+            );
             let kernel = match table.data {
                 WeightData::F32(_) => "embed_f32",
                 WeightData::Bf16(_) => "embed_bf16",
@@ -542,23 +752,46 @@ impl ops::Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight, b: Option<&CudaWeight>) -> CudaTensor {
-        assert_eq!(w.shape.get(1), Some(&x.cols), "linear: input has {} features, the weight has shape {:?}", x.cols, w.shape);
+        assert_eq!(
+            w.shape.get(1),
+            Some(&x.cols),
+            "linear: input has {} features, the weight has shape {:?}",
+            x.cols,
+            w.shape
+        );
         self.produce(x.rows, w.shape[0], || self.try_linear(x, w, b))
     }
 
     fn add(&self, x: &mut CudaTensor, y: &CudaTensor) {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
         self.mutate(|| {
-            let (px, py, n) = (self.ptr(x.buf()?), self.ptr(y.buf()?), (x.rows * x.cols) as u64);
-            self.launch("add", kernels::Shape::Elements(n as usize), &args![px, py, n])
+            let (px, py, n) = (
+                self.ptr(x.buf()?),
+                self.ptr(y.buf()?),
+                (x.rows * x.cols) as u64,
+            );
+            self.launch(
+                "add",
+                kernels::Shape::Elements(n as usize),
+                &args![px, py, n],
+            )
         })
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> CudaTensor {
         self.produce(x.rows, x.cols, || {
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
-            let (px, pw, po, d) = (self.ptr(x.buf()?), self.ptr(w.f32("rms_norm weight")?), self.ptr(&out), x.cols as i32);
-            self.launch("rms_norm", kernels::Shape::Rows(x.rows), &args![px, pw, po, d, eps])?;
+            let (px, pw, po, d) = (
+                self.ptr(x.buf()?),
+                self.ptr(w.f32("rms_norm weight")?),
+                self.ptr(&out),
+                x.cols as i32,
+            );
+            self.launch(
+                "rms_norm",
+                kernels::Shape::Rows(x.rows),
+                &args![px, pw, po, d, eps],
+            )?;
             Ok(out)
         })
     }
@@ -566,34 +799,75 @@ impl ops::Backend for Cuda {
     fn layer_norm(&self, x: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> CudaTensor {
         self.produce(x.rows, x.cols, || {
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
-            self.try_layer_norm(x.buf()?, None, self.ptr(&out), (x.rows, x.cols), (w, b, eps))?;
+            self.try_layer_norm(
+                x.buf()?,
+                None,
+                self.ptr(&out),
+                (x.rows, x.cols),
+                (w, b, eps),
+            )?;
             Ok(out)
         })
     }
 
-    fn add_layer_norm(&self, x: CudaTensor, y: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> CudaTensor {
-        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add_layer_norm: shapes differ");
+    fn add_layer_norm(
+        &self,
+        x: CudaTensor,
+        y: &CudaTensor,
+        w: &CudaWeight,
+        b: &CudaWeight,
+        eps: f32,
+    ) -> CudaTensor {
+        assert_eq!(
+            (x.rows, x.cols),
+            (y.rows, y.cols),
+            "add_layer_norm: shapes differ"
+        );
         let (rows, cols) = (x.rows, x.cols);
         self.produce(rows, cols, || {
             let data = x.data.ok_or_else(poisoned)?;
             // In place: the kernel writes x + y into x, then normalizes it there.
-            self.try_layer_norm(&data, Some(y.buf()?), self.ptr(&data), (rows, cols), (w, b, eps))?;
+            self.try_layer_norm(
+                &data,
+                Some(y.buf()?),
+                self.ptr(&data),
+                (rows, cols),
+                (w, b, eps),
+            )?;
             Ok(data)
         })
     }
 
     fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
-        assert_eq!(cos.nrows(), x.rows, "rope: tables for {} tokens, activation has {}", cos.nrows(), x.rows);
+        assert_eq!(
+            cos.nrows(),
+            x.rows,
+            "rope: tables for {} tokens, activation has {}",
+            cos.nrows(),
+            x.rows
+        );
         self.mutate(|| {
             let c = self.upload(cos.as_slice().expect("standard layout"), "rotary tables")?;
             let s = self.upload(sin.as_slice().expect("standard layout"), "rotary tables")?;
             let (px, pc, ps) = (self.ptr(x.buf()?), self.ptr(&c), self.ptr(&s));
             let (t, d, hd) = (x.rows as i32, x.cols as i32, head_dim as i32);
-            self.launch("rope", kernels::Shape::Elements(x.rows * x.cols / 2), &args![px, pc, ps, t, d, hd])
+            self.launch(
+                "rope",
+                kernels::Shape::Elements(x.rows * x.cols / 2),
+                &args![px, pc, ps, t, d, hd],
+            )
         })
     }
 
-    fn attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, h: Heads, segments: &Segments, mask: AttentionMask) -> CudaTensor {
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        h: Heads,
+        segments: &Segments,
+        mask: AttentionMask,
+    ) -> CudaTensor {
         let tokens = segments.tokens();
         self.produce(tokens, h.heads * h.head_dim, || {
             if h.head_dim > kernels::MAX_HEAD_DIM || h.kv_heads == 0 || h.heads % h.kv_heads != 0 {
@@ -620,18 +894,40 @@ impl ops::Backend for Cuda {
 
     fn activate(&self, x: &mut CudaTensor, act: Activation) {
         self.mutate(|| {
-            let (px, n, a) = (self.ptr(x.buf()?), (x.rows * x.cols) as u64, activation_code(act));
-            self.launch("activate_inplace", kernels::Shape::Elements(n as usize), &args![px, n, a])
+            let (px, n, a) = (
+                self.ptr(x.buf()?),
+                (x.rows * x.cols) as u64,
+                activation_code(act),
+            );
+            self.launch(
+                "activate_inplace",
+                kernels::Shape::Elements(n as usize),
+                &args![px, n, a],
+            )
         })
     }
 
     fn gated(&self, gate: &CudaTensor, up: &CudaTensor, act: Activation) -> CudaTensor {
-        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "gated: shapes differ");
+        assert_eq!(
+            (gate.rows, gate.cols),
+            (up.rows, up.cols),
+            "gated: shapes differ"
+        );
         self.produce(gate.rows, gate.cols, || {
             let n = gate.rows * gate.cols;
             let out = self.alloc::<f32>(n, "an activation")?;
-            let (pg, pu, po, n64, a) = (self.ptr(gate.buf()?), self.ptr(up.buf()?), self.ptr(&out), n as u64, activation_code(act));
-            self.launch("gated", kernels::Shape::Elements(n), &args![pg, pu, po, n64, a])?;
+            let (pg, pu, po, n64, a) = (
+                self.ptr(gate.buf()?),
+                self.ptr(up.buf()?),
+                self.ptr(&out),
+                n as u64,
+                activation_code(act),
+            );
+            self.launch(
+                "gated",
+                kernels::Shape::Elements(n),
+                &args![pg, pu, po, n64, a],
+            )?;
             Ok(out)
         })
     }
@@ -641,10 +937,16 @@ impl ops::Backend for Cuda {
         if keep.is_empty() || x.cols == 0 {
             return host;
         }
-        assert!(keep.iter().all(|&r| r < x.rows), "rows: a kept row is outside the {} rows", x.rows);
+        assert!(
+            keep.iter().all(|&r| r < x.rows),
+            "rows: a kept row is outside the {} rows",
+            x.rows
+        );
         self.mutate(|| {
             let picked = self.try_gather(x, keep)?;
-            self.stream.memcpy_dtoh(&picked, host.as_slice_mut().expect("standard layout")).map_err(driver("device-to-host copy"))?;
+            self.stream
+                .memcpy_dtoh(&picked, host.as_slice_mut().expect("standard layout"))
+                .map_err(driver("device-to-host copy"))?;
             self.stream.synchronize().map_err(driver("synchronize"))
         });
         host
@@ -657,6 +959,10 @@ impl ops::Backend for Cuda {
     fn dim(&self, x: &CudaTensor) -> usize {
         x.cols
     }
+
+    fn tokens(&self, x: &CudaTensor) -> usize {
+        x.rows
+    }
 }
 
 impl Cuda {
@@ -666,14 +972,27 @@ impl Cuda {
         let idx: Vec<i32> = keep.iter().map(|&r| r as i32).collect();
         let di = self.upload(&idx, "row indices")?;
         let out = self.alloc::<f32>(keep.len() * x.cols, "selected rows")?;
-        let (px, pi, po, d) = (self.ptr(x.buf()?), self.ptr(&di), self.ptr(&out), x.cols as i32);
-        self.launch("gather_rows", kernels::Shape::Rows(keep.len()), &args![px, pi, po, d])?;
+        let (px, pi, po, d) = (
+            self.ptr(x.buf()?),
+            self.ptr(&di),
+            self.ptr(&out),
+            x.cols as i32,
+        );
+        self.launch(
+            "gather_rows",
+            kernels::Shape::Rows(keep.len()),
+            &args![px, pi, po, d],
+        )?;
         Ok(out)
     }
 
     /// The rows `keep` of `x` on the device, for device statistics ([`stats`]).
     pub fn select(&self, x: &CudaTensor, keep: &[usize]) -> CudaTensor {
-        assert!(keep.iter().all(|&r| r < x.rows), "select: a kept row is outside the {} rows", x.rows);
+        assert!(
+            keep.iter().all(|&r| r < x.rows),
+            "select: a kept row is outside the {} rows",
+            x.rows
+        );
         self.produce(keep.len(), x.cols, || self.try_gather(x, keep))
     }
 }
@@ -718,7 +1037,10 @@ fn activation_code(act: Activation) -> i32 {
 /// For every token, the first token and one past the last of its sequence (the attention
 /// kernel's per-query key range before masking).
 pub fn segment_bounds(segments: &Segments) -> (Vec<i32>, Vec<i32>) {
-    let (mut starts, mut ends) = (Vec::with_capacity(segments.tokens()), Vec::with_capacity(segments.tokens()));
+    let (mut starts, mut ends) = (
+        Vec::with_capacity(segments.tokens()),
+        Vec::with_capacity(segments.tokens()),
+    );
     for r in &segments.ranges {
         starts.extend(std::iter::repeat_n(r.start as i32, r.len()));
         ends.extend(std::iter::repeat_n(r.end as i32, r.len()));
@@ -742,8 +1064,16 @@ mod tests {
     fn activation_codes_match_the_kernel_switch() {
         // kernels.cu: 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.
         let src = kernels::SOURCE;
-        assert!(src.contains("// ops::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu."));
-        let codes = [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::Relu].map(activation_code);
+        assert!(
+            src.contains("// ops::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.")
+        );
+        let codes = [
+            Activation::Silu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+        ]
+        .map(activation_code);
         assert_eq!(codes, [0, 1, 2, 3]);
     }
 
@@ -753,7 +1083,10 @@ mod tests {
         assert!(names.iter().any(|n| n == "libcublas.so"), "{names:?}");
         let e = probe::missing("cuBLAS", "cublas", "");
         let msg = e.to_string();
-        assert!(msg.contains("libcublas.so") && msg.contains("LD_LIBRARY_PATH"), "{msg}");
+        assert!(
+            msg.contains("libcublas.so") && msg.contains("LD_LIBRARY_PATH"),
+            "{msg}"
+        );
     }
 
     /// Without a GPU, opening the device must fail with a sentence (never a panic), and the
@@ -761,7 +1094,9 @@ mod tests {
     #[test]
     fn opening_without_a_gpu_is_a_clear_usage_error() {
         // SAFETY: probing only loads libraries.
-        if unsafe { cudarc::driver::sys::is_culib_present() } && CudaContext::device_count().is_ok_and(|n| n > 0) {
+        if unsafe { cudarc::driver::sys::is_culib_present() }
+            && CudaContext::device_count().is_ok_and(|n| n > 0)
+        {
             eprintln!("a GPU is visible: this test is about machines without one");
             return;
         }

@@ -35,13 +35,20 @@ pub struct Chunk {
 /// no f32 part ever sums more than `flush_every` rows, and a part is flushed as soon as it is
 /// full. Rows left in a part that is not full wait for the next batch (or [`DeviceGram::to_host`]).
 pub fn plan(pending: usize, rows: usize, flush_every: usize) -> Vec<Chunk> {
-    assert!(flush_every > 0 && pending < flush_every, "plan: pending {pending} must be below flush_every {flush_every}");
+    assert!(
+        flush_every > 0 && pending < flush_every,
+        "plan: pending {pending} must be below flush_every {flush_every}"
+    );
     let mut out = Vec::new();
     let (mut at, mut pending) = (0, pending);
     while at < rows {
         let take = (flush_every - pending).min(rows - at);
         let full = pending + take == flush_every;
-        out.push(Chunk { rows: at..at + take, overwrite: pending == 0, flush: full });
+        out.push(Chunk {
+            rows: at..at + take,
+            overwrite: pending == 0,
+            flush: full,
+        });
         pending = if full { 0 } else { pending + take };
         at += take;
     }
@@ -72,7 +79,12 @@ struct Shifter {
 }
 
 impl Shifter {
-    fn new(be: &Cuda, reference: &[f32], flush_every: usize, input: DType) -> Result<Self, DeviceError> {
+    fn new(
+        be: &Cuda,
+        reference: &[f32],
+        flush_every: usize,
+        input: DType,
+    ) -> Result<Self, DeviceError> {
         let d = reference.len();
         let what = "device statistics";
         Ok(Shifter {
@@ -81,8 +93,16 @@ impl Shifter {
             sum: be.zeros_of(d, what)?,
             sum_sq: be.zeros_of(d, what)?,
             n: 0,
-            shifted_f32: if input == DType::F32 { Some(be.alloc(flush_every * d, what)?) } else { None },
-            shifted_bf16: if input == DType::Bf16 { Some(be.alloc(flush_every * d, what)?) } else { None },
+            shifted_f32: if input == DType::F32 {
+                Some(be.alloc(flush_every * d, what)?)
+            } else {
+                None
+            },
+            shifted_bf16: if input == DType::Bf16 {
+                Some(be.alloc(flush_every * d, what)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -90,22 +110,46 @@ impl Shifter {
     fn shift(&mut self, be: &Cuda, x: &CudaTensor, rows: Range<usize>) -> Result<u64, DeviceError> {
         let d = self.d;
         let px = be.ptr(x.buf()?) + (rows.start * d * 4) as u64;
-        let (pf, pb) = (self.shifted_f32.as_ref().map_or(0, |s| be.ptr(s)), self.shifted_bf16.as_ref().map_or(0, |s| be.ptr(s)));
-        let (pc, ps, pq) = (be.ptr(&self.reference), be.ptr(&self.sum), be.ptr(&self.sum_sq));
+        let (pf, pb) = (
+            self.shifted_f32.as_ref().map_or(0, |s| be.ptr(s)),
+            self.shifted_bf16.as_ref().map_or(0, |s| be.ptr(s)),
+        );
+        let (pc, ps, pq) = (
+            be.ptr(&self.reference),
+            be.ptr(&self.sum),
+            be.ptr(&self.sum_sq),
+        );
         let (n, d32, block) = (rows.len() as i32, d as i32, super::kernels::SUM_BLOCK);
-        be.launch("shift_moments", super::kernels::Shape::Features(d), &args![px, pc, pf, pb, ps, pq, n, d32, block])?;
+        be.launch(
+            "shift_moments",
+            super::kernels::Shape::Features(d),
+            &args![px, pc, pf, pb, ps, pq, n, d32, block],
+        )?;
         self.n += rows.len() as u64;
         Ok(if pf != 0 { pf } else { pb })
     }
 
     fn to_host(&self, be: &Cuda) -> crate::Result<HostMoments> {
-        Ok(HostMoments { n: self.n, sum: be.stream.clone_dtoh(&self.sum).map_err(super::driver("device-to-host copy"))?, sum_sq: be.stream.clone_dtoh(&self.sum_sq).map_err(super::driver("device-to-host copy"))? })
+        Ok(HostMoments {
+            n: self.n,
+            sum: be
+                .stream
+                .clone_dtoh(&self.sum)
+                .map_err(super::driver("device-to-host copy"))?,
+            sum_sq: be
+                .stream
+                .clone_dtoh(&self.sum_sq)
+                .map_err(super::driver("device-to-host copy"))?,
+        })
     }
 }
 
 fn check_input(x: &CudaTensor, d: usize) -> Result<(), DeviceError> {
     if x.cols != d {
-        return Err(DeviceError::Unsupported { op: "device statistics", detail: format!("rows of {d} features expected, found {}", x.cols) });
+        return Err(DeviceError::Unsupported {
+            op: "device statistics",
+            detail: format!("rows of {d} features expected, found {}", x.cols),
+        });
     }
     Ok(())
 }
@@ -132,11 +176,26 @@ impl DeviceGram {
     /// Empty statistics around `reference` (the CPU's choice of shift, identical on every rank);
     /// the Gram's inputs are the shifted rows in `input` (bf16 halves the product's traffic and
     /// rounds each shifted value to 8 bits of mantissa).
-    pub fn new(be: &Cuda, reference: &[f32], input: DType, flush_every: usize) -> crate::Result<Self> {
+    pub fn new(
+        be: &Cuda,
+        reference: &[f32],
+        input: DType,
+        flush_every: usize,
+    ) -> crate::Result<Self> {
         let d = reference.len();
         let what = "device statistics";
-        be.ensure_free(Self::bytes(d, flush_every, input), &format!("allocating the exact Gram of an input of dimension {d}"))?;
-        Ok(DeviceGram { shift: Shifter::new(be, reference, flush_every, input)?, input, flush_every, pending: 0, part: be.zeros_of(d * d, what)?, gram: be.zeros_of(d * d, what)? })
+        be.ensure_free(
+            Self::bytes(d, flush_every, input),
+            &format!("allocating the exact Gram of an input of dimension {d}"),
+        )?;
+        Ok(DeviceGram {
+            shift: Shifter::new(be, reference, flush_every, input)?,
+            input,
+            flush_every,
+            pending: 0,
+            part: be.zeros_of(d * d, what)?,
+            gram: be.zeros_of(d * d, what)?,
+        })
     }
 
     /// Adds the rows of `x` (`tokens × d`, on this device).
@@ -148,8 +207,26 @@ impl DeviceGram {
             let p = self.shift.shift(be, x, c.rows.clone())?;
             // Row-major X̃ [t, d] is column-major [d, t]: G (symmetric) = X̃ᶜ X̃ᶜᵀ.
             let pg = be.ptr(&self.part);
-            be.gemm(false, true, d, d, c.rows.len(), p, d, p, d, if c.overwrite { 0.0 } else { 1.0 }, pg, d, self.input)?;
-            self.pending = if c.flush { 0 } else { self.pending + c.rows.len() };
+            be.gemm(
+                false,
+                true,
+                d,
+                d,
+                c.rows.len(),
+                p,
+                d,
+                p,
+                d,
+                if c.overwrite { 0.0 } else { 1.0 },
+                pg,
+                d,
+                self.input,
+            )?;
+            self.pending = if c.flush {
+                0
+            } else {
+                self.pending + c.rows.len()
+            };
             if c.flush {
                 self.flush(be)?;
             }
@@ -158,8 +235,16 @@ impl DeviceGram {
     }
 
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
-        let (pp, pg, n) = (be.ptr(&self.part), be.ptr(&self.gram), (self.shift.d * self.shift.d) as u64);
-        be.launch("flush_f64", super::kernels::Shape::Elements(n as usize), &args![pp, pg, n])?;
+        let (pp, pg, n) = (
+            be.ptr(&self.part),
+            be.ptr(&self.gram),
+            (self.shift.d * self.shift.d) as u64,
+        );
+        be.launch(
+            "flush_f64",
+            super::kernels::Shape::Elements(n as usize),
+            &args![pp, pg, n],
+        )?;
         self.pending = 0;
         Ok(())
     }
@@ -171,7 +256,10 @@ impl DeviceGram {
         if self.pending > 0 {
             self.flush(be)?;
         }
-        let gram = be.stream.clone_dtoh(&self.gram).map_err(super::driver("device-to-host copy"))?;
+        let gram = be
+            .stream
+            .clone_dtoh(&self.gram)
+            .map_err(super::driver("device-to-host copy"))?;
         Ok((self.shift.to_host(be)?, gram))
     }
 }
@@ -193,17 +281,33 @@ pub struct DeviceSketch {
 impl DeviceSketch {
     /// Device bytes for dimension `d` and `m = k + q` test columns.
     pub fn bytes(d: usize, m: usize, flush_every: usize) -> usize {
-        4 * d * m + 4 * flush_every * m + 4 * d * m + 8 * d * m + (8 + 8 + 4) * d + 4 * flush_every * d
+        4 * d * m
+            + 4 * flush_every * m
+            + 4 * d * m
+            + 8 * d * m
+            + (8 + 8 + 4) * d
+            + 4 * flush_every * d
     }
 
     /// Empty sketch around `reference` with the test matrix `test` (row-major `d × m`, the CPU's
     /// `SketchStats` test matrix in f32, identical on every rank).
-    pub fn new(be: &Cuda, reference: &[f32], test: &[f32], flush_every: usize) -> crate::Result<Self> {
+    pub fn new(
+        be: &Cuda,
+        reference: &[f32],
+        test: &[f32],
+        flush_every: usize,
+    ) -> crate::Result<Self> {
         let d = reference.len();
-        assert!(d > 0 && test.len() % d == 0, "DeviceSketch: the test matrix must have d = {d} rows");
+        assert!(
+            d > 0 && test.len() % d == 0,
+            "DeviceSketch: the test matrix must have d = {d} rows"
+        );
         let m = test.len() / d;
         let what = "device sketch";
-        be.ensure_free(Self::bytes(d, m, flush_every), &format!("allocating the sketch of an input of dimension {d}"))?;
+        be.ensure_free(
+            Self::bytes(d, m, flush_every),
+            &format!("allocating the sketch of an input of dimension {d}"),
+        )?;
         Ok(DeviceSketch {
             shift: Shifter::new(be, reference, flush_every, DType::F32)?,
             m,
@@ -228,7 +332,21 @@ impl DeviceSketch {
             // P [t, m] = X̃ T: column-major Pᶜ [m, t] = Tᶜ [m, d] · X̃ᶜ [d, t].
             be.gemm(false, false, m, t, d, pt, m, px, d, 0.0, pp, m, DType::F32)?;
             // Y [d, m] += X̃ᵀ P: column-major Yᶜ [m, d] = Pᶜ [m, t] · X̃ᶜᵀ [t, d].
-            be.gemm(false, true, m, d, t, pp, m, px, d, if c.overwrite { 0.0 } else { 1.0 }, py, m, DType::F32)?;
+            be.gemm(
+                false,
+                true,
+                m,
+                d,
+                t,
+                pp,
+                m,
+                px,
+                d,
+                if c.overwrite { 0.0 } else { 1.0 },
+                py,
+                m,
+                DType::F32,
+            )?;
             self.pending = if c.flush { 0 } else { self.pending + t };
             if c.flush {
                 self.flush(be)?;
@@ -238,8 +356,16 @@ impl DeviceSketch {
     }
 
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
-        let (pp, py, n) = (be.ptr(&self.part), be.ptr(&self.y), (self.shift.d * self.m) as u64);
-        be.launch("flush_f64", super::kernels::Shape::Elements(n as usize), &args![pp, py, n])?;
+        let (pp, py, n) = (
+            be.ptr(&self.part),
+            be.ptr(&self.y),
+            (self.shift.d * self.m) as u64,
+        );
+        be.launch(
+            "flush_f64",
+            super::kernels::Shape::Elements(n as usize),
+            &args![pp, py, n],
+        )?;
         self.pending = 0;
         Ok(())
     }
@@ -250,7 +376,10 @@ impl DeviceSketch {
         if self.pending > 0 {
             self.flush(be)?;
         }
-        let y = be.stream.clone_dtoh(&self.y).map_err(super::driver("device-to-host copy"))?;
+        let y = be
+            .stream
+            .clone_dtoh(&self.y)
+            .map_err(super::driver("device-to-host copy"))?;
         Ok((self.shift.to_host(be)?, y))
     }
 }
@@ -268,11 +397,17 @@ mod tests {
         // 10 rows into parts of 4: 4 (flush), 4 (flush), 2 pending.
         let p = plan(0, 10, 4);
         assert_eq!(rows_of(&p), vec![0..4, 4..8, 8..10]);
-        assert_eq!(p.iter().map(|c| (c.overwrite, c.flush)).collect::<Vec<_>>(), vec![(true, true), (true, true), (true, false)]);
+        assert_eq!(
+            p.iter().map(|c| (c.overwrite, c.flush)).collect::<Vec<_>>(),
+            vec![(true, true), (true, true), (true, false)]
+        );
         // The next batch first fills the pending part (adds to it), then flushes.
         let p = plan(2, 5, 4);
         assert_eq!(rows_of(&p), vec![0..2, 2..5]);
-        assert_eq!(p.iter().map(|c| (c.overwrite, c.flush)).collect::<Vec<_>>(), vec![(false, true), (true, false)]);
+        assert_eq!(
+            p.iter().map(|c| (c.overwrite, c.flush)).collect::<Vec<_>>(),
+            vec![(false, true), (true, false)]
+        );
     }
 
     #[test]
@@ -285,9 +420,16 @@ mod tests {
                 assert_eq!(p.iter().map(|c| c.rows.len()).sum::<usize>(), batch);
                 for c in &p {
                     assert!(!c.rows.is_empty());
-                    assert_eq!(c.overwrite, pending == 0, "beta = 0 exactly when the part is empty");
+                    assert_eq!(
+                        c.overwrite,
+                        pending == 0,
+                        "beta = 0 exactly when the part is empty"
+                    );
                     pending += c.rows.len();
-                    assert!(pending <= flush, "an f32 part summed {pending} > {flush} rows");
+                    assert!(
+                        pending <= flush,
+                        "an f32 part summed {pending} > {flush} rows"
+                    );
                     assert_eq!(c.flush, pending == flush);
                     if c.flush {
                         pending = 0;
@@ -303,8 +445,14 @@ mod tests {
     fn buffer_sizes_count_every_allocation() {
         // d = 4096, flush 4096, f32: 128 MiB f64 Gram + 64 MiB f32 part + 64 MiB chunk + moments.
         let d = 4096;
-        assert_eq!(DeviceGram::bytes(d, 4096, DType::F32), 8 * d * d + 4 * d * d + 20 * d + 4 * 4096 * d);
-        assert_eq!(DeviceGram::bytes(d, 4096, DType::Bf16), 8 * d * d + 4 * d * d + 20 * d + 2 * 4096 * d);
+        assert_eq!(
+            DeviceGram::bytes(d, 4096, DType::F32),
+            8 * d * d + 4 * d * d + 20 * d + 4 * 4096 * d
+        );
+        assert_eq!(
+            DeviceGram::bytes(d, 4096, DType::Bf16),
+            8 * d * d + 4 * d * d + 20 * d + 2 * 4096 * d
+        );
         // The sketch never holds d²: d = 4096, m = 48.
         let s = DeviceSketch::bytes(d, 48, 4096);
         assert_eq!(s, 16 * d * 48 + 4 * 4096 * 48 + 20 * d + 4 * 4096 * d);
