@@ -16,8 +16,9 @@
 #      launch shapes, flush schedule) and every ignored GPU test (tests/suite/gpu.rs: forward
 #      parity with the CPU backend on llama, mistral, qwen2, bert, roberta in f32 and bf16; device
 #      Gram and sketch against f64);
-#   3. scripts/gpu_parity.py: eva's layer inputs against PyTorch's own (f32 and bf16), and the
-#      forward benchmark against PyTorch eager bf16 (random SmolLM2-135M-shaped and ~1B Llama).
+#   3. scripts/gpu_parity.py: `eva init --device cuda` against `--device cpu` (the adapter), eva's
+#      layer inputs against PyTorch's own (f32 and bf16), and the forward benchmark against
+#      PyTorch eager bf16 (random SmolLM2-135M-shaped and ~1B Llama).
 # It prints everything and exits non-zero if any step failed.
 #
 # With the device tool (one call; nothing else is needed there):
@@ -34,6 +35,8 @@ build() {
   mkdir -p "$out"
   # The integration tests (tests/suite/gpu.rs) and the library's unit tests (src/model/cuda/*).
   cargo test --release --features cuda --no-run --target-dir "$target" --message-format=json-render-diagnostics >"$target.json"
+  cargo build --release --features cuda --target-dir "$target" --bin eva
+  cp "$target/release/eva" "$out/eva"
   python3 - "$target.json" "$out" <<'PY'
 import json, shutil, sys
 msgs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
@@ -48,7 +51,7 @@ assert set(exes) == {"tests", "unit"}, exes
 for name, path in exes.items():
     shutil.copy(path, f"{sys.argv[2]}/{name}")
 PY
-  strip "$out/tests" "$out/unit"
+  strip "$out/tests" "$out/unit" "$out/eva"
   # The OpenBLAS the binaries link (build.rs: -lopenblas) and what it needs.
   for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
     cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l { print $NF; exit }')" "$out/$lib"
@@ -96,7 +99,7 @@ PY
   step "parity against PyTorch's layer inputs and the forward benchmark (scripts/gpu_parity.py)"
   local quick=""
   if [ $((SECONDS - start)) -gt 200 ]; then quick="--quick"; fi
-  timeout $((450 - (SECONDS - start))) python3 scripts/gpu_parity.py --tests "$bin/tests" --work "$work" $quick || failed=1
+  timeout $((450 - (SECONDS - start))) python3 scripts/gpu_parity.py --tests "$bin/tests" --eva "$bin/eva" --work "$work" $quick || failed=1
 
   step "done: $([ $failed = 0 ] && echo 'every step passed' || echo 'SOME STEP FAILED') in $((SECONDS - start)) s"
   return $failed
