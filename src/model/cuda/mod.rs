@@ -122,8 +122,11 @@ pub mod probe {
 
     /// The error for a missing library.
     pub fn missing(what: &'static str, name: &str, hint: &'static str) -> DeviceError {
-        let mut names = candidates(name);
-        names.dedup();
+        let mut seen = std::collections::HashSet::new();
+        let names: Vec<String> = candidates(name)
+            .into_iter()
+            .filter(|n| seen.insert(n.clone()))
+            .collect();
         DeviceError::Missing {
             what,
             names: names.join(", "),
