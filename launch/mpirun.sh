@@ -4,7 +4,7 @@
 #   launch/mpirun.sh 4 --synthetic "layers=8,dim=1024,tokens=4096,units=64" --out /tmp/eva-adapter
 #   HOSTFILE=hosts.txt launch/mpirun.sh 16 --activations /shared/acts --out /shared/adapter
 #
-# Build first with MPI: cargo build --release --features mpi (or --features cuda for NCCL).
+# Build first with MPI: cargo build --release --features mpi (or --features nccl for NCCL).
 # Every rank runs the same command line; rank 0 writes the output directory.
 set -euo pipefail
 np=${1:?usage: launch/mpirun.sh NP eva-init-arguments...}

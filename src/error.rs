@@ -43,6 +43,9 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A GPU operation failed: a driver, cuBLAS or NVRTC status, or out of device memory (exit code 1).
+    #[error("{0}")]
+    Device(String),
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
     NotCompiled {

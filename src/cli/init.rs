@@ -65,6 +65,7 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
             format!("`{t}`"),
         );
     }
+    validate_device(args)?;
     Ok(RunConfig {
         eva: EvaParams {
             rank: args.rank,
@@ -98,6 +99,47 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         },
         quiet: args.quiet,
     })
+}
+
+/// `--device` and `--dtype`: a GPU runs the model's forward pass, so it needs `--model`; the
+/// CPU has no `--dtype`. `--device cuda` is checked here, before any work: a build without the
+/// `cuda` feature, or a machine without the driver, a GPU, NVRTC or cuBLAS, is an exit code 2
+/// naming what is missing and where it was looked for.
+fn validate_device(args: &InitArgs) -> Result<()> {
+    match args.device {
+        super::DeviceArg::Cpu => {
+            if let Some(d) = args.dtype {
+                let name = match d {
+                    super::DTypeArg::Bf16 => "bf16",
+                    super::DTypeArg::F32 => "f32",
+                };
+                return Err(Error::usage(format!(
+                    "--dtype {name} applies to --device cuda; the CPU computes in f32"
+                )));
+            }
+            Ok(())
+        }
+        super::DeviceArg::Cuda => {
+            if args.model.is_none() {
+                return Err(Error::usage("--device cuda runs the forward pass of --model; --activations and --synthetic are read on the CPU"));
+            }
+            crate::model::cuda::available()
+        }
+    }
+}
+
+/// The GPU a rank computes on with `--device cuda`: the node-local rank (from the launcher's
+/// environment) modulo the GPUs it sees, as `--comm nccl` picks it; `None` on the CPU.
+fn device_options(args: &InitArgs) -> Result<Option<crate::model::cuda::CudaOptions>> {
+    if args.device != super::DeviceArg::Cuda {
+        return Ok(None);
+    }
+    let local_rank = launcher::detect().map_or(0, |l| l.local_rank);
+    Ok(Some(crate::model::cuda::CudaOptions {
+        ordinal: local_rank % crate::model::cuda::device_count()?,
+        dtype: args.dtype.unwrap_or(super::DTypeArg::Bf16).into(),
+        slice: String::new(),
+    }))
 }
 
 /// A source opened for one stage of the grid, with the stage of every unique input and a
@@ -142,11 +184,12 @@ pub fn open_source(
             max_seq_len: args.max_seq_len,
             use_label_mask: !args.no_label_mask,
         };
-        let source = targeted(Box::new(ModelSource::open(
+        let source = targeted(Box::new(ModelSource::open_on(
             model,
             data,
             &opts,
             blocks[stage].clone(),
+            device_options(args)?,
         )?))?;
         let owner = stages::owners_by_block(source.catalog(), block_of, &blocks)?;
         let split = blocks

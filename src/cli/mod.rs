@@ -65,7 +65,7 @@ pub enum CommArg {
     Auto,
     /// MPI (needs a build with `--features mpi`).
     Mpi,
-    /// NCCL on the GPUs for all-reduce, MPI for the rest (needs `--features cuda`).
+    /// NCCL on the GPUs for all-reduce, MPI for the rest (needs `--features nccl`).
     Nccl,
 }
 
@@ -75,6 +75,33 @@ impl From<CommArg> for crate::comm::Backend {
             CommArg::Auto => crate::comm::Backend::Auto,
             CommArg::Mpi => crate::comm::Backend::Mpi,
             CommArg::Nccl => crate::comm::Backend::Nccl,
+        }
+    }
+}
+
+/// `--device` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The forward pass on the CPU (f32, the reference).
+    Cpu,
+    /// The forward pass on an NVIDIA GPU (needs `--features cuda`; one process per GPU, docs/gpu.md).
+    Cuda,
+}
+
+/// `--dtype` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// bfloat16 weight matrices, f32 accumulation and activations.
+    Bf16,
+    /// f32 weights: the CPU's numbers to rounding.
+    F32,
+}
+
+impl From<DTypeArg> for crate::model::cuda::DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::Bf16 => crate::model::cuda::DType::Bf16,
+            DTypeArg::F32 => crate::model::cuda::DType::F32,
         }
     }
 }
@@ -100,6 +127,14 @@ pub struct InitArgs {
     /// Tokens per example, special tokens included (truncated beyond; capped by the model's positions).
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_seq_len: usize,
+
+    /// Where --model runs its forward pass.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+
+    /// Storage of the weight matrices with --device cuda [default: bf16]; the CPU computes in f32.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
 
     /// Activation shards: every *.safetensors file in DIR (file-name order) is one unit; see docs/formats.md.
     #[arg(long, value_name = "DIR")]

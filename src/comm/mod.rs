@@ -6,7 +6,7 @@
 //! | [`SingleProcess`] | one rank; collectives return at once | always |
 //! | [`threads::ThreadWorld`] | N ranks as threads of one process (tests, one-box runs) | always |
 //! | [`MpiWorld`] | the ranks `mpirun`/`srun` started (rsmpi) | feature `mpi` |
-//! | [`NcclWorld`] | MPI world whose all-reduce runs on GPUs through NCCL (cudarc) | feature `cuda` |
+//! | [`NcclWorld`] | MPI world whose all-reduce runs on GPUs through NCCL (cudarc) | feature `nccl` |
 //!
 //! A backend that was not compiled in is an uninhabited twin whose constructor returns
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
@@ -66,9 +66,9 @@ mod mpi;
 #[path = "no_mpi.rs"]
 mod mpi;
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "nccl")]
 mod nccl;
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "nccl"))]
 #[path = "no_nccl.rs"]
 mod nccl;
 

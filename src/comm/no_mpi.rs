@@ -10,7 +10,7 @@ impl MpiWorld {
     pub fn init() -> Result<Self> {
         Err(Error::NotCompiled {
             backend: "MPI",
-            hint: "MPI was asked for (a launcher such as mpirun/srun started this process, or --comm mpi/nccl), but this eva was built without it; rebuild with `cargo build --release --features mpi` (`--features cuda` for NCCL; needs libopenmpi-dev and libclang-dev)",
+            hint: "MPI was asked for (a launcher such as mpirun/srun started this process, or --comm mpi/nccl), but this eva was built without it; rebuild with `cargo build --release --features mpi` (`--features nccl` for NCCL; needs libopenmpi-dev and libclang-dev)",
         })
     }
 }

@@ -1,4 +1,4 @@
-//! Twin of the NCCL backend for builds without the `cuda` feature: it cannot be constructed.
+//! Twin of the NCCL backend for builds without the `nccl` feature: it cannot be constructed.
 
 use super::MpiWorld;
 use crate::{Error, Result};
@@ -7,9 +7,9 @@ use crate::{Error, Result};
 pub enum NcclWorld {}
 
 impl NcclWorld {
-    /// Always fails: rebuild with `--features cuda`.
+    /// Always fails: rebuild with `--features nccl`.
     pub fn init(_mpi: MpiWorld, _local_rank: usize) -> Result<Self> {
-        Err(Error::NotCompiled { backend: "NCCL", hint: "this eva was built without CUDA; rebuild with `cargo build --release --features cuda`" })
+        Err(Error::NotCompiled { backend: "NCCL", hint: "this eva was built without NCCL; rebuild with `cargo build --release --features nccl`" })
     }
 }
 

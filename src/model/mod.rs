@@ -6,6 +6,7 @@
 //! | [`config`] | `config.json` → architecture and sizes; supported `model_type`s |
 //! | [`checkpoint`] | memory-mapped safetensors (single file or shards), F32/F16/BF16 |
 //! | [`ops`] | the [`ops::Backend`] trait the forward passes are written against; [`ops::Cpu`] |
+//! | [`cuda`] | [`cuda::Cuda`], the same trait on an NVIDIA GPU (feature `cuda`; else a twin that cannot be built) |
 //! | [`decoder`] | llama, mistral, qwen2 |
 //! | [`encoder`] | bert, roberta |
 //! | [`text`] | `.txt` / `.jsonl` examples and tokenization with the model's `tokenizer.json` |
@@ -24,6 +25,12 @@ pub mod decoder;
 pub mod encoder;
 pub mod ops;
 pub mod text;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "no_cuda.rs"]
+pub mod cuda;
 
 use crate::source::Catalog;
 use crate::{Error, Result};

@@ -263,6 +263,8 @@ pub trait Backend {
     fn host_view<'a>(&self, x: &'a Self::Tensor) -> Option<ArrayView2<'a, f32>>;
     /// Feature dimension of an activation.
     fn dim(&self, x: &Self::Tensor) -> usize;
+    /// Token rows of an activation.
+    fn tokens(&self, x: &Self::Tensor) -> usize;
 }
 
 /// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on as
@@ -623,6 +625,10 @@ impl Backend for Cpu {
 
     fn dim(&self, x: &Array2<f32>) -> usize {
         x.ncols()
+    }
+
+    fn tokens(&self, x: &Array2<f32>) -> usize {
+        x.nrows()
     }
 }
 

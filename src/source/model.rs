@@ -13,6 +13,7 @@
 //! ([`Source::read_stage`]); the catalog still lists every layer of the model.
 
 use super::{check_finite, Catalog, Hidden, Sink, Source};
+use crate::model::cuda::{Cuda, CudaOptions};
 use crate::model::ops::{Backend, Cpu};
 use crate::model::text::{read_examples, Examples, TextEncoder};
 use crate::model::{Loaded, Model, Need, Point};
@@ -38,11 +39,20 @@ pub struct ModelOptions {
     pub use_label_mask: bool,
 }
 
+/// Where the weights live and the forward pass runs.
+#[allow(clippy::large_enum_variant)] // one per source
+enum Resident {
+    /// The CPU reference (activations are host matrices: captures are handed over without a copy).
+    Cpu(Loaded<Cpu>),
+    /// A GPU (`--device cuda`): captured rows are gathered on the device and copied to the host,
+    /// where the statistics accumulate today.
+    Cuda((Cuda, Loaded<Cuda>)),
+}
+
 /// A model and a data file as a [`Source`].
 pub struct ModelSource {
     model: Model,
-    loaded: Loaded<Cpu>,
-    backend: Cpu,
+    resident: Resident,
     encoder: TextEncoder,
     examples: Examples,
     catalog: Catalog,
@@ -55,10 +65,22 @@ impl ModelSource {
     /// Opens the tokenizer and data for `model` and loads the weights of `blocks` (all of them
     /// for a single stage); the catalog lists every linear layer of the model.
     pub fn open(
+        model: Model,
+        data: &Path,
+        opts: &ModelOptions,
+        blocks: Range<usize>,
+    ) -> Result<Self> {
+        Self::open_on(model, data, opts, blocks, None)
+    }
+
+    /// [`ModelSource::open`] on the CPU (`device` `None`) or on the GPU `device` names: the
+    /// slice's weights are uploaded once (after a check that they fit).
+    pub fn open_on(
         mut model: Model,
         data: &Path,
         opts: &ModelOptions,
         blocks: Range<usize>,
+        device: Option<CudaOptions>,
     ) -> Result<Self> {
         if opts.max_seq_len == 0 {
             return Err(Error::usage("--max-seq-len must be at least 1, found 0"));
@@ -76,12 +98,24 @@ impl ModelSource {
             .enumerate()
             .map(|(g, p)| (p, g))
             .collect();
-        let backend = Cpu;
-        let loaded = model.load(&backend, blocks)?;
+        let resident = match device {
+            None => Resident::Cpu(model.load(&Cpu, blocks)?),
+            Some(mut o) => {
+                o.slice = format!(
+                    "blocks {}..{} of {}",
+                    blocks.start,
+                    blocks.end,
+                    model.layers()
+                );
+                let gpu = Cuda::new(o)?;
+                let loaded = model.load(&gpu, blocks)?;
+                gpu.check()?;
+                Resident::Cuda((gpu, loaded))
+            }
+        };
         Ok(ModelSource {
             model,
-            loaded,
-            backend,
+            resident,
             encoder,
             examples,
             catalog,
@@ -124,6 +158,53 @@ impl ModelSource {
         output: bool,
         sink: &mut Sink<'_>,
     ) -> Result<Option<Hidden>> {
+        match &self.resident {
+            Resident::Cpu(loaded) => self.pass(
+                &Cpu,
+                loaded,
+                units,
+                need,
+                wanted,
+                input,
+                output,
+                &|| Ok(()),
+                sink,
+            ),
+            Resident::Cuda(r) => {
+                let (gpu, loaded) = r;
+                let input = input.map(|h| gpu.from_host(&h)).transpose()?;
+                let out = self.pass(
+                    gpu,
+                    loaded,
+                    units,
+                    need,
+                    wanted,
+                    input,
+                    output,
+                    &|| gpu.check(),
+                    sink,
+                )?;
+                gpu.check()?;
+                out.map(|h| gpu.to_host(&h)).transpose()
+            }
+        }
+    }
+
+    /// [`ModelSource::run`] on one backend; `check` reports a device failure recorded by an op
+    /// that could not return it (called before each capture reaches the statistics).
+    #[allow(clippy::too_many_arguments)]
+    fn pass<B: Backend>(
+        &self,
+        be: &B,
+        loaded: &Loaded<B>,
+        units: &[usize],
+        need: &Need,
+        wanted: &[bool],
+        input: Option<B::Tensor>,
+        output: bool,
+        check: &dyn Fn() -> Result<()>,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<B::Tensor>> {
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);
         let encoded = units
@@ -149,48 +230,47 @@ impl ModelSource {
         );
         let modules = self.model.modules();
         let catalog = &self.catalog;
-        let be = &self.backend;
         if let Some(h) = &input {
-            if h.nrows() != batch.ids.len() {
+            if be.tokens(h) != batch.ids.len() {
                 return Err(Error::Comm(format!(
                     "examples on lines {first}..={last}: the previous stage sent {} hidden states for {} tokens",
-                    h.nrows(),
+                    be.tokens(h),
                     batch.ids.len()
                 )));
             }
         }
-        self.loaded
-            .forward(be, &batch, need, input, output, &mut |layer, point, x| {
-                let g = self.inputs[&(layer, point)];
-                if !wanted[g] || keep.is_empty() {
-                    return Ok(());
+        loaded.forward(be, &batch, need, input, output, &mut |layer, point, x| {
+            let g = self.inputs[&(layer, point)];
+            if !wanted[g] || keep.is_empty() {
+                return Ok(());
+            }
+            // Every token kept (no label mask hit): hand over the activation itself.
+            let copied;
+            let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
+                Some(v) => v,
+                None => {
+                    copied = be.rows(x, &keep);
+                    check()?;
+                    copied.view()
                 }
-                // Every token kept (no label mask hit): hand over the activation itself.
-                let copied;
-                let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
-                    Some(v) => v,
-                    None => {
-                        copied = be.rows(x, &keep);
-                        copied.view()
-                    }
-                };
-                let name = || {
-                    modules
-                        .iter()
-                        .find(|m| m.layer == layer && m.point == point)
-                        .map_or("?", |m| m.name.as_str())
-                        .to_string()
-                };
-                check_finite(rows, || {
-                    format!(
-                        "model forward, input of {} (examples on lines {first}..={last} of {})",
-                        name(),
-                        ex.path.display()
-                    )
-                })?;
-                debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
-                sink(g, rows)
-            })
+            };
+            let name = || {
+                modules
+                    .iter()
+                    .find(|m| m.layer == layer && m.point == point)
+                    .map_or("?", |m| m.name.as_str())
+                    .to_string()
+            };
+            check_finite(rows, || {
+                format!(
+                    "model forward, input of {} (examples on lines {first}..={last} of {})",
+                    name(),
+                    ex.path.display()
+                )
+            })?;
+            debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
+            sink(g, rows)
+        })
     }
 }
 

@@ -5,6 +5,8 @@ mod common;
 pub mod distributed;
 mod errors;
 mod exact;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod model;
 mod output;
 mod pipeline;

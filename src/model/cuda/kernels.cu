@@ -1,0 +1,283 @@
+// eva's CUDA kernels: everything of the forward pass and of the statistics that is not a cuBLAS
+// product. Compiled by NVRTC at run time for the device's compute capability (kernels.rs), with
+// `--fmad=false` so that `a * b + c` rounds twice, as the CPU reference (src/model/ops.rs) does.
+//
+// Each kernel mirrors one CPU op; the comment above it names it. Activations are f32, row-major
+// `[tokens, features]`; weights are f32 or bf16 (`bf16_t`, converted here by hand so that no CUDA
+// header is needed); sums that the CPU takes in f64 are taken in f64 here too. Block reductions
+// are shared-memory trees over a fixed block size, so every result is independent of scheduling.
+
+typedef unsigned short bf16_t;
+
+#define BLOCK 256
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((unsigned int)v) << 16); }
+
+// Round to nearest even, NaN kept quiet (as `half::bf16::from_f32` and PyTorch's `.bfloat16()`).
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+// Tree sum of one value per thread over a block of BLOCK threads; every thread gets the result.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] = shared[threadIdx.x] + shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    T r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] = fmaxf(shared[threadIdx.x], shared[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+// ops::erf: Abramowitz & Stegun 7.1.26, as PyTorch's vectorized CPU kernels and eva's CPU backend.
+__device__ __forceinline__ float erf_as(float x) {
+    const float P = 0.3275911f;
+    float ax = fabsf(x);
+    float t = 1.0f / (P * ax + 1.0f);
+    float r = (((1.0614054f * t + -1.4531521f) * t + 1.4214138f) * t + -0.28449674f) * t + 0.2548296f;
+    float y = 1.0f - r * t * expf(-ax * ax);
+    return copysignf(y, x);
+}
+
+// ops::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.
+__device__ __forceinline__ float activate(float x, int act) {
+    switch (act) {
+    case 0: return x / (1.0f + expf(-x));
+    case 1: return 0.5f * x * (1.0f + erf_as(x * 0.70710677f));
+    case 2: return 0.5f * x * (1.0f + tanhf(0.7978846f * (x + 0.044715f * x * x * x)));
+    default: return fmaxf(x, 0.0f);
+    }
+}
+
+// x as bf16 (the GEMM input of a bf16 linear layer).
+extern "C" __global__ void cast_bf16(const float* __restrict__ x, bf16_t* __restrict__ y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+// Backend::embed: x[t] += table[ids[t]] (ids checked on the host). One block per token.
+extern "C" __global__ void embed_f32(float* __restrict__ x, const float* __restrict__ table, const unsigned int* __restrict__ ids, int dim) {
+    const float* row = table + (unsigned long long)ids[blockIdx.x] * dim;
+    float* out = x + (unsigned long long)blockIdx.x * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] += row[j];
+}
+
+extern "C" __global__ void embed_bf16(float* __restrict__ x, const bf16_t* __restrict__ table, const unsigned int* __restrict__ ids, int dim) {
+    const bf16_t* row = table + (unsigned long long)ids[blockIdx.x] * dim;
+    float* out = x + (unsigned long long)blockIdx.x * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[j] += bf16_to_f32(row[j]);
+}
+
+// Backend::linear's start: every output row is the bias (cuBLAS then adds x Wᵀ with beta = 1).
+extern "C" __global__ void fill_rows(float* __restrict__ y, const float* __restrict__ b, int cols) {
+    float* out = y + (unsigned long long)blockIdx.x * cols;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) out[j] = b[j];
+}
+
+// Backend::add: x += y.
+extern "C" __global__ void add(float* __restrict__ x, const float* __restrict__ y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+// Backend::rms_norm: out = w · (x / sqrt(mean(x²) + eps)), the mean of squares in f64. One block
+// (BLOCK threads) per token.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out, int d, float eps) {
+    __shared__ double shared[BLOCK];
+    const float* row = x + (unsigned long long)blockIdx.x * d;
+    float* o = out + (unsigned long long)blockIdx.x * d;
+    double acc = 0.0;
+    for (int j = threadIdx.x; j < d; j += BLOCK) {
+        double v = (double)row[j];
+        acc += v * v;
+    }
+    double ms = block_sum(acc, shared) / (double)d;
+    float inv = 1.0f / sqrtf((float)ms + eps);
+    for (int j = threadIdx.x; j < d; j += BLOCK) o[j] = w[j] * (row[j] * inv);
+}
+
+// Backend::layer_norm and add_layer_norm: v = x (+ residual), out = (v - mean) / sqrt(var + eps)
+// · w + b, mean and biased variance in f64 (two passes). `out` may be `x`: each thread reads
+// back only the elements it wrote. One block per token.
+extern "C" __global__ void layer_norm(const float* x, const float* __restrict__ residual, const float* __restrict__ w, const float* __restrict__ b, float* out, int d, float eps) {
+    __shared__ double shared[BLOCK];
+    const float* row = x + (unsigned long long)blockIdx.x * d;
+    const float* res = residual ? residual + (unsigned long long)blockIdx.x * d : 0;
+    float* o = out + (unsigned long long)blockIdx.x * d;
+    double acc = 0.0;
+    for (int j = threadIdx.x; j < d; j += BLOCK) {
+        float v = row[j];
+        if (res) v += res[j];
+        o[j] = v;
+        acc += (double)v;
+    }
+    double mean = block_sum(acc, shared) / (double)d;
+    acc = 0.0;
+    for (int j = threadIdx.x; j < d; j += BLOCK) {
+        double c = (double)o[j] - mean;
+        acc += c * c;
+    }
+    double var = block_sum(acc, shared) / (double)d;
+    float inv = 1.0f / sqrtf((float)var + eps);
+    float m = (float)mean;
+    for (int j = threadIdx.x; j < d; j += BLOCK) o[j] = (o[j] - m) * inv * w[j] + b[j];
+}
+
+// Backend::rope, HF's rotate_half layout: within each head, (x1, x2) = (x[i], x[i + hd/2]) becomes
+// (x1 cos - x2 sin, x2 cos + x1 sin). cos/sin are `[tokens, hd/2]`. One thread per pair.
+extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int tokens, int d, int head_dim) {
+    int half = head_dim / 2;
+    int pairs_per_token = d / 2;
+    unsigned long long total = (unsigned long long)tokens * pairs_per_token;
+    for (unsigned long long p = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; p < total; p += (unsigned long long)gridDim.x * blockDim.x) {
+        int t = (int)(p / pairs_per_token);
+        int r = (int)(p % pairs_per_token);
+        int head = r / half, i = r % half;
+        float* h = x + (unsigned long long)t * d + (unsigned long long)head * head_dim;
+        float c = cos_t[(unsigned long long)t * half + i], s = sin_t[(unsigned long long)t * half + i];
+        float x1 = h[i], x2 = h[i + half];
+        h[i] = x1 * c - x2 * s;
+        h[i + half] = x2 * c + x1 * s;
+    }
+}
+
+// Backend::attention over packed sequences: one block per (query token, head). The query's keys
+// are those of its own sequence [seq_start, seq_end), cut to [lo, i] when causal (lo from the
+// sliding window, as ops::softmax_rows). Scores `scale · q·k` go through an online softmax in tiles
+// of BLOCK keys (running max and sum, rescaled per tile), so sequences of any length need only
+// BLOCK floats of shared memory; masked keys are never touched (weight exactly 0, as on the CPU).
+// GQA: query head h reads key/value head h / (heads / kv_heads). head_dim ≤ 4·BLOCK.
+extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ out,
+                                     const int* __restrict__ seq_start, const int* __restrict__ seq_end,
+                                     int heads, int kv_heads, int head_dim, int ldq, int ldk, int ldv, float scale, int causal, int window) {
+    __shared__ float qs[4 * BLOCK];
+    __shared__ float p[BLOCK];
+    __shared__ float red[BLOCK];
+    int i = blockIdx.x, head = blockIdx.y;
+    int kv = head / (heads / kv_heads);
+    int s0 = seq_start[i], s1 = seq_end[i];
+    int lo = s0, hi = s1;
+    if (causal) {
+        hi = i + 1;
+        if (window > 0) {
+            int w0 = i + 1 - window;
+            if (w0 > lo) lo = w0;
+        }
+    }
+    const float* qh = q + (unsigned long long)i * ldq + (unsigned long long)head * head_dim;
+    for (int j = threadIdx.x; j < head_dim; j += BLOCK) qs[j] = qh[j];
+    __syncthreads();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float m = NEG_INF, l = 0.0f;
+    for (int base = lo; base < hi; base += BLOCK) {
+        int key = base + threadIdx.x;
+        float score = NEG_INF;
+        if (key < hi) {
+            const float* kh = k + (unsigned long long)key * ldk + (unsigned long long)kv * head_dim;
+            float dot = 0.0f;
+            for (int j = 0; j < head_dim; j++) dot += qs[j] * kh[j];
+            score = scale * dot;
+        }
+        float m_new = fmaxf(m, block_max(score, red));
+        float e = key < hi ? expf(score - m_new) : 0.0f;
+        p[threadIdx.x] = e;
+        float rescale = expf(m - m_new); // 0 on the first tile (m = -inf)
+        l = l * rescale + block_sum(e, red); // block_sum's barriers also publish p
+        m = m_new;
+        int n = min(BLOCK, hi - base);
+        for (int c = 0; c < 4; c++) {
+            int j = threadIdx.x + c * BLOCK;
+            if (j < head_dim) {
+                float a = acc[c] * rescale;
+                const float* vh = v + (unsigned long long)base * ldv + (unsigned long long)kv * head_dim + j;
+                for (int t = 0; t < n; t++) a += p[t] * vh[(unsigned long long)t * ldv];
+                acc[c] = a;
+            }
+        }
+        __syncthreads();
+    }
+    float* oh = out + (unsigned long long)i * heads * head_dim + (unsigned long long)head * head_dim;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int c = 0; c < 4; c++) {
+        int j = threadIdx.x + c * BLOCK;
+        if (j < head_dim) oh[j] = acc[c] * inv;
+    }
+}
+
+// Backend::activate: x = act(x).
+extern "C" __global__ void activate_inplace(float* __restrict__ x, unsigned long long n, int act) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        x[i] = activate(x[i], act);
+}
+
+// Backend::gated: out = act(gate) ⊙ up.
+extern "C" __global__ void gated(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out, unsigned long long n, int act) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = activate(gate[i], act) * up[i];
+}
+
+// Backend::rows: out[r] = x[keep[r]]. One block per kept row.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ keep, float* __restrict__ out, int d) {
+    const float* src = x + (unsigned long long)keep[blockIdx.x] * d;
+    float* dst = out + (unsigned long long)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = src[j];
+}
+
+// Statistics (stats::Moments::add_shifted): y = x - c, and per feature Σy, Σy² added to the f64
+// moments. As on the CPU, the sums run in f32 over blocks of `sum_block` rows, in row order, and
+// each block's partial sum is added in f64. One thread per feature (coalesced across features).
+// With `y_bf16` set, the shifted rows are rounded to bf16 (the Gram's input) and the moments sum
+// the rounded values, so that the Gram and the sums describe the same rows.
+extern "C" __global__ void shift_moments(const float* __restrict__ x, const float* __restrict__ c, float* __restrict__ y_f32, bf16_t* __restrict__ y_bf16,
+                                         double* __restrict__ sum, double* __restrict__ sum_sq, int rows, int d, int sum_block) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float cj = c[j];
+    double s64 = sum[j], q64 = sum_sq[j];
+    for (int r0 = 0; r0 < rows; r0 += sum_block) {
+        int r1 = min(rows, r0 + sum_block);
+        float s = 0.0f, q = 0.0f;
+        for (int r = r0; r < r1; r++) {
+            unsigned long long at = (unsigned long long)r * d + j;
+            float yv = x[at] - cj;
+            if (y_bf16) {
+                bf16_t b = f32_to_bf16(yv);
+                y_bf16[at] = b;
+                yv = bf16_to_f32(b);
+            } else {
+                y_f32[at] = yv;
+            }
+            s += yv;
+            q += yv * yv;
+        }
+        s64 += (double)s;
+        q64 += (double)q;
+    }
+    sum[j] = s64;
+    sum_sq[j] = q64;
+}
+
+// The flush of an f32 product accumulator into its f64 accumulator: acc += part.
+extern "C" __global__ void flush_f64(const float* __restrict__ part, double* __restrict__ acc, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        acc[i] += (double)part[i];
+}

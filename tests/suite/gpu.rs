@@ -1,0 +1,394 @@
+//! GPU tests (feature `cuda`; `#[ignore]`d: run them with `cargo test --features cuda -- --ignored gpu::`
+//! on a machine with an NVIDIA GPU, as scripts/gpu-check.sh does). Each one opens the GPU first and
+//! **fails** when it cannot: none returns early, so a run without a GPU is red, never green.
+//!
+//! | test | against |
+//! |---|---|
+//! | `forward_f32_matches_the_cpu_on_<arch>` | the CPU backend's layer inputs, `--dtype f32`: max error ≤ [`F32_TOL`] of the tensor's largest value |
+//! | `forward_bf16_is_close_to_the_cpu_on_<arch>` | the same, bf16 weights: ≤ [`BF16_TOL`] |
+//! | `exact_gram_matches_the_cpu_f64_gram` | `stats::exact::ExactStats` (f32 products over 4096 rows, f64 sums) |
+//! | `sketch_products_match_f64` | `Xᵀ(X T)` in f64 on the host |
+
+use eva::model::cuda::{Cuda, CudaOptions, DType};
+use eva::model::ops::{Backend, Cpu};
+use eva::model::{Model, Need, Point};
+use ndarray::Array2;
+use std::path::PathBuf;
+
+/// A fixture directory of `tests/reference/`. The test binary may run in a copy of the tree
+/// elsewhere (the GPU machine): `EVA_REPO_DIR` names its root there.
+fn fixture(arch: &str) -> PathBuf {
+    let root = std::env::var_os("EVA_REPO_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    root.join("tests/reference").join(arch)
+}
+
+/// An environment variable a test cannot run without (it fails, naming it).
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("set {name} (see scripts/gpu-check.sh)"))
+}
+
+fn dtype_of(s: &str) -> DType {
+    match s {
+        "f32" => DType::F32,
+        "bf16" => DType::Bf16,
+        _ => panic!("dtype must be f32 or bf16, found {s}"),
+    }
+}
+
+/// `--dtype f32`: the GPU follows the CPU op by op in f32 with f64 norm statistics; what differs
+/// is summation order (cuBLAS's blocking, the attention's online softmax in tiles of 256 keys,
+/// tree reductions), a few ulps per op. Errors are measured as `max |gpu - cpu| / max |cpu|` per
+/// captured tensor (an element-wise relative error is meaningless where a value is near 0).
+const F32_TOL: f32 = 1e-4;
+
+/// `--dtype bf16`: every weight matrix and every linear layer's input is rounded to bf16
+/// (relative error ≤ 2⁻⁹ each), so one product is off by up to ~2⁻⁸ ≈ 3.9e-3 of its inputs'
+/// scale before f32 accumulation; the fixtures' two blocks chain up to six products on the path
+/// to the last capture (q/k/v, o, gate/up, down, then the next block's), and errors add:
+/// 6 × 3.9e-3 ≈ 2.3e-2, rounded up to 3e-2. Anything near 1e-1 would be a bug, not rounding.
+const BF16_TOL: f32 = 3e-2;
+
+fn open(dtype: DType) -> Cuda {
+    Cuda::new(CudaOptions {
+        ordinal: 0,
+        dtype,
+        slice: "the test model".into(),
+    })
+    .unwrap_or_else(|e| panic!("this GPU test needs a GPU: {e}"))
+}
+
+/// Deterministic token ids (an LCG) for sequences of the given lengths, avoiding 0..4 (special
+/// and padding ids in the fixtures).
+fn token_ids(vocab: usize, lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (4 + (state >> 33) % (vocab as u64 - 4)) as u32
+    };
+    lengths
+        .iter()
+        .map(|&n| (0..n).map(|_| next()).collect())
+        .collect()
+}
+
+/// Every capture point of every block, as host matrices keyed by (layer, point), for the given
+/// backend.
+fn captures<B: Backend>(
+    be: &B,
+    model: &mut Model,
+    lengths: &[usize],
+    seed: u64,
+    to_host: impl Fn(&B, &B::Tensor) -> Array2<f32>,
+) -> Vec<((usize, Point), Array2<f32>)> {
+    let ids = token_ids(model.config.vocab, lengths, seed);
+    let types: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
+    let batch = model.batch(ids.iter().zip(&types).map(|(a, b)| (&a[..], &b[..])));
+    let loaded = model.load(be, 0..model.layers()).unwrap();
+    let mut need = Need::new(model.layers());
+    for l in 0..model.layers() {
+        for p in Point::ALL {
+            need.set(l, p);
+        }
+    }
+    let mut out = Vec::new();
+    loaded
+        .forward(be, &batch, &need, None, false, &mut |layer, point, x| {
+            out.push(((layer, point), to_host(be, x)));
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+/// Runs `arch` on the CPU and on the GPU with `dtype` and asserts the per-tensor error bound.
+fn forward_parity(arch: &str, dtype: DType, tol: f32) {
+    let gpu = open(dtype);
+    let mut model = Model::open(&fixture(arch)).unwrap();
+    // One sequence longer than the attention kernel's tile of 256 keys (decoders: several tiles
+    // and Mistral's window of 8), short ones, and a single token; encoders are capped by their
+    // learned positions.
+    let lengths: Vec<usize> = match model.config.max_positions() {
+        Some(m) => vec![m, m / 2 + 1, 3, 1],
+        None => vec![300, 13, 5, 1],
+    };
+    let want = captures(&Cpu, &mut model, &lengths, 7, |be, x| {
+        be.host_view(x).unwrap().to_owned()
+    });
+    let got = captures(&gpu, &mut model, &lengths, 7, |be, x| {
+        be.to_host(x).unwrap()
+    });
+    gpu.check().unwrap();
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "{arch}: different numbers of captures"
+    );
+    assert_eq!(
+        want.len(),
+        4 * model.layers(),
+        "{arch}: every point of every block"
+    );
+    for ((key, w), (gkey, g)) in want.iter().zip(&got) {
+        assert_eq!(key, gkey);
+        assert_eq!(w.dim(), g.dim(), "{arch} {key:?}: shapes");
+        let scale = w
+            .iter()
+            .fold(0.0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let err = w
+            .iter()
+            .zip(g)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        assert!(err.is_finite() && err <= tol, "{arch} {dtype:?} {key:?}: max error {err:e} of max |cpu| {scale:e} (tolerance {tol:e})");
+        eprintln!("{arch} {dtype:?} {key:?}: max error {err:.2e} of max |cpu|");
+    }
+}
+
+macro_rules! forward_tests {
+    ($($arch:ident),*) => {
+        $(
+            mod $arch {
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+                fn forward_f32_matches_the_cpu() {
+                    super::forward_parity(stringify!($arch), eva::model::cuda::DType::F32, super::F32_TOL);
+                }
+
+                #[test]
+                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+                fn forward_bf16_is_close_to_the_cpu() {
+                    super::forward_parity(stringify!($arch), eva::model::cuda::DType::Bf16, super::BF16_TOL);
+                }
+            }
+        )*
+    };
+}
+
+forward_tests!(llama, mistral, qwen2, bert, roberta);
+
+/// Rows with a large mean and a decaying spectrum, the case the shift exists for.
+fn rows(n: usize, d: usize, seed: u64) -> Array2<f32> {
+    let spectrum: Vec<f64> = (0..d).map(|i| 1.0 / (1.0 + i as f64)).collect();
+    super::common::gen_rows(seed, 0, n, &spectrum, 3.0)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+fn exact_gram_matches_the_cpu_f64_gram() {
+    let gpu = open(DType::F32);
+    let d = 96;
+    // 9000 rows in batches of 2500: flushes inside and across batches, and a pending remainder.
+    let x = rows(9000, d, 3);
+    let reference: Vec<f32> = x.row(0).to_vec();
+    let mut cpu = eva::stats::exact::ExactStats::new(reference.clone());
+    let mut ws = eva::stats::Workspace::default();
+    // f32: both sides sum at most 4096 f32 products per entry before f64 (typical error
+    // √4096·2⁻²⁴ ≈ 4e-6 each); bf16: the shifted rows are rounded to 2⁻⁹.
+    for (f32_in, tol) in [(DType::F32, 2e-5), (DType::Bf16, 1e-2)] {
+        let mut dev = eva::model::cuda::stats::DeviceGram::new(
+            &gpu,
+            &reference,
+            f32_in,
+            eva::model::cuda::stats::FLUSH_ROWS,
+        )
+        .unwrap();
+        for start in (0..9000).step_by(2500) {
+            let part = x
+                .slice(ndarray::s![start..(start + 2500).min(9000), ..])
+                .to_owned();
+            dev.accumulate(&gpu, &gpu.from_host(&part).unwrap())
+                .unwrap();
+            if f32_in == DType::F32 {
+                cpu.accumulate(part.view(), &mut ws).unwrap();
+            }
+        }
+        let (moments, gram) = dev.to_host(&gpu).unwrap();
+        assert_eq!(moments.n, 9000);
+        let g = cpu.gram();
+        let scale = (0..d).map(|i| g[i * d + i]).fold(0.0f64, f64::max);
+        let mut err = 0.0f64;
+        for i in 0..d {
+            for j in i..d {
+                err = err.max((gram[i * d + j] - g[i * d + j]).abs());
+                assert_eq!(
+                    gram[i * d + j],
+                    gram[j * d + i],
+                    "the device Gram is symmetric"
+                );
+            }
+        }
+        assert!(
+            err / scale <= tol,
+            "{f32_in:?} Gram: max error {:e} of the largest diagonal entry (tolerance {tol:e})",
+            err / scale
+        );
+        let sum_err = moments
+            .sum
+            .iter()
+            .zip(&cpu.moments.sum)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let sum_scale = cpu.moments.sum_sq.iter().sum::<f64>().sqrt() * (9000f64).sqrt();
+        assert!(
+            sum_err <= tol * sum_scale,
+            "{f32_in:?} feature sums: error {sum_err:e}"
+        );
+        eprintln!(
+            "{f32_in:?} Gram: max error {:.2e} of max diagonal; sums {sum_err:.2e}",
+            err / scale
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+fn sketch_products_match_f64() {
+    let gpu = open(DType::F32);
+    let (n, d, m) = (5000, 80, 24);
+    let x = rows(n, d, 5);
+    let reference: Vec<f32> = x.row(0).to_vec();
+    let test = Array2::from_shape_fn((d, m), |(i, j)| {
+        (((i * 31 + j * 17) % 13) as f32 - 6.0) / 6.0
+    });
+    let mut dev = eva::model::cuda::stats::DeviceSketch::new(
+        &gpu,
+        &reference,
+        test.as_slice().unwrap(),
+        4096,
+    )
+    .unwrap();
+    dev.accumulate(&gpu, &gpu.from_host(&x).unwrap()).unwrap();
+    let (moments, y) = dev.to_host(&gpu).unwrap();
+    assert_eq!(moments.n, n as u64);
+    let c = ndarray::Array1::from(reference).mapv(f64::from);
+    let xs = x.mapv(f64::from) - &c;
+    let want = xs.t().dot(&xs.dot(&test.mapv(f64::from)));
+    let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let err = want
+        .iter()
+        .zip(&y)
+        .fold(0.0f64, |a, (w, g)| a.max((w - g).abs()))
+        / scale;
+    assert!(err <= 1e-5, "sketch: max error {err:e} of max |Y|");
+}
+
+/// For scripts/gpu_parity.py: runs `EVA_PARITY_MODEL` on the GPU with `EVA_PARITY_DTYPE` over
+/// sequences of `EVA_PARITY_LENGTHS` (comma-separated) and writes every block's layer inputs,
+/// named by the module that reads them (the first of its equal-input group), with the token ids
+/// and lengths, to the safetensors file `EVA_PARITY_OUT`. The script runs PyTorch on the same ids
+/// and compares.
+#[test]
+#[ignore = "needs an NVIDIA GPU and EVA_PARITY_* (scripts/gpu-check.sh)"]
+fn dump_layer_inputs_for_gpu_parity_py() {
+    let gpu = open(dtype_of(&env("EVA_PARITY_DTYPE")));
+    let mut model = Model::open(std::path::Path::new(&env("EVA_PARITY_MODEL"))).unwrap();
+    let lengths: Vec<usize> = env("EVA_PARITY_LENGTHS")
+        .split(',')
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    let ids = token_ids(model.config.vocab, &lengths, 11);
+    let got = captures(&gpu, &mut model, &lengths, 11, |be, x| {
+        be.to_host(x).unwrap()
+    });
+    gpu.check().unwrap();
+    let name_of = |layer: usize, point: Point| {
+        model
+            .modules()
+            .iter()
+            .find(|m| m.layer == layer && m.point == point)
+            .expect("a module at every point")
+            .name
+            .clone()
+    };
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for ((layer, point), x) in &got {
+        tensors.push((
+            name_of(*layer, *point),
+            safetensors::Dtype::F32,
+            vec![x.nrows(), x.ncols()],
+            x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
+    }
+    let flat: Vec<u8> = ids
+        .iter()
+        .flatten()
+        .flat_map(|&v| (v as i64).to_le_bytes())
+        .collect();
+    tensors.push((
+        "input_ids".into(),
+        safetensors::Dtype::I64,
+        vec![1, ids.iter().map(Vec::len).sum()],
+        flat,
+    ));
+    tensors.push((
+        "lengths".into(),
+        safetensors::Dtype::I64,
+        vec![1, lengths.len()],
+        lengths
+            .iter()
+            .flat_map(|&v| (v as i64).to_le_bytes())
+            .collect(),
+    ));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, std::path::Path::new(&env("EVA_PARITY_OUT")))
+        .unwrap();
+    eprintln!(
+        "wrote {} layer inputs of {} ({})",
+        got.len(),
+        env("EVA_PARITY_MODEL"),
+        gpu.describe()
+    );
+}
+
+/// For scripts/gpu_parity.py: forward tokens/s of `EVA_BENCH_MODEL` on the GPU with
+/// `EVA_BENCH_DTYPE`, `EVA_BENCH_SEQS` sequences of `EVA_BENCH_LEN` tokens packed in one pass,
+/// through every block (the last block's MLP input is the last capture; nothing is copied to the
+/// host). Prints `EVA_BENCH tokens_per_s=<v> seconds_per_pass=<v>` after a synchronize per pass.
+#[test]
+#[ignore = "needs an NVIDIA GPU and EVA_BENCH_* (scripts/gpu-check.sh)"]
+fn bench_forward_tokens_per_second() {
+    let gpu = open(dtype_of(&env("EVA_BENCH_DTYPE")));
+    let mut model = Model::open(std::path::Path::new(&env("EVA_BENCH_MODEL"))).unwrap();
+    let (seqs, len): (usize, usize) = (
+        env("EVA_BENCH_SEQS").parse().unwrap(),
+        env("EVA_BENCH_LEN").parse().unwrap(),
+    );
+    let lengths = vec![len; seqs];
+    let ids = token_ids(model.config.vocab, &lengths, 13);
+    let types: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
+    let batch = model.batch(ids.iter().zip(&types).map(|(a, b)| (&a[..], &b[..])));
+    let loaded = model.load(&gpu, 0..model.layers()).unwrap();
+    let mut need = Need::new(model.layers());
+    need.set(model.layers() - 1, Point::MlpHidden);
+    let run = || {
+        loaded
+            .forward(&gpu, &batch, &need, None, false, &mut |_, _, _| Ok(()))
+            .unwrap();
+        gpu.synchronize().unwrap();
+    };
+    run();
+    run();
+    let passes = 10;
+    let t = std::time::Instant::now();
+    for _ in 0..passes {
+        run();
+    }
+    let s = t.elapsed().as_secs_f64() / passes as f64;
+    println!(
+        "EVA_BENCH tokens_per_s={:.1} seconds_per_pass={s:.6} device=\"{}\"",
+        (seqs * len) as f64 / s,
+        gpu.describe()
+    );
+}
