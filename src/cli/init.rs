@@ -43,6 +43,9 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
     if !(args.stats_memory >= 0.0 && args.stats_memory.is_finite()) {
         return bad("--stats-memory", "a non-negative number of GiB", args.stats_memory.to_string());
     }
+    if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
+        return bad("--collective-timeout", "a non-negative number of seconds (0 = off)", args.collective_timeout.to_string());
+    }
     if let Some(t) = args.targets.as_ref().and_then(|t| t.iter().find(|t| t.trim().is_empty())) {
         return bad("--targets", "a comma-separated list of non-empty names", format!("`{t}`"));
     }
@@ -100,6 +103,9 @@ fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
 /// world a launcher started.
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
+    super::signals::install();
+    comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
+    comm::set_collective_timeout((args.collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(args.collective_timeout)));
     let launch = launcher::detect();
     let threads = |ranks: usize| if args.threads > 0 { args.threads } else { launcher::cores_per_rank(ranks) };
     if args.local_ranks == 0 {
@@ -127,7 +133,13 @@ pub fn run(args: &InitArgs) -> Result<()> {
 /// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.
 fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result<()> {
     let leader = comm.is_leader();
-    agree(comm, if leader { write::check_target(&cfg.out, cfg.force) } else { Ok(()) })?;
+    // Fail fast: the leader makes --out's temporary directory before any work.
+    let staging = agree(comm, if leader { write::prepare(&cfg.out, cfg.force).map(Some) } else { Ok(None) })?;
+    if let Some(s) = staging.as_ref().filter(|_| !cfg.quiet) {
+        for d in &s.removed_stale {
+            say(&format!("[eva] removed {}, the temporary output of an eva process that no longer runs", d.display()));
+        }
+    }
     let (mut source, desc) = agree(comm, open_source(args))?;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
     if leader && comm.size() > passes {
@@ -147,7 +159,10 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
     let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
     progress.finish();
     let outcome = result?;
-    let written = if leader { write_outcome(cfg, outcome) } else { Ok(()) };
+    let written = match staging {
+        Some(staging) => write_outcome(cfg, outcome, staging),
+        None => Ok(()),
+    };
     agree(comm, written)
 }
 
@@ -176,13 +191,13 @@ fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, world: usize) {
 }
 
 /// Writes the output directory and tells the user what happened.
-fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
+fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome, staging: write::Staging) -> Result<()> {
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
     outcome.report.time_s.writing = started.elapsed().as_secs_f64();
     let report = serde_json::to_vec_pretty(&outcome.report).expect("report serializes");
-    write::write_dir(&cfg.out, cfg.force, &[(WEIGHTS_FILE, weights), (CONFIG_FILE, config), (REPORT_FILE, report)])?;
+    staging.commit(&[(WEIGHTS_FILE, weights), (CONFIG_FILE, config), (REPORT_FILE, report)])?;
 
     let r = &outcome.report;
     if !r.converged {

@@ -1,12 +1,15 @@
 //! An in-process world: N ranks as threads sharing one rendezvous. Every collective is an
 //! all-gather of bytes; sums run in rank order, so results are identical on every rank and
 //! independent of thread timing. A rank that panics or leaves aborts the others' collectives
-//! with an error instead of a hang.
+//! with an error instead of a hang, and so does a collective that outlasts the
+//! [`collective_timeout`](super::collective_timeout) (naming the ranks that did not arrive).
 
+use super::watchdog::{collective_timeout, timeout_message};
 use super::Communicator;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 #[derive(Default)]
 struct State {
@@ -20,13 +23,14 @@ struct State {
 
 struct Shared {
     size: usize,
+    timeout: Option<std::time::Duration>,
     state: Mutex<State>,
     cv: Condvar,
 }
 
 impl Shared {
-    fn new(size: usize) -> Arc<Self> {
-        Arc::new(Shared { size, state: Mutex::new(State { slots: vec![None; size], ..State::default() }), cv: Condvar::new() })
+    fn new(size: usize, timeout: Option<std::time::Duration>) -> Arc<Self> {
+        Arc::new(Shared { size, timeout, state: Mutex::new(State { slots: vec![None; size], ..State::default() }), cv: Condvar::new() })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -48,23 +52,34 @@ pub struct ThreadWorld {
 }
 
 impl ThreadWorld {
-    /// A world of `size` ranks; hand each element to its own thread.
+    /// A world of `size` ranks with the process's collective timeout; hand each element to its
+    /// own thread.
     pub fn create(size: usize) -> Vec<ThreadWorld> {
-        let shared = Shared::new(size.max(1));
+        Self::create_with_timeout(size, collective_timeout())
+    }
+
+    /// A world of `size` ranks whose collectives give up after `timeout` (`None`: never).
+    pub fn create_with_timeout(size: usize, timeout: Option<std::time::Duration>) -> Vec<ThreadWorld> {
+        let shared = Shared::new(size.max(1), timeout);
         (0..size.max(1)).map(|rank| ThreadWorld { rank, shared: shared.clone(), splits: std::cell::Cell::new(0) }).collect()
     }
 
     /// All-gather of bytes: every rank receives every rank's contribution, in rank order.
-    fn exchange(&self, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+    /// `op` names the collective in a timeout's message.
+    fn exchange(&self, op: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let sh = &*self.shared;
         let aborted = |st: &State| st.aborted.clone().map(|why| Error::Comm(format!("thread world aborted: {why}")));
+        let started = Instant::now();
+        let deadline = sh.timeout.map(|t| started + t);
+        // Waits on the condition variable until notified or past the deadline; past it, aborts
+        // the world with a message naming the ranks whose slots are still empty.
         let mut st = sh.lock();
         // Wait for the previous round to drain.
         while st.result.is_some() {
             if let Some(e) = aborted(&st) {
                 return Err(e);
             }
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st, op, started, deadline, None)?;
         }
         if let Some(e) = aborted(&st) {
             return Err(e);
@@ -81,7 +96,8 @@ impl ThreadWorld {
             if let Some(e) = aborted(&st) {
                 return Err(e);
             }
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            let missing: Vec<usize> = (0..sh.size).filter(|&r| st.result.is_none() && st.slots[r].is_none()).collect();
+            st = self.wait(st, op, started, deadline, Some(missing))?;
         }
         let out = st.result.clone().expect("result published");
         st.departed += 1;
@@ -91,6 +107,30 @@ impl ThreadWorld {
             sh.cv.notify_all();
         }
         Ok(out)
+    }
+
+    /// One wait on the condition variable, bounded by `deadline`; past it, aborts the world with
+    /// a message naming `missing` (the ranks that did not arrive, when known).
+    fn wait<'g>(
+        &self,
+        st: MutexGuard<'g, State>,
+        op: &str,
+        started: Instant,
+        deadline: Option<Instant>,
+        missing: Option<Vec<usize>>,
+    ) -> Result<MutexGuard<'g, State>> {
+        let sh = &*self.shared;
+        let Some(deadline) = deadline else {
+            return Ok(sh.cv.wait(st).unwrap_or_else(|p| p.into_inner()));
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            let msg = timeout_message(op, self.rank, sh.size, started.elapsed(), missing.as_deref());
+            drop(st);
+            sh.abort(format!("rank {}: {msg}", self.rank));
+            return Err(Error::Comm(msg));
+        }
+        Ok(sh.cv.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0)
     }
 }
 
@@ -114,7 +154,7 @@ impl Communicator for ThreadWorld {
 
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
         let mine = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.exchange(mine)?;
+        let all = self.exchange("all-reduce", mine)?;
         buf.iter_mut().for_each(|v| *v = 0.0);
         for (r, part) in all.iter().enumerate() {
             if part.len() != buf.len() * 8 {
@@ -129,30 +169,30 @@ impl Communicator for ThreadWorld {
 
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
         let mine = if self.rank == root { std::mem::take(buf) } else { Vec::new() };
-        let all = self.exchange(mine)?;
+        let all = self.exchange(&format!("broadcast from rank {root}"), mine)?;
         *buf = all[root].clone();
         Ok(())
     }
 
     fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
-        let all = self.exchange(send.to_vec())?;
+        let all = self.exchange(&format!("gather to rank {root}"), send.to_vec())?;
         Ok((self.rank == root).then(|| all.as_ref().clone()))
     }
 
     fn barrier(&self) -> Result<()> {
-        self.exchange(Vec::new()).map(|_| ())
+        self.exchange("barrier", Vec::new()).map(|_| ())
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
         let mine = [color as u64, key as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.exchange(mine)?;
+        let all = self.exchange("split", mine)?;
         let parse = |b: &Vec<u8>| (u64::from_le_bytes(b[..8].try_into().expect("8")) as usize, u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize);
         let mut members: Vec<(usize, usize)> = all.iter().enumerate().map(|(r, b)| (parse(b), r)).filter(|((c, _), _)| *c == color).map(|((_, k), r)| (k, r)).collect();
         members.sort_unstable();
         let rank = members.iter().position(|&(_, r)| r == self.rank).expect("this rank is a member");
         let seq = self.splits.get();
         self.splits.set(seq + 1);
-        let shared = self.shared.lock().splits.entry((seq, color)).or_insert_with(|| Shared::new(members.len())).clone();
+        let shared = self.shared.lock().splits.entry((seq, color)).or_insert_with(|| Shared::new(members.len(), self.shared.timeout)).clone();
         Ok(Box::new(ThreadWorld { rank, shared, splits: std::cell::Cell::new(0) }))
     }
 
@@ -206,6 +246,35 @@ mod tests {
         let mut v = [1.0];
         let err = a.all_reduce_sum(&mut v).unwrap_err().to_string();
         assert!(err.contains("rank 1 left"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_does_not_arrive_times_out_the_others_with_its_number() {
+        let worlds = ThreadWorld::create_with_timeout(3, Some(std::time::Duration::from_millis(300)));
+        let t = Instant::now();
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| {
+                    s.spawn(move || {
+                        let _ctx = crate::comm::context("step 7: fused all-reduce");
+                        if w.rank() == 2 {
+                            // Arrives far too late; by then the world has been aborted.
+                            std::thread::sleep(std::time::Duration::from_millis(900));
+                        }
+                        w.all_reduce_sum(&mut [1.0])
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        for r in &results {
+            let e = r.as_ref().unwrap_err().to_string();
+            assert!(e.contains("all-reduce (step 7: fused all-reduce)") || e.contains("thread world aborted"), "{e}");
+        }
+        let e = results[0].as_ref().unwrap_err().to_string();
+        assert!(e.contains("ranks that did not arrive: 2"), "{e}");
     }
 
     #[test]
