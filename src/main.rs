@@ -5,6 +5,13 @@ use eva::cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Panics that eva turns into errors (a malformed tokenizer.json) print only the error.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !eva::model::text::panic_is_guarded() {
+            default_hook(info)
+        }
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

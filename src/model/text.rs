@@ -14,6 +14,16 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
 
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a library call whose panics eva turns into errors (loading a
+/// tokenizer): a panic hook should stay quiet then, the error says what happened.
+pub fn panic_is_guarded() -> bool {
+    GUARDED.with(|g| g.get())
+}
+
 /// One training example.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Example {
@@ -146,7 +156,16 @@ impl TextEncoder {
                 dir.display()
             )));
         }
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::data(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
+        // The tokenizers library panics on some malformed files (an unwrap in its decoder's
+        // deserializer, found by tests/suite/fuzz.rs): a panic is a refusal like any other.
+        GUARDED.with(|g| g.set(true));
+        let loaded = std::panic::catch_unwind(|| Tokenizer::from_file(&path));
+        GUARDED.with(|g| g.set(false));
+        let loaded = loaded.unwrap_or_else(|p| {
+            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(format!("malformed tokenizer.json ({why})").into())
+        });
+        let mut tokenizer = loaded.map_err(|e| Error::data(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| Error::data(format!("{}: cannot set truncation to {max_len} tokens: {e}", path.display())))?;
