@@ -72,7 +72,9 @@ fn data_file(examples: usize) -> PathBuf {
         let mut out = String::new();
         for _ in 0..examples {
             let k = 3 + rng.below(6) as usize;
-            let ex: Vec<&str> = (0..k).map(|_| lines[rng.below(lines.len() as u64) as usize]).collect();
+            let ex: Vec<&str> = (0..k)
+                .map(|_| lines[rng.below(lines.len() as u64) as usize])
+                .collect();
             out.push_str(&ex.join(" "));
             out.push('\n');
         }
@@ -88,7 +90,8 @@ fn llama_100m() -> PathBuf {
         return dir;
     }
     std::fs::create_dir_all(&dir).unwrap();
-    let (hidden, inter, layers, heads, kv, vocab) = (768usize, 2048usize, 12usize, 12usize, 4usize, 32000usize);
+    let (hidden, inter, layers, heads, kv, vocab) =
+        (768usize, 2048usize, 12usize, 12usize, 4usize, 32000usize);
     let hd = hidden / heads;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
@@ -96,32 +99,108 @@ fn llama_100m() -> PathBuf {
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
         "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "torch_dtype": "float32"
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    std::fs::copy(root().join("examples/tiny-llama/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("examples/tiny-llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
     let mut rng = Mix(100);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32, rng: &mut Mix| {
         let n: usize = shape.iter().product();
-        let bytes = (0..n).flat_map(|_| (offset + scale * rng.normal()).to_le_bytes()).collect();
+        let bytes = (0..n)
+            .flat_map(|_| (offset + scale * rng.normal()).to_le_bytes())
+            .collect();
         tensors.push((name, shape, bytes));
     };
-    add("model.embed_tokens.weight".into(), vec![vocab, hidden], 0.02, 0.0, &mut rng);
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, hidden],
+        0.02,
+        0.0,
+        &mut rng,
+    );
     add("model.norm.weight".into(), vec![hidden], 0.0, 1.0, &mut rng);
     for l in 0..layers {
         let p = format!("model.layers.{l}.");
-        add(format!("{p}input_layernorm.weight"), vec![hidden], 0.0, 1.0, &mut rng);
-        add(format!("{p}post_attention_layernorm.weight"), vec![hidden], 0.0, 1.0, &mut rng);
-        add(format!("{p}self_attn.q_proj.weight"), vec![heads * hd, hidden], 0.02, 0.0, &mut rng);
-        add(format!("{p}self_attn.k_proj.weight"), vec![kv * hd, hidden], 0.02, 0.0, &mut rng);
-        add(format!("{p}self_attn.v_proj.weight"), vec![kv * hd, hidden], 0.02, 0.0, &mut rng);
-        add(format!("{p}self_attn.o_proj.weight"), vec![hidden, heads * hd], 0.02, 0.0, &mut rng);
-        add(format!("{p}mlp.gate_proj.weight"), vec![inter, hidden], 0.02, 0.0, &mut rng);
-        add(format!("{p}mlp.up_proj.weight"), vec![inter, hidden], 0.02, 0.0, &mut rng);
-        add(format!("{p}mlp.down_proj.weight"), vec![hidden, inter], 0.02, 0.0, &mut rng);
+        add(
+            format!("{p}input_layernorm.weight"),
+            vec![hidden],
+            0.0,
+            1.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![hidden],
+            0.0,
+            1.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![heads * hd, hidden],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![kv * hd, hidden],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![kv * hd, hidden],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![hidden, heads * hd],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}mlp.gate_proj.weight"),
+            vec![inter, hidden],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}mlp.up_proj.weight"),
+            vec![inter, hidden],
+            0.02,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}mlp.down_proj.weight"),
+            vec![hidden, inter],
+            0.02,
+            0.0,
+            &mut rng,
+        );
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).unwrap();
@@ -134,17 +213,24 @@ fn median(v: Vec<f64>) -> f64 {
 
 /// Sgemm GFLOP/s at the shape of an MLP up-projection of `tokens` rows (OpenBLAS on all threads).
 fn sgemm_rate(tokens: usize, d: usize, inter: usize, reps: usize) -> f64 {
-    let a = Array2::<f32>::from_shape_fn((tokens, d), |(i, j)| ((i * 7 + j * 3) % 13) as f32 / 13.0);
+    let a =
+        Array2::<f32>::from_shape_fn((tokens, d), |(i, j)| ((i * 7 + j * 3) % 13) as f32 / 13.0);
     let b = Array2::<f32>::from_shape_fn((inter, d), |(i, j)| ((i * 5 + j) % 11) as f32 / 11.0);
     let mut c = Array2::<f32>::zeros((tokens, inter));
-    let t = util::time_runs(reps, || util::blas_reference(|| ndarray::linalg::general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c)));
+    let t = util::time_runs(reps, || {
+        util::blas_reference(|| ndarray::linalg::general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c))
+    });
     2.0 * (tokens * d * inter) as f64 / median(t) / 1e9
 }
 
 /// Forward-only: every unit read with every input wanted, `pack` examples per pass (0: the
 /// model source's own, as `eva init` runs them), rows delivered and dropped.
 fn forward_only(model: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u64, f64) {
-    let opts = ModelOptions { text_field: None, max_seq_len: MAX_SEQ_LEN, use_label_mask: true };
+    let opts = ModelOptions {
+        text_field: None,
+        max_seq_len: MAX_SEQ_LEN,
+        use_label_mask: true,
+    };
     let mut source = ModelSource::open(model, data, &opts).unwrap();
     let inputs = source.catalog().inputs.len();
     let units: Vec<usize> = (0..source.units()).collect();
@@ -171,23 +257,50 @@ fn forward_only(model: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u6
     }
     let secs = median(times);
     // Linear-layer flops per token: 2 · Σ in·out over the captured modules.
-    let flops_per_token: f64 = source.model().modules().iter().map(|m| 2.0 * (m.in_features * m.out_features) as f64).sum();
-    (tokens as f64 / secs, tokens, flops_per_token * tokens as f64 / secs / 1e9)
+    let flops_per_token: f64 = source
+        .model()
+        .modules()
+        .iter()
+        .map(|m| 2.0 * (m.in_features * m.out_features) as f64)
+        .sum();
+    (
+        tokens as f64 / secs,
+        tokens,
+        flops_per_token * tokens as f64 / secs / 1e9,
+    )
 }
 
 /// A whole `eva init` run; returns (wall seconds, report).
 fn init_run(model: &Path, data: &Path, extra: &[&str]) -> (f64, serde_json::Value) {
     let out = bench_dir().join("adapter");
     let t = Instant::now();
-    let mut args = vec!["init", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--force", "-q"];
+    let mut args = vec![
+        "init",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+        "-q",
+    ];
     let bs = BATCH.to_string();
     let msl = MAX_SEQ_LEN.to_string();
     args.extend_from_slice(&["--batch-size", &bs, "--max-seq-len", &msl]);
     args.extend_from_slice(extra);
-    let o = Command::new(env!("CARGO_BIN_EXE_eva")).args(&args).output().unwrap();
-    assert!(o.status.success(), "eva init failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_eva"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "eva init failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let wall = t.elapsed().as_secs_f64();
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("eva_report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eva_report.json")).unwrap()).unwrap();
     (wall, report)
 }
 
@@ -215,7 +328,9 @@ fn main() {
         names = vec!["minilm".into(), "llama-100m".into()];
     }
     eva::linalg::set_threads(0);
-    let cores = std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|v| v.get())
+        .unwrap_or(1);
     let data = data_file(examples);
     println!("# forward bench: {cores} cores, backend {}, {examples} examples, max_seq_len {MAX_SEQ_LEN}, batch {BATCH}", eva::model::ops::Backend::name(&Cpu));
     println!("data: {}", data.display());
@@ -224,13 +339,15 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for name in names {
         let (dir, d, inter) = match name.as_str() {
-            "minilm" => match std::env::var_os("EVA_MINILM_DIR") {
-                Some(p) => (PathBuf::from(p), 384, 1536),
-                None => {
-                    eprintln!("minilm: skipped, EVA_MINILM_DIR is not set (see .ci/run for the download)");
-                    continue;
+            "minilm" => {
+                match std::env::var_os("EVA_MINILM_DIR") {
+                    Some(p) => (PathBuf::from(p), 384, 1536),
+                    None => {
+                        eprintln!("minilm: skipped, EVA_MINILM_DIR is not set (see .ci/run for the download)");
+                        continue;
+                    }
                 }
-            },
+            }
             "llama-100m" => (llama_100m(), 768, 2048),
             other => panic!("unknown model {other} (minilm, llama-100m)"),
         };
@@ -238,14 +355,26 @@ fn main() {
         let (tps, tokens, gflops) = forward_only(&dir, &data, reps, pack);
         let split = |r: &serde_json::Value| {
             let t = &r["time_s"];
-            format!("{:.1} / {:.1} / {:.1}", t["forward"].as_f64().unwrap(), t["statistics"].as_f64().unwrap(), t["leader"].as_f64().unwrap())
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                t["forward"].as_f64().unwrap(),
+                t["statistics"].as_f64().unwrap(),
+                t["leader"].as_f64().unwrap()
+            )
         };
         if forward_only_flag {
-            let packed = if pack > 0 { format!(", {pack} per pass") } else { String::new() };
-            println!("| {name} ({tokens} tokens{packed}) | {rate:.0} | {tps:.0} | {gflops:.0} | | |");
+            let packed = if pack > 0 {
+                format!(", {pack} per pass")
+            } else {
+                String::new()
+            };
+            println!(
+                "| {name} ({tokens} tokens{packed}) | {rate:.0} | {tps:.0} | {gflops:.0} | | |"
+            );
             continue;
         }
-        let (wall_exact, rep_exact) = init_run(&dir, &data, &["--no-early-stop", "--estimator", "exact"]);
+        let (wall_exact, rep_exact) =
+            init_run(&dir, &data, &["--no-early-stop", "--estimator", "exact"]);
         let (wall_default, rep_default) = init_run(&dir, &data, &[]);
         println!(
             "| {name} ({tokens} tokens) | {rate:.0} | {tps:.0} | {gflops:.0} | {wall_exact:.1} ({}) | {wall_default:.1}, {} ({}) |",

@@ -36,7 +36,8 @@ use ndarray::{Array2, ArrayView2};
 use std::time::Instant;
 use util::{summary, time_interleaved, time_runs, Args, Load};
 
-const USAGE: &str = "usage: cargo bench --bench leader [-- [D] [k=N] [inputs=N] [reps=N] [dense=0|1]]";
+const USAGE: &str =
+    "usage: cargo bench --bench leader [-- [D] [k=N] [inputs=N] [reps=N] [dense=0|1]]";
 
 /// Tolerance and iteration cap of `Precision::Final` (private in the library; keep in step with
 /// `Precision::tolerance` in `leader/mod.rs`). Step's are public.
@@ -45,13 +46,30 @@ const FINAL_MAX_ITER: usize = 400;
 
 /// One solve as the engine does it on a local Gram; `warm` is the previous basis (read, and
 /// replaced by this solve's).
-fn solve(stats: &ExactStats, k: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Spectrum {
-    Spectrum::from_gram(Gram::Local(stats.gram()), &stats.moments, k, warm, precision).expect("eigensolver")
+fn solve(
+    stats: &ExactStats,
+    k: usize,
+    warm: &mut Option<Array2<f64>>,
+    precision: Precision,
+) -> Spectrum {
+    Spectrum::from_gram(
+        Gram::Local(stats.gram()),
+        &stats.moments,
+        k,
+        warm,
+        precision,
+    )
+    .expect("eigensolver")
 }
 
 /// Iterations a solve takes (same operator, seed and tolerance as `Spectrum::from_gram`: the
 /// f32 covariance at `Precision::Step`, the centered f64 Gram at `Final`).
-fn iterations(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, precision: Precision) -> (usize, bool) {
+fn iterations(
+    stats: &ExactStats,
+    k: usize,
+    warm: Option<ArrayView2<f64>>,
+    precision: Precision,
+) -> (usize, bool) {
     let d = stats.dim();
     let (tol, max_iter) = match precision {
         Precision::Step => (STEP_TOLERANCE, STEP_ITERATIONS),
@@ -63,7 +81,8 @@ fn iterations(stats: &ExactStats, k: usize, warm: Option<ArrayView2<f64>>, preci
         Precision::Step => linalg::gemm_square(&c32, d, q),
         Precision::Final => linalg::gemm_square(&c, d, q),
     };
-    let top = eigen::subspace_top_k(&mut cov, d, k, warm, d as u64, tol, max_iter).expect("eigensolver");
+    let top =
+        eigen::subspace_top_k(&mut cov, d, k, warm, d as u64, tol, max_iter).expect("eigensolver");
     (top.iterations, top.converged)
 }
 
@@ -92,7 +111,9 @@ fn main() {
     let load = Load::start();
 
     eprintln!("[leader] generating 3 units of 4096 x {d} ...");
-    let spec: SyntheticSpec = format!("layers=1,dim={d},tokens=4096,units=4,decay=1.0").parse().expect("valid spec");
+    let spec: SyntheticSpec = format!("layers=1,dim={d},tokens=4096,units=4,decay=1.0")
+        .parse()
+        .expect("valid spec");
     let source = SyntheticSource::new(spec).expect("synthetic source");
     let units: Vec<Array2<f32>> = (0..3).map(|u| source.generate(0, u)).collect();
     let mut ws = Workspace::default();
@@ -108,7 +129,9 @@ fn main() {
     let t_final = t.elapsed().as_secs_f64();
     let basis = basis.expect("a solve leaves its basis");
     let (it_final, conv_final) = iterations(&stats, k, None, Precision::Final);
-    stats.accumulate(units[2].view(), &mut ws).expect("accumulate");
+    stats
+        .accumulate(units[2].view(), &mut ws)
+        .expect("accumulate");
     drop(units);
 
     eprintln!("[leader] Step solves on 12288 rows, {reps} rounds ...");
@@ -119,19 +142,33 @@ fn main() {
         &mut [
             &mut || warm_out = Some(solve(&stats, k, &mut Some(basis.clone()), Precision::Step)),
             &mut || cold_out = Some(solve(&stats, k, &mut None, Precision::Step)),
-            &mut || warmk_out = Some(solve(&stats, k, &mut Some(previous.vectors.clone()), Precision::Step)),
+            &mut || {
+                warmk_out = Some(solve(
+                    &stats,
+                    k,
+                    &mut Some(previous.vectors.clone()),
+                    Precision::Step,
+                ))
+            },
             &mut || final_out = Some(solve(&stats, k, &mut Some(basis.clone()), Precision::Final)),
         ],
     );
-    let (warm_out, cold_out, final_out) = (warm_out.expect("ran"), cold_out.expect("ran"), final_out.expect("ran"));
+    let (warm_out, cold_out, final_out) = (
+        warm_out.expect("ran"),
+        cold_out.expect("ran"),
+        final_out.expect("ran"),
+    );
     let (it_warm, conv_warm) = iterations(&stats, k, Some(warm), Precision::Step);
     let (it_cold, conv_cold) = iterations(&stats, k, None, Precision::Step);
-    let (it_warmk, conv_warmk) = iterations(&stats, k, Some(previous.vectors.view()), Precision::Step);
+    let (it_warmk, conv_warmk) =
+        iterations(&stats, k, Some(previous.vectors.view()), Precision::Step);
     let (it_fwarm, conv_fwarm) = iterations(&stats, k, Some(warm), Precision::Final);
 
     // Cost of one iteration's parts, with the block size the solver uses.
     let m = eigen::block_size(k, d);
-    let q = linalg::orthonormalize(Array2::from_shape_fn((d, m), |(i, j)| ((i * 7 + j * 13) % 29) as f64 - 14.0).view());
+    let q = linalg::orthonormalize(
+        Array2::from_shape_fn((d, m), |(i, j)| ((i * 7 + j * 13) % 29) as f64 - 14.0).view(),
+    );
     let t_apply = time_runs(5, || {
         let mut gq = stats.gram_apply(q.view()).expect("apply");
         stats.moments.center(&mut gq, q.view());
@@ -195,7 +232,11 @@ fn main() {
     println!("|---|---:|---:|---:|");
     println!(
         "| Step, warm-started from the previous Final vectors | {it_warm}{} | {} ({}–{}) | {:.2} |",
-        if conv_warm { "" } else { " (cap, not converged)" },
+        if conv_warm {
+            ""
+        } else {
+            " (cap, not converged)"
+        },
         ms(wm),
         ms(wmin),
         ms(wmax),
@@ -211,7 +252,11 @@ fn main() {
     );
     println!(
         "| Final, warm-started from the previous Final basis | {it_fwarm}{} | {} ({}–{}) | {:.2} |",
-        if conv_fwarm { "" } else { " (not converged: dense fallback)" },
+        if conv_fwarm {
+            ""
+        } else {
+            " (not converged: dense fallback)"
+        },
         ms(fm),
         ms(fmin),
         ms(fmax),
@@ -219,7 +264,11 @@ fn main() {
     );
     println!(
         "| Step, cold (random start) | {it_cold}{} | {} ({}–{}) | {:.2} |",
-        if conv_cold { "" } else { " (cap, not converged)" },
+        if conv_cold {
+            ""
+        } else {
+            " (cap, not converged)"
+        },
         ms(cm),
         ms(cmin),
         ms(cmax),
@@ -227,29 +276,71 @@ fn main() {
     );
     println!(
         "| Final, cold (previous statistics, once) | {it_final}{} | {} | {:.2} |",
-        if conv_final { "" } else { " (not converged: dense fallback)" },
+        if conv_final {
+            ""
+        } else {
+            " (not converged: dense fallback)"
+        },
         ms(t_final),
         t_final * inputs as f64
     );
-    println!("| dense: `covariance()` (once) | — | {} | {:.2} |", ms(t_cov), t_cov * inputs as f64);
+    println!(
+        "| dense: `covariance()` (once) | — | {} | {:.2} |",
+        ms(t_cov),
+        t_cov * inputs as f64
+    );
     if let Some((t_eig, _)) = &dense {
-        println!("| dense: `dense_top_k` on {d}² (once) | — | {} | {:.2} |", ms(*t_eig), t_eig * inputs as f64);
+        println!(
+            "| dense: `dense_top_k` on {d}² (once) | — | {} | {:.2} |",
+            ms(*t_eig),
+            t_eig * inputs as f64
+        );
     }
     println!();
     println!("One iteration's parts (median of 5, block {d} x {m}):");
     println!();
     println!("| part | ms |");
     println!("|---|---:|");
-    println!("| `gram_apply` (dsymm) + centering | {} |", ms(summary(&t_apply).0));
-    println!("| for comparison: `C·Q` as dgemm on the full f64 matrix | {} |", ms(summary(&t_dgemm).0));
-    println!("| for comparison: `C·Q` as sgemm on a full f32 copy | {} |", ms(summary(&t_sgemm).0));
-    println!("| `linalg::gemm_square` in f32 (what the Step iteration uses, with conversions) | {} |", ms(summary(&t_sgemm_sq).0));
-    println!("| `linalg::orthonormalize` (faer thin QR + copies) | {} |", ms(summary(&t_orth).0));
-    println!("| `linalg::cholqr2` (what the iteration uses) | {} |", ms(summary(&t_cholqr).0));
-    println!("| `sym_eig_desc` of the {m} x {m} Rayleigh quotient | {} |", ms(summary(&t_eig).0));
-    println!("| one `d x m · m x m` product (ndarray) | {} |", ms(summary(&t_rr).0));
-    println!("| dense top {k}: `dsyevr` on {d}² | {} |", ms(summary(&t_dsyevr).0));
-    println!("| dense top {k}: `ssyevr` on {d}² | {} |", ms(summary(&t_ssyevr).0));
+    println!(
+        "| `gram_apply` (dsymm) + centering | {} |",
+        ms(summary(&t_apply).0)
+    );
+    println!(
+        "| for comparison: `C·Q` as dgemm on the full f64 matrix | {} |",
+        ms(summary(&t_dgemm).0)
+    );
+    println!(
+        "| for comparison: `C·Q` as sgemm on a full f32 copy | {} |",
+        ms(summary(&t_sgemm).0)
+    );
+    println!(
+        "| `linalg::gemm_square` in f32 (what the Step iteration uses, with conversions) | {} |",
+        ms(summary(&t_sgemm_sq).0)
+    );
+    println!(
+        "| `linalg::orthonormalize` (faer thin QR + copies) | {} |",
+        ms(summary(&t_orth).0)
+    );
+    println!(
+        "| `linalg::cholqr2` (what the iteration uses) | {} |",
+        ms(summary(&t_cholqr).0)
+    );
+    println!(
+        "| `sym_eig_desc` of the {m} x {m} Rayleigh quotient | {} |",
+        ms(summary(&t_eig).0)
+    );
+    println!(
+        "| one `d x m · m x m` product (ndarray) | {} |",
+        ms(summary(&t_rr).0)
+    );
+    println!(
+        "| dense top {k}: `dsyevr` on {d}² | {} |",
+        ms(summary(&t_dsyevr).0)
+    );
+    println!(
+        "| dense top {k}: `ssyevr` on {d}² | {} |",
+        ms(summary(&t_ssyevr).0)
+    );
     println!();
     let res = |s: &Spectrum| s.residuals.iter().copied().fold(0.0, f64::max);
     println!(

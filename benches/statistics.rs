@@ -64,7 +64,9 @@ fn ssyrk(x: ArrayView2<f32>, c: &mut [f32]) {
 }
 
 fn bench_dim(d: usize, n: usize, k: usize, reps: usize, rows: &mut Vec<Row>) {
-    let spec: SyntheticSpec = format!("layers=1,dim={d},tokens={n},units=1,decay=1.0,mean=0.5").parse().expect("valid spec");
+    let spec: SyntheticSpec = format!("layers=1,dim={d},tokens={n},units=1,decay=1.0,mean=0.5")
+        .parse()
+        .expect("valid spec");
     let source = SyntheticSource::new(spec).expect("synthetic source");
     let x = source.generate(0, 0);
     let reference = util::column_means(x.view());
@@ -75,7 +77,9 @@ fn bench_dim(d: usize, n: usize, k: usize, reps: usize, rows: &mut Vec<Row>) {
     let mut c_syrk = vec![0.0f32; d * d];
     let mut exact = ExactStats::new(reference.clone());
     let mut sketch = SketchStats::new(reference, k, 0, 0);
-    let test = Array2::<f32>::from_shape_fn((d, m), |(i, j)| ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5);
+    let test = Array2::<f32>::from_shape_fn((d, m), |(i, j)| {
+        ((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5
+    });
     let mut p = Array2::<f32>::zeros((n, m));
     let mut y = Array2::<f32>::zeros((d, m));
 
@@ -91,23 +95,85 @@ fn bench_dim(d: usize, n: usize, k: usize, reps: usize, rows: &mut Vec<Row>) {
             general_mat_mul(1.0, &x.t(), &p, 0.0, &mut y);
         })
     };
-    let mut t = time_interleaved(reps, &mut [&mut f_exact, &mut f_sgemm, &mut f_syrk, &mut f_sketch, &mut f_gemm]).into_iter();
-    let (t_exact, t_sgemm, t_syrk, t_sketch, t_gemm) = (t.next().unwrap(), t.next().unwrap(), t.next().unwrap(), t.next().unwrap(), t.next().unwrap());
+    let mut t = time_interleaved(
+        reps,
+        &mut [
+            &mut f_exact,
+            &mut f_sgemm,
+            &mut f_syrk,
+            &mut f_sketch,
+            &mut f_gemm,
+        ],
+    )
+    .into_iter();
+    let (t_exact, t_sgemm, t_syrk, t_sketch, t_gemm) = (
+        t.next().unwrap(),
+        t.next().unwrap(),
+        t.next().unwrap(),
+        t.next().unwrap(),
+        t.next().unwrap(),
+    );
 
     let gram_flops = 2.0 * nf * df * df;
     let sketch_flops = 4.0 * nf * df * m as f64;
     let (syrk_med, gemm_med) = (summary(&t_syrk).0, summary(&t_gemm).0);
-    rows.push(Row { d, kernel: "`ExactStats::accumulate`".into(), flops: gram_flops, flop_rule: "2·n·d²", times: t_exact, baseline: Some(syrk_med) });
-    rows.push(Row { d, kernel: "OpenBLAS sgemm XᵀX".into(), flops: gram_flops, flop_rule: "2·n·d²", times: t_sgemm, baseline: None });
-    rows.push(Row { d, kernel: "OpenBLAS ssyrk XᵀX".into(), flops: nf * df * df, flop_rule: "n·d²", times: t_syrk.clone(), baseline: None });
-    rows.push(Row { d, kernel: "OpenBLAS ssyrk XᵀX".into(), flops: gram_flops, flop_rule: "2·n·d² (Gram-equivalent)", times: t_syrk, baseline: None });
-    rows.push(Row { d, kernel: format!("`SketchStats::accumulate` (k = {k})"), flops: sketch_flops, flop_rule: "4·n·d·(k+10)", times: t_sketch, baseline: Some(gemm_med) });
-    rows.push(Row { d, kernel: format!("OpenBLAS sgemm X·T, Xᵀ·P (k+10 = {m})"), flops: sketch_flops, flop_rule: "4·n·d·(k+10)", times: t_gemm, baseline: None });
+    rows.push(Row {
+        d,
+        kernel: "`ExactStats::accumulate`".into(),
+        flops: gram_flops,
+        flop_rule: "2·n·d²",
+        times: t_exact,
+        baseline: Some(syrk_med),
+    });
+    rows.push(Row {
+        d,
+        kernel: "OpenBLAS sgemm XᵀX".into(),
+        flops: gram_flops,
+        flop_rule: "2·n·d²",
+        times: t_sgemm,
+        baseline: None,
+    });
+    rows.push(Row {
+        d,
+        kernel: "OpenBLAS ssyrk XᵀX".into(),
+        flops: nf * df * df,
+        flop_rule: "n·d²",
+        times: t_syrk.clone(),
+        baseline: None,
+    });
+    rows.push(Row {
+        d,
+        kernel: "OpenBLAS ssyrk XᵀX".into(),
+        flops: gram_flops,
+        flop_rule: "2·n·d² (Gram-equivalent)",
+        times: t_syrk,
+        baseline: None,
+    });
+    rows.push(Row {
+        d,
+        kernel: format!("`SketchStats::accumulate` (k = {k})"),
+        flops: sketch_flops,
+        flop_rule: "4·n·d·(k+10)",
+        times: t_sketch,
+        baseline: Some(gemm_med),
+    });
+    rows.push(Row {
+        d,
+        kernel: format!("OpenBLAS sgemm X·T, Xᵀ·P (k+10 = {m})"),
+        flops: sketch_flops,
+        flop_rule: "4·n·d·(k+10)",
+        times: t_gemm,
+        baseline: None,
+    });
 }
 
 fn main() {
     let args = Args::parse(USAGE);
-    let sizes = if args.sizes.is_empty() { vec![1024, 4096] } else { args.sizes.clone() };
+    let sizes = if args.sizes.is_empty() {
+        vec![1024, 4096]
+    } else {
+        args.sizes.clone()
+    };
     let n = args.get("tokens", 4096);
     let k = args.get("k", 64);
     eva::linalg::set_threads(0);
@@ -128,7 +194,9 @@ fn main() {
     println!("|---:|---|---|---:|---:|---:|");
     for r in &rows {
         let (med, min, max) = summary(&r.times);
-        let share = r.baseline.map_or(String::from("—"), |b| format!("{:.0}%", 100.0 * b / med));
+        let share = r
+            .baseline
+            .map_or(String::from("—"), |b| format!("{:.0}%", 100.0 * b / med));
         println!(
             "| {} | {} | {} | {:.1} ({:.1}–{:.1}) | {:.1} | {} |",
             r.d,

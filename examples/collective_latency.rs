@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 1)..].split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let f: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
 
@@ -27,7 +30,10 @@ fn main() -> eva::Result<()> {
     let polled = |buf: &mut [f64]| eva_world.all_reduce_sum(buf).expect("all-reduce");
     let report = |what: &str, b: f64, p: f64, unit: &str| {
         if rank == 0 {
-            println!("{what:<44} blocking {b:>9.2} {unit}   polled {p:>9.2} {unit}   ratio {:.2}", p / b);
+            println!(
+                "{what:<44} blocking {b:>9.2} {unit}   polled {p:>9.2} {unit}   ratio {:.2}",
+                p / b
+            );
         }
     };
 
@@ -64,7 +70,10 @@ fn main() -> eva::Result<()> {
             inside += t.elapsed();
             wall += t.elapsed();
         }
-        let mut pair = [inside.as_secs_f64() / 10.0, (cpu_seconds() - cpu0) / wall.as_secs_f64().max(1e-9)];
+        let mut pair = [
+            inside.as_secs_f64() / 10.0,
+            (cpu_seconds() - cpu0) / wall.as_secs_f64().max(1e-9),
+        ];
         let mut got = [0.0; 4];
         let send = [pair[0], pair[1]];
         raw.all_gather_into(&send[..], &mut got[..]);
@@ -73,7 +82,17 @@ fn main() -> eva::Result<()> {
     };
     let [b_late, b_cpu] = late(&blocking, &mut big);
     let [p_late, p_cpu] = late(&polled, &mut big);
-    report("21 MB, partner 20 ms late: late rank's call", b_late * 1e3, p_late * 1e3, "ms");
-    report("21 MB, partner 20 ms late: waiting rank CPU", b_cpu * 100.0, p_cpu * 100.0, "% ");
+    report(
+        "21 MB, partner 20 ms late: late rank's call",
+        b_late * 1e3,
+        p_late * 1e3,
+        "ms",
+    );
+    report(
+        "21 MB, partner 20 ms late: waiting rank CPU",
+        b_cpu * 100.0,
+        p_cpu * 100.0,
+        "% ",
+    );
     Ok(())
 }

@@ -55,7 +55,14 @@ mod tests {
 
     #[test]
     fn max_components_rounds_like_python() {
-        let c = |rank, rho| EvaParams { rank, rho, ..EvaParams::default() }.max_components();
+        let c = |rank, rho| {
+            EvaParams {
+                rank,
+                rho,
+                ..EvaParams::default()
+            }
+            .max_components()
+        };
         assert_eq!(c(3, 1.5), 4);
         assert_eq!(c(5, 1.5), 8);
         assert_eq!(c(8, 2.0), 16);

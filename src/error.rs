@@ -37,7 +37,10 @@ pub enum Error {
     },
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
-    NotCompiled { backend: &'static str, hint: &'static str },
+    NotCompiled {
+        backend: &'static str,
+        hint: &'static str,
+    },
 }
 
 impl Error {
@@ -53,7 +56,11 @@ impl Error {
 
     /// Wraps an I/O error with the operation and path involved.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 
     /// Process exit code: 2 for usage errors (and missing backends), 1 for everything else.

@@ -14,9 +14,6 @@
 //! | [`engine`] | the step loop that ties them together |
 //! | [`cli`] | `eva` command-line arguments and their validation |
 
-
-
-
 pub mod adapter;
 pub mod cli;
 pub mod comm;

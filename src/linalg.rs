@@ -31,7 +31,9 @@ thread_local! {
 /// keeps OpenBLAS on the calling thread (see the module docs).
 pub fn set_threads(n: usize) {
     let n = if n == 0 {
-        std::thread::available_parallelism().map(|v| v.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|v| v.get())
+            .unwrap_or(1)
     } else {
         n
     };
@@ -63,7 +65,10 @@ pub fn threads() -> usize {
 /// `n` alone, never on the thread count.
 pub fn tiles(n: usize, target: usize) -> Vec<Range<usize>> {
     let count = n.div_ceil(target.max(1)).max(1);
-    (0..count).map(|i| i * n / count..(i + 1) * n / count).filter(|r| !r.is_empty()).collect()
+    (0..count)
+        .map(|i| i * n / count..(i + 1) * n / count)
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// Runs `f(i)` for every tile `i < count` on up to [`threads`] threads, each tile taking the next
@@ -98,9 +103,19 @@ pub fn par_tiles(count: usize, f: impl Fn(usize) + Sync) {
 
 /// `[f(0), f(1), ..]` for `count` tiles computed as in [`par_tiles`], in tile order.
 pub fn par_map<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let slots: Vec<std::sync::Mutex<Option<T>>> = (0..count).map(|_| std::sync::Mutex::new(None)).collect();
-    par_tiles(count, |t| *slots[t].lock().expect("no tile panicked") = Some(f(t)));
-    slots.into_iter().map(|m| m.into_inner().expect("no tile panicked").expect("every tile ran")).collect()
+    let slots: Vec<std::sync::Mutex<Option<T>>> =
+        (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    par_tiles(count, |t| {
+        *slots[t].lock().expect("no tile panicked") = Some(f(t))
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .expect("no tile panicked")
+                .expect("every tile ran")
+        })
+        .collect()
 }
 
 /// A raw pointer that tiles writing disjoint parts of one buffer may share across threads.
@@ -131,9 +146,38 @@ fn trans(t: bool) -> CBLAS_TRANSPOSE {
 /// # Safety
 /// The pointers must address matrices of the given shapes and leading dimensions.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: *const f32, lda: usize, b: *const f32, ldb: usize, beta: f32, c: *mut f32, ldc: usize) {
+pub unsafe fn sgemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
     let i = |v: usize| i32::try_from(v).expect("matrix dimension exceeds the BLAS 32-bit limit");
-    cblas_sys::cblas_sgemm(CBLAS_LAYOUT::CblasRowMajor, trans(ta), trans(tb), i(m), i(n), i(k), alpha, a, i(lda), b, i(ldb), beta, c, i(ldc));
+    cblas_sys::cblas_sgemm(
+        CBLAS_LAYOUT::CblasRowMajor,
+        trans(ta),
+        trans(tb),
+        i(m),
+        i(n),
+        i(k),
+        alpha,
+        a,
+        i(lda),
+        b,
+        i(ldb),
+        beta,
+        c,
+        i(ldc),
+    );
 }
 
 /// Rows and columns of an output tile of the tiled products: large enough for BLAS to run near
@@ -146,7 +190,10 @@ const TILE_COLS: usize = 256;
 /// `y += x·wᵀ` in f32 (PyTorch's `nn.Linear` with `y` holding the bias rows): `x` is `m x k`,
 /// `w` is `n x k`, `y` is `m x n`, all row-major and contiguous; tiled over `y`.
 pub fn linear_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(x.len() == m * k && w.len() == n * k && y.len() == m * n, "linear: sizes do not match {m}x{k} · ({n}x{k})ᵀ");
+    assert!(
+        x.len() == m * k && w.len() == n * k && y.len() == m * n,
+        "linear: sizes do not match {m}x{k} · ({n}x{k})ᵀ"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -156,12 +203,31 @@ pub fn linear_f32(x: &[f32], w: &[f32], y: &mut [f32], m: usize, k: usize, n: us
         let (r, c) = (&rows[t / cols.len()], &cols[t % cols.len()]);
         // SAFETY: the tile reads rows r of x and rows c of w, and writes the r x c block of y
         // (leading dimension n); tiles are disjoint.
-        unsafe { sgemm(false, true, r.len(), c.len(), k, 1.0, x.as_ptr().add(r.start * k), k, w.as_ptr().add(c.start * k), k, 1.0, out.at(r.start * n + c.start), n) };
+        unsafe {
+            sgemm(
+                false,
+                true,
+                r.len(),
+                c.len(),
+                k,
+                1.0,
+                x.as_ptr().add(r.start * k),
+                k,
+                w.as_ptr().add(c.start * k),
+                k,
+                1.0,
+                out.at(r.start * n + c.start),
+                n,
+            )
+        };
     });
 }
 
 fn int(n: usize, what: &'static str) -> Result<i32> {
-    i32::try_from(n).map_err(|_| Error::Numeric { op: what, detail: format!("dimension {n} exceeds the BLAS 32-bit limit") })
+    i32::try_from(n).map_err(|_| Error::Numeric {
+        op: what,
+        detail: format!("dimension {n} exceeds the BLAS 32-bit limit"),
+    })
 }
 
 /// `out[i,j] += (xᵀx)[i,j]` for `j ≥ i` (upper triangle of a row-major `d x d` f64 matrix).
@@ -179,7 +245,9 @@ pub fn syrk_accumulate(x: ArrayView2<f32>, scratch: &mut Vec<f32>, out: &mut [f6
     // 512-wide blocks keep each tile near OpenBLAS's one-thread peak (128-wide ones lost 25 %
     // to packing); below d = 1024, 256-wide ones still give the threads several tiles.
     let blocks = tiles(d, if d >= 1024 { 512 } else { 256 });
-    let pairs: Vec<(usize, usize)> = (0..blocks.len()).flat_map(|i| (i..blocks.len()).map(move |j| (i, j))).collect();
+    let pairs: Vec<(usize, usize)> = (0..blocks.len())
+        .flat_map(|i| (i..blocks.len()).map(move |j| (i, j)))
+        .collect();
     let (ni, di) = (int(n, "ssyrk")?, int(d, "ssyrk")?);
     let prod = SendPtr(scratch.as_mut_ptr());
     par_tiles(pairs.len(), |t| {
@@ -188,9 +256,35 @@ pub fn syrk_accumulate(x: ArrayView2<f32>, scratch: &mut Vec<f32>, out: &mut [f6
         // (leading dimension d), disjoint from every other tile's.
         unsafe {
             if bi == bj {
-                cblas_sys::cblas_ssyrk(CBLAS_LAYOUT::CblasRowMajor, CBLAS_UPLO::CblasUpper, trans(true), bi.len() as i32, ni, 1.0, xs.as_ptr().add(bi.start), di, 0.0, prod.at(bi.start * d + bi.start), di);
+                cblas_sys::cblas_ssyrk(
+                    CBLAS_LAYOUT::CblasRowMajor,
+                    CBLAS_UPLO::CblasUpper,
+                    trans(true),
+                    bi.len() as i32,
+                    ni,
+                    1.0,
+                    xs.as_ptr().add(bi.start),
+                    di,
+                    0.0,
+                    prod.at(bi.start * d + bi.start),
+                    di,
+                );
             } else {
-                sgemm(true, false, bi.len(), bj.len(), n, 1.0, xs.as_ptr().add(bi.start), d, xs.as_ptr().add(bj.start), d, 0.0, prod.at(bi.start * d + bj.start), d);
+                sgemm(
+                    true,
+                    false,
+                    bi.len(),
+                    bj.len(),
+                    n,
+                    1.0,
+                    xs.as_ptr().add(bi.start),
+                    d,
+                    xs.as_ptr().add(bj.start),
+                    d,
+                    0.0,
+                    prod.at(bi.start * d + bj.start),
+                    d,
+                );
             }
         }
     });
@@ -224,7 +318,21 @@ pub fn symm_upper(g: &[f64], d: usize, q: ArrayView2<f64>) -> Result<Array2<f64>
         let c = &cols[t];
         // SAFETY: g is d*d, q and out are d*m, all row-major; the tile writes columns c of out.
         unsafe {
-            cblas_sys::cblas_dsymm(CBLAS_LAYOUT::CblasRowMajor, CBLAS_SIDE::CblasLeft, CBLAS_UPLO::CblasUpper, di, c.len() as i32, 1.0, g.as_ptr(), di, qs.as_ptr().add(c.start), mi, 0.0, o.at(c.start), mi)
+            cblas_sys::cblas_dsymm(
+                CBLAS_LAYOUT::CblasRowMajor,
+                CBLAS_SIDE::CblasLeft,
+                CBLAS_UPLO::CblasUpper,
+                di,
+                c.len() as i32,
+                1.0,
+                g.as_ptr(),
+                di,
+                qs.as_ptr().add(c.start),
+                mi,
+                0.0,
+                o.at(c.start),
+                mi,
+            )
         };
     });
     Ok(out)
@@ -253,8 +361,30 @@ macro_rules! gemm_impl {
             fn to_f64(self) -> f64 {
                 self as f64
             }
-            unsafe fn gemm(rows: i32, m: i32, d: i32, a: *const Self, b: *const Self, out: *mut Self) {
-                cblas_sys::$f(CBLAS_LAYOUT::CblasRowMajor, CBLAS_TRANSPOSE::CblasNoTrans, CBLAS_TRANSPOSE::CblasNoTrans, rows, m, d, 1.0, a, d, b, m, 0.0, out, m);
+            unsafe fn gemm(
+                rows: i32,
+                m: i32,
+                d: i32,
+                a: *const Self,
+                b: *const Self,
+                out: *mut Self,
+            ) {
+                cblas_sys::$f(
+                    CBLAS_LAYOUT::CblasRowMajor,
+                    CBLAS_TRANSPOSE::CblasNoTrans,
+                    CBLAS_TRANSPOSE::CblasNoTrans,
+                    rows,
+                    m,
+                    d,
+                    1.0,
+                    a,
+                    d,
+                    b,
+                    m,
+                    0.0,
+                    out,
+                    m,
+                );
             }
         }
     };
@@ -280,10 +410,22 @@ pub fn gemm_square<T: Gemm>(c: &[T], d: usize, q: ArrayView2<f64>) -> Result<Arr
             let r = &blocks[t];
             // SAFETY: c is d*d, qt and out d*m, row-major (q.iter() is logical order); the tile
             // multiplies rows r of c and writes rows r of out.
-            unsafe { T::gemm(r.len() as i32, mi, di, c.as_ptr().add(r.start * d), qt.as_ptr(), o.at(r.start * m)) };
+            unsafe {
+                T::gemm(
+                    r.len() as i32,
+                    mi,
+                    di,
+                    c.as_ptr().add(r.start * d),
+                    qt.as_ptr(),
+                    o.at(r.start * m),
+                )
+            };
         });
     }
-    Ok(Array2::from_shape_vec((d, m), out.into_iter().map(T::to_f64).collect()).expect("d*m values"))
+    Ok(
+        Array2::from_shape_vec((d, m), out.into_iter().map(T::to_f64).collect())
+            .expect("d*m values"),
+    )
 }
 
 /// Orthonormal basis of the columns of a tall `a` (`d x m`, `d ≥ m`) by Cholesky QR, twice
@@ -311,7 +453,10 @@ pub fn cholqr2(a: ArrayView2<f64>) -> Option<Array2<f64>> {
     for pass in 0..2 {
         let g = q.t().dot(&q);
         if pass == 1 {
-            let off = g.indexed_iter().map(|((i, j), v)| (v - if i == j { 1.0 } else { 0.0 }).abs()).fold(0.0, f64::max);
+            let off = g
+                .indexed_iter()
+                .map(|((i, j), v)| (v - if i == j { 1.0 } else { 0.0 }).abs())
+                .fold(0.0, f64::max);
             if off.is_nan() || off > 0.5 {
                 return None;
             }
@@ -382,7 +527,21 @@ pub trait Syevr: Copy + Default + Into<f64> {
     /// # Safety
     /// The pointers must satisfy LAPACK's `xsyevr` contract.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn syevr(n: i32, a: *mut Self, il: i32, iu: i32, m: *mut i32, w: *mut Self, z: *mut Self, isuppz: *mut i32, work: *mut Self, lwork: i32, iwork: *mut i32, liwork: i32, info: *mut i32);
+    unsafe fn syevr(
+        n: i32,
+        a: *mut Self,
+        il: i32,
+        iu: i32,
+        m: *mut i32,
+        w: *mut Self,
+        z: *mut Self,
+        isuppz: *mut i32,
+        work: *mut Self,
+        lwork: i32,
+        iwork: *mut i32,
+        liwork: i32,
+        info: *mut i32,
+    );
     /// Converts a LAPACK workspace size returned in `work[0]`.
     fn to_len(self) -> usize;
 }
@@ -390,10 +549,31 @@ pub trait Syevr: Copy + Default + Into<f64> {
 macro_rules! syevr_impl {
     ($t:ty, $f:ident) => {
         impl Syevr for $t {
-            unsafe fn syevr(n: i32, a: *mut Self, il: i32, iu: i32, m: *mut i32, w: *mut Self, z: *mut Self, isuppz: *mut i32, work: *mut Self, lwork: i32, iwork: *mut i32, liwork: i32, info: *mut i32) {
-                let (jobz, range, uplo) = (b'V' as std::os::raw::c_char, b'I' as std::os::raw::c_char, b'L' as std::os::raw::c_char);
+            unsafe fn syevr(
+                n: i32,
+                a: *mut Self,
+                il: i32,
+                iu: i32,
+                m: *mut i32,
+                w: *mut Self,
+                z: *mut Self,
+                isuppz: *mut i32,
+                work: *mut Self,
+                lwork: i32,
+                iwork: *mut i32,
+                liwork: i32,
+                info: *mut i32,
+            ) {
+                let (jobz, range, uplo) = (
+                    b'V' as std::os::raw::c_char,
+                    b'I' as std::os::raw::c_char,
+                    b'L' as std::os::raw::c_char,
+                );
                 let (zero, abstol) = (0.0 as $t, 0.0 as $t);
-                $f(&jobz, &range, &uplo, &n, a, &n, &zero, &zero, &il, &iu, &abstol, m, w, z, &n, isuppz, work, &lwork, iwork, &liwork, info, 1, 1, 1);
+                $f(
+                    &jobz, &range, &uplo, &n, a, &n, &zero, &zero, &il, &iu, &abstol, m, w, z, &n,
+                    isuppz, work, &lwork, iwork, &liwork, info, 1, 1, 1,
+                );
             }
             fn to_len(self) -> usize {
                 self as usize
@@ -418,7 +598,10 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
     }
     let n = int(d, "syevr")?;
     let (il, iu) = (n - k as i32 + 1, n);
-    let fail = |info: i32| Error::Numeric { op: "symmetric eigendecomposition (xsyevr)", detail: format!("info = {info} (n = {d}, top {k})") };
+    let fail = |info: i32| Error::Numeric {
+        op: "symmetric eigendecomposition (xsyevr)",
+        detail: format!("info = {info} (n = {d}, top {k})"),
+    };
     let (mut found, mut info) = (0i32, 0i32);
     let mut w = vec![T::default(); d];
     let mut z = vec![T::default(); d * k];
@@ -426,7 +609,23 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
     // Workspace query.
     let (mut lw, mut liw) = (T::default(), 0i32);
     // SAFETY: sizes as documented for xsyevr; lwork = liwork = -1 only writes the optimal sizes.
-    unsafe { T::syevr(n, a.as_mut_ptr(), il, iu, &mut found, w.as_mut_ptr(), z.as_mut_ptr(), isuppz.as_mut_ptr(), &mut lw, -1, &mut liw, -1, &mut info) };
+    unsafe {
+        T::syevr(
+            n,
+            a.as_mut_ptr(),
+            il,
+            iu,
+            &mut found,
+            w.as_mut_ptr(),
+            z.as_mut_ptr(),
+            isuppz.as_mut_ptr(),
+            &mut lw,
+            -1,
+            &mut liw,
+            -1,
+            &mut info,
+        )
+    };
     if info != 0 {
         return Err(fail(info));
     }
@@ -436,7 +635,21 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
     let mut iwork = vec![0i32; liwork];
     // SAFETY: a is n*n (lda = n), z is n*k (ldz = n, k columns wanted), isuppz 2k, work/iwork sized.
     unsafe {
-        T::syevr(n, a.as_mut_ptr(), il, iu, &mut found, w.as_mut_ptr(), z.as_mut_ptr(), isuppz.as_mut_ptr(), work.as_mut_ptr(), int(lwork, "syevr")?, iwork.as_mut_ptr(), int(liwork, "syevr")?, &mut info)
+        T::syevr(
+            n,
+            a.as_mut_ptr(),
+            il,
+            iu,
+            &mut found,
+            w.as_mut_ptr(),
+            z.as_mut_ptr(),
+            isuppz.as_mut_ptr(),
+            work.as_mut_ptr(),
+            int(lwork, "syevr")?,
+            iwork.as_mut_ptr(),
+            int(liwork, "syevr")?,
+            &mut info,
+        )
     };
     if info != 0 || found as usize != k {
         return Err(fail(if info != 0 { info } else { -1000 - found }));
@@ -469,7 +682,10 @@ pub fn sym_eig_desc(a: ArrayView2<f64>) -> Result<(Vec<f64>, Array2<f64>)> {
     let n = a.nrows();
     let evd = to_faer(a)
         .self_adjoint_eigen(faer::Side::Lower)
-        .map_err(|e| Error::Numeric { op: "symmetric eigendecomposition", detail: format!("{e:?} (n = {n})") })?;
+        .map_err(|e| Error::Numeric {
+            op: "symmetric eigendecomposition",
+            detail: format!("{e:?} (n = {n})"),
+        })?;
     let s = evd.S().column_vector();
     let u = evd.U();
     let values = (0..n).rev().map(|i| s[i]).collect();
@@ -479,9 +695,10 @@ pub fn sym_eig_desc(a: ArrayView2<f64>) -> Result<(Vec<f64>, Array2<f64>)> {
 
 /// Thin SVD `a = U diag(s) Vᵀ`: returns `(U, s)`, singular values descending.
 pub fn thin_svd_left(a: ArrayView2<f64>) -> Result<(Array2<f64>, Vec<f64>)> {
-    let svd = to_faer(a)
-        .thin_svd()
-        .map_err(|e| Error::Numeric { op: "thin SVD", detail: format!("{e:?} (shape {:?})", a.dim()) })?;
+    let svd = to_faer(a).thin_svd().map_err(|e| Error::Numeric {
+        op: "thin SVD",
+        detail: format!("{e:?} (shape {:?})", a.dim()),
+    })?;
     let s = svd.S().column_vector();
     Ok((from_faer(svd.U()), (0..s.nrows()).map(|i| s[i]).collect()))
 }
@@ -514,9 +731,10 @@ pub fn spectral_norm(a: ArrayView2<f64>) -> Result<f64> {
     if a.is_empty() {
         return Ok(0.0);
     }
-    let s = to_faer(a)
-        .singular_values()
-        .map_err(|e| Error::Numeric { op: "singular values", detail: format!("{e:?}") })?;
+    let s = to_faer(a).singular_values().map_err(|e| Error::Numeric {
+        op: "singular values",
+        detail: format!("{e:?}"),
+    })?;
     Ok(s.first().copied().unwrap_or(0.0))
 }
 
@@ -525,9 +743,10 @@ pub fn smallest_singular_value(a: ArrayView2<f64>) -> Result<f64> {
     if a.is_empty() {
         return Ok(1.0);
     }
-    let s = to_faer(a)
-        .singular_values()
-        .map_err(|e| Error::Numeric { op: "singular values", detail: format!("{e:?}") })?;
+    let s = to_faer(a).singular_values().map_err(|e| Error::Numeric {
+        op: "singular values",
+        detail: format!("{e:?}"),
+    })?;
     Ok(s.last().copied().unwrap_or(0.0))
 }
 
@@ -544,7 +763,10 @@ mod tests {
 
     #[test]
     fn tiles_cover_the_range_in_equal_parts() {
-        assert_eq!(tiles(640, 128), vec![0..128, 128..256, 256..384, 384..512, 512..640]);
+        assert_eq!(
+            tiles(640, 128),
+            vec![0..128, 128..256, 256..384, 384..512, 512..640]
+        );
         assert_eq!(tiles(384, 256), vec![0..192, 192..384]);
         assert_eq!(tiles(5, 128), vec![0..5]);
         assert!(tiles(0, 128).is_empty());
@@ -572,17 +794,35 @@ mod tests {
         };
         let (y1, g1) = (linear(1), gram(1));
         for t in [2, 3] {
-            assert!(linear(t).iter().zip(&y1).all(|(a, b)| a.to_bits() == b.to_bits()), "linear, {t} threads");
-            assert!(gram(t).iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()), "gram, {t} threads");
+            assert!(
+                linear(t)
+                    .iter()
+                    .zip(&y1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "linear, {t} threads"
+            );
+            assert!(
+                gram(t)
+                    .iter()
+                    .zip(&g1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "gram, {t} threads"
+            );
         }
         let xd = Array2::from_shape_fn((m, k), |(i, j)| x[i * k + j] as f64);
         let wd = Array2::from_shape_fn((n, k), |(i, j)| w[i * k + j] as f64);
         let want = xd.dot(&wd.t());
         let gw = xd.t().dot(&xd);
-        assert!(y1.iter().zip(want.iter()).all(|(&a, &b)| (a as f64 - 0.5 - b).abs() < 1e-4 * (1.0 + b.abs())));
+        assert!(y1
+            .iter()
+            .zip(want.iter())
+            .all(|(&a, &b)| (a as f64 - 0.5 - b).abs() < 1e-4 * (1.0 + b.abs())));
         for i in 0..k {
             for j in i..k {
-                assert!((g1[i * k + j] - gw[(i, j)]).abs() < 1e-4 * (1.0 + gw[(i, j)].abs()), "gram ({i}, {j})");
+                assert!(
+                    (g1[i * k + j] - gw[(i, j)]).abs() < 1e-4 * (1.0 + gw[(i, j)].abs()),
+                    "gram ({i}, {j})"
+                );
             }
         }
         set_threads(0);
@@ -590,7 +830,12 @@ mod tests {
 
     #[test]
     fn syrk_and_symm_match_plain_products() {
-        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.5], [-1.0, 0.5, 2.0], [0.0, 1.0, -3.0]];
+        let x = array![
+            [1.0f32, 2.0, 3.0],
+            [4.0, 5.0, 6.5],
+            [-1.0, 0.5, 2.0],
+            [0.0, 1.0, -3.0]
+        ];
         let mut g = vec![0.0; 9];
         let mut scratch = Vec::new();
         syrk_accumulate(x.view(), &mut scratch, &mut g).unwrap();
@@ -613,7 +858,9 @@ mod tests {
         let a = array![[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 1.0]];
         let (w, v) = sym_eig_desc(a.view()).unwrap();
         assert!(w[0] >= w[1] && w[1] >= w[2]);
-        let rec = v.dot(&Array2::from_diag(&ndarray::Array1::from(w))).dot(&v.t());
+        let rec = v
+            .dot(&Array2::from_diag(&ndarray::Array1::from(w)))
+            .dot(&v.t());
         assert!((&rec - &a).iter().all(|e| e.abs() < 1e-12));
     }
 

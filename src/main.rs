@@ -15,14 +15,26 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            use clap::error::ErrorKind::{DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion};
-            if matches!(e.kind(), DisplayHelp | DisplayHelpOnMissingArgumentOrSubcommand | DisplayVersion) {
+            use clap::error::ErrorKind::{
+                DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
+            };
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayHelpOnMissingArgumentOrSubcommand | DisplayVersion
+            ) {
                 let _ = e.print();
             } else {
                 // One line, like eva's own errors: clap's first paragraph, without its `error: `.
                 let text = e.render().to_string();
-                let first: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
-                eva::cli::progress::say(&format!("eva: error: {}; see --help", first.join(" ").trim_start_matches("error: ")));
+                let first: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                eva::cli::progress::say(&format!(
+                    "eva: error: {}; see --help",
+                    first.join(" ").trim_start_matches("error: ")
+                ));
             }
             return ExitCode::from(e.exit_code() as u8);
         }

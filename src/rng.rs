@@ -3,7 +3,9 @@
 
 /// A stable 64-bit key of a name (FNV-1a), e.g. to draw a layer's test matrix.
 pub fn name_key(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// xoshiro256++ (Blackman & Vigna 2019), seeded through SplitMix64.
@@ -74,13 +76,18 @@ mod tests {
 
     #[test]
     fn streams_depend_only_on_their_words() {
-        let a: Vec<u64> = (0..4).map({
-            let mut r = Rng::new(&[7, 1, 2]);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::new(&[7, 1, 2]);
+                move |_| r.next_u64()
+            })
+            .collect();
         let mut r = Rng::new(&[7, 1, 2]);
         assert_eq!(a, (0..4).map(|_| r.next_u64()).collect::<Vec<_>>());
-        assert_ne!(Rng::new(&[7, 1, 3]).next_u64(), Rng::new(&[7, 1, 2]).next_u64());
+        assert_ne!(
+            Rng::new(&[7, 1, 3]).next_u64(),
+            Rng::new(&[7, 1, 2]).next_u64()
+        );
         assert_ne!(Rng::new(&[1, 7]).next_u64(), Rng::new(&[7, 1]).next_u64());
     }
 

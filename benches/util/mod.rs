@@ -32,7 +32,9 @@ pub fn openblas_description() -> String {
     unsafe {
         format!(
             "{} (core: {}, threads: {})",
-            CStr::from_ptr(openblas_get_config()).to_string_lossy().trim(),
+            CStr::from_ptr(openblas_get_config())
+                .to_string_lossy()
+                .trim(),
             CStr::from_ptr(openblas_get_corename()).to_string_lossy(),
             blas_reference(|| openblas_get_num_threads())
         )
@@ -83,16 +85,32 @@ fn proc_times() -> Option<(f64, f64)> {
     let f: Vec<&str> = after.split_whitespace().collect();
     let own = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
     let sys = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<f64> = sys.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let cpu: Vec<f64> = sys
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal ...; busy = all but idle and iowait.
-    let busy = cpu.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum::<f64>() / tick;
+    let busy = cpu
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum::<f64>()
+        / tick;
     Some((own, busy))
 }
 
 impl Load {
     pub fn start() -> Load {
         let (own, busy) = proc_times().unwrap_or((0.0, 0.0));
-        Load { start: Instant::now(), own, busy }
+        Load {
+            start: Instant::now(),
+            own,
+            busy,
+        }
     }
 
     /// `(cores used by this process, cores used by everything else)` on average since `start`.
@@ -109,7 +127,11 @@ pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
     let mut s = samples.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).expect("times are finite"));
     let n = s.len();
-    let median = if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) };
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    };
     (median, s[0], s[n - 1])
 }
 

@@ -71,7 +71,13 @@ pub fn build(catalog: &Catalog, ranks: &[usize], spectra: &[Spectrum], cfg: &Run
                 }
             }
         }
-        layers.push(LayerAdapter { name: layer.name.clone(), rank, alpha: layer_alpha(params, rank), a, out_features: layer.out_features });
+        layers.push(LayerAdapter {
+            name: layer.name.clone(),
+            rank,
+            alpha: layer_alpha(params, rank),
+            a,
+            out_features: layer.out_features,
+        });
     }
     let config = config_json(&layers, cfg);
     Adapter { layers, config }

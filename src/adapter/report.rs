@@ -41,7 +41,12 @@ pub enum CertificateReport {
     /// Exact covariance; eigensolver residual relative to λ₁.
     Exact { residual: f64 },
     /// Nyström sketch; errors are absolute on the covariance, `ratio_error_bound` relative to its trace.
-    Sketch { sketch_size: usize, nuclear_error: f64, spectral_bound: f64, trace: f64 },
+    Sketch {
+        sketch_size: usize,
+        nuclear_error: f64,
+        spectral_bound: f64,
+        trace: f64,
+    },
 }
 
 /// One target layer.

@@ -44,10 +44,19 @@ pub fn safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut tensors = Vec::new();
     for l in &adapter.layers {
         let a_bytes: Vec<u8> = l.a.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.push((format!("base_model.model.{}.lora_A.weight", l.name), F32Tensor { shape: vec![l.rank, l.a.ncols()], bytes: a_bytes }));
+        tensors.push((
+            format!("base_model.model.{}.lora_A.weight", l.name),
+            F32Tensor {
+                shape: vec![l.rank, l.a.ncols()],
+                bytes: a_bytes,
+            },
+        ));
         tensors.push((
             format!("base_model.model.{}.lora_B.weight", l.name),
-            F32Tensor { shape: vec![l.out_features, l.rank], bytes: vec![0u8; 4 * l.out_features * l.rank] },
+            F32Tensor {
+                shape: vec![l.out_features, l.rank],
+                bytes: vec![0u8; 4 * l.out_features * l.rank],
+            },
         ));
     }
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -67,17 +76,24 @@ pub fn check_target(out: &Path, force: bool) -> Result<()> {
         )));
     }
     if out.exists() && !out.is_dir() {
-        return Err(Error::usage(format!("output path {} exists and is not a directory", out.display())));
+        return Err(Error::usage(format!(
+            "output path {} exists and is not a directory",
+            out.display()
+        )));
     }
     Ok(())
 }
 
 fn parent_of(out: &Path) -> &Path {
-    out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    out.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 fn prefix_of(out: &Path, tag: &str) -> Result<String> {
-    let name = out.file_name().ok_or_else(|| Error::usage(format!("--out {} has no directory name", out.display())))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::usage(format!("--out {} has no directory name", out.display())))?;
     Ok(format!(".{}.{tag}-", name.to_string_lossy()))
 }
 
@@ -98,7 +114,10 @@ fn staged() -> MutexGuard<'static, Vec<PathBuf>> {
 /// handlers that exit right after.
 pub fn remove_staged() -> (MutexGuard<'static, Vec<PathBuf>>, Vec<PathBuf>) {
     let mut guard = staged();
-    let removed: Vec<PathBuf> = guard.drain(..).filter(|p| std::fs::remove_dir_all(p).is_ok()).collect();
+    let removed: Vec<PathBuf> = guard
+        .drain(..)
+        .filter(|p| std::fs::remove_dir_all(p).is_ok())
+        .collect();
     (guard, removed)
 }
 
@@ -113,23 +132,38 @@ struct Owner {
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// Field 22 of `/proc/PID/stat` (after the parenthesized command name, which may hold spaces).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 impl Owner {
     fn me() -> Option<Owner> {
         let pid = std::process::id();
-        Some(Owner { pid, host: read_trimmed("/proc/sys/kernel/hostname")?, boot: read_trimmed("/proc/sys/kernel/random/boot_id")?, start: start_time(pid)? })
+        Some(Owner {
+            pid,
+            host: read_trimmed("/proc/sys/kernel/hostname")?,
+            boot: read_trimmed("/proc/sys/kernel/random/boot_id")?,
+            start: start_time(pid)?,
+        })
     }
 
     fn encode(&self) -> String {
-        format!("eva temporary output\npid {}\nhost {}\nboot {}\nstart {}\n", self.pid, self.host, self.boot, self.start)
+        format!(
+            "eva temporary output\npid {}\nhost {}\nboot {}\nstart {}\n",
+            self.pid, self.host, self.boot, self.start
+        )
     }
 
     fn decode(text: &str) -> Option<Owner> {
@@ -137,8 +171,19 @@ impl Owner {
         if lines.next()? != "eva temporary output" {
             return None;
         }
-        let mut field = |key: &str| lines.next()?.strip_prefix(key)?.strip_prefix(' ').map(str::to_string);
-        Some(Owner { pid: field("pid")?.parse().ok()?, host: field("host")?, boot: field("boot")?, start: field("start")?.parse().ok()? })
+        let mut field = |key: &str| {
+            lines
+                .next()?
+                .strip_prefix(key)?
+                .strip_prefix(' ')
+                .map(str::to_string)
+        };
+        Some(Owner {
+            pid: field("pid")?.parse().ok()?,
+            host: field("host")?,
+            boot: field("boot")?,
+            start: field("start")?.parse().ok()?,
+        })
     }
 
     /// Whether this owner is certainly gone: same host, and another boot, or no process with its
@@ -152,21 +197,29 @@ impl Owner {
 /// host that no longer runs (or runs no more under that pid). Directories without a readable
 /// marker, of other hosts, or of live processes are left alone.
 fn remove_stale(out: &Path, me: &Owner) -> Vec<PathBuf> {
-    let (Ok(prefix), Ok(entries)) = (prefix_of(out, "eva-tmp"), std::fs::read_dir(parent_of(out))) else {
+    let (Ok(prefix), Ok(entries)) = (prefix_of(out, "eva-tmp"), std::fs::read_dir(parent_of(out)))
+    else {
         return Vec::new();
     };
     let mut removed = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         let path = e.path();
         if !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok().and_then(|t| Owner::decode(&t));
-        if owner.is_some_and(|o| o.pid == pid && o.is_dead(me)) && std::fs::remove_dir_all(&path).is_ok() {
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|t| Owner::decode(&t));
+        if owner.is_some_and(|o| o.pid == pid && o.is_dead(me))
+            && std::fs::remove_dir_all(&path).is_ok()
+        {
             removed.push(path);
         }
     }
@@ -197,32 +250,56 @@ pub fn prepare(out: &Path, force: bool) -> Result<Staging> {
         created_parents.push(dir.to_path_buf());
         p = dir.parent();
     }
-    if let Some(file) = parent.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
-        return Err(Error::usage(format!("--out {}: {} is a file, not a directory", out.display(), file.display())));
+    if let Some(file) = parent
+        .ancestors()
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
+    {
+        return Err(Error::usage(format!(
+            "--out {}: {} is a file, not a directory",
+            out.display(),
+            file.display()
+        )));
     }
     if !parent.is_dir() {
         if let Err(e) = std::fs::create_dir_all(parent) {
             remove_empty(&created_parents);
-            return Err(Error::io("cannot create the parent directory of --out", parent, e));
+            return Err(Error::io(
+                "cannot create the parent directory of --out",
+                parent,
+                e,
+            ));
         }
     }
     let tmp = sibling(out, "eva-tmp")?;
     let me = Owner::me();
-    let removed_stale = me.as_ref().map(|me| remove_stale(out, me)).unwrap_or_default();
+    let removed_stale = me
+        .as_ref()
+        .map(|me| remove_stale(out, me))
+        .unwrap_or_default();
     let made = (|| {
         if tmp.exists() {
             // Our own pid from an earlier boot or pid cycle: nothing of ours is in it yet.
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot remove stale temporary directory", &tmp, e))?;
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| Error::io("cannot remove stale temporary directory", &tmp, e))?;
         }
-        std::fs::create_dir(&tmp).map_err(|e| Error::io("cannot create the temporary directory of --out", &tmp, e))?;
+        std::fs::create_dir(&tmp)
+            .map_err(|e| Error::io("cannot create the temporary directory of --out", &tmp, e))?;
         staged().push(tmp.clone());
         if let Some(me) = &me {
             let marker = tmp.join(OWNER_FILE);
-            std::fs::write(&marker, me.encode()).map_err(|e| Error::io("cannot write", &marker, e))?;
+            std::fs::write(&marker, me.encode())
+                .map_err(|e| Error::io("cannot write", &marker, e))?;
         }
         Ok(())
     })();
-    let staging = Staging { out: out.to_path_buf(), tmp, force, created_parents, removed_stale };
+    let staging = Staging {
+        out: out.to_path_buf(),
+        tmp,
+        force,
+        created_parents,
+        removed_stale,
+    };
     made.map(|_| staging)
 }
 
@@ -247,9 +324,12 @@ impl Staging {
         check_target(&self.out, self.force)?;
         for (name, bytes) in files {
             let path = self.tmp.join(name);
-            let mut f = std::fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
-            f.write_all(bytes).map_err(|e| Error::io("cannot write", &path, e))?;
-            f.sync_all().map_err(|e| Error::io("cannot sync", &path, e))?;
+            let mut f =
+                std::fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
+            f.write_all(bytes)
+                .map_err(|e| Error::io("cannot write", &path, e))?;
+            f.sync_all()
+                .map_err(|e| Error::io("cannot sync", &path, e))?;
         }
         let marker = self.tmp.join(OWNER_FILE);
         if marker.exists() {
@@ -260,16 +340,19 @@ impl Staging {
         let (out, tmp) = (&self.out, &self.tmp);
         if out.exists() {
             let old = sibling(out, "eva-old")?;
-            std::fs::rename(out, &old).map_err(|e| Error::io("cannot move aside existing output", out, e))?;
+            std::fs::rename(out, &old)
+                .map_err(|e| Error::io("cannot move aside existing output", out, e))?;
             if let Err(e) = std::fs::rename(tmp, out) {
                 let _ = std::fs::rename(&old, out);
                 return Err(Error::io("cannot move output into place", out, e));
             }
             registry.retain(|p| p != tmp);
             drop(registry);
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove replaced output", &old, e))?;
+            std::fs::remove_dir_all(&old)
+                .map_err(|e| Error::io("cannot remove replaced output", &old, e))?;
         } else {
-            std::fs::rename(tmp, out).map_err(|e| Error::io("cannot move output into place", out, e))?;
+            std::fs::rename(tmp, out)
+                .map_err(|e| Error::io("cannot move output into place", out, e))?;
             registry.retain(|p| p != tmp);
         }
         Ok(())

@@ -15,7 +15,11 @@ use std::time::Instant;
 
 /// Checks value ranges that clap's types cannot express.
 pub fn validate(args: &InitArgs) -> Result<RunConfig> {
-    let bad = |flag: &str, want: &str, found: String| Err(Error::usage(format!("{flag} must be {want}, found {found}")));
+    let bad = |flag: &str, want: &str, found: String| {
+        Err(Error::usage(format!(
+            "{flag} must be {want}, found {found}"
+        )))
+    };
     if args.rank == 0 {
         return bad("--rank", "at least 1", args.rank.to_string());
     }
@@ -41,13 +45,29 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         return bad("--sketch-size", "at least 1", "0".into());
     }
     if !(args.stats_memory >= 0.0 && args.stats_memory.is_finite()) {
-        return bad("--stats-memory", "a non-negative number of GiB", args.stats_memory.to_string());
+        return bad(
+            "--stats-memory",
+            "a non-negative number of GiB",
+            args.stats_memory.to_string(),
+        );
     }
     if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
-        return bad("--collective-timeout", "a non-negative number of seconds (0 = off)", args.collective_timeout.to_string());
+        return bad(
+            "--collective-timeout",
+            "a non-negative number of seconds (0 = off)",
+            args.collective_timeout.to_string(),
+        );
     }
-    if let Some(t) = args.targets.as_ref().and_then(|t| t.iter().find(|t| t.trim().is_empty())) {
-        return bad("--targets", "a comma-separated list of non-empty names", format!("`{t}`"));
+    if let Some(t) = args
+        .targets
+        .as_ref()
+        .and_then(|t| t.iter().find(|t| t.trim().is_empty()))
+    {
+        return bad(
+            "--targets",
+            "a comma-separated list of non-empty names",
+            format!("`{t}`"),
+        );
     }
     Ok(RunConfig {
         eva: EvaParams {
@@ -71,7 +91,10 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
         seed: args.seed,
         out: args.out.clone(),
         force: args.force,
-        base_model: args.base_model.clone().or_else(|| args.model.as_deref().map(super::inspect::model_name)),
+        base_model: args
+            .base_model
+            .clone()
+            .or_else(|| args.model.as_deref().map(super::inspect::model_name)),
         task_type: match (&args.task_type, &args.model) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(dir)) => super::inspect::task_type(dir),
@@ -83,16 +106,32 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
 
 /// Opens the source named on the command line, restricted to `--targets`.
 fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
-    let (source, desc): (Box<dyn Source>, String) = if let (Some(dir), Some(data)) = (&args.model, &args.data) {
-        let opts = ModelOptions { text_field: args.text_field.clone(), max_seq_len: args.max_seq_len, use_label_mask: !args.no_label_mask };
-        (Box::new(ModelSource::open(dir, data, &opts)?), format!("model:{} data:{}", dir.display(), data.display()))
-    } else if let Some(dir) = &args.activations {
-        (Box::new(ShardSource::open(dir)?), format!("activations:{}", dir.display()))
-    } else if let Some(spec) = &args.synthetic {
-        (Box::new(SyntheticSource::new(spec.clone())?), format!("synthetic:{spec}"))
-    } else {
-        return Err(Error::usage("one of --model with --data, --activations or --synthetic is required"));
-    };
+    let (source, desc): (Box<dyn Source>, String) =
+        if let (Some(dir), Some(data)) = (&args.model, &args.data) {
+            let opts = ModelOptions {
+                text_field: args.text_field.clone(),
+                max_seq_len: args.max_seq_len,
+                use_label_mask: !args.no_label_mask,
+            };
+            (
+                Box::new(ModelSource::open(dir, data, &opts)?),
+                format!("model:{} data:{}", dir.display(), data.display()),
+            )
+        } else if let Some(dir) = &args.activations {
+            (
+                Box::new(ShardSource::open(dir)?),
+                format!("activations:{}", dir.display()),
+            )
+        } else if let Some(spec) = &args.synthetic {
+            (
+                Box::new(SyntheticSource::new(spec.clone())?),
+                format!("synthetic:{spec}"),
+            )
+        } else {
+            return Err(Error::usage(
+                "one of --model with --data, --activations or --synthetic is required",
+            ));
+        };
     match &args.targets {
         Some(t) => Ok((Box::new(Targeted::new(source, t)?), desc)),
         None => Ok((source, desc)),
@@ -105,9 +144,18 @@ pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
     super::signals::install();
     comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
-    comm::set_collective_timeout((args.collective_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(args.collective_timeout)));
+    comm::set_collective_timeout(
+        (args.collective_timeout > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(args.collective_timeout)),
+    );
     let launch = launcher::detect();
-    let threads = |ranks: usize| if args.threads > 0 { args.threads } else { launcher::cores_per_rank(ranks) };
+    let threads = |ranks: usize| {
+        if args.threads > 0 {
+            args.threads
+        } else {
+            launcher::cores_per_rank(ranks)
+        }
+    };
     if args.local_ranks == 0 {
         return Err(Error::usage("--local-ranks must be at least 1, found 0"));
     }
@@ -119,25 +167,53 @@ pub fn run(args: &InitArgs) -> Result<()> {
         let worlds = ThreadWorld::create(args.local_ranks);
         let cfg = &cfg;
         let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || run_rank(&w, args, cfg))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))).collect()
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| s.spawn(move || run_rank(&w, args, cfg)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Comm("a rank thread panicked".into())))
+                })
+                .collect()
         });
         // Ranks agree on failures: rank 0's result speaks for the job.
         return results.into_iter().next().unwrap_or(Ok(()));
     }
     let comm = comm::connect(args.comm.into())?;
     linalg::set_threads(threads(launch.map_or(1, |l| l.local_size)));
-    run_rank(comm.as_ref(), args, &cfg).map_err(|e| if comm.size() > 1 { Error::Rank { rank: comm.rank(), source: Box::new(e) } } else { e })
+    run_rank(comm.as_ref(), args, &cfg).map_err(|e| {
+        if comm.size() > 1 {
+            Error::Rank {
+                rank: comm.rank(),
+                source: Box::new(e),
+            }
+        } else {
+            e
+        }
+    })
 }
 
 /// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.
 fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result<()> {
     let leader = comm.is_leader();
     // Fail fast: the leader makes --out's temporary directory before any work.
-    let staging = agree(comm, if leader { write::prepare(&cfg.out, cfg.force).map(Some) } else { Ok(None) })?;
+    let staging = agree(
+        comm,
+        if leader {
+            write::prepare(&cfg.out, cfg.force).map(Some)
+        } else {
+            Ok(None)
+        },
+    )?;
     if let Some(s) = staging.as_ref().filter(|_| !cfg.quiet) {
         for d in &s.removed_stale {
-            say(&format!("[eva] removed {}, the temporary output of an eva process that no longer runs", d.display()));
+            say(&format!(
+                "[eva] removed {}, the temporary output of an eva process that no longer runs",
+                d.display()
+            ));
         }
     }
     let (mut source, desc) = agree(comm, open_source(args))?;
@@ -156,7 +232,9 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
         warn_partly_sketched(cfg, source.catalog(), comm.size());
     }
     let mut progress = Progress::new(cfg.quiet || !leader);
-    let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| progress.step(info));
+    let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| {
+        progress.step(info)
+    });
     progress.finish();
     let outcome = result?;
     let written = match staging {
@@ -179,7 +257,10 @@ fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, world: usize) {
         return;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let need: u64 = dims.iter().map(|&d| stats::memory_bytes(true, d, 0, world)).sum();
+    let need: u64 = dims
+        .iter()
+        .map(|&d| stats::memory_bytes(true, d, 0, world))
+        .sum();
     say(&format!(
         "eva: warning: --stats-memory {:.3} GiB holds exact statistics for {} of {} inputs; the other {sketched} (d up to {}) use the Nystrom sketch, whose components are much less accurate; --stats-memory {:.3} (or --estimator exact) makes every input exact",
         gib(cfg.stats_memory),
@@ -191,13 +272,21 @@ fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, world: usize) {
 }
 
 /// Writes the output directory and tells the user what happened.
-fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome, staging: write::Staging) -> Result<()> {
+fn write_outcome(
+    cfg: &RunConfig,
+    mut outcome: engine::Outcome,
+    staging: write::Staging,
+) -> Result<()> {
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
     outcome.report.time_s.writing = started.elapsed().as_secs_f64();
     let report = serde_json::to_vec_pretty(&outcome.report).expect("report serializes");
-    staging.commit(&[(WEIGHTS_FILE, weights), (CONFIG_FILE, config), (REPORT_FILE, report)])?;
+    staging.commit(&[
+        (WEIGHTS_FILE, weights),
+        (CONFIG_FILE, config),
+        (REPORT_FILE, report),
+    ])?;
 
     let r = &outcome.report;
     if !r.converged {

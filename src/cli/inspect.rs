@@ -2,10 +2,10 @@
 //! architecture, blocks, every targeted module with its shape, the equal-input groups, the
 //! statistics memory per estimator and the size of the weights.
 
+use crate::config::EstimatorChoice;
 use crate::model::config::{Family, ModelConfig};
 use crate::model::{Model, Point};
 use crate::source::{matches_target, Catalog};
-use crate::config::EstimatorChoice;
 use crate::stats::{choose, default_sketch_size, memory_bytes};
 use crate::{Error, Result};
 use clap::Args;
@@ -42,12 +42,17 @@ pub struct InspectArgs {
 
 /// `base_model_name_or_path` for a model directory: its absolute path.
 pub fn model_name(dir: &Path) -> String {
-    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string()
+    dir.canonicalize()
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// PEFT `task_type` from the checkpoint's class (`None` if unreadable or without one).
 pub fn task_type(dir: &Path) -> Option<String> {
-    crate::model::config::load(dir).ok().and_then(|c| c.task_type().map(str::to_string))
+    crate::model::config::load(dir)
+        .ok()
+        .and_then(|c| c.task_type().map(str::to_string))
 }
 
 fn mib(bytes: u64) -> String {
@@ -91,15 +96,24 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         return Err(Error::usage("--rank must be at least 1, found 0"));
     }
     if !(args.rho >= 1.0 && args.rho.is_finite()) {
-        return Err(Error::usage(format!("--rho must be >= 1, found {}", args.rho)));
+        return Err(Error::usage(format!(
+            "--rho must be >= 1, found {}",
+            args.rho
+        )));
     }
     let model = Model::open(&args.model)?;
     let c = &model.config;
     let modules = model.modules();
-    let all: Vec<(String, usize, usize)> = modules.iter().map(|m| (m.name.clone(), m.in_features, m.out_features)).collect();
+    let all: Vec<(String, usize, usize)> = modules
+        .iter()
+        .map(|m| (m.name.clone(), m.in_features, m.out_features))
+        .collect();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, m) in modules.iter().enumerate() {
-        match groups.iter_mut().find(|g| modules[g[0]].layer == m.layer && modules[g[0]].point == m.point) {
+        match groups
+            .iter_mut()
+            .find(|g| modules[g[0]].layer == m.layer && modules[g[0]].point == m.point)
+        {
             Some(g) => g.push(i),
             None => groups.push(vec![i]),
         }
@@ -108,9 +122,17 @@ pub fn report(args: &InspectArgs) -> Result<String> {
     let catalog = match &args.targets {
         None => catalog,
         Some(t) => {
-            if let Some(bad) = t.iter().find(|t| !catalog.layers.iter().any(|l| matches_target(&l.name, std::slice::from_ref(t)))) {
+            if let Some(bad) = t.iter().find(|t| {
+                !catalog
+                    .layers
+                    .iter()
+                    .any(|l| matches_target(&l.name, std::slice::from_ref(t)))
+            }) {
                 let names: Vec<&str> = catalog.layers.iter().map(|l| l.name.as_str()).collect();
-                return Err(Error::usage(format!("--targets entry `{bad}` matches no layer; available layers: {}", names.join(", "))));
+                return Err(Error::usage(format!(
+                    "--targets entry `{bad}` matches no layer; available layers: {}",
+                    names.join(", ")
+                )));
             }
             catalog.retain(|l| matches_target(&l.name, t))
         }
@@ -119,16 +141,44 @@ pub fn report(args: &InspectArgs) -> Result<String> {
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(w, "model        {}", model_name(&args.model));
-    let _ = writeln!(w, "architecture {} ({}), task_type {}", c.arch.name(), if c.class.is_empty() { "no architectures entry" } else { &c.class }, c.task_type().unwrap_or("none"));
+    let _ = writeln!(
+        w,
+        "architecture {} ({}), task_type {}",
+        c.arch.name(),
+        if c.class.is_empty() {
+            "no architectures entry"
+        } else {
+            &c.class
+        },
+        c.task_type().unwrap_or("none")
+    );
     let _ = writeln!(w, "blocks       {}: {}", model.layers(), describe(c));
-    let _ = writeln!(w, "key prefix   {}", if model.prefix.is_empty() { "(none)" } else { &model.prefix });
+    let _ = writeln!(
+        w,
+        "key prefix   {}",
+        if model.prefix.is_empty() {
+            "(none)"
+        } else {
+            &model.prefix
+        }
+    );
     if let Some(m) = c.max_positions() {
-        let _ = writeln!(w, "max tokens   {m} per example (learned positions; --max-seq-len is capped to it)");
+        let _ = writeln!(
+            w,
+            "max tokens   {m} per example (learned positions; --max-seq-len is capped to it)"
+        );
     }
     let by_dtype = model.checkpoint.bytes_by_dtype();
     let total: u64 = by_dtype.values().sum();
-    let parts: Vec<String> = by_dtype.iter().map(|(d, b)| format!("{d} {}", mib(*b))).collect();
-    let decoded: u64 = by_dtype.iter().filter(|(d, _)| *d == "F16" || *d == "BF16").map(|(_, b)| 2 * b).sum();
+    let parts: Vec<String> = by_dtype
+        .iter()
+        .map(|(d, b)| format!("{d} {}", mib(*b)))
+        .collect();
+    let decoded: u64 = by_dtype
+        .iter()
+        .filter(|(d, _)| *d == "F16" || *d == "BF16")
+        .map(|(_, b)| 2 * b)
+        .sum();
     let _ = writeln!(
         w,
         "weights      {} in {} file(s) ({}); eva decodes F16/BF16 to f32 ({} more memory, at most) and reads F32 in place",
@@ -142,53 +192,121 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         "targets      {} modules, {} unique inputs{}",
         catalog.layers.len(),
         catalog.inputs.len(),
-        if args.targets.is_none() { " (default: every linear layer inside the blocks)" } else { "" }
+        if args.targets.is_none() {
+            " (default: every linear layer inside the blocks)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(w);
-    let width = catalog.layers.iter().map(|l| l.name.len()).max().unwrap_or(6).max(6);
+    let width = catalog
+        .layers
+        .iter()
+        .map(|l| l.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     let _ = writeln!(w, "{:<width$}  {:>6}  {:>6}  input", "module", "in", "out");
     for l in &catalog.layers {
-        let _ = writeln!(w, "{:<width$}  {:>6}  {:>6}  {}", l.name, l.in_features, l.out_features, l.input);
+        let _ = writeln!(
+            w,
+            "{:<width$}  {:>6}  {:>6}  {}",
+            l.name, l.in_features, l.out_features, l.input
+        );
     }
     let _ = writeln!(w);
-    let _ = writeln!(w, "equal-input groups (layers that read the same tensor share one decomposition):");
+    let _ = writeln!(
+        w,
+        "equal-input groups (layers that read the same tensor share one decomposition):"
+    );
     for (g, inp) in catalog.inputs.iter().enumerate() {
-        let names: Vec<&str> = inp.members.iter().map(|&m| catalog.layers[m].name.as_str()).collect();
-        let first = &modules.iter().find(|m| m.name == names[0]).expect("from the model").point;
+        let names: Vec<&str> = inp
+            .members
+            .iter()
+            .map(|&m| catalog.layers[m].name.as_str())
+            .collect();
+        let first = &modules
+            .iter()
+            .find(|m| m.name == names[0])
+            .expect("from the model")
+            .point;
         let what = match first {
             Point::AttnIn => "attention input",
             Point::AttnOut => "attention output",
             Point::MlpIn => "MLP input",
             Point::MlpHidden => "MLP hidden",
         };
-        let _ = writeln!(w, "  {g:>3}  d={:<6} {what:<16} {}", inp.dim, names.join(", "));
+        let _ = writeln!(
+            w,
+            "  {g:>3}  d={:<6} {what:<16} {}",
+            inp.dim,
+            names.join(", ")
+        );
     }
-    let kmax = crate::config::EvaParams { rank: args.rank, rho: args.rho, ..Default::default() }.max_components();
+    let kmax = crate::config::EvaParams {
+        rank: args.rank,
+        rho: args.rho,
+        ..Default::default()
+    }
+    .max_components();
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let total = |exact: bool, world: usize| -> u64 {
-        dims.iter().map(|&d| memory_bytes(exact, d, args.sketch_size.unwrap_or_else(|| default_sketch_size(kmax, d)).min(d), world)).sum()
+        dims.iter()
+            .map(|&d| {
+                memory_bytes(
+                    exact,
+                    d,
+                    args.sketch_size
+                        .unwrap_or_else(|| default_sketch_size(kmax, d))
+                        .min(d),
+                    world,
+                )
+            })
+            .sum()
     };
     let budget = (args.stats_memory * (1u64 << 30) as f64) as u64;
     let _ = writeln!(w);
-    let _ = writeln!(w, "statistics memory per rank (rank {}, rho {}: {kmax} candidate components per input)", args.rank, args.rho);
-    let _ = writeln!(w, "                one rank    several ranks (summed copies for the all-reduce)");
-    let _ = writeln!(w, "  exact   {:>12}  {:>12}", mib(total(true, 1)), mib(total(true, 2)));
+    let _ = writeln!(
+        w,
+        "statistics memory per rank (rank {}, rho {}: {kmax} candidate components per input)",
+        args.rank, args.rho
+    );
+    let _ = writeln!(
+        w,
+        "                one rank    several ranks (summed copies for the all-reduce)"
+    );
+    let _ = writeln!(
+        w,
+        "  exact   {:>12}  {:>12}",
+        mib(total(true, 1)),
+        mib(total(true, 2))
+    );
     let _ = writeln!(
         w,
         "  sketch  {:>12}  {:>12}  ({} columns per input)",
         mib(total(false, 1)),
         mib(total(false, 2)),
-        args.sketch_size.map_or_else(|| "default".to_string(), |k| k.to_string())
+        args.sketch_size
+            .map_or_else(|| "default".to_string(), |k| k.to_string())
     );
     let pick = |world: usize| {
         let exact = choose(EstimatorChoice::Auto, &dims, budget, world);
         match exact.iter().filter(|&&e| e).count() {
             n if n == dims.len() => "exact for all inputs".to_string(),
             0 => "sketch for all inputs".to_string(),
-            n => format!("exact for the {n} smallest of {} inputs, sketch for the rest", dims.len()),
+            n => format!(
+                "exact for the {n} smallest of {} inputs, sketch for the rest",
+                dims.len()
+            ),
         }
     };
-    let _ = writeln!(w, "  --estimator auto with --stats-memory {} GiB: {} on one rank; {} on several", args.stats_memory, pick(1), pick(2));
+    let _ = writeln!(
+        w,
+        "  --estimator auto with --stats-memory {} GiB: {} on one rank; {} on several",
+        args.stats_memory,
+        pick(1),
+        pick(2)
+    );
     Ok(s)
 }
 

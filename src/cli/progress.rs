@@ -16,13 +16,23 @@ pub struct Progress {
 impl Progress {
     /// A progress printer; `quiet` silences it.
     pub fn new(quiet: bool) -> Self {
-        Progress { quiet, tty: std::io::stderr().is_terminal(), last: None, drawn: false }
+        Progress {
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+            drawn: false,
+        }
     }
 
     fn line(info: &StepInfo) -> String {
         format!(
             "step {}/{} | converged layers {}/{} | {} tokens | {:.0} tokens/s",
-            info.step, info.total_steps, info.converged_layers, info.layers, info.tokens, info.tokens_per_s
+            info.step,
+            info.total_steps,
+            info.converged_layers,
+            info.layers,
+            info.tokens,
+            info.tokens_per_s
         )
     }
 
@@ -34,7 +44,11 @@ impl Progress {
         if self.tty {
             write_once(&format!("\r\x1b[2K[eva] {}", Self::line(info)));
             self.drawn = true;
-        } else if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || info.step == info.total_steps {
+        } else if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            || info.step == info.total_steps
+        {
             say(&format!("[eva] {}", Self::line(info)));
             self.last = Some(Instant::now());
         }

@@ -36,7 +36,11 @@ macro_rules! uninhabited_communicator {
             fn barrier(&self) -> $crate::Result<()> {
                 match *self {}
             }
-            fn split(&self, _: usize, _: usize) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
+            fn split(
+                &self,
+                _: usize,
+                _: usize,
+            ) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
                 match *self {}
             }
             fn backend(&self) -> &'static str {
@@ -148,7 +152,10 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
     comm.broadcast(&mut msg, first)?;
     match local {
         Err(e) => Err(e),
-        Ok(_) => Err(Error::Comm(format!("rank {first} failed: {}", String::from_utf8_lossy(&msg)))),
+        Ok(_) => Err(Error::Comm(format!(
+            "rank {first} failed: {}",
+            String::from_utf8_lossy(&msg)
+        ))),
     }
 }
 
@@ -180,24 +187,46 @@ pub fn connect(backend: Backend) -> Result<Box<dyn Communicator>> {
 /// `rank + 1`, so sums are `n(n+1)/2`): one body for the thread, MPI and NCCL backends.
 pub fn selftest(comm: &dyn Communicator) -> Result<()> {
     let (rank, n) = (comm.rank(), comm.size());
-    let fail = |what: String| Err(Error::Comm(format!("collective self-test on rank {rank} of {n} ({}): {what}", comm.backend())));
+    let fail = |what: String| {
+        Err(Error::Comm(format!(
+            "collective self-test on rank {rank} of {n} ({}): {what}",
+            comm.backend()
+        )))
+    };
     let mut v = vec![(rank + 1) as f64; 1000];
     v[999] = rank as f64 * 0.5;
     comm.all_reduce_sum(&mut v)?;
     let want = (n * (n + 1)) as f64 / 2.0;
     if v[..999].iter().any(|&x| x != want) || v[999] != 0.25 * ((n * (n - 1)) as f64) {
-        return fail(format!("all-reduce gave {} and {}, expected {want} and {}", v[0], v[999], 0.25 * (n * (n - 1)) as f64));
+        return fail(format!(
+            "all-reduce gave {} and {}, expected {want} and {}",
+            v[0],
+            v[999],
+            0.25 * (n * (n - 1)) as f64
+        ));
     }
     for root in [0, n - 1] {
-        let mut b = if rank == root { format!("from {root}").into_bytes() } else { vec![7; rank * 3] };
+        let mut b = if rank == root {
+            format!("from {root}").into_bytes()
+        } else {
+            vec![7; rank * 3]
+        };
         comm.broadcast(&mut b, root)?;
         if b != format!("from {root}").into_bytes() {
-            return fail(format!("broadcast from {root} gave {:?}", String::from_utf8_lossy(&b)));
+            return fail(format!(
+                "broadcast from {root} gave {:?}",
+                String::from_utf8_lossy(&b)
+            ));
         }
     }
     let gathered = comm.gather(&vec![rank as u8; rank + 1], 0)?;
     match (rank, gathered) {
-        (0, Some(all)) if all.iter().enumerate().all(|(r, b)| *b == vec![r as u8; r + 1]) && all.len() == n => {}
+        (0, Some(all))
+            if all
+                .iter()
+                .enumerate()
+                .all(|(r, b)| *b == vec![r as u8; r + 1])
+                && all.len() == n => {}
         (0, other) => return fail(format!("gather gave {other:?}")),
         (_, None) => {}
         (_, Some(_)) => return fail("gather delivered to a non-root rank".into()),
@@ -210,7 +239,13 @@ pub fn selftest(comm: &dyn Communicator) -> Result<()> {
     let members: Vec<usize> = (0..n).filter(|r| r % 2 == rank % 2).collect();
     let want: f64 = members.iter().map(|r| (r + 1) as f64).sum();
     if s[0] != want || half.size() != members.len() || half.rank() != rank / 2 {
-        return fail(format!("split: sum {} (want {want}), size {} (want {}), rank {}", s[0], half.size(), members.len(), half.rank()));
+        return fail(format!(
+            "split: sum {} (want {want}), size {} (want {}), rank {}",
+            s[0],
+            half.size(),
+            members.len(),
+            half.rank()
+        ));
     }
     Ok(())
 }

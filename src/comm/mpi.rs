@@ -51,24 +51,36 @@ pub struct MpiWorld {
 impl MpiWorld {
     /// Initializes MPI and returns the world.
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| Error::Comm("MPI is already initialized in this process".into()))?;
+        let universe = mpi::initialize()
+            .ok_or_else(|| Error::Comm("MPI is already initialized in this process".into()))?;
         let comm = universe.world();
         Ok(Self::wrap(comm, Rc::new(universe)))
     }
 
     fn wrap(comm: SimpleCommunicator, universe: Rc<mpi::environment::Universe>) -> Self {
         let probe = comm.duplicate();
-        MpiWorld { comm, probe, seq: Cell::new(0), _universe: universe }
+        MpiWorld {
+            comm,
+            probe,
+            seq: Cell::new(0),
+            _universe: universe,
+        }
     }
 
     /// Answers the questions of ranks whose wait timed out: "this rank is waiting, in collective
     /// number `seq`".
     fn answer_questions(&self) {
-        while let Some(probed) = self.probe.any_process().immediate_matched_probe_with_tag(ASK) {
+        while let Some(probed) = self
+            .probe
+            .any_process()
+            .immediate_matched_probe_with_tag(ASK)
+        {
             let source = probed.1.source_rank();
             let _: (Vec<u64>, _) = probed.matched_receive_vec();
             // Eight bytes go eagerly: this send does not wait for the asking rank.
-            self.probe.process_at_rank(source).send_with_tag(&[self.seq.get()][..], ANSWER);
+            self.probe
+                .process_at_rank(source)
+                .send_with_tag(&[self.seq.get()][..], ANSWER);
         }
     }
 
@@ -89,11 +101,13 @@ impl MpiWorld {
     /// Waits for one request.
     fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, request: Request<'a, D, S>) {
         let mut pending = Some(request);
-        self.poll(op, || match pending.take().expect("polled after completion").test() {
-            Ok(_) => true,
-            Err(r) => {
-                pending = Some(r);
-                false
+        self.poll(op, || {
+            match pending.take().expect("polled after completion").test() {
+                Ok(_) => true,
+                Err(r) => {
+                    pending = Some(r);
+                    false
+                }
             }
         });
     }
@@ -102,7 +116,10 @@ impl MpiWorld {
     fn receive_from(&self, op: &str, src: usize, tag: i32) -> Vec<u8> {
         let mut found: Option<(Message, Status)> = None;
         self.poll(op, || {
-            found = self.comm.process_at_rank(src as i32).immediate_matched_probe_with_tag(tag);
+            found = self
+                .comm
+                .process_at_rank(src as i32)
+                .immediate_matched_probe_with_tag(tag);
             found.is_some()
         });
         found.expect("probe matched").matched_receive_vec::<u8>().0
@@ -115,13 +132,23 @@ impl MpiWorld {
         let mut answered = vec![false; size];
         answered[rank] = true;
         mpi::request::scope(|scope| {
-            let asks: Vec<_> =
-                (0..size).filter(|&r| r != rank).map(|r| self.probe.process_at_rank(r as i32).immediate_send_with_tag(scope, &mine[..], ASK)).collect();
+            let asks: Vec<_> = (0..size)
+                .filter(|&r| r != rank)
+                .map(|r| {
+                    self.probe
+                        .process_at_rank(r as i32)
+                        .immediate_send_with_tag(scope, &mine[..], ASK)
+                })
+                .collect();
             let until = Instant::now() + ANSWER_GRACE;
             while Instant::now() < until && !answered.iter().all(|&a| a) {
                 // Timed-out ranks ask each other: keep answering.
                 self.answer_questions();
-                while let Some(probed) = self.probe.any_process().immediate_matched_probe_with_tag(ANSWER) {
+                while let Some(probed) = self
+                    .probe
+                    .any_process()
+                    .immediate_matched_probe_with_tag(ANSWER)
+                {
                     answered[probed.1.source_rank() as usize] = true;
                     let _: (Vec<u64>, _) = probed.matched_receive_vec();
                 }
@@ -156,7 +183,15 @@ impl EvaCommunicator for MpiWorld {
         for chunk in buf.chunks_mut(MAX_COUNT) {
             let send = chunk.to_vec();
             mpi::request::scope(|scope| {
-                self.wait("all-reduce", self.comm.immediate_all_reduce_into(scope, &send[..], chunk, SystemOperation::sum()));
+                self.wait(
+                    "all-reduce",
+                    self.comm.immediate_all_reduce_into(
+                        scope,
+                        &send[..],
+                        chunk,
+                        SystemOperation::sum(),
+                    ),
+                );
             });
         }
         Ok(())
@@ -167,10 +202,14 @@ impl EvaCommunicator for MpiWorld {
         let op = format!("broadcast from rank {root}");
         let process = self.comm.process_at_rank(root as i32);
         let mut len = buf.len() as u64;
-        mpi::request::scope(|scope| self.wait(&op, process.immediate_broadcast_into(scope, &mut len)));
+        mpi::request::scope(|scope| {
+            self.wait(&op, process.immediate_broadcast_into(scope, &mut len))
+        });
         buf.resize(len as usize, 0);
         for chunk in buf.chunks_mut(MAX_COUNT) {
-            mpi::request::scope(|scope| self.wait(&op, process.immediate_broadcast_into(scope, chunk)));
+            mpi::request::scope(|scope| {
+                self.wait(&op, process.immediate_broadcast_into(scope, chunk))
+            });
         }
         Ok(())
     }
@@ -181,14 +220,23 @@ impl EvaCommunicator for MpiWorld {
         let process = self.comm.process_at_rank(root as i32);
         let mine = send.len() as u64;
         if self.rank() != root {
-            mpi::request::scope(|scope| self.wait(&op, process.immediate_gather_into(scope, &mine)));
+            mpi::request::scope(|scope| {
+                self.wait(&op, process.immediate_gather_into(scope, &mine))
+            });
             for chunk in send.chunks(MAX_COUNT) {
-                mpi::request::scope(|scope| self.wait(&op, process.immediate_send_with_tag(scope, chunk, GATHER)));
+                mpi::request::scope(|scope| {
+                    self.wait(&op, process.immediate_send_with_tag(scope, chunk, GATHER))
+                });
             }
             return Ok(None);
         }
         let mut lens = vec![0u64; self.size()];
-        mpi::request::scope(|scope| self.wait(&op, process.immediate_gather_into_root(scope, &mine, &mut lens[..])));
+        mpi::request::scope(|scope| {
+            self.wait(
+                &op,
+                process.immediate_gather_into_root(scope, &mine, &mut lens[..]),
+            )
+        });
         let mut out = Vec::with_capacity(self.size());
         for (r, &len) in lens.iter().enumerate() {
             if r == root {
@@ -217,7 +265,11 @@ impl EvaCommunicator for MpiWorld {
         let comm = self
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
-            .ok_or_else(|| Error::Comm(format!("MPI split by color {color} returned no communicator")))?;
+            .ok_or_else(|| {
+                Error::Comm(format!(
+                    "MPI split by color {color} returned no communicator"
+                ))
+            })?;
         Ok(Box::new(MpiWorld::wrap(comm, self._universe.clone())))
     }
 

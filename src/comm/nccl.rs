@@ -29,25 +29,38 @@ impl NcclWorld {
         // A missing library panics inside cudarc: probe first.
         // SAFETY: the probes only try to load the shared libraries.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Comm("NCCL backend: the CUDA driver library (libcuda.so) was not found".into()));
+            return Err(Error::Comm(
+                "NCCL backend: the CUDA driver library (libcuda.so) was not found".into(),
+            ));
         }
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(Error::Comm("NCCL backend: libnccl.so was not found (pip's nvidia-nccl ships only libnccl.so.2: link it as libnccl.so on the library path)".into()));
         }
-        let devices = CudaContext::device_count().map_err(cuda("device count"))?.max(0) as usize;
+        let devices = CudaContext::device_count()
+            .map_err(cuda("device count"))?
+            .max(0) as usize;
         if devices == 0 {
-            return Err(Error::Comm("NCCL backend: no CUDA device is visible".into()));
+            return Err(Error::Comm(
+                "NCCL backend: no CUDA device is visible".into(),
+            ));
         }
         let ctx = CudaContext::new(local_rank % devices).map_err(cuda("context creation"))?;
         let stream = ctx.default_stream();
         let mut id_bytes = if mpi.rank() == 0 {
-            Id::new().map_err(nccl("unique id"))?.internal().iter().map(|&c| c as u8).collect()
+            Id::new()
+                .map_err(nccl("unique id"))?
+                .internal()
+                .iter()
+                .map(|&c| c as u8)
+                .collect()
         } else {
             Vec::new()
         };
         mpi.broadcast(&mut id_bytes, 0)?;
-        let raw: [std::ffi::c_char; 128] = std::array::from_fn(|i| id_bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
-        let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), Id::uninit(raw)).map_err(nccl("communicator init"))?;
+        let raw: [std::ffi::c_char; 128] =
+            std::array::from_fn(|i| id_bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
+        let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), Id::uninit(raw))
+            .map_err(nccl("communicator init"))?;
         Ok(NcclWorld { mpi, comm, stream })
     }
 }
@@ -65,9 +78,16 @@ impl Communicator for NcclWorld {
         if buf.is_empty() {
             return Ok(());
         }
-        let mut dev = self.stream.clone_htod(&buf[..]).map_err(cuda("host-to-device copy"))?;
-        self.comm.all_reduce_in_place(&mut dev, &ReduceOp::Sum).map_err(nccl("all-reduce"))?;
-        self.stream.memcpy_dtoh(&dev, buf).map_err(cuda("device-to-host copy"))?;
+        let mut dev = self
+            .stream
+            .clone_htod(&buf[..])
+            .map_err(cuda("host-to-device copy"))?;
+        self.comm
+            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+            .map_err(nccl("all-reduce"))?;
+        self.stream
+            .memcpy_dtoh(&dev, buf)
+            .map_err(cuda("device-to-host copy"))?;
         self.stream.synchronize().map_err(cuda("synchronize"))
     }
 

@@ -30,7 +30,15 @@ struct Shared {
 
 impl Shared {
     fn new(size: usize, timeout: Option<std::time::Duration>) -> Arc<Self> {
-        Arc::new(Shared { size, timeout, state: Mutex::new(State { slots: vec![None; size], ..State::default() }), cv: Condvar::new() })
+        Arc::new(Shared {
+            size,
+            timeout,
+            state: Mutex::new(State {
+                slots: vec![None; size],
+                ..State::default()
+            }),
+            cv: Condvar::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -59,16 +67,29 @@ impl ThreadWorld {
     }
 
     /// A world of `size` ranks whose collectives give up after `timeout` (`None`: never).
-    pub fn create_with_timeout(size: usize, timeout: Option<std::time::Duration>) -> Vec<ThreadWorld> {
+    pub fn create_with_timeout(
+        size: usize,
+        timeout: Option<std::time::Duration>,
+    ) -> Vec<ThreadWorld> {
         let shared = Shared::new(size.max(1), timeout);
-        (0..size.max(1)).map(|rank| ThreadWorld { rank, shared: shared.clone(), splits: std::cell::Cell::new(0) }).collect()
+        (0..size.max(1))
+            .map(|rank| ThreadWorld {
+                rank,
+                shared: shared.clone(),
+                splits: std::cell::Cell::new(0),
+            })
+            .collect()
     }
 
     /// All-gather of bytes: every rank receives every rank's contribution, in rank order.
     /// `op` names the collective in a timeout's message.
     fn exchange(&self, op: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let sh = &*self.shared;
-        let aborted = |st: &State| st.aborted.clone().map(|why| Error::Comm(format!("thread world aborted: {why}")));
+        let aborted = |st: &State| {
+            st.aborted
+                .clone()
+                .map(|why| Error::Comm(format!("thread world aborted: {why}")))
+        };
         let started = Instant::now();
         let deadline = sh.timeout.map(|t| started + t);
         // Waits on the condition variable until notified or past the deadline; past it, aborts
@@ -87,7 +108,11 @@ impl ThreadWorld {
         st.slots[self.rank] = Some(mine);
         st.arrived += 1;
         if st.arrived == sh.size {
-            let all = st.slots.iter_mut().map(|s| s.take().unwrap_or_default()).collect();
+            let all = st
+                .slots
+                .iter_mut()
+                .map(|s| s.take().unwrap_or_default())
+                .collect();
             st.result = Some(Arc::new(all));
             st.arrived = 0;
             sh.cv.notify_all();
@@ -96,7 +121,9 @@ impl ThreadWorld {
             if let Some(e) = aborted(&st) {
                 return Err(e);
             }
-            let missing: Vec<usize> = (0..sh.size).filter(|&r| st.result.is_none() && st.slots[r].is_none()).collect();
+            let missing: Vec<usize> = (0..sh.size)
+                .filter(|&r| st.result.is_none() && st.slots[r].is_none())
+                .collect();
             st = self.wait(st, op, started, deadline, Some(missing))?;
         }
         let out = st.result.clone().expect("result published");
@@ -125,18 +152,32 @@ impl ThreadWorld {
         };
         let now = Instant::now();
         if now >= deadline {
-            let msg = timeout_message(op, self.rank, sh.size, started.elapsed(), missing.as_deref());
+            let msg = timeout_message(
+                op,
+                self.rank,
+                sh.size,
+                started.elapsed(),
+                missing.as_deref(),
+            );
             drop(st);
             sh.abort(format!("rank {}: {msg}", self.rank));
             return Err(Error::Comm(msg));
         }
-        Ok(sh.cv.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0)
+        Ok(sh
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0)
     }
 }
 
 impl Drop for ThreadWorld {
     fn drop(&mut self) {
-        let why = if std::thread::panicking() { format!("rank {} panicked", self.rank) } else { format!("rank {} left the world", self.rank) };
+        let why = if std::thread::panicking() {
+            format!("rank {} panicked", self.rank)
+        } else {
+            format!("rank {} left the world", self.rank)
+        };
         // Leaving is only an error for ranks still waiting in (or later entering) a collective;
         // at a normal end no rank calls another one.
         self.shared.abort(why);
@@ -158,7 +199,13 @@ impl Communicator for ThreadWorld {
         buf.iter_mut().for_each(|v| *v = 0.0);
         for (r, part) in all.iter().enumerate() {
             if part.len() != buf.len() * 8 {
-                return Err(Error::Comm(format!("all-reduce length mismatch: rank {} sent {} values, rank {} {}", r, part.len() / 8, self.rank, buf.len())));
+                return Err(Error::Comm(format!(
+                    "all-reduce length mismatch: rank {} sent {} values, rank {} {}",
+                    r,
+                    part.len() / 8,
+                    self.rank,
+                    buf.len()
+                )));
             }
             for (v, b) in buf.iter_mut().zip(part.chunks_exact(8)) {
                 *v += f64::from_le_bytes(b.try_into().expect("8 bytes"));
@@ -168,7 +215,11 @@ impl Communicator for ThreadWorld {
     }
 
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
-        let mine = if self.rank == root { std::mem::take(buf) } else { Vec::new() };
+        let mine = if self.rank == root {
+            std::mem::take(buf)
+        } else {
+            Vec::new()
+        };
         let all = self.exchange(&format!("broadcast from rank {root}"), mine)?;
         *buf = all[root].clone();
         Ok(())
@@ -184,16 +235,43 @@ impl Communicator for ThreadWorld {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        let mine = [color as u64, key as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mine = [color as u64, key as u64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let all = self.exchange("split", mine)?;
-        let parse = |b: &Vec<u8>| (u64::from_le_bytes(b[..8].try_into().expect("8")) as usize, u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize);
-        let mut members: Vec<(usize, usize)> = all.iter().enumerate().map(|(r, b)| (parse(b), r)).filter(|((c, _), _)| *c == color).map(|((_, k), r)| (k, r)).collect();
+        let parse = |b: &Vec<u8>| {
+            (
+                u64::from_le_bytes(b[..8].try_into().expect("8")) as usize,
+                u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize,
+            )
+        };
+        let mut members: Vec<(usize, usize)> = all
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (parse(b), r))
+            .filter(|((c, _), _)| *c == color)
+            .map(|((_, k), r)| (k, r))
+            .collect();
         members.sort_unstable();
-        let rank = members.iter().position(|&(_, r)| r == self.rank).expect("this rank is a member");
+        let rank = members
+            .iter()
+            .position(|&(_, r)| r == self.rank)
+            .expect("this rank is a member");
         let seq = self.splits.get();
         self.splits.set(seq + 1);
-        let shared = self.shared.lock().splits.entry((seq, color)).or_insert_with(|| Shared::new(members.len(), self.shared.timeout)).clone();
-        Ok(Box::new(ThreadWorld { rank, shared, splits: std::cell::Cell::new(0) }))
+        let shared = self
+            .shared
+            .lock()
+            .splits
+            .entry((seq, color))
+            .or_insert_with(|| Shared::new(members.len(), self.shared.timeout))
+            .clone();
+        Ok(Box::new(ThreadWorld {
+            rank,
+            shared,
+            splits: std::cell::Cell::new(0),
+        }))
     }
 
     fn backend(&self) -> &'static str {
@@ -250,7 +328,8 @@ mod tests {
 
     #[test]
     fn a_rank_that_does_not_arrive_times_out_the_others_with_its_number() {
-        let worlds = ThreadWorld::create_with_timeout(3, Some(std::time::Duration::from_millis(300)));
+        let worlds =
+            ThreadWorld::create_with_timeout(3, Some(std::time::Duration::from_millis(300)));
         let t = Instant::now();
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = worlds
@@ -271,7 +350,11 @@ mod tests {
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
         for r in &results {
             let e = r.as_ref().unwrap_err().to_string();
-            assert!(e.contains("all-reduce (step 7: fused all-reduce)") || e.contains("thread world aborted"), "{e}");
+            assert!(
+                e.contains("all-reduce (step 7: fused all-reduce)")
+                    || e.contains("thread world aborted"),
+                "{e}"
+            );
         }
         let e = results[0].as_ref().unwrap_err().to_string();
         assert!(e.contains("ranks that did not arrive: 2"), "{e}");
@@ -295,7 +378,12 @@ mod tests {
             handles.into_iter().map(|h| h.join()).collect()
         });
         assert!(results[1].is_err());
-        let err = results[0].as_ref().unwrap().as_ref().unwrap_err().to_string();
+        let err = results[0]
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rank 1"), "{err}");
     }
 }

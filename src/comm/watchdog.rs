@@ -36,12 +36,17 @@ static TIMEOUT_NS: AtomicU64 = AtomicU64::new((DEFAULT_TIMEOUT_S * 1e9) as u64);
 
 /// Sets the timeout of every collective in this process (`None`: wait forever).
 pub fn set_collective_timeout(timeout: Option<Duration>) {
-    TIMEOUT_NS.store(timeout.map_or(0, |t| t.as_nanos().clamp(1, u64::MAX as u128) as u64), Ordering::Relaxed);
+    TIMEOUT_NS.store(
+        timeout.map_or(0, |t| t.as_nanos().clamp(1, u64::MAX as u128) as u64),
+        Ordering::Relaxed,
+    );
 }
 
 /// The timeout of collectives in this process, if any.
 pub fn collective_timeout() -> Option<Duration> {
-    Some(TIMEOUT_NS.load(Ordering::Relaxed)).filter(|&ns| ns > 0).map(Duration::from_nanos)
+    Some(TIMEOUT_NS.load(Ordering::Relaxed))
+        .filter(|&ns| ns > 0)
+        .map(Duration::from_nanos)
 }
 
 /// What to do just before a timed-out rank aborts the job (the CLI removes its temporary
@@ -93,12 +98,28 @@ pub fn current_context() -> String {
 
 /// The message of a collective that timed out: `op` names the collective, `missing` the ranks
 /// known not to have arrived (empty: unknown).
-pub fn timeout_message(op: &str, rank: usize, size: usize, waited: Duration, missing: Option<&[usize]>) -> String {
+pub fn timeout_message(
+    op: &str,
+    rank: usize,
+    size: usize,
+    waited: Duration,
+    missing: Option<&[usize]>,
+) -> String {
     let ctx = current_context();
-    let at = if ctx.is_empty() { String::new() } else { format!(" ({ctx})") };
+    let at = if ctx.is_empty() {
+        String::new()
+    } else {
+        format!(" ({ctx})")
+    };
     let who = match missing {
         Some([]) | None => "the ranks that did not arrive are not known".to_string(),
-        Some(m) => format!("ranks that did not arrive: {}", m.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")),
+        Some(m) => format!(
+            "ranks that did not arrive: {}",
+            m.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     format!(
         "collective {op}{at} did not complete within --collective-timeout {:.0} s on rank {rank} of {size}; {who}; a rank is hung, stopped or much slower than the others",
@@ -118,7 +139,12 @@ impl Backoff {
     /// Starts waiting now, with the process's [`collective_timeout`].
     pub fn start() -> Self {
         let started = Instant::now();
-        Backoff { started, deadline: collective_timeout().map(|t| started + t), polls: 0, sleep: Duration::from_micros(2) }
+        Backoff {
+            started,
+            deadline: collective_timeout().map(|t| started + t),
+            polls: 0,
+            sleep: Duration::from_micros(2),
+        }
     }
 
     /// Waits before the next poll; `Err(waited)` once the deadline has passed.
@@ -171,20 +197,32 @@ mod tests {
             }
             assert_eq!(current_context(), "step 3");
             let msg = timeout_message("all-reduce", 0, 2, Duration::from_secs(5), Some(&[1]));
-            assert!(msg.contains("all-reduce (step 3)") && msg.contains("ranks that did not arrive: 1"), "{msg}");
+            assert!(
+                msg.contains("all-reduce (step 3)") && msg.contains("ranks that did not arrive: 1"),
+                "{msg}"
+            );
         }
         assert_eq!(current_context(), "");
     }
 
     #[test]
     fn backoff_stops_at_the_deadline_and_sleeps_at_most_max_sleep() {
-        let mut b = Backoff { started: Instant::now(), deadline: Some(Instant::now() + Duration::from_millis(30)), polls: 0, sleep: Duration::from_micros(2) };
+        let mut b = Backoff {
+            started: Instant::now(),
+            deadline: Some(Instant::now() + Duration::from_millis(30)),
+            polls: 0,
+            sleep: Duration::from_micros(2),
+        };
         let mut n = 0;
         while b.pause().is_ok() {
             n += 1;
         }
         assert!(b.waited() >= Duration::from_millis(30), "{:?}", b.waited());
         // 30 ms at <= 1 ms per sleep: at least 25 bursts after the quick polls.
-        assert!(n >= (QUICK_POLLS + 25 * BURST) as usize && b.sleep == SHORT_SLEEP && b.sleeping(), "{n} polls, sleep {:?}", b.sleep);
+        assert!(
+            n >= (QUICK_POLLS + 25 * BURST) as usize && b.sleep == SHORT_SLEEP && b.sleeping(),
+            "{n} polls, sleep {:?}",
+            b.sleep
+        );
     }
 }

@@ -51,9 +51,17 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            Error::Comm(format!("malformed message: wanted {n} bytes at offset {}, message has {}", self.pos, self.buf.len()))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                Error::Comm(format!(
+                    "malformed message: wanted {n} bytes at offset {}, message has {}",
+                    self.pos,
+                    self.buf.len()
+                ))
+            })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -62,19 +70,34 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn len(&mut self, width: usize) -> Result<usize> {
         let n = self.u64()? as usize;
-        n.checked_mul(width).filter(|&b| b <= self.buf.len() - self.pos).map(|_| n).ok_or_else(|| Error::Comm(format!("malformed message: length {n} exceeds the message")))
+        n.checked_mul(width)
+            .filter(|&b| b <= self.buf.len() - self.pos)
+            .map(|_| n)
+            .ok_or_else(|| {
+                Error::Comm(format!("malformed message: length {n} exceeds the message"))
+            })
     }
     pub fn f64s(&mut self) -> Result<Vec<f64>> {
         let n = self.len(8)?;
-        Ok(self.take(n * 8)?.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8"))).collect())
+        Ok(self
+            .take(n * 8)?
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
+            .collect())
     }
     pub fn f32s(&mut self) -> Result<Vec<f32>> {
         let n = self.len(4)?;
-        Ok(self.take(n * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4"))).collect())
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+            .collect())
     }
     pub fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.len(1)?;
@@ -92,7 +115,12 @@ mod tests {
     #[test]
     fn round_trip_and_short_input() {
         let mut w = Writer::default();
-        w.u8(7).u64(1 << 40).f64s(&[1.5, -2.0]).f32s(&[0.25]).bytes(b"hi").bools(&[true, false]);
+        w.u8(7)
+            .u64(1 << 40)
+            .f64s(&[1.5, -2.0])
+            .f32s(&[0.25])
+            .bytes(b"hi")
+            .bools(&[true, false]);
         let mut r = Reader::new(&w.0);
         assert_eq!(r.u8().unwrap(), 7);
         assert_eq!(r.u64().unwrap(), 1 << 40);

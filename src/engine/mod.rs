@@ -22,8 +22,8 @@ use crate::leader::{allocate, Certificate, Decision, Gram, Leader, Precision, Sp
 use crate::source::{Catalog, Source};
 use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared};
 use crate::{linalg, Error, Result};
-use protocol::{Command, Reply, Wire};
 use ndarray::Array2;
+use protocol::{Command, Reply, Wire};
 use std::time::{Duration, Instant};
 
 /// Progress after one global step (shown by the leader).
@@ -53,7 +53,14 @@ pub struct Outcome {
 /// step's units `[step·batch, (step+1)·batch)` cut into runs of `pass` consecutive units, pass
 /// `j` (numbered across steps) going to rank `j mod size`; the cut never depends on `size`. With
 /// `pass = 1` rank `p` reads the units `u ≡ p (mod size)`.
-pub fn passes_of_step(step: usize, batch: usize, pass: usize, units: usize, rank: usize, size: usize) -> Vec<Vec<usize>> {
+pub fn passes_of_step(
+    step: usize,
+    batch: usize,
+    pass: usize,
+    units: usize,
+    rank: usize,
+    size: usize,
+) -> Vec<Vec<usize>> {
     let start = step.saturating_mul(batch).min(units);
     let end = start.saturating_add(batch).min(units);
     let pass = pass.max(1);
@@ -73,7 +80,16 @@ pub fn passes_per_step(batch: usize, pass: usize) -> usize {
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
 fn fingerprint(catalog: &Catalog, units: usize) -> String {
-    let layers: Vec<String> = catalog.layers.iter().map(|l| format!("{}:{}x{}@{}", l.name, l.in_features, l.out_features, l.input)).collect();
+    let layers: Vec<String> = catalog
+        .layers
+        .iter()
+        .map(|l| {
+            format!(
+                "{}:{}x{}@{}",
+                l.name, l.in_features, l.out_features, l.input
+            )
+        })
+        .collect();
     format!("{units} units; {}", layers.join(","))
 }
 
@@ -116,22 +132,43 @@ fn reference_vectors(source: &mut dyn Source, wire: &Wire) -> Result<Vec<Vec<f32
         Ok(())
     };
     wire.agree(local)?;
-    let means: Vec<f32> = sums.iter().zip(&counts).flat_map(|(s, &n)| s.iter().map(move |v| if n > 0 { (v / n as f64) as f32 } else { 0.0 })).collect();
+    let means: Vec<f32> = sums
+        .iter()
+        .zip(&counts)
+        .flat_map(|(s, &n)| {
+            s.iter()
+                .map(move |v| if n > 0 { (v / n as f64) as f32 } else { 0.0 })
+        })
+        .collect();
     let mut buf = Writer::default().f32s(&means).0.clone();
     wire.broadcast(&mut buf, 0)?;
     let values = Reader::new(&buf).f32s()?;
     let mut it = values.into_iter();
-    Ok(dims.iter().map(|&d| it.by_ref().take(d).collect()).collect())
+    Ok(dims
+        .iter()
+        .map(|&d| it.by_ref().take(d).collect())
+        .collect())
 }
 
 /// Eigenpairs of one input from the reduced statistics (leader only): a Gram held here is used
 /// in place, one spread over the ranks through `Σ_r G_r·Q` products with every rank.
-fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
+fn estimate(
+    wire: &Wire,
+    local: &[InputStats],
+    shared: &Shared,
+    g: usize,
+    kmax: usize,
+    warm: &mut Option<Array2<f64>>,
+    precision: Precision,
+) -> Result<Spectrum> {
     if held_here(&local[g], shared, wire.comm.size()) {
         return estimate_held(&local[g], shared, kmax, warm, precision);
     }
     Spectrum::from_gram(
-        Gram::Remote { apply: &mut |q| protocol::apply(wire, local, g, q), gather: &mut || protocol::gram(wire, local, g) },
+        Gram::Remote {
+            apply: &mut |q| protocol::apply(wire, local, g, q),
+            gather: &mut || protocol::gram(wire, local, g),
+        },
         &shared.moments,
         kmax,
         warm,
@@ -140,14 +177,36 @@ fn estimate(wire: &Wire, local: &[InputStats], shared: &Shared, g: usize, kmax: 
 }
 
 /// Eigenpairs of an input whose reduced statistics this rank holds in full ([`held_here`]).
-fn estimate_held(local: &InputStats, shared: &Shared, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
+fn estimate_held(
+    local: &InputStats,
+    shared: &Shared,
+    kmax: usize,
+    warm: &mut Option<Array2<f64>>,
+    precision: Precision,
+) -> Result<Spectrum> {
     match (local, &shared.gram) {
-        (InputStats::Exact(_), Some(gram)) => Spectrum::from_gram(Gram::Local(gram), &shared.moments, kmax, warm, precision),
+        (InputStats::Exact(_), Some(gram)) => {
+            Spectrum::from_gram(Gram::Local(gram), &shared.moments, kmax, warm, precision)
+        }
         // A world of one: the local Gram is the sum.
-        (InputStats::Exact(e), None) => Spectrum::from_gram(Gram::Local(e.gram()), &shared.moments, kmax, warm, precision),
+        (InputStats::Exact(e), None) => Spectrum::from_gram(
+            Gram::Local(e.gram()),
+            &shared.moments,
+            kmax,
+            warm,
+            precision,
+        ),
         (InputStats::Sketch(s), _) => {
-            let y = shared.sketch.as_ref().expect("sketch inputs share their sketch");
-            Spectrum::from_sketch(&s.nystrom_from(&shared.moments, y)?, s.size(), shared.moments.n, kmax)
+            let y = shared
+                .sketch
+                .as_ref()
+                .expect("sketch inputs share their sketch");
+            Spectrum::from_sketch(
+                &s.nystrom_from(&shared.moments, y)?,
+                s.size(),
+                shared.moments.n,
+                kmax,
+            )
         }
     }
 }
@@ -180,12 +239,20 @@ fn solve_spread(
     precision: Precision,
 ) -> Result<Vec<(usize, Spectrum)>> {
     let (rank, size) = (wire.comm.rank(), wire.comm.size());
-    let ours: Vec<usize> = inputs.iter().copied().filter(|&g| g % size == rank).collect();
+    let ours: Vec<usize> = inputs
+        .iter()
+        .copied()
+        .filter(|&g| g % size == rank)
+        .collect();
     let dim = |i: usize| shared[ours[i]].moments.sum.len();
     // Small inputs largest first, so that the threads finish together.
-    let (mut small, large): (Vec<usize>, Vec<usize>) = (0..ours.len()).partition(|&i| dim(i) < CONCURRENT_MAX_DIM);
+    let (mut small, large): (Vec<usize>, Vec<usize>) =
+        (0..ours.len()).partition(|&i| dim(i) < CONCURRENT_MAX_DIM);
     small.sort_by_key(|&i| std::cmp::Reverse(dim(i)));
-    let starts: Vec<std::sync::Mutex<Option<Array2<f64>>>> = ours.iter().map(|&g| std::sync::Mutex::new(warm[g].take())).collect();
+    let starts: Vec<std::sync::Mutex<Option<Array2<f64>>>> = ours
+        .iter()
+        .map(|&g| std::sync::Mutex::new(warm[g].take()))
+        .collect();
     let solve = |i: usize| {
         let g = ours[i];
         let mut start = starts[i].lock().expect("one solve per input");
@@ -195,14 +262,21 @@ fn solve_spread(
     for i in large {
         results[i] = Some(solve(i));
     }
-    for (i, r) in small.iter().zip(linalg::par_map(small.len(), |j| solve(small[j]))) {
+    for (i, r) in small
+        .iter()
+        .zip(linalg::par_map(small.len(), |j| solve(small[j])))
+    {
         results[*i] = Some(r);
     }
     for (&g, start) in ours.iter().zip(starts) {
         warm[g] = start.into_inner().expect("no solve panicked");
     }
     // In input order, so that a failure names the first failing input.
-    let mine: Result<Vec<(usize, Spectrum)>> = ours.iter().zip(results).map(|(&g, r)| r.expect("every input solved").map(|s| (g, s))).collect();
+    let mine: Result<Vec<(usize, Spectrum)>> = ours
+        .iter()
+        .zip(results)
+        .map(|(&g, r)| r.expect("every input solved").map(|s| (g, s)))
+        .collect();
     let mine = wire.agree(mine)?;
     if size == 1 {
         return Ok(mine);
@@ -221,7 +295,11 @@ fn solve_spread(
 
 /// Leader: runs `work`; on success broadcasts what `announce` makes of its result, on failure
 /// broadcasts an abort so that the other ranks stop serving and fail with the same message.
-fn lead<T>(wire: &Wire, work: impl FnOnce() -> Result<T>, announce: impl FnOnce(&T) -> Command) -> Result<T> {
+fn lead<T>(
+    wire: &Wire,
+    work: impl FnOnce() -> Result<T>,
+    announce: impl FnOnce(&T) -> Command,
+) -> Result<T> {
     match work() {
         Ok(v) => {
             if wire.comm.size() > 1 {
@@ -239,7 +317,13 @@ fn lead<T>(wire: &Wire, work: impl FnOnce() -> Result<T>, announce: impl FnOnce(
 }
 
 /// Runs EVA over `source` on every rank of `comm`; returns the same adapter and report on each.
-pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, cfg: &RunConfig, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Outcome> {
+pub fn run(
+    source: &mut dyn Source,
+    source_desc: &str,
+    comm: &dyn Communicator,
+    cfg: &RunConfig,
+    on_step: &mut dyn FnMut(&StepInfo),
+) -> Result<Outcome> {
     let started = Instant::now();
     let wire = Wire::new(comm);
     let catalog = source.catalog().clone();
@@ -248,7 +332,10 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     // First collective: from here on every rank takes the same decisions on the same catalog.
     check_same_source(&wire, &catalog, units)?;
     if let Some(l) = catalog.layers.iter().find(|l| l.in_features < params.rank) {
-        return Err(Error::usage(format!("--rank {} is larger than in_features = {} of layer {}", params.rank, l.in_features, l.name)));
+        return Err(Error::usage(format!(
+            "--rank {} is larger than in_features = {} of layer {}",
+            params.rank, l.in_features, l.name
+        )));
     }
     let mut leader = Leader::new(&catalog, params, !cfg.no_early_stop, cfg.refine_converged);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
@@ -274,7 +361,11 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         });
     }
     let share_gram = |g: usize| comm.size() > 1 && dims[g] < stats::SHARED_GRAM_MAX_DIM;
-    let mut shared: Vec<Shared> = local.iter().enumerate().map(|(g, s)| s.empty_shared(share_gram(g))).collect();
+    let mut shared: Vec<Shared> = local
+        .iter()
+        .enumerate()
+        .map(|(g, s)| s.empty_shared(share_gram(g)))
+        .collect();
     let mut workspace = stats::Workspace::default();
     let data_steps = units.div_ceil(cfg.batch_size);
     let total_steps = cfg.max_steps.map_or(data_steps, |m| m.min(data_steps));
@@ -287,11 +378,22 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
             break "max_steps";
         }
         if step >= data_steps {
-            break if cfg.no_early_stop { "all_data" } else { "data_exhausted" };
+            break if cfg.no_early_stop {
+                "all_data"
+            } else {
+                "data_exhausted"
+            };
         }
         let bytes_before = wire.bytes();
         // 1-2. Local statistics, then agreement that every rank succeeded.
-        let passes = passes_of_step(step, cfg.batch_size, source.pass_units(), units, comm.rank(), comm.size());
+        let passes = passes_of_step(
+            step,
+            cfg.batch_size,
+            source.pass_units(),
+            units,
+            comm.rank(),
+            comm.size(),
+        );
         let read_start = Instant::now();
         let mut stat_time = Duration::ZERO;
         let read = passes.iter().try_for_each(|pass| {
@@ -325,9 +427,23 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         let comm_before = wire.time();
         let kmax = |g: usize| leader.kmax(g);
         // PEFT skips batches with fewer tokens than components; wait for enough data.
-        let ready: Vec<usize> = (0..dims.len()).filter(|&g| decision.test[g] && shared[g].moments.n as usize > kmax(g)).collect();
-        let spread: Vec<usize> = ready.iter().copied().filter(|&g| held_here(&local[g], &shared[g], comm.size())).collect();
-        let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Step)?;
+        let ready: Vec<usize> = (0..dims.len())
+            .filter(|&g| decision.test[g] && shared[g].moments.n as usize > kmax(g))
+            .collect();
+        let spread: Vec<usize> = ready
+            .iter()
+            .copied()
+            .filter(|&g| held_here(&local[g], &shared[g], comm.size()))
+            .collect();
+        let solved = solve_spread(
+            &wire,
+            &local,
+            &shared,
+            &spread,
+            &kmax,
+            &mut warm,
+            Precision::Step,
+        )?;
         let next = if comm.is_leader() {
             lead(
                 &wire,
@@ -336,7 +452,15 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                         leader.observe(g, spectrum)?;
                     }
                     for &g in ready.iter().filter(|g| !spread.contains(g)) {
-                        let spectrum = estimate(&wire, &local, &shared[g], g, leader.kmax(g), &mut warm[g], Precision::Step)?;
+                        let spectrum = estimate(
+                            &wire,
+                            &local,
+                            &shared[g],
+                            g,
+                            leader.kmax(g),
+                            &mut warm[g],
+                            Precision::Step,
+                        )?;
                         leader.observe(g, spectrum)?;
                     }
                     Ok(leader.decide(step))
@@ -346,18 +470,30 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
         } else {
             match protocol::serve(&wire, &local)? {
                 Reply::Decide(d) => d,
-                Reply::Finish(_) => return Err(Error::Comm("rank 0 finished the run in the middle of a step".into())),
+                Reply::Finish(_) => {
+                    return Err(Error::Comm(
+                        "rank 0 finished the run in the middle of a step".into(),
+                    ))
+                }
             }
         };
         times.leader += (leader_start.elapsed() - (wire.time() - comm_before)).as_secs_f64();
         if next.accumulate.len() != dims.len() || next.test.len() != dims.len() {
-            return Err(Error::Comm(format!("decision names {} inputs, this rank has {}", next.accumulate.len(), dims.len())));
+            return Err(Error::Comm(format!(
+                "decision names {} inputs, this rank has {}",
+                next.accumulate.len(),
+                dims.len()
+            )));
         }
         decision = next;
         step_bytes.push(wire.bytes() - bytes_before);
 
         if comm.is_leader() {
-            let converged_layers = catalog.layers.iter().filter(|l| leader.states[l.input].done).count();
+            let converged_layers = catalog
+                .layers
+                .iter()
+                .filter(|l| leader.states[l.input].done)
+                .count();
             let tokens = shared.iter().map(|s| s.moments.n).max().unwrap_or(0);
             on_step(&StepInfo {
                 step,
@@ -378,12 +514,26 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
     let comm_before = wire.time();
     let bytes_before = wire.bytes();
     let kmax = |g: usize| leader.kmax(g);
-    let spread: Vec<usize> = (0..dims.len()).filter(|&g| shared[g].moments.n as usize > kmax(g) && held_here(&local[g], &shared[g], comm.size())).collect();
-    let solved = solve_spread(&wire, &local, &shared, &spread, &kmax, &mut warm, Precision::Final)?;
+    let spread: Vec<usize> = (0..dims.len())
+        .filter(|&g| {
+            shared[g].moments.n as usize > kmax(g) && held_here(&local[g], &shared[g], comm.size())
+        })
+        .collect();
+    let solved = solve_spread(
+        &wire,
+        &local,
+        &shared,
+        &spread,
+        &kmax,
+        &mut warm,
+        Precision::Final,
+    )?;
     if !comm.is_leader() {
         return match protocol::serve(&wire, &local)? {
             Reply::Finish(bytes) => decode_outcome(&bytes),
-            Reply::Decide(_) => Err(Error::Comm("rank 0 sent a step decision after the last step".into())),
+            Reply::Decide(_) => Err(Error::Comm(
+                "rank 0 sent a step decision after the last step".into(),
+            )),
         };
     }
     let outcome = lead(
@@ -408,7 +558,15 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
                 }
                 finals.push(match solved[g].take() {
                     Some(s) => s,
-                    None => estimate(&wire, &local, &shared[g], g, leader.kmax(g), &mut warm[g], Precision::Final)?,
+                    None => estimate(
+                        &wire,
+                        &local,
+                        &shared[g],
+                        g,
+                        leader.kmax(g),
+                        &mut warm[g],
+                        Precision::Final,
+                    )?,
                 });
             }
             leader.finalize(finals.clone());
@@ -421,11 +579,28 @@ pub fn run(source: &mut dyn Source, source_desc: &str, comm: &dyn Communicator, 
             let bytes = Bytes {
                 per_rank_total: wire.bytes(),
                 per_rank_max_step: step_bytes.iter().copied().max().unwrap_or(0),
-                per_rank_mean_step: if step_bytes.is_empty() { 0.0 } else { step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64 },
+                per_rank_mean_step: if step_bytes.is_empty() {
+                    0.0
+                } else {
+                    step_bytes.iter().sum::<u64>() as f64 / step_bytes.len() as f64
+                },
                 per_step: step_bytes.clone(),
             };
             times.total = started.elapsed().as_secs_f64();
-            let report = build_report(&catalog, &leader, &finals, &local, cfg, comm, source_desc, step, units, stop_reason, times.clone(), bytes);
+            let report = build_report(
+                &catalog,
+                &leader,
+                &finals,
+                &local,
+                cfg,
+                comm,
+                source_desc,
+                step,
+                units,
+                stop_reason,
+                times.clone(),
+                bytes,
+            );
             let adapter = adapter::build(&catalog, &leader.ranks, &finals, cfg);
             Ok(Outcome { adapter, report })
         },
@@ -476,14 +651,25 @@ fn build_report(
                 allocation_certain: certain[l],
                 certificate: match spectrum.certificate {
                     Certificate::Exact { residual } => CertificateReport::Exact { residual },
-                    Certificate::Sketch { sketch_size, nuclear_error, spectral_bound } => {
-                        CertificateReport::Sketch { sketch_size, nuclear_error, spectral_bound, trace: spectrum.trace }
-                    }
+                    Certificate::Sketch {
+                        sketch_size,
+                        nuclear_error,
+                        spectral_bound,
+                    } => CertificateReport::Sketch {
+                        sketch_size,
+                        nuclear_error,
+                        spectral_bound,
+                        trace: spectrum.trace,
+                    },
                 },
             }
         })
         .collect();
-    let unconverged_layers: Vec<String> = layers.iter().filter(|l| l.converged_step.is_none()).map(|l| l.name.clone()).collect();
+    let unconverged_layers: Vec<String> = layers
+        .iter()
+        .filter(|l| l.converged_step.is_none())
+        .map(|l| l.name.clone())
+        .collect();
     Report {
         eva_version: env!("CARGO_PKG_VERSION").to_string(),
         backend: comm.backend().to_string(),
@@ -511,8 +697,16 @@ fn encode_outcome(o: &Outcome) -> Vec<u8> {
     let mut w = Writer::default();
     w.u64(o.adapter.layers.len() as u64);
     for l in &o.adapter.layers {
-        w.bytes(l.name.as_bytes()).u64(l.rank as u64).f64s(&[l.alpha]).u64(l.out_features as u64).u64(l.a.ncols() as u64);
-        w.f32s(l.a.as_standard_layout().as_slice().expect("standard layout"));
+        w.bytes(l.name.as_bytes())
+            .u64(l.rank as u64)
+            .f64s(&[l.alpha])
+            .u64(l.out_features as u64)
+            .u64(l.a.ncols() as u64);
+        w.f32s(
+            l.a.as_standard_layout()
+                .as_slice()
+                .expect("standard layout"),
+        );
     }
     w.bytes(&serde_json::to_vec(&o.adapter.config).expect("JSON serializes"));
     w.bytes(&serde_json::to_vec(&o.report).expect("report serializes"));
@@ -527,15 +721,29 @@ fn decode_outcome(buf: &[u8]) -> Result<Outcome> {
     for _ in 0..n {
         let name = String::from_utf8_lossy(r.bytes()?).into_owned();
         let rank = r.u64()? as usize;
-        let alpha = r.f64s()?.first().copied().ok_or_else(|| bad("missing alpha".into()))?;
+        let alpha = r
+            .f64s()?
+            .first()
+            .copied()
+            .ok_or_else(|| bad("missing alpha".into()))?;
         let out_features = r.u64()? as usize;
         let cols = r.u64()? as usize;
-        let a = ndarray::Array2::from_shape_vec((rank, cols), r.f32s()?).map_err(|e| bad(e.to_string()))?;
-        layers.push(adapter::LayerAdapter { name, rank, alpha, a, out_features });
+        let a = ndarray::Array2::from_shape_vec((rank, cols), r.f32s()?)
+            .map_err(|e| bad(e.to_string()))?;
+        layers.push(adapter::LayerAdapter {
+            name,
+            rank,
+            alpha,
+            a,
+            out_features,
+        });
     }
     let config = serde_json::from_slice(r.bytes()?).map_err(|e| bad(e.to_string()))?;
     let report = serde_json::from_slice(r.bytes()?).map_err(|e| bad(e.to_string()))?;
-    Ok(Outcome { adapter: Adapter { layers, config }, report })
+    Ok(Outcome {
+        adapter: Adapter { layers, config },
+        report,
+    })
 }
 
 #[cfg(test)]
@@ -545,16 +753,25 @@ mod tests {
     #[test]
     fn every_world_size_covers_each_step_exactly_once_in_the_same_passes() {
         for pass in 1..=4 {
-            let one: Vec<Vec<usize>> = (0..4).flat_map(|step| passes_of_step(step, 5, pass, 17, 0, 1)).collect();
+            let one: Vec<Vec<usize>> = (0..4)
+                .flat_map(|step| passes_of_step(step, 5, pass, 17, 0, 1))
+                .collect();
             for size in 1..=5 {
                 for step in 0..4 {
-                    let mut all: Vec<usize> = (0..size).flat_map(|r| passes_of_step(step, 5, pass, 17, r, size)).flatten().collect();
+                    let mut all: Vec<usize> = (0..size)
+                        .flat_map(|r| passes_of_step(step, 5, pass, 17, r, size))
+                        .flatten()
+                        .collect();
                     all.sort_unstable();
                     let want: Vec<usize> = (step * 5..((step + 1) * 5).min(17)).collect();
                     assert_eq!(all, want, "size {size}, step {step}, pass {pass}");
                 }
                 // The same passes, whichever rank reads them.
-                let mut passes: Vec<Vec<usize>> = (0..4).flat_map(|step| (0..size).flat_map(move |r| passes_of_step(step, 5, pass, 17, r, size))).collect();
+                let mut passes: Vec<Vec<usize>> = (0..4)
+                    .flat_map(|step| {
+                        (0..size).flat_map(move |r| passes_of_step(step, 5, pass, 17, r, size))
+                    })
+                    .collect();
                 passes.sort();
                 let mut want = one.clone();
                 want.sort();
@@ -563,6 +780,9 @@ mod tests {
         }
         assert_eq!(passes_of_step(1, 4, 1, 10, 1, 2), vec![vec![5], vec![7]]);
         // Step 1 of batch 8 in passes of 3: global passes 3 ([8,9,10]), 4 ([11,12,13]), 5 ([14,15]).
-        assert_eq!(passes_of_step(1, 8, 3, 20, 1, 2), vec![vec![8, 9, 10], vec![14, 15]]);
+        assert_eq!(
+            passes_of_step(1, 8, 3, 20, 1, 2),
+            vec![vec![8, 9, 10], vec![14, 15]]
+        );
     }
 }

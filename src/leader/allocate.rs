@@ -10,7 +10,12 @@
 use crate::source::Catalog;
 
 /// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending).
-pub fn redistribute(catalog: &Catalog, ratios: &[Vec<f64>], cap: usize, budget: usize) -> Vec<usize> {
+pub fn redistribute(
+    catalog: &Catalog,
+    ratios: &[Vec<f64>],
+    cap: usize,
+    budget: usize,
+) -> Vec<usize> {
     let mut candidates = Vec::new();
     for (l, layer) in catalog.layers.iter().enumerate() {
         let rep = catalog.inputs[layer.input].members[0] == l;
@@ -19,7 +24,12 @@ pub fn redistribute(catalog: &Catalog, ratios: &[Vec<f64>], cap: usize, budget: 
             candidates.push((ratio, !rep, l, j));
         }
     }
-    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    candidates.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
     let mut ranks = vec![0; catalog.layers.len()];
     for &(_, _, l, _) in candidates.iter().take(budget) {
         ranks[l] += 1;
@@ -30,11 +40,21 @@ pub fn redistribute(catalog: &Catalog, ratios: &[Vec<f64>], cap: usize, budget: 
 /// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
 /// true ratio of component `i` of input `g` lies in `[ratios[g][i], ratios[g][i] + bounds[g]]`.
 /// Exact statistics (`bounds = 0`) are always certain.
-pub fn certain(catalog: &Catalog, ratios: &[Vec<f64>], bounds: &[f64], ranks: &[usize], cap: usize) -> Vec<bool> {
+pub fn certain(
+    catalog: &Catalog,
+    ratios: &[Vec<f64>],
+    bounds: &[f64],
+    ranks: &[usize],
+    cap: usize,
+) -> Vec<bool> {
     let (mut kept_min, mut dropped_max) = (f64::INFINITY, f64::NEG_INFINITY);
     let offered = |l: usize| {
         let g = catalog.layers[l].input;
-        ratios[g].iter().take(cap.min(catalog.layers[l].in_features)).enumerate().map(move |(j, &r)| (j, r, r + bounds[g]))
+        ratios[g]
+            .iter()
+            .take(cap.min(catalog.layers[l].in_features))
+            .enumerate()
+            .map(move |(j, &r)| (j, r, r + bounds[g]))
     };
     for (l, &rank) in ranks.iter().enumerate() {
         for (j, lo, hi) in offered(l) {
@@ -46,7 +66,15 @@ pub fn certain(catalog: &Catalog, ratios: &[Vec<f64>], bounds: &[f64], ranks: &[
         }
     }
     (0..catalog.layers.len())
-        .map(|l| offered(l).all(|(j, lo, hi)| if j < ranks[l] { lo >= dropped_max } else { hi <= kept_min }))
+        .map(|l| {
+            offered(l).all(|(j, lo, hi)| {
+                if j < ranks[l] {
+                    lo >= dropped_max
+                } else {
+                    hi <= kept_min
+                }
+            })
+        })
         .collect()
 }
 
@@ -55,13 +83,23 @@ mod tests {
     use super::*;
 
     fn catalog(dims: &[usize], groups: Vec<Vec<usize>>) -> Catalog {
-        Catalog::new(dims.iter().enumerate().map(|(i, &d)| (format!("l{i}"), d, d)).collect(), groups)
+        Catalog::new(
+            dims.iter()
+                .enumerate()
+                .map(|(i, &d)| (format!("l{i}"), d, d))
+                .collect(),
+            groups,
+        )
     }
 
     #[test]
     fn budget_goes_to_the_largest_ratios() {
         let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]);
-        let ratios = vec![vec![0.5, 0.3, 0.1, 0.05], vec![0.9, 0.05, 0.01, 0.0], vec![0.2, 0.19, 0.18, 0.17]];
+        let ratios = vec![
+            vec![0.5, 0.3, 0.1, 0.05],
+            vec![0.9, 0.05, 0.01, 0.0],
+            vec![0.2, 0.19, 0.18, 0.17],
+        ];
         // r = 2, rho = 2: cap 4, budget 6.
         let ranks = redistribute(&c, &ratios, 4, 6);
         assert_eq!(ranks, vec![2, 1, 3]);
@@ -103,9 +141,15 @@ mod tests {
         let ratios = vec![vec![0.5, 0.2], vec![0.19, 0.01]];
         let ranks = redistribute(&c, &ratios, 2, 2);
         assert_eq!(ranks, vec![2, 0]);
-        assert_eq!(certain(&c, &ratios, &[0.0, 0.0], &ranks, 2), vec![true, true]);
+        assert_eq!(
+            certain(&c, &ratios, &[0.0, 0.0], &ranks, 2),
+            vec![true, true]
+        );
         // If input 1's ratios may be 0.02 higher, its 0.19 could beat input 0's 0.2.
-        assert_eq!(certain(&c, &ratios, &[0.0, 0.02], &ranks, 2), vec![false, false]);
+        assert_eq!(
+            certain(&c, &ratios, &[0.0, 0.02], &ranks, 2),
+            vec![false, false]
+        );
     }
 
     #[test]

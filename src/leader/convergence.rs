@@ -12,7 +12,11 @@ pub const CLUSTER_GAP: f64 = 0.02;
 
 /// Similarity of each current component (columns of `cur`, eigenvalues `values`) to the previous
 /// estimate (`prev`, same shape): in `[0, 1]`, 1 when unchanged up to sign or in-cluster rotation.
-pub fn similarities(prev: ArrayView2<f64>, cur: ArrayView2<f64>, values: &[f64]) -> Result<Vec<f64>> {
+pub fn similarities(
+    prev: ArrayView2<f64>,
+    cur: ArrayView2<f64>,
+    values: &[f64],
+) -> Result<Vec<f64>> {
     let k = cur.ncols().min(prev.ncols());
     let m = prev.slice(s![.., ..k]).t().dot(&cur.slice(s![.., ..k]));
     let mut out = vec![0.0; k];
@@ -22,7 +26,11 @@ pub fn similarities(prev: ArrayView2<f64>, cur: ArrayView2<f64>, values: &[f64])
         while b + 1 < k && values[b] - values[b + 1] <= CLUSTER_GAP * values[b].abs() {
             b += 1;
         }
-        let sim = if a == b { m[(a, a)].abs() } else { linalg::smallest_singular_value(m.slice(s![a..=b, a..=b]))? };
+        let sim = if a == b {
+            m[(a, a)].abs()
+        } else {
+            linalg::smallest_singular_value(m.slice(s![a..=b, a..=b]))?
+        };
         out[a..=b].iter_mut().for_each(|v| *v = sim.min(1.0));
         a = b + 1;
     }
@@ -57,7 +65,8 @@ mod tests {
         cur.column_mut(0).mapv_inplace(|x| -x);
         // Rotate components 1 and 2 (equal eigenvalues) by 45 degrees.
         let h = std::f64::consts::FRAC_1_SQRT_2;
-        cur.slice_mut(s![1..3, 1..3]).assign(&array![[h, -h], [h, h]]);
+        cur.slice_mut(s![1..3, 1..3])
+            .assign(&array![[h, -h], [h, h]]);
         let sims = similarities(prev.view(), cur.view(), &[4.0, 2.0, 2.0, 1.0]).unwrap();
         assert!(sims.iter().all(|&x| (x - 1.0).abs() < 1e-12), "{sims:?}");
         // The same rotation between well-separated eigenvalues is not converged.

@@ -30,7 +30,14 @@ impl TopK {
     /// the eigenvalues of a semi-definite matrix is clipped to 0.
     fn direct(values: &[f64], vectors: Array2<f64>) -> TopK {
         let k = values.len();
-        TopK { values: values.iter().map(|v| v.max(0.0)).collect(), basis: vectors.clone(), vectors, residuals: vec![0.0; k], iterations: 0, converged: true }
+        TopK {
+            values: values.iter().map(|v| v.max(0.0)).collect(),
+            basis: vectors.clone(),
+            vectors,
+            residuals: vec![0.0; k],
+            iterations: 0,
+            converged: true,
+        }
     }
 }
 
@@ -38,7 +45,10 @@ impl TopK {
 pub fn dense_top_k(c: ArrayView2<f64>, k: usize) -> Result<TopK> {
     let (values, vectors) = linalg::sym_eig_desc(c)?;
     let k = k.min(values.len());
-    Ok(TopK::direct(&values[..k], vectors.slice(s![.., ..k]).to_owned()))
+    Ok(TopK::direct(
+        &values[..k],
+        vectors.slice(s![.., ..k]).to_owned(),
+    ))
 }
 
 /// Top-k eigenpairs of a symmetric matrix given by its upper triangle (row-major `d x d`, f64 or
@@ -61,7 +71,10 @@ fn orthonormalize(a: ArrayView2<f64>) -> Array2<f64> {
 
 /// `‖C u_i − θ_i u_i‖ / |θ_1|` for the pairs `(θ_i, u_i)`, from `CU` (columns `i < θ.len()`).
 pub fn residuals(cu: ArrayView2<f64>, u: ArrayView2<f64>, theta: &[f64]) -> Vec<f64> {
-    let scale = theta.first().map_or(1.0, |v| v.abs()).max(f64::MIN_POSITIVE);
+    let scale = theta
+        .first()
+        .map_or(1.0, |v| v.abs())
+        .max(f64::MIN_POSITIVE);
     (0..theta.len())
         .map(|i| {
             let r = &cu.column(i) - &(&u.column(i) * theta[i]);
@@ -158,10 +171,15 @@ pub fn subspace_top_k(
         let x1 = 2.0 * theta[0] / a - 1.0;
         let room = max_iter - applications;
         let p = if a > 0.0 && x1.is_finite() {
-            let highest = (1..=MAX_DEGREE.min(room)).rev().find(|&p| chebyshev(p, x1) <= MAX_AMPLIFICATION).unwrap_or(1);
+            let highest = (1..=MAX_DEGREE.min(room))
+                .rev()
+                .find(|&p| chebyshev(p, x1) <= MAX_AMPLIFICATION)
+                .unwrap_or(1);
             // No more than the degree that should bring every residual below tol/4 (a residual
             // shrinks by about T_p(x_i), its Ritz value's amplification over the damped part).
-            let enough = |p: usize| (0..k).all(|i| residuals[i] / chebyshev(p, 2.0 * theta[i] / a - 1.0) <= tol / 4.0);
+            let enough = |p: usize| {
+                (0..k).all(|i| residuals[i] / chebyshev(p, 2.0 * theta[i] / a - 1.0) <= tol / 4.0)
+            };
             (1..highest).find(|&p| enough(p)).unwrap_or(highest)
         } else {
             1
@@ -201,7 +219,9 @@ mod tests {
         let n = w.len();
         let mut rng = Rng::new(&[seed]);
         let q = linalg::orthonormalize(Array2::from_shape_fn((n, n), |_| rng.normal()).view());
-        let a = q.dot(&Array2::from_diag(&Array1::from(w.to_vec()))).dot(&q.t());
+        let a = q
+            .dot(&Array2::from_diag(&Array1::from(w.to_vec())))
+            .dot(&q.t());
         (a, q)
     }
 
@@ -213,11 +233,19 @@ mod tests {
     fn check_invariants(a: &Array2<f64>, t: &TopK, tol: f64) {
         let k = t.values.len();
         let gram = t.vectors.t().dot(&t.vectors);
-        assert!((&gram - &Array2::<f64>::eye(k)).iter().all(|v| v.abs() < 1e-10), "orthonormal");
+        assert!(
+            (&gram - &Array2::<f64>::eye(k))
+                .iter()
+                .all(|v| v.abs() < 1e-10),
+            "orthonormal"
+        );
         let av = a.dot(&t.vectors);
         for i in 0..k {
             let r = &av.column(i) - &(&t.vectors.column(i) * t.values[i]);
-            assert!(r.dot(&r).sqrt() <= tol * t.values[0].max(1.0), "residual of pair {i}");
+            assert!(
+                r.dot(&r).sqrt() <= tol * t.values[0].max(1.0),
+                "residual of pair {i}"
+            );
         }
         assert!(t.values.windows(2).all(|p| p[0] >= p[1]), "descending");
     }
@@ -245,13 +273,30 @@ mod tests {
         let mut apply = |x: ArrayView2<f64>| Ok(a.dot(&x));
         let cold = subspace_top_k(&mut apply, 200, 8, None, 0, 1e-8, 1000).unwrap();
         // Perturb the matrix slightly, as one more step of data would.
-        let (e, _) = with_spectrum(&(0..200).map(|i| 1e-4 * (i % 3) as f64).collect::<Vec<_>>(), 3);
+        let (e, _) = with_spectrum(
+            &(0..200).map(|i| 1e-4 * (i % 3) as f64).collect::<Vec<_>>(),
+            3,
+        );
         let b = &a + &e;
         let mut apply_b = |x: ArrayView2<f64>| Ok(b.dot(&x));
-        let warm = subspace_top_k(&mut apply_b, 200, 8, Some(cold.vectors.view()), 0, 1e-8, 1000).unwrap();
+        let warm = subspace_top_k(
+            &mut apply_b,
+            200,
+            8,
+            Some(cold.vectors.view()),
+            0,
+            1e-8,
+            1000,
+        )
+        .unwrap();
         let cold_b = subspace_top_k(&mut apply_b, 200, 8, None, 0, 1e-8, 1000).unwrap();
         assert!(warm.converged && cold_b.converged);
-        assert!(warm.iterations < cold_b.iterations, "warm {} vs cold {}", warm.iterations, cold_b.iterations);
+        assert!(
+            warm.iterations < cold_b.iterations,
+            "warm {} vs cold {}",
+            warm.iterations,
+            cold_b.iterations
+        );
         check_invariants(&b, &warm, 1e-7);
     }
 
@@ -270,7 +315,11 @@ mod tests {
         // Rank one: the top vector is found, the rest have eigenvalue 0.
         let v = Array1::from_shape_fn(40, |i| (i as f64).sin());
         let v = &v / v.dot(&v).sqrt();
-        let r1 = v.clone().insert_axis(Axis(1)).dot(&v.clone().insert_axis(Axis(0))) * 3.0;
+        let r1 = v
+            .clone()
+            .insert_axis(Axis(1))
+            .dot(&v.clone().insert_axis(Axis(0)))
+            * 3.0;
         let mut apply = |x: ArrayView2<f64>| Ok(r1.dot(&x));
         let t = subspace_top_k(&mut apply, 40, 3, None, 0, 1e-12, 50).unwrap();
         assert!((t.values[0] - 3.0).abs() < 1e-12 && t.values[1].abs() < 1e-12);
@@ -289,7 +338,15 @@ mod tests {
     /// Upper triangle (row-major) of a symmetric matrix, the strict lower part zeroed.
     fn upper<T: Copy + Default>(a: &Array2<f64>, conv: impl Fn(f64) -> T) -> Vec<T> {
         let n = a.nrows();
-        (0..n * n).map(|p| if p % n >= p / n { conv(a[(p / n, p % n)]) } else { T::default() }).collect()
+        (0..n * n)
+            .map(|p| {
+                if p % n >= p / n {
+                    conv(a[(p / n, p % n)])
+                } else {
+                    T::default()
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -305,27 +362,60 @@ mod tests {
             let mut rng = Rng::new(&[9]);
             (0..n).map(|_| rng.normal().abs()).collect()
         };
-        for (case, w) in [("power law", (0..n).map(|i| 1.0 / (i as f64 + 1.0)).collect()), ("rank 5", rank_def), ("repeated", repeated), ("random", random)] {
+        for (case, w) in [
+            (
+                "power law",
+                (0..n).map(|i| 1.0 / (i as f64 + 1.0)).collect(),
+            ),
+            ("rank 5", rank_def),
+            ("repeated", repeated),
+            ("random", random),
+        ] {
             let (a, _) = with_spectrum(&w, 5);
             let reference = dense_top_k(a.view(), 10).unwrap();
             let top = dense_top_k_upper(&mut upper(&a, |v| v), n, 10).unwrap();
             check_invariants(&a, &top, 1e-12);
             for i in 0..10 {
-                assert!((top.values[i] - reference.values[i]).abs() < 1e-12, "{case}: value {i}");
+                assert!(
+                    (top.values[i] - reference.values[i]).abs() < 1e-12,
+                    "{case}: value {i}"
+                );
             }
             // Vectors agree where the eigenvalue is simple; clusters only as subspaces.
-            let sim = subspace_similarity(top.vectors.slice(s![.., ..1]), reference.vectors.slice(s![.., ..1]));
+            let sim = subspace_similarity(
+                top.vectors.slice(s![.., ..1]),
+                reference.vectors.slice(s![.., ..1]),
+            );
             assert!(sim > 1.0 - 1e-12, "{case}: top vector");
             let f32top = dense_top_k_upper(&mut upper(&a, |v| v as f32), n, 10).unwrap();
-            check_invariants(&a, &TopK { vectors: orthonormalize(f32top.vectors.view()), ..f32top.clone() }, 1e-5);
+            check_invariants(
+                &a,
+                &TopK {
+                    vectors: orthonormalize(f32top.vectors.view()),
+                    ..f32top.clone()
+                },
+                1e-5,
+            );
             for i in 0..10 {
-                assert!((f32top.values[i] - reference.values[i]).abs() < 1e-5 * reference.values[0], "{case}: f32 value {i}");
+                assert!(
+                    (f32top.values[i] - reference.values[i]).abs() < 1e-5 * reference.values[0],
+                    "{case}: f32 value {i}"
+                );
             }
         }
         // k = d and k = 0.
         let (a, _) = with_spectrum(&[3.0, 2.0, 1.0], 6);
-        assert_eq!(dense_top_k_upper(&mut upper(&a, |v| v), 3, 5).unwrap().values.len(), 3);
-        assert!(dense_top_k_upper(&mut upper(&a, |v| v), 3, 0).unwrap().values.is_empty());
+        assert_eq!(
+            dense_top_k_upper(&mut upper(&a, |v| v), 3, 5)
+                .unwrap()
+                .values
+                .len(),
+            3
+        );
+        assert!(dense_top_k_upper(&mut upper(&a, |v| v), 3, 0)
+            .unwrap()
+            .values
+            .is_empty());
     }
 
     #[test]
@@ -335,13 +425,21 @@ mod tests {
         let base = linalg::orthonormalize(Array2::from_shape_fn((d, m), |_| rng.normal()).view());
         for cond in [1.0f64, 1e3, 1e6] {
             // Columns scaled over `cond`, then mixed: the block's condition number is ~cond.
-            let scale = Array2::from_diag(&Array1::from_shape_fn(m, |j| cond.powf(-(j as f64) / (m - 1) as f64)));
+            let scale = Array2::from_diag(&Array1::from_shape_fn(m, |j| {
+                cond.powf(-(j as f64) / (m - 1) as f64)
+            }));
             let (mix, _) = with_spectrum(&vec![1.0; m], 12);
             let a = base.dot(&scale).dot(&mix);
             let q = linalg::cholqr2(a.view()).expect("CholQR2 handles cond ≤ 1e6");
             let e = &q.t().dot(&q) - &Array2::<f64>::eye(m);
-            assert!(e.iter().all(|v| v.abs() < 1e-13), "orthonormal at cond {cond}");
-            assert!(subspace_similarity(q.view(), base.view()) > 1.0 - 1e-10, "same span at cond {cond}");
+            assert!(
+                e.iter().all(|v| v.abs() < 1e-13),
+                "orthonormal at cond {cond}"
+            );
+            assert!(
+                subspace_similarity(q.view(), base.view()) > 1.0 - 1e-10,
+                "same span at cond {cond}"
+            );
         }
         // Rank-deficient and hopelessly ill-conditioned blocks are refused; the iteration then
         // falls back to Householder QR.
@@ -352,18 +450,31 @@ mod tests {
         let c0 = a.column(0).to_owned();
         let c1 = &c0 + &(&a.column(1) * 1e-14);
         a.column_mut(1).assign(&c1);
-        assert!(linalg::cholqr2(a.view()).is_none_or(|q| (&q.t().dot(&q) - &Array2::<f64>::eye(m)).iter().all(|v| v.abs() < 1e-12)));
+        assert!(linalg::cholqr2(a.view())
+            .is_none_or(|q| (&q.t().dot(&q) - &Array2::<f64>::eye(m))
+                .iter()
+                .all(|v| v.abs() < 1e-12)));
         let q = orthonormalize(a.view());
-        assert!((&q.t().dot(&q) - &Array2::<f64>::eye(m)).iter().all(|v| v.abs() < 1e-12));
+        assert!((&q.t().dot(&q) - &Array2::<f64>::eye(m))
+            .iter()
+            .all(|v| v.abs() < 1e-12));
     }
 
     #[test]
     fn f32_gemm_matches_f64_to_f32_rounding() {
-        let (a, _) = with_spectrum(&(0..64).map(|i| 1.0 / (i as f64 + 1.0)).collect::<Vec<_>>(), 13);
+        let (a, _) = with_spectrum(
+            &(0..64).map(|i| 1.0 / (i as f64 + 1.0)).collect::<Vec<_>>(),
+            13,
+        );
         let mut rng = Rng::new(&[14]);
         let q = Array2::from_shape_fn((64, 5), |_| rng.normal());
         let want = a.dot(&q);
-        let got = linalg::gemm_square(&a.iter().map(|&v| v as f32).collect::<Vec<_>>(), 64, q.view()).unwrap();
+        let got = linalg::gemm_square(
+            &a.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            64,
+            q.view(),
+        )
+        .unwrap();
         let exact = linalg::gemm_square(a.as_slice().unwrap(), 64, q.view()).unwrap();
         assert!((&exact - &want).iter().all(|v| v.abs() < 1e-13));
         let err = (&got - &want).iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -377,13 +488,39 @@ mod tests {
         let mut apply = |x: ArrayView2<f64>| Ok(a.dot(&x));
         let first = subspace_top_k(&mut apply, 300, 8, None, 0, 1e-9, 1000).unwrap();
         assert_eq!(first.basis.ncols(), block_size(8, 300));
-        let (e, _) = with_spectrum(&(0..300).map(|i| 1e-4 * (i % 5) as f64).collect::<Vec<_>>(), 8);
+        let (e, _) = with_spectrum(
+            &(0..300).map(|i| 1e-4 * (i % 5) as f64).collect::<Vec<_>>(),
+            8,
+        );
         let b = &a + &e;
         let mut apply_b = |x: ArrayView2<f64>| Ok(b.dot(&x));
-        let whole = subspace_top_k(&mut apply_b, 300, 8, Some(first.basis.view()), 0, 1e-9, 1000).unwrap();
-        let part = subspace_top_k(&mut apply_b, 300, 8, Some(first.vectors.view()), 0, 1e-9, 1000).unwrap();
+        let whole = subspace_top_k(
+            &mut apply_b,
+            300,
+            8,
+            Some(first.basis.view()),
+            0,
+            1e-9,
+            1000,
+        )
+        .unwrap();
+        let part = subspace_top_k(
+            &mut apply_b,
+            300,
+            8,
+            Some(first.vectors.view()),
+            0,
+            1e-9,
+            1000,
+        )
+        .unwrap();
         assert!(whole.converged && part.converged);
-        assert!(whole.iterations <= part.iterations, "whole {} vs k vectors {}", whole.iterations, part.iterations);
+        assert!(
+            whole.iterations <= part.iterations,
+            "whole {} vs k vectors {}",
+            whole.iterations,
+            part.iterations
+        );
         check_invariants(&b, &whole, 1e-8);
     }
 }

@@ -63,7 +63,11 @@ pub enum Certificate {
     /// Exact covariance; `residual` = `max ‖C u - λ u‖ / λ₁` of the returned pairs.
     Exact { residual: f64 },
     /// Nyström sketch of `sketch_size` columns; see [`crate::stats::sketch::Nystrom`].
-    Sketch { sketch_size: usize, nuclear_error: f64, spectral_bound: f64 },
+    Sketch {
+        sketch_size: usize,
+        nuclear_error: f64,
+        spectral_bound: f64,
+    },
 }
 
 /// How the leader reaches an input's summed Gram (uncentered, of shifted rows).
@@ -106,14 +110,21 @@ impl Spectrum {
     /// Explained-variance ratios `λ_i / trace C`.
     pub fn ratios(&self) -> Vec<f64> {
         let t = self.trace;
-        self.values.iter().map(|&v| if t > 0.0 { v / t } else { 0.0 }).collect()
+        self.values
+            .iter()
+            .map(|&v| if t > 0.0 { v / t } else { 0.0 })
+            .collect()
     }
 
     /// Upper bound on the error of each explained-variance ratio (0 for exact statistics).
     pub fn ratio_error_bound(&self) -> f64 {
         match self.certificate {
             Certificate::Exact { .. } => 0.0,
-            Certificate::Sketch { nuclear_error, spectral_bound, .. } => {
+            Certificate::Sketch {
+                nuclear_error,
+                spectral_bound,
+                ..
+            } => {
                 if self.trace > 0.0 {
                     nuclear_error.min(spectral_bound) / self.trace
                 } else {
@@ -149,7 +160,13 @@ impl Spectrum {
     /// with the f32 operator, also for `ssyevr`'s pairs) are honest to ~1e-6·λ₁, 100 times below
     /// [`STEP_TOLERANCE`]. Eigenvectors differ from f64 ones by ~1e-6 over the relative gap, far
     /// below what moves a similarity across `tau`. The final pairs are always f64.
-    pub fn from_gram(gram: Gram<'_>, moments: &Moments, kmax: usize, warm: &mut Option<Array2<f64>>, precision: Precision) -> Result<Spectrum> {
+    pub fn from_gram(
+        gram: Gram<'_>,
+        moments: &Moments,
+        kmax: usize,
+        warm: &mut Option<Array2<f64>>,
+        precision: Precision,
+    ) -> Result<Spectrum> {
         let d = moments.sum.len();
         let trace = moments.covariance_trace();
         let (tol, max_iter) = precision.tolerance();
@@ -159,10 +176,15 @@ impl Spectrum {
             (Gram::Local(g), Precision::Step) if d <= COPY_MAX_DIM => {
                 let c32 = exact::covariance_full(g, d, moments, |v| v as f32);
                 let mut apply = |q: ArrayView2<f64>| linalg::gemm_square(&c32, d, q);
-                let top = eigen::subspace_top_k(&mut apply, d, kmax, start, d as u64, tol, max_iter)?;
+                let top =
+                    eigen::subspace_top_k(&mut apply, d, kmax, start, d as u64, tol, max_iter)?;
                 if d <= DENSE_MAX_DIM && !top.converged {
                     let mut top = eigen::dense_top_k_upper(&mut c32.clone(), d, kmax)?;
-                    top.residuals = eigen::residuals(apply(top.vectors.view())?.view(), top.vectors.view(), &top.values);
+                    top.residuals = eigen::residuals(
+                        apply(top.vectors.view())?.view(),
+                        top.vectors.view(),
+                        &top.values,
+                    );
                     top
                 } else {
                     top
@@ -183,7 +205,10 @@ impl Spectrum {
                     Gram::Local(g) => {
                         let c = std::rc::Rc::new(exact::covariance_full(g, d, moments, |v| v));
                         let c2 = c.clone();
-                        (Box::new(move |q| linalg::gemm_square(&c, d, q)), Box::new(move || Ok(c2.to_vec())))
+                        (
+                            Box::new(move |q| linalg::gemm_square(&c, d, q)),
+                            Box::new(move || Ok(c2.to_vec())),
+                        )
                     }
                     Gram::Remote { apply, gather } => (
                         Box::new(move |q: ArrayView2<f64>| {
@@ -197,7 +222,15 @@ impl Spectrum {
                 if d <= DENSE_MAX_DIM {
                     eigen::dense_top_k_upper(&mut dense()?, d, kmax)?
                 } else {
-                    let top = eigen::subspace_top_k(&mut *apply, d, kmax, start, d as u64, tol, max_iter)?;
+                    let top = eigen::subspace_top_k(
+                        &mut *apply,
+                        d,
+                        kmax,
+                        start,
+                        d as u64,
+                        tol,
+                        max_iter,
+                    )?;
                     if !top.converged && precision == Precision::Final {
                         eigen::dense_top_k_upper(&mut dense()?, d, kmax)?
                     } else {
@@ -220,7 +253,12 @@ impl Spectrum {
 
     /// Top `kmax` eigenpairs of a Nyström approximation from a sketch of `sketch_size` columns
     /// over `tokens` tokens.
-    pub fn from_sketch(ny: &Nystrom, sketch_size: usize, tokens: u64, kmax: usize) -> Result<Spectrum> {
+    pub fn from_sketch(
+        ny: &Nystrom,
+        sketch_size: usize,
+        tokens: u64,
+        kmax: usize,
+    ) -> Result<Spectrum> {
         let k = kmax.min(ny.values.len());
         Ok(Spectrum {
             values: ny.values[..k].to_vec(),
@@ -228,7 +266,11 @@ impl Spectrum {
             residuals: vec![0.0; k],
             trace: ny.trace,
             tokens,
-            certificate: Certificate::Sketch { sketch_size, nuclear_error: ny.nuclear_error, spectral_bound: ny.spectral_bound },
+            certificate: Certificate::Sketch {
+                sketch_size,
+                nuclear_error: ny.nuclear_error,
+                spectral_bound: ny.spectral_bound,
+            },
         })
     }
 }
@@ -263,7 +305,11 @@ pub struct Decision {
 impl Decision {
     /// The decision before the first step: every input accumulates and is tested.
     pub fn first(inputs: usize) -> Self {
-        Decision { accumulate: vec![true; inputs], test: vec![true; inputs], all_done: false }
+        Decision {
+            accumulate: vec![true; inputs],
+            test: vec![true; inputs],
+            all_done: false,
+        }
     }
 }
 
@@ -285,7 +331,12 @@ impl Leader {
     /// A leader for `catalog` with PEFT's knobs. `early_stop = false` tests every input at every
     /// step. Done inputs stop accumulating, as in PEFT, unless `refine_converged`: then they keep
     /// accumulating, untested, until the run stops.
-    pub fn new(catalog: &Catalog, params: &EvaParams, early_stop: bool, refine_converged: bool) -> Self {
+    pub fn new(
+        catalog: &Catalog,
+        params: &EvaParams,
+        early_stop: bool,
+        refine_converged: bool,
+    ) -> Self {
         let cap = params.max_components();
         Leader {
             catalog: catalog.clone(),
@@ -295,7 +346,11 @@ impl Leader {
             early_stop,
             refine_converged,
             states: vec![InputState::default(); catalog.inputs.len()],
-            ranks: catalog.layers.iter().map(|l| cap.min(l.in_features)).collect(),
+            ranks: catalog
+                .layers
+                .iter()
+                .map(|l| cap.min(l.in_features))
+                .collect(),
         }
     }
 
@@ -308,17 +363,30 @@ impl Leader {
     pub fn observe(&mut self, input: usize, spectrum: Spectrum) -> Result<()> {
         let state = &mut self.states[input];
         state.similarity = match &state.spectrum {
-            Some(prev) => convergence::similarities(prev.vectors.view(), spectrum.vectors.view(), &spectrum.values)?,
+            Some(prev) => convergence::similarities(
+                prev.vectors.view(),
+                spectrum.vectors.view(),
+                &spectrum.values,
+            )?,
             None => vec![0.0; spectrum.values.len()],
         };
-        state.converged = state.similarity.iter().zip(&spectrum.residuals).map(|(&s, &r)| s >= self.tau && r <= STEP_TOLERANCE).collect();
+        state.converged = state
+            .similarity
+            .iter()
+            .zip(&spectrum.residuals)
+            .map(|(&s, &r)| s >= self.tau && r <= STEP_TOLERANCE)
+            .collect();
         state.spectrum = Some(spectrum);
         Ok(())
     }
 
     /// Re-allocates ranks from the latest estimates (once every input has one).
     pub fn allocate(&mut self) {
-        let ratios: Option<Vec<Vec<f64>>> = self.states.iter().map(|s| s.spectrum.as_ref().map(Spectrum::ratios)).collect();
+        let ratios: Option<Vec<Vec<f64>>> = self
+            .states
+            .iter()
+            .map(|s| s.spectrum.as_ref().map(Spectrum::ratios))
+            .collect();
         if let Some(ratios) = ratios {
             self.ranks = allocate::redistribute(&self.catalog, &ratios, self.cap, self.budget);
         }
@@ -329,9 +397,16 @@ impl Leader {
     pub fn decide(&mut self, step: usize) -> Decision {
         self.allocate();
         for (i, input) in self.catalog.inputs.iter().enumerate() {
-            let needed = input.members.iter().map(|&m| self.ranks[m]).max().unwrap_or(0);
+            let needed = input
+                .members
+                .iter()
+                .map(|&m| self.ranks[m])
+                .max()
+                .unwrap_or(0);
             let state = &mut self.states[i];
-            let done = state.spectrum.is_some() && state.converged.len() >= needed && state.converged[..needed].iter().all(|&c| c);
+            let done = state.spectrum.is_some()
+                && state.converged.len() >= needed
+                && state.converged[..needed].iter().all(|&c| c);
             if done && !state.done {
                 state.converged_step = Some(step);
             } else if !done {
@@ -340,9 +415,17 @@ impl Leader {
             state.done = done;
         }
         let all_done = self.states.iter().all(|s| s.done);
-        let test: Vec<bool> = self.states.iter().map(|s| !self.early_stop || !s.done).collect();
+        let test: Vec<bool> = self
+            .states
+            .iter()
+            .map(|s| !self.early_stop || !s.done)
+            .collect();
         let accumulate = test.iter().map(|&t| t || self.refine_converged).collect();
-        Decision { accumulate, test, all_done }
+        Decision {
+            accumulate,
+            test,
+            all_done,
+        }
     }
 
     /// Replaces every estimate with its final one and allocates ranks from them.
@@ -359,20 +442,41 @@ mod tests {
     use super::*;
 
     fn spectrum(values: &[f64], vectors: Array2<f64>) -> Spectrum {
-        Spectrum { values: values.to_vec(), vectors, residuals: vec![0.0; values.len()], trace: 1.0, tokens: 100, certificate: Certificate::Exact { residual: 0.0 } }
+        Spectrum {
+            values: values.to_vec(),
+            vectors,
+            residuals: vec![0.0; values.len()],
+            trace: 1.0,
+            tokens: 100,
+            certificate: Certificate::Exact { residual: 0.0 },
+        }
     }
 
     /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2), with early stopping.
     fn leader(refine_converged: bool) -> Leader {
-        let catalog = Catalog::new(vec![("a".into(), 4, 4), ("b".into(), 4, 4)], vec![vec![0], vec![1]]);
-        let params = EvaParams { rank: 1, rho: 2.0, ..EvaParams::default() };
+        let catalog = Catalog::new(
+            vec![("a".into(), 4, 4), ("b".into(), 4, 4)],
+            vec![vec![0], vec![1]],
+        );
+        let params = EvaParams {
+            rank: 1,
+            rho: 2.0,
+            ..EvaParams::default()
+        };
         Leader::new(&catalog, &params, true, refine_converged)
     }
 
     /// Checks a decision's tested inputs; done inputs accumulate only when refined.
     fn assert_tests(d: &Decision, refine: bool, test: &[bool]) {
         assert_eq!(d.test, test);
-        assert_eq!(d.accumulate, if refine { vec![true; test.len()] } else { test.to_vec() });
+        assert_eq!(
+            d.accumulate,
+            if refine {
+                vec![true; test.len()]
+            } else {
+                test.to_vec()
+            }
+        );
     }
 
     #[test]
@@ -423,7 +527,8 @@ mod tests {
         let z = Array2::from_shape_fn((rows, d), |(_, j)| rng.normal() / (j as f64 + 1.0).sqrt());
         let x = z.dot(&q.t()).mapv(|v| (v + 3.0) as f32);
         let mut e = crate::stats::exact::ExactStats::new(vec![2.5; d]);
-        e.accumulate(x.view(), &mut crate::stats::Workspace::default()).unwrap();
+        e.accumulate(x.view(), &mut crate::stats::Workspace::default())
+            .unwrap();
         e
     }
 
@@ -438,12 +543,25 @@ mod tests {
                 if remote {
                     let mut apply = |q: ArrayView2<f64>| e.gram_apply(q);
                     let mut gather = || Ok(e.gram().to_vec());
-                    Spectrum::from_gram(Gram::Remote { apply: &mut apply, gather: &mut gather }, &e.moments, k, warm, precision).unwrap()
+                    Spectrum::from_gram(
+                        Gram::Remote {
+                            apply: &mut apply,
+                            gather: &mut gather,
+                        },
+                        &e.moments,
+                        k,
+                        warm,
+                        precision,
+                    )
+                    .unwrap()
                 } else {
-                    Spectrum::from_gram(Gram::Local(e.gram()), &e.moments, k, warm, precision).unwrap()
+                    Spectrum::from_gram(Gram::Local(e.gram()), &e.moments, k, warm, precision)
+                        .unwrap()
                 }
             };
-            let cos = |a: &Spectrum, i: usize| a.vectors.column(i).dot(&reference.vectors.column(i)).abs();
+            let cos = |a: &Spectrum, i: usize| {
+                a.vectors.column(i).dot(&reference.vectors.column(i)).abs()
+            };
             for remote in [false, true] {
                 let mut warm = None;
                 let step = solve(Precision::Step, remote, &mut warm);
@@ -451,10 +569,22 @@ mod tests {
                 let fin = solve(Precision::Final, remote, &mut warm);
                 for i in 0..k {
                     let rel = |v: f64| (v - reference.values[i]).abs() / reference.values[0];
-                    assert!(rel(step.values[i]) < 1e-4 && step.residuals[i] <= STEP_TOLERANCE, "d {d} remote {remote}: step pair {i}");
-                    assert!(rel(fin.values[i]) < 1e-9 && fin.residuals[i] <= 1e-9, "d {d} remote {remote}: final pair {i}");
-                    assert!(cos(&fin, i) > 1.0 - 1e-9, "d {d} remote {remote}: final vector {i}");
-                    assert!(cos(&step, i) > 0.999, "d {d} remote {remote}: step vector {i}");
+                    assert!(
+                        rel(step.values[i]) < 1e-4 && step.residuals[i] <= STEP_TOLERANCE,
+                        "d {d} remote {remote}: step pair {i}"
+                    );
+                    assert!(
+                        rel(fin.values[i]) < 1e-9 && fin.residuals[i] <= 1e-9,
+                        "d {d} remote {remote}: final pair {i}"
+                    );
+                    assert!(
+                        cos(&fin, i) > 1.0 - 1e-9,
+                        "d {d} remote {remote}: final vector {i}"
+                    );
+                    assert!(
+                        cos(&step, i) > 0.999,
+                        "d {d} remote {remote}: step vector {i}"
+                    );
                 }
             }
         }

@@ -65,18 +65,31 @@ impl HostTensor {
             }
         };
         let bad = |c: &[u8]| (word(c) & mask == mask) as u32;
-        let any = if width == 4 { b.chunks_exact(4).fold(0, |a, c| a | bad(c)) } else { b.chunks_exact(2).fold(0, |a, c| a | bad(c)) };
+        let any = if width == 4 {
+            b.chunks_exact(4).fold(0, |a, c| a | bad(c))
+        } else {
+            b.chunks_exact(2).fold(0, |a, c| a | bad(c))
+        };
         if any == 0 {
             return Ok(());
         }
-        let i = b.chunks_exact(width).position(|c| bad(c) == 1).expect("a non-finite element was seen");
+        let i = b
+            .chunks_exact(width)
+            .position(|c| bad(c) == 1)
+            .expect("a non-finite element was seen");
         let v = match self.dtype {
             Dtype::F32 => f32::from_bits(word(&b[i * 4..])),
             Dtype::F16 => half::f16::from_bits(word(&b[i * 2..]) as u16).to_f32(),
             _ => half::bf16::from_bits(word(&b[i * 2..]) as u16).to_f32(),
         };
-        let cols = self.shape.last().copied().filter(|&c| c > 0 && self.shape.len() > 1);
-        let at = cols.map_or(format!("element {i}"), |c| format!("row {}, column {}", i / c, i % c));
+        let cols = self
+            .shape
+            .last()
+            .copied()
+            .filter(|&c| c > 0 && self.shape.len() > 1);
+        let at = cols.map_or(format!("element {i}"), |c| {
+            format!("row {}, column {}", i / c, i % c)
+        });
         Err(Error::data(format!(
             "checkpoint tensor {} ({:?}, shape {:?}): non-finite weight {v} at {at}; the checkpoint is damaged or was saved after a diverged step",
             self.name, self.dtype, self.shape
@@ -112,9 +125,11 @@ pub struct Checkpoint {
 }
 
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open checkpoint file", path, e))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::io("cannot open checkpoint file", path, e))?;
     // SAFETY: read-only private map; the checkpoint must not change while eva runs.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("cannot map checkpoint file", path, e))
+    unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::io("cannot map checkpoint file", path, e))
 }
 
 /// The refusal for a pickled checkpoint, with the conversion command for its class.
@@ -143,10 +158,17 @@ impl Checkpoint {
             )));
         }
         let index_path = dir.join(INDEX);
-        let (files, weight_map): (Vec<PathBuf>, Option<BTreeMap<String, String>>) = if index_path.is_file() {
-            let bytes = std::fs::read(&index_path).map_err(|e| Error::io("cannot read shard index", &index_path, e))?;
-            let v: serde_json::Value = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::data(format!("shard index {}: not valid JSON: {e}", index_path.display())))?;
+        let (files, weight_map): (Vec<PathBuf>, Option<BTreeMap<String, String>>) = if index_path
+            .is_file()
+        {
+            let bytes = std::fs::read(&index_path)
+                .map_err(|e| Error::io("cannot read shard index", &index_path, e))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::data(format!(
+                    "shard index {}: not valid JSON: {e}",
+                    index_path.display()
+                ))
+            })?;
             let map: BTreeMap<String, String> = serde_json::from_value(v["weight_map"].clone()).map_err(|e| {
                 Error::data(format!(
                     "shard index {}: `weight_map` must be an object of tensor name -> file name: {e}",
@@ -160,7 +182,13 @@ impl Checkpoint {
         } else if dir.join(SINGLE).is_file() {
             (vec![dir.join(SINGLE)], None)
         } else {
-            for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf_model.h5", "model.pt"] {
+            for pickle in [
+                "pytorch_model.bin",
+                "pytorch_model.bin.index.json",
+                "model.bin",
+                "tf_model.h5",
+                "model.pt",
+            ] {
                 if dir.join(pickle).exists() {
                     return Err(pickle_error(dir, pickle));
                 }
@@ -174,11 +202,18 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (f, path) in files.iter().enumerate() {
             if !path.is_file() {
-                return Err(Error::data(format!("checkpoint shard {} is listed in {INDEX} but missing", path.display())));
+                return Err(Error::data(format!(
+                    "checkpoint shard {} is listed in {INDEX} but missing",
+                    path.display()
+                )));
             }
             let map = Arc::new(map_file(path)?);
             let st = SafeTensors::deserialize(&map).map_err(|e| {
-                Error::data(format!("checkpoint file {}: not a valid safetensors file ({} bytes): {e}", path.display(), map.len()))
+                Error::data(format!(
+                    "checkpoint file {}: not a valid safetensors file ({} bytes): {e}",
+                    path.display(),
+                    map.len()
+                ))
             })?;
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
@@ -197,16 +232,21 @@ impl Checkpoint {
         if let Some(wm) = &weight_map {
             for (name, file) in wm {
                 match tensors.get(name) {
-                    Some(t) if files[t.file].file_name().is_some_and(|n| n == file.as_str()) => {}
-                    _ => {
-                        return Err(Error::data(format!(
-                            "checkpoint: {INDEX} maps tensor {name} to {file}, which does not hold it"
-                        )))
-                    }
+                    Some(t)
+                        if files[t.file]
+                            .file_name()
+                            .is_some_and(|n| n == file.as_str()) => {}
+                    _ => return Err(Error::data(format!(
+                        "checkpoint: {INDEX} maps tensor {name} to {file}, which does not hold it"
+                    ))),
                 }
             }
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), files, tensors })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+        })
     }
 
     /// A tensor by key, if present.
@@ -217,11 +257,21 @@ impl Checkpoint {
     /// A tensor that must be present, with the expected shape (`None` entries match anything).
     pub fn expect(&self, name: &str, shape: &[Option<usize>]) -> Result<&HostTensor> {
         let t = self.tensors.get(name).ok_or_else(|| {
-            Error::data(format!("checkpoint in {}: tensor {name} is missing (config.json says it should exist)", self.dir.display()))
+            Error::data(format!(
+                "checkpoint in {}: tensor {name} is missing (config.json says it should exist)",
+                self.dir.display()
+            ))
         })?;
-        let ok = t.shape.len() == shape.len() && t.shape.iter().zip(shape).all(|(&a, b)| b.is_none_or(|b| a == b));
+        let ok = t.shape.len() == shape.len()
+            && t.shape
+                .iter()
+                .zip(shape)
+                .all(|(&a, b)| b.is_none_or(|b| a == b));
         if !ok {
-            let want: Vec<String> = shape.iter().map(|d| d.map_or("?".into(), |d| d.to_string())).collect();
+            let want: Vec<String> = shape
+                .iter()
+                .map(|d| d.map_or("?".into(), |d| d.to_string()))
+                .collect();
             return Err(Error::data(format!(
                 "checkpoint tensor {name}: expected shape [{}] from config.json, found {:?}",
                 want.join(", "),
@@ -244,7 +294,10 @@ impl Checkpoint {
         let mut found: Vec<&str> = self
             .tensors
             .keys()
-            .filter(|k| k.as_str() == suffix || (k.ends_with(suffix) && k.as_bytes()[k.len() - suffix.len() - 1] == b'.'))
+            .filter(|k| {
+                k.as_str() == suffix
+                    || (k.ends_with(suffix) && k.as_bytes()[k.len() - suffix.len() - 1] == b'.')
+            })
             .map(|k| &k[..k.len() - suffix.len()])
             .collect();
         found.sort_unstable_by_key(|p| p.len());

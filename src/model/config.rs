@@ -117,7 +117,9 @@ impl ModelConfig {
     pub fn max_positions(&self) -> Option<usize> {
         match &self.family {
             Family::Decoder(_) => None,
-            Family::Encoder(e) => Some(e.max_positions - e.position_offset.map_or(0, |p| p as usize + 1)),
+            Family::Encoder(e) => {
+                Some(e.max_positions - e.position_offset.map_or(0, |p| p as usize + 1))
+            }
         }
     }
 }
@@ -133,7 +135,9 @@ impl Reader<'_> {
         Error::data(format!(
             "{}: `{key}` must be {want}, found {}",
             self.path.display(),
-            self.v.get(key).map_or("nothing".to_string(), |v| v.to_string())
+            self.v
+                .get(key)
+                .map_or("nothing".to_string(), |v| v.to_string())
         ))
     }
 
@@ -154,7 +158,10 @@ impl Reader<'_> {
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.v.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).ok_or_else(|| self.err(key, "a non-negative number")),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| self.err(key, "a non-negative number")),
         }
     }
 
@@ -168,7 +175,9 @@ impl Reader<'_> {
     fn act(&self, default: &str) -> Result<Activation> {
         let name = match self.v.get("hidden_act") {
             None | Some(Value::Null) => default,
-            Some(v) => v.as_str().ok_or_else(|| self.err("hidden_act", "a string"))?,
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err("hidden_act", "a string"))?,
         };
         Activation::parse(name).ok_or_else(|| {
             Error::data(format!(
@@ -182,15 +191,20 @@ impl Reader<'_> {
 /// Parses `config.json` in `dir`.
 pub fn load(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io("cannot read model config", &path, e))?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| Error::data(format!("{}: not valid JSON: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io("cannot read model config", &path, e))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::data(format!("{}: not valid JSON: {e}", path.display())))?;
     parse(&v, &path)
 }
 
 /// Parses a config object (`path` is only used in messages).
 pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
     if !v.is_object() {
-        return Err(Error::data(format!("{}: expected a JSON object", path.display())));
+        return Err(Error::data(format!(
+            "{}: expected a JSON object",
+            path.display()
+        )));
     }
     let r = Reader { v, path };
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
@@ -208,9 +222,17 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
             )))
         }
     };
-    let class = v.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).unwrap_or("").to_string();
+    let class = v
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let vocab = r.usize("vocab_size")?;
-    let pad_token_id = v.get("pad_token_id").and_then(Value::as_u64).map(|p| p as u32);
+    let pad_token_id = v
+        .get("pad_token_id")
+        .and_then(Value::as_u64)
+        .map(|p| p as u32);
     let hidden = r.usize("hidden_size")?;
     let intermediate = r.usize("intermediate_size")?;
     let layers = r.usize("num_hidden_layers")?;
@@ -231,7 +253,10 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         }
         let head_dim = r.usize_or("head_dim", hidden / heads)?;
         if head_dim % 2 != 0 {
-            return Err(Error::data(format!("{}: head_dim = {head_dim} must be even for rotary embeddings", path.display())));
+            return Err(Error::data(format!(
+                "{}: head_dim = {head_dim} must be even for rotary embeddings",
+                path.display()
+            )));
         }
         let (rope, rope_desc) = rope(&r, head_dim)?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
@@ -261,7 +286,10 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         }
         .into()
     } else {
-        let pet = v.get("position_embedding_type").and_then(Value::as_str).unwrap_or("absolute");
+        let pet = v
+            .get("position_embedding_type")
+            .and_then(Value::as_str)
+            .unwrap_or("absolute");
         if pet != "absolute" {
             return Err(Error::data(format!(
                 "{}: position_embedding_type `{pet}` is not supported (only `absolute`)",
@@ -300,7 +328,13 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         }
         .into()
     };
-    Ok(ModelConfig { arch, class, vocab, pad_token_id, family })
+    Ok(ModelConfig {
+        arch,
+        class,
+        vocab,
+        pad_token_id,
+        family,
+    })
 }
 
 impl From<DecoderConfig> for Family {
@@ -324,7 +358,11 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
     let theta = params
         .and_then(|p| p.get("rope_theta"))
         .or_else(|| r.v.get("rope_theta"))
-        .map(|t| t.as_f64().filter(|t| *t > 0.0).ok_or_else(|| r.err("rope_theta", "a positive number")))
+        .map(|t| {
+            t.as_f64()
+                .filter(|t| *t > 0.0)
+                .ok_or_else(|| r.err("rope_theta", "a positive number"))
+        })
         .transpose()?
         .unwrap_or(10000.0);
     let spec = params.or(scaling);
@@ -333,14 +371,28 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
         .and_then(Value::as_str)
         .unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        spec.and_then(|s| s.get(key)).and_then(Value::as_f64).ok_or_else(|| {
-            Error::data(format!("{}: rope type `{kind}` needs a numeric `{key}`", r.path.display()))
-        })
+        spec.and_then(|s| s.get(key))
+            .and_then(Value::as_f64)
+            .ok_or_else(|| {
+                Error::data(format!(
+                    "{}: rope type `{kind}` needs a numeric `{key}`",
+                    r.path.display()
+                ))
+            })
     };
-    if spec.and_then(|s| s.get("partial_rotary_factor")).and_then(Value::as_f64).is_some_and(|f| f != 1.0)
-        || r.v.get("partial_rotary_factor").and_then(Value::as_f64).is_some_and(|f| f != 1.0)
+    if spec
+        .and_then(|s| s.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .is_some_and(|f| f != 1.0)
+        || r.v
+            .get("partial_rotary_factor")
+            .and_then(Value::as_f64)
+            .is_some_and(|f| f != 1.0)
     {
-        return Err(Error::data(format!("{}: partial_rotary_factor != 1 is not supported", r.path.display())));
+        return Err(Error::data(format!(
+            "{}: partial_rotary_factor != 1 is not supported",
+            r.path.display()
+        )));
     }
     // inv_freq[i] = theta^(-2i/d), as transformers computes it: exponent and power in f32.
     let base: Vec<f64> = (0..head_dim / 2)
@@ -353,7 +405,10 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
         "default" => (base, format!("theta {theta}")),
         "linear" => {
             let factor = num("factor")?;
-            (base.iter().map(|f| f / factor).collect(), format!("theta {theta}, linear x{factor}"))
+            (
+                base.iter().map(|f| f / factor).collect(),
+                format!("theta {theta}, linear x{factor}"),
+            )
         }
         "llama3" => {
             let factor = num("factor")?;
@@ -384,7 +439,12 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
             )))
         }
     };
-    Ok((Rope { inv_freq: inv.into_iter().map(|f| f as f32).collect() }, desc))
+    Ok((
+        Rope {
+            inv_freq: inv.into_iter().map(|f| f as f32).collect(),
+        },
+        desc,
+    ))
 }
 
 /// Sliding-window size per layer: Mistral's `sliding_window`; Qwen2's only with
@@ -421,10 +481,16 @@ fn windows(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> 
     }
     let first = match arch {
         // Qwen2Config's default max_window_layers is 28.
-        Arch::Qwen2 => r.v.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28) as usize,
+        Arch::Qwen2 => {
+            r.v.get("max_window_layers")
+                .and_then(Value::as_u64)
+                .unwrap_or(28) as usize
+        }
         _ => 0,
     };
-    Ok((0..layers).map(|i| if i >= first { window } else { None }).collect())
+    Ok((0..layers)
+        .map(|i| if i >= first { window } else { None })
+        .collect())
 }
 
 #[cfg(test)]
@@ -444,7 +510,11 @@ mod tests {
         a["rope_theta"] = json!(500000.0);
         let mut b = base.clone();
         b["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
-        let (Family::Decoder(a), Family::Decoder(b)) = (cfg(a).unwrap().family, cfg(b).unwrap().family) else { panic!() };
+        let (Family::Decoder(a), Family::Decoder(b)) =
+            (cfg(a).unwrap().family, cfg(b).unwrap().family)
+        else {
+            panic!()
+        };
         assert_eq!(a.rope.inv_freq, b.rope.inv_freq);
         assert_eq!(a.rope.inv_freq[0], 1.0);
         assert!((a.rope.inv_freq[1] - 500000f32.powf(-0.5)).abs() < 1e-9);
@@ -453,14 +523,21 @@ mod tests {
     #[test]
     fn unknown_model_type_lists_supported() {
         let e = cfg(json!({"model_type": "gpt2"})).unwrap_err().to_string();
-        assert!(e.contains("gpt2") && e.contains("llama, mistral, qwen2, bert, roberta"), "{e}");
+        assert!(
+            e.contains("gpt2") && e.contains("llama, mistral, qwen2, bert, roberta"),
+            "{e}"
+        );
     }
 
     #[test]
     fn task_type_follows_the_class() {
         let mut v = json!({"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16});
-        for (class, task) in [("BertModel", Some("FEATURE_EXTRACTION")), ("BertForSequenceClassification", None), ("BertForMaskedLM", None)] {
+        for (class, task) in [
+            ("BertModel", Some("FEATURE_EXTRACTION")),
+            ("BertForSequenceClassification", None),
+            ("BertForMaskedLM", None),
+        ] {
             v["architectures"] = json!([class]);
             assert_eq!(cfg(v.clone()).unwrap().task_type(), task);
         }

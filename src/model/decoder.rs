@@ -36,9 +36,27 @@ fn linears(c: &DecoderConfig) -> [(&'static str, Point, usize, usize, bool); 7] 
         ("self_attn.k_proj", Point::AttnIn, c.hidden, kv, c.qkv_bias),
         ("self_attn.v_proj", Point::AttnIn, c.hidden, kv, c.qkv_bias),
         ("self_attn.o_proj", Point::AttnOut, q, c.hidden, c.o_bias),
-        ("mlp.gate_proj", Point::MlpIn, c.hidden, c.intermediate, c.mlp_bias),
-        ("mlp.up_proj", Point::MlpIn, c.hidden, c.intermediate, c.mlp_bias),
-        ("mlp.down_proj", Point::MlpHidden, c.intermediate, c.hidden, c.mlp_bias),
+        (
+            "mlp.gate_proj",
+            Point::MlpIn,
+            c.hidden,
+            c.intermediate,
+            c.mlp_bias,
+        ),
+        (
+            "mlp.up_proj",
+            Point::MlpIn,
+            c.hidden,
+            c.intermediate,
+            c.mlp_bias,
+        ),
+        (
+            "mlp.down_proj",
+            Point::MlpHidden,
+            c.intermediate,
+            c.hidden,
+            c.mlp_bias,
+        ),
     ]
 }
 
@@ -52,7 +70,13 @@ pub fn modules(c: &DecoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
             if bias {
                 ckpt.expect(&format!("{name}.bias"), &[Some(o)])?;
             }
-            out.push(Module { name, layer, point, in_features: i, out_features: o });
+            out.push(Module {
+                name,
+                layer,
+                point,
+                in_features: i,
+                out_features: o,
+            });
         }
     }
     Ok(out)
@@ -60,17 +84,36 @@ pub fn modules(c: &DecoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
 
 impl<B: Backend> Decoder<B> {
     /// Loads the embedding table and the first `layers` blocks.
-    pub fn load(be: &B, c: &DecoderConfig, vocab: usize, ckpt: &Checkpoint, prefix: &str, layers: usize) -> Result<Self> {
-        let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> { be.weight(ckpt.expect(&name, shape)?) };
-        let embed = w(format!("{prefix}embed_tokens.weight"), &[Some(vocab), Some(c.hidden)])?;
+    pub fn load(
+        be: &B,
+        c: &DecoderConfig,
+        vocab: usize,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        layers: usize,
+    ) -> Result<Self> {
+        let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> {
+            be.weight(ckpt.expect(&name, shape)?)
+        };
+        let embed = w(
+            format!("{prefix}embed_tokens.weight"),
+            &[Some(vocab), Some(c.hidden)],
+        )?;
         let mut blocks = Vec::with_capacity(layers);
         for layer in 0..layers {
             let base = format!("{prefix}layers.{layer}.");
             let lin = |suffix: &str| -> Result<Linear<B::Weight>> {
-                let (_, _, i, o, bias) = linears(c).into_iter().find(|l| l.0 == suffix).expect("known suffix");
+                let (_, _, i, o, bias) = linears(c)
+                    .into_iter()
+                    .find(|l| l.0 == suffix)
+                    .expect("known suffix");
                 Ok(Linear {
                     w: w(format!("{base}{suffix}.weight"), &[Some(o), Some(i)])?,
-                    b: if bias { Some(w(format!("{base}{suffix}.bias"), &[Some(o)])?) } else { None },
+                    b: if bias {
+                        Some(w(format!("{base}{suffix}.bias"), &[Some(o)])?)
+                    } else {
+                        None
+                    },
                 })
             };
             blocks.push(Block {
@@ -79,26 +122,45 @@ impl<B: Backend> Decoder<B> {
                 k: lin("self_attn.k_proj")?,
                 v: lin("self_attn.v_proj")?,
                 o: lin("self_attn.o_proj")?,
-                post_norm: w(format!("{base}post_attention_layernorm.weight"), &[Some(c.hidden)])?,
+                post_norm: w(
+                    format!("{base}post_attention_layernorm.weight"),
+                    &[Some(c.hidden)],
+                )?,
                 gate: lin("mlp.gate_proj")?,
                 up: lin("mlp.up_proj")?,
                 down: lin("mlp.down_proj")?,
             });
         }
-        Ok(Decoder { cfg: c.clone(), embed, blocks })
+        Ok(Decoder {
+            cfg: c.clone(),
+            embed,
+            blocks,
+        })
     }
 
     /// Runs the blocks over `batch`, handing each needed capture point to `capture`, and stops
     /// after the last one needed.
-    pub fn forward(&self, be: &B, batch: &Batch, need: &Need, capture: &mut Capture<'_, B::Tensor>) -> Result<()> {
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &Batch,
+        need: &Need,
+        capture: &mut Capture<'_, B::Tensor>,
+    ) -> Result<()> {
         let c = &self.cfg;
-        let Some(last) = need.last() else { return Ok(()) };
+        let Some(last) = need.last() else {
+            return Ok(());
+        };
         let mut h = be.zeros(batch.ids.len(), c.hidden);
         be.embed(&mut h, &self.embed, &batch.ids, "embed_tokens")?;
         // Positions restart at 0 in every sequence (right padding, as transformers with
         // an attention mask and no explicit position_ids).
         let (cos, sin) = c.rope.tables(&batch.positions);
-        let heads = Heads { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let heads = Heads {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
         for (layer, b) in self.blocks.iter().enumerate().take(last.0 + 1) {
             let x = be.rms_norm(&h, &b.input_norm, c.eps);
             if need.get(layer, Point::AttnIn) {
@@ -113,7 +175,16 @@ impl<B: Backend> Decoder<B> {
             drop(x);
             be.rope(&mut q, c.head_dim, &cos, &sin);
             be.rope(&mut k, c.head_dim, &cos, &sin);
-            let attn = be.attention(&q, &k, &v, heads, &batch.segments, AttentionMask::Causal { window: c.windows[layer] });
+            let attn = be.attention(
+                &q,
+                &k,
+                &v,
+                heads,
+                &batch.segments,
+                AttentionMask::Causal {
+                    window: c.windows[layer],
+                },
+            );
             if need.get(layer, Point::AttnOut) {
                 capture(layer, Point::AttnOut, &attn)?;
             }

@@ -49,7 +49,13 @@ pub fn modules(c: &EncoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
         for (suffix, point, i, o) in linears(c) {
             let name = format!("{prefix}encoder.layer.{layer}.{suffix}");
             ckpt.expect(&format!("{name}.weight"), &[Some(o), Some(i)])?;
-            out.push(Module { name, layer, point, in_features: i, out_features: o });
+            out.push(Module {
+                name,
+                layer,
+                point,
+                in_features: i,
+                out_features: o,
+            });
         }
     }
     Ok(out)
@@ -57,9 +63,16 @@ pub fn modules(c: &EncoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
 
 /// LayerNorm weight and bias; old BERT checkpoints name them `gamma` / `beta` (transformers
 /// renames those when loading).
-fn norm<B: Backend>(be: &B, ckpt: &Checkpoint, base: &str, n: usize) -> Result<(B::Weight, B::Weight)> {
+fn norm<B: Backend>(
+    be: &B,
+    ckpt: &Checkpoint,
+    base: &str,
+    n: usize,
+) -> Result<(B::Weight, B::Weight)> {
     let pick = |new: &str, old: &str| -> Result<B::Weight> {
-        let name = if ckpt.get(&format!("{base}.{new}")).is_none() && ckpt.get(&format!("{base}.{old}")).is_some() {
+        let name = if ckpt.get(&format!("{base}.{new}")).is_none()
+            && ckpt.get(&format!("{base}.{old}")).is_some()
+        {
             format!("{base}.{old}")
         } else {
             format!("{base}.{new}")
@@ -71,14 +84,32 @@ fn norm<B: Backend>(be: &B, ckpt: &Checkpoint, base: &str, n: usize) -> Result<(
 
 impl<B: Backend> Encoder<B> {
     /// Loads the embeddings and the first `layers` blocks.
-    pub fn load(be: &B, c: &EncoderConfig, vocab: usize, ckpt: &Checkpoint, prefix: &str, layers: usize) -> Result<Self> {
-        let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> { be.weight(ckpt.expect(&name, shape)?) };
+    pub fn load(
+        be: &B,
+        c: &EncoderConfig,
+        vocab: usize,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        layers: usize,
+    ) -> Result<Self> {
+        let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> {
+            be.weight(ckpt.expect(&name, shape)?)
+        };
         let h = c.hidden;
         let e = format!("{prefix}embeddings.");
-        let words = w(format!("{e}word_embeddings.weight"), &[Some(vocab), Some(h)])?;
-        let positions = w(format!("{e}position_embeddings.weight"), &[Some(c.max_positions), Some(h)])?;
+        let words = w(
+            format!("{e}word_embeddings.weight"),
+            &[Some(vocab), Some(h)],
+        )?;
+        let positions = w(
+            format!("{e}position_embeddings.weight"),
+            &[Some(c.max_positions), Some(h)],
+        )?;
         let types = match ckpt.get(&format!("{e}token_type_embeddings.weight")) {
-            Some(_) => Some(w(format!("{e}token_type_embeddings.weight"), &[Some(c.type_vocab), Some(h)])?),
+            Some(_) => Some(w(
+                format!("{e}token_type_embeddings.weight"),
+                &[Some(c.type_vocab), Some(h)],
+            )?),
             None => None,
         };
         let norm0 = norm(be, ckpt, &format!("{e}LayerNorm"), h)?;
@@ -86,8 +117,14 @@ impl<B: Backend> Encoder<B> {
         for layer in 0..layers {
             let base = format!("{prefix}encoder.layer.{layer}.");
             let lin = |suffix: &str| -> Result<Linear<B::Weight>> {
-                let (_, _, i, o) = linears(c).into_iter().find(|l| l.0 == suffix).expect("known suffix");
-                Ok(Linear { w: w(format!("{base}{suffix}.weight"), &[Some(o), Some(i)])?, b: Some(w(format!("{base}{suffix}.bias"), &[Some(o)])?) })
+                let (_, _, i, o) = linears(c)
+                    .into_iter()
+                    .find(|l| l.0 == suffix)
+                    .expect("known suffix");
+                Ok(Linear {
+                    w: w(format!("{base}{suffix}.weight"), &[Some(o), Some(i)])?,
+                    b: Some(w(format!("{base}{suffix}.bias"), &[Some(o)])?),
+                })
             };
             blocks.push(Block {
                 query: lin("attention.self.query")?,
@@ -100,13 +137,28 @@ impl<B: Backend> Encoder<B> {
                 out_norm: norm(be, ckpt, &format!("{base}output.LayerNorm"), h)?,
             });
         }
-        Ok(Encoder { cfg: c.clone(), words, positions, types, norm: norm0, blocks })
+        Ok(Encoder {
+            cfg: c.clone(),
+            words,
+            positions,
+            types,
+            norm: norm0,
+            blocks,
+        })
     }
 
     /// Runs embeddings and blocks over `batch`, handing each needed capture point to `capture`.
-    pub fn forward(&self, be: &B, batch: &Batch, need: &Need, capture: &mut Capture<'_, B::Tensor>) -> Result<()> {
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &Batch,
+        need: &Need,
+        capture: &mut Capture<'_, B::Tensor>,
+    ) -> Result<()> {
         let c = &self.cfg;
-        let Some(last) = need.last() else { return Ok(()) };
+        let Some(last) = need.last() else {
+            return Ok(());
+        };
         let mut e = be.zeros(batch.ids.len(), c.hidden);
         be.embed(&mut e, &self.words, &batch.ids, "word_embeddings")?;
         match &self.types {
@@ -116,10 +168,19 @@ impl<B: Backend> Encoder<B> {
             }
             None => {}
         }
-        be.embed(&mut e, &self.positions, &batch.positions, "position_embeddings")?;
+        be.embed(
+            &mut e,
+            &self.positions,
+            &batch.positions,
+            "position_embeddings",
+        )?;
         let mut h = be.layer_norm(&e, &self.norm.0, &self.norm.1, c.eps);
         drop(e);
-        let heads = Heads { heads: c.heads, kv_heads: c.heads, head_dim: c.hidden / c.heads };
+        let heads = Heads {
+            heads: c.heads,
+            kv_heads: c.heads,
+            head_dim: c.hidden / c.heads,
+        };
         for (layer, b) in self.blocks.iter().enumerate().take(last.0 + 1) {
             if need.get(layer, Point::AttnIn) {
                 capture(layer, Point::AttnIn, &h)?;
@@ -130,7 +191,14 @@ impl<B: Backend> Encoder<B> {
             let q = b.query.apply(be, &h);
             let k = b.key.apply(be, &h);
             let v = b.value.apply(be, &h);
-            let ctx = be.attention(&q, &k, &v, heads, &batch.segments, AttentionMask::Bidirectional);
+            let ctx = be.attention(
+                &q,
+                &k,
+                &v,
+                heads,
+                &batch.segments,
+                AttentionMask::Bidirectional,
+            );
             drop((q, k, v));
             if need.get(layer, Point::AttnOut) {
                 capture(layer, Point::AttnOut, &ctx)?;
@@ -138,7 +206,13 @@ impl<B: Backend> Encoder<B> {
             if last == (layer, Point::AttnOut) {
                 break;
             }
-            let a = be.add_layer_norm(b.attn_out.apply(be, &ctx), &h, &b.attn_norm.0, &b.attn_norm.1, c.eps);
+            let a = be.add_layer_norm(
+                b.attn_out.apply(be, &ctx),
+                &h,
+                &b.attn_norm.0,
+                &b.attn_norm.1,
+                c.eps,
+            );
             if need.get(layer, Point::MlpIn) {
                 capture(layer, Point::MlpIn, &a)?;
             }
@@ -153,7 +227,13 @@ impl<B: Backend> Encoder<B> {
             if last == (layer, Point::MlpHidden) {
                 break;
             }
-            h = be.add_layer_norm(b.output.apply(be, &i), &a, &b.out_norm.0, &b.out_norm.1, c.eps);
+            h = be.add_layer_norm(
+                b.output.apply(be, &i),
+                &a,
+                &b.out_norm.0,
+                &b.out_norm.1,
+                c.eps,
+            );
         }
         Ok(())
     }

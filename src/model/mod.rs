@@ -44,7 +44,12 @@ pub enum Point {
 
 impl Point {
     /// All points, in forward order.
-    pub const ALL: [Point; 4] = [Point::AttnIn, Point::AttnOut, Point::MlpIn, Point::MlpHidden];
+    pub const ALL: [Point; 4] = [
+        Point::AttnIn,
+        Point::AttnOut,
+        Point::MlpIn,
+        Point::MlpHidden,
+    ];
 }
 
 /// One linear layer inside a transformer block.
@@ -69,7 +74,9 @@ pub struct Need {
 impl Need {
     /// Nothing needed, for `layers` blocks.
     pub fn new(layers: usize) -> Self {
-        Need { flags: vec![[false; 4]; layers] }
+        Need {
+            flags: vec![[false; 4]; layers],
+        }
     }
 
     /// Marks a point as needed.
@@ -84,7 +91,13 @@ impl Need {
 
     /// The last needed point in forward order, if any.
     pub fn last(&self) -> Option<(usize, Point)> {
-        self.flags.iter().enumerate().rev().find_map(|(l, f)| Point::ALL.iter().rev().find(|p| f[**p as usize]).map(|&p| (l, p)))
+        self.flags.iter().enumerate().rev().find_map(|(l, f)| {
+            Point::ALL
+                .iter()
+                .rev()
+                .find(|p| f[**p as usize])
+                .map(|&p| (l, p))
+        })
     }
 }
 
@@ -157,7 +170,12 @@ impl Model {
             Family::Decoder(c) => decoder::modules(c, &checkpoint, &prefix)?,
             Family::Encoder(c) => encoder::modules(c, &checkpoint, &prefix)?,
         };
-        Ok(Model { config, checkpoint, prefix, modules })
+        Ok(Model {
+            config,
+            checkpoint,
+            prefix,
+            modules,
+        })
     }
 
     /// Every linear layer inside the transformer blocks, in model order.
@@ -177,8 +195,22 @@ impl Model {
     pub fn load<B: Backend>(&self, be: &B, layers: usize) -> Result<Loaded<B>> {
         let layers = layers.min(self.layers());
         Ok(match &self.config.family {
-            Family::Decoder(c) => Loaded::Decoder(decoder::Decoder::load(be, c, self.config.vocab, &self.checkpoint, &self.prefix, layers)?),
-            Family::Encoder(c) => Loaded::Encoder(encoder::Encoder::load(be, c, self.config.vocab, &self.checkpoint, &self.prefix, layers)?),
+            Family::Decoder(c) => Loaded::Decoder(decoder::Decoder::load(
+                be,
+                c,
+                self.config.vocab,
+                &self.checkpoint,
+                &self.prefix,
+                layers,
+            )?),
+            Family::Encoder(c) => Loaded::Encoder(encoder::Encoder::load(
+                be,
+                c,
+                self.config.vocab,
+                &self.checkpoint,
+                &self.prefix,
+                layers,
+            )?),
         })
     }
 
@@ -219,7 +251,13 @@ impl Model {
 
 impl<B: Backend> Loaded<B> {
     /// Runs the forward pass, delivering the needed capture points.
-    pub fn forward(&self, be: &B, batch: &Batch, need: &Need, capture: &mut Capture<'_, B::Tensor>) -> Result<()> {
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &Batch,
+        need: &Need,
+        capture: &mut Capture<'_, B::Tensor>,
+    ) -> Result<()> {
         match self {
             Loaded::Decoder(m) => m.forward(be, batch, need, capture),
             Loaded::Encoder(m) => m.forward(be, batch, need, capture),

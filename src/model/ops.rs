@@ -19,8 +19,8 @@
 //! after another (no padding is materialized; [`Segments`] says where each sequence lies).
 
 use super::checkpoint::HostTensor;
-use crate::{Error, Result};
 use crate::linalg::{sgemm, threads};
+use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use std::ops::Range;
 
@@ -81,7 +81,10 @@ pub fn exp(x: f32) -> f32 {
     let m = x * LOG2E + ROUND;
     let n = m - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
     let e = p * r * r + r + 1.0;
     // n ∈ [-126, 127]: 2^n = bits (n + 127) << 23, with n = bits(m) - bits(ROUND).
     let scale = f32::from_bits((m.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
@@ -98,7 +101,13 @@ pub fn exp(x: f32) -> f32 {
 #[inline]
 pub fn erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4];
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
     let ax = x.abs();
     let t = 1.0 / (P * ax + 1.0);
     let r = (((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0];
@@ -197,7 +206,13 @@ pub trait Backend {
     /// A zero activation of `tokens x dim`.
     fn zeros(&self, tokens: usize, dim: usize) -> Self::Tensor;
     /// `x[t] += table[ids[t]]`; an id outside the table is an error naming `what`.
-    fn embed(&self, x: &mut Self::Tensor, table: &Self::Weight, ids: &[u32], what: &str) -> Result<()>;
+    fn embed(
+        &self,
+        x: &mut Self::Tensor,
+        table: &Self::Weight,
+        ids: &[u32],
+        what: &str,
+    ) -> Result<()>;
     /// `x Wᵀ + b` for `W: [out, in]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, b: Option<&Self::Weight>) -> Self::Tensor;
     /// `x += y`.
@@ -205,10 +220,23 @@ pub trait Backend {
     /// `x / sqrt(mean(x²) + eps) · w` per token (Llama's RMSNorm, computed in f32).
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `(x - mean) / sqrt(var + eps) · w + b` per token (biased variance, as `nn.LayerNorm`).
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        b: &Self::Weight,
+        eps: f32,
+    ) -> Self::Tensor;
     /// `layer_norm(x + y)`, reusing `x`'s storage where the backend can (a residual connection
     /// followed by BERT's post-LayerNorm).
-    fn add_layer_norm(&self, mut x: Self::Tensor, y: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor {
+    fn add_layer_norm(
+        &self,
+        mut x: Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Weight,
+        b: &Self::Weight,
+        eps: f32,
+    ) -> Self::Tensor {
         self.add(&mut x, y);
         self.layer_norm(&x, w, b, eps)
     }
@@ -216,7 +244,15 @@ pub trait Backend {
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
     /// `softmax(q kᵀ / sqrt(head_dim) + mask) v` per sequence and head; `q: [tokens, heads·hd]`,
     /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
-    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, heads: Heads, segments: &Segments, mask: AttentionMask) -> Self::Tensor;
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: Heads,
+        segments: &Segments,
+        mask: AttentionMask,
+    ) -> Self::Tensor;
     /// `x = act(x)` element-wise.
     fn activate(&self, x: &mut Self::Tensor, act: Activation);
     /// `act(gate) ⊙ up`.
@@ -243,7 +279,10 @@ pub struct CpuWeight {
 }
 
 enum Storage {
-    Mapped { map: std::sync::Arc<memmap2::Mmap>, range: Range<usize> },
+    Mapped {
+        map: std::sync::Arc<memmap2::Mmap>,
+        range: Range<usize>,
+    },
     Owned(Vec<f32>),
 }
 
@@ -287,16 +326,28 @@ impl Backend for Cpu {
 
     fn weight(&self, t: &HostTensor) -> Result<CpuWeight> {
         if !(1..=2).contains(&t.shape.len()) {
-            return Err(Error::data(format!("checkpoint tensor {}: expected 1-D or 2-D, found shape {:?}", t.name, t.shape)));
+            return Err(Error::data(format!(
+                "checkpoint tensor {}: expected 1-D or 2-D, found shape {:?}",
+                t.name, t.shape
+            )));
         }
         let shape = t.shape.clone();
         let bytes = t.bytes();
         let aligned = (bytes.as_ptr() as usize) % 4 == 0;
         if t.dtype == safetensors::Dtype::F32 && aligned && cfg!(target_endian = "little") {
             t.check_finite()?;
-            return Ok(CpuWeight { storage: Storage::Mapped { map: t.map.clone(), range: t.range.clone() }, shape });
+            return Ok(CpuWeight {
+                storage: Storage::Mapped {
+                    map: t.map.clone(),
+                    range: t.range.clone(),
+                },
+                shape,
+            });
         }
-        Ok(CpuWeight { storage: Storage::Owned(t.to_f32()?), shape })
+        Ok(CpuWeight {
+            storage: Storage::Owned(t.to_f32()?),
+            shape,
+        })
     }
 
     fn weight_shape<'a>(&self, w: &'a CpuWeight) -> &'a [usize] {
@@ -311,7 +362,10 @@ impl Backend for Cpu {
         let t = table.matrix();
         for (mut row, &id) in x.rows_mut().into_iter().zip(ids) {
             if id as usize >= t.nrows() {
-                return Err(Error::data(format!("{what}: index {id} is outside the table of {} rows", t.nrows())));
+                return Err(Error::data(format!(
+                    "{what}: index {id} is outside the table of {} rows",
+                    t.nrows()
+                )));
             }
             row += &t.row(id as usize);
         }
@@ -321,7 +375,12 @@ impl Backend for Cpu {
     fn linear(&self, x: &Array2<f32>, w: &CpuWeight, b: Option<&CpuWeight>) -> Array2<f32> {
         let w = w.matrix();
         let (m, k, n) = (x.nrows(), x.ncols(), w.nrows());
-        assert_eq!(w.ncols(), k, "linear: input has {k} features, the weight expects {}", w.ncols());
+        assert_eq!(
+            w.ncols(),
+            k,
+            "linear: input has {k} features, the weight expects {}",
+            w.ncols()
+        );
         // The output starts as the bias rows (or zeros) and sgemm adds `x Wᵀ` with beta = 1, as
         // PyTorch's addmm: no zeroing pass inside sgemm and no second pass for the bias.
         let mut y = Vec::with_capacity(m * n);
@@ -335,7 +394,14 @@ impl Backend for Cpu {
             None => y.resize(m * n, 0.0),
         }
         let x = x.as_slice().expect("activations are standard layout");
-        crate::linalg::linear_f32(x, w.as_slice().expect("weights are contiguous"), &mut y, m, k, n);
+        crate::linalg::linear_f32(
+            x,
+            w.as_slice().expect("weights are contiguous"),
+            &mut y,
+            m,
+            k,
+            n,
+        );
         Array2::from_shape_vec((m, n), y).expect("m x n values")
     }
 
@@ -356,7 +422,10 @@ impl Backend for Cpu {
         let src = x.as_slice().expect("activations are standard layout");
         let mut out = vec![0.0f32; src.len()];
         par_chunks(&mut out, d, 4 * d, |start, out| {
-            for (row, o) in src[start * d..].chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            for (row, o) in src[start * d..]
+                .chunks_exact(d)
+                .zip(out.chunks_exact_mut(d))
+            {
                 let ms = sum_f64(row, |v| v * v) / d as f64;
                 let inv = 1.0 / ((ms as f32) + eps).sqrt();
                 for ((o, &v), &g) in o.iter_mut().zip(row).zip(w) {
@@ -373,21 +442,40 @@ impl Backend for Cpu {
         out
     }
 
-    fn add_layer_norm(&self, mut x: Array2<f32>, y: &Array2<f32>, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Array2<f32> {
+    fn add_layer_norm(
+        &self,
+        mut x: Array2<f32>,
+        y: &Array2<f32>,
+        w: &CpuWeight,
+        b: &CpuWeight,
+        eps: f32,
+    ) -> Array2<f32> {
         assert_eq!(x.dim(), y.dim(), "add_layer_norm: shapes differ");
-        layer_norm_in_place(&mut x, Some(y.as_slice().expect("activations are standard layout")), w, b, eps);
+        layer_norm_in_place(
+            &mut x,
+            Some(y.as_slice().expect("activations are standard layout")),
+            w,
+            b,
+            eps,
+        );
         x
     }
 
     fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
         let half = head_dim / 2;
         let d = x.ncols();
-        let (cos, sin) = (cos.as_slice().expect("standard layout"), sin.as_slice().expect("standard layout"));
+        let (cos, sin) = (
+            cos.as_slice().expect("standard layout"),
+            sin.as_slice().expect("standard layout"),
+        );
         let x = x.as_slice_mut().expect("activations are standard layout");
         par_chunks(x, d, 4 * d, |start, x| {
             for (t, row) in x.chunks_exact_mut(d).enumerate() {
                 let t = start + t;
-                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let (c, s) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
                 for head in row.chunks_exact_mut(head_dim) {
                     let (a, b) = head.split_at_mut(half);
                     for i in 0..half {
@@ -400,19 +488,38 @@ impl Backend for Cpu {
         });
     }
 
-    fn attention(&self, q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>, h: Heads, segments: &Segments, mask: AttentionMask) -> Array2<f32> {
+    fn attention(
+        &self,
+        q: &Array2<f32>,
+        k: &Array2<f32>,
+        v: &Array2<f32>,
+        h: Heads,
+        segments: &Segments,
+        mask: AttentionMask,
+    ) -> Array2<f32> {
         let hd = h.head_dim;
         let group = h.heads / h.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let (ldq, ldk, ldv, ldo) = (q.ncols(), k.ncols(), v.ncols(), h.heads * hd);
-        let (q, k, v) = (q.as_ptr() as usize, k.as_ptr() as usize, v.as_ptr() as usize);
+        let (q, k, v) = (
+            q.as_ptr() as usize,
+            k.as_ptr() as usize,
+            v.as_ptr() as usize,
+        );
         let mut out = Array2::<f32>::zeros((segments.tokens(), ldo));
         let o = out.as_mut_ptr() as usize;
         // Heads are independent: the threads take contiguous groups of heads, each with its
         // own scores buffer, so every value is computed the same whatever the thread count
         // (OpenBLAS runs each sgemm on its caller's thread, see `linalg`).
-        let flops: usize = segments.ranges.iter().map(|r| 4 * r.len() * r.len() * hd).sum();
-        let t = threads().min(h.heads).min(flops * h.heads / PAR_MIN_WORK).max(1);
+        let flops: usize = segments
+            .ranges
+            .iter()
+            .map(|r| 4 * r.len() * r.len() * hd)
+            .sum();
+        let t = threads()
+            .min(h.heads)
+            .min(flops * h.heads / PAR_MIN_WORK)
+            .max(1);
         let run = |heads: Range<usize>| {
             let mut scores = Vec::new();
             for r in &segments.ranges {
@@ -431,10 +538,41 @@ impl Backend for Cpu {
                         let kh = (k as *const f32).add(r.start * ldk + kv * hd);
                         let vh = (v as *const f32).add(r.start * ldv + kv * hd);
                         let oh = (o as *mut f32).add(r.start * ldo + head * hd);
-                        sgemm(false, true, n, n, hd, scale, qh, ldq, kh, ldk, 0.0, scores.as_mut_ptr(), n);
-                        softmax_rows(ArrayViewMut2::from_shape((n, n), &mut scores[..]).expect("n x n"), mask);
+                        sgemm(
+                            false,
+                            true,
+                            n,
+                            n,
+                            hd,
+                            scale,
+                            qh,
+                            ldq,
+                            kh,
+                            ldk,
+                            0.0,
+                            scores.as_mut_ptr(),
+                            n,
+                        );
+                        softmax_rows(
+                            ArrayViewMut2::from_shape((n, n), &mut scores[..]).expect("n x n"),
+                            mask,
+                        );
                         // `out` is zeros: beta = 1 spares sgemm its zeroing pass.
-                        sgemm(false, false, n, hd, n, 1.0, scores.as_ptr(), n, vh, ldv, 1.0, oh, ldo);
+                        sgemm(
+                            false,
+                            false,
+                            n,
+                            hd,
+                            n,
+                            1.0,
+                            scores.as_ptr(),
+                            n,
+                            vh,
+                            ldv,
+                            1.0,
+                            oh,
+                            ldo,
+                        );
                     }
                 }
             }
@@ -499,7 +637,9 @@ const PAR_MIN_WORK: usize = 1 << 17;
 /// whichever block it falls in, so results do not depend on the thread count.
 fn par_chunks(data: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = data.len().checked_div(row_len).unwrap_or(0);
-    let t = threads().min(rows.saturating_mul(cost) / PAR_MIN_WORK).max(1);
+    let t = threads()
+        .min(rows.saturating_mul(cost) / PAR_MIN_WORK)
+        .max(1);
     if t <= 1 {
         f(0, data);
         return;
@@ -537,14 +677,22 @@ fn activate_lanes(v: &mut [f32], act: Activation) {
     match act {
         Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
         Activation::Gelu => v.iter_mut().for_each(|x| *x = Activation::Gelu.apply(*x)),
-        Activation::GeluTanh => v.iter_mut().for_each(|x| *x = Activation::GeluTanh.apply(*x)),
+        Activation::GeluTanh => v
+            .iter_mut()
+            .for_each(|x| *x = Activation::GeluTanh.apply(*x)),
         Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
     }
 }
 
 /// `nn.LayerNorm` of every row of `x` (plus the same row of `residual`, added first), in place
 /// (f64 statistics, biased variance).
-fn layer_norm_in_place(x: &mut Array2<f32>, residual: Option<&[f32]>, w: &CpuWeight, b: &CpuWeight, eps: f32) {
+fn layer_norm_in_place(
+    x: &mut Array2<f32>,
+    residual: Option<&[f32]>,
+    w: &CpuWeight,
+    b: &CpuWeight,
+    eps: f32,
+) {
     let (w, b) = (w.as_slice(), b.as_slice());
     let d = x.ncols();
     let x = x.as_slice_mut().expect("activations are standard layout");
@@ -553,7 +701,14 @@ fn layer_norm_in_place(x: &mut Array2<f32>, residual: Option<&[f32]>, w: &CpuWei
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             #[target_feature(enable = "avx2")]
-            unsafe fn wide(x: &mut [f32], residual: Option<&[f32]>, d: usize, w: &[f32], b: &[f32], eps: f32) {
+            unsafe fn wide(
+                x: &mut [f32],
+                residual: Option<&[f32]>,
+                d: usize,
+                w: &[f32],
+                b: &[f32],
+                eps: f32,
+            ) {
                 layer_norm_rows(x, residual, d, w, b, eps)
             }
             // SAFETY: the CPU has AVX2.
@@ -564,7 +719,14 @@ fn layer_norm_in_place(x: &mut Array2<f32>, residual: Option<&[f32]>, w: &CpuWei
 }
 
 #[inline(always)]
-fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, d: usize, w: &[f32], b: &[f32], eps: f32) {
+fn layer_norm_rows(
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    d: usize,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+) {
     for (t, row) in x.chunks_exact_mut(d).enumerate() {
         if let Some(r) = residual {
             for (v, &r) in row.iter_mut().zip(&r[t * d..(t + 1) * d]) {
@@ -606,7 +768,6 @@ fn lane_sum<T: Copy + Default + std::ops::Add<Output = T>>(row: &[f32], f: impl 
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
-
 
 /// `v = e^(v - max(v))` over a slice; returns `Σ v`. 8 lanes with AVX2, same values (see
 /// [`activate_slice`]); the max is taken, and the sum added, in 8 interleaved partial results
@@ -652,7 +813,9 @@ fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
         let row = row.as_slice_mut().expect("scores are standard layout");
         let (lo, hi) = match mask {
             AttentionMask::Bidirectional => (0, row.len()),
-            AttentionMask::Causal { window } => (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1),
+            AttentionMask::Causal { window } => {
+                (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1)
+            }
         };
         let sum = exp_shifted(&mut row[lo..hi]);
         let inv = 1.0 / sum;

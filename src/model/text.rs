@@ -44,7 +44,11 @@ pub struct Examples {
 /// Reads `.txt` or `.jsonl`; `text_field` names the JSON key of plain text (`None`: `text`,
 /// falling back to `prompt` + `completion`).
 pub fn read_examples(path: &Path, text_field: Option<&str>) -> Result<Examples> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let jsonl = match ext.as_str() {
         "txt" | "text" => false,
         "jsonl" => true,
@@ -56,11 +60,17 @@ pub fn read_examples(path: &Path, text_field: Option<&str>) -> Result<Examples> 
         }
     };
     if text_field.is_some() && !jsonl {
-        return Err(Error::usage(format!("--text-field applies to .jsonl data, but {} is a text file", path.display())));
+        return Err(Error::usage(format!(
+            "--text-field applies to .jsonl data, but {} is a text file",
+            path.display()
+        )));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read data file", path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         Error::data(format!("{}:{line}: not valid UTF-8", path.display()))
     })?;
     let mut items = Vec::new();
@@ -70,10 +80,16 @@ pub fn read_examples(path: &Path, text_field: Option<&str>) -> Result<Examples> 
         if line.trim().is_empty() {
             continue;
         }
-        let ex = if jsonl { parse_json_line(path, i + 1, line, text_field)? } else { Example::Text(line.to_string()) };
+        let ex = if jsonl {
+            parse_json_line(path, i + 1, line, text_field)?
+        } else {
+            Example::Text(line.to_string())
+        };
         let blank = match &ex {
             Example::Text(t) => t.trim().is_empty(),
-            Example::Pair { prompt, completion } => prompt.trim().is_empty() && completion.trim().is_empty(),
+            Example::Pair { prompt, completion } => {
+                prompt.trim().is_empty() && completion.trim().is_empty()
+            }
         };
         if !blank {
             items.push(ex);
@@ -81,22 +97,43 @@ pub fn read_examples(path: &Path, text_field: Option<&str>) -> Result<Examples> 
         }
     }
     if items.is_empty() {
-        return Err(Error::data(format!("data file {} holds no examples (every line is blank)", path.display())));
+        return Err(Error::data(format!(
+            "data file {} holds no examples (every line is blank)",
+            path.display()
+        )));
     }
-    Ok(Examples { path: path.to_path_buf(), items, lines })
+    Ok(Examples {
+        path: path.to_path_buf(),
+        items,
+        lines,
+    })
 }
 
-fn parse_json_line(path: &Path, line_no: usize, line: &str, text_field: Option<&str>) -> Result<Example> {
+fn parse_json_line(
+    path: &Path,
+    line_no: usize,
+    line: &str,
+    text_field: Option<&str>,
+) -> Result<Example> {
     let at = || format!("{}:{line_no}", path.display());
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::data(format!("{}: not valid JSON: {e}", at())))?;
+    let v: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| Error::data(format!("{}: not valid JSON: {e}", at())))?;
     let Some(obj) = v.as_object() else {
-        return Err(Error::data(format!("{}: expected a JSON object, found {}", at(), json_kind(&v))));
+        return Err(Error::data(format!(
+            "{}: expected a JSON object, found {}",
+            at(),
+            json_kind(&v)
+        )));
     };
     let string = |key: &str| -> Result<Option<String>> {
         match obj.get(key) {
             None => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(Error::data(format!("{}: field `{key}` must be a string, found {}", at(), json_kind(other)))),
+            Some(other) => Err(Error::data(format!(
+                "{}: field `{key}` must be a string, found {}",
+                at(),
+                json_kind(other)
+            ))),
         }
     };
     let field = text_field.unwrap_or("text");
@@ -114,7 +151,15 @@ fn parse_json_line(path: &Path, line_no: usize, line: &str, text_field: Option<&
     } else {
         "a string field `text`, or string fields `prompt` and `completion` (or name the text key with --text-field)".to_string()
     };
-    Err(Error::data(format!("{}: expected {want}; found keys: {}", at(), if keys.is_empty() { "none".into() } else { keys.join(", ") })))
+    Err(Error::data(format!(
+        "{}: expected {want}; found keys: {}",
+        at(),
+        if keys.is_empty() {
+            "none".into()
+        } else {
+            keys.join(", ")
+        }
+    )))
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -162,13 +207,30 @@ impl TextEncoder {
         let loaded = std::panic::catch_unwind(|| Tokenizer::from_file(&path));
         GUARDED.with(|g| g.set(false));
         let loaded = loaded.unwrap_or_else(|p| {
-            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
             Err(format!("malformed tokenizer.json ({why})").into())
         });
-        let mut tokenizer = loaded.map_err(|e| Error::data(format!("{}: cannot load the tokenizer: {e}", path.display())))?;
+        let mut tokenizer = loaded.map_err(|e| {
+            Error::data(format!(
+                "{}: cannot load the tokenizer: {e}",
+                path.display()
+            ))
+        })?;
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| Error::data(format!("{}: cannot set truncation to {max_len} tokens: {e}", path.display())))?;
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| {
+                Error::data(format!(
+                    "{}: cannot set truncation to {max_len} tokens: {e}",
+                    path.display()
+                ))
+            })?;
         tokenizer.with_padding(None);
         Ok(TextEncoder { tokenizer, max_len })
     }
@@ -176,11 +238,16 @@ impl TextEncoder {
     /// Tokenizes one example (`what` names it in errors). A long example is tokenized by
     /// prefixes ([`TextEncoder::encode_text`]), so its cost follows `max_len`, not its length.
     pub fn encode(&self, ex: &Example, what: impl Fn() -> String) -> Result<Encoded> {
-        let fail = |e: tokenizers::Error| Error::data(format!("{}: tokenization failed: {e}", what()));
+        let fail =
+            |e: tokenizers::Error| Error::data(format!("{}: tokenization failed: {e}", what()));
         match ex {
             Example::Text(t) => {
                 let enc = self.encode_text(&[t]).map_err(fail)?;
-                Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), labelled: vec![true; enc.get_ids().len()] })
+                Ok(Encoded {
+                    ids: enc.get_ids().to_vec(),
+                    type_ids: enc.get_type_ids().to_vec(),
+                    labelled: vec![true; enc.get_ids().len()],
+                })
             }
             Example::Pair { prompt, completion } => {
                 let enc = self.encode_text(&[prompt, completion]).map_err(fail)?;
@@ -201,7 +268,11 @@ impl TextEncoder {
                         }
                     })
                     .collect();
-                Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec(), labelled })
+                Ok(Encoded {
+                    ids: enc.get_ids().to_vec(),
+                    type_ids: enc.get_type_ids().to_vec(),
+                    labelled,
+                })
             }
         }
     }
@@ -228,7 +299,11 @@ impl TextEncoder {
                 while !p.is_char_boundary(take) {
                     take -= 1;
                 }
-                out = if out.is_empty() { Cow::Borrowed(&p[..take]) } else { Cow::Owned(format!("{out}{}", &p[..take])) };
+                out = if out.is_empty() {
+                    Cow::Borrowed(&p[..take])
+                } else {
+                    Cow::Owned(format!("{out}{}", &p[..take]))
+                };
                 left -= take;
                 if take < p.len() {
                     break;
@@ -238,7 +313,10 @@ impl TextEncoder {
             while !out.is_char_boundary(half) {
                 half -= 1;
             }
-            let end = out[half..].char_indices().rfind(|(_, c)| c.is_whitespace()).map(|(i, c)| half + i + c.len_utf8());
+            let end = out[half..]
+                .char_indices()
+                .rfind(|(_, c)| c.is_whitespace())
+                .map(|(i, c)| half + i + c.len_utf8());
             match (end, out) {
                 (Some(e), Cow::Borrowed(s)) => Cow::Borrowed(&s[..e]),
                 (Some(e), Cow::Owned(s)) => Cow::Owned(s[..e].to_string()),
@@ -262,7 +340,11 @@ impl TextEncoder {
             }
             cut = cut.saturating_mul(2);
         }
-        let whole = if parts.len() == 1 { Cow::Borrowed(parts[0]) } else { Cow::Owned(parts.concat()) };
+        let whole = if parts.len() == 1 {
+            Cow::Borrowed(parts[0])
+        } else {
+            Cow::Owned(parts.concat())
+        };
         self.tokenizer.encode(whole, true)
     }
 

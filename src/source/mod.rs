@@ -51,7 +51,12 @@ impl Catalog {
     pub fn new(layers: Vec<(String, usize, usize)>, groups: Vec<Vec<usize>>) -> Self {
         let mut infos: Vec<LayerInfo> = layers
             .into_iter()
-            .map(|(name, in_features, out_features)| LayerInfo { name, in_features, out_features, input: 0 })
+            .map(|(name, in_features, out_features)| LayerInfo {
+                name,
+                in_features,
+                out_features,
+                input: 0,
+            })
             .collect();
         let mut groups = groups;
         for g in &mut groups {
@@ -65,27 +70,47 @@ impl Catalog {
                 for &m in &members {
                     infos[m].input = i;
                 }
-                InputInfo { dim: infos[members[0]].in_features, members }
+                InputInfo {
+                    dim: infos[members[0]].in_features,
+                    members,
+                }
             })
             .collect();
-        Catalog { layers: infos, inputs }
+        Catalog {
+            layers: infos,
+            inputs,
+        }
     }
 
     /// Keeps only the layers `keep` selects, renumbering inputs; inputs left without layers go.
     pub fn retain(&self, keep: impl Fn(&LayerInfo) -> bool) -> Catalog {
-        let kept: Vec<usize> = (0..self.layers.len()).filter(|&i| keep(&self.layers[i])).collect();
+        let kept: Vec<usize> = (0..self.layers.len())
+            .filter(|&i| keep(&self.layers[i]))
+            .collect();
         let mut index = vec![usize::MAX; self.layers.len()];
         for (new, &old) in kept.iter().enumerate() {
             index[old] = new;
         }
         let layers = kept
             .iter()
-            .map(|&i| (self.layers[i].name.clone(), self.layers[i].in_features, self.layers[i].out_features))
+            .map(|&i| {
+                (
+                    self.layers[i].name.clone(),
+                    self.layers[i].in_features,
+                    self.layers[i].out_features,
+                )
+            })
             .collect();
         let groups = self
             .inputs
             .iter()
-            .map(|inp| inp.members.iter().filter(|&&m| index[m] != usize::MAX).map(|&m| index[m]).collect::<Vec<_>>())
+            .map(|inp| {
+                inp.members
+                    .iter()
+                    .filter(|&&m| index[m] != usize::MAX)
+                    .map(|&m| index[m])
+                    .collect::<Vec<_>>()
+            })
             .filter(|g| !g.is_empty())
             .collect();
         Catalog::new(layers, groups)
@@ -166,7 +191,12 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// PEFT `target_modules` matching: the name equals an entry or ends with `.` + entry.
 pub fn matches_target(name: &str, targets: &[String]) -> bool {
-    targets.iter().any(|t| name == t || (name.len() > t.len() && name.ends_with(t.as_str()) && name.as_bytes()[name.len() - t.len() - 1] == b'.'))
+    targets.iter().any(|t| {
+        name == t
+            || (name.len() > t.len()
+                && name.ends_with(t.as_str())
+                && name.as_bytes()[name.len() - t.len() - 1] == b'.')
+    })
 }
 
 /// A source restricted to the layers that `--targets` selects.
@@ -185,9 +215,16 @@ impl Targeted {
     pub fn new(inner: Box<dyn Source>, targets: &[String]) -> Result<Self> {
         let all = inner.catalog();
         for t in targets {
-            if !all.layers.iter().any(|l| matches_target(&l.name, std::slice::from_ref(t))) {
+            if !all
+                .layers
+                .iter()
+                .any(|l| matches_target(&l.name, std::slice::from_ref(t)))
+            {
                 let names: Vec<&str> = all.layers.iter().map(|l| l.name.as_str()).collect();
-                return Err(Error::usage(format!("--targets entry `{t}` matches no layer; available layers: {}", names.join(", "))));
+                return Err(Error::usage(format!(
+                    "--targets entry `{t}` matches no layer; available layers: {}",
+                    names.join(", ")
+                )));
             }
         }
         let catalog = all.retain(|l| matches_target(&l.name, targets));
@@ -196,14 +233,23 @@ impl Targeted {
             .iter()
             .map(|inp| {
                 let name = &catalog.layers[inp.members[0]].name;
-                all.layers.iter().find(|l| &l.name == name).expect("retained from this catalog").input
+                all.layers
+                    .iter()
+                    .find(|l| &l.name == name)
+                    .expect("retained from this catalog")
+                    .input
             })
             .collect();
         let mut from_inner = vec![None; all.inputs.len()];
         for (ours, &theirs) in to_inner.iter().enumerate() {
             from_inner[theirs] = Some(ours);
         }
-        Ok(Targeted { inner, catalog, to_inner, from_inner })
+        Ok(Targeted {
+            inner,
+            catalog,
+            to_inner,
+            from_inner,
+        })
     }
 }
 
@@ -226,10 +272,11 @@ impl Source for Targeted {
             inner_wanted[theirs] = wanted[ours];
         }
         let from_inner = &self.from_inner;
-        self.inner.read(units, &inner_wanted, &mut |g, x| match from_inner[g] {
-            Some(ours) => sink(ours, x),
-            None => Ok(()),
-        })
+        self.inner
+            .read(units, &inner_wanted, &mut |g, x| match from_inner[g] {
+                Some(ours) => sink(ours, x),
+                None => Ok(()),
+            })
     }
 }
 

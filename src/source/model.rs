@@ -53,11 +53,17 @@ impl ModelSource {
             return Err(Error::usage("--max-seq-len must be at least 1, found 0"));
         }
         let model = Model::open(model_dir)?;
-        let max_len = model.config.max_positions().map_or(opts.max_seq_len, |m| m.min(opts.max_seq_len));
+        let max_len = model
+            .config
+            .max_positions()
+            .map_or(opts.max_seq_len, |m| m.min(opts.max_seq_len));
         let encoder = TextEncoder::open(model_dir, max_len)?;
         let examples = read_examples(data, opts.text_field.as_deref())?;
         let modules = model.modules();
-        let layers: Vec<(String, usize, usize)> = modules.iter().map(|m| (m.name.clone(), m.in_features, m.out_features)).collect();
+        let layers: Vec<(String, usize, usize)> = modules
+            .iter()
+            .map(|m| (m.name.clone(), m.in_features, m.out_features))
+            .collect();
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of: HashMap<(usize, Point), usize> = HashMap::new();
         for (i, m) in modules.iter().enumerate() {
@@ -79,7 +85,16 @@ impl ModelSource {
             .collect();
         let backend = Cpu;
         let loaded = model.load(&backend, model.layers())?;
-        Ok(ModelSource { model, loaded, backend, encoder, examples, catalog, inputs, use_label_mask: opts.use_label_mask })
+        Ok(ModelSource {
+            model,
+            loaded,
+            backend,
+            encoder,
+            examples,
+            catalog,
+            inputs,
+            use_label_mask: opts.use_label_mask,
+        })
     }
 
     /// The checkpoint.
@@ -98,11 +113,22 @@ impl ModelSource {
     }
 
     /// Runs examples `units` as one packed batch, delivering the needed inputs to `sink`.
-    fn run(&self, units: &[usize], need: &Need, wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+    fn run(
+        &self,
+        units: &[usize],
+        need: &Need,
+        wanted: &[bool],
+        sink: &mut Sink<'_>,
+    ) -> Result<()> {
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);
-        let encoded = units.iter().map(|&u| self.encoder.encode(&ex.items[u], || what(u))).collect::<Result<Vec<_>>>()?;
-        let batch = self.model.batch(encoded.iter().map(|e| (&e.ids[..], &e.type_ids[..])));
+        let encoded = units
+            .iter()
+            .map(|&u| self.encoder.encode(&ex.items[u], || what(u)))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = self
+            .model
+            .batch(encoded.iter().map(|e| (&e.ids[..], &e.type_ids[..])));
         let keep: Vec<usize> = encoded
             .iter()
             .flat_map(|e| e.labelled.iter())
@@ -113,29 +139,45 @@ impl ModelSource {
         if keep.is_empty() {
             return Ok(());
         }
-        let (first, last) = (ex.lines[units[0]], ex.lines[*units.last().expect("non-empty")]);
+        let (first, last) = (
+            ex.lines[units[0]],
+            ex.lines[*units.last().expect("non-empty")],
+        );
         let modules = self.model.modules();
         let catalog = &self.catalog;
         let be = &self.backend;
-        self.loaded.forward(be, &batch, need, &mut |layer, point, x| {
-            let g = self.inputs[&(layer, point)];
-            if !wanted[g] {
-                return Ok(());
-            }
-            // Every token kept (no label mask hit): hand over the activation itself.
-            let copied;
-            let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
-                Some(v) => v,
-                None => {
-                    copied = be.rows(x, &keep);
-                    copied.view()
+        self.loaded
+            .forward(be, &batch, need, &mut |layer, point, x| {
+                let g = self.inputs[&(layer, point)];
+                if !wanted[g] {
+                    return Ok(());
                 }
-            };
-            let name = || modules.iter().find(|m| m.layer == layer && m.point == point).map_or("?", |m| m.name.as_str()).to_string();
-            check_finite(rows, || format!("model forward, input of {} (examples on lines {first}..={last} of {})", name(), ex.path.display()))?;
-            debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
-            sink(g, rows)
-        })
+                // Every token kept (no label mask hit): hand over the activation itself.
+                let copied;
+                let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
+                    Some(v) => v,
+                    None => {
+                        copied = be.rows(x, &keep);
+                        copied.view()
+                    }
+                };
+                let name = || {
+                    modules
+                        .iter()
+                        .find(|m| m.layer == layer && m.point == point)
+                        .map_or("?", |m| m.name.as_str())
+                        .to_string()
+                };
+                check_finite(rows, || {
+                    format!(
+                        "model forward, input of {} (examples on lines {first}..={last} of {})",
+                        name(),
+                        ex.path.display()
+                    )
+                })?;
+                debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
+                sink(g, rows)
+            })
     }
 }
 
@@ -168,4 +210,3 @@ impl Source for ModelSource {
         EXAMPLES_PER_PASS
     }
 }
-

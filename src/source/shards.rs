@@ -19,10 +19,12 @@ pub struct ShardSource {
 }
 
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open activation shard", path, e))?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::io("cannot open activation shard", path, e))?;
     // SAFETY: the map is read-only and private to this process; shards must not be modified
     // while eva runs (documented in docs/formats.md).
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("cannot map activation shard", path, e))
+    unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::io("cannot map activation shard", path, e))
 }
 
 fn parse<'a>(path: &Path, unit: usize, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
@@ -46,7 +48,12 @@ fn check_dtype(path: &Path, unit: usize, name: &str, dtype: Dtype) -> Result<()>
 }
 
 /// Borrows F32 bytes as rows without copying when they are aligned (little-endian hosts).
-fn borrow_f32(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Option<ndarray::ArrayView2<'_, f32>> {
+fn borrow_f32(
+    dtype: Dtype,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Option<ndarray::ArrayView2<'_, f32>> {
     if dtype != Dtype::F32 || cfg!(target_endian = "big") {
         return None;
     }
@@ -61,9 +68,18 @@ fn borrow_f32(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Option<nd
 /// Decodes little-endian F32/F16/BF16 bytes into f32 rows.
 fn decode(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Array2<f32> {
     let values: Vec<f32> = match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect(),
         _ => unreachable!("dtype checked when the shard was opened"),
     };
     Array2::from_shape_vec((rows, cols), values).expect("safetensors validated the byte length")
@@ -72,10 +88,12 @@ fn decode(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Array2<f32> {
 impl ShardSource {
     /// Opens `dir`, validates every shard's header against the first and finds equal-input groups.
     pub fn open(dir: &Path) -> Result<Self> {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot read activations directory", dir, e))?;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| Error::io("cannot read activations directory", dir, e))?;
         let mut files = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io("cannot read activations directory", dir, e))?;
+            let entry =
+                entry.map_err(|e| Error::io("cannot read activations directory", dir, e))?;
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "safetensors") && path.is_file() {
                 files.push(path);
@@ -96,7 +114,10 @@ impl ShardSource {
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names.sort_by(|a, b| natural_cmp(a, b));
         if names.is_empty() {
-            return Err(Error::data(format!("activation shard {} (unit 0) holds no tensors", first.display())));
+            return Err(Error::data(format!(
+                "activation shard {} (unit 0) holds no tensors",
+                first.display()
+            )));
         }
         let mut layers = Vec::new();
         // Equal-input groups: same dtype, shape and bytes in the first unit.
@@ -126,7 +147,11 @@ impl ShardSource {
             }
             layers.push((name.clone(), *d, out));
             // An empty tensor says nothing about later units: it stays alone.
-            let key = (format!("{:?}", view.dtype()), view.shape().to_vec(), view.data());
+            let key = (
+                format!("{:?}", view.dtype()),
+                view.shape().to_vec(),
+                view.data(),
+            );
             if view.data().is_empty() {
                 by_content.insert((format!("empty:{name}"), Vec::new(), &[]), vec![i]);
             } else {
@@ -139,8 +164,16 @@ impl ShardSource {
         drop(map);
 
         let catalog = Catalog::new(layers, groups);
-        let input_names = catalog.inputs.iter().map(|i| catalog.layers[i.members[0]].name.clone()).collect();
-        let source = ShardSource { files, catalog, input_names };
+        let input_names = catalog
+            .inputs
+            .iter()
+            .map(|i| catalog.layers[i.members[0]].name.clone())
+            .collect();
+        let source = ShardSource {
+            files,
+            catalog,
+            input_names,
+        };
         for unit in 1..source.files.len() {
             source.check_header(unit)?;
         }
@@ -189,7 +222,10 @@ impl ShardSource {
     }
 }
 
-fn parse_out_features(path: &Path, meta: &Option<HashMap<String, String>>) -> Result<BTreeMap<String, usize>> {
+fn parse_out_features(
+    path: &Path,
+    meta: &Option<HashMap<String, String>>,
+) -> Result<BTreeMap<String, usize>> {
     let raw = meta.as_ref().and_then(|m| m.get("out_features")).ok_or_else(|| {
         Error::data(format!(
             "activation shard {} (unit 0): metadata key `out_features` is missing (expected a JSON object mapping layer names to output sizes)",
@@ -223,7 +259,10 @@ impl Source for ShardSource {
                     continue;
                 }
                 let view = st.tensor(name).map_err(|_| {
-                    Error::data(format!("activation shard {} (unit {unit}): layer {name} is missing", path.display()))
+                    Error::data(format!(
+                        "activation shard {} (unit {unit}): layer {name} is missing",
+                        path.display()
+                    ))
                 })?;
                 let d = self.catalog.inputs[input].dim;
                 let rows = match view.shape() {
@@ -244,7 +283,12 @@ impl Source for ShardSource {
                         decoded.view()
                     }
                 };
-                check_finite(x, || format!("activation shard {} (unit {unit}), layer {name}", path.display()))?;
+                check_finite(x, || {
+                    format!(
+                        "activation shard {} (unit {unit}), layer {name}",
+                        path.display()
+                    )
+                })?;
                 sink(input, x)?;
             }
         }

@@ -41,11 +41,33 @@ impl std::str::FromStr for SyntheticSpec {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let mut spec = SyntheticSpec { layers: 4, group: 1, dim: 256, out: 0, decay: 1.0, mean: 0.0, tokens: 256, units: 64, seed: 0 };
+        let mut spec = SyntheticSpec {
+            layers: 4,
+            group: 1,
+            dim: 256,
+            out: 0,
+            decay: 1.0,
+            mean: 0.0,
+            tokens: 256,
+            units: 64,
+            seed: 0,
+        };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').ok_or_else(|| format!("expected key=value, found `{part}`"))?;
-            let int = || value.parse::<usize>().map_err(|_| format!("`{key}` expects a non-negative integer, found `{value}`"));
-            let float = || value.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or_else(|| format!("`{key}` expects a number, found `{value}`"));
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, found `{part}`"))?;
+            let int = || {
+                value
+                    .parse::<usize>()
+                    .map_err(|_| format!("`{key}` expects a non-negative integer, found `{value}`"))
+            };
+            let float = || {
+                value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| format!("`{key}` expects a number, found `{value}`"))
+            };
             match key {
                 "layers" => spec.layers = int()?,
                 "group" => spec.group = int()?,
@@ -62,7 +84,13 @@ impl std::str::FromStr for SyntheticSpec {
         if spec.out == 0 {
             spec.out = spec.dim;
         }
-        for (key, v) in [("layers", spec.layers), ("group", spec.group), ("dim", spec.dim), ("tokens", spec.tokens), ("units", spec.units)] {
+        for (key, v) in [
+            ("layers", spec.layers),
+            ("group", spec.group),
+            ("dim", spec.dim),
+            ("tokens", spec.tokens),
+            ("units", spec.units),
+        ] {
             if v == 0 {
                 return Err(format!("`{key}` must be at least 1"));
             }
@@ -107,7 +135,11 @@ impl SyntheticSource {
         let groups = (0..l).map(|b| (b * g..(b + 1) * g).collect()).collect();
         let catalog = Catalog::new(layers, groups);
         let bases = (0..l).map(|b| Self::basis(&spec, b)).collect();
-        Ok(SyntheticSource { spec, catalog, bases })
+        Ok(SyntheticSource {
+            spec,
+            catalog,
+            bases,
+        })
     }
 
     fn basis(spec: &SyntheticSpec, input: usize) -> (Array2<f64>, Array1<f64>, Array1<f64>) {
@@ -171,7 +203,10 @@ impl SyntheticSource {
         // Two uniform values per 64 random bits, each on [-√3, √3).
         let scale = 3f64.sqrt() / (1u64 << 31) as f64;
         for mut row in out.rows_mut() {
-            for (pair, lam) in y.chunks_mut(2).zip(sqrt_lambda.as_slice().expect("owned").chunks(2)) {
+            for (pair, lam) in y
+                .chunks_mut(2)
+                .zip(sqrt_lambda.as_slice().expect("owned").chunks(2))
+            {
                 let bits = rng.next_u64();
                 let halves = [(bits >> 32) as f64, (bits & 0xFFFF_FFFF) as f64];
                 for ((yi, l), h) in pair.iter_mut().zip(lam).zip(halves) {
@@ -204,7 +239,10 @@ impl Source for SyntheticSource {
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
         for &unit in units {
             if unit >= self.spec.units {
-                return Err(Error::data(format!("synthetic unit {unit} does not exist ({} units)", self.spec.units)));
+                return Err(Error::data(format!(
+                    "synthetic unit {unit} does not exist ({} units)",
+                    self.spec.units
+                )));
             }
             for input in (0..self.catalog.inputs.len()).filter(|&i| wanted[i]) {
                 let x = self.generate(input, unit);
@@ -221,10 +259,18 @@ mod tests {
 
     #[test]
     fn spec_parses_and_rejects() {
-        let s: SyntheticSpec = "layers=2,dim=16,tokens=8,units=3,mean=5,seed=9".parse().unwrap();
-        assert_eq!((s.layers, s.dim, s.out, s.tokens, s.units, s.seed), (2, 16, 16, 8, 3, 9));
+        let s: SyntheticSpec = "layers=2,dim=16,tokens=8,units=3,mean=5,seed=9"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (s.layers, s.dim, s.out, s.tokens, s.units, s.seed),
+            (2, 16, 16, 8, 3, 9)
+        );
         assert!("dim=0".parse::<SyntheticSpec>().is_err());
-        assert!("colour=3".parse::<SyntheticSpec>().unwrap_err().contains("unknown key"));
+        assert!("colour=3"
+            .parse::<SyntheticSpec>()
+            .unwrap_err()
+            .contains("unknown key"));
         assert!("dim".parse::<SyntheticSpec>().is_err());
     }
 

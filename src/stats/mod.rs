@@ -37,7 +37,11 @@ pub struct Moments {
 impl Moments {
     /// Zero count and sums of dimension `d`.
     pub fn new(d: usize) -> Self {
-        Moments { n: 0, sum: vec![0.0; d], sum_sq: vec![0.0; d] }
+        Moments {
+            n: 0,
+            sum: vec![0.0; d],
+            sum_sq: vec![0.0; d],
+        }
     }
 
     /// Writes `x - c` into `buf` (reshaped to `x`'s shape, reusing its allocation) and adds the
@@ -57,14 +61,26 @@ impl Moments {
         let (mut s32, mut q32) = (vec![0f32; d], vec![0f32; d]);
         for (block_in, block_out) in src.chunks(SUM_BLOCK * d).zip(dst.chunks_mut(SUM_BLOCK * d)) {
             for (row_in, row_out) in block_in.chunks_exact(d).zip(block_out.chunks_exact_mut(d)) {
-                for ((((o, &v), &ci), s), q) in row_out.iter_mut().zip(row_in).zip(c).zip(s32.iter_mut()).zip(q32.iter_mut()) {
+                for ((((o, &v), &ci), s), q) in row_out
+                    .iter_mut()
+                    .zip(row_in)
+                    .zip(c)
+                    .zip(s32.iter_mut())
+                    .zip(q32.iter_mut())
+                {
                     let y = v - ci;
                     *o = y;
                     *s += y;
                     *q += y * y;
                 }
             }
-            for (((s, q), s_), q_) in self.sum.iter_mut().zip(self.sum_sq.iter_mut()).zip(s32.iter_mut()).zip(q32.iter_mut()) {
+            for (((s, q), s_), q_) in self
+                .sum
+                .iter_mut()
+                .zip(self.sum_sq.iter_mut())
+                .zip(s32.iter_mut())
+                .zip(q32.iter_mut())
+            {
                 *s += *s_ as f64;
                 *q += *q_ as f64;
                 *s_ = 0.0;
@@ -125,7 +141,9 @@ impl Shared {
         let mut rest = &data[1 + 2 * d..];
         if let Some(y) = &mut self.sketch {
             let n = y.len();
-            y.as_slice_mut().expect("owned standard layout").copy_from_slice(&rest[..n]);
+            y.as_slice_mut()
+                .expect("owned standard layout")
+                .copy_from_slice(&rest[..n]);
             rest = &rest[n..];
         }
         if let Some(g) = &mut self.gram {
@@ -192,7 +210,9 @@ impl InputStats {
         out.extend_from_slice(&m.sum_sq);
         match self {
             InputStats::Sketch(s) => out.extend(s.sketch().iter()),
-            InputStats::Exact(e) if shared.gram.is_some() => exact::pack_upper(e.gram(), e.dim(), out),
+            InputStats::Exact(e) if shared.gram.is_some() => {
+                exact::pack_upper(e.gram(), e.dim(), out)
+            }
             InputStats::Exact(_) => {}
         }
     }
@@ -225,7 +245,11 @@ pub fn memory_bytes(exact: bool, d: usize, sketch_size: usize, world: usize) -> 
     let d = d as u64;
     let several = world > 1;
     if exact {
-        let shared = if several && d < SHARED_GRAM_MAX_DIM as u64 { 8 * d * d + 4 * d * (d + 1) } else { 0 };
+        let shared = if several && d < SHARED_GRAM_MAX_DIM as u64 {
+            8 * d * d + 4 * d * (d + 1)
+        } else {
+            0
+        };
         8 * d * d + shared
     } else {
         let cols = (sketch_size + PROBES) as u64;
@@ -269,13 +293,28 @@ mod tests {
         let gram = |d: u64| 8 * d * d;
         // Room for the two d = 24 and the d = 40 Grams, not for d = 600.
         let budget = 2 * gram(24) + gram(40);
-        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget, 1), vec![false, true, true, true]);
-        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget - 1, 1), vec![false, true, false, true]);
-        assert_eq!(choose(EstimatorChoice::Auto, &dims, u64::MAX, 1), vec![true; 4]);
+        assert_eq!(
+            choose(EstimatorChoice::Auto, &dims, budget, 1),
+            vec![false, true, true, true]
+        );
+        assert_eq!(
+            choose(EstimatorChoice::Auto, &dims, budget - 1, 1),
+            vec![false, true, false, true]
+        );
+        assert_eq!(
+            choose(EstimatorChoice::Auto, &dims, u64::MAX, 1),
+            vec![true; 4]
+        );
         assert_eq!(choose(EstimatorChoice::Auto, &dims, 0, 1), vec![false; 4]);
         // Several ranks also hold the summed copy (20·d² below d = 2048): one d = 24 fits.
-        assert_eq!(choose(EstimatorChoice::Auto, &dims, budget, 2), vec![false, true, false, false]);
+        assert_eq!(
+            choose(EstimatorChoice::Auto, &dims, budget, 2),
+            vec![false, true, false, false]
+        );
         assert_eq!(choose(EstimatorChoice::Exact, &dims, 0, 1), vec![true; 4]);
-        assert_eq!(choose(EstimatorChoice::Sketch, &dims, u64::MAX, 1), vec![false; 4]);
+        assert_eq!(
+            choose(EstimatorChoice::Sketch, &dims, u64::MAX, 1),
+            vec![false; 4]
+        );
     }
 }

@@ -84,19 +84,29 @@ impl SketchStats {
     pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {
             let chunk = x.slice(s![start..(start + CHUNK_ROWS).min(x.nrows()), ..]);
-            self.moments.add_shifted(chunk, &self.reference, &mut ws.shifted);
+            self.moments
+                .add_shifted(chunk, &self.reference, &mut ws.shifted);
             // Two tiled products with fixed tile shapes (so the f32 results do not depend on the
             // thread count): `P = X[Ω Θ]` by row tiles of X, then `Y += XᵀP` by tiles of Y's
             // rows (column blocks of X); X is read twice in all.
             let x = &ws.shifted;
             let (n, d) = x.dim();
             let rows = linalg::tiles(n, 512);
-            let p_parts = linalg::par_map(rows.len(), |t| x.slice(s![rows[t].clone(), ..]).dot(&self.test32));
-            let p = ndarray::concatenate(ndarray::Axis(0), &p_parts.iter().map(|a| a.view()).collect::<Vec<_>>()).expect("same columns");
+            let p_parts = linalg::par_map(rows.len(), |t| {
+                x.slice(s![rows[t].clone(), ..]).dot(&self.test32)
+            });
+            let p = ndarray::concatenate(
+                ndarray::Axis(0),
+                &p_parts.iter().map(|a| a.view()).collect::<Vec<_>>(),
+            )
+            .expect("same columns");
             let cols = linalg::tiles(d, 256);
-            let y_parts = linalg::par_map(cols.len(), |t| x.slice(s![.., cols[t].clone()]).t().dot(&p));
+            let y_parts =
+                linalg::par_map(cols.len(), |t| x.slice(s![.., cols[t].clone()]).t().dot(&p));
             for (c, yc) in cols.iter().zip(&y_parts) {
-                self.y.slice_mut(s![c.clone(), ..]).zip_mut_with(yc, |a, &b| *a += b as f64);
+                self.y
+                    .slice_mut(s![c.clone(), ..])
+                    .zip_mut_with(yc, |a, &b| *a += b as f64);
             }
         }
         Ok(())
@@ -133,7 +143,10 @@ impl SketchStats {
             }
             nu *= 10.0;
             if !nu.is_finite() || nu > norm.max(1.0) {
-                return Err(Error::Numeric { op: "Nyström reconstruction", detail: format!("Cholesky failed for every shift up to {nu:e}") });
+                return Err(Error::Numeric {
+                    op: "Nyström reconstruction",
+                    detail: format!("Cholesky failed for every shift up to {nu:e}"),
+                });
             }
         };
         let values: Vec<f64> = sigma.iter().map(|s| (s * s - nu).max(0.0)).collect();
@@ -145,7 +158,11 @@ impl SketchStats {
             row *= l;
         }
         let resid = &cy_probe - &u.dot(&coeff);
-        let max_probe = resid.columns().into_iter().map(|c| c.dot(&c).sqrt()).fold(0.0, f64::max);
+        let max_probe = resid
+            .columns()
+            .into_iter()
+            .map(|c| c.dot(&c).sqrt())
+            .fold(0.0, f64::max);
         let slack = ROUNDING_SLACK * trace;
         Ok(Nystrom {
             values,

@@ -29,8 +29,14 @@ impl Fmt {
     pub fn encode(self, x: &Array2<f32>) -> Vec<u8> {
         match self {
             Fmt::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Fmt::F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
-            Fmt::BF16 => x.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+            Fmt::F16 => x
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
+            Fmt::BF16 => x
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect(),
         }
     }
 
@@ -69,7 +75,12 @@ impl safetensors::View for &Raw {
 
 /// Writes one shard file with the given tensors and `out_features` metadata (None = no metadata).
 pub fn write_raw(path: &Path, tensors: &[Raw], out_features: Option<&BTreeMap<String, usize>>) {
-    let meta = out_features.map(|o| HashMap::from([("out_features".to_string(), serde_json::to_string(o).unwrap())]));
+    let meta = out_features.map(|o| {
+        HashMap::from([(
+            "out_features".to_string(),
+            serde_json::to_string(o).unwrap(),
+        )])
+    });
     let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.clone(), t)), meta).unwrap();
     std::fs::write(path, bytes).unwrap();
 }
@@ -78,7 +89,12 @@ pub fn write_raw(path: &Path, tensors: &[Raw], out_features: Option<&BTreeMap<St
 pub fn write_shard(path: &Path, layers: &[(String, Array2<f32>, usize)], fmt: Fmt) {
     let tensors: Vec<Raw> = layers
         .iter()
-        .map(|(n, x, _)| Raw { name: n.clone(), dtype: fmt.dtype(), shape: vec![x.nrows(), x.ncols()], bytes: fmt.encode(x) })
+        .map(|(n, x, _)| Raw {
+            name: n.clone(),
+            dtype: fmt.dtype(),
+            shape: vec![x.nrows(), x.ncols()],
+            bytes: fmt.encode(x),
+        })
         .collect();
     let outs: BTreeMap<String, usize> = layers.iter().map(|(n, _, o)| (n.clone(), *o)).collect();
     write_raw(path, &tensors, Some(&outs));
@@ -89,7 +105,8 @@ pub fn write_shard(path: &Path, layers: &[(String, Array2<f32>, usize)], fmt: Fm
 pub fn gen_rows(seed: u64, unit: u64, n: usize, spectrum: &[f64], mean: f64) -> Array2<f32> {
     let d = spectrum.len();
     let mut basis_rng = Rng::new(&[seed, 1]);
-    let q = eva::linalg::orthonormalize(Array2::from_shape_fn((d, d), |_| basis_rng.normal()).view());
+    let q =
+        eva::linalg::orthonormalize(Array2::from_shape_fn((d, d), |_| basis_rng.normal()).view());
     let mu: Vec<f64> = (0..d).map(|_| mean * basis_rng.normal()).collect();
     let mut rng = Rng::new(&[seed, 2, unit]);
     let z = Array2::from_shape_fn((n, d), |(_, j)| rng.normal() * spectrum[j].sqrt());
@@ -109,15 +126,30 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// Runs the `eva` binary.
 pub fn eva(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eva")).args(args).env("OPENBLAS_NUM_THREADS", "1").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_eva"))
+        .args(args)
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .output()
+        .unwrap()
 }
 
 /// Runs `eva init` on a directory of shards, expecting success, and returns the output directory.
 pub fn init_ok(activations: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["init", "--activations", activations.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"];
+    let mut args = vec![
+        "init",
+        "--activations",
+        activations.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ];
     args.extend_from_slice(extra);
     let o = eva(&args);
-    assert!(o.status.success(), "eva failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "eva failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
@@ -137,11 +169,23 @@ pub fn read_adapter(dir: &Path) -> Written {
     for (name, view) in st.tensors() {
         assert_eq!(view.dtype(), Dtype::F32, "{name}");
         let shape = view.shape();
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        tensors.insert(name, Array2::from_shape_vec((shape[0], shape[1]), values).unwrap());
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        tensors.insert(
+            name,
+            Array2::from_shape_vec((shape[0], shape[1]), values).unwrap(),
+        );
     }
     let read_json = |f: &str| serde_json::from_slice(&std::fs::read(dir.join(f)).unwrap()).unwrap();
-    Written { tensors, metadata: meta.metadata().clone().unwrap_or_default(), config: read_json("adapter_config.json"), report: read_json("eva_report.json") }
+    Written {
+        tensors,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+        config: read_json("adapter_config.json"),
+        report: read_json("eva_report.json"),
+    }
 }
 
 /// Float64 dense PCA of the concatenated rows: covariance eigenvalues (descending) and vectors
@@ -172,7 +216,12 @@ pub fn peft_allocation(layer_ratios: &[Vec<f64>], cap: usize, budget: usize) -> 
             all.push((v, l, j));
         }
     }
-    all.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    all.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap()
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+    });
     let mut counts = vec![0; layer_ratios.len()];
     for &(_, l, _) in all.iter().take(budget) {
         counts[l] += 1;
@@ -192,7 +241,10 @@ pub fn assert_nothing_written(out: &Path) {
     if let Ok(entries) = std::fs::read_dir(parent) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            assert!(!name.contains(".eva-tmp-"), "temporary directory {name} left behind");
+            assert!(
+                !name.contains(".eva-tmp-"),
+                "temporary directory {name} left behind"
+            );
         }
     }
 }
@@ -206,7 +258,14 @@ pub fn assert_refused(o: &Output, code: i32, needles: &[&str], out: &Path) {
         assert!(err.contains(n), "message should mention `{n}`: {err}");
     }
     if code == 1 {
-        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("eva: error")).count(), 1, "{err}");
+        assert_eq!(
+            err.trim_end()
+                .lines()
+                .filter(|l| l.starts_with("eva: error"))
+                .count(),
+            1,
+            "{err}"
+        );
     }
     assert!(!err.contains("panicked"), "{err}");
     assert_nothing_written(out);
@@ -219,16 +278,30 @@ pub const MAX_DELTA_A: f32 = 1e-6;
 /// Asserts that two written adapters hold the same ranks, steps and A matrices.
 pub fn assert_same_written(wa: &Written, wb: &Written) {
     assert_eq!(wa.report["steps"], wb.report["steps"], "steps differ");
-    let ranks = |w: &Written| w.report["layers"].as_array().unwrap().iter().map(|l| l["rank"].as_u64().unwrap()).collect::<Vec<_>>();
+    let ranks = |w: &Written| {
+        w.report["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["rank"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ranks(wa), ranks(wb), "ranks differ");
     assert_eq!(wa.config["rank_pattern"], wb.config["rank_pattern"]);
-    assert_eq!(wa.tensors.keys().collect::<Vec<_>>(), wb.tensors.keys().collect::<Vec<_>>());
+    assert_eq!(
+        wa.tensors.keys().collect::<Vec<_>>(),
+        wb.tensors.keys().collect::<Vec<_>>()
+    );
     for (name, ta) in &wa.tensors {
         let tb = &wb.tensors[name];
         assert_eq!(ta.dim(), tb.dim(), "{name}");
         for (ra, rb) in ta.rows().into_iter().zip(tb.rows()) {
             let sign = if ra.dot(&rb) < 0.0 { -1.0 } else { 1.0 };
-            let delta = ra.iter().zip(rb.iter()).map(|(x, y)| (x - sign * y).abs()).fold(0.0f32, f32::max);
+            let delta = ra
+                .iter()
+                .zip(rb.iter())
+                .map(|(x, y)| (x - sign * y).abs())
+                .fold(0.0f32, f32::max);
             assert!(delta <= MAX_DELTA_A, "{name}: max |ΔA| = {delta}");
         }
     }

@@ -20,17 +20,42 @@ pub fn shards(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     for u in 0..12u64 {
         let layers = vec![
-            ("blk.0.attn.k".to_string(), gen_rows(1, u, 96, &power_law(24, 1.0), 2.0), 24),
-            ("blk.0.attn.q".to_string(), gen_rows(1, u, 96, &power_law(24, 1.0), 2.0), 24),
-            ("blk.0.mlp.up".to_string(), gen_rows(2, u, 96, &power_law(40, 0.7), 0.0), 80),
-            ("blk.1.mlp.up".to_string(), gen_rows(3, u, 96, &power_law(600, 1.3), 5.0), 64),
+            (
+                "blk.0.attn.k".to_string(),
+                gen_rows(1, u, 96, &power_law(24, 1.0), 2.0),
+                24,
+            ),
+            (
+                "blk.0.attn.q".to_string(),
+                gen_rows(1, u, 96, &power_law(24, 1.0), 2.0),
+                24,
+            ),
+            (
+                "blk.0.mlp.up".to_string(),
+                gen_rows(2, u, 96, &power_law(40, 0.7), 0.0),
+                80,
+            ),
+            (
+                "blk.1.mlp.up".to_string(),
+                gen_rows(3, u, 96, &power_law(600, 1.3), 5.0),
+                64,
+            ),
         ];
         write_shard(&shard(dir, u as usize), &layers, Fmt::F32);
     }
 }
 
 fn init(out: &Path, source: &[&str], extra: &[&str]) {
-    let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q", "--rank", "3", "--batch-size", "3"];
+    let mut args = vec![
+        "init",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+        "--rank",
+        "3",
+        "--batch-size",
+        "3",
+    ];
     args.extend_from_slice(source);
     args.extend_from_slice(extra);
     let o = eva(&args);
@@ -67,7 +92,11 @@ fn thread_worlds_match_a_single_process_on_synthetic_data() {
     let sketch1 = tmp.path().join("s1");
     init(&sketch1, &["--synthetic", spec], &["--estimator", "sketch"]);
     let sketch3 = tmp.path().join("s3");
-    init(&sketch3, &["--synthetic", spec], &["--estimator", "sketch", "--local-ranks", "3"]);
+    init(
+        &sketch3,
+        &["--synthetic", spec],
+        &["--estimator", "sketch", "--local-ranks", "3"],
+    );
     assert_same_adapter(&sketch1, &sketch3);
 }
 
@@ -99,9 +128,16 @@ fn bytes_per_step_do_not_grow_with_tokens() {
     let per_step = |tokens: usize| {
         let out = tmp.path().join(format!("b{tokens}"));
         let spec = format!("layers=2,dim=32,tokens={tokens},units=9");
-        init(&out, &["--synthetic", &spec], &["--local-ranks", "2", "--no-early-stop"]);
+        init(
+            &out,
+            &["--synthetic", &spec],
+            &["--local-ranks", "2", "--no-early-stop"],
+        );
         // The last step also carries the final solve and the outcome.
-        read_adapter(&out).report["bytes"]["per_step"].as_array().unwrap()[..2].to_vec()
+        read_adapter(&out).report["bytes"]["per_step"]
+            .as_array()
+            .unwrap()[..2]
+            .to_vec()
     };
     let small = per_step(64);
     assert!(small[0].as_u64().unwrap() > 0);
@@ -117,19 +153,47 @@ fn a_failing_rank_ends_every_rank_with_its_cause() {
     let mut x = gen_rows(2, 4, 96, &power_law(40, 0.7), 0.0);
     x[(3, 7)] = f32::NAN;
     let layers = vec![
-        ("blk.0.attn.k".to_string(), gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0), 24),
-        ("blk.0.attn.q".to_string(), gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0), 24),
+        (
+            "blk.0.attn.k".to_string(),
+            gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0),
+            24,
+        ),
+        (
+            "blk.0.attn.q".to_string(),
+            gen_rows(1, 4, 96, &power_law(24, 1.0), 2.0),
+            24,
+        ),
         ("blk.0.mlp.up".to_string(), x, 80),
-        ("blk.1.mlp.up".to_string(), gen_rows(3, 4, 96, &power_law(600, 1.3), 5.0), 64),
+        (
+            "blk.1.mlp.up".to_string(),
+            gen_rows(3, 4, 96, &power_law(600, 1.3), 5.0),
+            64,
+        ),
     ];
     write_shard(&shard(&data, 4), &layers, Fmt::F32);
     let out = tmp.path().join("adapter");
     let t = Instant::now();
-    let o = eva(&["init", "--activations", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "3", "--batch-size", "3", "--local-ranks", "3", "--no-early-stop"]);
+    let o = eva(&[
+        "init",
+        "--activations",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "3",
+        "--batch-size",
+        "3",
+        "--local-ranks",
+        "3",
+        "--no-early-stop",
+    ]);
     assert!(t.elapsed() < Duration::from_secs(30));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("rank 1") && err.contains("non-finite") && err.contains("unit-00004"), "{err}");
+    assert!(
+        err.contains("rank 1") && err.contains("non-finite") && err.contains("unit-00004"),
+        "{err}"
+    );
     assert_nothing_written(&out);
 }
 
@@ -158,20 +222,50 @@ mod mpi {
 
     #[test]
     fn collectives_closed_forms_under_mpirun() {
-        let example = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("examples/collectives");
+        let example = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("examples/collectives");
         for np in [1, 2, 4] {
             let o = mpirun(np, &example, &[]);
             let out = String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success(), "np {np}: {}{}", out, String::from_utf8_lossy(&o.stderr));
-            assert_eq!(out.lines().filter(|l| l.ends_with("mpi collectives ok")).count(), np, "{out}");
+            assert!(
+                o.status.success(),
+                "np {np}: {}{}",
+                out,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_eq!(
+                out.lines()
+                    .filter(|l| l.ends_with("mpi collectives ok"))
+                    .count(),
+                np,
+                "{out}"
+            );
         }
     }
 
     fn mpi_init(np: usize, out: &Path, source: &[&str]) {
-        let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q", "--rank", "3", "--batch-size", "3"];
+        let mut args = vec![
+            "init",
+            "--out",
+            out.to_str().unwrap(),
+            "-q",
+            "--rank",
+            "3",
+            "--batch-size",
+            "3",
+        ];
         args.extend_from_slice(source);
         let o = mpirun(np, eva_bin(), &args);
-        assert!(o.status.success(), "np {np}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "np {np}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let w = read_adapter(out);
         assert_eq!(w.report["world_size"], np);
         assert_eq!(w.report["backend"], "mpi");
@@ -183,7 +277,11 @@ mod mpi {
         let data = tmp.path().join("acts");
         shards(&data);
         let spec = "layers=3,group=2,dim=64,tokens=128,units=30,mean=4";
-        for source in [vec!["--activations", data.to_str().unwrap()], vec!["--synthetic", spec], shipped_model().to_vec()] {
+        for source in [
+            vec!["--activations", data.to_str().unwrap()],
+            vec!["--synthetic", spec],
+            shipped_model().to_vec(),
+        ] {
             let single = tmp.path().join("single");
             init(&single, &source, &[]);
             for np in [1, 2, 4] {
@@ -205,21 +303,50 @@ mod mpi {
         let mut x = gen_rows(3, 5, 96, &power_law(600, 1.3), 5.0);
         x[(0, 0)] = f32::INFINITY;
         let layers = vec![
-            ("blk.0.attn.k".to_string(), gen_rows(1, 5, 96, &power_law(24, 1.0), 2.0), 24),
-            ("blk.0.attn.q".to_string(), gen_rows(1, 5, 96, &power_law(24, 1.0), 2.0), 24),
-            ("blk.0.mlp.up".to_string(), gen_rows(2, 5, 96, &power_law(40, 0.7), 0.0), 80),
+            (
+                "blk.0.attn.k".to_string(),
+                gen_rows(1, 5, 96, &power_law(24, 1.0), 2.0),
+                24,
+            ),
+            (
+                "blk.0.attn.q".to_string(),
+                gen_rows(1, 5, 96, &power_law(24, 1.0), 2.0),
+                24,
+            ),
+            (
+                "blk.0.mlp.up".to_string(),
+                gen_rows(2, 5, 96, &power_law(40, 0.7), 0.0),
+                80,
+            ),
             ("blk.1.mlp.up".to_string(), x, 64),
         ];
         write_shard(&shard(&data, 5), &layers, Fmt::F32);
         let out = tmp.path().join("adapter");
         let t = Instant::now();
-        let o = mpirun(2, eva_bin(), &["init", "--activations", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "3"]);
+        let o = mpirun(
+            2,
+            eva_bin(),
+            &[
+                "init",
+                "--activations",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--rank",
+                "3",
+            ],
+        );
         assert!(t.elapsed() < Duration::from_secs(60));
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         // Rank 1 prints its own error and rank 0 one naming rank 1; mpirun may kill rank 1 once
         // rank 0 has exited, so either line alone must name the failing rank and the cause.
-        assert!((err.contains("rank 1: activation shard") || err.contains("rank 0: rank 1 failed")) && err.contains("unit-00005") && err.contains("non-finite"), "{err}");
+        assert!(
+            (err.contains("rank 1: activation shard") || err.contains("rank 0: rank 1 failed"))
+                && err.contains("unit-00005")
+                && err.contains("non-finite"),
+            "{err}"
+        );
         assert_nothing_written(&out);
     }
 }

@@ -13,7 +13,11 @@ fn valid(dir: &Path, units: usize) {
     for u in 0..units {
         let x = gen_rows(1, u as u64, 32, &power_law(8, 1.0), 0.0);
         let y = gen_rows(2, u as u64, 32, &power_law(8, 0.5), 0.0);
-        write_shard(&shard(dir, u), &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)], Fmt::F32);
+        write_shard(
+            &shard(dir, u),
+            &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
+            Fmt::F32,
+        );
     }
 }
 
@@ -22,7 +26,14 @@ fn valid(dir: &Path, units: usize) {
 fn refuse(data: &Path, extra: &[&str], code: i32, needles: &[&str]) {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let mut args = vec!["init", "--activations", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-early-stop"];
+    let mut args = vec![
+        "init",
+        "--activations",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--no-early-stop",
+    ];
     if !extra.contains(&"--rank") {
         args.extend_from_slice(&["--rank", "2"]);
     }
@@ -33,7 +44,12 @@ fn refuse(data: &Path, extra: &[&str], code: i32, needles: &[&str]) {
 #[test]
 fn missing_directory() {
     let tmp = tempdir();
-    refuse(&tmp.path().join("nope"), &[], 1, &["nope", "cannot read activations directory"]);
+    refuse(
+        &tmp.path().join("nope"),
+        &[],
+        1,
+        &["nope", "cannot read activations directory"],
+    );
 }
 
 #[test]
@@ -58,7 +74,16 @@ fn truncated_shard() {
     let p = shard(tmp.path(), 1);
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-    refuse(tmp.path(), &[], 1, &["unit-00001.safetensors", "unit 1", "not a valid safetensors"]);
+    refuse(
+        tmp.path(),
+        &[],
+        1,
+        &[
+            "unit-00001.safetensors",
+            "unit 1",
+            "not a valid safetensors",
+        ],
+    );
 }
 
 #[test]
@@ -70,7 +95,12 @@ fn corrupt_header() {
     bytes[10] = b'{';
     bytes[11] = b'}';
     std::fs::write(&p, &bytes).unwrap();
-    refuse(tmp.path(), &[], 1, &["unit-00000.safetensors", "not a valid safetensors"]);
+    refuse(
+        tmp.path(),
+        &[],
+        1,
+        &["unit-00000.safetensors", "not a valid safetensors"],
+    );
     std::fs::write(&p, b"garbage").unwrap();
     refuse(tmp.path(), &[], 1, &["unit-00000.safetensors"]);
 }
@@ -79,7 +109,12 @@ fn corrupt_header() {
 fn tensor_not_2d() {
     let tmp = tempdir();
     let outs = BTreeMap::from([("a.fc".to_string(), 4)]);
-    let t = Raw { name: "a.fc".into(), dtype: Dtype::F32, shape: vec![2, 3, 4], bytes: vec![0; 96] };
+    let t = Raw {
+        name: "a.fc".into(),
+        dtype: Dtype::F32,
+        shape: vec![2, 3, 4],
+        bytes: vec![0; 96],
+    };
     write_raw(&shard(tmp.path(), 0), &[t], Some(&outs));
     refuse(tmp.path(), &[], 1, &["a.fc", "2-D", "[2, 3, 4]"]);
 }
@@ -90,18 +125,43 @@ fn in_features_change_between_units() {
     valid(tmp.path(), 3);
     let x = gen_rows(1, 9, 32, &power_law(9, 1.0), 0.0);
     let y = gen_rows(2, 9, 32, &power_law(8, 0.5), 0.0);
-    write_shard(&shard(tmp.path(), 2), &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)], Fmt::F32);
-    refuse(tmp.path(), &[], 1, &["unit-00002.safetensors", "unit 2", "a.fc", "in_features changed from 8", "to 9"]);
+    write_shard(
+        &shard(tmp.path(), 2),
+        &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
+        Fmt::F32,
+    );
+    refuse(
+        tmp.path(),
+        &[],
+        1,
+        &[
+            "unit-00002.safetensors",
+            "unit 2",
+            "a.fc",
+            "in_features changed from 8",
+            "to 9",
+        ],
+    );
 }
 
 #[test]
 fn unsupported_dtype() {
     let tmp = tempdir();
     let outs = BTreeMap::from([("a.fc".to_string(), 4)]);
-    let t = Raw { name: "a.fc".into(), dtype: Dtype::F64, shape: vec![4, 2], bytes: vec![0; 64] };
+    let t = Raw {
+        name: "a.fc".into(),
+        dtype: Dtype::F64,
+        shape: vec![4, 2],
+        bytes: vec![0; 64],
+    };
     write_raw(&shard(tmp.path(), 0), &[t], Some(&outs));
     refuse(tmp.path(), &[], 1, &["a.fc", "F64", "not supported"]);
-    let t = Raw { name: "a.fc".into(), dtype: Dtype::I32, shape: vec![4, 2], bytes: vec![0; 32] };
+    let t = Raw {
+        name: "a.fc".into(),
+        dtype: Dtype::I32,
+        shape: vec![4, 2],
+        bytes: vec![0; 32],
+    };
     write_raw(&shard(tmp.path(), 0), &[t], Some(&outs));
     refuse(tmp.path(), &[], 1, &["I32"]);
 }
@@ -110,12 +170,22 @@ fn unsupported_dtype() {
 fn missing_out_features_metadata() {
     let tmp = tempdir();
     let x = gen_rows(1, 0, 16, &power_law(8, 1.0), 0.0);
-    let t = Raw { name: "a.fc".into(), dtype: Dtype::F32, shape: vec![16, 8], bytes: Fmt::F32.encode(&x) };
+    let t = Raw {
+        name: "a.fc".into(),
+        dtype: Dtype::F32,
+        shape: vec![16, 8],
+        bytes: Fmt::F32.encode(&x),
+    };
     write_raw(&shard(tmp.path(), 0), &[t], None);
     refuse(tmp.path(), &[], 1, &["out_features", "missing"]);
     // Metadata present but without this layer.
     let outs = BTreeMap::from([("other".to_string(), 4)]);
-    let t = Raw { name: "a.fc".into(), dtype: Dtype::F32, shape: vec![16, 8], bytes: Fmt::F32.encode(&x) };
+    let t = Raw {
+        name: "a.fc".into(),
+        dtype: Dtype::F32,
+        shape: vec![16, 8],
+        bytes: Fmt::F32.encode(&x),
+    };
     write_raw(&shard(tmp.path(), 0), &[t], Some(&outs));
     refuse(tmp.path(), &[], 1, &["out_features", "a.fc"]);
 }
@@ -128,8 +198,23 @@ fn nan_and_inf_activations() {
         let mut x: Array2<f32> = gen_rows(1, 1, 32, &power_law(8, 1.0), 0.0);
         x[(5, 3)] = bad;
         let y = gen_rows(2, 1, 32, &power_law(8, 0.5), 0.0);
-        write_shard(&shard(tmp.path(), 1), &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)], Fmt::F32);
-        refuse(tmp.path(), &[], 1, &["unit-00001.safetensors", "unit 1", "a.fc", "non-finite", "token 5, feature 3"]);
+        write_shard(
+            &shard(tmp.path(), 1),
+            &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
+            Fmt::F32,
+        );
+        refuse(
+            tmp.path(),
+            &[],
+            1,
+            &[
+                "unit-00001.safetensors",
+                "unit 1",
+                "a.fc",
+                "non-finite",
+                "token 5, feature 3",
+            ],
+        );
     }
 }
 
@@ -137,7 +222,12 @@ fn nan_and_inf_activations() {
 fn rank_larger_than_in_features() {
     let tmp = tempdir();
     valid(tmp.path(), 2);
-    refuse(tmp.path(), &["--rank", "9"], 2, &["--rank 9", "in_features = 8"]);
+    refuse(
+        tmp.path(),
+        &["--rank", "9"],
+        2,
+        &["--rank 9", "in_features = 8"],
+    );
 }
 
 #[test]
@@ -159,17 +249,37 @@ fn tau_outside_unit_interval() {
 fn unknown_target() {
     let tmp = tempdir();
     valid(tmp.path(), 2);
-    refuse(tmp.path(), &["--targets", "q_proj"], 2, &["q_proj", "a.fc, b.fc"]);
+    refuse(
+        tmp.path(),
+        &["--targets", "q_proj"],
+        2,
+        &["q_proj", "a.fc, b.fc"],
+    );
 }
 
 #[test]
 fn bad_flag_values_are_usage_errors() {
     let tmp = tempdir();
     valid(tmp.path(), 2);
-    refuse(tmp.path(), &["--rank", "0"], 2, &["--rank must be at least 1"]);
-    refuse(tmp.path(), &["--batch-size", "0"], 2, &["--batch-size must be at least 1"]);
+    refuse(
+        tmp.path(),
+        &["--rank", "0"],
+        2,
+        &["--rank must be at least 1"],
+    );
+    refuse(
+        tmp.path(),
+        &["--batch-size", "0"],
+        2,
+        &["--batch-size must be at least 1"],
+    );
     refuse(tmp.path(), &["--estimator", "magic"], 2, &["magic"]);
-    refuse(tmp.path(), &["--estimator", "sketch", "--sketch-size", "2"], 2, &["--sketch-size 2"]);
+    refuse(
+        tmp.path(),
+        &["--estimator", "sketch", "--sketch-size", "2"],
+        2,
+        &["--sketch-size 2"],
+    );
 }
 
 #[test]
@@ -180,7 +290,15 @@ fn existing_output_is_kept_without_force() {
     let out = tmp.path().join("adapter");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), b"mine").unwrap();
-    let o = eva(&["init", "--activations", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "2"]);
+    let o = eva(&[
+        "init",
+        "--activations",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "2",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
@@ -193,7 +311,13 @@ fn existing_output_is_kept_without_force() {
 fn synthetic_spec_errors_are_usage_errors() {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let o = eva(&["init", "--synthetic", "dim=0", "--out", out.to_str().unwrap()]);
+    let o = eva(&[
+        "init",
+        "--synthetic",
+        "dim=0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("dim"));
     let o = eva(&["init", "--out", out.to_str().unwrap()]);

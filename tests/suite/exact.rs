@@ -18,11 +18,33 @@ struct Input {
 
 /// Writes `units` shards for `layers` (name, input index, out_features), returning each
 /// input's rows as eva reads them (rounded to `fmt`).
-fn write_dataset(dir: &std::path::Path, inputs: &[Input], layers: &[(&str, usize, usize)], units: usize, tokens: usize, fmt: Fmt) -> Vec<Vec<Array2<f32>>> {
+fn write_dataset(
+    dir: &std::path::Path,
+    inputs: &[Input],
+    layers: &[(&str, usize, usize)],
+    units: usize,
+    tokens: usize,
+    fmt: Fmt,
+) -> Vec<Vec<Array2<f32>>> {
     let mut seen = vec![Vec::new(); inputs.len()];
     for u in 0..units {
-        let rows: Vec<Array2<f32>> = inputs.iter().enumerate().map(|(g, inp)| fmt.round(&gen_rows(100 + g as u64, u as u64, tokens, &inp.spectrum, inp.mean))).collect();
-        let shard_layers: Vec<(String, Array2<f32>, usize)> = layers.iter().map(|&(n, g, o)| (n.to_string(), rows[g].clone(), o)).collect();
+        let rows: Vec<Array2<f32>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(g, inp)| {
+                fmt.round(&gen_rows(
+                    100 + g as u64,
+                    u as u64,
+                    tokens,
+                    &inp.spectrum,
+                    inp.mean,
+                ))
+            })
+            .collect();
+        let shard_layers: Vec<(String, Array2<f32>, usize)> = layers
+            .iter()
+            .map(|&(n, g, o)| (n.to_string(), rows[g].clone(), o))
+            .collect();
         write_shard(&shard(dir, u), &shard_layers, fmt);
         for (g, r) in rows.into_iter().enumerate() {
             seen[g].push(r);
@@ -36,9 +58,21 @@ fn write_dataset(dir: &std::path::Path, inputs: &[Input], layers: &[(&str, usize
 
 fn check_against_reference(fmt: Fmt) {
     let inputs = vec![
-        Input { dim: 48, spectrum: power_law(48, 1.0), mean: 30.0 },
-        Input { dim: 48, spectrum: power_law(48, 0.5), mean: 0.0 },
-        Input { dim: 600, spectrum: power_law(600, 1.5), mean: 100.0 },
+        Input {
+            dim: 48,
+            spectrum: power_law(48, 1.0),
+            mean: 30.0,
+        },
+        Input {
+            dim: 48,
+            spectrum: power_law(48, 0.5),
+            mean: 0.0,
+        },
+        Input {
+            dim: 600,
+            spectrum: power_law(600, 1.5),
+            mean: 100.0,
+        },
     ];
     // Catalog order is natural name order; k_proj and q_proj share input 0 (k_proj leads).
     let layers = [
@@ -52,14 +86,31 @@ fn check_against_reference(fmt: Fmt) {
     std::fs::create_dir(&data).unwrap();
     let seen = write_dataset(&data, &inputs, &layers, 10, 200, fmt);
     let out = tmp.path().join("adapter");
-    init_ok(&data, &out, &["--rank", "4", "--rho", "2", "--no-early-stop", "--estimator", "exact", "--batch-size", "3"]);
+    init_ok(
+        &data,
+        &out,
+        &[
+            "--rank",
+            "4",
+            "--rho",
+            "2",
+            "--no-early-stop",
+            "--estimator",
+            "exact",
+            "--batch-size",
+            "3",
+        ],
+    );
     let w = read_adapter(&out);
 
     let refs: Vec<(Vec<f64>, Array2<f64>)> = seen.iter().map(|units| dense_pca(units)).collect();
-    let ratios: Vec<Vec<f64>> = refs.iter().map(|(vals, _)| {
-        let t: f64 = vals.iter().sum();
-        vals.iter().take(8).map(|v| v / t).collect()
-    }).collect();
+    let ratios: Vec<Vec<f64>> = refs
+        .iter()
+        .map(|(vals, _)| {
+            let t: f64 = vals.iter().sum();
+            vals.iter().take(8).map(|v| v / t).collect()
+        })
+        .collect();
     let layer_ratios: Vec<Vec<f64>> = layers.iter().map(|&(_, g, _)| ratios[g].clone()).collect();
     let want = peft_allocation(&layer_ratios, 8, 4 * layers.len());
     assert_eq!(want.iter().sum::<usize>(), 16);
@@ -68,15 +119,30 @@ fn check_against_reference(fmt: Fmt) {
     for (l, &(name, g, out_features)) in layers.iter().enumerate() {
         let rep = &report_layers[l];
         assert_eq!(rep["name"], name);
-        assert_eq!(rep["rank"].as_u64().unwrap() as usize, want[l], "{fmt:?} rank of {name}");
-        let got: Vec<f64> = rep["explained_variance_ratio"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(
+            rep["rank"].as_u64().unwrap() as usize,
+            want[l],
+            "{fmt:?} rank of {name}"
+        );
+        let got: Vec<f64> = rep["explained_variance_ratio"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         for (a, b) in got.iter().zip(&ratios[g]) {
-            assert!((a - b).abs() <= RATIO_RTOL * b, "{fmt:?} {name}: ratio {a} vs reference {b}");
+            assert!(
+                (a - b).abs() <= RATIO_RTOL * b,
+                "{fmt:?} {name}: ratio {a} vs reference {b}"
+            );
         }
         let a = &w.tensors[&format!("base_model.model.{name}.lora_A.weight")];
         assert_eq!(a.dim(), (want[l], inputs[g].dim));
         let sim = subspace_similarity(a, refs[g].1.slice(s![.., ..want[l]]));
-        assert!(sim >= MIN_SIMILARITY, "{fmt:?} {name}: subspace similarity {sim}");
+        assert!(
+            sim >= MIN_SIMILARITY,
+            "{fmt:?} {name}: subspace similarity {sim}"
+        );
         let b = &w.tensors[&format!("base_model.model.{name}.lora_B.weight")];
         assert_eq!(b.dim(), (out_features, want[l]));
     }
@@ -102,7 +168,19 @@ fn synthetic_source_matches_dense_pca_and_known_spectrum() {
     let spec = "layers=3,dim=40,tokens=400,units=6,mean=10,decay=1.2,seed=5";
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let o = eva(&["init", "--synthetic", spec, "--out", out.to_str().unwrap(), "-q", "--no-early-stop", "--estimator", "exact", "--rank", "3"]);
+    let o = eva(&[
+        "init",
+        "--synthetic",
+        spec,
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+        "--no-early-stop",
+        "--estimator",
+        "exact",
+        "--rank",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
     let src = eva::source::synthetic::SyntheticSource::new(spec.parse().unwrap()).unwrap();
@@ -118,6 +196,11 @@ fn synthetic_source_matches_dense_pca_and_known_spectrum() {
         assert!(subspace_similarity(a, vecs.slice(s![.., ..rank])) >= MIN_SIMILARITY);
         // The sample spectrum is close to the generating one (2400 tokens).
         let truth = src.eigenvalues(g);
-        assert!((vals[0] / truth[0] - 1.0).abs() < 0.15, "top eigenvalue {} vs generating {}", vals[0], truth[0]);
+        assert!(
+            (vals[0] / truth[0] - 1.0).abs() < 0.15,
+            "top eigenvalue {} vs generating {}",
+            vals[0],
+            truth[0]
+        );
     }
 }

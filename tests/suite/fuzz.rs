@@ -74,7 +74,11 @@ fn run_case(what: &str, input: &[u8], case: impl FnOnce() -> Result<(), String> 
     let saved = || {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz-failures");
         let _ = std::fs::create_dir_all(&dir);
-        let name: String = what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(60).collect();
+        let name: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(60)
+            .collect();
         let path = dir.join(name);
         let _ = std::fs::write(&path, input);
         path.display().to_string()
@@ -87,7 +91,10 @@ fn run_case(what: &str, input: &[u8], case: impl FnOnce() -> Result<(), String> 
             WATCHING.with(|w| w.set(true));
             let outcome = catch_unwind(AssertUnwindSafe(case));
             WATCHING.with(|w| w.set(false));
-            let _ = tx.send((outcome.map_err(|p| panic_text(&p)), LARGEST.with(|l| l.get())));
+            let _ = tx.send((
+                outcome.map_err(|p| panic_text(&p)),
+                LARGEST.with(|l| l.get()),
+            ));
         })
         .unwrap();
     match rx.recv_timeout(CASE_TIME) {
@@ -96,12 +103,18 @@ fn run_case(what: &str, input: &[u8], case: impl FnOnce() -> Result<(), String> 
         }
         Ok((Ok(Err(e)), _)) => panic!("{what}: {e} (saved as {})", saved()),
         Ok((Err(panic), _)) => panic!("{what}: panicked: {panic} (saved as {})", saved()),
-        Err(_) => panic!("{what}: did not finish within {CASE_TIME:?} (a hang?) (saved as {})", saved()),
+        Err(_) => panic!(
+            "{what}: did not finish within {CASE_TIME:?} (a hang?) (saved as {})",
+            saved()
+        ),
     }
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(non-string panic)".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic)".into())
 }
 
 /// One mutation of `valid`, chosen by `rng`. `numbers` marks text formats (JSON) whose digits
@@ -135,9 +148,24 @@ fn mutate(rng: &mut Rng, valid: &[u8], json: bool) -> Vec<u8> {
             // A little-endian length field: overwrite 8 bytes (the safetensors header length at
             // 0, or any aligned word) with a hostile value.
             2 => {
-                let values = [0u64, 1, 7, 8, u32::MAX as u64, u64::MAX, 1 << 40, b.len() as u64, b.len() as u64 + 1, (b.len() as u64).saturating_sub(9)];
+                let values = [
+                    0u64,
+                    1,
+                    7,
+                    8,
+                    u32::MAX as u64,
+                    u64::MAX,
+                    1 << 40,
+                    b.len() as u64,
+                    b.len() as u64 + 1,
+                    (b.len() as u64).saturating_sub(9),
+                ];
                 let v = values[pick(rng, values.len())];
-                let at = if pick(rng, 2) == 0 { 0 } else { pick(rng, b.len() / 8 + 1) * 8 };
+                let at = if pick(rng, 2) == 0 {
+                    0
+                } else {
+                    pick(rng, b.len() / 8 + 1) * 8
+                };
                 if at + 8 <= b.len() {
                     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
                 }
@@ -171,12 +199,28 @@ fn mutate(rng: &mut Rng, valid: &[u8], json: bool) -> Vec<u8> {
             }
             // JSON: replace a number (a shape, an offset, a size, an id) with a hostile one.
             _ => {
-                let starts: Vec<usize> = (0..b.len()).filter(|&i| b[i].is_ascii_digit() && (i == 0 || !b[i - 1].is_ascii_digit())).collect();
+                let starts: Vec<usize> = (0..b.len())
+                    .filter(|&i| b[i].is_ascii_digit() && (i == 0 || !b[i - 1].is_ascii_digit()))
+                    .collect();
                 if !starts.is_empty() {
                     let s = starts[pick(rng, starts.len())];
-                    let e = (s..b.len()).find(|&i| !b[i].is_ascii_digit()).unwrap_or(b.len());
-                    let hostile =
-                        ["0", "-1", "1", "4294967296", "18446744073709551615", "99999999999999999999999", "1e400", "0.5", "null", "[]", "\"x\"", "65"];
+                    let e = (s..b.len())
+                        .find(|&i| !b[i].is_ascii_digit())
+                        .unwrap_or(b.len());
+                    let hostile = [
+                        "0",
+                        "-1",
+                        "1",
+                        "4294967296",
+                        "18446744073709551615",
+                        "99999999999999999999999",
+                        "1e400",
+                        "0.5",
+                        "null",
+                        "[]",
+                        "\"x\"",
+                        "65",
+                    ];
                     let h = hostile[pick(rng, hostile.len())];
                     b.splice(s..e, h.bytes());
                 }
@@ -191,7 +235,13 @@ fn fixtures(reader: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
     let mut out: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
         .map(|d| {
-            d.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{reader}-")))).collect::<Vec<_>>()
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{reader}-")))
+                })
+                .collect::<Vec<_>>()
         })
         .unwrap_or_default()
         .into_iter()
@@ -206,11 +256,17 @@ fn fixtures(reader: &str) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The inputs of one reader: its fixtures, then `cases` mutations of each valid input.
 fn inputs(reader: &str, valid: &[Vec<u8>], cases: usize, json: bool) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = fixtures(reader).into_iter().map(|(p, b)| (p.display().to_string(), b)).collect();
+    let mut out: Vec<(String, Vec<u8>)> = fixtures(reader)
+        .into_iter()
+        .map(|(p, b)| (p.display().to_string(), b))
+        .collect();
     for (v, bytes) in valid.iter().enumerate() {
         let mut rng = Rng::new(&[eva::rng::name_key(reader), v as u64]);
         for i in 0..cases {
-            out.push((format!("{reader} case {i} of valid input {v} (seed [{reader}, {v}])"), mutate(&mut rng, bytes, json)));
+            out.push((
+                format!("{reader} case {i} of valid input {v} (seed [{reader}, {v}])"),
+                mutate(&mut rng, bytes, json),
+            ));
         }
     }
     out
@@ -230,7 +286,15 @@ fn activation_shards() {
         let x = gen_rows(1, u as u64, 6, &power_law(4, 1.0), 0.5);
         let y = gen_rows(2, u as u64, 6, &power_law(3, 1.0), 0.0);
         let p = valid_dir.join(format!("u{u}.safetensors"));
-        write_shard(&p, &[("a.fc".into(), x.clone(), 2), ("b.fc".into(), y, 5), ("c.fc".into(), x, 2)], fmt);
+        write_shard(
+            &p,
+            &[
+                ("a.fc".into(), x.clone(), 2),
+                ("b.fc".into(), y, 5),
+                ("c.fc".into(), x, 2),
+            ],
+            fmt,
+        );
         valid.push(std::fs::read(&p).unwrap());
     }
     let good = valid[0].clone();
@@ -270,7 +334,11 @@ fn model_with(src: &Path, dst: &Path, file: &str, bytes: &[u8]) {
 
 /// Opens a model source and runs one pass of four short examples.
 fn open_and_run(dir: &Path, data: &Path) -> Result<(), String> {
-    let opts = ModelOptions { text_field: None, max_seq_len: 32, use_label_mask: true };
+    let opts = ModelOptions {
+        text_field: None,
+        max_seq_len: 32,
+        use_label_mask: true,
+    };
     if let Ok(mut src) = ModelSource::open(dir, data, &opts) {
         let wanted = vec![true; src.catalog().inputs.len()];
         let units: Vec<usize> = (0..src.units().min(4)).collect();
@@ -287,7 +355,10 @@ fn model_files(reader: &str, models: &[PathBuf], file: &str, cases: usize, json:
     let tmp = tempdir();
     let data = tmp.path().join("data.txt");
     std::fs::write(&data, "The city plans to plant trees.\nA second example, longer than the first one.\nthree\nfour words here\n").unwrap();
-    let valid: Vec<Vec<u8>> = models.iter().map(|m| std::fs::read(m.join(file)).unwrap()).collect();
+    let valid: Vec<Vec<u8>> = models
+        .iter()
+        .map(|m| std::fs::read(m.join(file)).unwrap())
+        .collect();
     let all = inputs(reader, &valid, cases, json);
     let per_model = all.len() / models.len().max(1) + 1;
     for (i, (what, bytes)) in all.into_iter().enumerate() {
@@ -295,33 +366,70 @@ fn model_files(reader: &str, models: &[PathBuf], file: &str, cases: usize, json:
         let dir = tmp.path().join(format!("case{i}"));
         model_with(model, &dir, file, &bytes);
         let data = data.clone();
-        run_case(&format!("{what} ({} of {})", file, model.display()), &bytes, move || {
-            let r = open_and_run(&dir, &data);
-            let _ = std::fs::remove_dir_all(&dir);
-            r
-        });
+        run_case(
+            &format!("{what} ({} of {})", file, model.display()),
+            &bytes,
+            move || {
+                let r = open_and_run(&dir, &data);
+                let _ = std::fs::remove_dir_all(&dir);
+                r
+            },
+        );
     }
 }
 
 #[test]
 fn checkpoint_files() {
     // A single-file BF16 checkpoint and an F32 one.
-    model_files("checkpoint", &[root().join("examples/tiny-llama"), root().join("tests/reference/bert")], "model.safetensors", 250, false);
+    model_files(
+        "checkpoint",
+        &[
+            root().join("examples/tiny-llama"),
+            root().join("tests/reference/bert"),
+        ],
+        "model.safetensors",
+        250,
+        false,
+    );
 }
 
 #[test]
 fn sharded_checkpoint_index() {
-    model_files("index", &[root().join("tests/reference/llama")], "model.safetensors.index.json", 300, true);
+    model_files(
+        "index",
+        &[root().join("tests/reference/llama")],
+        "model.safetensors.index.json",
+        300,
+        true,
+    );
 }
 
 #[test]
 fn config_json() {
-    model_files("config", &[root().join("examples/tiny-llama"), root().join("tests/reference/bert")], "config.json", 400, true);
+    model_files(
+        "config",
+        &[
+            root().join("examples/tiny-llama"),
+            root().join("tests/reference/bert"),
+        ],
+        "config.json",
+        400,
+        true,
+    );
 }
 
 #[test]
 fn tokenizer_json() {
-    model_files("tokenizer", &[root().join("examples/tiny-llama"), root().join("tests/reference/bert")], "tokenizer.json", 150, true);
+    model_files(
+        "tokenizer",
+        &[
+            root().join("examples/tiny-llama"),
+            root().join("tests/reference/bert"),
+        ],
+        "tokenizer.json",
+        150,
+        true,
+    );
 }
 
 #[test]
@@ -331,7 +439,8 @@ fn jsonl_data() {
         std::fs::read(root().join("tests/reference/data.jsonl")).unwrap(),
         b"{\"prompt\": \"Q: two plus two?\\n\", \"completion\": \"A: four\"}\n{\"text\": \"plain \\u00e9t\\u00e9 text\"}\n\n".to_vec(),
     ];
-    let encoder = std::sync::Arc::new(TextEncoder::open(&root().join("examples/tiny-llama"), 64).unwrap());
+    let encoder =
+        std::sync::Arc::new(TextEncoder::open(&root().join("examples/tiny-llama"), 64).unwrap());
     for (i, (what, bytes)) in inputs("jsonl", &valid, 1500, true).into_iter().enumerate() {
         let path = tmp.path().join(format!("case{i}.jsonl"));
         std::fs::write(&path, &bytes).unwrap();
@@ -339,9 +448,15 @@ fn jsonl_data() {
         run_case(&what, &bytes, move || {
             if let Ok(ex) = read_examples(&path, None) {
                 for (j, item) in ex.items.iter().enumerate() {
-                    let enc = encoder.encode(item, || format!("example {j}")).map_err(|e| e.to_string())?;
+                    let enc = encoder
+                        .encode(item, || format!("example {j}"))
+                        .map_err(|e| e.to_string())?;
                     if enc.ids.len() > 64 || enc.ids.len() != enc.labelled.len() {
-                        return Err(format!("example {j}: {} ids, {} labels (max 64)", enc.ids.len(), enc.labelled.len()));
+                        return Err(format!(
+                            "example {j}: {} ids, {} labels (max 64)",
+                            enc.ids.len(),
+                            enc.labelled.len()
+                        ));
                     }
                     if let Example::Text(_) = item {
                         if enc.labelled.iter().any(|&l| !l) {
@@ -360,11 +475,26 @@ fn jsonl_data() {
 fn wire_messages() {
     use eva::comm::wire::{Reader, Writer};
     let mut w = Writer::default();
-    w.u8(3).u64(1 << 33).f64s(&[1.5, -2.0, 3.25]).f32s(&[0.5; 7]).bytes(b"a message").bools(&[true, false, true]);
+    w.u8(3)
+        .u64(1 << 33)
+        .f64s(&[1.5, -2.0, 3.25])
+        .f32s(&[0.5; 7])
+        .bytes(b"a message")
+        .bools(&[true, false, true]);
     let spectrum = {
         // A valid spectra message, built as the engine encodes one.
         let mut s = Writer::default();
-        s.u64(1).u64(4).f64s(&[3.0, 1.0]).u64(3).f64s(&[0.1; 6]).f64s(&[1e-9, 1e-8]).f64s(&[5.0]).u64(42).u8(1).u64(16).f64s(&[0.01, 0.02]);
+        s.u64(1)
+            .u64(4)
+            .f64s(&[3.0, 1.0])
+            .u64(3)
+            .f64s(&[0.1; 6])
+            .f64s(&[1e-9, 1e-8])
+            .f64s(&[5.0])
+            .u64(42)
+            .u8(1)
+            .u64(16)
+            .f64s(&[0.01, 0.02]);
         s.0
     };
     for (what, bytes) in inputs("wire", &[w.0.clone(), spectrum], 3000, false) {
@@ -393,7 +523,16 @@ fn the_mutator_changes_inputs_and_is_deterministic() {
     let b = inputs("selfcheck", std::slice::from_ref(&valid), 200, true);
     assert_eq!(a, b, "same seeds, same inputs");
     let changed = a.iter().filter(|(_, m)| *m != valid).count();
-    assert!(changed >= 190, "only {changed} of 200 mutations changed the input");
-    let parse_errors = a.iter().filter(|(_, m)| serde_json::from_slice::<serde_json::Value>(m).is_err()).count();
-    assert!(parse_errors > 20 && parse_errors < 190, "{parse_errors} of 200 are not JSON: mutations should be both fatal and subtle");
+    assert!(
+        changed >= 190,
+        "only {changed} of 200 mutations changed the input"
+    );
+    let parse_errors = a
+        .iter()
+        .filter(|(_, m)| serde_json::from_slice::<serde_json::Value>(m).is_err())
+        .count();
+    assert!(
+        parse_errors > 20 && parse_errors < 190,
+        "{parse_errors} of 200 are not JSON: mutations should be both fatal and subtle"
+    );
 }

@@ -40,24 +40,38 @@ pub struct Reference {
 pub fn read_reference(arch: &str) -> Reference {
     let bytes = std::fs::read(fixture(arch).join("reference.safetensors")).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let max_seq_len = meta.metadata().as_ref().unwrap()["max_seq_len"].parse().unwrap();
+    let max_seq_len = meta.metadata().as_ref().unwrap()["max_seq_len"]
+        .parse()
+        .unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (mut f32s, mut i64s) = (BTreeMap::new(), BTreeMap::new());
     for (name, view) in st.tensors() {
         let shape = (view.shape()[0], view.shape()[1]);
         match view.dtype() {
             Dtype::F32 => {
-                let v = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                let v = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
                 f32s.insert(name, Array2::from_shape_vec(shape, v).unwrap());
             }
             Dtype::I64 => {
-                let v = view.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+                let v = view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
                 i64s.insert(name, Array2::from_shape_vec(shape, v).unwrap());
             }
             d => panic!("unexpected dtype {d:?} for {name}"),
         }
     }
-    Reference { f32s, i64s, max_seq_len }
+    Reference {
+        f32s,
+        i64s,
+        max_seq_len,
+    }
 }
 
 /// Reads every unit of `source` in one call and returns the rows of each input.
@@ -85,7 +99,16 @@ fn capture_all(source: &mut dyn Source) -> Vec<Array2<f32>> {
 }
 
 fn open(arch: &str, max_seq_len: usize) -> ModelSource {
-    ModelSource::open(&fixture(arch), &reference_data(), &ModelOptions { text_field: None, max_seq_len, use_label_mask: true }).unwrap()
+    ModelSource::open(
+        &fixture(arch),
+        &reference_data(),
+        &ModelOptions {
+            text_field: None,
+            max_seq_len,
+            use_label_mask: true,
+        },
+    )
+    .unwrap()
 }
 
 /// Largest `|a - b|` and largest `|a - b| / (ATOL + RTOL·|b|)` (≤ 1 passes).
@@ -121,10 +144,18 @@ fn check_against_torch(arch: &str) {
     let torch_names: Vec<&String> = reference.f32s.keys().collect();
     let mut sorted = names.clone();
     sorted.sort();
-    assert_eq!(sorted.iter().collect::<Vec<_>>(), torch_names, "{arch}: eva's module names are PyTorch's nn.Linear names");
+    assert_eq!(
+        sorted.iter().collect::<Vec<_>>(),
+        torch_names,
+        "{arch}: eva's module names are PyTorch's nn.Linear names"
+    );
 
     // Equal-input groups from the architecture equal the groups byte identity gives.
-    let mut ours: Vec<Vec<String>> = catalog.inputs.iter().map(|i| i.members.iter().map(|&m| names[m].clone()).collect()).collect();
+    let mut ours: Vec<Vec<String>> = catalog
+        .inputs
+        .iter()
+        .map(|i| i.members.iter().map(|&m| names[m].clone()).collect())
+        .collect();
     let mut theirs = byte_identity_groups(&reference, &names);
     ours.iter_mut().for_each(|g| g.sort());
     theirs.iter_mut().for_each(|g| g.sort());
@@ -137,14 +168,29 @@ fn check_against_torch(arch: &str) {
     for layer in &catalog.layers {
         let got = &rows[layer.input];
         let want = &reference.f32s[&layer.name];
-        assert_eq!(got.dim(), want.dim(), "{arch} {}: rows x features", layer.name);
+        assert_eq!(
+            got.dim(),
+            want.dim(),
+            "{arch} {}: rows x features",
+            layer.name
+        );
         let (abs, rel) = errors(got, want);
-        assert!(rel <= 1.0, "{arch} {}: max |eva - torch| = {abs:e} exceeds {ATOL:e} + {RTOL:e}·|torch|", layer.name);
+        assert!(
+            rel <= 1.0,
+            "{arch} {}: max |eva - torch| = {abs:e} exceeds {ATOL:e} + {RTOL:e}·|torch|",
+            layer.name
+        );
         if rel > worst.1 {
             worst = (abs, rel, layer.name.clone());
         }
     }
-    println!("{arch}: {} layers, max abs error {:.2e}, max error / tolerance {:.3} ({})", catalog.layers.len(), worst.0, worst.1, worst.2);
+    println!(
+        "{arch}: {} layers, max abs error {:.2e}, max error / tolerance {:.3} ({})",
+        catalog.layers.len(),
+        worst.0,
+        worst.1,
+        worst.2
+    );
 }
 
 #[test]
@@ -179,7 +225,11 @@ fn tokenization_and_label_mask_match_python() {
         let reference = read_reference(arch);
         let enc = TextEncoder::open(&fixture(arch), reference.max_seq_len).unwrap();
         let examples = read_examples(&reference_data(), None).unwrap();
-        let (ids, mask, keep) = (&reference.i64s["input_ids"], &reference.i64s["attention_mask"], &reference.i64s["keep"]);
+        let (ids, mask, keep) = (
+            &reference.i64s["input_ids"],
+            &reference.i64s["attention_mask"],
+            &reference.i64s["keep"],
+        );
         assert_eq!(examples.items.len(), ids.nrows(), "blank line skipped");
         for (i, ex) in examples.items.iter().enumerate() {
             let e = enc.encode(ex, || format!("example {i}")).unwrap();
@@ -191,8 +241,16 @@ fn tokenization_and_label_mask_match_python() {
             assert!(e.ids.len() <= reference.max_seq_len);
         }
         // The reference data has a truncated example and masked prompts.
-        assert!(mask.row(0).iter().all(|&m| m == 1) && mask.ncols() == reference.max_seq_len, "{arch}: example 0 is truncated");
-        assert!(keep.iter().zip(mask.iter()).any(|(&k, &m)| m == 1 && k == 0), "{arch}: some tokens are label-masked");
+        assert!(
+            mask.row(0).iter().all(|&m| m == 1) && mask.ncols() == reference.max_seq_len,
+            "{arch}: example 0 is truncated"
+        );
+        assert!(
+            keep.iter()
+                .zip(mask.iter())
+                .any(|(&k, &m)| m == 1 && k == 0),
+            "{arch}: some tokens are label-masked"
+        );
     }
 }
 
@@ -201,10 +259,17 @@ fn tokenization_and_label_mask_match_python() {
 #[test]
 fn no_label_mask_keeps_prompt_tokens() {
     let reference = read_reference("bert");
-    let opts = ModelOptions { text_field: None, max_seq_len: reference.max_seq_len, use_label_mask: false };
+    let opts = ModelOptions {
+        text_field: None,
+        max_seq_len: reference.max_seq_len,
+        use_label_mask: false,
+    };
     let mut source = ModelSource::open(&fixture("bert"), &reference_data(), &opts).unwrap();
     let rows = capture_all(&mut source);
-    let total = reference.i64s["attention_mask"].iter().filter(|&&m| m == 1).count();
+    let total = reference.i64s["attention_mask"]
+        .iter()
+        .filter(|&&m| m == 1)
+        .count();
     let kept = reference.i64s["keep"].iter().filter(|&&m| m == 1).count();
     assert!(kept < total);
     assert!(rows.iter().all(|r| r.nrows() == total));
@@ -228,13 +293,19 @@ fn packing_changes_only_rounding_and_passes_are_reproducible() {
                 })
                 .unwrap();
         }
-        pieces.iter().map(|p| concatenate(Axis(0), &p.iter().map(|a| a.view()).collect::<Vec<_>>()).unwrap()).collect()
+        pieces
+            .iter()
+            .map(|p| concatenate(Axis(0), &p.iter().map(|a| a.view()).collect::<Vec<_>>()).unwrap())
+            .collect()
     };
     let packed = read(&mut source, &[(0..n).collect()]);
     let single = read(&mut source, &(0..n).map(|u| vec![u]).collect::<Vec<_>>());
     for g in 0..inputs {
         let (_, rel) = errors(&single[g], &packed[g]);
-        assert!(rel <= 1.0, "input {g}: packed and one-by-one rows differ beyond rounding");
+        assert!(
+            rel <= 1.0,
+            "input {g}: packed and one-by-one rows differ beyond rounding"
+        );
     }
     let again = read(&mut source, &[(0..n).collect()]);
     assert_eq!(packed, again, "the same pass gave different rows");
@@ -268,14 +339,34 @@ fn init_matches_pytorch_pca(arch: &str, task: Option<&str>) {
     let dir = fixture(arch);
     let max = reference.max_seq_len.to_string();
     let o = eva(&[
-        "init", "--model", dir.to_str().unwrap(), "--data", reference_data().to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--max-seq-len", &max, "--rank", "2", "--rho", "1", "--no-early-stop", "--estimator", "exact", "--batch-size", "2", "-q",
+        "init",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        reference_data().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-seq-len",
+        &max,
+        "--rank",
+        "2",
+        "--rho",
+        "1",
+        "--no-early-stop",
+        "--estimator",
+        "exact",
+        "--batch-size",
+        "2",
+        "-q",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
     assert_eq!(w.config["task_type"].as_str(), task);
     let base = w.config["base_model_name_or_path"].as_str().unwrap();
-    assert_eq!(Path::new(base).canonicalize().unwrap(), dir.canonicalize().unwrap());
+    assert_eq!(
+        Path::new(base).canonicalize().unwrap(),
+        dir.canonicalize().unwrap()
+    );
     for (name, x) in &reference.f32s {
         let a = &w.tensors[&format!("base_model.model.{name}.lora_A.weight")];
         let (_, vectors) = dense_pca(std::slice::from_ref(x));
@@ -315,7 +406,17 @@ fn copy_fixture(arch: &str, to: &Path) -> PathBuf {
 fn refuse_model(dir: &Path, data: &Path, extra: &[&str], code: i32, needles: &[&str]) {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let mut args = vec!["init", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "2"];
+    let mut args = vec![
+        "init",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "2",
+    ];
     args.extend_from_slice(extra);
     assert_refused(&eva(&args), code, needles, &out);
 }
@@ -330,8 +431,16 @@ fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 fn unsupported_model_type_lists_the_supported_ones() {
     let tmp = tempdir();
     let dir = copy_fixture("bert", tmp.path());
-    edit_json(&dir.join("config.json"), |c| c["model_type"] = "gpt2".into());
-    refuse_model(&dir, &reference_data(), &[], 1, &["model_type `gpt2`", "llama, mistral, qwen2, bert, roberta"]);
+    edit_json(&dir.join("config.json"), |c| {
+        c["model_type"] = "gpt2".into()
+    });
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &["model_type `gpt2`", "llama, mistral, qwen2, bert, roberta"],
+    );
 }
 
 #[test]
@@ -340,7 +449,18 @@ fn pickled_checkpoint_is_refused_with_the_conversion() {
     let dir = copy_fixture("bert", tmp.path());
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"not really a pickle").unwrap();
-    refuse_model(&dir, &reference_data(), &[], 1, &["pytorch_model.bin", "only safetensors", "BertForSequenceClassification.from_pretrained", "save_pretrained"]);
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &[
+            "pytorch_model.bin",
+            "only safetensors",
+            "BertForSequenceClassification.from_pretrained",
+            "save_pretrained",
+        ],
+    );
 }
 
 #[test]
@@ -348,13 +468,25 @@ fn missing_checkpoint() {
     let tmp = tempdir();
     let dir = copy_fixture("bert", tmp.path());
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    refuse_model(&dir, &reference_data(), &[], 1, &["model.safetensors", "model.safetensors.index.json"]);
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &["model.safetensors", "model.safetensors.index.json"],
+    );
 }
 
 #[test]
 fn missing_model_directory() {
     let tmp = tempdir();
-    refuse_model(&tmp.path().join("nope"), &reference_data(), &[], 1, &["nope", "does not exist"]);
+    refuse_model(
+        &tmp.path().join("nope"),
+        &reference_data(),
+        &[],
+        1,
+        &["nope", "does not exist"],
+    );
 }
 
 #[test]
@@ -370,7 +502,13 @@ fn missing_shard() {
     let tmp = tempdir();
     let dir = copy_fixture("llama", tmp.path());
     std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
-    refuse_model(&dir, &reference_data(), &[], 1, &["model-00002-of-00003.safetensors", "missing"]);
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &["model-00002-of-00003.safetensors", "missing"],
+    );
 }
 
 #[test]
@@ -380,7 +518,13 @@ fn truncated_checkpoint() {
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    refuse_model(&dir, &reference_data(), &[], 1, &["model.safetensors", "not a valid safetensors"]);
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &["model.safetensors", "not a valid safetensors"],
+    );
 }
 
 #[test]
@@ -394,37 +538,86 @@ fn checkpoint_without_a_tensor_the_config_needs() {
         .tensors()
         .into_iter()
         .filter(|(n, _)| n != "layers.1.self_attn.k_proj.bias")
-        .map(|(n, v)| Raw { name: n, dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() })
+        .map(|(n, v)| Raw {
+            name: n,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            bytes: v.data().to_vec(),
+        })
         .collect();
     let out = safetensors::serialize(kept.iter().map(|t| (t.name.clone(), t)), None).unwrap();
     std::fs::write(&p, out).unwrap();
-    refuse_model(&dir, &reference_data(), &[], 1, &["layers.1.self_attn.k_proj.bias", "missing"]);
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &["layers.1.self_attn.k_proj.bias", "missing"],
+    );
 }
 
 #[test]
 fn config_shape_disagreeing_with_weights() {
     let tmp = tempdir();
     let dir = copy_fixture("bert", tmp.path());
-    edit_json(&dir.join("config.json"), |c| c["intermediate_size"] = 65.into());
-    refuse_model(&dir, &reference_data(), &[], 1, &["bert.encoder.layer.0.intermediate.dense.weight", "expected shape [65, 32]", "[64, 32]"]);
+    edit_json(&dir.join("config.json"), |c| {
+        c["intermediate_size"] = 65.into()
+    });
+    refuse_model(
+        &dir,
+        &reference_data(),
+        &[],
+        1,
+        &[
+            "bert.encoder.layer.0.intermediate.dense.weight",
+            "expected shape [65, 32]",
+            "[64, 32]",
+        ],
+    );
 }
 
 #[test]
 fn malformed_json_line_names_the_line() {
     let tmp = tempdir();
     let data = tmp.path().join("data.jsonl");
-    std::fs::write(&data, "{\"text\": \"fine\"}\n\n{\"text\": \"broken\n{\"text\": \"fine\"}\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 1, &["data.jsonl:3", "not valid JSON"]);
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\"}\n\n{\"text\": \"broken\n{\"text\": \"fine\"}\n",
+    )
+    .unwrap();
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        1,
+        &["data.jsonl:3", "not valid JSON"],
+    );
 }
 
 #[test]
 fn json_line_without_text_names_the_line_and_keys() {
     let tmp = tempdir();
     let data = tmp.path().join("data.jsonl");
-    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"content\": \"no text key\", \"id\": 3}\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 1, &["data.jsonl:2", "found keys: content, id", "--text-field"]);
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\"}\n{\"content\": \"no text key\", \"id\": 3}\n",
+    )
+    .unwrap();
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        1,
+        &["data.jsonl:2", "found keys: content, id", "--text-field"],
+    );
     // Naming the key makes it work for lines that have it, and the others are errors.
-    refuse_model(&fixture("bert"), &data, &["--text-field", "content"], 1, &["data.jsonl:1", "`content`"]);
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &["--text-field", "content"],
+        1,
+        &["data.jsonl:1", "`content`"],
+    );
 }
 
 #[test]
@@ -432,9 +625,21 @@ fn json_text_must_be_a_string() {
     let tmp = tempdir();
     let data = tmp.path().join("data.jsonl");
     std::fs::write(&data, "[1, 2]\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 1, &["data.jsonl:1", "expected a JSON object, found an array"]);
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        1,
+        &["data.jsonl:1", "expected a JSON object, found an array"],
+    );
     std::fs::write(&data, "{\"text\": 5}\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 1, &["data.jsonl:1", "`text` must be a string, found a number"]);
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        1,
+        &["data.jsonl:1", "`text` must be a string, found a number"],
+    );
 }
 
 #[test]
@@ -442,13 +647,25 @@ fn empty_data() {
     let tmp = tempdir();
     let data = tmp.path().join("data.txt");
     std::fs::write(&data, "\n   \n\r\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 1, &["data.txt", "no examples"]);
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        1,
+        &["data.txt", "no examples"],
+    );
 }
 
 #[test]
 fn missing_data_file() {
     let tmp = tempdir();
-    refuse_model(&fixture("bert"), &tmp.path().join("none.txt"), &[], 1, &["none.txt", "cannot read data file"]);
+    refuse_model(
+        &fixture("bert"),
+        &tmp.path().join("none.txt"),
+        &[],
+        1,
+        &["none.txt", "cannot read data file"],
+    );
 }
 
 #[test]
@@ -456,29 +673,73 @@ fn unknown_data_extension() {
     let tmp = tempdir();
     let data = tmp.path().join("data.csv");
     std::fs::write(&data, "a,b\n").unwrap();
-    refuse_model(&fixture("bert"), &data, &[], 2, &["data.csv", ".txt", ".jsonl"]);
+    refuse_model(
+        &fixture("bert"),
+        &data,
+        &[],
+        2,
+        &["data.csv", ".txt", ".jsonl"],
+    );
 }
 
 #[test]
 fn target_matching_nothing_lists_module_names() {
-    refuse_model(&fixture("llama"), &reference_data(), &["--targets", "q_proj,lm_head"], 2, &["`lm_head` matches no layer", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]);
+    refuse_model(
+        &fixture("llama"),
+        &reference_data(),
+        &["--targets", "q_proj,lm_head"],
+        2,
+        &[
+            "`lm_head` matches no layer",
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj",
+        ],
+    );
 }
 
 #[test]
 fn model_and_data_need_each_other() {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let o = eva(&["init", "--data", reference_data().to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = eva(&["init", "--model", fixture("bert").to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = eva(&[
+        "init",
+        "--data",
+        reference_data().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = eva(&[
+        "init",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("--data"));
     assert_nothing_written(&out);
 }
 
 #[test]
 fn zero_max_seq_len() {
-    refuse_model(&fixture("bert"), &reference_data(), &["--max-seq-len", "0"], 2, &["--max-seq-len"]);
+    refuse_model(
+        &fixture("bert"),
+        &reference_data(),
+        &["--max-seq-len", "0"],
+        2,
+        &["--max-seq-len"],
+    );
 }
 
 /// `--targets` selects modules by PEFT suffix; groups shrink to the selected members.
@@ -487,12 +748,28 @@ fn targets_select_modules() {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
     let o = eva(&[
-        "init", "--model", fixture("mistral").to_str().unwrap(), "--data", reference_data().to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--targets", "q_proj,v_proj,layers.1.mlp.down_proj", "--rank", "2", "--no-early-stop", "-q",
+        "init",
+        "--model",
+        fixture("mistral").to_str().unwrap(),
+        "--data",
+        reference_data().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--targets",
+        "q_proj,v_proj,layers.1.mlp.down_proj",
+        "--rank",
+        "2",
+        "--no-early-stop",
+        "-q",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
-    let layers: Vec<&str> = w.report["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    let layers: Vec<&str> = w.report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
     assert_eq!(
         layers,
         [
@@ -517,7 +794,11 @@ fn txt_and_text_field_read_the_same_examples() {
     let txt = tmp.path().join("d.txt");
     let jsonl = tmp.path().join("d.jsonl");
     std::fs::write(&txt, "first line\n\nsecond line\r\n").unwrap();
-    std::fs::write(&jsonl, "{\"body\": \"first line\"}\n\n{\"body\": \"second line\"}\n").unwrap();
+    std::fs::write(
+        &jsonl,
+        "{\"body\": \"first line\"}\n\n{\"body\": \"second line\"}\n",
+    )
+    .unwrap();
     let a = read_examples(&txt, None).unwrap();
     let b = read_examples(&jsonl, Some("body")).unwrap();
     assert_eq!(a.items, b.items);
@@ -545,11 +826,25 @@ fn inspect_describes_the_model() {
     ] {
         assert!(s.contains(needle), "inspect output should contain `{needle}`:\n{s}");
     }
-    let row = s.lines().find(|l| l.starts_with("model.layers.0.self_attn.k_proj")).unwrap();
-    assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["model.layers.0.self_attn.k_proj", "64", "32", "0"]);
-    let o = eva(&["inspect", "--model", fixture("bert").to_str().unwrap(), "--targets", "nothing"]);
+    let row = s
+        .lines()
+        .find(|l| l.starts_with("model.layers.0.self_attn.k_proj"))
+        .unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["model.layers.0.self_attn.k_proj", "64", "32", "0"]
+    );
+    let o = eva(&[
+        "inspect",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--targets",
+        "nothing",
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("bert.encoder.layer.0.attention.self.query"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("bert.encoder.layer.0.attention.self.query")
+    );
 }
 
 /// The README's main command on the shipped tiny model and text.
@@ -559,14 +854,23 @@ fn readme_example_runs() {
     let out = tmp.path().join("adapter");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let o = eva(&[
-        "init", "--model", root.join("examples/tiny-llama").to_str().unwrap(), "--data", root.join("examples/data/train.txt").to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "-q",
+        "init",
+        "--model",
+        root.join("examples/tiny-llama").to_str().unwrap(),
+        "--data",
+        root.join("examples/data/train.txt").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
     assert_eq!(w.config["task_type"], "CAUSAL_LM");
     assert_eq!(w.report["layers"].as_array().unwrap().len(), 28);
-    assert!(w.tensors.keys().all(|k| k.starts_with("base_model.model.model.layers.")));
+    assert!(w
+        .tensors
+        .keys()
+        .all(|k| k.starts_with("base_model.model.model.layers.")));
 }
 
 /// The real all-MiniLM-L6-v2: `eva init --no-early-stop --estimator exact` on
@@ -585,24 +889,56 @@ fn minilm_matches_pytorch_pca() {
         println!("minilm_matches_pytorch_pca did not run: {why}");
         return;
     };
-    assert!(dir.join("model.safetensors").is_file(), "EVA_MINILM_DIR={} has no model.safetensors", dir.display());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "EVA_MINILM_DIR={} has no model.safetensors",
+        dir.display()
+    );
     let bytes = std::fs::read(reference_dir().join("minilm/pca.safetensors")).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let tokens: u64 = meta.metadata().as_ref().unwrap()["tokens"].parse().unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let f32s = |name: &str| -> Array2<f32> {
         let v = st.tensor(name).unwrap();
-        let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let data = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         Array2::from_shape_vec((v.shape()[0], v.shape()[1]), data).unwrap()
     };
-    let f64s = |name: &str| -> Vec<f64> { st.tensor(name).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect() };
+    let f64s = |name: &str| -> Vec<f64> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
 
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/sample.txt");
     let o = eva(&[
-        "init", "--model", dir.to_str().unwrap(), "--data", sample.to_str().unwrap(), "--out", out.to_str().unwrap(), "--max-seq-len", "128",
-        "--rank", "4", "--rho", "1", "--no-early-stop", "--estimator", "exact", "--batch-size", "16", "-q",
+        "init",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        sample.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-seq-len",
+        "128",
+        "--rank",
+        "4",
+        "--rho",
+        "1",
+        "--no-early-stop",
+        "--estimator",
+        "exact",
+        "--batch-size",
+        "16",
+        "-q",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
@@ -614,19 +950,35 @@ fn minilm_matches_pytorch_pca() {
     for layer in layers {
         let name = layer["name"].as_str().unwrap();
         let input = layer["input"].as_str().unwrap();
-        assert_eq!(layer["tokens"].as_u64(), Some(tokens), "{name}: tokens seen");
+        assert_eq!(
+            layer["tokens"].as_u64(),
+            Some(tokens),
+            "{name}: tokens seen"
+        );
         let want = f32s(&format!("{input}.components"));
         let a = &w.tensors[&format!("base_model.model.{name}.lora_A.weight")];
         assert_eq!(a.nrows(), 4, "{name}: rank");
         let u = want.t().mapv(|v| v as f64);
         let sim = subspace_similarity(a, u.view());
-        assert!(sim >= 0.999, "{name}: subspace similarity {sim} to PyTorch's float64 PCA");
+        assert!(
+            sim >= 0.999,
+            "{name}: subspace similarity {sim} to PyTorch's float64 PCA"
+        );
         let eig = f64s(&format!("{input}.eigenvalues"));
         let trace = f64s(&format!("{input}.trace"))[0];
-        let ratios: Vec<f64> = layer["explained_variance_ratio"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let ratios: Vec<f64> = layer["explained_variance_ratio"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         for (i, (&r, &e)) in ratios.iter().zip(&eig).enumerate() {
             let rel = (r - e / trace).abs() / (e / trace);
-            assert!(rel < 1e-3, "{name}: explained-variance ratio {i}: eva {r}, PyTorch {}", e / trace);
+            assert!(
+                rel < 1e-3,
+                "{name}: explained-variance ratio {i}: eva {r}, PyTorch {}",
+                e / trace
+            );
             worst.1 = worst.1.max(rel);
         }
         worst.0 = worst.0.min(sim);
@@ -648,14 +1000,29 @@ fn bert_gamma_beta_names_load_the_same() {
         .tensors()
         .into_iter()
         .map(|(n, v)| {
-            let name = n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta");
-            Raw { name, dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() }
+            let name = n
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
+            Raw {
+                name,
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            }
         })
         .collect();
     assert!(renamed.iter().any(|t| t.name.ends_with("LayerNorm.gamma")));
-    std::fs::write(&p, safetensors::serialize(renamed.iter().map(|t| (t.name.clone(), t)), None).unwrap()).unwrap();
+    std::fs::write(
+        &p,
+        safetensors::serialize(renamed.iter().map(|t| (t.name.clone(), t)), None).unwrap(),
+    )
+    .unwrap();
     let reference = read_reference("bert");
-    let opts = ModelOptions { text_field: None, max_seq_len: reference.max_seq_len, use_label_mask: true };
+    let opts = ModelOptions {
+        text_field: None,
+        max_seq_len: reference.max_seq_len,
+        use_label_mask: true,
+    };
     let mut renamed_source = ModelSource::open(&dir, &reference_data(), &opts).unwrap();
     let mut original = open("bert", reference.max_seq_len);
     assert_eq!(capture_all(&mut renamed_source), capture_all(&mut original));

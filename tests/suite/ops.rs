@@ -23,7 +23,10 @@ fn stderr_of(o: &std::process::Output) -> String {
 }
 
 fn one_error_line(err: &str) -> &str {
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("eva: error:")).collect();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("eva: error:"))
+        .collect();
     assert_eq!(lines.len(), 1, "expected one `eva: error:` line: {err}");
     lines[0]
 }
@@ -32,12 +35,26 @@ fn one_error_line(err: &str) -> &str {
 fn out_under_sys_fails_before_the_model_is_opened() {
     // /sys refuses new directories even to root; the model and data do not exist either, so a
     // run that got past the --out check would name them instead.
-    let o = eva(&["init", "--model", "/nonexistent-model", "--data", "/nonexistent.txt", "--out", "/sys/eva-adapter"]);
+    let o = eva(&[
+        "init",
+        "--model",
+        "/nonexistent-model",
+        "--data",
+        "/nonexistent.txt",
+        "--out",
+        "/sys/eva-adapter",
+    ]);
     let err = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let line = one_error_line(&err);
-    assert!(line.contains("/sys/.eva-adapter.eva-tmp-") && line.contains("--out"), "{line}");
-    assert!(!err.contains("nonexistent"), "the source must not be opened first: {err}");
+    assert!(
+        line.contains("/sys/.eva-adapter.eva-tmp-") && line.contains("--out"),
+        "{line}"
+    );
+    assert!(
+        !err.contains("nonexistent"),
+        "the source must not be opened first: {err}"
+    );
 }
 
 #[test]
@@ -47,12 +64,25 @@ fn out_whose_parent_is_a_file_fails_at_once() {
     std::fs::write(&file, b"x").unwrap();
     let out = file.join("adapter");
     let t = Instant::now();
-    let o = eva(&["init", "--synthetic", LONG_RUN, "--out", out.to_str().unwrap()]);
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    let o = eva(&[
+        "init",
+        "--synthetic",
+        LONG_RUN,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
     let err = stderr_of(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     let line = one_error_line(&err);
-    assert!(line.contains("plain-file is a file, not a directory") && line.contains("--out"), "{line}");
+    assert!(
+        line.contains("plain-file is a file, not a directory") && line.contains("--out"),
+        "{line}"
+    );
     assert!(!err.contains("step "), "no step may run: {err}");
 }
 
@@ -61,10 +91,26 @@ fn missing_parents_are_created_at_start_and_removed_when_the_run_fails() {
     let tmp = tempdir();
     let out = tmp.path().join("a/b/adapter");
     // A source that fails after the --out check: the parents made for it must go again.
-    let o = eva(&["init", "--activations", tmp.path().join("none").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = eva(&[
+        "init",
+        "--activations",
+        tmp.path().join("none").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
-    assert!(!tmp.path().join("a").exists(), "created parents left behind");
-    let o = eva(&["init", "--synthetic", "layers=2,dim=16,tokens=64,units=4", "--out", out.to_str().unwrap(), "-q"]);
+    assert!(
+        !tmp.path().join("a").exists(),
+        "created parents left behind"
+    );
+    let o = eva(&[
+        "init",
+        "--synthetic",
+        "layers=2,dim=16,tokens=64,units=4",
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(out.join("adapter_model.safetensors").is_file());
     assert_nothing_written(&tmp.path().join("a/b/other"));
@@ -77,20 +123,55 @@ fn negative_numbers_reach_evas_range_checks() {
     let cases: &[(&str, &str, &str)] = &[
         ("--tau", "-1", "--tau must be in [0, 1], found -1"),
         ("--rho", "-2", "--rho must be >= 1, found -2"),
-        ("--alpha", "-8", "--alpha must be a positive number, found -8"),
-        ("--lora-dropout", "-0.1", "--lora-dropout must be in [0, 1), found -0.1"),
-        ("--stats-memory", "-1", "--stats-memory must be a non-negative number of GiB, found -1"),
-        ("--collective-timeout", "-5", "--collective-timeout must be a non-negative number of seconds"),
+        (
+            "--alpha",
+            "-8",
+            "--alpha must be a positive number, found -8",
+        ),
+        (
+            "--lora-dropout",
+            "-0.1",
+            "--lora-dropout must be in [0, 1), found -0.1",
+        ),
+        (
+            "--stats-memory",
+            "-1",
+            "--stats-memory must be a non-negative number of GiB, found -1",
+        ),
+        (
+            "--collective-timeout",
+            "-5",
+            "--collective-timeout must be a non-negative number of seconds",
+        ),
         ("--rank", "-1", "expected a whole number >= 0, found -1"),
-        ("--batch-size", "-3", "expected a whole number >= 0, found -3"),
-        ("--max-steps", "-1", "expected a whole number >= 0, found -1"),
+        (
+            "--batch-size",
+            "-3",
+            "expected a whole number >= 0, found -3",
+        ),
+        (
+            "--max-steps",
+            "-1",
+            "expected a whole number >= 0, found -1",
+        ),
     ];
     for (flag, value, want) in cases {
-        let o = eva(&["init", "--synthetic", "layers=1,dim=8,tokens=16,units=2", "--out", out.to_str().unwrap(), flag, value]);
+        let o = eva(&[
+            "init",
+            "--synthetic",
+            "layers=1,dim=8,tokens=16,units=2",
+            "--out",
+            out.to_str().unwrap(),
+            flag,
+            value,
+        ]);
         let err = stderr_of(&o);
         assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
         let line = one_error_line(&err);
-        assert!(line.contains(want) && line.contains(flag), "{flag} {value}: {line}");
+        assert!(
+            line.contains(want) && line.contains(flag),
+            "{flag} {value}: {line}"
+        );
         assert_nothing_written(&out);
     }
 }
@@ -123,8 +204,18 @@ fn a_non_finite_weight_is_refused_naming_the_tensor() {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
     // BF16 (decoded) and F32 (memory-mapped, never decoded) checkpoints.
     let cases = [
-        (example_model(), "model.safetensors", "model.layers.2.mlp.up_proj.weight", 77),
-        (reference.join("bert"), "model.safetensors", "bert.encoder.layer.1.attention.self.key.weight", 5),
+        (
+            example_model(),
+            "model.safetensors",
+            "model.layers.2.mlp.up_proj.weight",
+            77,
+        ),
+        (
+            reference.join("bert"),
+            "model.safetensors",
+            "bert.encoder.layer.1.attention.self.key.weight",
+            5,
+        ),
     ];
     for (i, (src, file, name, at)) in cases.iter().enumerate() {
         let bytes = std::fs::read(src.join(file)).unwrap();
@@ -137,13 +228,27 @@ fn a_non_finite_weight_is_refused_naming_the_tensor() {
         let dir = tmp.path().join(format!("model{i}"));
         poison(src, &dir, file, name, *at);
         let out = tmp.path().join(format!("adapter{i}"));
-        let o = eva(&["init", "--model", dir.to_str().unwrap(), "--data", example_data().to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = eva(&[
+            "init",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            example_data().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         let err = stderr_of(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         let line = one_error_line(&err);
         let want = format!("row {}, column {}", at / cols, at % cols);
-        assert!(line.contains(name) && line.contains("non-finite weight") && line.contains(&want), "{line}");
-        assert!(!err.contains("activation"), "reported as the weight, not a later activation: {err}");
+        assert!(
+            line.contains(name) && line.contains("non-finite weight") && line.contains(&want),
+            "{line}"
+        );
+        assert!(
+            !err.contains("activation"),
+            "reported as the weight, not a later activation: {err}"
+        );
         assert_nothing_written(&out);
     }
 }
@@ -151,16 +256,33 @@ fn a_non_finite_weight_is_refused_naming_the_tensor() {
 /// Starts `eva init` on a long synthetic run and waits until its temporary directory exists.
 fn start_long_run(out: &Path) -> (Child, PathBuf) {
     let child = Command::new(env!("CARGO_BIN_EXE_eva"))
-        .args(["init", "--synthetic", LONG_RUN, "--no-early-stop", "--threads", "1", "--out", out.to_str().unwrap()])
+        .args([
+            "init",
+            "--synthetic",
+            LONG_RUN,
+            "--no-early-stop",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env("OPENBLAS_NUM_THREADS", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let tmp = out.parent().unwrap().join(format!(".{}.eva-tmp-{}", out.file_name().unwrap().to_string_lossy(), child.id()));
+    let tmp = out.parent().unwrap().join(format!(
+        ".{}.eva-tmp-{}",
+        out.file_name().unwrap().to_string_lossy(),
+        child.id()
+    ));
     let t = Instant::now();
     while !tmp.join(".eva-owner").exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", tmp.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            tmp.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Let it get into its steps.
@@ -170,7 +292,10 @@ fn start_long_run(out: &Path) -> (Child, PathBuf) {
 
 #[test]
 fn sigterm_and_sigint_stop_promptly_and_leave_nothing() {
-    for (sig, code, name) in [(libc::SIGTERM, 143, "SIGTERM"), (libc::SIGINT, 130, "SIGINT")] {
+    for (sig, code, name) in [
+        (libc::SIGTERM, 143, "SIGTERM"),
+        (libc::SIGINT, 130, "SIGINT"),
+    ] {
         let dir = tempdir();
         let out = dir.path().join("adapter");
         let (child, tmp) = start_long_run(&out);
@@ -179,7 +304,11 @@ fn sigterm_and_sigint_stop_promptly_and_leave_nothing() {
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
         let o = child.wait_with_output().unwrap();
         let err = stderr_of(&o);
-        assert!(t.elapsed() < Duration::from_secs(5), "{name} took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{name} took {:?}",
+            t.elapsed()
+        );
         assert_eq!(o.status.code(), Some(code), "{name}: {err}");
         let line = one_error_line(&err);
         assert!(line.contains(name) && line.contains("eva-tmp"), "{line}");
@@ -190,12 +319,21 @@ fn sigterm_and_sigint_stop_promptly_and_leave_nothing() {
 
 fn marker(pid: u32, start: u64) -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap().trim().to_string();
-    format!("eva temporary output\npid {pid}\nhost {}\nboot {}\nstart {start}\n", read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/random/boot_id"))
+    format!(
+        "eva temporary output\npid {pid}\nhost {}\nboot {}\nstart {start}\n",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
 }
 
 fn start_time(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap()
+    stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -212,7 +350,11 @@ fn stale_temporary_directories_of_dead_eva_processes_are_removed_and_only_those(
     let live_dir = tmp_of(me);
     let reused_dir = tmp_of(1);
     // Far from the pids in use (eva's own tmp directory would be removed whatever it holds).
-    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let unmarked_dir = tmp_of(pid_max - 7);
     for (d, m) in [
         (&dead_dir, Some(marker(dead, 12345))),
@@ -227,19 +369,36 @@ fn stale_temporary_directories_of_dead_eva_processes_are_removed_and_only_those(
             std::fs::write(d.join(".eva-owner"), m).unwrap();
         }
     }
-    let o = eva(&["init", "--synthetic", "layers=2,dim=16,tokens=64,units=4", "--out", out.to_str().unwrap()]);
+    let o = eva(&[
+        "init",
+        "--synthetic",
+        "layers=2,dim=16,tokens=64,units=4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = stderr_of(&o);
     assert!(o.status.success(), "{err}");
-    assert!(!dead_dir.exists() && !reused_dir.exists(), "stale directories kept: {err}");
-    assert!(err.contains(&format!(".adapter.eva-tmp-{dead}")), "the removal is reported: {err}");
+    assert!(
+        !dead_dir.exists() && !reused_dir.exists(),
+        "stale directories kept: {err}"
+    );
+    assert!(
+        err.contains(&format!(".adapter.eva-tmp-{dead}")),
+        "the removal is reported: {err}"
+    );
     assert!(live_dir.exists(), "a live process's directory was removed");
-    assert!(unmarked_dir.exists(), "a directory without eva's marker was removed");
+    assert!(
+        unmarked_dir.exists(),
+        "a directory without eva's marker was removed"
+    );
     assert!(out.join("adapter_model.safetensors").is_file() && !out.join(".eva-owner").exists());
 }
 
 /// The texts a hostile data file can hold, built from the shipped training text.
 fn long_texts() -> Vec<(String, String)> {
-    let base = std::fs::read_to_string(example_data()).unwrap().replace('\n', " ");
+    let base = std::fs::read_to_string(example_data())
+        .unwrap()
+        .replace('\n', " ");
     let mut prose = String::new();
     while prose.len() < 300_000 {
         prose.push_str(&base);
@@ -261,7 +420,10 @@ fn long_texts() -> Vec<(String, String)> {
 fn long_lines_tokenize_by_prefixes_exactly_like_the_whole_line() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut dirs = vec![root.join("examples/tiny-llama")];
-    for e in std::fs::read_dir(root.join("tests/reference")).unwrap().flatten() {
+    for e in std::fs::read_dir(root.join("tests/reference"))
+        .unwrap()
+        .flatten()
+    {
         if e.path().join("tokenizer.json").is_file() {
             dirs.push(e.path());
         }
@@ -272,18 +434,40 @@ fn long_lines_tokenize_by_prefixes_exactly_like_the_whole_line() {
         for max_len in [7, 512] {
             let enc = eva::model::text::TextEncoder::open(dir, max_len).unwrap();
             let mut whole = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-            whole.with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() })).unwrap();
+            whole
+                .with_truncation(Some(tokenizers::TruncationParams {
+                    max_length: max_len,
+                    ..Default::default()
+                }))
+                .unwrap();
             whole.with_padding(None);
             for (what, text) in &texts {
                 assert!(text.len() > enc.whole_text_bytes());
                 let want = whole.encode(text.as_str(), true).unwrap();
                 let got = enc.encode_text(&[text]).unwrap();
-                assert_eq!(got.get_ids(), want.get_ids(), "{}: {what}, max_len {max_len}", dir.display());
-                assert_eq!(got.get_offsets(), want.get_offsets(), "{}: {what}", dir.display());
+                assert_eq!(
+                    got.get_ids(),
+                    want.get_ids(),
+                    "{}: {what}, max_len {max_len}",
+                    dir.display()
+                );
+                assert_eq!(
+                    got.get_offsets(),
+                    want.get_offsets(),
+                    "{}: {what}",
+                    dir.display()
+                );
                 // Prompt + completion split in the middle of the text.
-                let mid = (text.len() / 3..).find(|&i| text.is_char_boundary(i)).unwrap();
+                let mid = (text.len() / 3..)
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap();
                 let pair = enc.encode_text(&[&text[..mid], &text[mid..]]).unwrap();
-                assert_eq!(pair.get_ids(), want.get_ids(), "{}: {what} as a pair", dir.display());
+                assert_eq!(
+                    pair.get_ids(),
+                    want.get_ids(),
+                    "{}: {what} as a pair",
+                    dir.display()
+                );
             }
         }
     }
@@ -316,7 +500,12 @@ fn ranks_of(launcher: u32, np: usize) -> Vec<u32> {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };
-            let ppid: u32 = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(1).unwrap().parse().unwrap();
+            let ppid: u32 = stat[stat.rfind(')').unwrap() + 1..]
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
             if ppid != launcher {
                 continue;
             }
@@ -333,7 +522,10 @@ fn ranks_of(launcher: u32, np: usize) -> Vec<u32> {
         if found.iter().all(|&p| p != 0) {
             return found;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "ranks of mpirun {launcher} not found: {found:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "ranks of mpirun {launcher} not found: {found:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -342,7 +534,9 @@ fn ranks_of(launcher: u32, np: usize) -> Vec<u32> {
 #[cfg(feature = "mpi")]
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
@@ -356,7 +550,18 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_and_the_waiting_rank_does_not_
     let timeout = 6.0;
     let child = mpirun(
         2,
-        &["init", "--synthetic", LONG_RUN, "--no-early-stop", "--threads", "1", "--collective-timeout", &timeout.to_string(), "--out", out.to_str().unwrap()],
+        &[
+            "init",
+            "--synthetic",
+            LONG_RUN,
+            "--no-early-stop",
+            "--threads",
+            "1",
+            "--collective-timeout",
+            &timeout.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
     )
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
@@ -377,10 +582,21 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_and_the_waiting_rank_does_not_
     // SAFETY: as above; the stopped rank may already be gone.
     unsafe { libc::kill(ranks[1] as i32, libc::SIGKILL) };
     let err = stderr_of(&o);
-    assert!(busy < 0.05, "the waiting rank used {:.0} % of a core", busy * 100.0);
+    assert!(
+        busy < 0.05,
+        "the waiting rank used {:.0} % of a core",
+        busy * 100.0
+    );
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("did not complete within --collective-timeout 6 s") && err.contains("rank 0 of 2"), "{err}");
+    assert!(
+        err.contains("did not complete within --collective-timeout 6 s")
+            && err.contains("rank 0 of 2"),
+        "{err}"
+    );
     assert!(err.contains("ranks that did not arrive: 1"), "{err}");
-    assert!(ended < Duration::from_secs_f64(timeout + 8.0), "the job took {ended:?} to end after the stop");
+    assert!(
+        ended < Duration::from_secs_f64(timeout + 8.0),
+        "the job took {ended:?} to end after the stop"
+    );
     assert_nothing_written(&out);
 }

@@ -31,7 +31,25 @@ fn adapter_files_follow_peft() {
     let data = tmp.path().join("acts");
     dataset(&data);
     let out = tmp.path().join("adapter");
-    init_ok(&data, &out, &["--rank", "2", "--rho", "2", "--alpha", "8", "--no-early-stop", "--base-model", "tiny/base", "--task-type", "CAUSAL_LM", "--lora-dropout", "0.05"]);
+    init_ok(
+        &data,
+        &out,
+        &[
+            "--rank",
+            "2",
+            "--rho",
+            "2",
+            "--alpha",
+            "8",
+            "--no-early-stop",
+            "--base-model",
+            "tiny/base",
+            "--task-type",
+            "CAUSAL_LM",
+            "--lora-dropout",
+            "0.05",
+        ],
+    );
     let w = read_adapter(&out);
     let names: Vec<&String> = w.tensors.keys().collect();
     assert_eq!(
@@ -51,7 +69,10 @@ fn adapter_files_follow_peft() {
         assert_eq!(b.dim(), (out_features, 3));
         assert!(b.iter().all(|&v| v == 0.0), "B must be zero");
         let g = a.dot(&a.t());
-        assert!((&g - &Array2::<f32>::eye(3)).iter().all(|v| v.abs() < 1e-5), "A rows orthonormal");
+        assert!(
+            (&g - &Array2::<f32>::eye(3)).iter().all(|v| v.abs() < 1e-5),
+            "A rows orthonormal"
+        );
     }
     let c = &w.config;
     let want = json!({
@@ -79,10 +100,35 @@ fn adapter_files_follow_peft() {
     assert_eq!(c, &want);
 
     let r = &w.report;
-    for key in ["eva_version", "source", "world_size", "steps", "batch_size", "units_seen", "units_total", "stop_reason", "converged", "unconverged_layers", "rank_budget", "r", "rho", "tau", "time_s", "bytes", "layers"] {
+    for key in [
+        "eva_version",
+        "source",
+        "world_size",
+        "steps",
+        "batch_size",
+        "units_seen",
+        "units_total",
+        "stop_reason",
+        "converged",
+        "unconverged_layers",
+        "rank_budget",
+        "r",
+        "rho",
+        "tau",
+        "time_s",
+        "bytes",
+        "layers",
+    ] {
         assert!(r.get(key).is_some(), "report field {key}");
     }
-    for key in ["forward", "statistics", "communication", "leader", "writing", "total"] {
+    for key in [
+        "forward",
+        "statistics",
+        "communication",
+        "leader",
+        "writing",
+        "total",
+    ] {
         assert!(r["time_s"][key].as_f64().unwrap() >= 0.0, "time_s.{key}");
     }
     assert_eq!(r["world_size"], 1);
@@ -93,7 +139,21 @@ fn adapter_files_follow_peft() {
     assert_eq!(layers[0]["name"], "model.a.iso");
     assert_eq!(layers[0]["rank"], 0);
     for l in layers {
-        for key in ["name", "input", "in_features", "out_features", "rank", "alpha", "explained_variance_ratio", "converged_step", "tokens", "estimator", "error_bound", "allocation_certain", "certificate"] {
+        for key in [
+            "name",
+            "input",
+            "in_features",
+            "out_features",
+            "rank",
+            "alpha",
+            "explained_variance_ratio",
+            "converged_step",
+            "tokens",
+            "estimator",
+            "error_bound",
+            "allocation_certain",
+            "certificate",
+        ] {
             assert!(l.get(key).is_some(), "layer field {key}");
         }
         assert_eq!(l["tokens"], 4000);
@@ -109,7 +169,17 @@ fn whitening_divides_by_root_singular_values() {
     let data = tmp.path().join("acts");
     let seen = dataset(&data);
     let out = tmp.path().join("adapter");
-    init_ok(&data, &out, &["--rank", "2", "--no-early-stop", "--whiten", "--no-adjust-alpha"]);
+    init_ok(
+        &data,
+        &out,
+        &[
+            "--rank",
+            "2",
+            "--no-early-stop",
+            "--whiten",
+            "--no-adjust-alpha",
+        ],
+    );
     let w = read_adapter(&out);
     assert_eq!(w.config["alpha_pattern"], json!({}));
     assert_eq!(w.config["eva_config"]["whiten"], true);
@@ -120,8 +190,15 @@ fn whitening_divides_by_root_singular_values() {
     for (i, &val) in vals.iter().enumerate().take(a.nrows()) {
         // PEFT: A_i = u_i / sqrt(σ_i), σ_i = singular value of the centered data = sqrt(λ_i (n-1)).
         let sigma = (val * (n - 1.0)).sqrt();
-        let norm = a.row(i).mapv(|v| v as f64).dot(&a.row(i).mapv(|v| v as f64)).sqrt();
-        assert!((norm * sigma.sqrt() - 1.0).abs() < 1e-4, "row {i}: norm {norm}, sigma {sigma}");
+        let norm = a
+            .row(i)
+            .mapv(|v| v as f64)
+            .dot(&a.row(i).mapv(|v| v as f64))
+            .sqrt();
+        assert!(
+            (norm * sigma.sqrt() - 1.0).abs() < 1e-4,
+            "row {i}: norm {norm}, sigma {sigma}"
+        );
         let cos = a.row(i).mapv(|v| v as f64).dot(&vecs.column(i)) / norm;
         assert!(cos.abs() > 0.9999);
     }
@@ -133,9 +210,18 @@ fn targets_select_layers_by_suffix() {
     let data = tmp.path().join("acts");
     dataset(&data);
     let out = tmp.path().join("adapter");
-    init_ok(&data, &out, &["--rank", "2", "--no-early-stop", "--targets", "steep,c.mid"]);
+    init_ok(
+        &data,
+        &out,
+        &["--rank", "2", "--no-early-stop", "--targets", "steep,c.mid"],
+    );
     let w = read_adapter(&out);
-    let layers: Vec<&str> = w.report["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    let layers: Vec<&str> = w.report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
     assert_eq!(layers, ["model.b.steep", "model.c.mid"]);
     assert_eq!(w.report["rank_budget"], 4);
 }
@@ -150,7 +236,12 @@ fn equal_inputs_form_groups_whose_leader_holds_the_largest_rank() {
         let y = gen_rows(8, u, 300, &power_law(24, 1.0), 0.5);
         write_shard(
             &shard(&data, u as usize),
-            &[("blk.k_proj".into(), x.clone(), 8), ("blk.q_proj".into(), x.clone(), 24), ("blk.v_proj".into(), x, 8), ("blk.up".into(), y, 48)],
+            &[
+                ("blk.k_proj".into(), x.clone(), 8),
+                ("blk.q_proj".into(), x.clone(), 24),
+                ("blk.v_proj".into(), x, 8),
+                ("blk.up".into(), y, 48),
+            ],
             Fmt::F32,
         );
     }
@@ -164,7 +255,10 @@ fn equal_inputs_form_groups_whose_leader_holds_the_largest_rank() {
     }
     assert_eq!(by_name("blk.up")["input"], "blk.up");
     let k = by_name("blk.k_proj")["rank"].as_u64().unwrap();
-    assert!(k >= by_name("blk.q_proj")["rank"].as_u64().unwrap() && k >= by_name("blk.v_proj")["rank"].as_u64().unwrap());
+    assert!(
+        k >= by_name("blk.q_proj")["rank"].as_u64().unwrap()
+            && k >= by_name("blk.v_proj")["rank"].as_u64().unwrap()
+    );
     // Group members get prefixes of the same components.
     let ak = &w.tensors["base_model.model.blk.k_proj.lora_A.weight"];
     let aq = &w.tensors["base_model.model.blk.q_proj.lora_A.weight"];
