@@ -231,7 +231,7 @@ fn forward_only(model: &Path, data: &Path, reps: usize, pack: usize) -> (f64, u6
         max_seq_len: MAX_SEQ_LEN,
         use_label_mask: true,
     };
-    let mut source = ModelSource::open(model, data, &opts).unwrap();
+    let mut source = ModelSource::open_dir(model, data, &opts).unwrap();
     let inputs = source.catalog().inputs.len();
     let units: Vec<usize> = (0..source.units()).collect();
     let mut tokens = 0u64;

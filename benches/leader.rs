@@ -342,7 +342,7 @@ fn main() {
         ms(summary(&t_ssyevr).0)
     );
     println!();
-    let res = |s: &Spectrum| s.residuals.iter().copied().fold(0.0, f64::max);
+    let res = |s: &Spectrum| s.summary.residuals.iter().copied().fold(0.0, f64::max);
     println!(
         "Checks: max residual warm {:.1e}, cold {:.1e}, final warm {:.1e}; top-{k} subspace similarity warm vs cold {:.8}{}.",
         res(&warm_out),

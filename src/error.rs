@@ -35,6 +35,14 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// An error inside one pipeline stage (exit code of the inner error).
+    #[error("stage {stage} ({slice}): {source}")]
+    Stage {
+        stage: usize,
+        slice: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
     NotCompiled {
@@ -67,7 +75,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::NotCompiled { .. } => 2,
-            Error::Rank { source, .. } => source.exit_code(),
+            Error::Rank { source, .. } | Error::Stage { source, .. } => source.exit_code(),
             _ => 1,
         }
     }

@@ -12,7 +12,7 @@ pub mod write;
 use crate::config::{EvaParams, RunConfig};
 use crate::leader::convergence::normalize_signs;
 use crate::leader::Spectrum;
-use crate::source::Catalog;
+use crate::source::LayerInfo;
 use ndarray::{s, Array2};
 use serde_json::{json, Map, Value};
 
@@ -49,36 +49,38 @@ pub fn layer_alpha(params: &EvaParams, rank: usize) -> f64 {
     }
 }
 
-/// Builds the adapter from final ranks (per layer) and spectra (per input).
-pub fn build(catalog: &Catalog, ranks: &[usize], spectra: &[Spectrum], cfg: &RunConfig) -> Adapter {
-    let params = &cfg.eva;
-    let mut layers = Vec::new();
-    for (layer, &rank) in catalog.layers.iter().zip(ranks) {
-        if rank == 0 {
-            continue;
-        }
-        let spectrum = &spectra[layer.input];
-        let mut v = spectrum.vectors.slice(s![.., ..rank]).to_owned();
-        normalize_signs(&mut v);
-        let mut a = v.t().mapv(|x| x as f32);
-        if params.whiten {
-            // Singular values of the centered data matrix: σ_i = sqrt(λ_i (n - 1)).
-            let n1 = spectrum.tokens.saturating_sub(1) as f64;
-            for (mut row, &lambda) in a.rows_mut().into_iter().zip(&spectrum.values) {
-                let sigma = (lambda * n1).sqrt();
-                if sigma > 0.0 {
-                    row.mapv_inplace(|x| (x as f64 / sigma.sqrt()) as f32);
-                }
+/// One layer's LoRA weights from its rank and its input's final spectrum: the top `rank`
+/// components as rows, signs normalized, whitened if asked.
+pub fn layer(
+    layer: &LayerInfo,
+    rank: usize,
+    spectrum: &Spectrum,
+    params: &EvaParams,
+) -> LayerAdapter {
+    let mut v = spectrum.vectors.slice(s![.., ..rank]).to_owned();
+    normalize_signs(&mut v);
+    let mut a = v.t().mapv(|x| x as f32);
+    if params.whiten {
+        // Singular values of the centered data matrix: σ_i = sqrt(λ_i (n - 1)).
+        let n1 = spectrum.summary.tokens.saturating_sub(1) as f64;
+        for (mut row, &lambda) in a.rows_mut().into_iter().zip(&spectrum.summary.values) {
+            let sigma = (lambda * n1).sqrt();
+            if sigma > 0.0 {
+                row.mapv_inplace(|x| (x as f64 / sigma.sqrt()) as f32);
             }
         }
-        layers.push(LayerAdapter {
-            name: layer.name.clone(),
-            rank,
-            alpha: layer_alpha(params, rank),
-            a,
-            out_features: layer.out_features,
-        });
     }
+    LayerAdapter {
+        name: layer.name.clone(),
+        rank,
+        alpha: layer_alpha(params, rank),
+        a,
+        out_features: layer.out_features,
+    }
+}
+
+/// The adapter from its layers (rank > 0, catalog order) and the run's configuration.
+pub fn assemble(layers: Vec<LayerAdapter>, cfg: &RunConfig) -> Adapter {
     let config = config_json(&layers, cfg);
     Adapter { layers, config }
 }

@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn one() -> usize {
+    1
+}
+
 /// Seconds spent in each phase (on the leader).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Times {
@@ -32,6 +36,12 @@ pub struct Bytes {
     pub per_rank_mean_step: f64,
     /// Per step, in order.
     pub per_step: Vec<u64>,
+    /// Hidden states the leader sent to the next pipeline stage (0 with one stage), over the run.
+    #[serde(default)]
+    pub hidden_per_rank_total: u64,
+    /// The same per step, in order.
+    #[serde(default)]
+    pub hidden_per_step: Vec<u64>,
 }
 
 /// Accuracy statement for one layer's statistics.
@@ -84,6 +94,12 @@ pub struct Report {
     /// What the activations came from.
     pub source: String,
     pub world_size: usize,
+    /// Pipeline stages (`--pp`); `world_size / pipeline_stages` data-parallel replicas.
+    #[serde(default = "one")]
+    pub pipeline_stages: usize,
+    /// Blocks (model source) or unique inputs (others) of each stage, as `first..end` ranges.
+    #[serde(default)]
+    pub stage_split: Vec<String>,
     /// Global steps taken.
     pub steps: usize,
     /// Units per global step.

@@ -6,10 +6,12 @@ use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EstimatorChoice, EvaParams, RunConfig};
+use crate::engine::topology::{self, Topology};
+use crate::model::Model;
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
 use crate::source::synthetic::SyntheticSource;
-use crate::source::{Catalog, Source, Targeted};
+use crate::source::{stages, Catalog, Source, Targeted};
 use crate::{engine, linalg, stats, Error, Result};
 use std::time::Instant;
 
@@ -104,44 +106,117 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
     })
 }
 
-/// Opens the source named on the command line, restricted to `--targets`.
-fn open_source(args: &InitArgs) -> Result<(Box<dyn Source>, String)> {
-    let (source, desc): (Box<dyn Source>, String) =
-        if let (Some(dir), Some(data)) = (&args.model, &args.data) {
-            let opts = ModelOptions {
-                text_field: args.text_field.clone(),
-                max_seq_len: args.max_seq_len,
-                use_label_mask: !args.no_label_mask,
-            };
-            (
-                Box::new(ModelSource::open(dir, data, &opts)?),
-                format!("model:{} data:{}", dir.display(), data.display()),
-            )
-        } else if let Some(dir) = &args.activations {
-            (
-                Box::new(ShardSource::open(dir)?),
-                format!("activations:{}", dir.display()),
-            )
-        } else if let Some(spec) = &args.synthetic {
-            (
-                Box::new(SyntheticSource::new(spec.clone())?),
-                format!("synthetic:{spec}"),
-            )
-        } else {
-            return Err(Error::usage(
-                "one of --model with --data, --activations or --synthetic is required",
-            ));
+/// A source opened for one stage of the grid, with the stage of every unique input and a
+/// description of the cut (for the report).
+pub struct Opened {
+    pub source: Box<dyn Source>,
+    pub desc: String,
+    pub owner: Vec<usize>,
+    pub split: Vec<String>,
+}
+
+/// Opens the source named on the command line for `stage` of `stages`, restricted to
+/// `--targets`: a model loads only that stage's blocks; other sources read only that stage's
+/// inputs.
+pub fn open_source(
+    args: &InitArgs,
+    cfg: &RunConfig,
+    stage: usize,
+    stages: usize,
+    replicas: usize,
+) -> Result<Opened> {
+    let targeted = |source: Box<dyn Source>| -> Result<Box<dyn Source>> {
+        match &args.targets {
+            Some(t) => Ok(Box::new(Targeted::new(source, t)?)),
+            None => Ok(source),
+        }
+    };
+    if let (Some(dir), Some(data)) = (&args.model, &args.data) {
+        let model = Model::open(dir)?;
+        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref())?;
+        let block: std::collections::HashMap<String, usize> = model
+            .modules()
+            .iter()
+            .map(|m| (m.name.clone(), m.layer))
+            .collect();
+        let block_of = move |name: &str| block.get(name).copied();
+        let opts = ModelOptions {
+            text_field: args.text_field.clone(),
+            max_seq_len: args.max_seq_len,
+            use_label_mask: !args.no_label_mask,
         };
-    match &args.targets {
-        Some(t) => Ok((Box::new(Targeted::new(source, t)?), desc)),
-        None => Ok((source, desc)),
+        let source = targeted(Box::new(ModelSource::open(
+            model,
+            data,
+            &opts,
+            blocks[stage].clone(),
+        )?))?;
+        let owner = stages::owners_by_block(source.catalog(), block_of, &blocks)?;
+        let split = blocks
+            .iter()
+            .map(|r| format!("blocks {}..{}", r.start, r.end))
+            .collect();
+        return Ok(Opened {
+            source,
+            desc: format!("model:{} data:{}", dir.display(), data.display()),
+            owner,
+            split,
+        });
     }
+    let (source, desc): (Box<dyn Source>, String) = if let Some(dir) = &args.activations {
+        (
+            Box::new(ShardSource::open(dir)?),
+            format!("activations:{}", dir.display()),
+        )
+    } else if let Some(spec) = &args.synthetic {
+        (
+            Box::new(SyntheticSource::new(spec.clone())?),
+            format!("synthetic:{spec}"),
+        )
+    } else {
+        return Err(Error::usage(
+            "one of --model with --data, --activations or --synthetic is required",
+        ));
+    };
+    let source = targeted(source)?;
+    let catalog = source.catalog();
+    let kmax = cfg.eva.max_components();
+    let memory = |g: usize| {
+        let d = catalog.inputs[g].dim;
+        let sketch = cfg
+            .sketch_size
+            .unwrap_or_else(|| stats::default_sketch_size(kmax.min(d), d));
+        stats::memory_bytes(
+            cfg.estimator != EstimatorChoice::Sketch,
+            d,
+            sketch,
+            replicas,
+        )
+    };
+    let owner = stages::owners_by_memory(catalog, memory, stages)?;
+    let split = (0..stages)
+        .map(|s| {
+            let inputs: Vec<usize> = (0..owner.len()).filter(|&g| owner[g] == s).collect();
+            format!(
+                "inputs {}..{}",
+                inputs.first().copied().unwrap_or(0),
+                inputs.last().map_or(0, |g| g + 1)
+            )
+        })
+        .collect();
+    Ok(Opened {
+        source,
+        desc,
+        owner,
+        split,
+    })
 }
 
 /// Runs `eva init`: in a world of one, as N thread ranks (`--local-ranks`), or as one rank of the
 /// world a launcher started.
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
+    // Operations (docs/operations.md): signals, and what a timed-out collective does.
     super::signals::install();
     comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
     comm::set_collective_timeout(
@@ -216,25 +291,39 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             ));
         }
     }
-    let (mut source, desc) = agree(comm, open_source(args))?;
+    agree(comm, topology::check_grid(comm.size(), args.pp))?;
+    let topo = Topology::new(comm, args.pp)?;
+    let (stage, replicas) = (topo.stage, topo.replicas);
+    let opened = agree(comm, open_source(args, cfg, stage, args.pp, replicas))?;
+    let Opened {
+        mut source,
+        desc,
+        owner,
+        split,
+    } = opened;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
-    if leader && comm.size() > passes {
+    if leader && replicas > passes {
         say(&format!(
-            "eva: warning: a step of --batch-size {} has {passes} passes of {} units, so {} of {} ranks have nothing to read; use --batch-size {} or more to keep every rank busy",
+            "eva: warning: a step of --batch-size {} has {passes} passes of {} units, so {} of {replicas} data-parallel replicas have nothing to read; use --batch-size {} or more to keep every rank busy",
             cfg.batch_size,
             source.pass_units(),
-            comm.size() - passes,
-            comm.size(),
-            comm.size() * source.pass_units()
+            replicas - passes,
+            replicas * source.pass_units()
         ));
     }
     if leader {
-        warn_partly_sketched(cfg, source.catalog(), comm.size());
+        warn_partly_sketched(cfg, source.catalog(), &owner, replicas);
     }
     let mut progress = Progress::new(cfg.quiet || !leader);
-    let result = engine::run(source.as_mut(), &desc, comm, cfg, &mut |info| {
-        progress.step(info)
-    });
+    let result = engine::run(
+        source.as_mut(),
+        &desc,
+        topo,
+        owner,
+        split,
+        cfg,
+        &mut |info| progress.step(info),
+    );
     progress.finish();
     let outcome = result?;
     let written = match staging {
@@ -246,21 +335,40 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
 
 /// Under `--estimator auto`, says which inputs do not fit `--stats-memory` and will be sketched
 /// (their components are much less accurate), and what budget would make them all exact.
-fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, world: usize) {
+fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, owner: &[usize], world: usize) {
     if cfg.estimator != EstimatorChoice::Auto {
         return;
     }
+    let stages = owner.iter().max().map_or(1, |s| s + 1);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
-    let exact = stats::choose(cfg.estimator, &dims, cfg.stats_memory, world);
+    // Each stage chooses for its own inputs, within its ranks' budget.
+    let mut exact = vec![false; dims.len()];
+    for s in 0..stages {
+        let ours: Vec<usize> = (0..dims.len()).filter(|&g| owner[g] == s).collect();
+        let choice = stats::choose(
+            cfg.estimator,
+            &ours.iter().map(|&g| dims[g]).collect::<Vec<_>>(),
+            cfg.stats_memory,
+            world,
+        );
+        for (&g, e) in ours.iter().zip(choice) {
+            exact[g] = e;
+        }
+    }
     let sketched = exact.iter().filter(|&&e| !e).count();
     if sketched == 0 {
         return;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let need: u64 = dims
-        .iter()
-        .map(|&d| stats::memory_bytes(true, d, 0, world))
-        .sum();
+    let need: u64 = (0..stages)
+        .map(|s| {
+            (0..dims.len())
+                .filter(|&g| owner[g] == s)
+                .map(|g| stats::memory_bytes(true, dims[g], 0, world))
+                .sum()
+        })
+        .max()
+        .unwrap_or(0);
     say(&format!(
         "eva: warning: --stats-memory {:.3} GiB holds exact statistics for {} of {} inputs; the other {sketched} (d up to {}) use the Nystrom sketch, whose components are much less accurate; --stats-memory {:.3} (or --estimator exact) makes every input exact",
         gib(cfg.stats_memory),

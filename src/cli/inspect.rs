@@ -5,6 +5,7 @@
 use crate::config::EstimatorChoice;
 use crate::model::config::{Family, ModelConfig};
 use crate::model::{Model, Point};
+use crate::source::stages::{model_blocks, owners_by_block};
 use crate::source::{matches_target, Catalog};
 use crate::stats::{choose, default_sketch_size, memory_bytes};
 use crate::{Error, Result};
@@ -38,6 +39,14 @@ pub struct InspectArgs {
     /// Memory for exact Grams under --estimator auto, in GiB.
     #[arg(long, default_value_t = super::DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
     pub stats_memory: f64,
+
+    /// Pipeline stages: print how `eva init --pp S` splits the blocks, and each stage's memory.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub pp: usize,
+
+    /// Blocks per stage, as `eva init --pp-split` [default: balanced by the weights' bytes].
+    #[arg(long, value_delimiter = ',', value_name = "BLOCKS")]
+    pub pp_split: Option<Vec<usize>>,
 }
 
 /// `base_model_name_or_path` for a model directory: its absolute path.
@@ -101,24 +110,12 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             args.rho
         )));
     }
-    let model = Model::open(&args.model)?;
+    let mut model = Model::open(&args.model)?;
+    let blocks = model_blocks(&model, args.pp, args.pp_split.as_deref())?;
+    model.checkpoint.load(|_| true)?;
+    let (catalog, _) = model.catalog();
     let c = &model.config;
     let modules = model.modules();
-    let all: Vec<(String, usize, usize)> = modules
-        .iter()
-        .map(|m| (m.name.clone(), m.in_features, m.out_features))
-        .collect();
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    for (i, m) in modules.iter().enumerate() {
-        match groups
-            .iter_mut()
-            .find(|g| modules[g[0]].layer == m.layer && modules[g[0]].point == m.point)
-        {
-            Some(g) => g.push(i),
-            None => groups.push(vec![i]),
-        }
-    }
-    let catalog = Catalog::new(all, groups);
     let catalog = match &args.targets {
         None => catalog,
         Some(t) => {
@@ -168,7 +165,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             "max tokens   {m} per example (learned positions; --max-seq-len is capped to it)"
         );
     }
-    let by_dtype = model.checkpoint.bytes_by_dtype();
+    let by_dtype = model.checkpoint.bytes_by_dtype(|_| true);
     let total: u64 = by_dtype.values().sum();
     let parts: Vec<String> = by_dtype
         .iter()
@@ -307,7 +304,77 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         pick(1),
         pick(2)
     );
+    if args.pp > 1 || args.pp_split.is_some() {
+        stage_table(
+            w,
+            &model,
+            &catalog,
+            &blocks,
+            |d| memory_bytes(true, d, 0, 1),
+            |d| {
+                memory_bytes(
+                    false,
+                    d,
+                    args.sketch_size
+                        .unwrap_or_else(|| default_sketch_size(kmax.min(d), d))
+                        .min(d),
+                    1,
+                )
+            },
+        )?;
+    }
     Ok(s)
+}
+
+/// The `--pp` split: per stage, its blocks, the weights it loads and its statistics memory.
+fn stage_table(
+    w: &mut String,
+    model: &Model,
+    catalog: &Catalog,
+    blocks: &[std::ops::Range<usize>],
+    exact: impl Fn(usize) -> u64,
+    sketch: impl Fn(usize) -> u64,
+) -> Result<()> {
+    let block: std::collections::HashMap<&str, usize> = model
+        .modules()
+        .iter()
+        .map(|m| (m.name.as_str(), m.layer))
+        .collect();
+    let owner = owners_by_block(catalog, |n| block.get(n).copied(), blocks)?;
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "pipeline stages ({}; stage s holds world ranks s*dp .. s*dp + dp - 1):",
+        blocks.len()
+    );
+    let _ = writeln!(
+        w,
+        "  stage  blocks      weights (file)   statistics per rank: exact / sketch (one replica)"
+    );
+    for (s, r) in blocks.iter().enumerate() {
+        let weights: u64 = model
+            .checkpoint
+            .bytes_by_dtype(|n| model.in_slice(n, r))
+            .values()
+            .sum();
+        let dims: Vec<usize> = (0..catalog.inputs.len())
+            .filter(|&g| owner[g] == s)
+            .map(|g| catalog.inputs[g].dim)
+            .collect();
+        let (e, k): (u64, u64) = (
+            dims.iter().map(|&d| exact(d)).sum(),
+            dims.iter().map(|&d| sketch(d)).sum(),
+        );
+        let _ = writeln!(
+            w,
+            "  {s:>5}  {:<10}  {:>14}   {} / {}",
+            format!("{}..{}", r.start, r.end),
+            mib(weights),
+            mib(e),
+            mib(k)
+        );
+    }
+    Ok(())
 }
 
 /// Runs `eva inspect`.

@@ -207,6 +207,15 @@ pub struct InitArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "N")]
     pub local_ranks: usize,
 
+    /// Pipeline stages: the world's ranks form dp = ranks / S data-parallel replicas of S stages,
+    /// each stage holding a contiguous slice of the model's blocks (or of the shards' inputs).
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "S")]
+    pub pp: usize,
+
+    /// Blocks per pipeline stage, comma-separated (e.g. 10,10,10) [default: balanced by the weights' bytes].
+    #[arg(long, value_delimiter = ',', value_name = "BLOCKS", requires = "model")]
+    pub pp_split: Option<Vec<usize>>,
+
     /// Abort the whole job when a collective does not complete within this many seconds
     /// (a hung or stopped rank); 0 = wait forever.
     #[arg(long, allow_negative_numbers = true, default_value_t = crate::comm::DEFAULT_TIMEOUT_S, value_name = "SECONDS")]

@@ -43,6 +43,12 @@ macro_rules! uninhabited_communicator {
             ) -> $crate::Result<Box<dyn $crate::comm::Communicator>> {
                 match *self {}
             }
+            fn send(&self, _: &[u8], _: usize) -> $crate::Result<()> {
+                match *self {}
+            }
+            fn recv(&self, _: usize) -> $crate::Result<Vec<u8>> {
+                match *self {}
+            }
             fn backend(&self) -> &'static str {
                 match *self {}
             }
@@ -74,8 +80,11 @@ pub use self::nccl::NcclWorld;
 
 use crate::{Error, Result};
 
-/// What a rank can do with the others. All methods are collective: every rank of the world
-/// must call them in the same order with matching arguments.
+/// What a rank can do with the others. All methods but [`send`](Communicator::send) and
+/// [`recv`](Communicator::recv) are collective: every rank of the world must call them in the
+/// same order with matching arguments. The point-to-point pair involves two ranks only: every
+/// `send(_, dest)` on one rank is matched by one `recv(src)` on `dest`, and messages between a
+/// pair arrive in the order they were sent.
 pub trait Communicator {
     /// This process's rank, `0..size()`.
     fn rank(&self) -> usize;
@@ -91,6 +100,10 @@ pub trait Communicator {
     fn barrier(&self) -> Result<()>;
     /// Sub-worlds of the ranks that pass the same `color`, ordered by `(key, rank)`.
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+    /// Sends `buf` to rank `dest` (point-to-point; may return before `dest` receives it).
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()>;
+    /// Receives the next message that rank `src` sent to this rank.
+    fn recv(&self, src: usize) -> Result<Vec<u8>>;
     /// Backend name for reports.
     fn backend(&self) -> &'static str;
     /// Rank 0 leads: it decides and writes the output.
@@ -124,6 +137,16 @@ impl Communicator for SingleProcess {
     }
     fn split(&self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {
         Ok(Box::new(SingleProcess))
+    }
+    fn send(&self, _buf: &[u8], dest: usize) -> Result<()> {
+        Err(Error::Comm(format!(
+            "point-to-point send to rank {dest} in a world of one"
+        )))
+    }
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        Err(Error::Comm(format!(
+            "point-to-point receive from rank {src} in a world of one"
+        )))
     }
     fn backend(&self) -> &'static str {
         "single"
@@ -232,6 +255,18 @@ pub fn selftest(comm: &dyn Communicator) -> Result<()> {
         (_, Some(_)) => return fail("gather delivered to a non-root rank".into()),
     }
     comm.barrier()?;
+    // Point-to-point: every rank sends two messages to the next one around the ring, in order.
+    if n > 1 {
+        let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+        comm.send(&vec![rank as u8; rank + 2], next)?;
+        comm.send(&[], next)?;
+        let (first, second) = (comm.recv(prev)?, comm.recv(prev)?);
+        if first != vec![prev as u8; prev + 2] || !second.is_empty() {
+            return fail(format!(
+                "send/recv from {prev} gave {first:?} then {second:?}"
+            ));
+        }
+    }
     // Split into even and odd ranks; each half sums its own ranks + 1.
     let half = comm.split(rank % 2, rank)?;
     let mut s = [(rank + 1) as f64];

@@ -29,6 +29,8 @@ const MAX_COUNT: usize = 1 << 30;
 /// Tags on the private probe communicator.
 const ASK: i32 = 1;
 const ANSWER: i32 = 2;
+/// Tag of eva's point-to-point messages ([`MpiWorld::send`]), apart from the gathers'.
+const P2P_TAG: i32 = 1;
 /// Tag of [`MpiWorld::gather`]'s point-to-point parts.
 const GATHER: i32 = 3;
 
@@ -271,6 +273,39 @@ impl EvaCommunicator for MpiWorld {
                 ))
             })?;
         Ok(Box::new(MpiWorld::wrap(comm, self._universe.clone())))
+    }
+
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        let op = format!("send to rank {dest}");
+        let to = self.comm.process_at_rank(dest as i32);
+        let len = (buf.len() as u64).to_le_bytes();
+        mpi::request::scope(|scope| {
+            self.wait(&op, to.immediate_send_with_tag(scope, &len[..], P2P_TAG))
+        });
+        for chunk in buf.chunks(MAX_COUNT) {
+            mpi::request::scope(|scope| {
+                self.wait(&op, to.immediate_send_with_tag(scope, chunk, P2P_TAG))
+            });
+        }
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let op = format!("receive from rank {src}");
+        let head = self.receive_from(&op, src, P2P_TAG);
+        let len = <[u8; 8]>::try_from(&head[..])
+            .map_err(|_| {
+                Error::Comm(format!(
+                    "{op}: expected an 8-byte length, found {} bytes",
+                    head.len()
+                ))
+            })
+            .map(u64::from_le_bytes)?;
+        let mut v = Vec::with_capacity(len as usize);
+        while (v.len() as u64) < len {
+            v.extend_from_slice(&self.receive_from(&op, src, P2P_TAG));
+        }
+        Ok(v)
     }
 
     fn backend(&self) -> &'static str {

@@ -108,6 +108,45 @@ impl Communicator for NcclWorld {
         self.mpi.split(color, key)
     }
 
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        // The length over MPI, the payload GPU to GPU.
+        self.mpi.send(&(buf.len() as u64).to_le_bytes(), dest)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let dev = self
+            .stream
+            .clone_htod(buf)
+            .map_err(cuda("host-to-device copy"))?;
+        self.comm.send(&dev, dest as i32).map_err(nccl("send"))?;
+        self.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let len = self.mpi.recv(src)?;
+        let len = u64::from_le_bytes(
+            len.as_slice()
+                .try_into()
+                .map_err(|_| Error::Comm(format!("malformed message length from rank {src}")))?,
+        ) as usize;
+        let mut out = vec![0u8; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        let mut dev = self
+            .stream
+            .alloc_zeros::<u8>(len)
+            .map_err(cuda("allocation"))?;
+        self.comm
+            .recv(&mut dev, src as i32)
+            .map_err(nccl("receive"))?;
+        self.stream
+            .memcpy_dtoh(&dev, &mut out)
+            .map_err(cuda("device-to-host copy"))?;
+        self.stream.synchronize().map_err(cuda("synchronize"))?;
+        Ok(out)
+    }
+
     fn backend(&self) -> &'static str {
         "nccl"
     }

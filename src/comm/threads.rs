@@ -1,13 +1,14 @@
 //! An in-process world: N ranks as threads sharing one rendezvous. Every collective is an
 //! all-gather of bytes; sums run in rank order, so results are identical on every rank and
-//! independent of thread timing. A rank that panics or leaves aborts the others' collectives
+//! independent of thread timing. Point-to-point messages go through one queue per (sender,
+//! receiver) pair; `send` never blocks. A rank that panics or leaves aborts the others' collectives
 //! with an error instead of a hang, and so does a collective that outlasts the
 //! [`collective_timeout`](super::collective_timeout) (naming the ranks that did not arrive).
 
 use super::watchdog::{collective_timeout, timeout_message};
 use super::Communicator;
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -19,6 +20,8 @@ struct State {
     departed: usize,
     aborted: Option<String>,
     splits: HashMap<(u64, usize), Arc<Shared>>,
+    /// Point-to-point messages in flight, by (sender, receiver).
+    mail: HashMap<(usize, usize), VecDeque<Vec<u8>>>,
 }
 
 struct Shared {
@@ -274,6 +277,54 @@ impl Communicator for ThreadWorld {
         }))
     }
 
+    fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
+        let sh = &*self.shared;
+        if dest >= sh.size {
+            return Err(Error::Comm(format!(
+                "send to rank {dest} in a world of {}",
+                sh.size
+            )));
+        }
+        let mut st = sh.lock();
+        if let Some(why) = &st.aborted {
+            return Err(Error::Comm(format!("thread world aborted: {why}")));
+        }
+        st.mail
+            .entry((self.rank, dest))
+            .or_default()
+            .push_back(buf.to_vec());
+        sh.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, src: usize) -> Result<Vec<u8>> {
+        let sh = &*self.shared;
+        if src >= sh.size {
+            return Err(Error::Comm(format!(
+                "receive from rank {src} in a world of {}",
+                sh.size
+            )));
+        }
+        let started = Instant::now();
+        let deadline = sh.timeout.map(|t| started + t);
+        let op = format!("receive from rank {src}");
+        let mut st = sh.lock();
+        loop {
+            // A message already sent is delivered even if its sender has left since.
+            if let Some(msg) = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(msg);
+            }
+            if let Some(why) = &st.aborted {
+                return Err(Error::Comm(format!("thread world aborted while rank {} waited for a message from rank {src}: {why}", self.rank)));
+            }
+            st = self.wait(st, &op, started, deadline, Some(vec![src]))?;
+        }
+    }
+
     fn backend(&self) -> &'static str {
         "threads"
     }
@@ -299,6 +350,31 @@ mod tests {
                 r.unwrap();
             }
         }
+    }
+
+    #[test]
+    fn messages_between_a_pair_arrive_in_order_and_a_leaver_fails_the_receiver() {
+        let out = run_world(3, |w| {
+            if w.rank() == 0 {
+                for i in 0..50u8 {
+                    w.send(&[i], 2).unwrap();
+                }
+                Vec::new()
+            } else if w.rank() == 2 {
+                (0..50).map(|_| w.recv(0).unwrap()[0]).collect()
+            } else {
+                Vec::new()
+            }
+        });
+        assert_eq!(out[2], (0..50u8).collect::<Vec<_>>());
+        let mut it = ThreadWorld::create(2).into_iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        drop(b);
+        let err = a.recv(1).unwrap_err().to_string();
+        assert!(
+            err.contains("waited for a message from rank 1") && err.contains("rank 1 left"),
+            "{err}"
+        );
     }
 
     #[test]

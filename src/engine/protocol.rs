@@ -1,19 +1,26 @@
-//! The leader phase as messages. The leader broadcasts commands; every other rank serves them
-//! until a decision, the outcome or an abort arrives:
+//! The messages of a step, and the communicator wrapper that counts them.
 //!
-//! | command | payload | others answer with |
+//! Inside a stage, its leader (replica 0) drives the products of Grams that stay on their ranks;
+//! the others serve its commands (broadcast on the stage's communicator) until `Done`:
+//!
+//! | command | payload | the stage's other ranks answer with |
 //! |---|---|---|
 //! | `Apply` | input, `Q` (`d x m`) | their local `G·Q`, summed by all-reduce |
 //! | `Gram` | input | their local Gram (upper triangle), summed by all-reduce (small `d` only) |
-//! | `Decide` | inputs that accumulate and inputs tested next step, all-done flag | — (the step ends) |
-//! | `Finish` | the adapter and report | — (the run ends) |
-//! | `Abort` | the leader's error | — (every rank fails with it) |
+//! | `Done` | — | — (the stage's solves are over) |
+//! | `Abort` | the stage leader's error | — (they fail with it) |
 //!
-//! [`Wire`] wraps the communicator to count payload bytes and time.
+//! Across the world, the global leader (world rank 0) broadcasts one [`Verdict`] per step and
+//! one at the end: `Decide` (which inputs accumulate and which are tested next), `Ranks` (the
+//! final allocation), `Finish` (the adapter and report) or `Abort`. Stage leaders send it
+//! [`Estimate`]s (ratios and convergence flags, never vectors) and, at the end, their layers'
+//! `lora_A`. [`Wire`] wraps each communicator to count payload bytes and time.
 
+use crate::adapter::LayerAdapter;
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
-use crate::leader::{Certificate, Decision, Spectrum};
+use crate::leader::{Certificate, Decision, Estimate, Spectrum, Summary};
+use crate::source::Hidden;
 use crate::stats::exact::{pack_upper, unpack_upper, ExactStats};
 use crate::stats::InputStats;
 use crate::{Error, Result};
@@ -21,28 +28,48 @@ use ndarray::{Array2, ArrayView2};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-/// The communicator with accounting: payload bytes and time spent in collectives.
-pub struct Wire<'a> {
-    pub comm: &'a dyn Communicator,
+/// Bytes and time spent communicating, shared by the wires of one rank.
+#[derive(Default)]
+pub struct Accounting {
     bytes: Cell<u64>,
+    hidden: Cell<u64>,
     time: Cell<Duration>,
 }
 
+impl Accounting {
+    /// Payload bytes of collectives so far (hidden states not included).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+
+    /// Bytes of hidden states sent to the next stage so far.
+    pub fn hidden(&self) -> u64 {
+        self.hidden.get()
+    }
+
+    /// Time in collectives and point-to-point messages so far.
+    pub fn time(&self) -> Duration {
+        self.time.get()
+    }
+}
+
+/// A communicator with accounting: payload bytes and time.
+pub struct Wire<'a> {
+    pub comm: &'a dyn Communicator,
+    acct: &'a Accounting,
+}
+
 impl<'a> Wire<'a> {
-    pub fn new(comm: &'a dyn Communicator) -> Self {
-        Wire {
-            comm,
-            bytes: Cell::new(0),
-            time: Cell::new(Duration::ZERO),
-        }
+    pub fn new(comm: &'a dyn Communicator, acct: &'a Accounting) -> Self {
+        Wire { comm, acct }
     }
 
     fn count<T>(&self, bytes: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let t = Instant::now();
         let out = f();
-        self.time.set(self.time.get() + t.elapsed());
+        self.acct.time.set(self.acct.time.get() + t.elapsed());
         if self.comm.size() > 1 {
-            self.bytes.set(self.bytes.get() + bytes as u64);
+            self.acct.bytes.set(self.acct.bytes.get() + bytes as u64);
         }
         out
     }
@@ -79,101 +106,236 @@ impl<'a> Wire<'a> {
         })
     }
 
-    /// Payload bytes so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.get()
+    /// Sends a pass's hidden state to `dest`, or the news that this pass failed upstream (counted
+    /// apart from the collectives' bytes).
+    pub fn send_hidden(&self, hidden: Option<&Hidden>, dest: usize) -> Result<()> {
+        let msg = encode_hidden(hidden);
+        let t = Instant::now();
+        let out = self.comm.send(&msg, dest);
+        self.acct.time.set(self.acct.time.get() + t.elapsed());
+        self.acct
+            .hidden
+            .set(self.acct.hidden.get() + msg.len() as u64);
+        out
     }
 
-    /// Time in collectives so far.
-    pub fn time(&self) -> Duration {
-        self.time.get()
+    /// Receives what [`Wire::send_hidden`] sent: `None` if the pass failed upstream.
+    pub fn recv_hidden(&self, src: usize) -> Result<Option<Hidden>> {
+        let t = Instant::now();
+        let msg = self.comm.recv(src);
+        self.acct.time.set(self.acct.time.get() + t.elapsed());
+        decode_hidden(&msg?)
     }
 }
 
-/// Spectra as bytes, for gathering the round-robin solves on the leader.
+fn encode_hidden(hidden: Option<&Hidden>) -> Vec<u8> {
+    let mut w = Writer::default();
+    match hidden {
+        Some(h) => {
+            w.u8(1).u64(h.nrows() as u64);
+            w.f32s(h.as_standard_layout().as_slice().expect("standard layout"));
+        }
+        None => {
+            w.u8(0);
+        }
+    }
+    w.0
+}
+
+fn decode_hidden(buf: &[u8]) -> Result<Option<Hidden>> {
+    let mut r = Reader::new(buf);
+    if r.u8()? == 0 {
+        return Ok(None);
+    }
+    let rows = r.u64()? as usize;
+    let data = r.f32s()?;
+    let cols = data.len().checked_div(rows).unwrap_or(0);
+    Array2::from_shape_vec((rows, cols), data)
+        .map(Some)
+        .map_err(|e| Error::Comm(format!("malformed hidden state message: {e}")))
+}
+
+fn write_certificate(w: &mut Writer, c: &Certificate) {
+    match *c {
+        Certificate::Exact { residual } => w.u8(0).f64s(&[residual]),
+        Certificate::Sketch {
+            sketch_size,
+            nuclear_error,
+            spectral_bound,
+        } => w
+            .u8(1)
+            .u64(sketch_size as u64)
+            .f64s(&[nuclear_error, spectral_bound]),
+    };
+}
+
+fn read_certificate(r: &mut Reader) -> Result<Certificate> {
+    let bad = |what: &str| Error::Comm(format!("malformed certificate: {what}"));
+    Ok(match r.u8()? {
+        0 => Certificate::Exact {
+            residual: *r.f64s()?.first().ok_or_else(|| bad("residual"))?,
+        },
+        _ => {
+            let sketch_size = r.u64()? as usize;
+            let e = r.f64s()?;
+            if e.len() != 2 {
+                return Err(bad("sketch bounds"));
+            }
+            Certificate::Sketch {
+                sketch_size,
+                nuclear_error: e[0],
+                spectral_bound: e[1],
+            }
+        }
+    })
+}
+
+fn write_summary(w: &mut Writer, s: &Summary) {
+    w.f64s(&s.values)
+        .f64s(&s.residuals)
+        .f64s(&[s.trace])
+        .u64(s.tokens);
+    write_certificate(w, &s.certificate);
+}
+
+fn read_summary(r: &mut Reader) -> Result<Summary> {
+    let values = r.f64s()?;
+    let residuals = r.f64s()?;
+    let trace = *r
+        .f64s()?
+        .first()
+        .ok_or_else(|| Error::Comm("malformed summary: trace".into()))?;
+    let tokens = r.u64()?;
+    Ok(Summary {
+        values,
+        residuals,
+        trace,
+        tokens,
+        certificate: read_certificate(r)?,
+    })
+}
+
+/// Spectra as bytes, for gathering a stage's round-robin solves on its leader.
 pub fn encode_spectra(spectra: &[(usize, Spectrum)]) -> Vec<u8> {
     let mut w = Writer::default();
     w.u64(spectra.len() as u64);
     for (g, s) in spectra {
-        w.u64(*g as u64)
-            .f64s(&s.values)
-            .u64(s.vectors.nrows() as u64);
+        w.u64(*g as u64).u64(s.vectors.nrows() as u64);
         w.f64s(
             s.vectors
                 .as_standard_layout()
                 .as_slice()
                 .expect("standard layout"),
         );
-        w.f64s(&s.residuals).f64s(&[s.trace]).u64(s.tokens);
-        match s.certificate {
-            Certificate::Exact { residual } => w.u8(0).f64s(&[residual]),
-            Certificate::Sketch {
-                sketch_size,
-                nuclear_error,
-                spectral_bound,
-            } => w
-                .u8(1)
-                .u64(sketch_size as u64)
-                .f64s(&[nuclear_error, spectral_bound]),
-        };
+        write_summary(&mut w, &s.summary);
     }
     w.0
 }
 
 /// Reads back [`encode_spectra`].
 pub fn decode_spectra(buf: &[u8]) -> Result<Vec<(usize, Spectrum)>> {
-    let bad = |what: &str| Error::Comm(format!("malformed spectrum message: {what}"));
     let mut r = Reader::new(buf);
     let n = r.u64()? as usize;
     let mut out = Vec::with_capacity(n.min(1 << 16));
     for _ in 0..n {
         let g = r.u64()? as usize;
-        let values = r.f64s()?;
         let rows = r.u64()? as usize;
         let data = r.f64s()?;
-        let vectors =
-            Array2::from_shape_vec((rows, values.len()), data).map_err(|e| bad(&e.to_string()))?;
-        let residuals = r.f64s()?;
-        let trace = *r.f64s()?.first().ok_or_else(|| bad("trace"))?;
-        let tokens = r.u64()?;
-        let certificate = match r.u8()? {
-            0 => Certificate::Exact {
-                residual: *r.f64s()?.first().ok_or_else(|| bad("residual"))?,
-            },
-            _ => {
-                let sketch_size = r.u64()? as usize;
-                let e = r.f64s()?;
-                if e.len() != 2 {
-                    return Err(bad("sketch certificate"));
-                }
-                Certificate::Sketch {
-                    sketch_size,
-                    nuclear_error: e[0],
-                    spectral_bound: e[1],
-                }
-            }
-        };
+        let summary = read_summary(&mut r)?;
+        let vectors = Array2::from_shape_vec((rows, summary.values.len()), data)
+            .map_err(|e| Error::Comm(format!("malformed spectrum message: {e}")))?;
+        out.push((g, Spectrum { vectors, summary }));
+    }
+    Ok(out)
+}
+
+/// A stage leader's estimates, for the global leader.
+pub fn encode_estimates(estimates: &[(usize, Estimate)]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(estimates.len() as u64);
+    for (g, e) in estimates {
+        w.u64(*g as u64).bools(&e.converged);
+        write_summary(&mut w, &e.summary);
+    }
+    w.0
+}
+
+/// Reads back [`encode_estimates`].
+pub fn decode_estimates(buf: &[u8]) -> Result<Vec<(usize, Estimate)>> {
+    let mut r = Reader::new(buf);
+    let n = r.u64()? as usize;
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let g = r.u64()? as usize;
+        let converged = r.bools()?;
         out.push((
             g,
-            Spectrum {
-                values,
-                vectors,
-                residuals,
-                trace,
-                tokens,
-                certificate,
+            Estimate {
+                converged,
+                summary: read_summary(&mut r)?,
             },
         ));
     }
     Ok(out)
 }
 
-/// What the leader tells the others to do.
+/// A stage leader's layers of the adapter, for rank 0.
+pub fn encode_layers(layers: &[(usize, LayerAdapter)]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u64(layers.len() as u64);
+    for (i, l) in layers {
+        w.u64(*i as u64)
+            .bytes(l.name.as_bytes())
+            .u64(l.rank as u64)
+            .f64s(&[l.alpha])
+            .u64(l.out_features as u64)
+            .u64(l.a.ncols() as u64);
+        w.f32s(
+            l.a.as_standard_layout()
+                .as_slice()
+                .expect("standard layout"),
+        );
+    }
+    w.0
+}
+
+/// Reads back [`encode_layers`].
+pub fn decode_layers(buf: &[u8]) -> Result<Vec<(usize, LayerAdapter)>> {
+    let bad = |e: String| Error::Comm(format!("malformed adapter layers: {e}"));
+    let mut r = Reader::new(buf);
+    let n = r.u64()? as usize;
+    let mut out = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        let i = r.u64()? as usize;
+        let name = String::from_utf8_lossy(r.bytes()?).into_owned();
+        let rank = r.u64()? as usize;
+        let alpha = r
+            .f64s()?
+            .first()
+            .copied()
+            .ok_or_else(|| bad("missing alpha".into()))?;
+        let out_features = r.u64()? as usize;
+        let cols = r.u64()? as usize;
+        let a = Array2::from_shape_vec((rank, cols), r.f32s()?).map_err(|e| bad(e.to_string()))?;
+        out.push((
+            i,
+            LayerAdapter {
+                name,
+                rank,
+                alpha,
+                a,
+                out_features,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// What a stage leader tells the other ranks of its stage.
 pub enum Command {
     Apply { input: usize, q: Array2<f64> },
     Gram { input: usize },
-    Decide(Decision),
-    Finish(Vec<u8>),
+    Done,
     Abort(String),
 }
 
@@ -190,17 +352,11 @@ impl Command {
             Command::Gram { input } => {
                 w.u8(1).u64(*input as u64);
             }
-            Command::Decide(d) => {
-                w.u8(2)
-                    .bools(&d.accumulate)
-                    .bools(&d.test)
-                    .u8(d.all_done as u8);
-            }
-            Command::Finish(bytes) => {
-                w.u8(3).bytes(bytes);
+            Command::Done => {
+                w.u8(2);
             }
             Command::Abort(msg) => {
-                w.u8(4).bytes(msg.as_bytes());
+                w.u8(3).bytes(msg.as_bytes());
             }
         }
         w.0
@@ -221,43 +377,123 @@ impl Command {
             1 => Command::Gram {
                 input: r.u64()? as usize,
             },
-            2 => Command::Decide(Decision {
-                accumulate: r.bools()?,
-                test: r.bools()?,
-                all_done: r.u8()? != 0,
-            }),
-            3 => Command::Finish(r.bytes()?.to_vec()),
-            4 => Command::Abort(String::from_utf8_lossy(r.bytes()?).into_owned()),
-            tag => return Err(Error::Comm(format!("unknown leader command {tag}"))),
+            2 => Command::Done,
+            3 => Command::Abort(String::from_utf8_lossy(r.bytes()?).into_owned()),
+            tag => return Err(Error::Comm(format!("unknown stage command {tag}"))),
         })
     }
 }
 
-fn exact(stats: &[InputStats], input: usize) -> Result<&ExactStats> {
-    match stats.get(input) {
-        Some(InputStats::Exact(e)) => Ok(e),
-        _ => Err(Error::Comm(format!(
-            "leader asked for Gram products of input {input}, which has no exact statistics"
-        ))),
+/// What the global leader tells every rank.
+pub enum Verdict {
+    /// The step's decision.
+    Decide(Decision),
+    /// The final rank of every layer.
+    Ranks(Vec<usize>),
+    /// The adapter and the report.
+    Finish(Vec<u8>),
+    /// The leader's error: every rank fails with it.
+    Abort(String),
+}
+
+impl Verdict {
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        match self {
+            Verdict::Decide(d) => {
+                w.u8(0)
+                    .bools(&d.accumulate)
+                    .bools(&d.test)
+                    .u8(d.all_done as u8);
+            }
+            Verdict::Ranks(r) => {
+                w.u8(1).u64(r.len() as u64);
+                for &v in r {
+                    w.u64(v as u64);
+                }
+            }
+            Verdict::Finish(bytes) => {
+                w.u8(2).bytes(bytes);
+            }
+            Verdict::Abort(msg) => {
+                w.u8(3).bytes(msg.as_bytes());
+            }
+        }
+        w.0
+    }
+
+    fn decode(buf: &[u8]) -> Result<Verdict> {
+        let mut r = Reader::new(buf);
+        Ok(match r.u8()? {
+            0 => Verdict::Decide(Decision {
+                accumulate: r.bools()?,
+                test: r.bools()?,
+                all_done: r.u8()? != 0,
+            }),
+            1 => {
+                let n = r.u64()? as usize;
+                Verdict::Ranks(
+                    (0..n.min(buf.len()))
+                        .map(|_| r.u64().map(|v| v as usize))
+                        .collect::<Result<_>>()?,
+                )
+            }
+            2 => Verdict::Finish(r.bytes()?.to_vec()),
+            3 => Verdict::Abort(String::from_utf8_lossy(r.bytes()?).into_owned()),
+            tag => return Err(Error::Comm(format!("unknown leader verdict {tag}"))),
+        })
     }
 }
 
-/// Leader: broadcasts a command.
-pub fn send(wire: &Wire, cmd: &Command) -> Result<()> {
-    let mut buf = cmd.encode();
-    wire.broadcast(&mut buf, 0)
+/// Global leader: broadcasts `work`'s verdict, or an abort with its error, to every rank (the
+/// others call [`receive_verdict`] at the same point).
+pub fn announce<T>(
+    world: &Wire,
+    work: Result<T>,
+    verdict: impl FnOnce(&T) -> Verdict,
+) -> Result<T> {
+    let v = match &work {
+        Ok(t) => verdict(t),
+        Err(e) => Verdict::Abort(e.to_string()),
+    };
+    let mut buf = v.encode();
+    world.broadcast(&mut buf, 0)?;
+    work
 }
 
-/// Leader: `Σ_r G_r·Q` for `input`, every rank multiplying its own Gram.
+/// Every rank but the global leader: the verdict [`announce`] broadcast (an abort as an error).
+pub fn receive_verdict(world: &Wire) -> Result<Verdict> {
+    let mut buf = Vec::new();
+    world.broadcast(&mut buf, 0)?;
+    match Verdict::decode(&buf)? {
+        Verdict::Abort(msg) => Err(Error::Comm(format!("rank 0 failed: {msg}"))),
+        v => Ok(v),
+    }
+}
+
+fn exact(stats: &[Option<InputStats>], input: usize) -> Result<&ExactStats> {
+    match stats.get(input) {
+        Some(Some(InputStats::Exact(e))) => Ok(e),
+        _ => Err(Error::Comm(format!("the stage leader asked for Gram products of input {input}, which has no exact statistics on this rank"))),
+    }
+}
+
+/// Stage leader: broadcasts a command to its stage.
+pub fn send(stage: &Wire, cmd: &Command) -> Result<()> {
+    let mut buf = cmd.encode();
+    stage.broadcast(&mut buf, 0)
+}
+
+/// Stage leader: `Σ_r G_r·Q` for `input` over the stage, every rank multiplying its own Gram.
 pub fn apply(
-    wire: &Wire,
-    stats: &[InputStats],
+    stage: &Wire,
+    stats: &[Option<InputStats>],
     input: usize,
     q: ArrayView2<f64>,
 ) -> Result<Array2<f64>> {
-    if wire.comm.size() > 1 {
+    if stage.comm.size() > 1 {
         send(
-            wire,
+            stage,
             &Command::Apply {
                 input,
                 q: q.to_owned(),
@@ -265,49 +501,44 @@ pub fn apply(
         )?;
     }
     let mut z = exact(stats, input)?.gram_apply(q)?;
-    wire.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
+    stage.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
     Ok(z)
 }
 
-/// Leader: the summed Gram (upper triangle) of `input`.
-pub fn gram(wire: &Wire, stats: &[InputStats], input: usize) -> Result<Vec<f64>> {
-    if wire.comm.size() > 1 {
-        send(wire, &Command::Gram { input })?;
+/// Stage leader: the summed Gram (upper triangle) of `input`.
+pub fn gram(stage: &Wire, stats: &[Option<InputStats>], input: usize) -> Result<Vec<f64>> {
+    if stage.comm.size() > 1 {
+        send(stage, &Command::Gram { input })?;
     }
     let e = exact(stats, input)?;
     let mut packed = Vec::new();
     pack_upper(e.gram(), e.dim(), &mut packed);
-    wire.all_reduce_sum(&mut packed)?;
+    stage.all_reduce_sum(&mut packed)?;
     let mut g = vec![0.0; e.dim() * e.dim()];
     unpack_upper(&packed, e.dim(), &mut g);
     Ok(g)
 }
 
-/// What ends a follower's service.
-pub enum Reply {
-    Decide(Decision),
-    Finish(Vec<u8>),
-}
-
-/// Follower: serves the leader's products until a decision, the outcome or an abort.
-pub fn serve(wire: &Wire, stats: &[InputStats]) -> Result<Reply> {
+/// The stage's other ranks: serve the stage leader's products until `Done` or an abort.
+pub fn serve(stage: &Wire, stats: &[Option<InputStats>]) -> Result<()> {
     loop {
         let mut buf = Vec::new();
-        wire.broadcast(&mut buf, 0)?;
+        stage.broadcast(&mut buf, 0)?;
         match Command::decode(&buf)? {
             Command::Apply { input, q } => {
                 let mut z = exact(stats, input)?.gram_apply(q.view())?;
-                wire.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
+                stage.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
             }
             Command::Gram { input } => {
                 let e = exact(stats, input)?;
                 let mut packed = Vec::new();
                 pack_upper(e.gram(), e.dim(), &mut packed);
-                wire.all_reduce_sum(&mut packed)?;
+                stage.all_reduce_sum(&mut packed)?;
             }
-            Command::Decide(d) => return Ok(Reply::Decide(d)),
-            Command::Finish(bytes) => return Ok(Reply::Finish(bytes)),
-            Command::Abort(msg) => return Err(Error::Comm(format!("rank 0 failed: {msg}"))),
+            Command::Done => return Ok(()),
+            Command::Abort(msg) => {
+                return Err(Error::Comm(format!("the stage leader failed: {msg}")))
+            }
         }
     }
 }
@@ -317,7 +548,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commands_round_trip() {
+    fn messages_round_trip() {
         let q = Array2::from_shape_fn((3, 2), |(i, j)| (i * 2 + j) as f64);
         match Command::decode(
             &Command::Apply {
@@ -336,14 +567,18 @@ mod tests {
             test: vec![true, false, false],
             all_done: true,
         };
-        match Command::decode(&Command::Decide(d.clone()).encode()).unwrap() {
-            Command::Decide(back) => assert_eq!(back, d),
-            _ => panic!("wrong command"),
+        match Verdict::decode(&Verdict::Decide(d.clone()).encode()).unwrap() {
+            Verdict::Decide(back) => assert_eq!(back, d),
+            _ => panic!("wrong verdict"),
         }
-        assert!(Command::decode(&[9]).is_err());
-        let spectrum = Spectrum {
+        match Verdict::decode(&Verdict::Ranks(vec![3, 0, 7]).encode()).unwrap() {
+            Verdict::Ranks(r) => assert_eq!(r, vec![3, 0, 7]),
+            _ => panic!("wrong verdict"),
+        }
+        assert!(Command::decode(&[9]).is_err() && Verdict::decode(&[9]).is_err());
+        assert!(Command::decode(&[]).is_err() && Verdict::decode(&[]).is_err());
+        let summary = Summary {
             values: vec![2.0, 1.0],
-            vectors: q.slice(ndarray::s![.., ..2]).to_owned(),
             residuals: vec![1e-9, 2e-9],
             trace: 4.0,
             tokens: 77,
@@ -353,18 +588,41 @@ mod tests {
                 spectral_bound: 0.25,
             },
         };
+        let spectrum = Spectrum {
+            vectors: q.slice(ndarray::s![.., ..2]).to_owned(),
+            summary: summary.clone(),
+        };
         let back = decode_spectra(&encode_spectra(&[(3, spectrum.clone())])).unwrap();
-        assert_eq!(back.len(), 1);
-        assert_eq!(back[0].0, 3);
+        assert_eq!((back.len(), back[0].0), (1, 3));
+        assert_eq!(
+            (&back[0].1.vectors, &back[0].1.summary),
+            (&spectrum.vectors, &summary)
+        );
+        let est = Estimate {
+            converged: vec![true, false],
+            summary,
+        };
+        let back = decode_estimates(&encode_estimates(&[(5, est.clone())])).unwrap();
+        assert_eq!((back[0].0, &back[0].1), (5, &est));
+        let h = Array2::from_shape_fn((4, 3), |(i, j)| (i * 3 + j) as f32);
+        assert_eq!(decode_hidden(&encode_hidden(Some(&h))).unwrap(), Some(h));
+        assert_eq!(decode_hidden(&encode_hidden(None)).unwrap(), None);
+        let layer = LayerAdapter {
+            name: "m.q".into(),
+            rank: 2,
+            alpha: 1.5,
+            a: Array2::from_elem((2, 3), 0.5),
+            out_features: 7,
+        };
+        let back = decode_layers(&encode_layers(&[(9, layer.clone())])).unwrap();
         assert_eq!(
             (
-                back[0].1.values.clone(),
-                back[0].1.vectors.clone(),
-                back[0].1.tokens
+                back[0].0,
+                &back[0].1.name,
+                &back[0].1.a,
+                back[0].1.out_features
             ),
-            (spectrum.values, spectrum.vectors, 77)
+            (9, &layer.name, &layer.a, 7)
         );
-        assert_eq!(back[0].1.certificate, spectrum.certificate);
-        assert!(Command::decode(&[]).is_err());
     }
 }

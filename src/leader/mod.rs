@@ -89,13 +89,12 @@ type Operator<'a> = Box<dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>> + 'a>;
 /// Produces the full covariance (row-major `d x d`) for a dense solve.
 type Fetch<'a> = Box<dyn FnMut() -> Result<Vec<f64>> + 'a>;
 
-/// Top eigenpairs of one input's sample covariance.
-#[derive(Clone, Debug)]
-pub struct Spectrum {
+/// The numbers of one input's top eigenpairs, without the vectors: what the global leader
+/// needs for the rank redistribution and the report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
     /// Covariance eigenvalues, descending (`kmax` of them).
     pub values: Vec<f64>,
-    /// Eigenvectors as columns (`d x kmax`).
-    pub vectors: Array2<f64>,
     /// Eigensolver residual of each pair relative to λ₁ (0 when solved densely or from a sketch).
     pub residuals: Vec<f64>,
     /// Trace of the covariance (total variance).
@@ -106,7 +105,7 @@ pub struct Spectrum {
     pub certificate: Certificate,
 }
 
-impl Spectrum {
+impl Summary {
     /// Explained-variance ratios `λ_i / trace C`.
     pub fn ratios(&self) -> Vec<f64> {
         let t = self.trace;
@@ -134,6 +133,36 @@ impl Spectrum {
         }
     }
 
+    /// The estimator's name in reports.
+    pub fn estimator(&self) -> &'static str {
+        match self.certificate {
+            Certificate::Exact { .. } => "exact",
+            Certificate::Sketch { .. } => "sketch",
+        }
+    }
+}
+
+/// Top eigenpairs of one input's sample covariance.
+#[derive(Clone, Debug)]
+pub struct Spectrum {
+    /// Eigenvectors as columns (`d x kmax`).
+    pub vectors: Array2<f64>,
+    /// Their eigenvalues and certificates.
+    pub summary: Summary,
+}
+
+/// What a stage leader tells the global leader about one input after a solve: the numbers of
+/// the estimate and which components are stable (similar enough to the previous estimate and
+/// solved to the step tolerance).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    /// Per component: converged.
+    pub converged: Vec<bool>,
+    /// The estimate's numbers.
+    pub summary: Summary,
+}
+
+impl Spectrum {
     /// Top `kmax` eigenpairs of the covariance of an input from its (uncentered, shifted) Gram;
     /// `moments` center it. `warm` holds the previous solve's basis of this input, if any: the
     /// iteration starts from it, and it is replaced by this solve's basis.
@@ -242,12 +271,14 @@ impl Spectrum {
         *warm = Some(top.basis);
         let residual = top.residuals.iter().copied().fold(0.0, f64::max);
         Ok(Spectrum {
-            values: top.values,
             vectors: top.vectors,
-            residuals: top.residuals,
-            trace,
-            tokens: moments.n,
-            certificate: Certificate::Exact { residual },
+            summary: Summary {
+                values: top.values,
+                residuals: top.residuals,
+                trace,
+                tokens: moments.n,
+                certificate: Certificate::Exact { residual },
+            },
         })
     }
 
@@ -261,16 +292,57 @@ impl Spectrum {
     ) -> Result<Spectrum> {
         let k = kmax.min(ny.values.len());
         Ok(Spectrum {
-            values: ny.values[..k].to_vec(),
             vectors: ny.vectors.slice(ndarray::s![.., ..k]).to_owned(),
-            residuals: vec![0.0; k],
-            trace: ny.trace,
-            tokens,
-            certificate: Certificate::Sketch {
-                sketch_size,
-                nuclear_error: ny.nuclear_error,
-                spectral_bound: ny.spectral_bound,
+            summary: Summary {
+                values: ny.values[..k].to_vec(),
+                residuals: vec![0.0; k],
+                trace: ny.trace,
+                tokens,
+                certificate: Certificate::Sketch {
+                    sketch_size,
+                    nuclear_error: ny.nuclear_error,
+                    spectral_bound: ny.spectral_bound,
+                },
             },
+        })
+    }
+}
+
+/// A stage leader's memory of its inputs' previous estimates, for the convergence test.
+pub struct Tracker {
+    tau: f64,
+    previous: Vec<Option<Array2<f64>>>,
+}
+
+impl Tracker {
+    /// No estimates yet, for `inputs` unique inputs and threshold `tau`.
+    pub fn new(inputs: usize, tau: f64) -> Self {
+        Tracker {
+            tau,
+            previous: vec![None; inputs],
+        }
+    }
+
+    /// Compares a new estimate of `input` with the previous one (sign-free similarity, principal
+    /// angles in clusters) and keeps it: component `i` is converged when its similarity is at
+    /// least `tau` and its residual at most [`STEP_TOLERANCE`] (a first estimate converges nothing).
+    pub fn observe(&mut self, input: usize, spectrum: Spectrum) -> Result<Estimate> {
+        let s = &spectrum.summary;
+        let similarity = match &self.previous[input] {
+            Some(prev) => {
+                convergence::similarities(prev.view(), spectrum.vectors.view(), &s.values)?
+            }
+            None => vec![0.0; s.values.len()],
+        };
+        let converged = similarity
+            .iter()
+            .zip(&s.residuals)
+            .map(|(&sim, &r)| sim >= self.tau && r <= STEP_TOLERANCE)
+            .collect();
+        self.previous[input] = Some(spectrum.vectors);
+        Ok(Estimate {
+            converged,
+            summary: spectrum.summary,
         })
     }
 }
@@ -278,11 +350,11 @@ impl Spectrum {
 /// The leader's view of one unique input.
 #[derive(Clone, Debug, Default)]
 pub struct InputState {
-    /// Latest estimate.
-    pub spectrum: Option<Spectrum>,
-    /// Similarity of each component to the estimate before it.
-    pub similarity: Vec<f64>,
-    /// `similarity ≥ tau` per component.
+    /// Explained-variance ratios of the latest estimate.
+    pub ratios: Option<Vec<f64>>,
+    /// Tokens of the latest estimate.
+    pub tokens: u64,
+    /// Per component of the latest estimate: converged ([`Tracker::observe`]).
     pub converged: Vec<bool>,
     /// All components up to the group's allocated rank have converged.
     pub done: bool,
@@ -318,7 +390,6 @@ pub struct Leader {
     catalog: Catalog,
     cap: usize,
     budget: usize,
-    tau: f64,
     early_stop: bool,
     refine_converged: bool,
     /// Per unique input.
@@ -342,7 +413,6 @@ impl Leader {
             catalog: catalog.clone(),
             cap,
             budget: params.rank * catalog.layers.len(),
-            tau: params.tau,
             early_stop,
             refine_converged,
             states: vec![InputState::default(); catalog.inputs.len()],
@@ -359,34 +429,17 @@ impl Leader {
         self.cap.min(self.catalog.inputs[input].dim)
     }
 
-    /// Records the new estimate of an input that accumulated data this step.
-    pub fn observe(&mut self, input: usize, spectrum: Spectrum) -> Result<()> {
+    /// Records a stage leader's estimate of an input that was tested this step.
+    pub fn observe(&mut self, input: usize, estimate: Estimate) {
         let state = &mut self.states[input];
-        state.similarity = match &state.spectrum {
-            Some(prev) => convergence::similarities(
-                prev.vectors.view(),
-                spectrum.vectors.view(),
-                &spectrum.values,
-            )?,
-            None => vec![0.0; spectrum.values.len()],
-        };
-        state.converged = state
-            .similarity
-            .iter()
-            .zip(&spectrum.residuals)
-            .map(|(&s, &r)| s >= self.tau && r <= STEP_TOLERANCE)
-            .collect();
-        state.spectrum = Some(spectrum);
-        Ok(())
+        state.ratios = Some(estimate.summary.ratios());
+        state.tokens = estimate.summary.tokens;
+        state.converged = estimate.converged;
     }
 
     /// Re-allocates ranks from the latest estimates (once every input has one).
     pub fn allocate(&mut self) {
-        let ratios: Option<Vec<Vec<f64>>> = self
-            .states
-            .iter()
-            .map(|s| s.spectrum.as_ref().map(Spectrum::ratios))
-            .collect();
+        let ratios: Option<Vec<Vec<f64>>> = self.states.iter().map(|s| s.ratios.clone()).collect();
         if let Some(ratios) = ratios {
             self.ranks = allocate::redistribute(&self.catalog, &ratios, self.cap, self.budget);
         }
@@ -404,7 +457,7 @@ impl Leader {
                 .max()
                 .unwrap_or(0);
             let state = &mut self.states[i];
-            let done = state.spectrum.is_some()
+            let done = state.ratios.is_some()
                 && state.converged.len() >= needed
                 && state.converged[..needed].iter().all(|&c| c);
             if done && !state.done {
@@ -429,9 +482,10 @@ impl Leader {
     }
 
     /// Replaces every estimate with its final one and allocates ranks from them.
-    pub fn finalize(&mut self, spectra: Vec<Spectrum>) {
-        for (state, spectrum) in self.states.iter_mut().zip(spectra) {
-            state.spectrum = Some(spectrum);
+    pub fn finalize(&mut self, finals: &[Summary]) {
+        for (state, summary) in self.states.iter_mut().zip(finals) {
+            state.ratios = Some(summary.ratios());
+            state.tokens = summary.tokens;
         }
         self.allocate();
     }
@@ -443,17 +497,33 @@ mod tests {
 
     fn spectrum(values: &[f64], vectors: Array2<f64>) -> Spectrum {
         Spectrum {
-            values: values.to_vec(),
             vectors,
-            residuals: vec![0.0; values.len()],
-            trace: 1.0,
-            tokens: 100,
-            certificate: Certificate::Exact { residual: 0.0 },
+            summary: Summary {
+                values: values.to_vec(),
+                residuals: vec![0.0; values.len()],
+                trace: 1.0,
+                tokens: 100,
+                certificate: Certificate::Exact { residual: 0.0 },
+            },
+        }
+    }
+
+    /// A leader and a stage's tracker, as one process has them.
+    struct Both {
+        leader: Leader,
+        tracker: Tracker,
+    }
+
+    impl Both {
+        fn observe(&mut self, input: usize, s: Spectrum) -> Result<()> {
+            let e = self.tracker.observe(input, s)?;
+            self.leader.observe(input, e);
+            Ok(())
         }
     }
 
     /// Two inputs of d = 4, r = 1, rho = 2 (cap 2, budget 2), with early stopping.
-    fn leader(refine_converged: bool) -> Leader {
+    fn leader(refine_converged: bool) -> Both {
         let catalog = Catalog::new(
             vec![("a".into(), 4, 4), ("b".into(), 4, 4)],
             vec![vec![0], vec![1]],
@@ -463,7 +533,10 @@ mod tests {
             rho: 2.0,
             ..EvaParams::default()
         };
-        Leader::new(&catalog, &params, true, refine_converged)
+        Both {
+            leader: Leader::new(&catalog, &params, true, refine_converged),
+            tracker: Tracker::new(2, params.tau),
+        }
     }
 
     /// Checks a decision's tested inputs; done inputs accumulate only when refined.
@@ -493,8 +566,8 @@ mod tests {
         // Step 1: first estimates, nothing converged yet.
         l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
         l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
-        let d = l.decide(1);
-        assert_eq!(l.ranks, vec![1, 1]);
+        let d = l.leader.decide(1);
+        assert_eq!(l.leader.ranks, vec![1, 1]);
         assert_tests(&d, refine, &[true, true]);
         // Step 2: input 0's first component rotates away (not converged); input 1's first
         // component is stable and its second moved. Input 1 needs rank 1 only: it is done.
@@ -504,18 +577,18 @@ mod tests {
         let mut moved = e2.clone();
         moved.column_mut(1).assign(&e.column(2));
         l.observe(1, spectrum(&[0.3, 0.2], moved)).unwrap();
-        let d = l.decide(2);
-        assert_eq!(l.ranks, vec![1, 1]);
+        let d = l.leader.decide(2);
+        assert_eq!(l.leader.ranks, vec![1, 1]);
         assert_tests(&d, refine, &[true, false]);
-        assert_eq!(l.states[1].converged_step, Some(2));
+        assert_eq!(l.leader.states[1].converged_step, Some(2));
         // Step 3: only input 0 is re-estimated; its ratios drop, so input 1's second (unconverged)
         // component enters the budget: input 1 reopens, input 0 falls to rank 0 and is done.
         l.observe(0, spectrum(&[0.15, 0.1], e2.clone())).unwrap();
-        let d = l.decide(3);
-        assert_eq!(l.ranks, vec![0, 2]);
+        let d = l.leader.decide(3);
+        assert_eq!(l.leader.ranks, vec![0, 2]);
         assert_tests(&d, refine, &[false, true]);
-        assert_eq!(l.states[1].converged_step, None);
-        assert_eq!(l.states[0].converged_step, Some(3));
+        assert_eq!(l.leader.states[1].converged_step, None);
+        assert_eq!(l.leader.states[0].converged_step, Some(3));
         assert!(!d.all_done);
     }
 
@@ -569,12 +642,13 @@ mod tests {
                 let fin = solve(Precision::Final, remote, &mut warm);
                 for i in 0..k {
                     let rel = |v: f64| (v - reference.values[i]).abs() / reference.values[0];
+                    let (ss, fs) = (&step.summary, &fin.summary);
                     assert!(
-                        rel(step.values[i]) < 1e-4 && step.residuals[i] <= STEP_TOLERANCE,
+                        rel(ss.values[i]) < 1e-4 && ss.residuals[i] <= STEP_TOLERANCE,
                         "d {d} remote {remote}: step pair {i}"
                     );
                     assert!(
-                        rel(fin.values[i]) < 1e-9 && fin.residuals[i] <= 1e-9,
+                        rel(fs.values[i]) < 1e-9 && fs.residuals[i] <= 1e-9,
                         "d {d} remote {remote}: final pair {i}"
                     );
                     assert!(
@@ -593,14 +667,14 @@ mod tests {
     #[test]
     fn without_early_stop_every_input_stays_active() {
         let mut l = leader(false);
-        l.early_stop = false;
+        l.leader.early_stop = false;
         let e2 = Array2::<f64>::eye(4).slice(ndarray::s![.., ..2]).to_owned();
         for step in 1..=2 {
             l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
             l.observe(1, spectrum(&[0.3, 0.2], e2.clone())).unwrap();
-            let d = l.decide(step);
+            let d = l.leader.decide(step);
             assert_tests(&d, false, &[true, true]);
         }
-        assert!(l.states.iter().all(|s| s.done));
+        assert!(l.leader.states.iter().all(|s| s.done));
     }
 }

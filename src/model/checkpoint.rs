@@ -115,12 +115,19 @@ impl HostTensor {
     }
 }
 
-/// All tensors of a checkpoint directory, by key.
+/// A checkpoint directory: which file holds every tensor, and the tensors of the files opened
+/// so far. [`Checkpoint::open`] reads the shard index (or the one file's header) without opening
+/// a shard; [`Checkpoint::load`] maps only the files that hold the tensors a rank's layer slice
+/// needs, so a shard of other blocks is never opened or read.
 pub struct Checkpoint {
     /// The model directory.
     pub dir: PathBuf,
-    /// The safetensors files read (one, or the shards).
+    /// Every safetensors file of the checkpoint (one, or the shards of the index).
     pub files: Vec<PathBuf>,
+    /// The file (index into `files`) of every tensor key.
+    locations: BTreeMap<String, usize>,
+    /// Files mapped so far.
+    opened: Vec<bool>,
     tensors: HashMap<String, HostTensor>,
 }
 
@@ -148,8 +155,37 @@ fn pickle_error(dir: &Path, found: &str) -> Error {
     ))
 }
 
+/// The tensors of one mapped safetensors file.
+fn read_file(path: &Path, f: usize) -> Result<Vec<HostTensor>> {
+    let map = Arc::new(map_file(path)?);
+    let st = SafeTensors::deserialize(&map).map_err(|e| {
+        Error::data(format!(
+            "checkpoint file {}: not a valid safetensors file ({} bytes): {e}",
+            path.display(),
+            map.len()
+        ))
+    })?;
+    let base = map.as_ptr() as usize;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let start = view.data().as_ptr() as usize - base;
+            HostTensor {
+                name,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                map: map.clone(),
+                range: start..start + view.data().len(),
+                file: f,
+            }
+        })
+        .collect())
+}
+
 impl Checkpoint {
-    /// Finds and maps the checkpoint files of `dir` and indexes their tensors.
+    /// Finds the checkpoint files of `dir` and the file of every tensor. With a shard index no
+    /// shard is opened; a single-file checkpoint is mapped and its header read.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::data(format!(
@@ -158,9 +194,7 @@ impl Checkpoint {
             )));
         }
         let index_path = dir.join(INDEX);
-        let (files, weight_map): (Vec<PathBuf>, Option<BTreeMap<String, String>>) = if index_path
-            .is_file()
-        {
+        if index_path.is_file() {
             let bytes = std::fs::read(&index_path)
                 .map_err(|e| Error::io("cannot read shard index", &index_path, e))?;
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -170,97 +204,134 @@ impl Checkpoint {
                 ))
             })?;
             let map: BTreeMap<String, String> = serde_json::from_value(v["weight_map"].clone()).map_err(|e| {
-                Error::data(format!(
-                    "shard index {}: `weight_map` must be an object of tensor name -> file name: {e}",
-                    index_path.display()
-                ))
+                Error::data(format!("shard index {}: `weight_map` must be an object of tensor name -> file name: {e}", index_path.display()))
             })?;
             let mut names: Vec<&String> = map.values().collect();
             names.sort();
             names.dedup();
-            (names.into_iter().map(|n| dir.join(n)).collect(), Some(map))
-        } else if dir.join(SINGLE).is_file() {
-            (vec![dir.join(SINGLE)], None)
-        } else {
-            for pickle in [
-                "pytorch_model.bin",
-                "pytorch_model.bin.index.json",
-                "model.bin",
-                "tf_model.h5",
-                "model.pt",
-            ] {
-                if dir.join(pickle).exists() {
-                    return Err(pickle_error(dir, pickle));
-                }
-            }
-            return Err(Error::data(format!(
-                "model directory {} has neither {SINGLE} nor {INDEX} (expected a HuggingFace safetensors checkpoint)",
-                dir.display()
-            )));
-        };
-
-        let mut tensors = HashMap::new();
-        for (f, path) in files.iter().enumerate() {
-            if !path.is_file() {
+            if let Some(bad) = names.iter().find(|n| {
+                Path::new(n.as_str())
+                    .file_name()
+                    .is_none_or(|f| f != n.as_str())
+            }) {
                 return Err(Error::data(format!(
-                    "checkpoint shard {} is listed in {INDEX} but missing",
-                    path.display()
+                    "shard index {}: file name `{bad}` must name a file in the model directory",
+                    index_path.display()
                 )));
             }
-            let map = Arc::new(map_file(path)?);
-            let st = SafeTensors::deserialize(&map).map_err(|e| {
-                Error::data(format!(
-                    "checkpoint file {}: not a valid safetensors file ({} bytes): {e}",
-                    path.display(),
-                    map.len()
-                ))
-            })?;
-            let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let start = view.data().as_ptr() as usize - base;
-                let t = HostTensor {
-                    name: name.clone(),
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    map: map.clone(),
-                    range: start..start + view.data().len(),
-                    file: f,
-                };
-                tensors.insert(name, t);
+            let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n.as_str())).collect();
+            let locations = map
+                .iter()
+                .map(|(t, f)| (t.clone(), names.binary_search(&f).expect("listed above")))
+                .collect();
+            return Ok(Checkpoint {
+                dir: dir.to_path_buf(),
+                opened: vec![false; files.len()],
+                files,
+                locations,
+                tensors: HashMap::new(),
+            });
+        }
+        if dir.join(SINGLE).is_file() {
+            let mut c = Checkpoint {
+                dir: dir.to_path_buf(),
+                files: vec![dir.join(SINGLE)],
+                locations: BTreeMap::new(),
+                opened: vec![false],
+                tensors: HashMap::new(),
+            };
+            c.open_file(0)?;
+            c.locations = c.tensors.keys().map(|k| (k.clone(), 0)).collect();
+            return Ok(c);
+        }
+        for pickle in [
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            "model.bin",
+            "tf_model.h5",
+            "model.pt",
+        ] {
+            if dir.join(pickle).exists() {
+                return Err(pickle_error(dir, pickle));
             }
         }
-        if let Some(wm) = &weight_map {
-            for (name, file) in wm {
-                match tensors.get(name) {
-                    Some(t)
-                        if files[t.file]
-                            .file_name()
-                            .is_some_and(|n| n == file.as_str()) => {}
-                    _ => return Err(Error::data(format!(
-                        "checkpoint: {INDEX} maps tensor {name} to {file}, which does not hold it"
-                    ))),
-                }
-            }
-        }
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            files,
-            tensors,
-        })
+        Err(Error::data(format!("model directory {} has neither {SINGLE} nor {INDEX} (expected a HuggingFace safetensors checkpoint)", dir.display())))
     }
 
-    /// A tensor by key, if present.
+    /// Maps file `f` and indexes its tensors, checking them against the shard index.
+    fn open_file(&mut self, f: usize) -> Result<()> {
+        let path = &self.files[f];
+        if !path.is_file() {
+            return Err(Error::data(format!(
+                "checkpoint shard {} is listed in {INDEX} but missing",
+                path.display()
+            )));
+        }
+        for t in read_file(path, f)? {
+            // With an index, a tensor belongs to the file the index names (a stray copy elsewhere is ignored).
+            if self.locations.get(&t.name).is_none_or(|&at| at == f) {
+                self.tensors.insert(t.name.clone(), t);
+            }
+        }
+        let missing = self
+            .locations
+            .iter()
+            .find(|(name, &at)| at == f && !self.tensors.contains_key(*name));
+        if let Some((name, _)) = missing {
+            let file = self.files[f]
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            return Err(Error::data(format!(
+                "checkpoint: {INDEX} maps tensor {name} to {file}, which does not hold it"
+            )));
+        }
+        self.opened[f] = true;
+        Ok(())
+    }
+
+    /// Maps the files that hold any tensor `keep` selects, and only those.
+    pub fn load(&mut self, keep: impl Fn(&str) -> bool) -> Result<()> {
+        let mut wanted = vec![false; self.files.len()];
+        for (name, &f) in &self.locations {
+            wanted[f] |= keep(name);
+        }
+        for f in 0..self.files.len() {
+            if wanted[f] && !self.opened[f] {
+                self.open_file(f)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The files mapped so far.
+    pub fn opened_files(&self) -> Vec<&Path> {
+        self.files
+            .iter()
+            .zip(&self.opened)
+            .filter(|(_, &o)| o)
+            .map(|(p, _)| p.as_path())
+            .collect()
+    }
+
+    /// Whether the checkpoint has a tensor of this key (loaded or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    /// A loaded tensor by key, if present.
     pub fn get(&self, name: &str) -> Option<&HostTensor> {
         self.tensors.get(name)
     }
 
-    /// A tensor that must be present, with the expected shape (`None` entries match anything).
+    /// A loaded tensor that must be present, with the expected shape (`None` entries match anything).
     pub fn expect(&self, name: &str, shape: &[Option<usize>]) -> Result<&HostTensor> {
-        let t = self.tensors.get(name).ok_or_else(|| {
-            Error::data(format!(
-                "checkpoint in {}: tensor {name} is missing (config.json says it should exist)",
-                self.dir.display()
-            ))
+        let t = self.tensors.get(name).ok_or_else(|| match self.locations.get(name) {
+            Some(&f) => Error::data(format!(
+                "checkpoint in {}: tensor {name} (in {}) was not loaded on this rank (its file is outside this rank's layer slice)",
+                self.dir.display(),
+                self.files[f].display()
+            )),
+            None => Error::data(format!("checkpoint in {}: tensor {name} is missing (config.json says it should exist)", self.dir.display())),
         })?;
         let ok = t.shape.len() == shape.len()
             && t.shape
@@ -281,18 +352,16 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// Every tensor key, sorted.
+    /// Every tensor key (loaded or not), sorted.
     pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-        v.sort_unstable();
-        v
+        self.locations.keys().map(String::as_str).collect()
     }
 
     /// The prefix in front of `suffix` in the one key that ends with it (`model.` for
     /// `model.embed_tokens.weight`, `` for `embed_tokens.weight`).
     pub fn prefix_of(&self, suffix: &str) -> Option<String> {
         let mut found: Vec<&str> = self
-            .tensors
+            .locations
             .keys()
             .filter(|k| {
                 k.as_str() == suffix
@@ -304,10 +373,10 @@ impl Checkpoint {
         found.first().map(|p| p.to_string())
     }
 
-    /// Bytes of tensor data in the files, per dtype name.
-    pub fn bytes_by_dtype(&self) -> BTreeMap<String, u64> {
+    /// Bytes of tensor data per dtype name, over the tensors `keep` selects among those loaded.
+    pub fn bytes_by_dtype(&self, keep: impl Fn(&str) -> bool) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        for t in self.tensors.values() {
+        for t in self.tensors.values().filter(|t| keep(&t.name)) {
             *out.entry(format!("{:?}", t.dtype)).or_insert(0) += t.range.len() as u64;
         }
         out

@@ -7,6 +7,7 @@ use super::config::DecoderConfig;
 use super::ops::{AttentionMask, Backend, Heads};
 use super::{Batch, Capture, Linear, Module, Need, Point};
 use crate::Result;
+use std::ops::Range;
 
 /// One transformer block's weights.
 struct Block<W> {
@@ -21,10 +22,12 @@ struct Block<W> {
     down: Linear<W>,
 }
 
-/// A loaded decoder.
+/// A loaded slice of a decoder: blocks `first..first + blocks.len()`, and the embedding table
+/// when the slice starts at block 0.
 pub struct Decoder<B: Backend> {
     cfg: DecoderConfig,
-    embed: B::Weight,
+    embed: Option<B::Weight>,
+    first: usize,
     blocks: Vec<Block<B::Weight>>,
 }
 
@@ -60,18 +63,14 @@ fn linears(c: &DecoderConfig) -> [(&'static str, Point, usize, usize, bool); 7] 
     ]
 }
 
-/// Every linear layer inside the blocks, in model order, checked against the checkpoint.
-pub fn modules(c: &DecoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec<Module>> {
+/// Every linear layer inside the blocks, in model order, from the configuration (their
+/// tensors are checked against the checkpoint when a slice holding them is loaded).
+pub fn modules(c: &DecoderConfig, prefix: &str) -> Vec<Module> {
     let mut out = Vec::new();
     for layer in 0..c.layers {
-        for (suffix, point, i, o, bias) in linears(c) {
-            let name = format!("{prefix}layers.{layer}.{suffix}");
-            ckpt.expect(&format!("{name}.weight"), &[Some(o), Some(i)])?;
-            if bias {
-                ckpt.expect(&format!("{name}.bias"), &[Some(o)])?;
-            }
+        for (suffix, point, i, o, _) in linears(c) {
             out.push(Module {
-                name,
+                name: format!("{prefix}layers.{layer}.{suffix}"),
                 layer,
                 point,
                 in_features: i,
@@ -79,28 +78,42 @@ pub fn modules(c: &DecoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
             });
         }
     }
-    Ok(out)
+    out
+}
+
+/// Parameters of one block: its linear layers (with biases) and two RMSNorm weights.
+pub fn block_parameters(c: &DecoderConfig) -> u64 {
+    let linear: u64 = linears(c)
+        .iter()
+        .map(|&(_, _, i, o, bias)| (i * o + if bias { o } else { 0 }) as u64)
+        .sum();
+    linear + 2 * c.hidden as u64
 }
 
 impl<B: Backend> Decoder<B> {
-    /// Loads the embedding table and the first `layers` blocks.
+    /// Loads blocks `blocks`, and the embedding table if they start at block 0.
     pub fn load(
         be: &B,
         c: &DecoderConfig,
         vocab: usize,
         ckpt: &Checkpoint,
         prefix: &str,
-        layers: usize,
+        blocks: Range<usize>,
     ) -> Result<Self> {
         let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> {
             be.weight(ckpt.expect(&name, shape)?)
         };
-        let embed = w(
-            format!("{prefix}embed_tokens.weight"),
-            &[Some(vocab), Some(c.hidden)],
-        )?;
-        let mut blocks = Vec::with_capacity(layers);
-        for layer in 0..layers {
+        let embed = if blocks.start == 0 {
+            Some(w(
+                format!("{prefix}embed_tokens.weight"),
+                &[Some(vocab), Some(c.hidden)],
+            )?)
+        } else {
+            None
+        };
+        let first = blocks.start;
+        let mut loaded = Vec::with_capacity(blocks.len());
+        for layer in blocks {
             let base = format!("{prefix}layers.{layer}.");
             let lin = |suffix: &str| -> Result<Linear<B::Weight>> {
                 let (_, _, i, o, bias) = linears(c)
@@ -116,7 +129,7 @@ impl<B: Backend> Decoder<B> {
                     },
                 })
             };
-            blocks.push(Block {
+            loaded.push(Block {
                 input_norm: w(format!("{base}input_layernorm.weight"), &[Some(c.hidden)])?,
                 q: lin("self_attn.q_proj")?,
                 k: lin("self_attn.k_proj")?,
@@ -134,25 +147,40 @@ impl<B: Backend> Decoder<B> {
         Ok(Decoder {
             cfg: c.clone(),
             embed,
-            blocks,
+            first,
+            blocks: loaded,
         })
     }
 
-    /// Runs the blocks over `batch`, handing each needed capture point to `capture`, and stops
-    /// after the last one needed.
+    /// Runs the slice's blocks over `batch` from `input` (or from the embeddings on the first
+    /// stage), handing each needed capture point to `capture`. With `output` every block runs
+    /// and the hidden state is returned; without, the pass stops after the last needed point.
     pub fn forward(
         &self,
         be: &B,
         batch: &Batch,
         need: &Need,
+        input: Option<B::Tensor>,
+        output: bool,
         capture: &mut Capture<'_, B::Tensor>,
-    ) -> Result<()> {
+    ) -> Result<Option<B::Tensor>> {
         let c = &self.cfg;
-        let Some(last) = need.last() else {
-            return Ok(());
+        // Where to stop: after the last needed point, unless the next stage needs the output.
+        let last = match (output, need.last()) {
+            (true, _) => None,
+            (false, Some(last)) => Some(last),
+            (false, None) => return Ok(None),
         };
-        let mut h = be.zeros(batch.ids.len(), c.hidden);
-        be.embed(&mut h, &self.embed, &batch.ids, "embed_tokens")?;
+        let stop = |at: (usize, Point)| last == Some(at);
+        let mut h = match input {
+            Some(h) => h,
+            None => {
+                let embed = self.embed.as_ref().ok_or_else(|| crate::Error::Comm(format!("decoder slice from block {} has no embeddings and was given no hidden state", self.first)))?;
+                let mut h = be.zeros(batch.ids.len(), c.hidden);
+                be.embed(&mut h, embed, &batch.ids, "embed_tokens")?;
+                h
+            }
+        };
         // Positions restart at 0 in every sequence (right padding, as transformers with
         // an attention mask and no explicit position_ids).
         let (cos, sin) = c.rope.tables(&batch.positions);
@@ -161,13 +189,17 @@ impl<B: Backend> Decoder<B> {
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
         };
-        for (layer, b) in self.blocks.iter().enumerate().take(last.0 + 1) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer = self.first + i;
+            if last.is_some_and(|l| layer > l.0) {
+                break;
+            }
             let x = be.rms_norm(&h, &b.input_norm, c.eps);
             if need.get(layer, Point::AttnIn) {
                 capture(layer, Point::AttnIn, &x)?;
             }
-            if last == (layer, Point::AttnIn) {
-                break;
+            if stop((layer, Point::AttnIn)) {
+                return Ok(None);
             }
             let mut q = b.q.apply(be, &x);
             let mut k = b.k.apply(be, &x);
@@ -188,8 +220,8 @@ impl<B: Backend> Decoder<B> {
             if need.get(layer, Point::AttnOut) {
                 capture(layer, Point::AttnOut, &attn)?;
             }
-            if last == (layer, Point::AttnOut) {
-                break;
+            if stop((layer, Point::AttnOut)) {
+                return Ok(None);
             }
             let o = b.o.apply(be, &attn);
             be.add(&mut h, &o);
@@ -197,19 +229,19 @@ impl<B: Backend> Decoder<B> {
             if need.get(layer, Point::MlpIn) {
                 capture(layer, Point::MlpIn, &x)?;
             }
-            if last == (layer, Point::MlpIn) {
-                break;
+            if stop((layer, Point::MlpIn)) {
+                return Ok(None);
             }
             let a = be.gated(&b.gate.apply(be, &x), &b.up.apply(be, &x), c.act);
             if need.get(layer, Point::MlpHidden) {
                 capture(layer, Point::MlpHidden, &a)?;
             }
-            if last == (layer, Point::MlpHidden) {
-                break;
+            if stop((layer, Point::MlpHidden)) {
+                return Ok(None);
             }
             let d = b.down.apply(be, &a);
             be.add(&mut h, &d);
         }
-        Ok(())
+        Ok(output.then_some(h))
     }
 }

@@ -7,6 +7,7 @@ use super::config::EncoderConfig;
 use super::ops::{AttentionMask, Backend, Heads};
 use super::{Batch, Capture, Linear, Module, Need, Point};
 use crate::{Error, Result};
+use std::ops::Range;
 
 struct Block<W> {
     query: Linear<W>,
@@ -19,13 +20,20 @@ struct Block<W> {
     out_norm: (W, W),
 }
 
-/// A loaded encoder.
+/// The embedding layer: words, positions, optional token types, LayerNorm.
+struct Embeddings<W> {
+    words: W,
+    positions: W,
+    types: Option<W>,
+    norm: (W, W),
+}
+
+/// A loaded slice of an encoder: blocks `first..first + blocks.len()`, and the embeddings when
+/// the slice starts at block 0.
 pub struct Encoder<B: Backend> {
     cfg: EncoderConfig,
-    words: B::Weight,
-    positions: B::Weight,
-    types: Option<B::Weight>,
-    norm: (B::Weight, B::Weight),
+    embeddings: Option<Embeddings<B::Weight>>,
+    first: usize,
     blocks: Vec<Block<B::Weight>>,
 }
 
@@ -42,15 +50,14 @@ fn linears(c: &EncoderConfig) -> [(&'static str, Point, usize, usize); 6] {
     ]
 }
 
-/// Every linear layer inside the blocks, in model order, checked against the checkpoint.
-pub fn modules(c: &EncoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec<Module>> {
+/// Every linear layer inside the blocks, in model order, from the configuration (their
+/// tensors are checked against the checkpoint when a slice holding them is loaded).
+pub fn modules(c: &EncoderConfig, prefix: &str) -> Vec<Module> {
     let mut out = Vec::new();
     for layer in 0..c.layers {
         for (suffix, point, i, o) in linears(c) {
-            let name = format!("{prefix}encoder.layer.{layer}.{suffix}");
-            ckpt.expect(&format!("{name}.weight"), &[Some(o), Some(i)])?;
             out.push(Module {
-                name,
+                name: format!("{prefix}encoder.layer.{layer}.{suffix}"),
                 layer,
                 point,
                 in_features: i,
@@ -58,7 +65,21 @@ pub fn modules(c: &EncoderConfig, ckpt: &Checkpoint, prefix: &str) -> Result<Vec
             });
         }
     }
-    Ok(out)
+    out
+}
+
+/// Parameters of one block: linear layers with biases and two LayerNorms.
+pub fn block_parameters(c: &EncoderConfig) -> u64 {
+    let linear: u64 = linears(c)
+        .iter()
+        .map(|&(_, _, i, o)| (i * o + o) as u64)
+        .sum();
+    linear + 4 * c.hidden as u64
+}
+
+/// Parameters of the embeddings: word, position and token-type tables and a LayerNorm.
+pub fn embedding_parameters(c: &EncoderConfig, vocab: usize) -> u64 {
+    ((vocab + c.max_positions + c.type_vocab + 2) * c.hidden) as u64
 }
 
 /// LayerNorm weight and bias; old BERT checkpoints name them `gamma` / `beta` (transformers
@@ -70,9 +91,7 @@ fn norm<B: Backend>(
     n: usize,
 ) -> Result<(B::Weight, B::Weight)> {
     let pick = |new: &str, old: &str| -> Result<B::Weight> {
-        let name = if ckpt.get(&format!("{base}.{new}")).is_none()
-            && ckpt.get(&format!("{base}.{old}")).is_some()
-        {
+        let name = if !ckpt.has(&format!("{base}.{new}")) && ckpt.has(&format!("{base}.{old}")) {
             format!("{base}.{old}")
         } else {
             format!("{base}.{new}")
@@ -83,38 +102,44 @@ fn norm<B: Backend>(
 }
 
 impl<B: Backend> Encoder<B> {
-    /// Loads the embeddings and the first `layers` blocks.
+    /// Loads blocks `blocks`, and the embeddings if they start at block 0.
     pub fn load(
         be: &B,
         c: &EncoderConfig,
         vocab: usize,
         ckpt: &Checkpoint,
         prefix: &str,
-        layers: usize,
+        blocks: Range<usize>,
     ) -> Result<Self> {
         let w = |name: String, shape: &[Option<usize>]| -> Result<B::Weight> {
             be.weight(ckpt.expect(&name, shape)?)
         };
         let h = c.hidden;
-        let e = format!("{prefix}embeddings.");
-        let words = w(
-            format!("{e}word_embeddings.weight"),
-            &[Some(vocab), Some(h)],
-        )?;
-        let positions = w(
-            format!("{e}position_embeddings.weight"),
-            &[Some(c.max_positions), Some(h)],
-        )?;
-        let types = match ckpt.get(&format!("{e}token_type_embeddings.weight")) {
-            Some(_) => Some(w(
-                format!("{e}token_type_embeddings.weight"),
-                &[Some(c.type_vocab), Some(h)],
-            )?),
-            None => None,
+        let embeddings = if blocks.start == 0 {
+            let e = format!("{prefix}embeddings.");
+            let types_name = format!("{e}token_type_embeddings.weight");
+            Some(Embeddings {
+                words: w(
+                    format!("{e}word_embeddings.weight"),
+                    &[Some(vocab), Some(h)],
+                )?,
+                positions: w(
+                    format!("{e}position_embeddings.weight"),
+                    &[Some(c.max_positions), Some(h)],
+                )?,
+                types: if ckpt.has(&types_name) {
+                    Some(w(types_name, &[Some(c.type_vocab), Some(h)])?)
+                } else {
+                    None
+                },
+                norm: norm(be, ckpt, &format!("{e}LayerNorm"), h)?,
+            })
+        } else {
+            None
         };
-        let norm0 = norm(be, ckpt, &format!("{e}LayerNorm"), h)?;
-        let mut blocks = Vec::with_capacity(layers);
-        for layer in 0..layers {
+        let first = blocks.start;
+        let mut loaded = Vec::with_capacity(blocks.len());
+        for layer in blocks {
             let base = format!("{prefix}encoder.layer.{layer}.");
             let lin = |suffix: &str| -> Result<Linear<B::Weight>> {
                 let (_, _, i, o) = linears(c)
@@ -126,7 +151,7 @@ impl<B: Backend> Encoder<B> {
                     b: Some(w(format!("{base}{suffix}.bias"), &[Some(o)])?),
                 })
             };
-            blocks.push(Block {
+            loaded.push(Block {
                 query: lin("attention.self.query")?,
                 key: lin("attention.self.key")?,
                 value: lin("attention.self.value")?,
@@ -139,29 +164,24 @@ impl<B: Backend> Encoder<B> {
         }
         Ok(Encoder {
             cfg: c.clone(),
-            words,
-            positions,
-            types,
-            norm: norm0,
-            blocks,
+            embeddings,
+            first,
+            blocks: loaded,
         })
     }
 
-    /// Runs embeddings and blocks over `batch`, handing each needed capture point to `capture`.
-    pub fn forward(
-        &self,
-        be: &B,
-        batch: &Batch,
-        need: &Need,
-        capture: &mut Capture<'_, B::Tensor>,
-    ) -> Result<()> {
+    /// The embedding layer's output for `batch`.
+    fn embed(&self, be: &B, batch: &Batch) -> Result<B::Tensor> {
         let c = &self.cfg;
-        let Some(last) = need.last() else {
-            return Ok(());
-        };
+        let emb = self.embeddings.as_ref().ok_or_else(|| {
+            Error::Comm(format!(
+                "encoder slice from block {} has no embeddings and was given no hidden state",
+                self.first
+            ))
+        })?;
         let mut e = be.zeros(batch.ids.len(), c.hidden);
-        be.embed(&mut e, &self.words, &batch.ids, "word_embeddings")?;
-        match &self.types {
+        be.embed(&mut e, &emb.words, &batch.ids, "word_embeddings")?;
+        match &emb.types {
             Some(t) => be.embed(&mut e, t, &batch.type_ids, "token_type_embeddings")?,
             None if batch.type_ids.iter().any(|&t| t != 0) => {
                 return Err(Error::data("the tokenizer produced token type ids but the checkpoint has no token_type_embeddings"))
@@ -170,23 +190,51 @@ impl<B: Backend> Encoder<B> {
         }
         be.embed(
             &mut e,
-            &self.positions,
+            &emb.positions,
             &batch.positions,
             "position_embeddings",
         )?;
-        let mut h = be.layer_norm(&e, &self.norm.0, &self.norm.1, c.eps);
-        drop(e);
+        Ok(be.layer_norm(&e, &emb.norm.0, &emb.norm.1, c.eps))
+    }
+
+    /// Runs the slice's blocks over `batch` from `input` (or from the embeddings on the first
+    /// stage), handing each needed capture point to `capture`. With `output` every block runs
+    /// and the hidden state is returned; without, the pass stops after the last needed point.
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &Batch,
+        need: &Need,
+        input: Option<B::Tensor>,
+        output: bool,
+        capture: &mut Capture<'_, B::Tensor>,
+    ) -> Result<Option<B::Tensor>> {
+        let c = &self.cfg;
+        let last = match (output, need.last()) {
+            (true, _) => None,
+            (false, Some(last)) => Some(last),
+            (false, None) => return Ok(None),
+        };
+        let stop = |at: (usize, Point)| last == Some(at);
+        let mut h = match input {
+            Some(h) => h,
+            None => self.embed(be, batch)?,
+        };
         let heads = Heads {
             heads: c.heads,
             kv_heads: c.heads,
             head_dim: c.hidden / c.heads,
         };
-        for (layer, b) in self.blocks.iter().enumerate().take(last.0 + 1) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer = self.first + i;
+            if last.is_some_and(|l| layer > l.0) {
+                break;
+            }
             if need.get(layer, Point::AttnIn) {
                 capture(layer, Point::AttnIn, &h)?;
             }
-            if last == (layer, Point::AttnIn) {
-                break;
+            if stop((layer, Point::AttnIn)) {
+                return Ok(None);
             }
             let q = b.query.apply(be, &h);
             let k = b.key.apply(be, &h);
@@ -203,8 +251,8 @@ impl<B: Backend> Encoder<B> {
             if need.get(layer, Point::AttnOut) {
                 capture(layer, Point::AttnOut, &ctx)?;
             }
-            if last == (layer, Point::AttnOut) {
-                break;
+            if stop((layer, Point::AttnOut)) {
+                return Ok(None);
             }
             let a = be.add_layer_norm(
                 b.attn_out.apply(be, &ctx),
@@ -216,16 +264,16 @@ impl<B: Backend> Encoder<B> {
             if need.get(layer, Point::MlpIn) {
                 capture(layer, Point::MlpIn, &a)?;
             }
-            if last == (layer, Point::MlpIn) {
-                break;
+            if stop((layer, Point::MlpIn)) {
+                return Ok(None);
             }
             let mut i = b.intermediate.apply(be, &a);
             be.activate(&mut i, c.act);
             if need.get(layer, Point::MlpHidden) {
                 capture(layer, Point::MlpHidden, &i)?;
             }
-            if last == (layer, Point::MlpHidden) {
-                break;
+            if stop((layer, Point::MlpHidden)) {
+                return Ok(None);
             }
             h = be.add_layer_norm(
                 b.output.apply(be, &i),
@@ -235,6 +283,6 @@ impl<B: Backend> Encoder<B> {
                 c.eps,
             );
         }
-        Ok(())
+        Ok(output.then_some(h))
     }
 }

@@ -10,10 +10,13 @@
 //! | [`encoder`] | bert, roberta |
 //! | [`text`] | `.txt` / `.jsonl` examples and tokenization with the model's `tokenizer.json` |
 //!
-//! [`Model`] ties them together: [`Model::open`] reads the config and indexes the checkpoint,
-//! [`Model::modules`] lists the linear layers (named by their checkpoint key paths, which are
-//! the module paths PEFT sees) with the capture point that feeds each, and [`Model::forward`]
-//! runs a packed batch and hands the activations at each needed capture point to a callback.
+//! [`Model`] ties them together: [`Model::open`] reads the config and indexes the checkpoint
+//! (no shard is opened), [`Model::modules`] lists the linear layers (named by their checkpoint
+//! key paths, which are the module paths PEFT sees) with the capture point that feeds each,
+//! [`Model::load`] decodes the weights of a slice of blocks (a pipeline stage: only the shards
+//! holding them are opened), and [`Loaded::forward`] runs a packed batch through the slice,
+//! handing the activations at each needed capture point to a callback and, for the next stage,
+//! returning the hidden state.
 
 pub mod checkpoint;
 pub mod config;
@@ -22,10 +25,12 @@ pub mod encoder;
 pub mod ops;
 pub mod text;
 
+use crate::source::Catalog;
 use crate::{Error, Result};
 use checkpoint::Checkpoint;
 use config::{Family, ModelConfig};
 use ops::{Backend, Segments};
+use std::ops::Range;
 use std::path::Path;
 
 /// Where in a block a linear layer reads its input; layers at the same point of the same block
@@ -148,7 +153,7 @@ pub enum Loaded<B: Backend> {
 }
 
 impl Model {
-    /// Reads `config.json`, maps the checkpoint and finds the key prefix.
+    /// Reads `config.json`, indexes the checkpoint (no shard opened) and finds the key prefix.
     pub fn open(dir: &Path) -> Result<Self> {
         let checkpoint = Checkpoint::open(dir)?;
         let config = config::load(dir)?;
@@ -167,8 +172,8 @@ impl Model {
             ))
         })?;
         let modules = match &config.family {
-            Family::Decoder(c) => decoder::modules(c, &checkpoint, &prefix)?,
-            Family::Encoder(c) => encoder::modules(c, &checkpoint, &prefix)?,
+            Family::Decoder(c) => decoder::modules(c, &prefix),
+            Family::Encoder(c) => encoder::modules(c, &prefix),
         };
         Ok(Model {
             config,
@@ -183,6 +188,32 @@ impl Model {
         &self.modules
     }
 
+    /// The modules as a catalog: equal-input groups are the modules at the same capture point of
+    /// the same block. Also returns the (block, point) of each unique input.
+    pub fn catalog(&self) -> (Catalog, Vec<(usize, Point)>) {
+        let modules = &self.modules;
+        let layers = modules
+            .iter()
+            .map(|m| (m.name.clone(), m.in_features, m.out_features))
+            .collect();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of = std::collections::HashMap::new();
+        for (i, m) in modules.iter().enumerate() {
+            let g = *group_of.entry((m.layer, m.point)).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        let catalog = Catalog::new(layers, groups);
+        let points = catalog
+            .inputs
+            .iter()
+            .map(|inp| (modules[inp.members[0]].layer, modules[inp.members[0]].point))
+            .collect();
+        (catalog, points)
+    }
+
     /// Number of transformer blocks.
     pub fn layers(&self) -> usize {
         match &self.config.family {
@@ -191,25 +222,80 @@ impl Model {
         }
     }
 
-    /// Decodes the weights of the first `layers` blocks (and the embeddings) onto `be`.
-    pub fn load<B: Backend>(&self, be: &B, layers: usize) -> Result<Loaded<B>> {
-        let layers = layers.min(self.layers());
+    /// The block a checkpoint key belongs to, or `None` for a tensor outside the blocks
+    /// (embeddings, final norm, head).
+    pub fn block_of(&self, name: &str) -> Option<usize> {
+        let rest = name.strip_prefix(&self.prefix)?;
+        let rest = match &self.config.family {
+            Family::Decoder(_) => rest.strip_prefix("layers.")?,
+            Family::Encoder(_) => rest.strip_prefix("encoder.layer.")?,
+        };
+        rest.split('.').next()?.parse().ok()
+    }
+
+    /// Whether a checkpoint key is an input embedding (held by the first stage).
+    pub fn is_embedding(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix)
+            .is_some_and(|rest| match &self.config.family {
+                Family::Decoder(_) => rest == "embed_tokens.weight",
+                Family::Encoder(_) => rest.starts_with("embeddings."),
+            })
+    }
+
+    /// Whether the stage holding `blocks` needs a checkpoint key: its blocks' tensors, and the
+    /// embeddings when it starts at block 0.
+    pub fn in_slice(&self, name: &str, blocks: &Range<usize>) -> bool {
+        match self.block_of(name) {
+            Some(b) => blocks.contains(&b),
+            None => blocks.start == 0 && self.is_embedding(name),
+        }
+    }
+
+    /// Parameters of the input embeddings and of each block, from the configuration (no
+    /// checkpoint read): what the default pipeline split balances.
+    pub fn parameters(&self) -> (u64, Vec<u64>) {
+        match &self.config.family {
+            Family::Decoder(c) => (
+                self.config.vocab as u64 * c.hidden as u64,
+                vec![decoder::block_parameters(c); c.layers],
+            ),
+            Family::Encoder(c) => (
+                encoder::embedding_parameters(c, self.config.vocab),
+                vec![encoder::block_parameters(c); c.layers],
+            ),
+        }
+    }
+
+    /// Opens the shards that hold `blocks` (and the embeddings if `blocks` starts at 0) and decodes
+    /// those weights onto `be`; no other shard is opened.
+    pub fn load<B: Backend>(&mut self, be: &B, blocks: Range<usize>) -> Result<Loaded<B>> {
+        let blocks = blocks.start.min(self.layers())..blocks.end.min(self.layers());
+        let keep: Vec<String> = self
+            .checkpoint
+            .names()
+            .into_iter()
+            .filter(|n| self.in_slice(n, &blocks))
+            .map(str::to_string)
+            .collect();
+        let keep: std::collections::HashSet<String> = keep.into_iter().collect();
+        self.checkpoint.load(|n| keep.contains(n))?;
+        let (ckpt, prefix) = (&self.checkpoint, &self.prefix);
         Ok(match &self.config.family {
             Family::Decoder(c) => Loaded::Decoder(decoder::Decoder::load(
                 be,
                 c,
                 self.config.vocab,
-                &self.checkpoint,
-                &self.prefix,
-                layers,
+                ckpt,
+                prefix,
+                blocks,
             )?),
             Family::Encoder(c) => Loaded::Encoder(encoder::Encoder::load(
                 be,
                 c,
                 self.config.vocab,
-                &self.checkpoint,
-                &self.prefix,
-                layers,
+                ckpt,
+                prefix,
+                blocks,
             )?),
         })
     }
@@ -250,17 +336,22 @@ impl Model {
 }
 
 impl<B: Backend> Loaded<B> {
-    /// Runs the forward pass, delivering the needed capture points.
+    /// Runs the loaded slice over `batch`, delivering the needed capture points. `input` is the
+    /// hidden state the previous stage returned (`None` on the first stage, which embeds the
+    /// tokens). With `output` the whole slice runs and its hidden state is returned for the next
+    /// stage; without, the pass stops after the last needed point and returns `None`.
     pub fn forward(
         &self,
         be: &B,
         batch: &Batch,
         need: &Need,
+        input: Option<B::Tensor>,
+        output: bool,
         capture: &mut Capture<'_, B::Tensor>,
-    ) -> Result<()> {
+    ) -> Result<Option<B::Tensor>> {
         match self {
-            Loaded::Decoder(m) => m.forward(be, batch, need, capture),
-            Loaded::Encoder(m) => m.forward(be, batch, need, capture),
+            Loaded::Decoder(m) => m.forward(be, batch, need, input, output, capture),
+            Loaded::Encoder(m) => m.forward(be, batch, need, input, output, capture),
         }
     }
 }

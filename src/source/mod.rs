@@ -9,6 +9,7 @@
 
 pub mod model;
 pub mod shards;
+pub mod stages;
 pub mod synthetic;
 
 use crate::{Error, Result};
@@ -82,6 +83,11 @@ impl Catalog {
         }
     }
 
+    /// The index of input `g`'s representative layer (its group's first member).
+    pub fn representative(&self, g: usize) -> usize {
+        self.inputs[g].members[0]
+    }
+
     /// Keeps only the layers `keep` selects, renumbering inputs; inputs left without layers go.
     pub fn retain(&self, keep: impl Fn(&LayerInfo) -> bool) -> Catalog {
         let kept: Vec<usize> = (0..self.layers.len())
@@ -120,6 +126,10 @@ impl Catalog {
 /// Receives the rows (`tokens x dim`, f32) of unique input `input` for the units being read.
 pub type Sink<'a> = dyn FnMut(usize, ArrayView2<f32>) -> Result<()> + 'a;
 
+/// What one pipeline stage hands the next for a pass: the hidden state after its last block
+/// (`tokens x hidden`, f32).
+pub type Hidden = ndarray::Array2<f32>;
+
 /// A numbered sequence of units of layer inputs.
 pub trait Source {
     /// The layers and unique inputs this source provides.
@@ -130,6 +140,26 @@ pub trait Source {
     /// The units of one call form a *pass*, which a source may compute together (the model
     /// source runs them as one forward pass) and hand over as one block of rows.
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()>;
+    /// [`Source::read`] as one stage of a pipeline: `input` is the hidden state the previous
+    /// stage returned for this pass (`None` on the first stage), and with `output` the stage
+    /// returns its own for the next. Sources whose stages read on their own (shards, synthetic
+    /// data: [`Source::pipelined`] is false) just read.
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
+        let _ = (input, output);
+        self.read(units, wanted, sink).map(|_| None)
+    }
+    /// Whether a stage's inputs are computed from the previous stage's output (a model's
+    /// blocks), so that passes flow stage to stage.
+    fn pipelined(&self) -> bool {
+        false
+    }
     /// Consecutive units of a step the engine hands to one [`Source::read`] call (see
     /// [`crate::engine::passes_of_step`]): the grouping depends on this and the batch size only,
     /// never on the world size, so every rank computes a pass bit for bit the same.
@@ -266,17 +296,38 @@ impl Source for Targeted {
         self.inner.pass_units()
     }
 
+    fn pipelined(&self) -> bool {
+        self.inner.pipelined()
+    }
+
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+        self.read_stage(units, wanted, None, false, sink)
+            .map(|_| ())
+    }
+
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
         let mut inner_wanted = vec![false; self.from_inner.len()];
         for (ours, &theirs) in self.to_inner.iter().enumerate() {
             inner_wanted[theirs] = wanted[ours];
         }
         let from_inner = &self.from_inner;
-        self.inner
-            .read(units, &inner_wanted, &mut |g, x| match from_inner[g] {
+        self.inner.read_stage(
+            units,
+            &inner_wanted,
+            input,
+            output,
+            &mut |g, x| match from_inner[g] {
                 Some(ours) => sink(ours, x),
                 None => Ok(()),
-            })
+            },
+        )
     }
 }
 

@@ -7,13 +7,18 @@
 //!
 //! Equal-input groups come from the architecture: the layers reading the same capture point of
 //! the same block ([`crate::model::Point`]: q/k/v, gate/up, BERT's query/key/value).
+//!
+//! A pipeline stage loads only its slice of blocks ([`ModelSource::open`] with `blocks`): it
+//! starts from the previous stage's hidden state and hands its own to the next
+//! ([`Source::read_stage`]); the catalog still lists every layer of the model.
 
-use super::{check_finite, Catalog, Sink, Source};
+use super::{check_finite, Catalog, Hidden, Sink, Source};
 use crate::model::ops::{Backend, Cpu};
 use crate::model::text::{read_examples, Examples, TextEncoder};
 use crate::model::{Loaded, Model, Need, Point};
 use crate::{Error, Result};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 /// Examples per forward pass. Packing amortizes each layer's weights over more rows (larger
@@ -47,44 +52,32 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Opens the checkpoint, tokenizer and data, and loads the weights.
-    pub fn open(model_dir: &Path, data: &Path, opts: &ModelOptions) -> Result<Self> {
+    /// Opens the tokenizer and data for `model` and loads the weights of `blocks` (all of them
+    /// for a single stage); the catalog lists every linear layer of the model.
+    pub fn open(
+        mut model: Model,
+        data: &Path,
+        opts: &ModelOptions,
+        blocks: Range<usize>,
+    ) -> Result<Self> {
         if opts.max_seq_len == 0 {
             return Err(Error::usage("--max-seq-len must be at least 1, found 0"));
         }
-        let model = Model::open(model_dir)?;
+        let dir = model.checkpoint.dir.clone();
         let max_len = model
             .config
             .max_positions()
             .map_or(opts.max_seq_len, |m| m.min(opts.max_seq_len));
-        let encoder = TextEncoder::open(model_dir, max_len)?;
+        let encoder = TextEncoder::open(&dir, max_len)?;
         let examples = read_examples(data, opts.text_field.as_deref())?;
-        let modules = model.modules();
-        let layers: Vec<(String, usize, usize)> = modules
-            .iter()
-            .map(|m| (m.name.clone(), m.in_features, m.out_features))
-            .collect();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut group_of: HashMap<(usize, Point), usize> = HashMap::new();
-        for (i, m) in modules.iter().enumerate() {
-            let g = *group_of.entry((m.layer, m.point)).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
-        let catalog = Catalog::new(layers, groups);
-        let inputs = catalog
-            .inputs
-            .iter()
+        let (catalog, points) = model.catalog();
+        let inputs = points
+            .into_iter()
             .enumerate()
-            .map(|(g, inp)| {
-                let m = &modules[inp.members[0]];
-                ((m.layer, m.point), g)
-            })
+            .map(|(g, p)| (p, g))
             .collect();
         let backend = Cpu;
-        let loaded = model.load(&backend, model.layers())?;
+        let loaded = model.load(&backend, blocks)?;
         Ok(ModelSource {
             model,
             loaded,
@@ -95,6 +88,13 @@ impl ModelSource {
             inputs,
             use_label_mask: opts.use_label_mask,
         })
+    }
+
+    /// Opens `dir` and loads every block (a single stage).
+    pub fn open_dir(dir: &Path, data: &Path, opts: &ModelOptions) -> Result<Self> {
+        let model = Model::open(dir)?;
+        let blocks = 0..model.layers();
+        Self::open(model, data, opts, blocks)
     }
 
     /// The checkpoint.
@@ -112,14 +112,18 @@ impl ModelSource {
         self.encoder.max_len
     }
 
-    /// Runs examples `units` as one packed batch, delivering the needed inputs to `sink`.
+    /// Runs examples `units` as one packed batch through the loaded slice (from `input` if a
+    /// previous stage sent one), delivering the needed inputs to `sink` and, with `output`,
+    /// returning the slice's hidden state.
     fn run(
         &self,
         units: &[usize],
         need: &Need,
         wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
         sink: &mut Sink<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<Hidden>> {
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);
         let encoded = units
@@ -136,8 +140,8 @@ impl ModelSource {
             .filter(|(_, &l)| l || !self.use_label_mask)
             .map(|(i, _)| i)
             .collect();
-        if keep.is_empty() {
-            return Ok(());
+        if keep.is_empty() && !output {
+            return Ok(None);
         }
         let (first, last) = (
             ex.lines[units[0]],
@@ -146,10 +150,19 @@ impl ModelSource {
         let modules = self.model.modules();
         let catalog = &self.catalog;
         let be = &self.backend;
+        if let Some(h) = &input {
+            if h.nrows() != batch.ids.len() {
+                return Err(Error::Comm(format!(
+                    "examples on lines {first}..={last}: the previous stage sent {} hidden states for {} tokens",
+                    h.nrows(),
+                    batch.ids.len()
+                )));
+            }
+        }
         self.loaded
-            .forward(be, &batch, need, &mut |layer, point, x| {
+            .forward(be, &batch, need, input, output, &mut |layer, point, x| {
                 let g = self.inputs[&(layer, point)];
-                if !wanted[g] {
+                if !wanted[g] || keep.is_empty() {
                     return Ok(());
                 }
                 // Every token kept (no label mask hit): hand over the activation itself.
@@ -191,19 +204,35 @@ impl Source for ModelSource {
     }
 
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+        self.read_stage(units, wanted, None, false, sink)
+            .map(|_| ())
+    }
+
+    fn read_stage(
+        &mut self,
+        units: &[usize],
+        wanted: &[bool],
+        input: Option<Hidden>,
+        output: bool,
+        sink: &mut Sink<'_>,
+    ) -> Result<Option<Hidden>> {
         let mut need = Need::new(self.model.layers());
         for (&(layer, point), &g) in &self.inputs {
             if wanted[g] {
                 need.set(layer, point);
             }
         }
-        if need.last().is_none() || units.is_empty() {
-            return Ok(());
+        if (need.last().is_none() && !output) || units.is_empty() {
+            return Ok(None);
         }
         // One forward pass per pass of units: the engine groups examples the same way on every
         // world size, so the activations, their f32 Gram products and the adapter are bitwise
         // the same whichever rank reads them.
-        self.run(units, &need, wanted, sink)
+        self.run(units, &need, wanted, input, output, sink)
+    }
+
+    fn pipelined(&self) -> bool {
+        true
     }
 
     fn pass_units(&self) -> usize {

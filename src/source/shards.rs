@@ -1,7 +1,11 @@
-//! `--activations DIR`: every `*.safetensors` file, in file-name order, is one unit. A tensor named
-//! after a layer's module path holds its input rows `[tokens, in_features]` (F32, F16 or BF16); the
-//! metadata key `out_features` maps layer names to output sizes. Layers whose tensors are
-//! byte-identical in the first unit form one equal-input group (DESIGN.md §3).
+//! `--activations DIR`: every `*.safetensors` file, in file-name order, is one unit — or part of
+//! one: files named `<unit>.stage-<NN>.safetensors` together make unit `<unit>`, each holding the
+//! layers of one training pipeline stage, so that a pipeline-parallel job can dump each stage's
+//! activations where they are (docs/formats.md). A tensor named after a layer's module path holds
+//! its input rows `[tokens, in_features]` (F32, F16 or BF16); the metadata key `out_features`
+//! maps layer names to output sizes. Layers whose tensors are byte-identical in the first unit
+//! form one equal-input group. A read touches only the files, and the tensors, of the inputs it
+//! wants: with `--pp`, a stage reads only its layers.
 
 use super::{check_finite, natural_cmp, Catalog, Sink, Source};
 use crate::{Error, Result};
@@ -12,10 +16,61 @@ use std::path::{Path, PathBuf};
 
 /// Activation shards in a directory.
 pub struct ShardSource {
-    files: Vec<PathBuf>,
+    /// The files of each unit (one, or one per training stage in stage order), in unit order.
+    units: Vec<Vec<PathBuf>>,
     catalog: Catalog,
     /// Tensor name read for each unique input (the group's representative).
     input_names: Vec<String>,
+    /// Per unit, per unique input: which of the unit's files holds it.
+    holder: Vec<Vec<usize>>,
+}
+
+/// The unit a file belongs to and its stage: `u.stage-03.safetensors` is stage 3 of unit `u`;
+/// `u.safetensors` is all of unit `u`.
+fn unit_of(name: &str) -> (&str, Option<usize>) {
+    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+    if let Some((unit, stage)) = stem.rsplit_once(".stage-") {
+        if !stage.is_empty() && stage.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(s) = stage.parse() {
+                return (unit, Some(s));
+            }
+        }
+    }
+    (stem, None)
+}
+
+/// Groups the files of a directory into units, in byte-wise order of the unit names.
+fn group_units(dir: &Path, files: Vec<PathBuf>) -> Result<Vec<Vec<PathBuf>>> {
+    let mut units: BTreeMap<Vec<u8>, Vec<(Option<usize>, PathBuf)>> = BTreeMap::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (unit, stage) = unit_of(&name);
+        units
+            .entry(unit.as_bytes().to_vec())
+            .or_default()
+            .push((stage, path));
+    }
+    units
+        .into_values()
+        .map(|mut parts| {
+            parts.sort_by_key(|(s, _)| *s);
+            if parts.len() > 1 && parts.iter().any(|(s, _)| s.is_none()) {
+                return Err(Error::data(format!(
+                    "activations directory {}: {} is a whole unit but other files name stages of the same unit ({})",
+                    dir.display(),
+                    parts[0].1.display(),
+                    parts[1].1.display()
+                )));
+            }
+            if let Some(w) = parts.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(Error::data(format!("activations directory {}: {} and {} are the same stage of one unit", dir.display(), w[0].1.display(), w[1].1.display())));
+            }
+            Ok(parts.into_iter().map(|(_, p)| p).collect())
+        })
+        .collect()
 }
 
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
@@ -86,7 +141,8 @@ fn decode(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize) -> Array2<f32> {
 }
 
 impl ShardSource {
-    /// Opens `dir`, validates every shard's header against the first and finds equal-input groups.
+    /// Opens `dir`, validates every shard's header against the first unit's and finds
+    /// equal-input groups (from the first unit's bytes).
     pub fn open(dir: &Path) -> Result<Self> {
         let entries = std::fs::read_dir(dir)
             .map_err(|e| Error::io("cannot read activations directory", dir, e))?;
@@ -100,125 +156,164 @@ impl ShardSource {
             }
         }
         files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-        let Some(first) = files.first() else {
-            return Err(Error::data(format!(
-                "activations directory {} holds no *.safetensors files (expected one file per unit)",
-                dir.display()
-            )));
-        };
-
-        let map = map_file(first)?;
-        let st = parse(first, 0, &map)?;
-        let (_, meta) = SafeTensors::read_metadata(&map).expect("parsed above");
-        let out_features = parse_out_features(first, meta.metadata())?;
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        names.sort_by(|a, b| natural_cmp(a, b));
+        if files.is_empty() {
+            return Err(Error::data(format!("activations directory {} holds no *.safetensors files (expected one file per unit)", dir.display())));
+        }
+        let units = group_units(dir, files)?;
+        let first = &units[0];
+        let maps: Vec<memmap2::Mmap> = first.iter().map(|p| map_file(p)).collect::<Result<_>>()?;
+        let parsed: Vec<SafeTensors> = first
+            .iter()
+            .zip(&maps)
+            .map(|(p, m)| parse(p, 0, m))
+            .collect::<Result<_>>()?;
+        let mut out_features = BTreeMap::new();
+        for (p, m) in first.iter().zip(&maps) {
+            let (_, meta) = SafeTensors::read_metadata(m).expect("parsed above");
+            out_features.extend(parse_out_features(p, meta.metadata())?);
+        }
+        // Every tensor of unit 0, with the file it is in.
+        let mut names: Vec<(String, usize)> = Vec::new();
+        for (f, st) in parsed.iter().enumerate() {
+            for n in st.names() {
+                if let Some((_, other)) = names.iter().find(|(m, _)| m == n) {
+                    return Err(Error::data(format!(
+                        "activation shards of unit 0: layer {n} is in both {} and {}",
+                        first[*other].display(),
+                        first[f].display()
+                    )));
+                }
+                names.push((n.to_string(), f));
+            }
+        }
+        names.sort_by(|a, b| natural_cmp(&a.0, &b.0));
         if names.is_empty() {
             return Err(Error::data(format!(
                 "activation shard {} (unit 0) holds no tensors",
-                first.display()
+                first[0].display()
             )));
         }
         let mut layers = Vec::new();
         // Equal-input groups: same dtype, shape and bytes in the first unit.
         type Content<'a> = (String, Vec<usize>, &'a [u8]);
         let mut by_content: HashMap<Content, Vec<usize>> = HashMap::new();
-        for (i, name) in names.iter().enumerate() {
-            let view = st.tensor(name).expect("name listed by the file");
-            check_dtype(first, 0, name, view.dtype())?;
+        for (i, (name, f)) in names.iter().enumerate() {
+            let path = &first[*f];
+            let view = parsed[*f].tensor(name).expect("name listed by the file");
+            check_dtype(path, 0, name, view.dtype())?;
             let [_, d] = view.shape() else {
                 return Err(Error::data(format!(
                     "activation shard {} (unit 0), layer {name}: expected a 2-D tensor [tokens, in_features], found shape {:?}",
-                    first.display(),
+                    path.display(),
                     view.shape()
                 )));
             };
-            let out = *out_features.get(name).ok_or_else(|| {
-                Error::data(format!(
-                    "activation shard {} (unit 0): metadata `out_features` has no entry for layer {name}",
-                    first.display()
-                ))
-            })?;
+            let out = *out_features.get(name).ok_or_else(|| Error::data(format!("activation shard {} (unit 0): metadata `out_features` has no entry for layer {name}", path.display())))?;
             if *d == 0 || out == 0 {
-                return Err(Error::data(format!(
-                    "activation shard {} (unit 0), layer {name}: in_features = {d} and out_features = {out} must be positive",
-                    first.display()
-                )));
+                return Err(Error::data(format!("activation shard {} (unit 0), layer {name}: in_features = {d} and out_features = {out} must be positive", path.display())));
             }
             layers.push((name.clone(), *d, out));
             // An empty tensor says nothing about later units: it stays alone.
-            let key = (
-                format!("{:?}", view.dtype()),
-                view.shape().to_vec(),
-                view.data(),
-            );
             if view.data().is_empty() {
                 by_content.insert((format!("empty:{name}"), Vec::new(), &[]), vec![i]);
             } else {
-                by_content.entry(key).or_default().push(i);
+                by_content
+                    .entry((
+                        format!("{:?}", view.dtype()),
+                        view.shape().to_vec(),
+                        view.data(),
+                    ))
+                    .or_default()
+                    .push(i);
             }
         }
         let mut groups: Vec<Vec<usize>> = by_content.into_values().collect();
         groups.sort_by_key(|g| g[0]);
-        drop(st);
-        drop(map);
+        drop(parsed);
+        drop(maps);
 
         let catalog = Catalog::new(layers, groups);
-        let input_names = catalog
+        let input_names: Vec<String> = catalog
             .inputs
             .iter()
             .map(|i| catalog.layers[i.members[0]].name.clone())
             .collect();
-        let source = ShardSource {
-            files,
+        let mut source = ShardSource {
+            units,
             catalog,
             input_names,
+            holder: Vec::new(),
         };
-        for unit in 1..source.files.len() {
-            source.check_header(unit)?;
-        }
+        source.holder = (0..source.units.len())
+            .map(|u| source.check_header(u))
+            .collect::<Result<_>>()?;
         Ok(source)
     }
 
-    /// Checks that a later unit has every layer, 2-D, a supported dtype and the same in_features.
-    fn check_header(&self, unit: usize) -> Result<()> {
-        let path = &self.files[unit];
-        let map = map_file(path)?;
-        let st = parse(path, unit, &map)?;
-        for layer in &self.catalog.layers {
-            let view = st.tensor(&layer.name).map_err(|_| {
-                Error::data(format!(
-                    "activation shard {} (unit {unit}): layer {} is missing (it is in the first shard)",
-                    path.display(),
-                    layer.name
-                ))
-            })?;
-            check_dtype(path, unit, &layer.name, view.dtype())?;
-            match view.shape() {
-                [_, d] if *d == layer.in_features => {}
-                [_, d] => {
+    /// Checks that a unit has every layer once, 2-D, in a supported dtype and with unit 0's
+    /// in_features; returns the file of each unique input.
+    fn check_header(&self, unit: usize) -> Result<Vec<usize>> {
+        let files = &self.units[unit];
+        let mut holder: HashMap<&str, usize> = HashMap::new();
+        for (f, path) in files.iter().enumerate() {
+            let map = map_file(path)?;
+            let st = parse(path, unit, &map)?;
+            for layer in &self.catalog.layers {
+                let Ok(view) = st.tensor(&layer.name) else {
+                    continue;
+                };
+                if let Some(&other) = holder.get(layer.name.as_str()) {
                     return Err(Error::data(format!(
-                        "activation shard {} (unit {unit}), layer {}: in_features changed from {} (unit 0) to {d}",
-                        path.display(),
+                        "activation shards of unit {unit}: layer {} is in both {} and {}",
                         layer.name,
-                        layer.in_features
-                    )))
+                        files[other].display(),
+                        path.display()
+                    )));
                 }
-                shape => {
-                    return Err(Error::data(format!(
-                        "activation shard {} (unit {unit}), layer {}: expected a 2-D tensor [tokens, in_features], found shape {shape:?}",
-                        path.display(),
-                        layer.name
-                    )))
+                holder.insert(&layer.name, f);
+                check_dtype(path, unit, &layer.name, view.dtype())?;
+                match view.shape() {
+                    [_, d] if *d == layer.in_features => {}
+                    [_, d] => {
+                        return Err(Error::data(format!(
+                            "activation shard {} (unit {unit}), layer {}: in_features changed from {} (unit 0) to {d}",
+                            path.display(),
+                            layer.name,
+                            layer.in_features
+                        )))
+                    }
+                    shape => {
+                        return Err(Error::data(format!(
+                            "activation shard {} (unit {unit}), layer {}: expected a 2-D tensor [tokens, in_features], found shape {shape:?}",
+                            path.display(),
+                            layer.name
+                        )))
+                    }
                 }
             }
         }
-        Ok(())
+        if let Some(layer) = self
+            .catalog
+            .layers
+            .iter()
+            .find(|l| !holder.contains_key(l.name.as_str()))
+        {
+            return Err(Error::data(format!(
+                "activation shard {} (unit {unit}): layer {} is missing (it is in the first unit)",
+                files[0].display(),
+                layer.name
+            )));
+        }
+        Ok(self
+            .input_names
+            .iter()
+            .map(|n| holder[n.as_str()])
+            .collect())
     }
 
-    /// The shard files, one per unit.
-    pub fn files(&self) -> &[PathBuf] {
-        &self.files
+    /// The files of each unit.
+    pub fn units_files(&self) -> &[Vec<PathBuf>] {
+        &self.units
     }
 }
 
@@ -246,18 +341,30 @@ impl Source for ShardSource {
     }
 
     fn units(&self) -> usize {
-        self.files.len()
+        self.units.len()
     }
 
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
         for &unit in units {
-            let path = &self.files[unit];
-            let map = map_file(path)?;
-            let st = parse(path, unit, &map)?;
+            // Only the files that hold a wanted input are opened.
+            let files = &self.units[unit];
+            let mut maps: Vec<Option<memmap2::Mmap>> = (0..files.len()).map(|_| None).collect();
+            for (input, &f) in self.holder[unit].iter().enumerate() {
+                if wanted[input] && maps[f].is_none() {
+                    maps[f] = Some(map_file(&files[f])?);
+                }
+            }
+            let parsed: Vec<Option<SafeTensors>> = maps
+                .iter()
+                .zip(files)
+                .map(|(m, p)| m.as_ref().map(|m| parse(p, unit, m)).transpose())
+                .collect::<Result<_>>()?;
             for (input, name) in self.input_names.iter().enumerate() {
                 if !wanted[input] {
                     continue;
                 }
+                let f = self.holder[unit][input];
+                let (path, st) = (&files[f], parsed[f].as_ref().expect("opened above"));
                 let view = st.tensor(name).map_err(|_| {
                     Error::data(format!(
                         "activation shard {} (unit {unit}): layer {name} is missing",
@@ -268,10 +375,7 @@ impl Source for ShardSource {
                 let rows = match view.shape() {
                     [n, dd] if *dd == d => *n,
                     shape => {
-                        return Err(Error::data(format!(
-                            "activation shard {} (unit {unit}), layer {name}: expected shape [tokens, {d}], found {shape:?}",
-                            path.display()
-                        )))
+                        return Err(Error::data(format!("activation shard {} (unit {unit}), layer {name}: expected shape [tokens, {d}], found {shape:?}", path.display())))
                     }
                 };
                 check_dtype(path, unit, name, view.dtype())?;
@@ -293,5 +397,21 @@ impl Source for ShardSource {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unit_of;
+
+    #[test]
+    fn stage_files_name_their_unit() {
+        assert_eq!(
+            unit_of("unit-000012.stage-03.safetensors"),
+            ("unit-000012", Some(3))
+        );
+        assert_eq!(unit_of("unit-000012.safetensors"), ("unit-000012", None));
+        assert_eq!(unit_of("a.stage-.safetensors"), ("a.stage-", None));
+        assert_eq!(unit_of("a.stage-x1.safetensors"), ("a.stage-x1", None));
     }
 }

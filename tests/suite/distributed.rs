@@ -295,6 +295,52 @@ mod mpi {
     }
 
     #[test]
+    fn mpirun_pipeline_grids_match_a_single_process() {
+        let tmp = tempdir();
+        let data = tmp.path().join("acts");
+        shards(&data);
+        for (source, batch) in [
+            (shipped_model().to_vec(), "16"),
+            (vec!["--activations", data.to_str().unwrap()], "3"),
+        ] {
+            let run = |out: &Path, np: usize, pp: &str| {
+                let mut args = vec![
+                    "init",
+                    "--out",
+                    out.to_str().unwrap(),
+                    "-q",
+                    "--rank",
+                    "3",
+                    "--batch-size",
+                    batch,
+                    "--pp",
+                    pp,
+                ];
+                args.extend_from_slice(&source);
+                if np == 0 {
+                    eva(&args)
+                } else {
+                    mpirun(np, eva_bin(), &args)
+                }
+            };
+            let single = tmp.path().join("single");
+            assert!(run(&single, 0, "1").status.success());
+            for (np, pp) in [(2, "2"), (4, "2")] {
+                let out = tmp.path().join(format!("np{np}"));
+                let o = run(&out, np, pp);
+                assert!(
+                    o.status.success(),
+                    "np {np} --pp {pp}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                assert_same_adapter(&single, &out);
+                std::fs::remove_dir_all(&out).unwrap();
+            }
+            std::fs::remove_dir_all(&single).unwrap();
+        }
+    }
+
+    #[test]
     fn a_failing_mpi_rank_ends_the_job_with_its_cause() {
         let tmp = tempdir();
         let data = tmp.path().join("acts");

@@ -339,7 +339,11 @@ fn open_and_run(dir: &Path, data: &Path) -> Result<(), String> {
         max_seq_len: 32,
         use_label_mask: true,
     };
-    if let Ok(mut src) = ModelSource::open(dir, data, &opts) {
+    let Ok(model) = eva::model::Model::open(dir) else {
+        return Ok(());
+    };
+    let blocks = 0..model.layers();
+    if let Ok(mut src) = ModelSource::open(model, data, &opts, blocks) {
         let wanted = vec![true; src.catalog().inputs.len()];
         let units: Vec<usize> = (0..src.units().min(4)).collect();
         let _ = src.read(&units, &wanted, &mut |_, rows| {

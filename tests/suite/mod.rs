@@ -2,12 +2,13 @@
 //! the output format PEFT reads, steps and stopping, and one test per bad input.
 
 mod common;
-mod distributed;
+pub mod distributed;
 mod errors;
 mod exact;
 mod fuzz;
 mod model;
 mod ops;
 mod output;
+mod pipeline;
 mod sketch;
 mod steps;

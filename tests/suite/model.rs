@@ -99,7 +99,7 @@ fn capture_all(source: &mut dyn Source) -> Vec<Array2<f32>> {
 }
 
 fn open(arch: &str, max_seq_len: usize) -> ModelSource {
-    ModelSource::open(
+    ModelSource::open_dir(
         &fixture(arch),
         &reference_data(),
         &ModelOptions {
@@ -264,7 +264,7 @@ fn no_label_mask_keeps_prompt_tokens() {
         max_seq_len: reference.max_seq_len,
         use_label_mask: false,
     };
-    let mut source = ModelSource::open(&fixture("bert"), &reference_data(), &opts).unwrap();
+    let mut source = ModelSource::open_dir(&fixture("bert"), &reference_data(), &opts).unwrap();
     let rows = capture_all(&mut source);
     let total = reference.i64s["attention_mask"]
         .iter()
@@ -1023,7 +1023,7 @@ fn bert_gamma_beta_names_load_the_same() {
         max_seq_len: reference.max_seq_len,
         use_label_mask: true,
     };
-    let mut renamed_source = ModelSource::open(&dir, &reference_data(), &opts).unwrap();
+    let mut renamed_source = ModelSource::open_dir(&dir, &reference_data(), &opts).unwrap();
     let mut original = open("bert", reference.max_seq_len);
     assert_eq!(capture_all(&mut renamed_source), capture_all(&mut original));
 }

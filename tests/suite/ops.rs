@@ -553,7 +553,7 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_and_the_waiting_rank_does_not_
         &[
             "init",
             "--synthetic",
-            LONG_RUN,
+            "layers=2,dim=128,tokens=512,units=1000000",
             "--no-early-stop",
             "--threads",
             "1",
@@ -572,8 +572,8 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_and_the_waiting_rank_does_not_
     // SAFETY: stopping a process this test started.
     assert_eq!(unsafe { libc::kill(ranks[1] as i32, libc::SIGSTOP) }, 0);
     let stopped = Instant::now();
-    // Rank 0 now waits in a collective: it must sleep, not spin.
-    std::thread::sleep(Duration::from_millis(1000));
+    // Rank 0 now waits in a collective (its steps are short): it must sleep, not spin.
+    std::thread::sleep(Duration::from_millis(2000));
     let before = cpu_seconds(ranks[0]);
     std::thread::sleep(Duration::from_millis(3000));
     let busy = (cpu_seconds(ranks[0]) - before) / 3.0;
