@@ -355,7 +355,7 @@ mod tests {
     #[test]
     fn messages_between_a_pair_arrive_in_order_and_a_leaver_fails_the_receiver() {
         let out = run_world(3, |w| {
-            if w.rank() == 0 {
+            let got = if w.rank() == 0 {
                 for i in 0..50u8 {
                     w.send(&[i], 2).unwrap();
                 }
@@ -364,7 +364,10 @@ mod tests {
                 (0..50).map(|_| w.recv(0).unwrap()[0]).collect()
             } else {
                 Vec::new()
-            }
+            };
+            // No rank leaves (which aborts the world) before the others are done.
+            w.barrier().unwrap();
+            got
         });
         assert_eq!(out[2], (0..50u8).collect::<Vec<_>>());
         let mut it = ThreadWorld::create(2).into_iter();
