@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Init(args) => eva::cli::init::run(args),
         Command::Inspect(args) => eva::cli::inspect::run(args),
+        Command::Report(args) => eva::cli::report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

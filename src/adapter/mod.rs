@@ -4,9 +4,15 @@
 //! | module | role |
 //! |---|---|
 //! | [`report`] | `eva_report.json` |
+//! | [`grid`] | layers on a blocks × module types grid, read from their names |
+//! | [`svg`] | `eva_report.svg`: the ranks, variance captured and convergence as heatmaps |
+//! | [`card`] | `README.md`: the model card, in PEFT's form |
 //! | [`write`] | safetensors serialization and atomic directory writing |
 
+pub mod card;
+pub mod grid;
 pub mod report;
+pub mod svg;
 pub mod write;
 
 use crate::config::{EvaParams, RunConfig};

@@ -33,8 +33,10 @@ pub struct Bytes {
     /// Largest single step.
     pub per_rank_max_step: u64,
     /// Mean over the steps.
+    #[serde(default)]
     pub per_rank_mean_step: f64,
     /// Per step, in order.
+    #[serde(default)]
     pub per_step: Vec<u64>,
     /// Hidden states the leader sent to the next pipeline stage (0 with one stage), over the run.
     #[serde(default)]
@@ -89,7 +91,8 @@ pub struct LayerReport {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub eva_version: String,
-    /// Collectives backend (`single`, `threads`, `mpi`, `nccl`).
+    /// Collectives backend (`single`, `threads`, `mpi`, `nccl`); absent in the first reports.
+    #[serde(default)]
     pub backend: String,
     /// What the activations came from.
     pub source: String,

@@ -17,6 +17,10 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// eva's own report.
 pub const REPORT_FILE: &str = "eva_report.json";
+/// The report's picture.
+pub const SVG_FILE: &str = "eva_report.svg";
+/// The model card the Hub reads.
+pub const CARD_FILE: &str = "README.md";
 
 struct F32Tensor {
     shape: Vec<usize>,

@@ -2,7 +2,8 @@
 
 use super::progress::{say, Progress};
 use super::InitArgs;
-use crate::adapter::write::{self, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE};
+use crate::adapter::write::{self, CARD_FILE, CONFIG_FILE, REPORT_FILE, SVG_FILE, WEIGHTS_FILE};
+use crate::adapter::{card, svg};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EstimatorChoice, EvaParams, RunConfig};
@@ -133,7 +134,10 @@ pub fn open_source(
     };
     if let (Some(dir), Some(data)) = (&args.model, &args.data) {
         let model = Model::open(dir)?;
-        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref())?;
+        let memory = stages::block_memory(&model, args.targets.as_deref(), |d| {
+            statistics_bytes(cfg, d)
+        });
+        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref(), memory)?;
         let block: std::collections::HashMap<String, usize> = model
             .modules()
             .iter()
@@ -210,6 +214,16 @@ pub fn open_source(
         owner,
         split,
     })
+}
+
+/// Statistics bytes of one input of dimension `d`, as the stages are balanced: exact unless
+/// `--estimator sketch`, on one replica (so that the split does not depend on `dp`).
+fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
+    let kmax = cfg.eva.max_components().min(d);
+    let sketch = cfg
+        .sketch_size
+        .unwrap_or_else(|| stats::default_sketch_size(kmax, d));
+    stats::memory_bytes(cfg.estimator != EstimatorChoice::Sketch, d, sketch, 1)
 }
 
 /// Runs `eva init`: in a world of one, as N thread ranks (`--local-ranks`), or as one rank of the
@@ -388,13 +402,18 @@ fn write_outcome(
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
+    let picture = svg::render(&outcome.report).into_bytes();
+    let model_card = card::render(&outcome.report, &outcome.adapter.config).into_bytes();
     outcome.report.time_s.writing = started.elapsed().as_secs_f64();
     let report = serde_json::to_vec_pretty(&outcome.report).expect("report serializes");
-    staging.commit(&[
+    let files = [
         (WEIGHTS_FILE, weights),
         (CONFIG_FILE, config),
         (REPORT_FILE, report),
-    ])?;
+        (SVG_FILE, picture),
+        (CARD_FILE, model_card),
+    ];
+    staging.commit(&files)?;
 
     let r = &outcome.report;
     if !r.converged {

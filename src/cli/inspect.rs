@@ -5,7 +5,7 @@
 use crate::config::EstimatorChoice;
 use crate::model::config::{Family, ModelConfig};
 use crate::model::{Model, Point};
-use crate::source::stages::{model_blocks, owners_by_block};
+use crate::source::stages::{block_memory, model_blocks, owners_by_block};
 use crate::source::{matches_target, Catalog};
 use crate::stats::{choose, default_sketch_size, memory_bytes};
 use crate::{Error, Result};
@@ -111,7 +111,10 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         )));
     }
     let mut model = Model::open(&args.model)?;
-    let blocks = model_blocks(&model, args.pp, args.pp_split.as_deref())?;
+    let memory = block_memory(&model, args.targets.as_deref(), |d| {
+        memory_bytes(true, d, 0, 1)
+    });
+    let blocks = model_blocks(&model, args.pp, args.pp_split.as_deref(), memory)?;
     model.checkpoint.load(|_| true)?;
     let (catalog, _) = model.catalog();
     let c = &model.config;

@@ -4,6 +4,7 @@
 pub mod init;
 pub mod inspect;
 pub mod progress;
+pub mod report;
 pub mod signals;
 
 use crate::config::EstimatorChoice;
@@ -41,6 +42,9 @@ pub enum Command {
     Init(InitArgs),
     /// Describe a model: architecture, target modules and shapes, equal-input groups, memory.
     Inspect(inspect::InspectArgs),
+    /// Summarize an output directory: ranks per module type and block, unconverged and
+    /// uncertified layers, the time split (--json: the report as it is).
+    Report(report::ReportArgs),
 }
 
 /// `--estimator` values.

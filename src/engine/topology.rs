@@ -98,11 +98,6 @@ impl<'a> Topology<'a> {
     pub fn is_stage_leader(&self) -> bool {
         self.replica == 0
     }
-
-    /// A short description for reports: `dp x pp`.
-    pub fn describe(&self) -> String {
-        format!("{} x {}", self.replicas, self.stages)
-    }
 }
 
 #[cfg(test)]

@@ -295,8 +295,8 @@ impl Checkpoint {
         for (name, &f) in &self.locations {
             wanted[f] |= keep(name);
         }
-        for f in 0..self.files.len() {
-            if wanted[f] && !self.opened[f] {
+        for (f, wanted) in wanted.into_iter().enumerate() {
+            if wanted && !self.opened[f] {
                 self.open_file(f)?;
             }
         }

@@ -310,11 +310,6 @@ impl ShardSource {
             .map(|n| holder[n.as_str()])
             .collect())
     }
-
-    /// The files of each unit.
-    pub fn units_files(&self) -> &[Vec<PathBuf>] {
-        &self.units
-    }
 }
 
 fn parse_out_features(

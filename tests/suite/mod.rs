@@ -10,5 +10,6 @@ mod model;
 mod ops;
 mod output;
 mod pipeline;
+mod report;
 mod sketch;
 mod steps;

@@ -318,3 +318,23 @@ fn units_split_into_stage_files_read_as_whole_units() {
     ]);
     assert_refused(&o, 1, &["unit-00000.safetensors", "whole unit"], &out);
 }
+
+#[test]
+fn large_exact_grams_stay_on_their_ranks_inside_each_stage() {
+    // d = 2048: with two replicas per stage the Grams are not all-reduced; the stage leader
+    // reaches them through Σ_r G_r·Q products served by its stage.
+    let tmp = tempdir();
+    let spec = [
+        "--synthetic",
+        "layers=2,group=1,dim=2048,tokens=256,units=6,decay=1.5",
+    ];
+    let one = init(&tmp.path().join("one"), &spec, &["--batch-size", "2"]);
+    for (ranks, pp) in [("2", "1"), ("4", "2")] {
+        let w = init(
+            &tmp.path().join(format!("r{ranks}")),
+            &spec,
+            &["--batch-size", "2", "--local-ranks", ranks, "--pp", pp],
+        );
+        assert_same_written(&one, &w);
+    }
+}
