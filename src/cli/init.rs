@@ -54,6 +54,13 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
             args.stats_memory.to_string(),
         );
     }
+    if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
+        return bad(
+            "--collective-timeout",
+            "a non-negative number of seconds (0 = off)",
+            args.collective_timeout.to_string(),
+        );
+    }
     if let Some(t) = args
         .targets
         .as_ref()
@@ -266,6 +273,13 @@ fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
 /// world a launcher started.
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
+    // Operations (docs/operations.md): signals, and what a timed-out collective does.
+    super::signals::install();
+    comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
+    comm::set_collective_timeout(
+        (args.collective_timeout > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(args.collective_timeout)),
+    );
     let launch = launcher::detect();
     let threads = |ranks: usize| {
         if args.threads > 0 {
@@ -317,14 +331,23 @@ pub fn run(args: &InitArgs) -> Result<()> {
 /// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.
 fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result<()> {
     let leader = comm.is_leader();
-    agree(
+    // Fail fast: the leader makes --out's temporary directory before any work.
+    let staging = agree(
         comm,
         if leader {
-            write::check_target(&cfg.out, cfg.force)
+            write::prepare(&cfg.out, cfg.force).map(Some)
         } else {
-            Ok(())
+            Ok(None)
         },
     )?;
+    if let Some(s) = staging.as_ref().filter(|_| !cfg.quiet) {
+        for d in &s.removed_stale {
+            say(&format!(
+                "[eva] removed {}, the temporary output of an eva process that no longer runs",
+                d.display()
+            ));
+        }
+    }
     agree(comm, topology::check_grid(comm.size(), args.pp))?;
     let topo = Topology::new(comm, args.pp)?;
     let (stage, replicas) = (topo.stage, topo.replicas);
@@ -360,10 +383,9 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
     );
     progress.finish();
     let outcome = result?;
-    let written = if leader {
-        write_outcome(cfg, outcome)
-    } else {
-        Ok(())
+    let written = match staging {
+        Some(staging) => write_outcome(cfg, outcome, staging),
+        None => Ok(()),
     };
     agree(comm, written)
 }
@@ -415,7 +437,11 @@ fn warn_partly_sketched(cfg: &RunConfig, catalog: &Catalog, owner: &[usize], wor
 }
 
 /// Writes the output directory and tells the user what happened.
-fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
+fn write_outcome(
+    cfg: &RunConfig,
+    mut outcome: engine::Outcome,
+    staging: write::Staging,
+) -> Result<()> {
     let started = Instant::now();
     let weights = write::safetensors_bytes(&outcome.adapter)?;
     let config = serde_json::to_vec_pretty(&outcome.adapter.config).expect("JSON values serialize");
@@ -430,7 +456,7 @@ fn write_outcome(cfg: &RunConfig, mut outcome: engine::Outcome) -> Result<()> {
         (SVG_FILE, picture),
         (CARD_FILE, model_card),
     ];
-    write::write_dir(&cfg.out, cfg.force, &files)?;
+    staging.commit(&files)?;
 
     let r = &outcome.report;
     if !r.converged {

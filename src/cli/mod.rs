@@ -5,6 +5,7 @@ pub mod init;
 pub mod inspect;
 pub mod progress;
 pub mod report;
+pub mod signals;
 
 use crate::config::EstimatorChoice;
 use crate::source::synthetic::SyntheticSpec;
@@ -15,6 +16,15 @@ use std::path::PathBuf;
 /// (Qwen2.5-0.5B needs 5.0 GB, TinyLlama-1.1B 7.8 GB in a world of one), where the sketch's
 /// components would be far less accurate.
 pub const DEFAULT_STATS_MEMORY_GIB: f64 = 8.0;
+
+/// Parses a whole number; a negative one is refused with what was expected (clap would
+/// otherwise take `-1` for a flag).
+fn whole<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.trim().parse().map_err(|_| match s.trim().parse::<f64>() {
+        Ok(v) if v < 0.0 => format!("expected a whole number >= 0, found {s}"),
+        _ => format!("expected a whole number, found `{s}`"),
+    })
+}
 
 /// eva: EVA initialization of LoRA adapters from explained variance, written for PEFT.
 #[derive(Debug, Parser)]
@@ -125,7 +135,7 @@ pub struct InitArgs {
     pub text_field: Option<String>,
 
     /// Tokens per example, special tokens included (truncated beyond; capped by the model's positions).
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 512, value_name = "N")]
     pub max_seq_len: usize,
 
     /// Where --model runs its forward pass.
@@ -159,19 +169,19 @@ pub struct InitArgs {
     pub targets: Option<Vec<String>>,
 
     /// LoRA rank r per layer before redistribution; the budget is r × target layers.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 8)]
     pub rank: usize,
 
     /// Each layer may take up to round(r × rho) components; 1 = no redistribution.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 2.0)]
     pub rho: f64,
 
     /// Convergence threshold on the similarity of consecutive estimates, in [0, 1].
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.99)]
     pub tau: f64,
 
     /// lora_alpha.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 8.0)]
     pub alpha: f64,
 
     /// Divide each component by the square root of its singular value.
@@ -187,15 +197,15 @@ pub struct InitArgs {
     pub no_label_mask: bool,
 
     /// lora_dropout written to adapter_config.json.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub lora_dropout: f64,
 
     /// Units (activation files, or sequences) per global step, whatever the number of processes.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 8)]
     pub batch_size: usize,
 
     /// Stop after this many steps even if not converged [default: no limit].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub max_steps: Option<usize>,
 
     /// Use all data once and ignore convergence.
@@ -213,19 +223,19 @@ pub struct InitArgs {
     pub estimator: EstimatorArg,
 
     /// Sketch columns per input [default: max(4k, k+16) for k = round(r × rho), at most in_features].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub sketch_size: Option<usize>,
 
     /// Memory for exact Grams under --estimator auto, in GiB.
-    #[arg(long, default_value_t = DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
+    #[arg(long, allow_negative_numbers = true, default_value_t = DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
     pub stats_memory: f64,
 
     /// Seed of the sketch's random test matrices.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64>, default_value_t = 0)]
     pub seed: u64,
 
     /// Threads per rank for the tiled BLAS kernels and decompositions (0 = the node's cores divided among its ranks).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 0)]
     pub threads: usize,
 
     /// Collectives backend; launch with mpirun/srun and the same command line for several processes.
@@ -233,17 +243,22 @@ pub struct InitArgs {
     pub comm: CommArg,
 
     /// Run this many ranks as threads of one process (an in-process world, no launcher needed).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "N")]
     pub local_ranks: usize,
 
     /// Pipeline stages: the world's ranks form dp = ranks / S data-parallel replicas of S stages,
     /// each stage holding a contiguous slice of the model's blocks (or of the shards' inputs).
-    #[arg(long, default_value_t = 1, value_name = "S")]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "S")]
     pub pp: usize,
 
     /// Blocks per pipeline stage, comma-separated (e.g. 10,10,10) [default: balanced by the weights' bytes].
     #[arg(long, value_delimiter = ',', value_name = "BLOCKS", requires = "model")]
     pub pp_split: Option<Vec<usize>>,
+
+    /// Abort the whole job when a collective does not complete within this many seconds
+    /// (a hung or stopped rank); 0 = wait forever.
+    #[arg(long, allow_negative_numbers = true, default_value_t = crate::comm::DEFAULT_TIMEOUT_S, value_name = "SECONDS")]
+    pub collective_timeout: f64,
 
     /// base_model_name_or_path written to adapter_config.json.
     #[arg(long, value_name = "NAME")]

@@ -58,7 +58,10 @@ macro_rules! uninhabited_communicator {
 
 pub mod launcher;
 pub mod threads;
+pub mod watchdog;
 pub mod wire;
+
+pub use watchdog::{collective_timeout, context, set_collective_timeout, DEFAULT_TIMEOUT_S};
 
 #[cfg(feature = "mpi")]
 mod mpi;

@@ -1,13 +1,16 @@
 //! An in-process world: N ranks as threads sharing one rendezvous. Every collective is an
 //! all-gather of bytes; sums run in rank order, so results are identical on every rank and
 //! independent of thread timing. Point-to-point messages go through one queue per (sender,
-//! receiver) pair; `send` never blocks. A rank that panics or leaves aborts the others'
-//! collectives and receives with an error instead of a hang.
+//! receiver) pair; `send` never blocks. A rank that panics or leaves aborts the others' collectives
+//! with an error instead of a hang, and so does a collective that outlasts the
+//! [`collective_timeout`](super::collective_timeout) (naming the ranks that did not arrive).
 
+use super::watchdog::{collective_timeout, timeout_message};
 use super::Communicator;
 use crate::{Error, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 #[derive(Default)]
 struct State {
@@ -23,14 +26,16 @@ struct State {
 
 struct Shared {
     size: usize,
+    timeout: Option<std::time::Duration>,
     state: Mutex<State>,
     cv: Condvar,
 }
 
 impl Shared {
-    fn new(size: usize) -> Arc<Self> {
+    fn new(size: usize, timeout: Option<std::time::Duration>) -> Arc<Self> {
         Arc::new(Shared {
             size,
+            timeout,
             state: Mutex::new(State {
                 slots: vec![None; size],
                 ..State::default()
@@ -58,9 +63,18 @@ pub struct ThreadWorld {
 }
 
 impl ThreadWorld {
-    /// A world of `size` ranks; hand each element to its own thread.
+    /// A world of `size` ranks with the process's collective timeout; hand each element to its
+    /// own thread.
     pub fn create(size: usize) -> Vec<ThreadWorld> {
-        let shared = Shared::new(size.max(1));
+        Self::create_with_timeout(size, collective_timeout())
+    }
+
+    /// A world of `size` ranks whose collectives give up after `timeout` (`None`: never).
+    pub fn create_with_timeout(
+        size: usize,
+        timeout: Option<std::time::Duration>,
+    ) -> Vec<ThreadWorld> {
+        let shared = Shared::new(size.max(1), timeout);
         (0..size.max(1))
             .map(|rank| ThreadWorld {
                 rank,
@@ -71,20 +85,25 @@ impl ThreadWorld {
     }
 
     /// All-gather of bytes: every rank receives every rank's contribution, in rank order.
-    fn exchange(&self, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+    /// `op` names the collective in a timeout's message.
+    fn exchange(&self, op: &str, mine: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
         let sh = &*self.shared;
         let aborted = |st: &State| {
             st.aborted
                 .clone()
                 .map(|why| Error::Comm(format!("thread world aborted: {why}")))
         };
+        let started = Instant::now();
+        let deadline = sh.timeout.map(|t| started + t);
+        // Waits on the condition variable until notified or past the deadline; past it, aborts
+        // the world with a message naming the ranks whose slots are still empty.
         let mut st = sh.lock();
         // Wait for the previous round to drain.
         while st.result.is_some() {
             if let Some(e) = aborted(&st) {
                 return Err(e);
             }
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st, op, started, deadline, None)?;
         }
         if let Some(e) = aborted(&st) {
             return Err(e);
@@ -105,7 +124,10 @@ impl ThreadWorld {
             if let Some(e) = aborted(&st) {
                 return Err(e);
             }
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            let missing: Vec<usize> = (0..sh.size)
+                .filter(|&r| st.result.is_none() && st.slots[r].is_none())
+                .collect();
+            st = self.wait(st, op, started, deadline, Some(missing))?;
         }
         let out = st.result.clone().expect("result published");
         st.departed += 1;
@@ -115,6 +137,40 @@ impl ThreadWorld {
             sh.cv.notify_all();
         }
         Ok(out)
+    }
+
+    /// One wait on the condition variable, bounded by `deadline`; past it, aborts the world with
+    /// a message naming `missing` (the ranks that did not arrive, when known).
+    fn wait<'g>(
+        &self,
+        st: MutexGuard<'g, State>,
+        op: &str,
+        started: Instant,
+        deadline: Option<Instant>,
+        missing: Option<Vec<usize>>,
+    ) -> Result<MutexGuard<'g, State>> {
+        let sh = &*self.shared;
+        let Some(deadline) = deadline else {
+            return Ok(sh.cv.wait(st).unwrap_or_else(|p| p.into_inner()));
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            let msg = timeout_message(
+                op,
+                self.rank,
+                sh.size,
+                started.elapsed(),
+                missing.as_deref(),
+            );
+            drop(st);
+            sh.abort(format!("rank {}: {msg}", self.rank));
+            return Err(Error::Comm(msg));
+        }
+        Ok(sh
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0)
     }
 }
 
@@ -142,7 +198,7 @@ impl Communicator for ThreadWorld {
 
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
         let mine = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.exchange(mine)?;
+        let all = self.exchange("all-reduce", mine)?;
         buf.iter_mut().for_each(|v| *v = 0.0);
         for (r, part) in all.iter().enumerate() {
             if part.len() != buf.len() * 8 {
@@ -167,18 +223,18 @@ impl Communicator for ThreadWorld {
         } else {
             Vec::new()
         };
-        let all = self.exchange(mine)?;
+        let all = self.exchange(&format!("broadcast from rank {root}"), mine)?;
         *buf = all[root].clone();
         Ok(())
     }
 
     fn gather(&self, send: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>> {
-        let all = self.exchange(send.to_vec())?;
+        let all = self.exchange(&format!("gather to rank {root}"), send.to_vec())?;
         Ok((self.rank == root).then(|| all.as_ref().clone()))
     }
 
     fn barrier(&self) -> Result<()> {
-        self.exchange(Vec::new()).map(|_| ())
+        self.exchange("barrier", Vec::new()).map(|_| ())
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
@@ -186,7 +242,7 @@ impl Communicator for ThreadWorld {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let all = self.exchange(mine)?;
+        let all = self.exchange("split", mine)?;
         let parse = |b: &Vec<u8>| {
             (
                 u64::from_le_bytes(b[..8].try_into().expect("8")) as usize,
@@ -212,7 +268,7 @@ impl Communicator for ThreadWorld {
             .lock()
             .splits
             .entry((seq, color))
-            .or_insert_with(|| Shared::new(members.len()))
+            .or_insert_with(|| Shared::new(members.len(), self.shared.timeout))
             .clone();
         Ok(Box::new(ThreadWorld {
             rank,
@@ -249,6 +305,9 @@ impl Communicator for ThreadWorld {
                 sh.size
             )));
         }
+        let started = Instant::now();
+        let deadline = sh.timeout.map(|t| started + t);
+        let op = format!("receive from rank {src}");
         let mut st = sh.lock();
         loop {
             // A message already sent is delivered even if its sender has left since.
@@ -262,7 +321,7 @@ impl Communicator for ThreadWorld {
             if let Some(why) = &st.aborted {
                 return Err(Error::Comm(format!("thread world aborted while rank {} waited for a message from rank {src}: {why}", self.rank)));
             }
-            st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.wait(st, &op, started, deadline, Some(vec![src]))?;
         }
     }
 
@@ -296,7 +355,7 @@ mod tests {
     #[test]
     fn messages_between_a_pair_arrive_in_order_and_a_leaver_fails_the_receiver() {
         let out = run_world(3, |w| {
-            if w.rank() == 0 {
+            let got = if w.rank() == 0 {
                 for i in 0..50u8 {
                     w.send(&[i], 2).unwrap();
                 }
@@ -305,7 +364,10 @@ mod tests {
                 (0..50).map(|_| w.recv(0).unwrap()[0]).collect()
             } else {
                 Vec::new()
-            }
+            };
+            // No rank leaves (which aborts the world) before the others are done.
+            w.barrier().unwrap();
+            got
         });
         assert_eq!(out[2], (0..50u8).collect::<Vec<_>>());
         let mut it = ThreadWorld::create(2).into_iter();
@@ -341,6 +403,40 @@ mod tests {
         let mut v = [1.0];
         let err = a.all_reduce_sum(&mut v).unwrap_err().to_string();
         assert!(err.contains("rank 1 left"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_does_not_arrive_times_out_the_others_with_its_number() {
+        let worlds =
+            ThreadWorld::create_with_timeout(3, Some(std::time::Duration::from_millis(300)));
+        let t = Instant::now();
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| {
+                    s.spawn(move || {
+                        let _ctx = crate::comm::context("step 7: fused all-reduce");
+                        if w.rank() == 2 {
+                            // Arrives far too late; by then the world has been aborted.
+                            std::thread::sleep(std::time::Duration::from_millis(900));
+                        }
+                        w.all_reduce_sum(&mut [1.0])
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        for r in &results {
+            let e = r.as_ref().unwrap_err().to_string();
+            assert!(
+                e.contains("all-reduce (step 7: fused all-reduce)")
+                    || e.contains("thread world aborted"),
+                "{e}"
+            );
+        }
+        let e = results[0].as_ref().unwrap_err().to_string();
+        assert!(e.contains("ranks that did not arrive: 2"), "{e}");
     }
 
     #[test]

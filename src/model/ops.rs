@@ -337,6 +337,7 @@ impl Backend for Cpu {
         let bytes = t.bytes();
         let aligned = (bytes.as_ptr() as usize) % 4 == 0;
         if t.dtype == safetensors::Dtype::F32 && aligned && cfg!(target_endian = "little") {
+            t.check_finite()?;
             return Ok(CpuWeight {
                 storage: Storage::Mapped {
                     map: t.map.clone(),

@@ -10,8 +10,19 @@
 //! tokenizer's post-processor adds them; sequences are truncated to the maximum length.
 
 use crate::{Error, Result};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use tokenizers::{Tokenizer, TruncationParams};
+
+thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a library call whose panics eva turns into errors (loading a
+/// tokenizer): a panic hook should stay quiet then, the error says what happened.
+pub fn panic_is_guarded() -> bool {
+    GUARDED.with(|g| g.get())
+}
 
 /// One training example.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,7 +201,20 @@ impl TextEncoder {
                 dir.display()
             )));
         }
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+        // The tokenizers library panics on some malformed files (an unwrap in its decoder's
+        // deserializer, found by tests/suite/fuzz.rs): a panic is a refusal like any other.
+        GUARDED.with(|g| g.set(true));
+        let loaded = std::panic::catch_unwind(|| Tokenizer::from_file(&path));
+        GUARDED.with(|g| g.set(false));
+        let loaded = loaded.unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("malformed tokenizer.json ({why})").into())
+        });
+        let mut tokenizer = loaded.map_err(|e| {
             Error::data(format!(
                 "{}: cannot load the tokenizer: {e}",
                 path.display()
@@ -211,13 +235,14 @@ impl TextEncoder {
         Ok(TextEncoder { tokenizer, max_len })
     }
 
-    /// Tokenizes one example (`what` names it in errors).
+    /// Tokenizes one example (`what` names it in errors). A long example is tokenized by
+    /// prefixes ([`TextEncoder::encode_text`]), so its cost follows `max_len`, not its length.
     pub fn encode(&self, ex: &Example, what: impl Fn() -> String) -> Result<Encoded> {
         let fail =
             |e: tokenizers::Error| Error::data(format!("{}: tokenization failed: {e}", what()));
         match ex {
             Example::Text(t) => {
-                let enc = self.tokenizer.encode(t.as_str(), true).map_err(fail)?;
+                let enc = self.encode_text(&[t]).map_err(fail)?;
                 Ok(Encoded {
                     ids: enc.get_ids().to_vec(),
                     type_ids: enc.get_type_ids().to_vec(),
@@ -225,8 +250,7 @@ impl TextEncoder {
                 })
             }
             Example::Pair { prompt, completion } => {
-                let text = format!("{prompt}{completion}");
-                let enc = self.tokenizer.encode(text.as_str(), true).map_err(fail)?;
+                let enc = self.encode_text(&[prompt, completion]).map_err(fail)?;
                 // Byte offsets: a token belongs to the prompt when it ends inside it.
                 let mut seen_completion = false;
                 let labelled = enc
@@ -251,5 +275,82 @@ impl TextEncoder {
                 })
             }
         }
+    }
+
+    /// Tokenizes the concatenation of `parts`, truncated to `max_len`, with the same result as
+    /// tokenizing the whole text but without tokenizing more than a few times the bytes that the
+    /// kept tokens need.
+    ///
+    /// A text up to [`TextEncoder::whole_text_bytes`] is tokenized whole. A longer one is cut
+    /// just after whitespace (within the last half of the cut, so words stay whole); the cut
+    /// prefix is accepted when it fills `max_len` tokens and a prefix twice as long gives the
+    /// same ids (a cut can only change the tokens next to it, and those were truncated away);
+    /// otherwise the cut doubles. The tokenizers library would tokenize the whole text and keep
+    /// every overflowing window (~470 MB for one 5 MiB line).
+    pub fn encode_text(&self, parts: &[&str]) -> tokenizers::Result<tokenizers::Encoding> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        // The first `n` bytes of the text, `n` moved back to a character boundary and then to
+        // just after whitespace in the last half.
+        let prefix = |n: usize| -> Cow<'_, str> {
+            let mut out = Cow::Borrowed("");
+            let mut left = n;
+            for p in parts {
+                let mut take = left.min(p.len());
+                while !p.is_char_boundary(take) {
+                    take -= 1;
+                }
+                out = if out.is_empty() {
+                    Cow::Borrowed(&p[..take])
+                } else {
+                    Cow::Owned(format!("{out}{}", &p[..take]))
+                };
+                left -= take;
+                if take < p.len() {
+                    break;
+                }
+            }
+            let mut half = out.len() / 2;
+            while !out.is_char_boundary(half) {
+                half -= 1;
+            }
+            let end = out[half..]
+                .char_indices()
+                .rfind(|(_, c)| c.is_whitespace())
+                .map(|(i, c)| half + i + c.len_utf8());
+            match (end, out) {
+                (Some(e), Cow::Borrowed(s)) => Cow::Borrowed(&s[..e]),
+                (Some(e), Cow::Owned(s)) => Cow::Owned(s[..e].to_string()),
+                (None, out) => out,
+            }
+        };
+        let mut cut = self.whole_text_bytes();
+        let mut shorter: Option<tokenizers::Encoding> = None;
+        while cut < len {
+            let mut enc = self.tokenizer.encode(prefix(cut), true)?;
+            // Overflowing windows are not needed (and are what costs memory).
+            enc.take_overflowing();
+            let full = enc.get_ids().len() >= self.max_len;
+            if let Some(prev) = shorter.take() {
+                if full && prev.get_ids() == enc.get_ids() {
+                    return Ok(prev);
+                }
+            }
+            if full {
+                shorter = Some(enc);
+            }
+            cut = cut.saturating_mul(2);
+        }
+        let whole = if parts.len() == 1 {
+            Cow::Borrowed(parts[0])
+        } else {
+            Cow::Owned(parts.concat())
+        };
+        self.tokenizer.encode(whole, true)
+    }
+
+    /// Texts up to this many bytes are tokenized whole: 8 bytes per kept token (English averages
+    /// about 4 per token), at least 4 KiB.
+    pub fn whole_text_bytes(&self) -> usize {
+        self.max_len.saturating_mul(8).max(4096)
     }
 }

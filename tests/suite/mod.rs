@@ -5,9 +5,11 @@ mod common;
 pub mod distributed;
 mod errors;
 mod exact;
+mod fuzz;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod model;
+mod ops;
 mod output;
 mod pipeline;
 mod report;
