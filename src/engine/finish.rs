@@ -14,6 +14,10 @@ use std::time::Instant;
 impl Engine<'_> {
     /// Ends the run: final solves, allocation, adapter and report (collective over the world).
     pub fn finish(mut self, stop: StopReason) -> Result<Outcome> {
+        let _label = crate::comm::context(format!(
+            "finish after step {}: final solves, allocation and adapter (stage {})",
+            self.step, self.topo.stage
+        ));
         let leader_start = Instant::now();
         let comm_before = self.acct.time();
         let (bytes_before, hidden_before) = (self.acct.bytes(), self.acct.hidden());

@@ -22,6 +22,7 @@ pub mod topology;
 use crate::adapter::report::Report;
 use crate::adapter::report::Times;
 use crate::adapter::Adapter;
+use crate::comm;
 use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
 use crate::leader::{Decision, Leader, Precision, Tracker};
@@ -412,6 +413,11 @@ impl<'a> Engine<'a> {
             return Ok(Some(stop));
         }
         let (bytes, hidden) = (self.acct.bytes(), self.acct.hidden());
+        let _label = comm::context(format!(
+            "step {}: reading (stage {}, pipeline messages and the agreement after it)",
+            self.step + 1,
+            self.topo.stage
+        ));
         let read = self.read(source);
         let read = self.in_stage(read);
         self.world().agree(read)?;
@@ -425,12 +431,19 @@ impl<'a> Engine<'a> {
     /// solve and test, decide. Returns `Converged` when every input is done (early stopping).
     pub fn end_step(&mut self, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Option<StopReason>> {
         self.step += 1;
+        let (step, stage) = (self.step, self.topo.stage);
+        let label = |what: &str| comm::context(format!("step {step}: {what} (stage {stage})"));
+        let reduce = label("fused all-reduce of the statistics");
         self.reduce()?;
+        drop(reduce);
         let leader_start = Instant::now();
         let comm_before = self.acct.time();
+        let solve = label("solves and products");
         let estimates = self.test();
         let estimates = self.in_stage(estimates);
         let estimates = self.world().agree(estimates)?;
+        drop(solve);
+        let _decide = label("estimates to the leader and its decision");
         self.decide(estimates)?;
         self.times.leader +=
             (leader_start.elapsed() - (self.acct.time() - comm_before)).as_secs_f64();
