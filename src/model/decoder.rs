@@ -165,11 +165,8 @@ impl<B: Backend> Decoder<B> {
         capture: &mut Capture<'_, B::Tensor>,
     ) -> Result<Option<B::Tensor>> {
         let c = &self.cfg;
-        // Where to stop: after the last needed point, unless the next stage needs the output.
-        let last = match (output, need.last()) {
-            (true, _) => None,
-            (false, Some(last)) => Some(last),
-            (false, None) => return Ok(None),
+        let Some(last) = need.stop(output) else {
+            return Ok(None);
         };
         let stop = |at: (usize, Point)| last == Some(at);
         let mut h = match input {

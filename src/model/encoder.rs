@@ -210,10 +210,8 @@ impl<B: Backend> Encoder<B> {
         capture: &mut Capture<'_, B::Tensor>,
     ) -> Result<Option<B::Tensor>> {
         let c = &self.cfg;
-        let last = match (output, need.last()) {
-            (true, _) => None,
-            (false, Some(last)) => Some(last),
-            (false, None) => return Ok(None),
+        let Some(last) = need.stop(output) else {
+            return Ok(None);
         };
         let stop = |at: (usize, Point)| last == Some(at);
         let mut h = match input {

@@ -101,6 +101,16 @@ impl Need {
         self.flags.get(layer).is_some_and(|f| f[point as usize])
     }
 
+    /// Where a slice's pass may stop: `Some(None)` runs every block (the next stage needs the
+    /// output), `Some(Some(p))` stops after the last needed point `p`, `None` has nothing to do.
+    pub fn stop(&self, output: bool) -> Option<Option<(usize, Point)>> {
+        match (output, self.last()) {
+            (true, _) => Some(None),
+            (false, Some(last)) => Some(Some(last)),
+            (false, None) => None,
+        }
+    }
+
     /// The last needed point in forward order, if any.
     pub fn last(&self) -> Option<(usize, Point)> {
         self.flags.iter().enumerate().rev().find_map(|(l, f)| {
