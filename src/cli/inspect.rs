@@ -44,7 +44,7 @@ pub struct InspectArgs {
     #[arg(long, default_value_t = 1, value_name = "S")]
     pub pp: usize,
 
-    /// Blocks per stage, as `eva init --pp-split` [default: balanced by the weights' bytes].
+    /// Blocks per stage, as `eva init --pp-split` [default: balanced by each stage's memory: f32 weights plus exact statistics].
     #[arg(long, value_delimiter = ',', value_name = "BLOCKS")]
     pub pp_split: Option<Vec<usize>>,
 }

@@ -251,7 +251,7 @@ pub struct InitArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "S")]
     pub pp: usize,
 
-    /// Blocks per pipeline stage, comma-separated (e.g. 10,10,10) [default: balanced by the weights' bytes].
+    /// Blocks per pipeline stage, comma-separated (e.g. 10,10,10) [default: balanced by each stage's memory: f32 weights plus exact statistics].
     #[arg(long, value_delimiter = ',', value_name = "BLOCKS", requires = "model")]
     pub pp_split: Option<Vec<usize>>,
 
