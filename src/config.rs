@@ -113,4 +113,6 @@ pub struct RunConfig {
     pub task_type: Option<String>,
     /// Print nothing but errors and warnings.
     pub quiet: bool,
+    /// Checkpoints of the step loop and resuming from them (`--checkpoint`), if asked for.
+    pub checkpoint: Option<crate::engine::checkpoint::Checkpointing>,
 }

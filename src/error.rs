@@ -46,6 +46,14 @@ pub enum Error {
     /// A GPU operation failed: a driver, cuBLAS or NVRTC status, or out of device memory (exit code 1).
     #[error("{0}")]
     Device(String),
+    /// SIGTERM or SIGINT stopped the run after a checkpoint (exit code 128 + the signal).
+    #[error("interrupted by {name} after step {step}; {detail}")]
+    Interrupted {
+        signal: i32,
+        name: &'static str,
+        step: usize,
+        detail: String,
+    },
     /// A backend that this build does not include was asked for (exit code 2).
     #[error("{backend} is not available: {hint}")]
     NotCompiled {
@@ -74,11 +82,13 @@ impl Error {
         }
     }
 
-    /// Process exit code: 2 for usage errors (and missing backends), 1 for everything else.
+    /// Process exit code: 2 for usage errors (and missing backends), 128 + the signal for an
+    /// interrupted run, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::NotCompiled { .. } => 2,
             Error::Rank { source, .. } | Error::Stage { source, .. } => source.exit_code(),
+            Error::Interrupted { signal, .. } => 128 + signal,
             _ => 1,
         }
     }

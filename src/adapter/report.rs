@@ -105,6 +105,9 @@ pub struct Report {
     pub stage_split: Vec<String>,
     /// Global steps taken.
     pub steps: usize,
+    /// The step of the checkpoint this run resumed from (`--resume`), if it did.
+    #[serde(default)]
+    pub resumed_from_step: Option<usize>,
     /// Units per global step.
     pub batch_size: usize,
     pub units_seen: usize,

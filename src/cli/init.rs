@@ -7,6 +7,7 @@ use crate::adapter::{card, svg};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EstimatorChoice, EvaParams, RunConfig};
+use crate::engine::checkpoint::{self, Checkpointing};
 use crate::engine::topology::{self, Topology};
 use crate::model::Model;
 use crate::source::model::{ModelOptions, ModelSource};
@@ -105,6 +106,15 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
             (None, None) => None,
         },
         quiet: args.quiet,
+        checkpoint: match &args.checkpoint {
+            Some(dir) => Some(Checkpointing {
+                dir: dir.clone(),
+                every: args.checkpoint_every,
+                resume: args.resume,
+                fingerprint: super::fingerprint::of(args)?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -274,6 +284,9 @@ fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = validate(args)?;
     // Operations (docs/operations.md): signals, and what a timed-out collective does.
+    if cfg.checkpoint.is_some() {
+        checkpoint::arm();
+    }
     super::signals::install();
     comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
     comm::set_collective_timeout(

@@ -1,6 +1,7 @@
 //! The `eva` command line: raw clap arguments ([`Cli`]) are validated into a [`RunConfig`]
 //! and a data source in [`init`], kept apart from the engine.
 
+pub mod fingerprint;
 pub mod init;
 pub mod inspect;
 pub mod progress;
@@ -259,6 +260,26 @@ pub struct InitArgs {
     /// (a hung or stopped rank); 0 = wait forever.
     #[arg(long, allow_negative_numbers = true, default_value_t = crate::comm::DEFAULT_TIMEOUT_S, value_name = "SECONDS")]
     pub collective_timeout: f64,
+
+    /// Write the run's state to DIR after steps (each rank its own file), so that a preempted
+    /// or killed run continues with --resume; SIGTERM/SIGINT then write one before exiting.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// How often to checkpoint: every N steps, or after the first step that ends at least a
+    /// duration (90s, 10m, 1h) after the last checkpoint.
+    #[arg(
+        long,
+        value_name = "N|DURATION",
+        default_value = "10m",
+        requires = "checkpoint"
+    )]
+    pub checkpoint_every: crate::engine::checkpoint::Every,
+
+    /// Continue from the latest complete checkpoint in --checkpoint DIR (start afresh if there
+    /// is none); a checkpoint of other flags, data, model or grid is refused.
+    #[arg(long, requires = "checkpoint")]
+    pub resume: bool,
 
     /// base_model_name_or_path written to adapter_config.json.
     #[arg(long, value_name = "NAME")]

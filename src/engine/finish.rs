@@ -216,6 +216,7 @@ impl Engine<'_> {
             pipeline_stages: self.topo.stages,
             stage_split: self.split.clone(),
             steps: self.step,
+            resumed_from_step: self.resumed_from,
             batch_size: cfg.batch_size,
             units_seen: self.step.saturating_mul(cfg.batch_size).min(self.units),
             units_total: self.units,

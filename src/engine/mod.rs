@@ -13,6 +13,7 @@
 //! inputs themselves (rather than from a [`Source`]) can call [`Engine::accumulate`] and
 //! [`Engine::end_step`].
 
+pub mod checkpoint;
 pub mod finish;
 pub mod protocol;
 pub mod read;
@@ -50,6 +51,8 @@ pub struct StepInfo {
     pub tokens: u64,
     /// Tokens per second since the start.
     pub tokens_per_s: f64,
+    /// The checkpoint written after this step, if one was (`--checkpoint`).
+    pub checkpoint: Option<checkpoint::Written>,
 }
 
 /// The adapter and the report of a finished run (identical on every rank).
@@ -127,7 +130,13 @@ pub struct Engine<'a> {
     times: Times,
     step_bytes: Vec<u64>,
     step_hidden: Vec<u64>,
+    /// Collective and hidden-state bytes when the current step began.
+    marks: (u64, u64),
     started: Instant,
+    /// When the last checkpoint was written (or the run started).
+    last_checkpoint: Instant,
+    /// The step this run resumed from (`--resume`), if it did.
+    resumed_from: Option<usize>,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -212,12 +221,19 @@ impl<'a> Engine<'a> {
             times: Times::default(),
             step_bytes: Vec::new(),
             step_hidden: Vec::new(),
+            marks: (0, 0),
             started,
+            last_checkpoint: started,
+            resumed_from: None,
             catalog,
             topo,
         };
+        // Fail fast: the checkpoint directory is checked before the first forward pass.
+        engine.prepare_checkpoints()?;
         let refs = engine.reference_vectors(source)?;
         engine.init_stats(refs)?;
+        engine.resumed_from = engine.resume()?;
+        engine.marks = (engine.acct.bytes(), engine.acct.hidden());
         Ok(engine)
     }
 
@@ -412,7 +428,6 @@ impl<'a> Engine<'a> {
         if let Some(stop) = self.stop_before() {
             return Ok(Some(stop));
         }
-        let (bytes, hidden) = (self.acct.bytes(), self.acct.hidden());
         let _label = comm::context(format!(
             "step {}: reading (stage {}, pipeline messages and the agreement after it)",
             self.step + 1,
@@ -421,14 +436,13 @@ impl<'a> Engine<'a> {
         let read = self.read(source);
         let read = self.in_stage(read);
         self.world().agree(read)?;
-        let stop = self.end_step(on_step);
-        self.step_bytes.push(self.acct.bytes() - bytes);
-        self.step_hidden.push(self.acct.hidden() - hidden);
-        stop
+        self.end_step(on_step)
     }
 
     /// The rest of a step once every rank has accumulated its data: reduce within the stages,
-    /// solve and test, decide. Returns `Converged` when every input is done (early stopping).
+    /// solve and test, decide, and (`--checkpoint`) write a checkpoint when one is due. Returns
+    /// `Converged` when every input is done (early stopping), and [`Error::Interrupted`] after
+    /// the checkpoint that a signal asked for.
     pub fn end_step(&mut self, on_step: &mut dyn FnMut(&StepInfo)) -> Result<Option<StopReason>> {
         self.step += 1;
         let (step, stage) = (self.step, self.topo.stage);
@@ -447,10 +461,21 @@ impl<'a> Engine<'a> {
         self.decide(estimates)?;
         self.times.leader +=
             (leader_start.elapsed() - (self.acct.time() - comm_before)).as_secs_f64();
+        drop(_decide);
+        let marks = (self.acct.bytes(), self.acct.hidden());
+        self.step_bytes.push(marks.0 - self.marks.0);
+        self.step_hidden.push(marks.1 - self.marks.1);
+        self.marks = marks;
+        let stop =
+            (!self.cfg.no_early_stop && self.decision.all_done).then_some(StopReason::Converged);
+        let written = self.after_step(stop.is_some() || self.stop_before().is_some())?;
         if self.topo.world.is_leader() {
-            on_step(&self.progress());
+            on_step(&StepInfo {
+                checkpoint: written,
+                ..self.progress()
+            });
         }
-        Ok((!self.cfg.no_early_stop && self.decision.all_done).then_some(StopReason::Converged))
+        Ok(stop)
     }
 
     /// Reduce: one fused all-reduce, within the stage, of the shared parts of its accumulating
@@ -566,6 +591,7 @@ impl<'a> Engine<'a> {
             layers: self.catalog.layers.len(),
             tokens,
             tokens_per_s: tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            checkpoint: None,
         }
     }
 }

@@ -37,6 +37,13 @@ pub struct Accounting {
 }
 
 impl Accounting {
+    /// Starts from the totals of a run resumed from a checkpoint.
+    pub fn restore(&self, bytes: u64, hidden: u64, time: Duration) {
+        self.bytes.set(bytes);
+        self.hidden.set(hidden);
+        self.time.set(time);
+    }
+
     /// Payload bytes of collectives so far (hidden states not included).
     pub fn bytes(&self) -> u64 {
         self.bytes.get()

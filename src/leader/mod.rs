@@ -345,6 +345,21 @@ impl Tracker {
             summary: spectrum.summary,
         })
     }
+
+    /// The previous estimate's vectors of every input (a checkpoint saves them).
+    pub fn previous(&self) -> &[Option<Array2<f64>>] {
+        &self.previous
+    }
+
+    /// Replaces the previous estimates with saved ones (one per input).
+    pub fn restore(&mut self, previous: Vec<Option<Array2<f64>>>) {
+        assert_eq!(
+            previous.len(),
+            self.previous.len(),
+            "estimates of another catalog"
+        );
+        self.previous = previous;
+    }
 }
 
 /// The leader's view of one unique input.

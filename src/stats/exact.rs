@@ -39,6 +39,24 @@ impl ExactStats {
         Ok(())
     }
 
+    /// The reference vector the rows are shifted by.
+    pub fn reference(&self) -> &[f32] {
+        &self.reference
+    }
+
+    /// Replaces the count, sums and Gram with saved ones (`packed`: the upper triangle as
+    /// [`pack_upper`] writes it, `d(d+1)/2` values), in the Gram's own buffer.
+    pub fn restore(&mut self, moments: Moments, packed: &[f64]) {
+        assert_eq!(moments.sum.len(), self.d, "moments of another dimension");
+        assert_eq!(
+            packed.len(),
+            self.d * (self.d + 1) / 2,
+            "triangle of another size"
+        );
+        self.moments = moments;
+        unpack_upper(packed, self.d, &mut self.gram);
+    }
+
     /// Dimension.
     pub fn dim(&self) -> usize {
         self.d

@@ -176,6 +176,14 @@ impl InputStats {
         }
     }
 
+    /// The reference vector the rows are shifted by.
+    pub fn reference(&self) -> &[f32] {
+        match self {
+            InputStats::Exact(s) => s.reference(),
+            InputStats::Sketch(s) => s.reference(),
+        }
+    }
+
     /// The count and sums shared by both estimators.
     pub fn moments(&self) -> &Moments {
         match self {

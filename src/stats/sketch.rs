@@ -80,6 +80,23 @@ impl SketchStats {
         self.k
     }
 
+    /// The reference vector the rows are shifted by.
+    pub fn reference(&self) -> &[f32] {
+        &self.reference
+    }
+
+    /// Replaces the count, sums and sketch with saved ones (same shapes).
+    pub fn restore(&mut self, moments: Moments, y: Array2<f64>) {
+        assert_eq!(
+            moments.sum.len(),
+            self.reference.len(),
+            "moments of another dimension"
+        );
+        assert_eq!(y.dim(), self.y.dim(), "sketch of another shape");
+        self.moments = moments;
+        self.y = y;
+    }
+
     /// Adds rows (`tokens x d`).
     pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
         for start in (0..x.nrows()).step_by(CHUNK_ROWS) {

@@ -1,0 +1,356 @@
+//! Checkpoints of the step loop (`--checkpoint DIR`): every rank writes its own state after a
+//! step, so that a preempted or killed run continues with `--resume` and writes bitwise the
+//! adapter the uninterrupted run would have written.
+//!
+//! | file | written by | holds |
+//! |---|---|---|
+//! | `DIR/step-SSSSSSSS/rank-RRRRR.ckpt` | world rank R | the run's fingerprint, the step, the decision, the statistics of R's stage inputs (its own Grams, which never move, and the all-reduced parts), warm starts; the stage leader's previous estimates; the global leader's state on rank 0 |
+//!
+//! A file appears complete or not at all (written beside, synced, renamed). A step's checkpoint
+//! is complete when every rank's file is there; after every rank has written step S, each rank
+//! removes its files of earlier steps, so the last complete checkpoint survives a kill at any
+//! moment, on a shared file system or on node-local disks alike. On resume the ranks agree on the
+//! latest step every one of them holds ([`codec`] has the encoding, [`state`] what is saved).
+
+pub mod codec;
+pub mod state;
+pub mod sync;
+
+pub use sync::Written;
+
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
+
+/// When to write checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Every {
+    /// After every N-th step.
+    Steps(usize),
+    /// After the first step that ends at least this long after the previous checkpoint (or the
+    /// start), by the global leader's clock.
+    Time(Duration),
+}
+
+impl std::str::FromStr for Every {
+    type Err = String;
+
+    /// `N` steps, or a duration: `90s`, `10m`, `1.5h`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("expected a number of steps (e.g. 50) or a duration (e.g. 90s, 10m, 1h), found `{s}`")
+        };
+        let t = s.trim();
+        let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+            Some(i) => (&t[..i], &t[i..]),
+            None => {
+                let n: usize = t.parse().map_err(|_| bad())?;
+                return if n == 0 {
+                    Err("expected at least 1 step, found 0".into())
+                } else {
+                    Ok(Every::Steps(n))
+                };
+            }
+        };
+        let scale = match unit {
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let v: f64 = num.trim().parse().map_err(|_| bad())?;
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(format!("expected a positive duration, found `{s}`"));
+        }
+        Ok(Every::Time(Duration::from_secs_f64(v * scale)))
+    }
+}
+
+impl std::fmt::Display for Every {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Every::Steps(n) => write!(f, "{n} steps"),
+            Every::Time(d) => write!(f, "{} s", d.as_secs_f64()),
+        }
+    }
+}
+
+/// What `--checkpoint` asks of the run.
+#[derive(Clone, Debug)]
+pub struct Checkpointing {
+    /// Where the checkpoints go (created if missing; every rank must be able to write there).
+    pub dir: PathBuf,
+    /// How often.
+    pub every: Every,
+    /// Continue from the latest complete checkpoint in `dir`, if there is one.
+    pub resume: bool,
+    /// Everything besides the grid and the catalog that the adapter depends on (flags, data and
+    /// model identity), as `(what, value)` pairs; a checkpoint with other values is refused,
+    /// naming each difference.
+    pub fingerprint: Vec<(String, String)>,
+}
+
+/// Seconds a signalled rank waits for the step under way to end and its checkpoint to be written
+/// before it exits anyway (a second signal exits at once).
+pub const SIGNAL_GRACE: Duration = Duration::from_secs(120);
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static REQUESTED: AtomicI32 = AtomicI32::new(0);
+
+/// Tells the signal handler that a run with checkpoints is under way: a signal then asks for a
+/// checkpoint at the end of the step instead of exiting at once.
+pub fn arm() {
+    ARMED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`arm`] was called.
+pub fn armed() -> bool {
+    ARMED.load(Ordering::SeqCst)
+}
+
+/// Asks the step loop to write a checkpoint after the step under way and stop (signal `sig`).
+pub fn request_stop(sig: i32) {
+    REQUESTED.store(sig, Ordering::SeqCst);
+}
+
+/// The signal that asked the loop to stop, if one did.
+pub fn stop_requested() -> Option<i32> {
+    Some(REQUESTED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+}
+
+/// The directory of step `step`'s checkpoint.
+pub fn step_dir(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("step-{step:08}"))
+}
+
+/// World rank `rank`'s file of step `step`.
+pub fn rank_file(dir: &Path, step: usize, rank: usize) -> PathBuf {
+    step_dir(dir, step).join(format!("rank-{rank:05}.ckpt"))
+}
+
+/// The file a rank writes before renaming it to [`rank_file`].
+fn partial_file(dir: &Path, step: usize, rank: usize) -> PathBuf {
+    step_dir(dir, step).join(format!(".rank-{rank:05}.ckpt.partial"))
+}
+
+/// The steps in `dir` for which `rank`'s file is complete, ascending.
+pub fn complete_steps(dir: &Path, rank: usize) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let step = name.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            rank_file(dir, step, rank).is_file().then_some(step)
+        })
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// Fails fast, before any forward pass, unless `dir` can hold this rank's checkpoints: creates it
+/// and writes and removes a probe file; removes this rank's partial files of an interrupted write.
+pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoint directory", dir, e))?;
+    let probe = dir.join(format!(".probe-rank-{rank:05}"));
+    std::fs::write(&probe, b"eva")
+        .map_err(|e| Error::io("writing to the checkpoint directory", &probe, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io("removing", &probe, e))?;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Some(step) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("step-")?.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let partial = partial_file(dir, step, rank);
+        if partial.exists() {
+            std::fs::remove_file(&partial).map_err(|e| Error::io("removing", &partial, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes this rank's file of `step` through `fill` (beside, synced, renamed into place, the
+/// directory synced); returns its size in bytes.
+pub fn write_rank_file(
+    dir: &Path,
+    step: usize,
+    rank: usize,
+    fill: impl FnOnce(&mut codec::Encoder<std::io::BufWriter<std::fs::File>>) -> Result<()>,
+) -> Result<u64> {
+    let sdir = step_dir(dir, step);
+    std::fs::create_dir_all(&sdir)
+        .map_err(|e| Error::io("creating checkpoint directory", &sdir, e))?;
+    let (partial, done) = (partial_file(dir, step, rank), rank_file(dir, step, rank));
+    let file = std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
+    let mut enc = codec::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), &partial)?;
+    fill(&mut enc)?;
+    let file = enc
+        .finish()?
+        .into_inner()
+        .map_err(|e| Error::io("writing checkpoint", &partial, e.into_error()))?;
+    file.sync_all()
+        .map_err(|e| Error::io("syncing checkpoint", &partial, e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io("reading the size of", &partial, e))?
+        .len();
+    drop(file);
+    std::fs::rename(&partial, &done).map_err(|e| Error::io("renaming checkpoint", &partial, e))?;
+    if let Ok(d) = std::fs::File::open(&sdir) {
+        let _ = d.sync_all();
+    }
+    Ok(size)
+}
+
+/// Opens this rank's file of `step` for reading.
+pub fn read_rank_file(
+    dir: &Path,
+    step: usize,
+    rank: usize,
+) -> Result<codec::Decoder<std::io::BufReader<std::fs::File>>> {
+    let path = rank_file(dir, step, rank);
+    let file = std::fs::File::open(&path).map_err(|e| Error::io("opening checkpoint", &path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("reading the size of", &path, e))?
+        .len();
+    codec::Decoder::new(std::io::BufReader::with_capacity(1 << 20, file), len, &path)
+}
+
+/// Removes this rank's files of every step but `keep`, and step directories left empty.
+pub fn prune(dir: &Path, rank: usize, keep: usize) -> Result<()> {
+    for step in complete_steps(dir, rank) {
+        if step == keep {
+            continue;
+        }
+        let f = rank_file(dir, step, rank);
+        std::fs::remove_file(&f).map_err(|e| Error::io("removing old checkpoint", &f, e))?;
+        // Empty once every rank removed its file; another rank may still be removing its own.
+        let _ = std::fs::remove_dir(step_dir(dir, step));
+    }
+    Ok(())
+}
+
+/// The differences between a checkpoint's fingerprint and this run's, one phrase each (empty
+/// when they are the same run).
+pub fn differences(saved: &[(String, String)], here: &[(String, String)]) -> Vec<String> {
+    let find = |list: &[(String, String)], k: &str| {
+        list.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let mut keys: Vec<&str> = here.iter().map(|(k, _)| k.as_str()).collect();
+    keys.extend(
+        saved
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| !here.iter().any(|(h, _)| h == k)),
+    );
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (find(saved, k), find(here, k));
+            (a != b).then(|| {
+                format!(
+                    "{k}: {} in the checkpoint, {} now",
+                    a.as_deref().unwrap_or("(absent)"),
+                    b.as_deref().unwrap_or("(absent)")
+                )
+            })
+        })
+        .collect()
+}
+
+/// A 64-bit content hash of a file (the checksum of [`codec`]), for fingerprints of data files.
+pub fn hash_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut sum = codec::Checksum::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        sum.update(&buf[..n]);
+    }
+    Ok(format!("{total} bytes, hash {:016x}", sum.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_parses_steps_and_durations() {
+        assert_eq!("50".parse::<Every>(), Ok(Every::Steps(50)));
+        assert_eq!(
+            "10m".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(600)))
+        );
+        assert_eq!(
+            "1.5h".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            "90s".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(90)))
+        );
+        for bad in ["0", "-3", "10x", "m", "", "0s", "nan s"] {
+            assert!(bad.parse::<Every>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn differences_name_each_changed_flag() {
+        let a = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let saved = a(&[("--rank", "8"), ("--data", "x"), ("old", "1")]);
+        let here = a(&[("--rank", "4"), ("--data", "x")]);
+        assert_eq!(
+            differences(&saved, &here),
+            vec![
+                "--rank: 8 in the checkpoint, 4 now",
+                "old: 1 in the checkpoint, (absent) now"
+            ]
+        );
+        assert!(differences(&here, &here).is_empty());
+    }
+
+    #[test]
+    fn files_appear_whole_and_old_steps_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("ck");
+        prepare(&d, 0).unwrap();
+        for step in [2, 4] {
+            write_rank_file(&d, step, 0, |e| e.u64(step as u64)).unwrap();
+        }
+        // A write that failed half-way leaves only a partial file, which is not a checkpoint.
+        let failed = write_rank_file(&d, 6, 0, |e| {
+            e.u64(1)?;
+            Err(Error::data("disk full"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(complete_steps(&d, 0), vec![2, 4]);
+        assert!(complete_steps(&d, 1).is_empty());
+        prepare(&d, 0).unwrap();
+        assert!(!partial_file(&d, 6, 0).exists());
+        prune(&d, 0, 4).unwrap();
+        assert_eq!(complete_steps(&d, 0), vec![4]);
+        assert!(!step_dir(&d, 2).exists());
+        let mut r = read_rank_file(&d, 4, 0).unwrap();
+        assert_eq!(r.u64().unwrap(), 4);
+        r.finish().unwrap();
+    }
+}
