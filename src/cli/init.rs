@@ -106,15 +106,13 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
             (None, None) => None,
         },
         quiet: args.quiet,
-        checkpoint: match &args.checkpoint {
-            Some(dir) => Some(Checkpointing {
-                dir: dir.clone(),
-                every: args.checkpoint_every,
-                resume: args.resume,
-                fingerprint: super::fingerprint::of(args)?,
-            }),
-            None => None,
-        },
+        checkpoint: args.checkpoint.as_ref().map(|dir| Checkpointing {
+            dir: dir.clone(),
+            every: args.checkpoint_every,
+            resume: args.resume,
+            // Filled in by `run_rank` once the directories are known to be writable.
+            fingerprint: Vec::new(),
+        }),
     })
 }
 
@@ -361,6 +359,14 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             ));
         }
     }
+    // And every rank checks that it can write its checkpoints, then fingerprints the run
+    // (hashing the data file) for them.
+    let mut cfg = cfg.clone();
+    if let Some(c) = cfg.checkpoint.as_mut() {
+        agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
+        c.fingerprint = agree(comm, super::fingerprint::of(args))?;
+    }
+    let cfg = &cfg;
     agree(comm, topology::check_grid(comm.size(), args.pp))?;
     let topo = Topology::new(comm, args.pp)?;
     let (stage, replicas) = (topo.stage, topo.replicas);

@@ -36,10 +36,22 @@ impl Progress {
         )
     }
 
-    /// Shows one step.
+    /// Shows one step (and the checkpoint written after it, on a line of its own).
     pub fn step(&mut self, info: &StepInfo) {
         if self.quiet {
             return;
+        }
+        if let Some(c) = &info.checkpoint {
+            self.finish();
+            let mb = |b: u64| b as f64 / 1e6;
+            say(&format!(
+                "[eva] checkpoint of step {} in {}: {:.1} MB on the largest rank, {:.1} MB in all, {:.2} s",
+                c.step,
+                c.dir.display(),
+                mb(c.largest_bytes),
+                mb(c.total_bytes),
+                c.seconds
+            ));
         }
         if self.tty {
             write_once(&format!("\r\x1b[2K[eva] {}", Self::line(info)));

@@ -137,6 +137,8 @@ pub struct Engine<'a> {
     last_checkpoint: Instant,
     /// The step this run resumed from (`--resume`), if it did.
     resumed_from: Option<usize>,
+    /// Tokens the leader's estimates held when the run resumed (0 otherwise).
+    resumed_tokens: u64,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -225,14 +227,14 @@ impl<'a> Engine<'a> {
             started,
             last_checkpoint: started,
             resumed_from: None,
+            resumed_tokens: 0,
             catalog,
             topo,
         };
-        // Fail fast: the checkpoint directory is checked before the first forward pass.
-        engine.prepare_checkpoints()?;
         let refs = engine.reference_vectors(source)?;
         engine.init_stats(refs)?;
         engine.resumed_from = engine.resume()?;
+        engine.resumed_tokens = engine.tokens();
         engine.marks = (engine.acct.bytes(), engine.acct.hidden());
         Ok(engine)
     }
@@ -577,22 +579,27 @@ impl<'a> Engine<'a> {
             .iter()
             .filter(|l| self.leader.states[l.input].done)
             .count();
-        let tokens = self
-            .leader
-            .states
-            .iter()
-            .map(|s| s.tokens)
-            .max()
-            .unwrap_or(0);
+        let tokens = self.tokens();
+        let since_start = tokens.saturating_sub(self.resumed_tokens);
         StepInfo {
             step: self.step,
             total_steps: self.total_steps(),
             converged_layers,
             layers: self.catalog.layers.len(),
             tokens,
-            tokens_per_s: tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_s: since_start as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
             checkpoint: None,
         }
+    }
+
+    /// Tokens held by the input that has seen the most, by the leader's estimates.
+    fn tokens(&self) -> u64 {
+        self.leader
+            .states
+            .iter()
+            .map(|s| s.tokens)
+            .max()
+            .unwrap_or(0)
     }
 }
 

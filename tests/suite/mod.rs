@@ -1,6 +1,7 @@
 //! Integration tests: exact numerics against a float64 dense PCA, the sketch's certificate,
 //! the output format PEFT reads, steps and stopping, and one test per bad input.
 
+mod checkpoint;
 mod common;
 pub mod distributed;
 mod errors;

@@ -154,6 +154,13 @@ impl<W: Write> Encoder<W> {
         self.raw(&buf)
     }
 
+    /// Writes the checksum of everything so far, so that a reader can trust what precedes it
+    /// (the header) before it reads the rest.
+    pub fn seal(&mut self) -> Result<()> {
+        let sum = self.sum.finish();
+        self.u64(sum)
+    }
+
     /// Appends the checksum and returns the writer (to be flushed and synced by the caller).
     pub fn finish(mut self) -> Result<W> {
         let sum = self.sum.finish();
@@ -317,6 +324,15 @@ impl<R: Read> Decoder<R> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect())
+    }
+
+    /// Checks a checksum written by [`Encoder::seal`] against what was read so far.
+    pub fn check_seal(&mut self) -> Result<()> {
+        let expected = self.sum.finish();
+        if self.u64()? != expected {
+            return Err(self.damaged("the checksum of its header does not match".into()));
+        }
+        Ok(())
     }
 
     /// Checks that nothing but the checksum is left and that it matches.

@@ -76,7 +76,8 @@ impl std::fmt::Display for Every {
     }
 }
 
-/// What `--checkpoint` asks of the run.
+/// What `--checkpoint` asks of the run. The caller checks the directory on every rank with
+/// [`prepare`] before any work.
 #[derive(Clone, Debug)]
 pub struct Checkpointing {
     /// Where the checkpoints go (created if missing; every rank must be able to write there).

@@ -108,6 +108,7 @@ impl Engine<'_> {
         e.u64(self.topo.world.rank() as u64)?;
         e.u64(self.topo.world.size() as u64)?;
         e.u64(self.step as u64)?;
+        e.seal()?;
         let dec = &self.decision;
         e.bools(&dec.accumulate)?;
         e.bools(&dec.test)?;
@@ -208,7 +209,7 @@ impl Engine<'_> {
         }
         get_count(d, n)?;
         let previous = (0..n)
-            .map(|g| get_matrix(d, dims[g], None))
+            .map(|g| get_matrix(d, dims[g], Some(self.kmax(g))))
             .collect::<Result<Vec<_>>>()?;
         self.tracker.restore(previous);
         get_count(d, n)?;
@@ -250,11 +251,19 @@ impl Engine<'_> {
         let n = self.catalog.inputs.len();
         get_count(d, n)?;
         let mut states = Vec::with_capacity(n);
-        for _ in 0..n {
+        for g in 0..n {
             let has = d.bool()?;
             let ratios = d.f64s()?;
             let tokens = d.u64()?;
             let converged = d.bools()?;
+            let kmax = self.leader.kmax(g);
+            if (has && ratios.len() != kmax) || converged.len() > kmax {
+                return Err(d.damaged(format!(
+                    "input {g} has {} ratios and {} convergence flags where it has {kmax} candidate components",
+                    ratios.len(),
+                    converged.len()
+                )));
+            }
             let done = d.bool()?;
             let step = d.u64()?;
             states.push(InputState {
@@ -385,6 +394,7 @@ pub fn read_header<R: Read>(d: &mut Decoder<R>) -> Result<Header> {
     let rank = d.count("the rank", usize::MAX)?;
     let size = d.count("the world size", usize::MAX)?;
     let step = d.count("the step", usize::MAX)?;
+    d.check_seal()?;
     Ok(Header {
         fingerprint,
         rank,

@@ -56,15 +56,6 @@ impl Engine<'_> {
         f
     }
 
-    /// Before any forward pass: every rank can write to the checkpoint directory.
-    pub(crate) fn prepare_checkpoints(&self) -> Result<()> {
-        let Some(c) = &self.cfg.checkpoint else {
-            return Ok(());
-        };
-        let rank = self.topo.world.rank();
-        self.world().agree(super::prepare(&c.dir, rank))
-    }
-
     /// With `--resume`: the latest step every rank has a complete file of, if any rank has one.
     fn resumable_step(&self, c: &Checkpointing) -> Result<Option<usize>> {
         let world = self.world();
