@@ -27,11 +27,20 @@ use std::time::{Duration, Instant};
 const MAX_COUNT: usize = 1 << 30;
 
 /// Payloads up to this many bytes move as one polled immediate operation. Larger ones first
-/// wait (polled) in an immediate barrier until every rank has arrived, then move with the
-/// blocking call: MPI progresses an immediate operation only inside MPI calls, so polling between
-/// sleeps made a 21 MB all-reduce 22x slower (examples/collective_latency.rs), while a blocking
-/// call among ranks that have all arrived spins only for the transfer itself.
+/// wait (polled) in an immediate barrier until every rank has arrived, then move as an immediate
+/// operation polled without sleeping ([`MpiWorld::wait_moving`]): MPI progresses an immediate
+/// operation only inside MPI calls, so polling between sleeps made a 21 MB all-reduce 22x slower
+/// (examples/collective_latency.rs). A blocking call there would hang forever when a rank stops
+/// after the barrier, mid-transfer; the polled one stays under the watchdog.
 const SMALL_BYTES: usize = 1 << 16;
+
+/// How long a transfer among ranks that have all arrived is polled without sleeping: this much,
+/// plus its bytes at [`SPIN_RATE`]; past that a rank has likely stopped mid-transfer, and the
+/// wait continues under the sleeping [`Backoff`] (and the timeout).
+const SPIN_BASE: Duration = Duration::from_millis(50);
+
+/// A pessimistic transfer rate (bytes/s) for the spinning budget of [`SPIN_BASE`].
+const SPIN_RATE: f64 = 100e6;
 
 /// Tags on the private probe communicator.
 const ASK: i32 = 1;
@@ -107,11 +116,17 @@ impl MpiWorld {
         }
     }
 
-    /// Waits for a large send: polls without sleeping (each `MPI_Test` moves the transfer on),
-    /// still under the watchdog; it spins only until the receiver takes the message.
-    fn wait_sending<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, request: Request<'a, D, S>) {
+    /// Waits for a transfer of `bytes` among ranks that have all arrived: polls without sleeping
+    /// (each `MPI_Test` moves it on) for its expected time ([`SPIN_BASE`], [`SPIN_RATE`]), then
+    /// as [`MpiWorld::wait`] does, under the watchdog.
+    fn wait_moving<'a, D: ?Sized, S: Scope<'a>>(
+        &self,
+        op: &str,
+        request: Request<'a, D, S>,
+        bytes: usize,
+    ) {
+        let spin = SPIN_BASE + Duration::from_secs_f64(bytes as f64 / SPIN_RATE);
         let started = Instant::now();
-        let deadline = super::collective_timeout().map(|t| started + t);
         let mut pending = request;
         let mut polls = 0u32;
         loop {
@@ -122,8 +137,8 @@ impl MpiWorld {
             polls = polls.wrapping_add(1);
             if polls % 1024 == 0 {
                 self.answer_questions();
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    self.time_out(op, started.elapsed());
+                if started.elapsed() >= spin {
+                    return self.wait(op, pending);
                 }
                 std::thread::yield_now();
             }
@@ -221,8 +236,15 @@ impl EvaCommunicator for MpiWorld {
             self.arrive("all-reduce");
             for chunk in buf.chunks_mut(MAX_COUNT) {
                 let send = chunk.to_vec();
-                self.comm
-                    .all_reduce_into(&send[..], chunk, SystemOperation::sum());
+                mpi::request::scope(|scope| {
+                    let request = self.comm.immediate_all_reduce_into(
+                        scope,
+                        &send[..],
+                        chunk,
+                        SystemOperation::sum(),
+                    );
+                    self.wait_moving("all-reduce", request, send.len() * 8)
+                });
             }
             return Ok(());
         }
@@ -255,7 +277,11 @@ impl EvaCommunicator for MpiWorld {
         if buf.len() > SMALL_BYTES {
             self.arrive(&op);
             for chunk in buf.chunks_mut(MAX_COUNT) {
-                process.broadcast_into(chunk);
+                let bytes = chunk.len();
+                mpi::request::scope(|scope| {
+                    let request = process.immediate_broadcast_into(scope, chunk);
+                    self.wait_moving(&op, request, bytes)
+                });
             }
             return Ok(());
         }
@@ -280,7 +306,7 @@ impl EvaCommunicator for MpiWorld {
                 mpi::request::scope(|scope| {
                     let request = process.immediate_send_with_tag(scope, chunk, GATHER);
                     if chunk.len() > SMALL_BYTES {
-                        self.wait_sending(&op, request)
+                        self.wait_moving(&op, request, chunk.len())
                     } else {
                         self.wait(&op, request)
                     }
@@ -342,7 +368,7 @@ impl EvaCommunicator for MpiWorld {
             mpi::request::scope(|scope| {
                 let request = to.immediate_send_with_tag(scope, chunk, P2P_TAG);
                 if chunk.len() > SMALL_BYTES {
-                    self.wait_sending(&op, request)
+                    self.wait_moving(&op, request, chunk.len())
                 } else {
                     self.wait(&op, request)
                 }
