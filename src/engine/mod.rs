@@ -1,5 +1,5 @@
 //! The step loop, on a grid of `dp` replicas × `pp` pipeline stages ([`topology`]). Every global
-//! step, on every rank, five phases:
+//! step, on every rank, five phases (and, when asked, a checkpoint):
 //!
 //! | phase | where | what |
 //! |---|---|---|
@@ -7,6 +7,7 @@
 //! | reduce | each stage | one fused all-reduce of the stage's shared parts (counts, sums, sketches, small Grams) |
 //! | solve ([`solve`]) | each stage | inputs under test are solved round-robin inside the stage, Grams that stay on their ranks through the stage leader's products; the stage leader tests convergence |
 //! | decide | world | stage leaders send their estimates (ratios and convergence flags) to the global leader, which redistributes ranks over all layers and broadcasts one decision |
+//! | checkpoint ([`checkpoint`]) | every rank, its own file | with `--checkpoint`: after the decision, when one is due or a signal asked for one, each rank writes its state; `--resume` restores it in [`Engine::new`] |
 //! | finish ([`finish`]) | after the last step | final solves in the stages, the final allocation, `lora_A` from the stage leaders to rank 0, the adapter and report broadcast |
 //!
 //! [`Engine`] holds the run's state between steps; [`run`] drives it. Callers that produce layer
