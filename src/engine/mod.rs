@@ -389,8 +389,12 @@ impl<'a> Engine<'a> {
         self.cfg.max_steps.map_or(data_steps, |m| m.min(data_steps))
     }
 
-    /// Why the loop must stop before the next step, if it must.
+    /// Why the loop must stop before the next step, if it must (converged only after a resume
+    /// from the checkpoint of the converging step: otherwise [`Engine::end_step`] says so).
     fn stop_before(&self) -> Option<StopReason> {
+        if !self.cfg.no_early_stop && self.decision.all_done {
+            return Some(StopReason::Converged);
+        }
         if self.cfg.max_steps.is_some_and(|m| self.step >= m) {
             return Some(StopReason::MaxSteps);
         }
