@@ -380,3 +380,63 @@ fn mpirun_ranks_resume_a_pipeline_checkpoint() {
     assert_eq!(report(&out)["resumed_from_step"], 12);
     assert_eq!(adapter_bytes(&one), adapter_bytes(&out));
 }
+
+/// SIGTERM to `mpirun` (as Slurm or a user sends it): the launcher forwards it to every rank,
+/// which checkpoint the same step and exit; the resumed job writes the one-process adapter.
+#[cfg(feature = "mpi")]
+#[test]
+fn sigterm_to_mpirun_checkpoints_every_rank_and_resumes() {
+    let dir = tempdir();
+    let (one, out, ck) = (
+        dir.path().join("one"),
+        dir.path().join("out"),
+        dir.path().join("ck"),
+    );
+    let mut plain = args(&one, &ck, &[]);
+    plain.truncate(plain.len() - 2);
+    run_ok(&plain);
+    let mpi = |resume: bool| {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", "2", env!("CARGO_BIN_EXE_eva")])
+            .args(args(&out, &ck, &["--checkpoint-every", "1000"]))
+            .args(resume.then_some("--resume"))
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let child = mpi(false).spawn().unwrap();
+    let t = Instant::now();
+    while !dir
+        .path()
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("eva-tmp"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "{}", stderr_of(&o));
+    assert_nothing_written(&out);
+    let steps: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().collect();
+    assert_eq!(steps.len(), 1, "{steps:?}: {}", stderr_of(&o));
+    for rank in 0..2 {
+        assert!(steps[0]
+            .path()
+            .join(format!("rank-{rank:05}.ckpt"))
+            .is_file());
+    }
+    let o = mpi(true).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(report(&out)["resumed_from_step"].as_u64().is_some());
+    assert_eq!(adapter_bytes(&one), adapter_bytes(&out));
+}
