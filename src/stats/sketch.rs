@@ -14,6 +14,7 @@ use ndarray::{s, Array2, ArrayView2};
 pub const ROUNDING_SLACK: f64 = 1e-6;
 
 /// Sketch statistics of one unique input.
+#[derive(Clone)]
 pub struct SketchStats {
     k: usize,
     reference: Vec<f32>,
@@ -78,6 +79,25 @@ impl SketchStats {
     /// Sketch columns (without probes).
     pub fn size(&self) -> usize {
         self.k
+    }
+
+    /// The shift `c` of the rows.
+    pub fn reference(&self) -> &[f32] {
+        &self.reference
+    }
+
+    /// The test matrix `[Ω Θ]` in f32 (`d x (k+q)`), as the products use it.
+    pub fn test32(&self) -> &Array2<f32> {
+        &self.test32
+    }
+
+    /// These statistics with the sums replaced (e.g. by those copied from a GPU); `y` is
+    /// row-major `d x (k+q)`.
+    pub fn with_sums(mut self, moments: Moments, y: Vec<f64>) -> Self {
+        assert_eq!(moments.sum.len(), self.test.nrows(), "sketch moments");
+        self.moments = moments;
+        self.y = Array2::from_shape_vec(self.y.dim(), y).expect("d x (k+q) sums");
+        self
     }
 
     /// Adds rows (`tokens x d`).
