@@ -79,6 +79,11 @@ impl Cuda {
     pub fn all_finite(&self, _: &Infallible) -> Result<bool> {
         match *self {}
     }
+
+    /// Unreachable (no value exists).
+    pub fn select(&self, _: &Infallible, _: &[usize]) -> Infallible {
+        match *self {}
+    }
 }
 
 /// Statistics on a GPU: none exist in this build (uninhabited).

@@ -248,7 +248,10 @@ impl ModelSource {
             // Every token kept (no label mask hit): hand over the activation itself; otherwise
             // the kept rows, gathered where the activation is (a GPU's stay on it).
             let all = be.tokens(x) == keep.len();
-            let (copied, selected);
+            let copied;
+            // Without the `cuda` feature no device tensor exists, so its arm is dead code there.
+            #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+            let selected;
             let rows = match (be.device_rows(x), be.host_view(x)) {
                 (Some((gpu, t)), _) if all => Rows::Device { gpu, x: t },
                 (Some((gpu, t)), _) => {
