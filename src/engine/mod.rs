@@ -218,7 +218,9 @@ impl<'a> Engine<'a> {
             topo,
         };
         let refs = engine.reference_vectors(source)?;
-        engine.init_stats(refs, source.device())?;
+        // Statistics on a GPU can fail to fit on one rank only: agree before the first step.
+        let init = engine.init_stats(refs, source.device());
+        engine.world().agree(engine.in_stage(init))?;
         Ok(engine)
     }
 

@@ -9,6 +9,10 @@
 //! |---|---|---|
 //! | [`exact::ExactStats`] | Gram of shifted rows (f64, upper triangle) | `8·d²` bytes |
 //! | [`sketch::SketchStats`] | Nyström sketch `G[Ω Θ]` (f64) | `8·d·(k+q)` bytes |
+//! | [`InputStats::Device`] | either of them on the GPU that ran the forward pass (`--device cuda`) | `12·d²` or `16·d·(k+q)` bytes of device memory |
+//!
+//! [`Packed`] is a stage's step of shared parts, packed for the fused all-reduce where the
+//! statistics are (host memory, or one GPU buffer that NCCL sums in place).
 
 pub mod exact;
 pub mod sketch;
