@@ -237,6 +237,18 @@ impl Packed {
     }
 }
 
+/// Values one input's packed shared part holds: `[n, Σx̃, Σx̃²]`, then the sketch (`d·m` for
+/// `m` columns) or, with `with_gram`, the Gram's upper triangle (`d(d+1)/2`). The GPU packs
+/// into a buffer of this size (`model::cuda::DeviceStats::packed_len`).
+pub fn shared_len(d: usize, sketch_columns: Option<usize>, with_gram: bool) -> usize {
+    1 + 2 * d
+        + match sketch_columns {
+            Some(m) => d * m,
+            None if with_gram => d * (d + 1) / 2,
+            None => 0,
+        }
+}
+
 impl InputStats {
     /// Empty statistics of an input around `reference` (its length is `d`), on the host, or on
     /// `device`.
@@ -424,6 +436,37 @@ pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64, world: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_len_is_what_the_host_packs() {
+        let reference = vec![0.5f32; 7];
+        let x = Array2::from_shape_fn((30, 7), |(i, j)| ((i * 3 + j) % 5) as f32);
+        let sketch = Estimator::Sketch {
+            k: 3,
+            seed: 1,
+            stream: 2,
+        };
+        for (estimator, replicas) in [(Estimator::Exact, 1), (Estimator::Exact, 2), (sketch, 1)] {
+            let mut s = InputStats::new(reference.clone(), estimator, None).unwrap();
+            s.accumulate(Rows::Host(x.view()), &mut Workspace::default())
+                .unwrap();
+            let shared = s.empty_shared(replicas);
+            let want = shared_len(
+                7,
+                s.sketch().map(|k| k.sketch().ncols()),
+                shared.gram.is_some(),
+            );
+            let Packed::Host(v) = Packed::of(&mut [(&mut s, &shared)]).unwrap() else {
+                panic!("host statistics pack on the host")
+            };
+            assert_eq!(v.len(), want, "{estimator:?}, {replicas} replicas");
+            assert_eq!(v[0], 30.0);
+            // What was packed reads back.
+            let mut back = s.empty_shared(replicas);
+            assert!(back.unpack(&v).is_empty());
+            assert_eq!(back.moments.n, 30);
+        }
+    }
 
     #[test]
     fn auto_makes_the_smallest_inputs_exact_within_the_budget() {

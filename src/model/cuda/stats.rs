@@ -588,16 +588,13 @@ impl DeviceStats {
         self.accumulate(&t)
     }
 
-    /// Values [`DeviceStats::pack`] writes: `1 + 2d`, and the sketch (`d·m`) or, with
-    /// `with_gram`, the Gram's upper triangle (`d(d+1)/2`).
+    /// Values [`DeviceStats::pack`] writes ([`crate::stats::shared_len`]).
     pub fn packed_len(&self, with_gram: bool) -> usize {
-        let d = self.dim();
-        1 + 2 * d
-            + match &self.kind {
-                Kind::Sketch { sketch, .. } => d * sketch.m,
-                Kind::Exact { .. } if with_gram => d * (d + 1) / 2,
-                Kind::Exact { .. } => 0,
-            }
+        let sketch_columns = match &self.kind {
+            Kind::Sketch { sketch, .. } => Some(sketch.m),
+            Kind::Exact { .. } => None,
+        };
+        crate::stats::shared_len(self.dim(), sketch_columns, with_gram)
     }
 
     /// Writes the shared part at `at` of `out`, laid out as `InputStats::pack_shared` writes it
