@@ -456,9 +456,10 @@ mod tests {
                 s.sketch().map(|k| k.sketch().ncols()),
                 shared.gram.is_some(),
             );
-            let Packed::Host(v) = Packed::of(&mut [(&mut s, &shared)]).unwrap() else {
-                panic!("host statistics pack on the host")
-            };
+            let v = Packed::of(&mut [(&mut s, &shared)])
+                .unwrap()
+                .into_host()
+                .unwrap();
             assert_eq!(v.len(), want, "{estimator:?}, {replicas} replicas");
             assert_eq!(v[0], 30.0);
             // What was packed reads back.
