@@ -15,10 +15,10 @@
 #   2. the CUDA backend's unit tests (kernel compile with that machine's NVRTC for sm_80/sm_90,
 #      launch shapes, flush schedule) and every ignored GPU test (tests/suite/gpu.rs: forward
 #      parity with the CPU backend on llama, mistral, qwen2, bert, roberta in f32 and bf16; device
-#      Gram and sketch against f64);
-#   3. scripts/gpu_parity.py: `eva init --device cuda` against `--device cpu` (the adapter), eva's
-#      layer inputs against PyTorch's own (f32 and bf16), and the forward benchmark against
-#      PyTorch eager bf16 (random SmolLM2-135M-shaped and ~1B Llama).
+#      Gram and sketch against f64; the engine's device statistics (packed shared parts, G·Q,
+#      copies) against the host's; the whole adapter of `eva init --device cuda` against the CPU's);
+#   3. scripts/gpu_parity.py: eva's layer inputs against PyTorch's own (f32 and bf16), and the
+#      forward benchmark against PyTorch eager bf16 (random SmolLM2-135M-shaped and ~1B Llama).
 # It prints everything and exits non-zero if any step failed.
 #
 # With the device tool (one call; nothing else is needed there):
@@ -87,7 +87,7 @@ print(":".join(dirs))
 PY
 )
   export LD_LIBRARY_PATH="$bin:$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export EVA_REPO_DIR="$PWD" EVA_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
+  export EVA_REPO_DIR="$PWD" EVA_BIN="$bin/eva" EVA_REQUIRE_NVRTC=1 RUST_BACKTRACE=1
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
   step "unit tests of the CUDA backend (NVRTC compile for sm_80 and sm_90 with this machine's NVRTC)"
@@ -99,7 +99,7 @@ PY
   step "parity against PyTorch's layer inputs and the forward benchmark (scripts/gpu_parity.py)"
   local quick=""
   if [ $((SECONDS - start)) -gt 200 ]; then quick="--quick"; fi
-  timeout $((450 - (SECONDS - start))) python3 scripts/gpu_parity.py --tests "$bin/tests" --eva "$bin/eva" --work "$work" $quick || failed=1
+  timeout $((450 - (SECONDS - start))) python3 scripts/gpu_parity.py --tests "$bin/tests" --work "$work" $quick || failed=1
 
   step "done: $([ $failed = 0 ] && echo 'every step passed' || echo 'SOME STEP FAILED') in $((SECONDS - start)) s"
   return $failed

@@ -3,7 +3,7 @@
 PyTorch eager bf16, on one GPU (run by scripts/gpu-check.sh on the lent GPU machine; needs torch
 with CUDA and transformers, no network).
 
-    python3 scripts/gpu_parity.py --tests PATH/TO/tests [--eva PATH/TO/eva] --work /tmp/eva-gpu [--quick]
+    python3 scripts/gpu_parity.py --tests PATH/TO/tests --work /tmp/eva-gpu [--quick]
 
 1. Models: the fixtures in tests/reference (llama, mistral, qwen2, bert, roberta) and two random
    Llama checkpoints written here (no hub): SmolLM2-135M's shape (576 hidden, 30 blocks, 9/3 heads)
@@ -15,9 +15,9 @@ with CUDA and transformers, no network).
    --dtype f32: must be <= 1e-4 (fails the script otherwise).
    --dtype bf16: reported next to PyTorch's own bf16 error against its f32 (same metric), so the
    two bf16 paths are compared on the same footing; fails only above 5e-2.
-3. Adapter (with --eva): `eva init --device cuda --dtype f32` against `--device cpu` on
-   examples/tiny-llama: same ranks, lora_A subspaces similar to >= 0.9999.
-4. Benchmark: forward tokens/s of eva (`bench_forward_tokens_per_second`, bf16) and of PyTorch
+   (The whole adapter against the CPU's is the ignored test `whole_adapter_matches_the_cpu` of
+   tests/suite/gpu.rs, which scripts/gpu-check.sh runs before this script.)
+3. Benchmark: forward tokens/s of eva (`bench_forward_tokens_per_second`, bf16) and of PyTorch
    eager bf16 (the base model, default attention = SDPA, no torch.compile) on the same random ids,
    8 sequences x 512 tokens, synchronized timings, medians of 10 passes after 2 warm-ups.
 
@@ -182,51 +182,15 @@ def bench(tests, name, model_dir, seqs, length):
     return eva, pt
 
 
-def adapter_check(eva, work, failures):
-    """`eva init --device cuda --dtype f32` against `--device cpu` on the tiny Llama in examples/:
-    same ranks, and per layer the subspace similarity of lora_A (mean squared cosine of the
-    principal angles) >= 0.9999."""
-    outs = {}
-    for dev in ["cpu", "cuda"]:
-        out = os.path.join(work, f"adapter-{dev}")
-        cmd = [eva, "init", "--model", os.path.join(REPO, "examples", "tiny-llama"), "--data",
-               os.path.join(REPO, "examples", "data", "train.txt"), "--out", out, "--force", "--quiet", "--device", dev]
-        if dev == "cuda":
-            cmd += ["--dtype", "f32"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            failures.append(f"eva init --device {dev}: exit {p.returncode}: {p.stderr[-2000:]}")
-            return
-        outs[dev] = load_file(os.path.join(out, "adapter_model.safetensors"))
-    worst = 1.0
-    for name, a in outs["cpu"].items():
-        if "lora_A" not in name:
-            continue
-        b = outs["cuda"].get(name)
-        if b is None or b.shape != a.shape:
-            failures.append(f"adapter {name}: cpu {tuple(a.shape)}, cuda {None if b is None else tuple(b.shape)}")
-            continue
-        qa, _ = torch.linalg.qr(a.double().T)
-        qb, _ = torch.linalg.qr(b.double().T)
-        sim = float((qa.T @ qb).pow(2).sum() / a.shape[0])
-        worst = min(worst, sim)
-    if worst < 0.9999:
-        failures.append(f"adapter: worst subspace similarity {worst:.6f} < 0.9999")
-    log(step="adapter", layers=sum("lora_A" in n for n in outs["cpu"]), worst_subspace_similarity=worst)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tests", required=True, help="eva's integration-test binary built with --features cuda")
-    ap.add_argument("--eva", help="eva binary built with --features cuda (adapter check)")
     ap.add_argument("--work", default="/tmp/eva-gpu")
     ap.add_argument("--quick", action="store_true", help="skip the ~1B model")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     log(step="device", name=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda)
     failures = []
-    if a.eva:
-        adapter_check(a.eva, a.work, failures)
     for f in FIXTURES:
         d = os.path.join(REPO, "tests", "reference", f)
         with open(os.path.join(d, "config.json")) as fh:

@@ -78,6 +78,7 @@ mod nccl;
 pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
+use crate::model::cuda::DeviceSums;
 use crate::{Error, Result};
 
 /// What a rank can do with the others. All methods but [`send`](Communicator::send) and
@@ -92,6 +93,17 @@ pub trait Communicator {
     fn size(&self) -> usize;
     /// Element-wise sum across ranks, in place; every rank receives the same result.
     fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()>;
+    /// [`Communicator::all_reduce_sum`] of values in GPU memory (`--device cuda` statistics),
+    /// in place. NCCL sums them on the GPUs; this default copies them to the host, sums there and
+    /// copies the sums back.
+    fn all_reduce_sum_device(&self, buf: &mut DeviceSums) -> Result<()> {
+        if self.size() == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let mut host = buf.to_host()?;
+        self.all_reduce_sum(&mut host)?;
+        buf.copy_from_host(&host)
+    }
     /// Replaces `buf` on every rank with `root`'s bytes (lengths may differ before the call).
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// `root` receives every rank's bytes in rank order; the others receive `None`.

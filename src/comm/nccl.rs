@@ -1,7 +1,11 @@
 //! NCCL backend (cudarc): all-reduce runs on the GPU chosen by the node-local rank; broadcast,
 //! gather, barrier and split go through MPI, which also carries the NCCL unique id from rank 0.
+//! Sums of values already in GPU memory (`--device cuda` statistics and `G·Q` products,
+//! [`Communicator::all_reduce_sum_device`]) run in place there; host buffers are staged through
+//! the GPU.
 
 use super::{Communicator, MpiWorld};
+use crate::model::cuda::{probe, DeviceSums};
 use crate::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
@@ -26,23 +30,28 @@ fn cuda(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
 impl NcclWorld {
     /// Opens the GPU `local_rank % devices` and joins the NCCL communicator of `mpi`'s ranks.
     pub fn init(mpi: MpiWorld, local_rank: usize) -> Result<Self> {
-        // A missing library panics inside cudarc: probe first.
+        // A missing library panics inside cudarc: probe first (a usage error naming the files
+        // tried and LD_LIBRARY_PATH, exit code 2, as for --device cuda).
         // SAFETY: the probes only try to load the shared libraries.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Comm(
-                "NCCL backend: the CUDA driver library (libcuda.so) was not found".into(),
-            ));
+            return Err(probe::missing(
+                "the CUDA driver library (--comm nccl)",
+                "cuda",
+                " (it comes with the NVIDIA driver; none is installed, or this machine has no GPU)",
+            )
+            .into());
         }
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-            return Err(Error::Comm("NCCL backend: libnccl.so was not found (pip's nvidia-nccl ships only libnccl.so.2: link it as libnccl.so on the library path)".into()));
+            return Err(probe::missing("NCCL (--comm nccl)", "nccl", " (pip's nvidia-nccl ships only libnccl.so.2: link it as libnccl.so in a directory on LD_LIBRARY_PATH)").into());
         }
         let devices = CudaContext::device_count()
             .map_err(cuda("device count"))?
             .max(0) as usize;
         if devices == 0 {
-            return Err(Error::Comm(
-                "NCCL backend: no CUDA device is visible".into(),
-            ));
+            return Err(Error::usage(format!(
+                "--comm nccl: no CUDA device is visible (CUDA_VISIBLE_DEVICES={})",
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            )));
         }
         let ctx = CudaContext::new(local_rank % devices).map_err(cuda("context creation"))?;
         let stream = ctx.default_stream();
@@ -89,6 +98,20 @@ impl Communicator for NcclWorld {
             .memcpy_dtoh(&dev, buf)
             .map_err(cuda("device-to-host copy"))?;
         self.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    fn all_reduce_sum_device(&self, buf: &mut DeviceSums) -> Result<()> {
+        if self.size() == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        // The buffer was written by work queued on the statistics' stream: the device's default
+        // stream, as this communicator's (both on the device's primary context), so NCCL's sum
+        // runs after it and the copy back to the host after the sum.
+        let n = buf.len();
+        self.comm
+            .all_reduce_in_place(&mut buf.buffer_mut().slice_mut(0..n), &ReduceOp::Sum)
+            .map_err(nccl("all-reduce"))?;
+        Ok(())
     }
 
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {

@@ -28,8 +28,9 @@ use crate::comm;
 use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
 use crate::leader::{Decision, Leader, Precision, Tracker};
+use crate::source::Rows;
 use crate::source::{Catalog, Source};
-use crate::stats::{self, exact, sketch::SketchStats, InputStats, Shared, Workspace};
+use crate::stats::{self, InputStats, Shared, Workspace};
 use crate::{Error, Result};
 use ndarray::Array2;
 use protocol::{Accounting, Verdict, Wire};
@@ -233,7 +234,9 @@ impl<'a> Engine<'a> {
             topo,
         };
         let refs = engine.reference_vectors(source)?;
-        engine.init_stats(refs)?;
+        // Statistics on a GPU can fail to fit on one rank only: agree before the first step.
+        let init = engine.init_stats(refs, source.device());
+        engine.world().agree(engine.in_stage(init))?;
         engine.resumed_from = engine.resume()?;
         engine.resumed_tokens = engine.tokens();
         engine.marks = (engine.acct.bytes(), engine.acct.hidden());
@@ -288,6 +291,7 @@ impl<'a> Engine<'a> {
             &passes,
             &all,
             &mut |g, x| {
+                let x = x.to_host()?;
                 counts[g] += x.nrows();
                 for row in x.rows() {
                     for (s, &v) in sums[g].iter_mut().zip(row) {
@@ -327,9 +331,13 @@ impl<'a> Engine<'a> {
             .collect())
     }
 
-    /// One `ExactStats` or `SketchStats` per input of this stage (exact or sketch per
-    /// `stats::choose` over the stage's inputs), and its shared part.
-    fn init_stats(&mut self, refs: Vec<Vec<f32>>) -> Result<()> {
+    /// One exact or sketch statistic per input of this stage (per `stats::choose` over the
+    /// stage's inputs), on the source's GPU if it has one, and its shared part.
+    fn init_stats(
+        &mut self,
+        refs: Vec<Vec<f32>>,
+        device: Option<std::sync::Arc<crate::model::cuda::Cuda>>,
+    ) -> Result<()> {
         let cfg = self.cfg;
         let dims: Vec<usize> = self
             .mine
@@ -353,8 +361,8 @@ impl<'a> Engine<'a> {
         {
             let kmax = self.kmax(g);
             let name = &self.catalog.layers[self.catalog.representative(g)].name;
-            local[g] = Some(if exact {
-                InputStats::Exact(exact::ExactStats::new(reference))
+            let estimator = if exact {
+                stats::Estimator::Exact
             } else {
                 let k = cfg.sketch_size.unwrap_or_else(|| {
                     stats::default_sketch_size(kmax, self.catalog.inputs[g].dim)
@@ -362,22 +370,17 @@ impl<'a> Engine<'a> {
                 if k < kmax {
                     return Err(Error::usage(format!("--sketch-size {k} is smaller than the {kmax} candidate components (round(rank x rho)) of layer {name}")));
                 }
-                InputStats::Sketch(SketchStats::new(
-                    reference,
+                stats::Estimator::Sketch {
                     k,
-                    cfg.seed,
-                    crate::rng::name_key(name),
-                ))
-            });
+                    seed: cfg.seed,
+                    stream: crate::rng::name_key(name),
+                }
+            };
+            local[g] = Some(InputStats::new(reference, estimator, device.as_ref())?);
         }
-        let share_gram = |d: usize| replicas > 1 && d < stats::SHARED_GRAM_MAX_DIM;
         self.stats.shared = local
             .iter()
-            .enumerate()
-            .map(|(g, s)| {
-                s.as_ref()
-                    .map(|s| s.empty_shared(share_gram(self.catalog.inputs[g].dim)))
-            })
+            .map(|s| s.as_ref().map(|s| s.empty_shared(replicas)))
             .collect();
         self.stats.local = local;
         Ok(())
@@ -417,7 +420,7 @@ impl<'a> Engine<'a> {
     /// Adds rows of this stage's input `g` to this rank's statistics.
     pub fn accumulate(&mut self, g: usize, rows: ndarray::ArrayView2<f32>) -> Result<()> {
         match self.stats.local.get_mut(g) {
-            Some(Some(s)) => s.accumulate(rows, &mut self.stats.workspace),
+            Some(Some(s)) => s.accumulate(Rows::Host(rows), &mut self.stats.workspace),
             _ => Err(Error::Comm(format!(
                 "input {g} does not belong to stage {} of this rank",
                 self.topo.stage
@@ -494,14 +497,22 @@ impl<'a> Engine<'a> {
             .copied()
             .filter(|&g| self.decision.accumulate[g])
             .collect();
-        let mut buf = Vec::new();
-        for &g in &accumulated {
-            let (local, shared) = (self.stats.local[g].as_ref(), self.stats.shared[g].as_ref());
-            local
-                .expect("a stage input has statistics")
-                .pack_shared(shared.expect("and a shared part"), &mut buf);
-        }
-        Wire::new(&*self.topo.stage_comm, &self.acct).all_reduce_sum(&mut buf)?;
+        let (local, shared) = (&mut self.stats.local, &self.stats.shared);
+        let mut parts: Vec<(&mut InputStats, &Shared)> = local
+            .iter_mut()
+            .zip(shared)
+            .enumerate()
+            .filter(|(g, _)| accumulated.binary_search(g).is_ok())
+            .map(|(_, (l, s))| {
+                (
+                    l.as_mut().expect("a stage input has statistics"),
+                    s.as_ref().expect("and a shared part"),
+                )
+            })
+            .collect();
+        let packed = stats::Packed::of(&mut parts);
+        let packed = self.in_stage(packed);
+        let buf = Wire::new(&*self.topo.stage_comm, &self.acct).all_reduce_packed(packed)?;
         let mut rest = &buf[..];
         for &g in &accumulated {
             rest = self.stats.shared[g]

@@ -20,9 +20,10 @@ use crate::adapter::LayerAdapter;
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::leader::{Certificate, Decision, Estimate, Spectrum, Summary};
+use crate::model::cuda::DeviceSums;
 use crate::source::Hidden;
-use crate::stats::exact::{pack_upper, unpack_upper, ExactStats};
-use crate::stats::InputStats;
+use crate::stats::exact::{pack_upper, unpack_upper};
+use crate::stats::{InputStats, Packed};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 use std::cell::Cell;
@@ -84,6 +85,32 @@ impl<'a> Wire<'a> {
     /// Sum all-reduce (counted on every rank).
     pub fn all_reduce_sum(&self, buf: &mut [f64]) -> Result<()> {
         self.count(buf.len() * 8, || self.comm.all_reduce_sum(buf))
+    }
+
+    /// Sum all-reduce of values in GPU memory, in place (counted on every rank).
+    pub fn all_reduce_device(&self, buf: &mut DeviceSums) -> Result<()> {
+        self.count(buf.len() * 8, || self.comm.all_reduce_sum_device(buf))
+    }
+
+    /// The fused all-reduce of a stage's packed shared parts, where they were packed (on a GPU
+    /// through [`Wire::all_reduce_device`]), returned in host memory for `Shared::unpack`.
+    /// Packing on a GPU can fail (its memory): the stage agrees on it first, so that no rank
+    /// waits in a sum that another never joins.
+    pub fn all_reduce_packed(&self, packed: Result<Packed>) -> Result<Vec<f64>> {
+        let packed = match packed {
+            Ok(Packed::Host(v)) => Packed::Host(v),
+            other => self.agree(other)?,
+        };
+        match packed {
+            Packed::Host(mut v) => {
+                self.all_reduce_sum(&mut v)?;
+                Ok(v)
+            }
+            Packed::Device(mut d) => {
+                self.all_reduce_device(&mut d)?;
+                d.to_host()
+            }
+        }
     }
 
     /// Broadcast (counted at the root).
@@ -478,11 +505,51 @@ pub fn receive_verdict(world: &Wire) -> Result<Verdict> {
     }
 }
 
-fn exact(stats: &[Option<InputStats>], input: usize) -> Result<&ExactStats> {
+/// This rank's part of `Σ_r G_r·Q` for `input`, summed over the stage: host Grams by `dsymm`
+/// and a host all-reduce, Grams on a GPU by cuBLAS `dsymm` there and an all-reduce of the
+/// products in GPU memory (NCCL), copied to the host for the leader's iteration.
+fn gram_product(
+    stage: &Wire,
+    stats: &[Option<InputStats>],
+    input: usize,
+    q: ArrayView2<f64>,
+) -> Result<Array2<f64>> {
     match stats.get(input) {
-        Some(Some(InputStats::Exact(e))) => Ok(e),
-        _ => Err(Error::Comm(format!("the stage leader asked for Gram products of input {input}, which has no exact statistics on this rank"))),
+        Some(Some(InputStats::Exact(e))) => {
+            let mut z = e.gram_apply(q)?;
+            stage.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
+            Ok(z)
+        }
+        Some(Some(InputStats::Device(x))) if x.sketch().is_none() => {
+            let mut z = x.gram_apply(q)?;
+            stage.all_reduce_device(&mut z)?;
+            Ok(Array2::from_shape_vec(q.dim(), z.to_host()?).expect("d x m products"))
+        }
+        _ => Err(not_exact(input)),
     }
+}
+
+/// The upper triangle of `input`'s Gram, packed row by row, summed over the stage (on the GPU
+/// for device statistics).
+fn summed_gram(stage: &Wire, stats: &[Option<InputStats>], input: usize) -> Result<Vec<f64>> {
+    match stats.get(input) {
+        Some(Some(InputStats::Exact(e))) => {
+            let mut packed = Vec::new();
+            pack_upper(e.gram(), e.dim(), &mut packed);
+            stage.all_reduce_sum(&mut packed)?;
+            Ok(packed)
+        }
+        Some(Some(InputStats::Device(x))) if x.sketch().is_none() => {
+            let mut packed = x.packed_gram()?;
+            stage.all_reduce_device(&mut packed)?;
+            packed.to_host()
+        }
+        _ => Err(not_exact(input)),
+    }
+}
+
+fn not_exact(input: usize) -> Error {
+    Error::Comm(format!("the stage leader asked for Gram products of input {input}, which has no exact statistics on this rank"))
 }
 
 /// Stage leader: broadcasts a command to its stage.
@@ -507,9 +574,7 @@ pub fn apply(
             },
         )?;
     }
-    let mut z = exact(stats, input)?.gram_apply(q)?;
-    stage.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
-    Ok(z)
+    gram_product(stage, stats, input, q)
 }
 
 /// Stage leader: the summed Gram (upper triangle) of `input`.
@@ -517,12 +582,13 @@ pub fn gram(stage: &Wire, stats: &[Option<InputStats>], input: usize) -> Result<
     if stage.comm.size() > 1 {
         send(stage, &Command::Gram { input })?;
     }
-    let e = exact(stats, input)?;
-    let mut packed = Vec::new();
-    pack_upper(e.gram(), e.dim(), &mut packed);
-    stage.all_reduce_sum(&mut packed)?;
-    let mut g = vec![0.0; e.dim() * e.dim()];
-    unpack_upper(&packed, e.dim(), &mut g);
+    let d = stats
+        .get(input)
+        .and_then(|s| s.as_ref())
+        .map_or(0, |s| s.dim());
+    let packed = summed_gram(stage, stats, input)?;
+    let mut g = vec![0.0; d * d];
+    unpack_upper(&packed, d, &mut g);
     Ok(g)
 }
 
@@ -533,14 +599,10 @@ pub fn serve(stage: &Wire, stats: &[Option<InputStats>]) -> Result<()> {
         stage.broadcast(&mut buf, 0)?;
         match Command::decode(&buf)? {
             Command::Apply { input, q } => {
-                let mut z = exact(stats, input)?.gram_apply(q.view())?;
-                stage.all_reduce_sum(z.as_slice_mut().expect("owned standard layout"))?;
+                gram_product(stage, stats, input, q.view())?;
             }
             Command::Gram { input } => {
-                let e = exact(stats, input)?;
-                let mut packed = Vec::new();
-                pack_upper(e.gram(), e.dim(), &mut packed);
-                stage.all_reduce_sum(&mut packed)?;
+                summed_gram(stage, stats, input)?;
             }
             Command::Done => return Ok(()),
             Command::Abort(msg) => {

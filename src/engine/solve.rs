@@ -24,9 +24,12 @@ use ndarray::Array2;
 pub const CONCURRENT_MAX_DIM: usize = 2048;
 
 /// Whether every rank of the stage holds all of an input's statistics after the fused
-/// all-reduce (a shared Gram, a sketch, or anything with one replica).
+/// all-reduce (a shared Gram, a sketch, or host statistics with one replica); the others (large
+/// exact Grams on several replicas, or on a GPU) are reached through products.
 fn held_here(local: &InputStats, shared: &Shared, replicas: usize) -> bool {
-    replicas == 1 || shared.gram.is_some() || matches!(local, InputStats::Sketch(_))
+    shared.gram.is_some()
+        || local.sketch().is_some()
+        || (replicas == 1 && local.host_gram().is_some())
 }
 
 /// Eigenpairs of an input whose reduced statistics this rank holds in full ([`held_here`]).
@@ -37,19 +40,10 @@ fn estimate_held(
     warm: &mut Option<Array2<f64>>,
     precision: Precision,
 ) -> Result<Spectrum> {
-    match (local, &shared.gram) {
-        (InputStats::Exact(_), Some(gram)) => {
-            Spectrum::from_gram(Gram::Local(gram), &shared.moments, kmax, warm, precision)
-        }
-        // One replica: the local Gram is the sum.
-        (InputStats::Exact(e), None) => Spectrum::from_gram(
-            Gram::Local(e.gram()),
-            &shared.moments,
-            kmax,
-            warm,
-            precision,
-        ),
-        (InputStats::Sketch(s), _) => {
+    // A shared Gram is the sum; with one replica the local Gram is.
+    let gram = shared.gram.as_deref().or_else(|| local.host_gram());
+    match (gram, local.sketch()) {
+        (_, Some(s)) => {
             let y = shared
                 .sketch
                 .as_ref()
@@ -61,6 +55,12 @@ fn estimate_held(
                 kmax,
             )
         }
+        (Some(g), None) => {
+            Spectrum::from_gram(Gram::Local(g), &shared.moments, kmax, warm, precision)
+        }
+        (None, None) => Err(crate::Error::Comm(
+            "an exact input without a Gram on this rank was solved as if held here".into(),
+        )),
     }
 }
 

@@ -3,9 +3,14 @@
 
 use super::checkpoint::HostTensor;
 use super::ops::{self, Activation, AttentionMask, Heads, Segments};
+use crate::stats::InputStats;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 use std::convert::Infallible;
+use std::sync::Arc;
+
+/// An activation on the GPU: none exists in this build.
+pub type CudaTensor = Infallible;
 
 /// Storage type of the weight matrices on the device (`--dtype`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +72,96 @@ impl Cuda {
 
     /// Unreachable (no value exists).
     pub fn to_host(&self, _: &Infallible) -> Result<Array2<f32>> {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn all_finite(&self, _: &Infallible) -> Result<bool> {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn select(&self, _: &Infallible, _: &[usize]) -> Infallible {
+        match *self {}
+    }
+}
+
+/// Statistics on a GPU: none exist in this build (uninhabited).
+pub enum DeviceStats {}
+
+impl DeviceStats {
+    /// Unreachable: no [`Cuda`] exists.
+    pub fn new(gpu: &Arc<Cuda>, _: &InputStats) -> Result<Self> {
+        match **gpu {}
+    }
+    /// Unreachable (no value exists).
+    pub fn gpu(&self) -> &Arc<Cuda> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn dim(&self) -> usize {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn sketch(&self) -> Option<&crate::stats::sketch::SketchStats> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn accumulate(&mut self, _: &Infallible) -> Result<()> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn accumulate_host(&mut self, _: ArrayView2<f32>) -> Result<()> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn packed_len(&self, _: bool) -> usize {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn pack(&mut self, _: &mut DeviceSums, _: usize, _: bool) -> Result<usize> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn gram_apply(&self, _: ArrayView2<f64>) -> Result<DeviceSums> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn packed_gram(&self) -> Result<DeviceSums> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn to_host(&self) -> Result<InputStats> {
+        match *self {}
+    }
+}
+
+/// f64 values on a GPU: none exist in this build (uninhabited).
+pub enum DeviceSums {}
+
+impl DeviceSums {
+    /// Unreachable: no [`Cuda`] exists.
+    pub fn zeros(gpu: &Arc<Cuda>, _: usize, _: &str) -> Result<Self> {
+        match **gpu {}
+    }
+    /// Unreachable (no value exists).
+    pub fn len(&self) -> usize {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn is_empty(&self) -> bool {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn gpu(&self) -> &Arc<Cuda> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn to_host(&self) -> Result<Vec<f64>> {
+        match *self {}
+    }
+    /// Unreachable (no value exists).
+    pub fn copy_from_host(&mut self, _: &[f64]) -> Result<()> {
         match *self {}
     }
 }

@@ -265,6 +265,15 @@ pub trait Backend {
     fn dim(&self, x: &Self::Tensor) -> usize;
     /// Token rows of an activation.
     fn tokens(&self, x: &Self::Tensor) -> usize;
+    /// The activation as a GPU buffer and its device, where it is one (the CUDA backend), so that
+    /// captures reach the device statistics without leaving the GPU; `None` on the host.
+    fn device_rows<'a>(
+        &'a self,
+        x: &'a Self::Tensor,
+    ) -> Option<(&'a super::cuda::Cuda, &'a super::cuda::CudaTensor)> {
+        let _ = x;
+        None
+    }
 }
 
 /// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on as

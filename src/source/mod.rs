@@ -12,8 +12,10 @@ pub mod shards;
 pub mod stages;
 pub mod synthetic;
 
+use crate::model::cuda::{Cuda, CudaTensor};
+use crate::model::ops::Backend;
 use crate::{Error, Result};
-use ndarray::ArrayView2;
+use ndarray::{ArrayView2, CowArray, Ix2};
 
 /// One targeted linear layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -123,8 +125,62 @@ impl Catalog {
     }
 }
 
-/// Receives the rows (`tokens x dim`, f32) of unique input `input` for the units being read.
-pub type Sink<'a> = dyn FnMut(usize, ArrayView2<f32>) -> Result<()> + 'a;
+/// The captured rows (`tokens x dim`, f32) of one unique input: a host matrix, or a buffer on
+/// the GPU that ran the forward pass (`--device cuda`), which the device statistics take as it is.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    /// Rows in host memory (the CPU forward pass, activation files, synthetic data).
+    Host(ArrayView2<'a, f32>),
+    /// Rows on `gpu` (row-major `[tokens, dim]`).
+    Device { gpu: &'a Cuda, x: &'a CudaTensor },
+}
+
+impl<'a> Rows<'a> {
+    /// Token rows.
+    pub fn nrows(&self) -> usize {
+        match self {
+            Rows::Host(x) => x.nrows(),
+            Rows::Device { gpu, x } => gpu.tokens(x),
+        }
+    }
+
+    /// Features.
+    pub fn ncols(&self) -> usize {
+        match self {
+            Rows::Host(x) => x.ncols(),
+            Rows::Device { gpu, x } => gpu.dim(x),
+        }
+    }
+
+    /// The rows in host memory: a view of host rows, a copy of device rows.
+    pub fn to_host(&self) -> Result<CowArray<'a, f32, Ix2>> {
+        match *self {
+            Rows::Host(x) => Ok(CowArray::from(x)),
+            Rows::Device { gpu, x } => Ok(CowArray::from(gpu.to_host(x)?)),
+        }
+    }
+
+    /// [`check_finite`] wherever the rows are (on a GPU, one flag comes back; the rows only when
+    /// it is set, to name the token and feature).
+    pub fn check_finite(&self, context: impl FnOnce() -> String) -> Result<()> {
+        match *self {
+            Rows::Host(x) => check_finite(x, context),
+            Rows::Device { gpu, x } => {
+                if gpu.all_finite(x)? {
+                    return Ok(());
+                }
+                let what = context();
+                check_finite(self.to_host()?.view(), || what.clone())?;
+                Err(Error::data(format!(
+                    "{what}: non-finite activation (seen on the GPU, not in the copy on the host)"
+                )))
+            }
+        }
+    }
+}
+
+/// Receives the rows of unique input `input` for the units being read.
+pub type Sink<'a> = dyn FnMut(usize, Rows<'_>) -> Result<()> + 'a;
 
 /// What one pipeline stage hands the next for a pass: the hidden state after its last block
 /// (`tokens x hidden`, f32).
@@ -165,6 +221,11 @@ pub trait Source {
     /// never on the world size, so every rank computes a pass bit for bit the same.
     fn pass_units(&self) -> usize {
         1
+    }
+    /// The GPU whose memory the rows of [`Rows::Device`] live in (`--device cuda`), so that the
+    /// statistics are kept there too; `None` for sources that deliver host rows.
+    fn device(&self) -> Option<std::sync::Arc<Cuda>> {
+        None
     }
 }
 
@@ -298,6 +359,10 @@ impl Source for Targeted {
 
     fn pipelined(&self) -> bool {
         self.inner.pipelined()
+    }
+
+    fn device(&self) -> Option<std::sync::Arc<Cuda>> {
+        self.inner.device()
     }
 
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {

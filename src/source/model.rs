@@ -12,7 +12,7 @@
 //! starts from the previous stage's hidden state and hands its own to the next
 //! ([`Source::read_stage`]); the catalog still lists every layer of the model.
 
-use super::{check_finite, Catalog, Hidden, Sink, Source};
+use super::{Catalog, Hidden, Rows, Sink, Source};
 use crate::model::cuda::{Cuda, CudaOptions};
 use crate::model::ops::{Backend, Cpu};
 use crate::model::text::{read_examples, Examples, TextEncoder};
@@ -21,6 +21,7 @@ use crate::{Error, Result};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Examples per forward pass. Packing amortizes each layer's weights over more rows (larger
 /// BLAS products) and the f64 update of each exact Gram over more tokens: on all-MiniLM-L6-v2,
@@ -44,9 +45,9 @@ pub struct ModelOptions {
 enum Resident {
     /// The CPU reference (activations are host matrices: captures are handed over without a copy).
     Cpu(Loaded<Cpu>),
-    /// A GPU (`--device cuda`): captured rows are gathered on the device and copied to the host,
-    /// where the statistics accumulate today.
-    Cuda((Cuda, Loaded<Cuda>)),
+    /// A GPU (`--device cuda`): captured rows are gathered on the device and handed over there
+    /// ([`Rows::Device`]); the statistics accumulate on the same GPU ([`Source::device`]).
+    Cuda((Arc<Cuda>, Loaded<Cuda>)),
 }
 
 /// A model and a data file as a [`Source`].
@@ -107,8 +108,8 @@ impl ModelSource {
                     blocks.end,
                     model.layers()
                 );
-                let gpu = Cuda::new(o)?;
-                let loaded = model.load(&gpu, blocks)?;
+                let gpu = Arc::new(Cuda::new(o)?);
+                let loaded = model.load(&*gpu, blocks)?;
                 gpu.check()?;
                 Resident::Cuda((gpu, loaded))
             }
@@ -174,7 +175,7 @@ impl ModelSource {
                 let (gpu, loaded) = r;
                 let input = input.map(|h| gpu.from_host(&h)).transpose()?;
                 let out = self.pass(
-                    gpu,
+                    &**gpu,
                     loaded,
                     units,
                     need,
@@ -244,14 +245,25 @@ impl ModelSource {
             if !wanted[g] || keep.is_empty() {
                 return Ok(());
             }
-            // Every token kept (no label mask hit): hand over the activation itself.
+            // Every token kept (no label mask hit): hand over the activation itself; otherwise
+            // the kept rows, gathered where the activation is (a GPU's stay on it).
+            let all = be.tokens(x) == keep.len();
             let copied;
-            let rows = match be.host_view(x).filter(|v| v.nrows() == keep.len()) {
-                Some(v) => v,
-                None => {
+            // Without the `cuda` feature no device tensor exists, so its arm is dead code there.
+            #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+            let selected;
+            let rows = match (be.device_rows(x), be.host_view(x)) {
+                (Some((gpu, t)), _) if all => Rows::Device { gpu, x: t },
+                (Some((gpu, t)), _) => {
+                    selected = gpu.select(t, &keep);
+                    check()?;
+                    Rows::Device { gpu, x: &selected }
+                }
+                (None, Some(v)) if all => Rows::Host(v),
+                (None, _) => {
                     copied = be.rows(x, &keep);
                     check()?;
-                    copied.view()
+                    Rows::Host(copied.view())
                 }
             };
             let name = || {
@@ -261,7 +273,7 @@ impl ModelSource {
                     .map_or("?", |m| m.name.as_str())
                     .to_string()
             };
-            check_finite(rows, || {
+            rows.check_finite(|| {
                 format!(
                     "model forward, input of {} (examples on lines {first}..={last} of {})",
                     name(),
@@ -317,5 +329,12 @@ impl Source for ModelSource {
 
     fn pass_units(&self) -> usize {
         EXAMPLES_PER_PASS
+    }
+
+    fn device(&self) -> Option<Arc<Cuda>> {
+        match &self.resident {
+            Resident::Cpu(_) => None,
+            Resident::Cuda((gpu, _)) => Some(gpu.clone()),
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! form one equal-input group. A read touches only the files, and the tensors, of the inputs it
 //! wants: with `--pp`, a stage reads only its layers.
 
-use super::{check_finite, natural_cmp, Catalog, Sink, Source};
+use super::{check_finite, natural_cmp, Catalog, Rows, Sink, Source};
 use crate::{Error, Result};
 use ndarray::Array2;
 use safetensors::{Dtype, SafeTensors};
@@ -388,7 +388,7 @@ impl Source for ShardSource {
                         path.display()
                     )
                 })?;
-                sink(input, x)?;
+                sink(input, Rows::Host(x))?;
             }
         }
         Ok(())

@@ -18,7 +18,7 @@
 //! (unit variance) drawn from `(seed, l, u)` alone, so any rank can produce any unit; `Q_l` is a
 //! product of three Householder reflections drawn from `(seed, l)`, so the eigenvectors are dense.
 
-use super::{Catalog, Sink, Source};
+use super::{Catalog, Rows, Sink, Source};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use ndarray::{Array1, Array2};
@@ -246,7 +246,7 @@ impl Source for SyntheticSource {
             }
             for input in (0..self.catalog.inputs.len()).filter(|&i| wanted[i]) {
                 let x = self.generate(input, unit);
-                sink(input, x.view())?;
+                sink(input, Rows::Host(x.view()))?;
             }
         }
         Ok(())

@@ -7,6 +7,7 @@ use crate::Result;
 use ndarray::{Array2, ArrayView2};
 
 /// Exact Gram statistics of one unique input.
+#[derive(Clone)]
 pub struct ExactStats {
     d: usize,
     reference: Vec<f32>,
@@ -39,7 +40,23 @@ impl ExactStats {
         Ok(())
     }
 
-    /// The reference vector the rows are shifted by.
+    /// Statistics with these sums (e.g. copied from a GPU): `gram` is row-major `d x d` with at
+    /// least its upper triangle valid.
+    pub fn from_parts(reference: Vec<f32>, moments: Moments, gram: Vec<f64>) -> Self {
+        let d = reference.len();
+        assert!(
+            gram.len() == d * d && moments.sum.len() == d,
+            "ExactStats::from_parts: parts of dimension {d} expected"
+        );
+        ExactStats {
+            d,
+            reference,
+            moments,
+            gram,
+        }
+    }
+
+    /// The shift `c` of the rows.
     pub fn reference(&self) -> &[f32] {
         &self.reference
     }

@@ -9,13 +9,20 @@
 //! |---|---|---|
 //! | [`exact::ExactStats`] | Gram of shifted rows (f64, upper triangle) | `8·d²` bytes |
 //! | [`sketch::SketchStats`] | Nyström sketch `G[Ω Θ]` (f64) | `8·d·(k+q)` bytes |
+//! | [`InputStats::Device`] | either of them on the GPU that ran the forward pass (`--device cuda`) | `12·d²` or `16·d·(k+q)` bytes of device memory |
+//!
+//! [`Packed`] is a stage's step of shared parts, packed for the fused all-reduce where the
+//! statistics are (host memory, or one GPU buffer that NCCL sums in place).
 
 pub mod exact;
 pub mod sketch;
 
 use crate::config::EstimatorChoice;
-use crate::Result;
+use crate::model::cuda::{Cuda, DeviceStats, DeviceSums};
+use crate::source::Rows;
+use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
+use std::sync::Arc;
 
 /// Rows per BLAS call: bounds scratch memory and the length of each f32 product sum.
 pub const CHUNK_ROWS: usize = 4096;
@@ -132,7 +139,7 @@ pub struct Shared {
 pub const SHARED_GRAM_MAX_DIM: usize = 2048;
 
 impl Shared {
-    /// Reads back what [`InputStats::pack_shared`] wrote (after the sum), returning the rest.
+    /// Reads back what [`Packed::of`] wrote (after the sum), returning the rest.
     pub fn unpack<'a>(&mut self, data: &'a [f64]) -> &'a [f64] {
         let d = self.moments.sum.len();
         self.moments.n = data[0].round() as u64;
@@ -153,10 +160,21 @@ impl Shared {
     }
 }
 
-/// The statistic one unique input accumulates.
+/// How one unique input is estimated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Estimator {
+    /// The exact Gram.
+    Exact,
+    /// A Nyström sketch of `k` columns, its test matrix drawn from `seed` and `stream`.
+    Sketch { k: usize, seed: u64, stream: u64 },
+}
+
+/// The statistic one unique input accumulates: on the host, or on the GPU that computes its rows
+/// (`--device cuda`: the rows never leave it, see `model::cuda::stats`).
 pub enum InputStats {
     Exact(exact::ExactStats),
     Sketch(sketch::SketchStats),
+    Device(Box<DeviceStats>),
 }
 
 /// Scratch buffers shared by all inputs of a rank (one input accumulates at a time): the
@@ -167,52 +185,176 @@ pub struct Workspace {
     product: Vec<f32>,
 }
 
+/// The packed shared parts of a stage's inputs, where they were packed: host memory, or one
+/// buffer on the GPU that holds the statistics (all-reduced there, e.g. by NCCL).
+pub enum Packed {
+    Host(Vec<f64>),
+    Device(DeviceSums),
+}
+
+impl Packed {
+    /// Packs the shared parts of `inputs` (`(statistics, shared part)` pairs, in order) where the
+    /// statistics are: host statistics into a host buffer, device ones into one device buffer.
+    pub fn of(inputs: &mut [(&mut InputStats, &Shared)]) -> Result<Packed> {
+        let gpu = inputs.iter().find_map(|(s, _)| match s {
+            InputStats::Device(d) => Some(d.gpu().clone()),
+            _ => None,
+        });
+        let Some(gpu) = gpu else {
+            let mut buf = Vec::new();
+            for (s, shared) in inputs.iter() {
+                s.pack_shared(shared, &mut buf);
+            }
+            return Ok(Packed::Host(buf));
+        };
+        let len: usize = inputs
+            .iter()
+            .map(|(s, shared)| match s {
+                InputStats::Device(d) => Ok(d.packed_len(shared.gram.is_some())),
+                _ => Err(Error::Device(
+                    "a stage holds statistics on the GPU and on the host at once".into(),
+                )),
+            })
+            .sum::<Result<usize>>()?;
+        let mut buf = DeviceSums::zeros(&gpu, len, "the fused all-reduce's buffer")?;
+        let mut at = 0;
+        for (s, shared) in inputs.iter_mut() {
+            if let InputStats::Device(d) = s {
+                at = d.pack(&mut buf, at, shared.gram.is_some())?;
+            }
+        }
+        debug_assert_eq!(at, len);
+        Ok(Packed::Device(buf))
+    }
+
+    /// The values in host memory (a copy of device ones), e.g. after the all-reduce, for
+    /// [`Shared::unpack`].
+    pub fn into_host(self) -> Result<Vec<f64>> {
+        match self {
+            Packed::Host(v) => Ok(v),
+            Packed::Device(d) => d.to_host(),
+        }
+    }
+}
+
+/// Values one input's packed shared part holds: `[n, Σx̃, Σx̃²]`, then the sketch (`d·m` for
+/// `m` columns) or, with `with_gram`, the Gram's upper triangle (`d(d+1)/2`). The GPU packs
+/// into a buffer of this size (`model::cuda::DeviceStats::packed_len`).
+pub fn shared_len(d: usize, sketch_columns: Option<usize>, with_gram: bool) -> usize {
+    1 + 2 * d
+        + match sketch_columns {
+            Some(m) => d * m,
+            None if with_gram => d * (d + 1) / 2,
+            None => 0,
+        }
+}
+
 impl InputStats {
-    /// Adds rows (`tokens x d`).
-    pub fn accumulate(&mut self, x: ArrayView2<f32>, ws: &mut Workspace) -> Result<()> {
-        match self {
-            InputStats::Exact(s) => s.accumulate(x, ws),
-            InputStats::Sketch(s) => s.accumulate(x, ws),
+    /// Empty statistics of an input around `reference` (its length is `d`), on the host, or on
+    /// `device`.
+    pub fn new(
+        reference: Vec<f32>,
+        estimator: Estimator,
+        device: Option<&Arc<Cuda>>,
+    ) -> Result<Self> {
+        let host = match estimator {
+            Estimator::Exact => InputStats::Exact(exact::ExactStats::new(reference)),
+            Estimator::Sketch { k, seed, stream } => {
+                InputStats::Sketch(sketch::SketchStats::new(reference, k, seed, stream))
+            }
+        };
+        match device {
+            None => Ok(host),
+            Some(gpu) => host.to_device(gpu),
         }
     }
 
-    /// The reference vector the rows are shifted by.
-    pub fn reference(&self) -> &[f32] {
-        match self {
-            InputStats::Exact(s) => s.reference(),
-            InputStats::Sketch(s) => s.reference(),
+    /// These statistics on `gpu` (their sums uploaded; device ones copied through the host).
+    pub fn to_device(&self, gpu: &Arc<Cuda>) -> Result<Self> {
+        Ok(InputStats::Device(Box::new(DeviceStats::new(gpu, self)?)))
+    }
+
+    /// These statistics as host ones, the same estimator, shift, test matrix and sums (a copy):
+    /// what a checkpoint writes, whichever device accumulated them.
+    pub fn to_host(&self) -> Result<Self> {
+        Ok(match self {
+            InputStats::Exact(e) => InputStats::Exact(e.clone()),
+            InputStats::Sketch(s) => InputStats::Sketch(s.clone()),
+            InputStats::Device(d) => d.to_host()?,
+        })
+    }
+
+    /// Adds rows (`tokens x d`), on the host or the GPU wherever the statistics are (rows
+    /// elsewhere are copied there first).
+    pub fn accumulate(&mut self, x: Rows<'_>, ws: &mut Workspace) -> Result<()> {
+        match (self, x) {
+            (InputStats::Device(d), Rows::Device { x, .. }) => d.accumulate(x),
+            (InputStats::Device(d), Rows::Host(x)) => d.accumulate_host(x),
+            (InputStats::Exact(s), Rows::Host(x)) => s.accumulate(x, ws),
+            (InputStats::Sketch(s), Rows::Host(x)) => s.accumulate(x, ws),
+            (host, rows) => host.accumulate(Rows::Host(rows.to_host()?.view()), ws),
         }
     }
 
-    /// The count and sums shared by both estimators.
-    pub fn moments(&self) -> &Moments {
+    /// Dimension.
+    pub fn dim(&self) -> usize {
         match self {
-            InputStats::Exact(s) => &s.moments,
-            InputStats::Sketch(s) => &s.moments,
+            InputStats::Exact(s) => s.dim(),
+            InputStats::Sketch(s) => s.reference().len(),
+            InputStats::Device(d) => d.dim(),
         }
     }
 
-    /// An empty [`Shared`] of the right shape for this input; `share_gram` asks exact inputs to
-    /// share their Gram.
-    pub fn empty_shared(&self, share_gram: bool) -> Shared {
-        let d = self.moments().sum.len();
+    /// The sketch's test matrices and reconstruction (`None` for exact statistics).
+    pub fn sketch(&self) -> Option<&sketch::SketchStats> {
+        match self {
+            InputStats::Exact(_) => None,
+            InputStats::Sketch(s) => Some(s),
+            InputStats::Device(d) => d.sketch(),
+        }
+    }
+
+    /// Whether the fused all-reduce carries this input's Gram (so that every rank of the stage
+    /// holds the summed Gram after it): exact inputs below [`SHARED_GRAM_MAX_DIM`] in a stage of
+    /// several replicas; on a GPU with any number of replicas, since that is how the leader, on
+    /// the host, gets it. Larger Grams stay where they are (products, `engine::protocol`).
+    pub fn shares_gram(&self, replicas: usize) -> bool {
+        let small = self.dim() < SHARED_GRAM_MAX_DIM;
+        match self {
+            InputStats::Exact(_) => replicas > 1 && small,
+            InputStats::Sketch(_) => false,
+            InputStats::Device(d) => d.sketch().is_none() && small,
+        }
+    }
+
+    /// This rank's own Gram in host memory (row-major `d x d`, upper triangle valid), for host
+    /// exact statistics.
+    pub fn host_gram(&self) -> Option<&[f64]> {
+        match self {
+            InputStats::Exact(e) => Some(e.gram()),
+            _ => None,
+        }
+    }
+
+    /// An empty [`Shared`] of the right shape for this input in a stage of `replicas` replicas
+    /// (with the Gram when [`InputStats::shares_gram`]).
+    pub fn empty_shared(&self, replicas: usize) -> Shared {
+        let d = self.dim();
         Shared {
             moments: Moments::new(d),
-            sketch: match self {
-                InputStats::Exact(_) => None,
-                InputStats::Sketch(s) => Some(Array2::zeros(s.sketch().dim())),
-            },
-            gram: match self {
-                InputStats::Exact(_) if share_gram => Some(vec![0.0; d * d]),
-                _ => None,
-            },
+            sketch: self.sketch().map(|s| Array2::zeros(s.sketch().dim())),
+            gram: self.shares_gram(replicas).then(|| vec![0.0; d * d]),
         }
     }
 
     /// Appends the local part to be all-reduced: `[n, Σx, Σx², sketch | Gram upper triangle]`
-    /// (the Gram only when `shared` holds one).
-    pub fn pack_shared(&self, shared: &Shared, out: &mut Vec<f64>) {
-        let m = self.moments();
+    /// (the Gram only when `shared` holds one), for host statistics ([`Packed::of`] packs both).
+    fn pack_shared(&self, shared: &Shared, out: &mut Vec<f64>) {
+        let m = match self {
+            InputStats::Exact(e) => &e.moments,
+            InputStats::Sketch(s) => &s.moments,
+            InputStats::Device(_) => unreachable!("Packed::of packs device statistics"),
+        };
         out.push(m.n as f64);
         out.extend_from_slice(&m.sum);
         out.extend_from_slice(&m.sum_sq);
@@ -221,15 +363,15 @@ impl InputStats {
             InputStats::Exact(e) if shared.gram.is_some() => {
                 exact::pack_upper(e.gram(), e.dim(), out)
             }
-            InputStats::Exact(_) => {}
+            _ => {}
         }
     }
 
     /// The estimator's name in reports.
     pub fn name(&self) -> &'static str {
-        match self {
-            InputStats::Exact(_) => "exact",
-            InputStats::Sketch(_) => "sketch",
+        match self.sketch() {
+            None => "exact",
+            Some(_) => "sketch",
         }
     }
 }
@@ -294,6 +436,38 @@ pub fn choose(choice: EstimatorChoice, dims: &[usize], budget: u64, world: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_len_is_what_the_host_packs() {
+        let reference = vec![0.5f32; 7];
+        let x = Array2::from_shape_fn((30, 7), |(i, j)| ((i * 3 + j) % 5) as f32);
+        let sketch = Estimator::Sketch {
+            k: 3,
+            seed: 1,
+            stream: 2,
+        };
+        for (estimator, replicas) in [(Estimator::Exact, 1), (Estimator::Exact, 2), (sketch, 1)] {
+            let mut s = InputStats::new(reference.clone(), estimator, None).unwrap();
+            s.accumulate(Rows::Host(x.view()), &mut Workspace::default())
+                .unwrap();
+            let shared = s.empty_shared(replicas);
+            let want = shared_len(
+                7,
+                s.sketch().map(|k| k.sketch().ncols()),
+                shared.gram.is_some(),
+            );
+            let v = Packed::of(&mut [(&mut s, &shared)])
+                .unwrap()
+                .into_host()
+                .unwrap();
+            assert_eq!(v.len(), want, "{estimator:?}, {replicas} replicas");
+            assert_eq!(v[0], 30.0);
+            // What was packed reads back.
+            let mut back = s.empty_shared(replicas);
+            assert!(back.unpack(&v).is_empty());
+            assert_eq!(back.moments.n, 30);
+        }
+    }
 
     #[test]
     fn auto_makes_the_smallest_inputs_exact_within_the_budget() {

@@ -14,6 +14,7 @@ use ndarray::{s, Array2, ArrayView2};
 pub const ROUNDING_SLACK: f64 = 1e-6;
 
 /// Sketch statistics of one unique input.
+#[derive(Clone)]
 pub struct SketchStats {
     k: usize,
     reference: Vec<f32>,
@@ -80,7 +81,7 @@ impl SketchStats {
         self.k
     }
 
-    /// The reference vector the rows are shifted by.
+    /// The shift `c` of the rows.
     pub fn reference(&self) -> &[f32] {
         &self.reference
     }
@@ -95,6 +96,19 @@ impl SketchStats {
         assert_eq!(y.dim(), self.y.dim(), "sketch of another shape");
         self.moments = moments;
         self.y = y;
+    }
+
+    /// The test matrix `[Ω Θ]` in f32 (`d x (k+q)`), as the products use it.
+    pub fn test32(&self) -> &Array2<f32> {
+        &self.test32
+    }
+
+    /// These statistics with the sums replaced (e.g. by those copied from a GPU); `y` is
+    /// row-major `d x (k+q)`.
+    pub fn with_sums(mut self, moments: Moments, y: Vec<f64>) -> Self {
+        let y = Array2::from_shape_vec(self.y.dim(), y).expect("d x (k+q) sums");
+        self.restore(moments, y);
+        self
     }
 
     /// Adds rows (`tokens x d`).

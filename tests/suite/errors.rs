@@ -6,6 +6,7 @@ use ndarray::Array2;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 
 /// A small valid dataset: two layers of d = 8, `units` shards.
 fn valid(dir: &Path, units: usize) {
@@ -323,4 +324,50 @@ fn synthetic_spec_errors_are_usage_errors() {
     let o = eva(&["init", "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "a source is required");
     assert_nothing_written(&out);
+}
+
+/// `--device cuda` on a machine without what it needs: exit code 2 before any work, one
+/// sentence naming what is missing and where it was looked for, nothing written. A build without
+/// the `cuda` feature says how to rebuild; a `--features cuda` build on a machine without the
+/// driver names the driver's file names and `LD_LIBRARY_PATH` (probed before cudarc, which would
+/// panic). On a machine with a GPU the probe finds everything and this test has nothing to refuse.
+#[test]
+fn device_cuda_without_a_gpu_is_a_usage_error_naming_what_is_missing() {
+    if eva::model::cuda::available().is_ok() {
+        eprintln!("a usable GPU is present: this test is about machines without one");
+        return;
+    }
+    let tmp = tempdir();
+    let out = tmp.path().join("adapter");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (model, data) = (
+        format!("{root}/examples/tiny-llama"),
+        format!("{root}/examples/data/train.txt"),
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_eva"))
+        .args([
+            "init", "--model", &model, "--data", &data, "--device", "cuda",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .env("LD_LIBRARY_PATH", "/nonexistent-eva-test")
+        .output()
+        .unwrap();
+    let needles: &[&str] = if cfg!(feature = "cuda") {
+        &["--device cuda:"]
+    } else {
+        &["--device cuda", "--features cuda"]
+    };
+    assert_refused(&o, 2, needles, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if cfg!(feature = "cuda") {
+        // No driver: its file names and the library path; a driver without a GPU: that.
+        assert!(
+            (err.contains("libcuda.so.1")
+                && err.contains("LD_LIBRARY_PATH (/nonexistent-eva-test)"))
+                || err.contains("found no GPU"),
+            "{err}"
+        );
+    }
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("eva: error:"), "{err}");
 }

@@ -310,7 +310,7 @@ fn activation_shards() {
                 let wanted = vec![true; src.catalog().inputs.len()];
                 for u in 0..src.units() {
                     let _ = src.read(&[u], &wanted, &mut |_, rows| {
-                        std::hint::black_box(rows.sum());
+                        std::hint::black_box(rows.to_host()?.sum());
                         Ok(())
                     });
                 }
@@ -347,7 +347,7 @@ fn open_and_run(dir: &Path, data: &Path) -> Result<(), String> {
         let wanted = vec![true; src.catalog().inputs.len()];
         let units: Vec<usize> = (0..src.units().min(4)).collect();
         let _ = src.read(&units, &wanted, &mut |_, rows| {
-            std::hint::black_box(rows.sum());
+            std::hint::black_box(rows.to_host()?.sum());
             Ok(())
         });
     }

@@ -8,6 +8,8 @@
 //! | `forward_bf16_is_close_to_the_cpu_on_<arch>` | the same, bf16 weights: ≤ [`BF16_TOL`] |
 //! | `exact_gram_matches_the_cpu_f64_gram` | `stats::exact::ExactStats` (f32 products over 4096 rows, f64 sums) |
 //! | `sketch_products_match_f64` | `Xᵀ(X T)` in f64 on the host |
+//! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
+//! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
 
 use eva::model::cuda::{Cuda, CudaOptions, DType};
 use eva::model::ops::{Backend, Cpu};
@@ -15,12 +17,16 @@ use eva::model::{Model, Need, Point};
 use ndarray::Array2;
 use std::path::PathBuf;
 
-/// A fixture directory of `tests/reference/`. The test binary may run in a copy of the tree
-/// elsewhere (the GPU machine): `EVA_REPO_DIR` names its root there.
+/// The repository's root. The test binary may run in a copy of the tree elsewhere (the GPU
+/// machine): `EVA_REPO_DIR` names its root there.
+fn repo() -> PathBuf {
+    std::env::var_os("EVA_REPO_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// A fixture directory of `tests/reference/`.
 fn fixture(arch: &str) -> PathBuf {
-    let root = std::env::var_os("EVA_REPO_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    root.join("tests/reference").join(arch)
+    repo().join("tests/reference").join(arch)
 }
 
 /// An environment variable a test cannot run without (it fails, naming it).
@@ -390,5 +396,185 @@ fn bench_forward_tokens_per_second() {
         "EVA_BENCH tokens_per_s={:.1} seconds_per_pass={s:.6} device=\"{}\"",
         (seqs * len) as f64 / s,
         gpu.describe()
+    );
+}
+
+/// The statistics the engine keeps with `--device cuda` (`InputStats::Device`) against the host
+/// ones on the same rows, through the engine's own calls: the packed shared part (what the fused
+/// all-reduce sums), `G·Q` (the remote products) and the packed Gram, and the copies both ways.
+/// Bounds: the f32 products of at most 4096 rows before each f64 flush on both sides (different
+/// summation orders), `2e-5` of the largest diagonal entry; sums and sketches `1e-5`.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+fn device_input_stats_match_the_cpu() {
+    use eva::source::Rows;
+    use eva::stats::{Estimator, InputStats, Packed, Shared, Workspace};
+    let gpu = std::sync::Arc::new(open(DType::F32));
+    let d = 72;
+    let x = rows(7000, d, 9);
+    let reference: Vec<f32> = x.row(0).to_vec();
+    let sketch = Estimator::Sketch {
+        k: 20,
+        seed: 3,
+        stream: 4,
+    };
+    for (estimator, replicas) in [(Estimator::Exact, 1), (Estimator::Exact, 2), (sketch, 1)] {
+        let mut host = InputStats::new(reference.clone(), estimator, None).unwrap();
+        let mut dev = InputStats::new(reference.clone(), estimator, Some(&gpu)).unwrap();
+        let mut ws = Workspace::default();
+        // Captures of uneven sizes, as passes deliver them; the device ones stay on the GPU.
+        for r in [0..1500, 1500..1501, 1501..6000, 6000..7000] {
+            let part = x.slice(ndarray::s![r, ..]).to_owned();
+            host.accumulate(Rows::Host(part.view()), &mut ws).unwrap();
+            let t = gpu.from_host(&part).unwrap();
+            dev.accumulate(Rows::Device { gpu: &gpu, x: &t }, &mut ws)
+                .unwrap();
+        }
+        // The device always shares a small Gram (that is how the host leader gets it); pack the
+        // host one with the Gram too where the device does, to compare the same layout.
+        let shared_dev: Shared = dev.empty_shared(replicas);
+        let shared_host = if shared_dev.gram.is_some() {
+            host.empty_shared(2)
+        } else {
+            host.empty_shared(replicas)
+        };
+        let want = Packed::of(&mut [(&mut host, &shared_host)])
+            .unwrap()
+            .into_host()
+            .unwrap();
+        let got = Packed::of(&mut [(&mut dev, &shared_dev)])
+            .unwrap()
+            .into_host()
+            .unwrap();
+        assert_eq!(want.len(), got.len(), "{estimator:?}: packed lengths");
+        assert_eq!(want[0], got[0], "{estimator:?}: token counts");
+        let scale = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        let err = want
+            .iter()
+            .zip(&got)
+            .fold(0.0f64, |a, (w, g)| a.max((w - g).abs()))
+            / scale;
+        assert!(
+            err <= 2e-5,
+            "{estimator:?}: packed shared part, max error {err:e} of max |value|"
+        );
+        eprintln!("{estimator:?} replicas {replicas}: packed part max error {err:.2e}");
+        let back = dev.to_host().unwrap();
+        assert_eq!(back.name(), host.name());
+        let again = back.to_device(&gpu).unwrap().to_host().unwrap();
+        if estimator == Estimator::Exact {
+            let (h, b, a) = (
+                host.host_gram().unwrap(),
+                back.host_gram().unwrap(),
+                again.host_gram().unwrap(),
+            );
+            let diag = (0..d).map(|i| h[i * d + i]).fold(0.0f64, f64::max);
+            for i in 0..d {
+                for j in i..d {
+                    let e = (h[i * d + j] - b[i * d + j]).abs() / diag;
+                    assert!(e <= 2e-5, "to_host Gram ({i}, {j}): {e:e}");
+                    assert_eq!(
+                        b[i * d + j],
+                        a[i * d + j],
+                        "to_device then to_host is exact"
+                    );
+                }
+            }
+            // G·Q on the device (cuBLAS dsymm) against the host's (dsymm on the same upper
+            // triangle): both from the device's f64 sums, so only the products' order differs.
+            let q = Array2::from_shape_fn((d, 5), |(i, j)| ((i * 7 + j * 3) % 11) as f64 - 5.0);
+            let InputStats::Device(dx) = &dev else {
+                panic!("device statistics")
+            };
+            let z = dx.gram_apply(q.view()).unwrap().to_host().unwrap();
+            let InputStats::Exact(be) = &back else {
+                panic!("host statistics")
+            };
+            let zh = be.gram_apply(q.view()).unwrap();
+            let zs = zh.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let ze = zh
+                .iter()
+                .zip(&z)
+                .fold(0.0f64, |a, (w, g)| a.max((w - g).abs()))
+                / zs;
+            assert!(ze <= 1e-12, "device G·Q against the host's: {ze:e}");
+            let packed = dx.packed_gram().unwrap().to_host().unwrap();
+            let mut want = Vec::new();
+            eva::stats::exact::pack_upper(b, d, &mut want);
+            assert_eq!(
+                packed, want,
+                "the packed Gram is the host's pack_upper of the same sums"
+            );
+        }
+    }
+}
+
+/// The `eva` binary: `EVA_BIN` where the test binary runs away from its build (the GPU machine),
+/// else the one cargo built with this test.
+fn eva_bin() -> PathBuf {
+    std::env::var_os("EVA_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eva")), PathBuf::from)
+}
+
+/// The whole run: `eva init --device cuda --dtype f32` (forward, device statistics, the fused
+/// all-reduce, the leader on the host) against `--device cpu` on examples/tiny-llama with every
+/// example read (`--no-early-stop`, so both read the same data): the same rank per layer, and each
+/// layer's `lora_A` rows span the CPU's subspace to similarity ≥ 0.9999.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+fn whole_adapter_matches_the_cpu() {
+    let _gpu = open(DType::F32);
+    let root = repo();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        let out = tmp.path().join(device);
+        let mut args = vec![
+            "init".to_string(),
+            "--model".into(),
+            root.join("examples/tiny-llama").display().to_string(),
+            "--data".into(),
+            root.join("examples/data/train.txt").display().to_string(),
+            "--no-early-stop".into(),
+            "--device".into(),
+            device.into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        if device == "cuda" {
+            args.extend(["--dtype".into(), "f32".into()]);
+        }
+        let o = std::process::Command::new(eva_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "eva init --device {device}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        super::common::read_adapter(&out)
+    };
+    let (cpu, gpu) = (run("cpu"), run("cuda"));
+    let names: Vec<&String> = cpu
+        .tensors
+        .keys()
+        .filter(|n| n.contains("lora_A"))
+        .collect();
+    assert!(!names.is_empty());
+    let mut worst = 1.0f64;
+    for name in names {
+        let (a, b) = (&cpu.tensors[name], &gpu.tensors[name]);
+        assert_eq!(a.dim(), b.dim(), "{name}: ranks differ");
+        let u = eva::linalg::orthonormalize(a.mapv(f64::from).t());
+        let sim = super::common::subspace_similarity(b, u.view());
+        worst = worst.min(sim);
+        assert!(
+            sim >= 0.9999,
+            "{name}: subspace similarity {sim:.6} < 0.9999"
+        );
+    }
+    eprintln!(
+        "whole adapter: worst subspace similarity {worst:.6}; times on the GPU {} (CPU {})",
+        gpu.report["time_s"], cpu.report["time_s"]
     );
 }

@@ -81,7 +81,7 @@ fn capture_all(source: &mut dyn Source) -> Vec<Array2<f32>> {
     let units: Vec<usize> = (0..source.units()).collect();
     source
         .read(&units, &vec![true; inputs.len()], &mut |g, x| {
-            rows[g].push(x.to_owned());
+            rows[g].push(x.to_host()?.into_owned());
             Ok(())
         })
         .unwrap();
@@ -288,7 +288,7 @@ fn packing_changes_only_rounding_and_passes_are_reproducible() {
         for chunk in chunks {
             source
                 .read(chunk, &vec![true; inputs], &mut |g, x| {
-                    pieces[g].push(x.to_owned());
+                    pieces[g].push(x.to_host()?.into_owned());
                     Ok(())
                 })
                 .unwrap();

@@ -141,7 +141,16 @@ impl Engine<'_> {
         }
         e.u64(self.stats.local.len() as u64)?;
         for (local, shared) in self.stats.local.iter().zip(&self.stats.shared) {
-            match local {
+            // Statistics on a GPU are written as the host ones they copy to.
+            let copy;
+            let host = match local {
+                Some(InputStats::Device(dev)) => {
+                    copy = dev.to_host()?;
+                    Some(&copy)
+                }
+                other => other.as_ref(),
+            };
+            match host {
                 None => e.u8(0)?,
                 Some(InputStats::Exact(x)) => {
                     e.u8(1)?;
@@ -158,6 +167,7 @@ impl Engine<'_> {
                     e.u64(s.size() as u64)?;
                     put_matrix(e, Some(s.sketch()))?;
                 }
+                Some(InputStats::Device(_)) => unreachable!("copied to the host above"),
             }
             e.bool(shared.is_some())?;
             if let Some(sh) = shared {
@@ -294,11 +304,25 @@ impl Engine<'_> {
             .name
             .clone();
         let dim = self.catalog.inputs[g].dim;
-        let here = self.stats.local[g].as_mut();
+        // Statistics on a GPU are restored on the host, then uploaded again.
+        let gpu = match &self.stats.local[g] {
+            Some(InputStats::Device(dev)) => Some(dev.gpu().clone()),
+            _ => None,
+        };
+        let mut copy = match (&gpu, &self.stats.local[g]) {
+            (Some(_), Some(dev)) => Some(dev.to_host()?),
+            _ => None,
+        };
+        let slot = self.stats.local[g].as_mut();
+        let here = match copy.as_mut() {
+            Some(host) => Some(host),
+            None => slot,
+        };
         let expected = match &here {
             None => 0,
             Some(InputStats::Exact(_)) => 1,
             Some(InputStats::Sketch(_)) => 2,
+            Some(InputStats::Device(_)) => unreachable!("copied to the host above"),
         };
         if kind != expected {
             let what = |k: u8| match k {
@@ -317,10 +341,15 @@ impl Engine<'_> {
             return Ok(());
         };
         let reference = d.f32s()?;
-        let same = reference.len() == here.reference().len()
+        let theirs = match &*here {
+            InputStats::Exact(x) => x.reference(),
+            InputStats::Sketch(s) => s.reference(),
+            InputStats::Device(_) => unreachable!("copied to the host above"),
+        };
+        let same = reference.len() == theirs.len()
             && reference
                 .iter()
-                .zip(here.reference())
+                .zip(theirs)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
         if !same {
             return Err(crate::Error::data(format!(
@@ -351,6 +380,10 @@ impl Engine<'_> {
                     .ok_or_else(|| d.damaged(format!("the sketch of input {g} is missing")))?;
                 s.restore(moments, y);
             }
+            InputStats::Device(_) => unreachable!("copied to the host above"),
+        }
+        if let (Some(gpu), Some(host)) = (gpu, copy) {
+            self.stats.local[g] = Some(host.to_device(&gpu)?);
         }
         Ok(())
     }

@@ -281,3 +281,21 @@ extern "C" __global__ void flush_f64(const float* __restrict__ part, double* __r
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
         acc[i] += (double)part[i];
 }
+
+// The fused all-reduce's packing of an exact Gram (stats::exact::pack_upper on the device): the
+// upper triangle of the row-major d x d `g`, row by row, into `out` (d(d+1)/2 values; row i
+// starts at i·d − i(i−1)/2). One block per row.
+extern "C" __global__ void pack_upper_f64(const double* __restrict__ g, double* __restrict__ out, int d) {
+    unsigned long long i = blockIdx.x;
+    unsigned long long start = i * d - i * (i - 1) / 2;
+    for (int j = (int)i + threadIdx.x; j < d; j += blockDim.x) out[start + (j - i)] = g[i * d + j];
+}
+
+// source::Rows::check_finite on the device: sets *flag when any of the n values is NaN or
+// infinite (exponent bits all ones, as the CPU's test).
+extern "C" __global__ void flag_nonfinite(const float* __restrict__ x, unsigned long long n, unsigned int* __restrict__ flag) {
+    unsigned int any = 0;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
+        any |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
+    if (any) atomicOr(flag, 1u);
+}

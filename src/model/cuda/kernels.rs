@@ -15,7 +15,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every `extern "C" __global__` function of [`SOURCE`].
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 16] = [
     "cast_bf16",
     "embed_f32",
     "embed_bf16",
@@ -30,6 +30,8 @@ pub const NAMES: [&str; 14] = [
     "gather_rows",
     "shift_moments",
     "flush_f64",
+    "pack_upper_f64",
+    "flag_nonfinite",
 ];
 
 /// Threads per block of every kernel; equals `BLOCK` in `kernels.cu` (the block reductions and

@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod stats;
 
 pub use error::{Bytes, DeviceError};
+pub use stats::{DeviceStats, DeviceSums};
 
 use super::checkpoint::HostTensor;
 use super::ops::{self, Activation, AttentionMask, Heads, Segments};
@@ -965,6 +966,10 @@ impl ops::Backend for Cuda {
 
     fn tokens(&self, x: &CudaTensor) -> usize {
         x.rows
+    }
+
+    fn device_rows<'a>(&'a self, x: &'a CudaTensor) -> Option<(&'a Cuda, &'a CudaTensor)> {
+        Some((self, x))
     }
 }
 

@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | [`DeviceGram`] | moments (n, Σx̃, Σx̃²), f32 Gram part, f64 Gram | [`DeviceGram::bytes`] |
 //! | [`DeviceSketch`] | moments, test matrix `[Ω Θ]`, f32 and f64 `Σ x̃ᵀ(x̃[Ω Θ])` | [`DeviceSketch::bytes`] |
+//! | [`DeviceStats`] | one of them for one unique input: what `stats::InputStats::Device` holds | as above |
+//! | [`DeviceSums`] | f64 sums to all-reduce (the packed shared part, `G·Q` products) | its length × 8 |
 //! | [`plan`] | which rows go into which product, and when the f32 part is flushed into f64 | — |
 //!
 //! Rows are shifted by the reference vector `c` as on the CPU (`x̃ = x - c`, src/stats/mod.rs).
@@ -12,8 +14,14 @@
 //! CPU's chunk): the bound is in docs/numerics.md ("Statistics on the GPU").
 
 use super::{Cuda, CudaTensor, DType, DeviceError};
+use crate::stats::exact::ExactStats;
+use crate::stats::sketch::SketchStats;
+use crate::stats::{InputStats, Moments};
+use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::CudaSlice;
+use ndarray::ArrayView2;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Rows an f32 product accumulator sums before it is flushed into f64: the CPU's
 /// [`crate::stats::CHUNK_ROWS`], so both paths carry the same error bound.
@@ -55,65 +63,55 @@ pub fn plan(pending: usize, rows: usize, flush_every: usize) -> Vec<Chunk> {
     out
 }
 
-/// Host copies of the moments.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostMoments {
-    /// Rows.
-    pub n: u64,
-    /// `Σ (x - c)`.
-    pub sum: Vec<f64>,
-    /// `Σ (x - c)²` per feature.
-    pub sum_sq: Vec<f64>,
+/// The shifted rows of one chunk, in the Gram's input type (allocated per chunk from the
+/// stream's memory pool, so that no input keeps a chunk's scratch between captures).
+enum Scratch {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<half::bf16>),
 }
 
-/// Moments and shifted-row scratch shared by both estimators.
+/// Moments shared by both estimators.
 struct Shifter {
     d: usize,
+    input: DType,
     reference: CudaSlice<f32>,
     sum: CudaSlice<f64>,
     sum_sq: CudaSlice<f64>,
     n: u64,
-    /// Shifted rows of one chunk: f32, or bf16 for a bf16 Gram.
-    shifted_f32: Option<CudaSlice<f32>>,
-    shifted_bf16: Option<CudaSlice<half::bf16>>,
 }
 
 impl Shifter {
-    fn new(
-        be: &Cuda,
-        reference: &[f32],
-        flush_every: usize,
-        input: DType,
-    ) -> Result<Self, DeviceError> {
+    fn new(be: &Cuda, reference: &[f32], input: DType) -> Result<Self, DeviceError> {
         let d = reference.len();
         let what = "device statistics";
         Ok(Shifter {
             d,
+            input,
             reference: be.upload(reference, what)?,
             sum: be.zeros_of(d, what)?,
             sum_sq: be.zeros_of(d, what)?,
             n: 0,
-            shifted_f32: if input == DType::F32 {
-                Some(be.alloc(flush_every * d, what)?)
-            } else {
-                None
-            },
-            shifted_bf16: if input == DType::Bf16 {
-                Some(be.alloc(flush_every * d, what)?)
-            } else {
-                None
-            },
         })
     }
 
-    /// Shifts `x[rows]` into the scratch and adds it to the moments; returns the scratch's pointer.
-    fn shift(&mut self, be: &Cuda, x: &CudaTensor, rows: Range<usize>) -> Result<u64, DeviceError> {
+    /// Shifts `x[rows]` into a new scratch and adds it to the moments.
+    fn shift(
+        &mut self,
+        be: &Cuda,
+        x: &CudaTensor,
+        rows: Range<usize>,
+    ) -> Result<(Scratch, u64), DeviceError> {
         let d = self.d;
         let px = be.ptr(x.buf()?) + (rows.start * d * 4) as u64;
-        let (pf, pb) = (
-            self.shifted_f32.as_ref().map_or(0, |s| be.ptr(s)),
-            self.shifted_bf16.as_ref().map_or(0, |s| be.ptr(s)),
-        );
+        let what = "the shifted rows of a capture";
+        let scratch = match self.input {
+            DType::F32 => Scratch::F32(be.alloc(rows.len() * d, what)?),
+            DType::Bf16 => Scratch::Bf16(be.alloc(rows.len() * d, what)?),
+        };
+        let (pf, pb) = match &scratch {
+            Scratch::F32(s) => (be.ptr(s), 0),
+            Scratch::Bf16(s) => (0, be.ptr(s)),
+        };
         let (pc, ps, pq) = (
             be.ptr(&self.reference),
             be.ptr(&self.sum),
@@ -126,21 +124,35 @@ impl Shifter {
             &args![px, pc, pf, pb, ps, pq, n, d32, block],
         )?;
         self.n += rows.len() as u64;
-        Ok(if pf != 0 { pf } else { pb })
+        Ok((scratch, if pf != 0 { pf } else { pb }))
     }
 
-    fn to_host(&self, be: &Cuda) -> crate::Result<HostMoments> {
-        Ok(HostMoments {
+    fn to_host(&self, be: &Cuda) -> crate::Result<Moments> {
+        Ok(Moments {
             n: self.n,
-            sum: be
-                .stream
-                .clone_dtoh(&self.sum)
-                .map_err(super::driver("device-to-host copy"))?,
-            sum_sq: be
-                .stream
-                .clone_dtoh(&self.sum_sq)
-                .map_err(super::driver("device-to-host copy"))?,
+            sum: be.download(&self.sum, self.d)?,
+            sum_sq: be.download(&self.sum_sq, self.d)?,
         })
+    }
+
+    /// Replaces the moments with `m` (statistics brought back from the host).
+    fn load(&mut self, be: &Cuda, m: &Moments) -> crate::Result<()> {
+        be.copy_to_device(&m.sum, &mut self.sum)?;
+        be.copy_to_device(&m.sum_sq, &mut self.sum_sq)?;
+        self.n = m.n;
+        Ok(())
+    }
+
+    /// Writes `[n, Σx̃, Σx̃²]` at `at` of `out`; returns the position after them.
+    fn pack(&self, be: &Cuda, out: &mut DeviceSums, at: usize) -> crate::Result<usize> {
+        let d = self.d;
+        be.copy_to_device(&[self.n as f64], &mut out.data.slice_mut(at..at + 1))?;
+        be.copy_on_device(&self.sum, &mut out.data.slice_mut(at + 1..at + 1 + d))?;
+        be.copy_on_device(
+            &self.sum_sq,
+            &mut out.data.slice_mut(at + 1 + d..at + 1 + 2 * d),
+        )?;
+        Ok(at + 1 + 2 * d)
     }
 }
 
@@ -158,7 +170,6 @@ fn check_input(x: &CudaTensor, d: usize) -> Result<(), DeviceError> {
 /// the moments.
 pub struct DeviceGram {
     shift: Shifter,
-    input: DType,
     flush_every: usize,
     pending: usize,
     part: CudaSlice<f32>,
@@ -166,11 +177,10 @@ pub struct DeviceGram {
 }
 
 impl DeviceGram {
-    /// Device bytes for dimension `d`: f64 Gram, f32 part, moments and reference, and one chunk
-    /// of shifted rows (`flush_every × d` in the input type).
-    pub fn bytes(d: usize, flush_every: usize, input: DType) -> usize {
-        let elem = if input == DType::Bf16 { 2 } else { 4 };
-        8 * d * d + 4 * d * d + (8 + 8 + 4) * d + elem * flush_every * d
+    /// Device bytes for dimension `d` between captures: f64 Gram, f32 part, moments and
+    /// reference. A capture adds one chunk of shifted rows ([`chunk_bytes`]) while it is added.
+    pub fn bytes(d: usize) -> usize {
+        8 * d * d + 4 * d * d + (8 + 8 + 4) * d
     }
 
     /// Empty statistics around `reference` (the CPU's choice of shift, identical on every rank);
@@ -185,12 +195,11 @@ impl DeviceGram {
         let d = reference.len();
         let what = "device statistics";
         be.ensure_free(
-            Self::bytes(d, flush_every, input),
+            Self::bytes(d),
             &format!("allocating the exact Gram of an input of dimension {d}"),
         )?;
         Ok(DeviceGram {
-            shift: Shifter::new(be, reference, flush_every, input)?,
-            input,
+            shift: Shifter::new(be, reference, input)?,
             flush_every,
             pending: 0,
             part: be.zeros_of(d * d, what)?,
@@ -204,7 +213,7 @@ impl DeviceGram {
         let d = self.shift.d;
         check_input(x, d)?;
         for c in plan(self.pending, x.rows, self.flush_every) {
-            let p = self.shift.shift(be, x, c.rows.clone())?;
+            let (_scratch, p) = self.shift.shift(be, x, c.rows.clone())?;
             // Row-major X̃ [t, d] is column-major [d, t]: G (symmetric) = X̃ᶜ X̃ᶜᵀ.
             let pg = be.ptr(&self.part);
             be.gemm(
@@ -220,7 +229,7 @@ impl DeviceGram {
                 if c.overwrite { 0.0 } else { 1.0 },
                 pg,
                 d,
-                self.input,
+                self.shift.input,
             )?;
             self.pending = if c.flush {
                 0
@@ -234,6 +243,7 @@ impl DeviceGram {
         Ok(())
     }
 
+    /// Adds the pending f32 part into the f64 Gram.
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
         let (pp, pg, n) = (
             be.ptr(&self.part),
@@ -249,18 +259,48 @@ impl DeviceGram {
         Ok(())
     }
 
-    /// Flushes what is pending and copies the moments and the full Gram (row-major `d × d`) to
-    /// the host: what the leader and the collectives take today.
-    pub fn to_host(&mut self, be: &Cuda) -> crate::Result<(HostMoments, Vec<f64>)> {
+    fn settle(&mut self, be: &Cuda) -> crate::Result<()> {
         be.check()?;
         if self.pending > 0 {
             self.flush(be)?;
         }
-        let gram = be
-            .stream
-            .clone_dtoh(&self.gram)
-            .map_err(super::driver("device-to-host copy"))?;
+        Ok(())
+    }
+
+    /// Writes the f64 Gram's upper triangle, row by row, at `at` of `out` (the host's
+    /// `exact::pack_upper` layout); returns the position after it.
+    fn pack_upper(&self, be: &Cuda, out: &mut DeviceSums, at: usize) -> crate::Result<usize> {
+        let d = self.shift.d;
+        let len = d * (d + 1) / 2;
+        assert!(at + len <= out.len, "pack_upper: the buffer is too short");
+        let (pg, po, d32) = (
+            be.ptr(&self.gram),
+            be.ptr(&out.data) + (at * 8) as u64,
+            d as i32,
+        );
+        be.launch(
+            "pack_upper_f64",
+            super::kernels::Shape::Rows(d),
+            &args![pg, po, d32],
+        )?;
+        Ok(at + len)
+    }
+
+    /// Flushes what is pending and copies the moments and the full Gram (row-major `d × d`) to
+    /// the host.
+    pub fn to_host(&mut self, be: &Cuda) -> crate::Result<(Moments, Vec<f64>)> {
+        self.settle(be)?;
+        let d = self.shift.d;
+        let gram = be.download(&self.gram, d * d)?;
         Ok((self.shift.to_host(be)?, gram))
+    }
+
+    /// Replaces the sums with host ones (`gram` row-major `d × d`, at least its upper triangle
+    /// valid: products read only that triangle).
+    pub fn load(&mut self, be: &Cuda, moments: &Moments, gram: &[f64]) -> crate::Result<()> {
+        self.settle(be)?;
+        be.copy_to_device(gram, &mut self.gram)?;
+        self.shift.load(be, moments)
     }
 }
 
@@ -272,21 +312,16 @@ pub struct DeviceSketch {
     pending: usize,
     /// `[Ω Θ]`, row-major `d × m`, f32.
     test: CudaSlice<f32>,
-    /// `x̃ [Ω Θ]` of one chunk, row-major `rows × m`.
-    p: CudaSlice<f32>,
     part: CudaSlice<f32>,
     y: CudaSlice<f64>,
 }
 
 impl DeviceSketch {
-    /// Device bytes for dimension `d` and `m = k + q` test columns.
-    pub fn bytes(d: usize, m: usize, flush_every: usize) -> usize {
-        4 * d * m
-            + 4 * flush_every * m
-            + 4 * d * m
-            + 8 * d * m
-            + (8 + 8 + 4) * d
-            + 4 * flush_every * d
+    /// Device bytes for dimension `d` and `m = k + q` test columns between captures: test matrix,
+    /// f32 and f64 sums, moments and reference. A capture adds its chunk of shifted rows and
+    /// `x̃ [Ω Θ]` ([`chunk_bytes`]).
+    pub fn bytes(d: usize, m: usize) -> usize {
+        4 * d * m + 4 * d * m + 8 * d * m + (8 + 8 + 4) * d
     }
 
     /// Empty sketch around `reference` with the test matrix `test` (row-major `d × m`, the CPU's
@@ -305,16 +340,15 @@ impl DeviceSketch {
         let m = test.len() / d;
         let what = "device sketch";
         be.ensure_free(
-            Self::bytes(d, m, flush_every),
+            Self::bytes(d, m),
             &format!("allocating the sketch of an input of dimension {d}"),
         )?;
         Ok(DeviceSketch {
-            shift: Shifter::new(be, reference, flush_every, DType::F32)?,
+            shift: Shifter::new(be, reference, DType::F32)?,
             m,
             flush_every,
             pending: 0,
             test: be.upload(test, what)?,
-            p: be.alloc(flush_every * m, what)?,
             part: be.zeros_of(d * m, what)?,
             y: be.zeros_of(d * m, what)?,
         })
@@ -327,8 +361,9 @@ impl DeviceSketch {
         check_input(x, d)?;
         for c in plan(self.pending, x.rows, self.flush_every) {
             let t = c.rows.len();
-            let px = self.shift.shift(be, x, c.rows.clone())?;
-            let (pt, pp, py) = (be.ptr(&self.test), be.ptr(&self.p), be.ptr(&self.part));
+            let (_scratch, px) = self.shift.shift(be, x, c.rows.clone())?;
+            let p = be.alloc::<f32>(t * m, "a sketch product")?;
+            let (pt, pp, py) = (be.ptr(&self.test), be.ptr(&p), be.ptr(&self.part));
             // P [t, m] = X̃ T: column-major Pᶜ [m, t] = Tᶜ [m, d] · X̃ᶜ [d, t].
             be.gemm(false, false, m, t, d, pt, m, px, d, 0.0, pp, m, DType::F32)?;
             // Y [d, m] += X̃ᵀ P: column-major Yᶜ [m, d] = Pᶜ [m, t] · X̃ᶜᵀ [t, d].
@@ -370,17 +405,410 @@ impl DeviceSketch {
         Ok(())
     }
 
-    /// Flushes what is pending and copies the moments and `Y` (row-major `d × m`) to the host.
-    pub fn to_host(&mut self, be: &Cuda) -> crate::Result<(HostMoments, Vec<f64>)> {
+    fn settle(&mut self, be: &Cuda) -> crate::Result<()> {
         be.check()?;
         if self.pending > 0 {
             self.flush(be)?;
         }
-        let y = be
-            .stream
-            .clone_dtoh(&self.y)
-            .map_err(super::driver("device-to-host copy"))?;
+        Ok(())
+    }
+
+    /// Flushes what is pending and copies the moments and `Y` (row-major `d × m`) to the host.
+    pub fn to_host(&mut self, be: &Cuda) -> crate::Result<(Moments, Vec<f64>)> {
+        self.settle(be)?;
+        let y = be.download(&self.y, self.shift.d * self.m)?;
         Ok((self.shift.to_host(be)?, y))
+    }
+
+    /// Replaces the sums with host ones (`y` row-major `d × m`).
+    pub fn load(&mut self, be: &Cuda, moments: &Moments, y: &[f64]) -> crate::Result<()> {
+        self.settle(be)?;
+        be.copy_to_device(y, &mut self.y)?;
+        self.shift.load(be, moments)
+    }
+}
+
+/// Device bytes a capture of `rows` rows needs while it is added (at most one chunk of
+/// [`FLUSH_ROWS`] rows at a time): its shifted rows, and for a sketch of `m` columns `x̃ [Ω Θ]`.
+pub fn chunk_bytes(rows: usize, d: usize, sketch_columns: Option<usize>) -> usize {
+    let t = rows.min(FLUSH_ROWS);
+    4 * t * d + sketch_columns.map_or(0, |m| 4 * t * m)
+}
+
+/// f64 values in device memory: the packed shared parts of a stage's inputs, or `G·Q` products,
+/// which a device all-reduce (`Communicator::all_reduce_sum_device`, NCCL) sums in place.
+pub struct DeviceSums {
+    gpu: Arc<Cuda>,
+    data: CudaSlice<f64>,
+    len: usize,
+}
+
+impl DeviceSums {
+    /// `len` zeros on `gpu`.
+    pub fn zeros(gpu: &Arc<Cuda>, len: usize, what: &str) -> crate::Result<Self> {
+        Ok(DeviceSums {
+            gpu: gpu.clone(),
+            data: gpu.zeros_of(len, what)?,
+            len,
+        })
+    }
+
+    /// Values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The GPU they live on.
+    pub fn gpu(&self) -> &Arc<Cuda> {
+        &self.gpu
+    }
+
+    /// A copy in host memory.
+    pub fn to_host(&self) -> crate::Result<Vec<f64>> {
+        self.gpu.download(&self.data, self.len)
+    }
+
+    /// Overwrites the values with `host` (of the same length).
+    pub fn copy_from_host(&mut self, host: &[f64]) -> crate::Result<()> {
+        assert_eq!(host.len(), self.len, "DeviceSums::copy_from_host: lengths");
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.gpu
+            .copy_to_device(host, &mut self.data.slice_mut(0..self.len))
+    }
+
+    /// The device buffer (at least one value long even when empty), for collectives that read
+    /// and write device memory; they must be ordered after the work queued on [`Cuda::stream`]
+    /// (NCCL on the same device's default stream is).
+    pub fn buffer_mut(&mut self) -> &mut CudaSlice<f64> {
+        &mut self.data
+    }
+}
+
+/// The statistics of one unique input on a GPU (`--device cuda`): exact or sketch as decided for
+/// the CPU, with the same shift and (sketch) the same test matrix, so that all-reduced sums and
+/// the leader's solves are those of the CPU path up to the f32 products' rounding.
+pub struct DeviceStats {
+    gpu: Arc<Cuda>,
+    kind: Kind,
+}
+
+enum Kind {
+    Exact {
+        gram: DeviceGram,
+        /// The shift, for [`DeviceStats::to_host`].
+        reference: Vec<f32>,
+    },
+    Sketch {
+        sketch: DeviceSketch,
+        /// The test matrices and the reconstruction; its own sums are not used.
+        host: Box<SketchStats>,
+    },
+}
+
+impl DeviceStats {
+    /// `host`'s statistics on `gpu`: the same estimator, shift and test matrix, and its sums
+    /// uploaded when it has any (a resumed run).
+    pub fn new(gpu: &Arc<Cuda>, host: &InputStats) -> crate::Result<Self> {
+        let kind = match host {
+            InputStats::Exact(e) => {
+                let mut gram = DeviceGram::new(gpu, e.reference(), DType::F32, FLUSH_ROWS)?;
+                if e.moments.n > 0 {
+                    gram.load(gpu, &e.moments, e.gram())?;
+                }
+                Kind::Exact {
+                    gram,
+                    reference: e.reference().to_vec(),
+                }
+            }
+            InputStats::Sketch(s) => {
+                let test = s.test32().as_standard_layout();
+                let mut sketch = DeviceSketch::new(
+                    gpu,
+                    s.reference(),
+                    test.as_slice().expect("standard layout"),
+                    FLUSH_ROWS,
+                )?;
+                if s.moments.n > 0 {
+                    let y = s.sketch().as_standard_layout();
+                    sketch.load(gpu, &s.moments, y.as_slice().expect("standard layout"))?;
+                }
+                Kind::Sketch {
+                    sketch,
+                    host: Box::new(s.clone()),
+                }
+            }
+            InputStats::Device(d) => return d.to_host().and_then(|h| Self::new(gpu, &h)),
+        };
+        Ok(DeviceStats {
+            gpu: gpu.clone(),
+            kind,
+        })
+    }
+
+    /// The GPU.
+    pub fn gpu(&self) -> &Arc<Cuda> {
+        &self.gpu
+    }
+
+    /// Dimension.
+    pub fn dim(&self) -> usize {
+        match &self.kind {
+            Kind::Exact { gram, .. } => gram.shift.d,
+            Kind::Sketch { sketch, .. } => sketch.shift.d,
+        }
+    }
+
+    /// The sketch's test matrices and reconstruction (`None` for exact statistics).
+    pub fn sketch(&self) -> Option<&SketchStats> {
+        match &self.kind {
+            Kind::Exact { .. } => None,
+            Kind::Sketch { host, .. } => Some(host),
+        }
+    }
+
+    /// Adds rows on this GPU.
+    pub fn accumulate(&mut self, x: &CudaTensor) -> crate::Result<()> {
+        let gpu = &*self.gpu;
+        match &mut self.kind {
+            Kind::Exact { gram, .. } => gram.accumulate(gpu, x),
+            Kind::Sketch { sketch, .. } => sketch.accumulate(gpu, x),
+        }
+    }
+
+    /// Adds host rows (uploaded first).
+    pub fn accumulate_host(&mut self, x: ArrayView2<f32>) -> crate::Result<()> {
+        let t = self.gpu.from_host(&x.to_owned())?;
+        self.accumulate(&t)
+    }
+
+    /// Values [`DeviceStats::pack`] writes ([`crate::stats::shared_len`]).
+    pub fn packed_len(&self, with_gram: bool) -> usize {
+        let sketch_columns = match &self.kind {
+            Kind::Sketch { sketch, .. } => Some(sketch.m),
+            Kind::Exact { .. } => None,
+        };
+        crate::stats::shared_len(self.dim(), sketch_columns, with_gram)
+    }
+
+    /// Writes the shared part at `at` of `out`, laid out as `InputStats::pack_shared` writes it
+    /// on the host (`[n, Σx̃, Σx̃², sketch | Gram upper triangle]`); returns the position after it.
+    pub fn pack(
+        &mut self,
+        out: &mut DeviceSums,
+        at: usize,
+        with_gram: bool,
+    ) -> crate::Result<usize> {
+        let gpu = &*self.gpu;
+        match &mut self.kind {
+            Kind::Exact { gram, .. } => {
+                gram.settle(gpu)?;
+                let at = gram.shift.pack(gpu, out, at)?;
+                match with_gram {
+                    true => gram.pack_upper(gpu, out, at),
+                    false => Ok(at),
+                }
+            }
+            Kind::Sketch { sketch, .. } => {
+                sketch.settle(gpu)?;
+                let at = sketch.shift.pack(gpu, out, at)?;
+                let n = sketch.shift.d * sketch.m;
+                gpu.copy_on_device(&sketch.y, &mut out.data.slice_mut(at..at + n))?;
+                Ok(at + n)
+            }
+        }
+    }
+
+    /// The exact Gram, after the step's packing flushed it (products and the packed Gram read
+    /// only the f64 sums).
+    fn settled_gram(&self) -> crate::Result<&DeviceGram> {
+        match &self.kind {
+            Kind::Exact { gram, .. } if gram.pending == 0 => Ok(gram),
+            Kind::Exact { .. } => Err(DeviceError::Unsupported {
+                op: "Gram products",
+                detail: "rows were added after the step's all-reduce".into(),
+            }
+            .into()),
+            Kind::Sketch { .. } => Err(DeviceError::Unsupported {
+                op: "Gram products",
+                detail: "these statistics are a sketch".into(),
+            }
+            .into()),
+        }
+    }
+
+    /// `G·Q` (`Q` is `d x m`, row-major on the host) on the device, for exact statistics: a
+    /// cuBLAS `dsymm` on the f64 Gram's upper triangle, left on the device to be all-reduced.
+    pub fn gram_apply(&self, q: ArrayView2<f64>) -> crate::Result<DeviceSums> {
+        let gpu = &self.gpu;
+        let gram = self.settled_gram()?;
+        let (d, m) = (gram.shift.d, q.ncols());
+        assert_eq!(q.nrows(), d, "gram_apply: Q must have d rows");
+        let q = q.as_standard_layout();
+        let dq = gpu.upload(q.as_slice().expect("standard layout"), "a Gram product")?;
+        let mut z = DeviceSums::zeros(gpu, d * m, "a Gram product")?;
+        gpu.symm_f64(&gram.gram, d, &dq, m, &mut z.data)?;
+        Ok(z)
+    }
+
+    /// The Gram's upper triangle, packed row by row (`d(d+1)/2` values), left on the device.
+    pub fn packed_gram(&self) -> crate::Result<DeviceSums> {
+        let gram = self.settled_gram()?;
+        let d = gram.shift.d;
+        let mut out = DeviceSums::zeros(&self.gpu, d * (d + 1) / 2, "a packed Gram")?;
+        gram.pack_upper(&self.gpu, &mut out, 0)?;
+        Ok(out)
+    }
+
+    /// These statistics as host ones (the same estimator, shift, test matrix and sums).
+    pub fn to_host(&self) -> crate::Result<InputStats> {
+        // A pending f32 part is added into the copy rather than flushed (this takes `&self`).
+        let gpu = &*self.gpu;
+        Ok(match &self.kind {
+            Kind::Exact { gram, reference } => {
+                let d = gram.shift.d;
+                let mut g = gpu.download(&gram.gram, d * d)?;
+                if gram.pending > 0 {
+                    let part = gpu.download(&gram.part, d * d)?;
+                    g.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
+                }
+                InputStats::Exact(ExactStats::from_parts(
+                    reference.clone(),
+                    gram.shift.to_host(gpu)?,
+                    g,
+                ))
+            }
+            Kind::Sketch { sketch, host } => {
+                let n = sketch.shift.d * sketch.m;
+                let mut y = gpu.download(&sketch.y, n)?;
+                if sketch.pending > 0 {
+                    let part = gpu.download(&sketch.part, n)?;
+                    y.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
+                }
+                InputStats::Sketch((**host).clone().with_sums(sketch.shift.to_host(gpu)?, y))
+            }
+        })
+    }
+}
+
+impl Cuda {
+    /// A device-to-host copy of the first `len` values of `src`, after the queued work.
+    fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        len: usize,
+    ) -> crate::Result<Vec<T>> {
+        let mut host = vec![T::default(); len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&src.slice(0..len), &mut host[..])
+                .map_err(super::driver("device-to-host copy"))?;
+            self.stream
+                .synchronize()
+                .map_err(super::driver("synchronize"))?;
+        }
+        Ok(host)
+    }
+
+    /// A host-to-device copy into `dst` (at least as long as `src`).
+    fn copy_to_device<T: cudarc::driver::DeviceRepr>(
+        &self,
+        src: &[T],
+        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
+    ) -> crate::Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        Ok(self
+            .stream
+            .memcpy_htod(src, dst)
+            .map_err(super::driver("host-to-device copy"))?)
+    }
+
+    /// A device-to-device copy of `src` into `dst`.
+    fn copy_on_device<T>(
+        &self,
+        src: &impl cudarc::driver::DevicePtr<T>,
+        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
+    ) -> crate::Result<()> {
+        if src.len() == 0 {
+            return Ok(());
+        }
+        Ok(self
+            .stream
+            .memcpy_dtod(src, dst)
+            .map_err(super::driver("device-to-device copy"))?)
+    }
+
+    /// Row-major `Z = G Q` for a symmetric `d x d` f64 `G` whose upper triangle (row-major) is
+    /// valid and `Q`, `Z` row-major `d x m`: cuBLAS `dsymm`. In column-major terms `Zᶜ = Qᶜ G`
+    /// (`G` from the right) and the row-major upper triangle is the column-major lower one.
+    fn symm_f64(
+        &self,
+        g: &CudaSlice<f64>,
+        d: usize,
+        q: &CudaSlice<f64>,
+        m: usize,
+        z: &mut CudaSlice<f64>,
+    ) -> Result<(), DeviceError> {
+        if d == 0 || m == 0 {
+            return Ok(());
+        }
+        if d > i32::MAX as usize || m > i32::MAX as usize {
+            return Err(DeviceError::Unsupported {
+                op: "cuBLAS dsymm",
+                detail: format!("d = {d}, m = {m} exceed i32"),
+            });
+        }
+        let (alpha, beta) = (1.0f64, 0.0f64);
+        let (pg, pq, pz) = (self.ptr(g), self.ptr(q), self.ptr(z));
+        // SAFETY: g holds d·d values, q and z m·d (callers allocate them so); alpha and beta are
+        // host scalars (cuBLAS's default pointer mode).
+        unsafe {
+            blas_sys::cublasDsymm_v2(
+                *self.blas.handle(),
+                blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
+                blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+                m as i32,
+                d as i32,
+                &alpha,
+                pg as *const f64,
+                d as i32,
+                pq as *const f64,
+                m as i32,
+                &beta,
+                pz as *mut f64,
+                m as i32,
+            )
+        }
+        .result()
+        .map_err(|e| DeviceError::Blas {
+            op: "dsymm",
+            name: format!("{:?}", e.0),
+        })
+    }
+
+    /// Whether every value of `x` is finite (one flag comes back to the host).
+    pub fn all_finite(&self, x: &CudaTensor) -> crate::Result<bool> {
+        self.check()?;
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(true);
+        }
+        let flag = self.zeros_of::<u32>(1, "a finiteness flag")?;
+        let (px, n64, pf) = (self.ptr(x.buf()?), n as u64, self.ptr(&flag));
+        self.launch(
+            "flag_nonfinite",
+            super::kernels::Shape::Elements(n),
+            &args![px, n64, pf],
+        )?;
+        Ok(self.download(&flag, 1)?[0] == 0)
     }
 }
 
@@ -443,20 +871,33 @@ mod tests {
 
     #[test]
     fn buffer_sizes_count_every_allocation() {
-        // d = 4096, flush 4096, f32: 128 MiB f64 Gram + 64 MiB f32 part + 64 MiB chunk + moments.
+        // d = 4096: 128 MiB f64 Gram + 64 MiB f32 part + moments and reference; a capture of
+        // 10 000 rows adds one chunk of 4096 shifted rows (64 MiB) while it is added.
         let d = 4096;
-        assert_eq!(
-            DeviceGram::bytes(d, 4096, DType::F32),
-            8 * d * d + 4 * d * d + 20 * d + 4 * 4096 * d
-        );
-        assert_eq!(
-            DeviceGram::bytes(d, 4096, DType::Bf16),
-            8 * d * d + 4 * d * d + 20 * d + 2 * 4096 * d
-        );
+        assert_eq!(DeviceGram::bytes(d), 8 * d * d + 4 * d * d + 20 * d);
+        assert_eq!(chunk_bytes(10_000, d, None), 4 * 4096 * d);
+        assert_eq!(chunk_bytes(100, d, None), 4 * 100 * d);
         // The sketch never holds d²: d = 4096, m = 48.
-        let s = DeviceSketch::bytes(d, 48, 4096);
-        assert_eq!(s, 16 * d * 48 + 4 * 4096 * 48 + 20 * d + 4 * 4096 * d);
-        // No d² term: at d = 4096 the one chunk of shifted rows dominates.
-        assert!(s < DeviceGram::bytes(d, 4096, DType::F32) / 3);
+        let s = DeviceSketch::bytes(d, 48);
+        assert_eq!(s, 16 * d * 48 + 20 * d);
+        assert_eq!(chunk_bytes(10_000, d, Some(48)), 4 * 4096 * (d + 48));
+        assert!(s < DeviceGram::bytes(d) / 50);
+    }
+
+    #[test]
+    fn packed_gram_offsets_match_the_host_layout() {
+        // pack_upper_f64 starts row i at i·d − i(i−1)/2: the host's pack_upper order.
+        for d in [1usize, 2, 5, 64] {
+            let full: Vec<f64> = (0..d * d).map(|v| v as f64).collect();
+            let mut host = Vec::new();
+            crate::stats::exact::pack_upper(&full, d, &mut host);
+            for i in 0..d {
+                let start = i * d - i * i.saturating_sub(1) / 2;
+                assert_eq!(host[start], full[i * d + i], "d {d}, row {i}");
+            }
+            assert_eq!(host.len(), d * (d + 1) / 2);
+        }
+        let src = super::super::kernels::SOURCE;
+        assert!(src.contains("unsigned long long start = i * d - i * (i - 1) / 2;"));
     }
 }
