@@ -160,9 +160,7 @@ impl Communicator for NcclWorld {
             .stream
             .clone_htod(buf)
             .map_err(cuda("host-to-device copy"))?;
-        self.comm()?
-            .send(&dev, dest as i32)
-            .map_err(nccl("send"))?;
+        self.comm()?.send(&dev, dest as i32).map_err(nccl("send"))?;
         self.wait(&format!("send to rank {dest}"))
     }
 

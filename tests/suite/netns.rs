@@ -203,8 +203,16 @@ fn tiny_model_args(out: &Path) -> Vec<String> {
 
 fn assert_same_bytes(a: &Path, b: &Path) {
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
-        assert!(x == y, "{f} differs between {} and {}", a.display(), b.display());
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -263,10 +271,7 @@ fn wait_for_rank_in(ns: &str, child: &mut Child) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the job ended before rank 1 started on node 1: {status}");
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no eva rank in {ns}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(30), "no eva rank in {ns}");
         std::thread::sleep(Duration::from_millis(50));
     }
     // Into the step loop.

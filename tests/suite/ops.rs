@@ -615,7 +615,12 @@ fn token_counts_that_cannot_reach_the_candidate_components_fail_before_any_step(
     // 3 units of 4 tokens against round(16 × 2) = 32 components.
     let o = init_at(
         &out,
-        &["--synthetic", "layers=2,dim=64,tokens=4,units=3", "--rank", "16"],
+        &[
+            "--synthetic",
+            "layers=2,dim=64,tokens=4,units=3",
+            "--rank",
+            "16",
+        ],
     );
     let err = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
