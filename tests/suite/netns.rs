@@ -63,6 +63,8 @@ fn kill_all_in(ns: &str) -> usize {
 /// kills what still runs inside and deletes the namespaces (and with them the veths).
 struct Nodes {
     names: Vec<String>,
+    /// The veth pair's ends (deleted with their namespace; in the host's if moving them failed).
+    veths: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -76,6 +78,7 @@ impl Nodes {
         );
         let mut nodes = Nodes {
             names: Vec::new(),
+            veths: Vec::new(),
             dir: tempdir(),
         };
         match nodes.wire(&tag) {
@@ -93,7 +96,8 @@ impl Nodes {
 
     /// Makes the namespaces, the veth pair and the addresses; writes the hostfile and agent.
     fn wire(&mut self, tag: &str) -> Result<(), String> {
-        let veths: Vec<String> = (0..2).map(|i| format!("e{tag}v{i}")).collect();
+        self.veths = (0..2).map(|i| format!("e{tag}v{i}")).collect();
+        let veths = self.veths.clone();
         for i in 0..2 {
             let ns = format!("eva-test-{tag}-node{i}");
             ip(&["netns", "add", &ns])?;
@@ -175,6 +179,10 @@ impl Drop for Nodes {
         for ns in &self.names {
             // Deleting a namespace deletes the veth end inside it, and with it the peer.
             let _ = ip(&["netns", "del", ns]);
+        }
+        for veth in &self.veths {
+            // Gone already unless the setup failed before moving it into its namespace.
+            let _ = ip(&["link", "del", veth]);
         }
     }
 }
