@@ -4,6 +4,8 @@
 #   launch/mpirun.sh 4 --synthetic "layers=8,dim=1024,tokens=4096,units=64" --out /tmp/eva-adapter
 #   HOSTFILE=hosts.txt launch/mpirun.sh 16 --activations /shared/acts --out /shared/adapter
 #
+# A hostfile is OpenMPI's (`host slots=N` lines); tests/suite/netns.rs rehearses two "nodes" on one
+# box through this script (network namespaces, see launch/README.md).
 # Build first with MPI: cargo build --release --features mpi (or --features nccl for NCCL).
 # Every rank runs the same command line; rank 0 writes the output directory.
 set -euo pipefail

@@ -377,6 +377,7 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
         owner,
         split,
     } = opened;
+    agree(comm, super::tokens::check_reachable(source.as_ref(), cfg))?;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
     if leader && replicas > passes {
         say(&format!(

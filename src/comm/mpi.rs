@@ -87,7 +87,7 @@ impl MpiWorld {
 
     /// Answers the questions of ranks whose wait timed out: "this rank is waiting, in collective
     /// number `seq`".
-    fn answer_questions(&self) {
+    pub(super) fn answer_questions(&self) {
         while let Some(probed) = self
             .probe
             .any_process()
@@ -173,7 +173,7 @@ impl MpiWorld {
     }
 
     /// Reports a collective that timed out, with the ranks that did not answer, and aborts.
-    fn time_out(&self, op: &str, waited: Duration) -> ! {
+    pub(super) fn time_out(&self, op: &str, waited: Duration) -> ! {
         let (rank, size) = (self.rank(), self.size());
         let mine = [self.seq.get()];
         let mut answered = vec![false; size];

@@ -3,18 +3,24 @@
 //! Sums of values already in GPU memory (`--device cuda` statistics and `G·Q` products,
 //! [`Communicator::all_reduce_sum_device`]) run in place there; host buffers are staged through
 //! the GPU.
+//!
+//! A rank waits for its NCCL work by polling an event under the watchdog's [`Backoff`], never in a
+//! blocking synchronize: past `--collective-timeout` it aborts the NCCL communicator and the job.
 
+use super::watchdog::Backoff;
 use super::{Communicator, MpiWorld};
 use crate::model::cuda::{probe, DeviceSums};
 use crate::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
+use std::cell::{Ref, RefCell};
 use std::sync::Arc;
 
 /// An MPI world whose sums run through NCCL.
 pub struct NcclWorld {
     mpi: MpiWorld,
-    comm: Comm,
+    /// `None` once aborted after a timeout.
+    comm: RefCell<Option<Comm>>,
     stream: Arc<CudaStream>,
 }
 
@@ -70,7 +76,41 @@ impl NcclWorld {
             std::array::from_fn(|i| id_bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
         let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), Id::uninit(raw))
             .map_err(nccl("communicator init"))?;
-        Ok(NcclWorld { mpi, comm, stream })
+        Ok(NcclWorld {
+            mpi,
+            comm: RefCell::new(Some(comm)),
+            stream,
+        })
+    }
+
+    /// The NCCL communicator (an error once it was aborted).
+    fn comm(&self) -> Result<Ref<'_, Comm>> {
+        Ref::filter_map(self.comm.borrow(), Option::as_ref)
+            .map_err(|_| Error::Comm("the NCCL communicator was aborted".into()))
+    }
+
+    /// Waits until the work queued on the stream so far has run: polls an event (`cuEventQuery`)
+    /// under the watchdog's [`Backoff`], answering the MPI watchdog's questions while it sleeps, so
+    /// a rank waiting for one that never arrives sleeps instead of blocking in a synchronize. Past
+    /// `--collective-timeout` it aborts the NCCL communicator (`ncclCommAbort`, which ends the
+    /// kernels waiting for the missing rank) and then the job, naming `op`.
+    fn wait(&self, op: &str) -> Result<()> {
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(cuda("event record"))?;
+        let mut backoff = Backoff::start();
+        while !done.try_is_complete().map_err(cuda("event query"))? {
+            if backoff.sleeping() {
+                self.mpi.answer_questions();
+            }
+            if let Err(waited) = backoff.pause() {
+                // Dropping cudarc's Comm calls ncclCommAbort.
+                drop(self.comm.borrow_mut().take());
+                self.mpi.time_out(&format!("NCCL {op}"), waited);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -91,12 +131,15 @@ impl Communicator for NcclWorld {
             .stream
             .clone_htod(&buf[..])
             .map_err(cuda("host-to-device copy"))?;
-        self.comm
+        self.comm()?
             .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
             .map_err(nccl("all-reduce"))?;
+        // Before the copy back: a copy into pageable memory would block until the sum is done.
+        self.wait("all-reduce")?;
         self.stream
             .memcpy_dtoh(&dev, buf)
             .map_err(cuda("device-to-host copy"))?;
+        // Only the copy is left on the stream.
         self.stream.synchronize().map_err(cuda("synchronize"))
     }
 
@@ -106,12 +149,13 @@ impl Communicator for NcclWorld {
         }
         // The buffer was written by work queued on the statistics' stream: the device's default
         // stream, as this communicator's (both on the device's primary context), so NCCL's sum
-        // runs after it and the copy back to the host after the sum.
+        // runs after it and the copy back to the host after the sum. Waiting here keeps a rank
+        // that never arrives under the watchdog (the later copy would block instead).
         let n = buf.len();
-        self.comm
+        self.comm()?
             .all_reduce_in_place(&mut buf.buffer_mut().slice_mut(0..n), &ReduceOp::Sum)
             .map_err(nccl("all-reduce"))?;
-        Ok(())
+        self.wait("all-reduce of device statistics")
     }
 
     fn broadcast(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
@@ -141,8 +185,8 @@ impl Communicator for NcclWorld {
             .stream
             .clone_htod(buf)
             .map_err(cuda("host-to-device copy"))?;
-        self.comm.send(&dev, dest as i32).map_err(nccl("send"))?;
-        self.stream.synchronize().map_err(cuda("synchronize"))
+        self.comm()?.send(&dev, dest as i32).map_err(nccl("send"))?;
+        self.wait(&format!("send to rank {dest}"))
     }
 
     fn recv(&self, src: usize) -> Result<Vec<u8>> {
@@ -160,9 +204,10 @@ impl Communicator for NcclWorld {
             .stream
             .alloc_zeros::<u8>(len)
             .map_err(cuda("allocation"))?;
-        self.comm
+        self.comm()?
             .recv(&mut dev, src as i32)
             .map_err(nccl("receive"))?;
+        self.wait(&format!("receive from rank {src}"))?;
         self.stream
             .memcpy_dtoh(&dev, &mut out)
             .map_err(cuda("device-to-host copy"))?;

@@ -227,6 +227,13 @@ pub trait Source {
     fn device(&self) -> Option<std::sync::Arc<Cuda>> {
         None
     }
+
+    /// The most rows one unit can give any input, when that is known before any unit is read
+    /// (synthetic data: its `tokens`; a model: the longest sequence it keeps); `None` when it is
+    /// not. The CLI's fail-fast token check (`cli/tokens.rs`) bounds a run's tokens with it.
+    fn max_unit_tokens(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Fails on the first NaN or infinity in `rows`, naming where it came from.
@@ -355,6 +362,10 @@ impl Source for Targeted {
 
     fn pass_units(&self) -> usize {
         self.inner.pass_units()
+    }
+
+    fn max_unit_tokens(&self) -> Option<usize> {
+        self.inner.max_unit_tokens()
     }
 
     fn pipelined(&self) -> bool {

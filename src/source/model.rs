@@ -295,6 +295,12 @@ impl Source for ModelSource {
         self.examples.items.len()
     }
 
+    /// An example is cut to the encoder's `max_len` tokens (`--max-seq-len`, at most the model's
+    /// positions); label masking only removes rows.
+    fn max_unit_tokens(&self) -> Option<usize> {
+        Some(self.encoder.max_len)
+    }
+
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
         self.read_stage(units, wanted, None, false, sink)
             .map(|_| ())

@@ -236,6 +236,10 @@ impl Source for SyntheticSource {
         self.spec.units
     }
 
+    fn max_unit_tokens(&self) -> Option<usize> {
+        Some(self.spec.tokens)
+    }
+
     fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
         for &unit in units {
             if unit >= self.spec.units {

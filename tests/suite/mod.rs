@@ -10,6 +10,8 @@ mod fuzz;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod model;
+#[cfg(feature = "mpi")]
+mod netns;
 mod ops;
 mod output;
 mod pipeline;

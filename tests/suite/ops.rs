@@ -600,3 +600,83 @@ fn a_stopped_rank_ends_the_job_within_the_timeout_and_the_waiting_rank_does_not_
     );
     assert_nothing_written(&out);
 }
+
+/// Runs `eva init ARGS --out OUT` (progress on) and returns its output.
+fn init_at(out: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["init", "--out", out.to_str().unwrap()];
+    a.extend_from_slice(args);
+    eva(&a)
+}
+
+#[test]
+fn token_counts_that_cannot_reach_the_candidate_components_fail_before_any_step() {
+    let tmp = tempdir();
+    let out = tmp.path().join("adapter");
+    // 3 units of 4 tokens against round(16 × 2) = 32 components.
+    let o = init_at(
+        &out,
+        &[
+            "--synthetic",
+            "layers=2,dim=64,tokens=4,units=3",
+            "--rank",
+            "16",
+        ],
+    );
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let line = one_error_line(&err);
+    for needle in [
+        "layer model.layers.0.proj0",
+        "at most 12 tokens",
+        "3 units × at most 4 tokens each",
+        "32 candidate components (round(--rank 16 × --rho 2))",
+    ] {
+        assert!(line.contains(needle), "`{needle}` missing: {line}");
+    }
+    assert!(!err.contains("[eva] step"), "no step may run first: {err}");
+    assert_nothing_written(&out);
+
+    // Text: --max-steps × --batch-size examples of at most --max-seq-len tokens.
+    let (model, data) = (example_model(), example_data());
+    let o = init_at(
+        &out,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-seq-len",
+            "8",
+            "--rank",
+            "8",
+        ],
+    );
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let line = one_error_line(&err);
+    assert!(
+        line.contains("at most 16 tokens")
+            && line.contains("2 units (--max-steps 1 × --batch-size 2) × at most 8 tokens each")
+            && line.contains("16 candidate components"),
+        "{line}"
+    );
+    assert!(!err.contains("[eva] step"), "no step may run first: {err}");
+    assert_nothing_written(&out);
+
+    // One token more than the components is enough to run.
+    let o = init_at(
+        &out,
+        &[
+            "--synthetic",
+            "layers=2,dim=64,tokens=11,units=3",
+            "--rank",
+            "16",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+}
