@@ -13,6 +13,7 @@
 //! inputs themselves (rather than from a [`Source`]) can call [`Engine::accumulate`] and
 //! [`Engine::end_step`].
 
+pub mod external;
 pub mod finish;
 pub mod protocol;
 pub mod read;
