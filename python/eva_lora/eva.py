@@ -13,7 +13,6 @@ The phases of a run:
 """
 
 import json
-import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -211,6 +210,20 @@ def _discover(model, targets, inputs, model_input, forward_fn):
     return groups, rows
 
 
+def _reference(rows, model_input):
+    """A row near the data's mean that keeps eva's Gram free of cancellation: the mean of the
+    first example's rows when the token indices of PEFT's default preparation tell them (the
+    CLI's choice: unit 0), else of the whole first batch."""
+    if rows.shape[0] == 0:
+        return [0.0] * rows.shape[1]
+    first = rows
+    if isinstance(model_input, torch.Tensor) and model_input.ndim == 2 and model_input.shape[0] == rows.shape[0]:
+        k = int((model_input[:, 0] == model_input[0, 0]).sum())
+        first = rows[:k] if k > 0 else rows
+    # Non-finite rows are reported by the statistics, with where they are; the reference stays finite.
+    return torch.nan_to_num(first.double().mean(0), nan=0.0, posinf=0.0, neginf=0.0).float().tolist()
+
+
 def _agree(comm, error):
     """Every rank learns whether any rank failed before the engine exists; raises on all of them
     (the failing rank its own exception)."""
@@ -279,7 +292,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
 
     # Phase 2: the first batch (every rank must have one; the engine does not exist yet).
     it = iter(dataloader)
-    error, groups, rows, local_batch = None, None, None, 0
+    error, groups, rows, local_batch, model_input_first = None, None, None, 0, None
     try:
         batch = next(it, _END)
         if batch is _END:
@@ -287,6 +300,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         local_batch = _first_tensor_len(batch)
         inputs, model_input = prepare(batch)
         groups, rows = _discover(model, targets, inputs, model_input, forward_fn)
+        model_input_first = model_input
     except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
         error = e
     _agree(comm, error)
@@ -301,7 +315,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     if rho > 1000:  # PEFT's cap for unusually high rho
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // peft_config.r)
     layers = [(t.name, t.in_features, t.out_features) for t in targets]
-    refs = [(r.mean(0) if r.shape[0] > 0 else torch.zeros(r.shape[1])).tolist() for r in rows]
+    refs = [_reference(r, model_input_first) for r in rows]
     desc = f"pytorch:{type(model).__name__}"
     run = Run(layers, groups, refs, units, desc, _options(peft_config, rho, global_batch, eva_options), comm)
 
@@ -509,6 +523,5 @@ def initialize_lora_eva_weights(
             show_progress_bar=show_progress_bar,
             **eva_options,
         )
-    with warnings.catch_warnings():
-        _load_eva_state_dict(model, eva_state_dict, adapter_name)
+    _load_eva_state_dict(model, eva_state_dict, adapter_name)
     return model

@@ -4,7 +4,7 @@
 use eva::comm::Communicator;
 use eva::{Error, Result};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 /// The collectives of a Python object.
 pub struct PyComm {
@@ -26,13 +26,16 @@ impl PyComm {
     fn call<T>(
         &self,
         method: &str,
-        args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>>,
+        args: impl for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyTuple>>,
         then: impl for<'py> FnOnce(Bound<'py, PyAny>) -> PyResult<T>,
     ) -> Result<T> {
         Python::with_gil(|py| {
             let out = args(py).and_then(|a| self.obj.bind(py).call_method1(method, a));
             out.and_then(then).map_err(|e| {
-                Error::Comm(format!("torch.distributed {method} on rank {}: {e}", self.rank))
+                Error::Comm(format!(
+                    "torch.distributed {method} on rank {}: {e}",
+                    self.rank
+                ))
             })
         })
     }
@@ -98,7 +101,7 @@ impl Communicator for PyComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.call("barrier", |py| ().into_pyobject(py), |_| Ok(()))
+        self.call("barrier", |py| Ok(PyTuple::empty(py)), |_| Ok(()))
     }
 
     fn split(&self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {

@@ -51,11 +51,9 @@ fn rows_of<'a>(buf: &'a PyBuffer<f32>, py: Python<'_>) -> PyResult<ArrayView2<'a
     let _ = py;
     // SAFETY: the buffer is C-contiguous f32 of `shape` and stays alive (and is not written:
     // the hook holds the tensor) while the view is used within this call.
-    let data = unsafe {
-        std::slice::from_raw_parts(buf.buf_ptr() as *const f32, shape[0] * shape[1])
-    };
-    ArrayView2::from_shape((shape[0], shape[1]), data)
-        .map_err(|e| EvaError::new_err(e.to_string()))
+    let data =
+        unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const f32, shape[0] * shape[1]) };
+    ArrayView2::from_shape((shape[0], shape[1]), data).map_err(|e| EvaError::new_err(e.to_string()))
 }
 
 impl Run {
@@ -99,8 +97,8 @@ impl Run {
                 &*(comm.as_ref() as *const dyn Communicator),
             )
         };
-        let engine = Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref)
-            .map_err(py_err)?;
+        let engine =
+            Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref).map_err(py_err)?;
         Ok(Run {
             engine: Some(engine),
             _cfg: cfg,
@@ -115,7 +113,13 @@ impl Run {
 
     /// Adds rows (tokens × in_features, C-contiguous float32, read in place) of input `g`;
     /// `what` names them in errors.
-    fn accumulate(&mut self, py: Python<'_>, g: usize, rows: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+    fn accumulate(
+        &mut self,
+        py: Python<'_>,
+        g: usize,
+        rows: &Bound<'_, PyAny>,
+        what: &str,
+    ) -> PyResult<()> {
         let buf = PyBuffer::<f32>::get(rows)?;
         let view = rows_of(&buf, py)?;
         self.engine()?
@@ -170,7 +174,11 @@ impl Run {
         &mut self,
         py: Python<'py>,
         stop: &str,
-    ) -> PyResult<(Vec<(String, usize, f64, Bound<'py, PyBytes>)>, String, String)> {
+    ) -> PyResult<(
+        Vec<(String, usize, f64, Bound<'py, PyBytes>)>,
+        String,
+        String,
+    )> {
         let stop = match stop {
             "converged" => StopReason::Converged,
             "max_steps" => StopReason::MaxSteps,
@@ -201,7 +209,10 @@ impl Run {
 }
 
 /// A catalog from the hooks' layers and groups, each layer in exactly one group.
-fn check_catalog(layers: Vec<(String, usize, usize)>, groups: Vec<Vec<usize>>) -> PyResult<Catalog> {
+fn check_catalog(
+    layers: Vec<(String, usize, usize)>,
+    groups: Vec<Vec<usize>>,
+) -> PyResult<Catalog> {
     let mut seen = vec![0usize; layers.len()];
     for g in &groups {
         if g.is_empty() {
@@ -210,7 +221,11 @@ fn check_catalog(layers: Vec<(String, usize, usize)>, groups: Vec<Vec<usize>>) -
         for &m in g {
             match seen.get_mut(m) {
                 Some(s) => *s += 1,
-                None => return Err(EvaError::new_err(format!("group member {m} is not a layer"))),
+                None => {
+                    return Err(EvaError::new_err(format!(
+                        "group member {m} is not a layer"
+                    )))
+                }
             }
         }
         let d = layers[g[0]].1;

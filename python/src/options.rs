@@ -6,14 +6,19 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// `stats_memory` when not given: the CLI's `--stats-memory` default, in bytes.
-pub const DEFAULT_STATS_MEMORY: u64 = (eva::cli::DEFAULT_STATS_MEMORY_GIB * (1u64 << 30) as f64) as u64;
+pub const DEFAULT_STATS_MEMORY: u64 =
+    (eva::cli::DEFAULT_STATS_MEMORY_GIB * (1u64 << 30) as f64) as u64;
 
 /// `options[key]`, or `default` when absent or None.
-fn get<'py, T: FromPyObject<'py>>(options: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T> {
+fn get<'py, T: FromPyObject<'py>>(
+    options: &Bound<'py, PyDict>,
+    key: &str,
+    default: T,
+) -> PyResult<T> {
     match options.get_item(key)? {
-        Some(v) if !v.is_none() => v.extract().map_err(|e| {
-            super::EvaError::new_err(format!("option {key}: {e}"))
-        }),
+        Some(v) if !v.is_none() => v
+            .extract()
+            .map_err(|e| super::EvaError::new_err(format!("option {key}: {e}"))),
         _ => Ok(default),
     }
 }
@@ -40,10 +45,16 @@ pub fn config(options: &Bound<'_, PyDict>) -> PyResult<RunConfig> {
         return Err(usage("r must be at least 1".into()));
     }
     if !(eva.rho >= 1.0 && eva.rho.is_finite()) {
-        return Err(usage(format!("eva_config.rho must be >= 1, found {}", eva.rho)));
+        return Err(usage(format!(
+            "eva_config.rho must be >= 1, found {}",
+            eva.rho
+        )));
     }
     if !(eva.tau > 0.0 && eva.tau <= 1.0) {
-        return Err(usage(format!("eva_config.tau must be in (0, 1], found {}", eva.tau)));
+        return Err(usage(format!(
+            "eva_config.tau must be in (0, 1], found {}",
+            eva.tau
+        )));
     }
     let estimator = match get(options, "estimator", "auto".to_string())?.as_str() {
         "auto" => EstimatorChoice::Auto,

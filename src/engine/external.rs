@@ -199,8 +199,8 @@ mod tests {
             vec![vec![0, 1]],
         );
         let world = SingleProcess;
-        let mut e = Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg)
-            .unwrap();
+        let mut e =
+            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg).unwrap();
         // Rows spread along the first two axes only: the components are e0 and e1.
         let mut stop = None;
         for step in 0..3 {
