@@ -29,6 +29,14 @@ fn py_err(e: eva::Error) -> PyErr {
     EvaError::new_err(e.to_string())
 }
 
+/// What [`Run::finish`] returns: the layers with rank > 0 as (name, rank, alpha, `lora_A`
+/// bytes), the adapter_config.json text and the eva_report.json text.
+type Finished<'py> = (
+    Vec<(String, usize, f64, Bound<'py, PyBytes>)>,
+    String,
+    String,
+);
+
 /// One EVA run over the caller's forward passes.
 ///
 /// The engine borrows its configuration and communicator, which the run owns on the heap:
@@ -41,14 +49,13 @@ struct Run {
 }
 
 /// A C-contiguous 2-D f32 buffer (a NumPy array, a CPU tensor's `.numpy()`) as a view, no copy.
-fn rows_of<'a>(buf: &'a PyBuffer<f32>, py: Python<'_>) -> PyResult<ArrayView2<'a, f32>> {
+fn rows_of(buf: &PyBuffer<f32>) -> PyResult<ArrayView2<'_, f32>> {
     let shape = buf.shape();
     if shape.len() != 2 || !buf.is_c_contiguous() {
         return Err(EvaError::new_err(format!(
             "layer input rows must be a C-contiguous 2-D float32 array, found shape {shape:?}"
         )));
     }
-    let _ = py;
     // SAFETY: the buffer is C-contiguous f32 of `shape` and stays alive (and is not written:
     // the hook holds the tensor) while the view is used within this call.
     let data =
@@ -113,15 +120,9 @@ impl Run {
 
     /// Adds rows (tokens × in_features, C-contiguous float32, read in place) of input `g`;
     /// `what` names them in errors.
-    fn accumulate(
-        &mut self,
-        py: Python<'_>,
-        g: usize,
-        rows: &Bound<'_, PyAny>,
-        what: &str,
-    ) -> PyResult<()> {
+    fn accumulate(&mut self, g: usize, rows: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
         let buf = PyBuffer::<f32>::get(rows)?;
-        let view = rows_of(&buf, py)?;
+        let view = rows_of(&buf)?;
         self.engine()?
             .accumulate_rows(g, view, || what.to_string())
             .map_err(py_err)
@@ -170,15 +171,7 @@ impl Run {
     /// Ends the run (collective): final solves and allocation. Returns the layers with rank > 0
     /// as (name, rank, alpha, lora_A as little-endian float32 bytes, rank × in_features), the
     /// adapter_config.json and the eva_report.json text.
-    fn finish<'py>(
-        &mut self,
-        py: Python<'py>,
-        stop: &str,
-    ) -> PyResult<(
-        Vec<(String, usize, f64, Bound<'py, PyBytes>)>,
-        String,
-        String,
-    )> {
+    fn finish<'py>(&mut self, py: Python<'py>, stop: &str) -> PyResult<Finished<'py>> {
         let stop = match stop {
             "converged" => StopReason::Converged,
             "max_steps" => StopReason::MaxSteps,
