@@ -15,6 +15,7 @@
 //! [`Engine::end_step`].
 
 pub mod checkpoint;
+pub mod external;
 pub mod finish;
 pub mod protocol;
 pub mod read;

@@ -1,0 +1,527 @@
+"""``get_eva_state_dict`` and ``initialize_lora_eva_weights`` with ``peft.tuners.lora.eva``'s
+signatures and meaning, on eva's statistics (see docs/python.md).
+
+The phases of a run:
+
+1. *targets*: the modules PEFT would hook (LoRA layers of a PeftModel, or the ``nn.Linear`` /
+   ``Conv1D`` modules that ``peft_config.target_modules`` selects);
+2. *first batch*: one forward pass whose hooks record which modules receive the same input
+   tensor object (equal-input groups) and keep each group's rows: they are step 1;
+3. *steps*: one forward pass per batch, hooks on the representative module of every input that
+   still accumulates hand its rows to the Rust statistics; inputs that are done are unhooked;
+4. *finish*: eva's final solves and rank allocation give ``lora_A`` for every target layer.
+"""
+
+import json
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from peft.tuners.lora.eva import (
+    UNSUPPORTED_LORA_MODULES,
+    _load_eva_state_dict,
+    forward_fn_dict,
+    get_device_with_meta_params,
+    move_inputs_to_device,
+    prepare_model_inputs_fn_language_modeling,
+)
+from peft.tuners.tuners_utils import check_target_module_exists
+from transformers.pytorch_utils import Conv1D
+
+from ._dist import TorchComm
+from ._eva import DEFAULT_STATS_MEMORY, EvaError, Run
+
+__all__ = [
+    "EvaError",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "prepare_layer_inputs_fn_language_modeling",
+    "prepare_model_inputs_fn_language_modeling",
+    "forward_fn_dict",
+]
+
+_END = object()
+
+
+def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name) -> torch.Tensor:
+    """PEFT's default: the rows of ``layer_input`` at the indices ``model_input`` (the output of
+    ``prepare_model_inputs_fn_language_modeling``: attention mask and label mask) selects; when
+    every token is kept, the input itself, flattened (a view, no copy)."""
+    if isinstance(layer_input, (tuple, list)):
+        layer_input = layer_input[0]
+    if not isinstance(layer_input, torch.Tensor):
+        raise TypeError(
+            f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
+            "please provide a custom prepare_layer_inputs_fn"
+        )
+    if (
+        isinstance(model_input, torch.Tensor)
+        and layer_input.ndim == 3
+        and model_input.ndim == 2
+        and model_input.shape[0] == layer_input.shape[0] * layer_input.shape[1]
+    ):
+        return layer_input.reshape(-1, layer_input.shape[-1])
+    return layer_input[model_input.T.unbind()]
+
+
+@dataclass
+class _Target:
+    """One target layer: its module path, module and shapes."""
+
+    name: str
+    module: torch.nn.Module
+    in_features: int
+    out_features: int
+    prepare: Any
+
+
+def _shapes(name, module):
+    """(in_features, out_features) of a supported module, or an EvaError naming what it is."""
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, torch.nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise EvaError(
+        f"module {name} ({type(base).__name__}) is not supported: eva computes the statistics of the inputs "
+        "of torch.nn.Linear and transformers' Conv1D layers"
+    )
+
+
+def _targets(model, peft_config, is_peft_model, prepare_layer_inputs_fn):
+    """The modules PEFT hooks, in ``named_modules`` order; unsupported LoRA types (embeddings,
+    convolutions, attention) are left to PEFT's normal initialization with its warning."""
+    fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
+    targets = []
+    for name, module in model.named_modules():
+        if is_peft_model:
+            if not hasattr(module, "base_layer") or isinstance(module, UNSUPPORTED_LORA_MODULES):
+                continue
+        else:
+            if peft_config.target_modules is not None and not check_target_module_exists(peft_config, name):
+                continue
+            if peft_config.target_modules is None and not isinstance(module, (torch.nn.Linear, Conv1D)):
+                continue
+            if isinstance(module, (torch.nn.Embedding, torch.nn.MultiheadAttention, torch.nn.modules.conv._ConvNd)):
+                continue
+        fn = fns.pop(name, None) if fns is not None else prepare_layer_inputs_fn
+        fn = fn or _prepare_default
+        targets.append(_Target(name, module, *_shapes(name, module), fn))
+    if fns:
+        raise ValueError(
+            "prepare_layer_inputs_fn is a mapping but the following module names were not found in the model: "
+            f"{fns.keys()}"
+        )
+    if not targets:
+        raise EvaError("no target layers: nothing in the model matches peft_config.target_modules")
+    return targets
+
+
+def _prepare_default(layer_input, model_input, layer_name):
+    """PEFT's fallback when ``prepare_layer_inputs_fn`` is None: the first input, flattened."""
+    if isinstance(layer_input, (tuple, list)):
+        layer_input = layer_input[0]
+    if not isinstance(layer_input, torch.Tensor):
+        raise TypeError(
+            f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
+            "please provide a custom prepare_layer_inputs_fn"
+        )
+    if layer_input.ndim > 2:
+        layer_input = layer_input.reshape(-1, layer_input.size(-1))
+    return layer_input
+
+
+def _host_rows(rows, name):
+    """Rows as a C-contiguous float32 CPU tensor: no copy for CPU float32 tensors; CUDA tensors
+    are copied to host (eva's statistics live in host memory)."""
+    if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
+        raise EvaError(
+            f"prepare_layer_inputs_fn must return a 2-D tensor (tokens x features) for {name}, "
+            f"found {type(rows).__name__} {tuple(getattr(rows, 'shape', ()))}"
+        )
+    rows = rows.detach()
+    if rows.device.type == "meta":
+        raise EvaError(f"the input of {name} is on the meta device: load the model's weights first")
+    return rows.to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _first_tensor_len(batch):
+    """Examples in a batch: the length of its first tensor (1 if it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            n = _first_tensor_len(v)
+            if n:
+                return n
+    if isinstance(batch, (tuple, list)):
+        for v in batch:
+            n = _first_tensor_len(v)
+            if n:
+                return n
+    return 0
+
+
+@dataclass
+class _Capture:
+    """The first batch's forward: each target's input tensors (kept alive so that their ids stay
+    unique) and prepared rows."""
+
+    model_input: Any = None
+    keys: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+    keep: list = field(default_factory=list)
+
+
+def _discover(model, targets, inputs, model_input, forward_fn):
+    """Runs the first batch with recording hooks: returns the equal-input groups (targets whose
+    hooks saw the same input tensor objects and use the same preparation) and the rows of every
+    group's representative (float32, host)."""
+    cap = _Capture(model_input=model_input)
+
+    def hook_for(i, t):
+        def hook(module, inp, out):
+            raw = inp[0] if isinstance(inp, (tuple, list)) and inp else inp
+            cap.keep.append(raw)
+            cap.keys.setdefault(i, []).append((id(raw), id(t.prepare)))
+            cap.rows.setdefault(i, []).append(t.prepare(inp, cap.model_input, t.name))
+
+        return hook
+
+    handles = [t.module.register_forward_hook(hook_for(i, t)) for i, t in enumerate(targets)]
+    try:
+        forward_fn(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = {}
+    for i in range(len(targets)):
+        key = tuple(cap.keys.get(i, [("unseen", i)]))
+        groups.setdefault(key, []).append(i)
+    groups = list(groups.values())
+    rows = []
+    for g in groups:
+        i = g[0]
+        parts = [_host_rows(r, targets[i].name) for r in cap.rows.get(i, [])]
+        rows.append(torch.cat(parts) if parts else torch.zeros(0, targets[i].in_features))
+    return groups, rows
+
+
+def _reference(rows, model_input):
+    """A row near the data's mean that keeps eva's Gram free of cancellation: the mean of the
+    first example's rows when the token indices of PEFT's default preparation tell them (the
+    CLI's choice: unit 0), else of the whole first batch."""
+    if rows.shape[0] == 0:
+        return [0.0] * rows.shape[1]
+    first = rows
+    if isinstance(model_input, torch.Tensor) and model_input.ndim == 2 and model_input.shape[0] == rows.shape[0]:
+        k = int((model_input[:, 0] == model_input[0, 0]).sum())
+        first = rows[:k] if k > 0 else rows
+    # Non-finite rows are reported by the statistics, with where they are; the reference stays finite.
+    return torch.nan_to_num(first.double().mean(0), nan=0.0, posinf=0.0, neginf=0.0).float().tolist()
+
+
+def _agree(comm, error):
+    """Every rank learns whether any rank failed before the engine exists; raises on all of them
+    (the failing rank its own exception)."""
+    if comm is None:
+        if error is not None:
+            raise error
+        return
+    flags = torch.zeros(comm.size, dtype=torch.float64)
+    flags[comm.rank] = 1.0 if error is not None else 0.0
+    flags = torch.frombuffer(bytearray(comm.all_reduce_sum(flags.numpy().tobytes())), dtype=torch.float64)
+    failed = [r for r in range(comm.size) if flags[r] > 0]
+    if not failed:
+        return
+    msg = comm.broadcast(str(error).encode() if comm.rank == failed[0] else b"", failed[0]).decode()
+    if error is not None:
+        raise error
+    raise EvaError(f"rank {failed[0]} failed: {msg}")
+
+
+def _options(peft_config, rho, batch_size, eva_options):
+    eva_config = peft_config.eva_config
+    opts = {
+        "r": peft_config.r,
+        "lora_alpha": float(peft_config.lora_alpha),
+        "lora_dropout": float(peft_config.lora_dropout),
+        "rho": float(rho),
+        "tau": float(eva_config.tau),
+        "whiten": bool(eva_config.whiten),
+        "adjust_scaling_factors": bool(eva_config.adjust_scaling_factors),
+        "use_label_mask": bool(eva_config.use_label_mask),
+        "label_mask_value": int(eva_config.label_mask_value),
+        "batch_size": batch_size,
+        "task_type": getattr(peft_config, "task_type", None),
+        "base_model": getattr(peft_config, "base_model_name_or_path", None),
+    }
+    task = opts["task_type"]
+    opts["task_type"] = getattr(task, "value", task)
+    opts.update(eva_options)
+    return opts
+
+
+def _progress(show):
+    """A tqdm bar on rank 0 fed by the engine's step callback, or None."""
+    if not show or (dist.is_initialized() and dist.get_rank() != 0):
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(position=0, leave=False)
+
+    def on_step(step, converged, layers, tokens):
+        bar.update(1)
+        bar.set_description(f"{converged}/{layers} layers have converged")
+
+    return bar, on_step
+
+
+def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inputs_fn, comm, show, cycle, report_path, eva_options):
+    device = get_device_with_meta_params(model)
+
+    def prepare(batch):
+        if device is not None:
+            batch = move_inputs_to_device(batch, device)
+        if prepare_model_inputs_fn is not None:
+            return batch, prepare_model_inputs_fn(batch, peft_config)
+        return batch, batch
+
+    # Phase 2: the first batch (every rank must have one; the engine does not exist yet).
+    it = iter(dataloader)
+    error, groups, rows, local_batch, model_input_first = None, None, None, 0, None
+    try:
+        batch = next(it, _END)
+        if batch is _END:
+            raise EvaError("the data loader is empty: EVA needs at least one batch")
+        local_batch = _first_tensor_len(batch)
+        inputs, model_input = prepare(batch)
+        groups, rows = _discover(model, targets, inputs, model_input, forward_fn)
+        model_input_first = model_input
+    except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
+        error = e
+    _agree(comm, error)
+    global_batch = local_batch
+    if comm is not None:
+        sizes = torch.zeros(comm.size, dtype=torch.float64)
+        sizes[comm.rank] = local_batch
+        global_batch = int(sum(torch.frombuffer(bytearray(comm.all_reduce_sum(sizes.numpy().tobytes())), dtype=torch.float64)))
+    units = len(dataloader) * global_batch if hasattr(dataloader, "__len__") else 0
+
+    rho = peft_config.eva_config.rho
+    if rho > 1000:  # PEFT's cap for unusually high rho
+        rho = min(rho, max(max(p.shape) for p in model.parameters()) // peft_config.r)
+    layers = [(t.name, t.in_features, t.out_features) for t in targets]
+    refs = [_reference(r, model_input_first) for r in rows]
+    desc = f"pytorch:{type(model).__name__}"
+    run = Run(layers, groups, refs, units, desc, _options(peft_config, rho, global_batch, eva_options), comm)
+
+    # Phase 3: steps. Step 1 is the first batch's rows.
+    bar, on_step = _progress(show)
+    handles = {}
+    state = {"model_input": None, "step": 1}
+
+    def what(name):
+        return f"input of {name} (batch {state['step']} of this rank)"
+
+    def hook_for(g):
+        t = targets[groups[g][0]]
+
+        def hook(module, inp, out):
+            x = _host_rows(t.prepare(inp, state["model_input"], t.name), t.name)
+            run.accumulate(g, x.numpy(), what(t.name))
+
+        return hook
+
+    try:
+        error = None
+        try:
+            for g, (acc, x) in enumerate(zip(run.accumulating(), rows)):
+                if acc:
+                    run.accumulate(g, x.numpy(), what(targets[groups[g][0]].name))
+        except Exception as e:  # noqa: BLE001
+            error = e
+        del rows
+        stop = _end_step(run, error, on_step)
+        while stop is None:
+            batch = next(it, _END)
+            if batch is _END and cycle:
+                it = iter(dataloader)
+                batch = next(it, _END)
+            if not run.more_data(batch is not _END):
+                stop = "data_exhausted"
+                break
+            state["step"] += 1
+            for g, acc in enumerate(run.accumulating()):
+                if acc and g not in handles:
+                    handles[g] = targets[groups[g][0]].module.register_forward_hook(hook_for(g))
+                elif not acc and g in handles:
+                    handles.pop(g).remove()
+            error = None
+            try:
+                inputs, state["model_input"] = prepare(batch)
+                forward_fn(model, inputs)
+            except Exception as e:  # noqa: BLE001
+                error = e
+            stop = _end_step(run, error, on_step)
+    finally:
+        for h in handles.values():
+            h.remove()
+        if bar is not None:
+            bar.close()
+
+    # Phase 4: finish.
+    done, config, report = run.finish(stop)
+    if report_path is not None and (comm is None or comm.rank == 0):
+        with open(report_path, "w") as f:
+            f.write(report)
+    by_name = {name: (rank, a) for name, rank, _alpha, a in done}
+    state_dict = {}
+    for t in targets:
+        rank, a = by_name.get(t.name, (0, b""))
+        w = torch.frombuffer(bytearray(a), dtype=torch.float32).reshape(rank, t.in_features) if rank else torch.zeros(0, t.in_features)
+        state_dict[t.name] = w if device is None else w.to(device)
+    return state_dict, json.loads(config), json.loads(report)
+
+
+def _end_step(run, error, on_step):
+    """Ends a step on every rank; the rank whose forward failed raises its own exception."""
+    try:
+        return run.end_step(None if error is None else f"{type(error).__name__}: {error}", on_step)
+    except EvaError:
+        if error is not None:
+            raise error
+        raise
+
+
+@torch.no_grad()
+def get_eva_state_dict(
+    model: torch.nn.Module,
+    dataloader,
+    peft_config=None,
+    forward_fn=forward_fn_dict,
+    prepare_model_inputs_fn=prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+    *,
+    estimator: str = "auto",
+    stats_memory: Optional[int] = None,
+    sketch_size: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    refine_converged: bool = False,
+    cycle_dataloader: bool = False,
+    report_path: Optional[str] = None,
+    seed: int = 0,
+    process_group=None,
+) -> dict:
+    """PEFT's ``get_eva_state_dict`` on eva's statistics: ``{module name: lora_A}`` with
+    ``lora_A`` of shape ``rank x in_features`` (``0 x in_features`` for layers whose rank went
+    to others). eva's own options (keyword only): ``estimator`` (``auto``, ``exact``,
+    ``sketch``), ``stats_memory`` (bytes of exact Grams under ``auto``; 8 GiB), ``sketch_size``,
+    ``max_steps`` (a cap on steps), ``refine_converged`` (PEFT's behaviour: done inputs keep
+    accumulating), ``cycle_dataloader`` (PEFT cycles the loader until convergence; eva stops
+    when it runs out), ``report_path`` (where rank 0 writes ``eva_report.json``), ``seed``
+    (sketch test matrices), ``process_group`` (the ``torch.distributed`` group; default group).
+    Raises :class:`EvaError` with eva's message on bad input or data, and on every rank when one
+    rank fails."""
+    is_peft_model = hasattr(model, "peft_config")
+    if is_peft_model and peft_config is None:
+        peft_config = model.peft_config[adapter_name]
+    elif peft_config is None:
+        raise ValueError("peft_config is required if model is not a PeftModel")
+    if getattr(peft_config, "eva_config", None) is None:
+        from peft import EvaConfig
+
+        peft_config = _with_eva_config(peft_config, EvaConfig())
+    if peft_config.rank_pattern:
+        raise EvaError(
+            "peft_config.rank_pattern is set: eva redistributes one budget of r per target layer "
+            "(set r and leave rank_pattern empty)"
+        )
+    comm = None
+    if dist.is_available() and dist.is_initialized() and gather_distributed_inputs:
+        comm = TorchComm(process_group)
+    eva_options = {
+        "estimator": estimator,
+        "stats_memory": DEFAULT_STATS_MEMORY if stats_memory is None else int(stats_memory),
+        "sketch_size": sketch_size,
+        "max_steps": max_steps,
+        "refine_converged": refine_converged,
+        "seed": seed,
+    }
+    ctx = model.disable_adapter() if is_peft_model else nullcontext()
+    training = model.training
+    model.eval()
+    try:
+        with ctx:
+            targets = _targets(model, peft_config, is_peft_model, prepare_layer_inputs_fn)
+            state_dict, _config, _report = _run(
+                model,
+                dataloader,
+                peft_config,
+                targets,
+                forward_fn,
+                prepare_model_inputs_fn,
+                comm,
+                show_progress_bar,
+                cycle_dataloader,
+                report_path,
+                eva_options,
+            )
+    finally:
+        model.train(training)
+    return state_dict
+
+
+def _with_eva_config(peft_config, eva_config):
+    from copy import copy
+
+    cfg = copy(peft_config)
+    cfg.eva_config = eva_config
+    return cfg
+
+
+@torch.no_grad()
+def initialize_lora_eva_weights(
+    model: torch.nn.Module,
+    dataloader=None,
+    eva_state_dict: Optional[dict] = None,
+    forward_fn=forward_fn_dict,
+    prepare_model_inputs_fn=prepare_model_inputs_fn_language_modeling,
+    prepare_layer_inputs_fn=prepare_layer_inputs_fn_language_modeling,
+    adapter_name: str = "default",
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+    **eva_options,
+):
+    """PEFT's ``initialize_lora_eva_weights``: computes the EVA state dict with eva (options of
+    :func:`get_eva_state_dict` pass through) and loads it as PEFT does (new ranks, adjusted
+    alphas, ``rank_pattern`` / ``alpha_pattern``, rank-0 layers removed from the model and from
+    ``target_modules``)."""
+    if not hasattr(model, "peft_config"):
+        raise ValueError("model must be a PeftModel")
+    if len(model.active_adapters) > 1:
+        raise ValueError("`initialize_lora_eva_weights` currently only works with a single active adapter")
+    if model.peft_config[adapter_name].init_lora_weights != "eva":
+        raise ValueError("`initialize_lora_eva_weights` can only be used with `init_lora_weights='eva'`")
+    if eva_state_dict is None:
+        if dataloader is None:
+            raise ValueError("dataloader is required if eva_state_dict is not provided")
+        eva_state_dict = get_eva_state_dict(
+            model=model,
+            dataloader=dataloader,
+            forward_fn=forward_fn,
+            prepare_model_inputs_fn=prepare_model_inputs_fn,
+            prepare_layer_inputs_fn=prepare_layer_inputs_fn,
+            adapter_name=adapter_name,
+            gather_distributed_inputs=gather_distributed_inputs,
+            show_progress_bar=show_progress_bar,
+            **eva_options,
+        )
+    _load_eva_state_dict(model, eva_state_dict, adapter_name)
+    return model

@@ -1,0 +1,251 @@
+//! `eva_lora._eva`: eva's engine for Python. The hooks of `eva_lora` hand each target layer's
+//! input rows to a [`Run`], which holds the engine (statistics, leader, convergence, final
+//! allocation) and talks to the other ranks through [`comm::PyComm`], the job's own
+//! `torch.distributed` process group.
+
+mod comm;
+mod options;
+
+use eva::comm::{Communicator, SingleProcess};
+use eva::config::RunConfig;
+use eva::engine::{Engine, StopReason};
+use eva::source::Catalog;
+use ndarray::ArrayView2;
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+create_exception!(
+    _eva,
+    EvaError,
+    PyValueError,
+    "An error eva reports: bad input, data that cannot give an adapter, or another rank's failure."
+);
+
+/// The Python exception of an eva error.
+fn py_err(e: eva::Error) -> PyErr {
+    EvaError::new_err(e.to_string())
+}
+
+/// What [`Run::finish`] returns: the layers with rank > 0 as (name, rank, alpha, `lora_A`
+/// bytes), the adapter_config.json text and the eva_report.json text.
+type Finished<'py> = (
+    Vec<(String, usize, f64, Bound<'py, PyBytes>)>,
+    String,
+    String,
+);
+
+/// One EVA run over the caller's forward passes.
+///
+/// The engine borrows its configuration and communicator, which the run owns on the heap:
+/// `engine` is declared first so that it is dropped before what it borrows.
+#[pyclass(unsendable, module = "eva_lora._eva")]
+struct Run {
+    engine: Option<Engine<'static>>,
+    _cfg: Box<RunConfig>,
+    _comm: Box<dyn Communicator>,
+}
+
+/// A C-contiguous 2-D f32 buffer (a NumPy array, a CPU tensor's `.numpy()`) as a view, no copy.
+fn rows_of(buf: &PyBuffer<f32>) -> PyResult<ArrayView2<'_, f32>> {
+    let shape = buf.shape();
+    if shape.len() != 2 || !buf.is_c_contiguous() {
+        return Err(EvaError::new_err(format!(
+            "layer input rows must be a C-contiguous 2-D float32 array, found shape {shape:?}"
+        )));
+    }
+    // SAFETY: the buffer is C-contiguous f32 of `shape` and stays alive (and is not written:
+    // the hook holds the tensor) while the view is used within this call.
+    let data =
+        unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const f32, shape[0] * shape[1]) };
+    ArrayView2::from_shape((shape[0], shape[1]), data).map_err(|e| EvaError::new_err(e.to_string()))
+}
+
+impl Run {
+    fn engine(&mut self) -> PyResult<&mut Engine<'static>> {
+        self.engine
+            .as_mut()
+            .ok_or_else(|| EvaError::new_err("this eva run has finished"))
+    }
+}
+
+#[pymethods]
+impl Run {
+    /// `layers`: (name, in_features, out_features) in model order; `groups`: the layer indices
+    /// that read one input; `refs`: one float32 row per group (rank 0's are used);
+    /// `comm`: an object with the collectives (see `eva_lora._dist.TorchComm`), or None for one
+    /// process. Collective over the ranks.
+    #[new]
+    #[pyo3(signature = (layers, groups, refs, units, desc, options, comm=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        layers: Vec<(String, usize, usize)>,
+        groups: Vec<Vec<usize>>,
+        refs: Vec<Vec<f32>>,
+        units: usize,
+        desc: &str,
+        options: &Bound<'_, PyDict>,
+        comm: Option<PyObject>,
+    ) -> PyResult<Self> {
+        let cfg = Box::new(options::config(options)?);
+        let comm: Box<dyn Communicator> = match comm {
+            None => Box::new(SingleProcess),
+            Some(obj) => Box::new(comm::PyComm::new(py, obj)?),
+        };
+        let catalog = check_catalog(layers, groups)?;
+        // SAFETY: both boxes live in the returned `Run`, never move their contents, and outlive
+        // the engine (dropped first, see the struct).
+        let (cfg_ref, comm_ref): (&'static RunConfig, &'static dyn Communicator) = unsafe {
+            (
+                &*(cfg.as_ref() as *const RunConfig),
+                &*(comm.as_ref() as *const dyn Communicator),
+            )
+        };
+        let engine =
+            Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref).map_err(py_err)?;
+        Ok(Run {
+            engine: Some(engine),
+            _cfg: cfg,
+            _comm: comm,
+        })
+    }
+
+    /// Which inputs accumulate in the current step.
+    fn accumulating(&mut self) -> PyResult<Vec<bool>> {
+        Ok(self.engine()?.accumulating().to_vec())
+    }
+
+    /// Adds rows (tokens × in_features, C-contiguous float32, read in place) of input `g`;
+    /// `what` names them in errors.
+    fn accumulate(&mut self, g: usize, rows: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+        let buf = PyBuffer::<f32>::get(rows)?;
+        let view = rows_of(&buf)?;
+        self.engine()?
+            .accumulate_rows(g, view, || what.to_string())
+            .map_err(py_err)
+    }
+
+    /// Whether every rank has another batch (collective).
+    fn more_data(&mut self, have: bool) -> PyResult<bool> {
+        self.engine()?.more_data(have).map_err(py_err)
+    }
+
+    /// Ends a step (collective): `error` is this rank's failure in its forward pass, if any.
+    /// `on_step(step, converged_layers, layers, tokens)` is called on rank 0. Returns why the
+    /// run stops (`converged`, `max_steps`) or None.
+    #[pyo3(signature = (error=None, on_step=None))]
+    fn end_step(
+        &mut self,
+        py: Python<'_>,
+        error: Option<String>,
+        on_step: Option<PyObject>,
+    ) -> PyResult<Option<&'static str>> {
+        let local = error.map_or(Ok(()), |e| Err(eva::Error::data(e)));
+        let mut callback_err = None;
+        let stop = self
+            .engine()?
+            .end_external_step(local, &mut |info| {
+                if let Some(f) = &on_step {
+                    let args = (info.step, info.converged_layers, info.layers, info.tokens);
+                    if let Err(e) = f.call1(py, args) {
+                        callback_err.get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(py_err)?;
+        if let Some(e) = callback_err {
+            return Err(e);
+        }
+        Ok(stop.map(StopReason::as_str))
+    }
+
+    /// Global steps done.
+    #[getter]
+    fn steps(&mut self) -> PyResult<usize> {
+        Ok(self.engine()?.steps_done())
+    }
+
+    /// Ends the run (collective): final solves and allocation. Returns the layers with rank > 0
+    /// as (name, rank, alpha, lora_A as little-endian float32 bytes, rank × in_features), the
+    /// adapter_config.json and the eva_report.json text.
+    fn finish<'py>(&mut self, py: Python<'py>, stop: &str) -> PyResult<Finished<'py>> {
+        let stop = match stop {
+            "converged" => StopReason::Converged,
+            "max_steps" => StopReason::MaxSteps,
+            "data_exhausted" => StopReason::DataExhausted,
+            "all_data" => StopReason::AllData,
+            other => return Err(EvaError::new_err(format!("unknown stop reason {other}"))),
+        };
+        let engine = self
+            .engine
+            .take()
+            .ok_or_else(|| EvaError::new_err("this eva run has finished"))?;
+        let outcome = engine.finish(stop).map_err(py_err)?;
+        let layers = outcome
+            .adapter
+            .layers
+            .iter()
+            .map(|l| {
+                let bytes: Vec<u8> = l.a.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (l.name.clone(), l.rank, l.alpha, PyBytes::new(py, &bytes))
+            })
+            .collect();
+        let config = serde_json::to_string_pretty(&outcome.adapter.config)
+            .map_err(|e| EvaError::new_err(e.to_string()))?;
+        let report = serde_json::to_string_pretty(&outcome.report)
+            .map_err(|e| EvaError::new_err(e.to_string()))?;
+        Ok((layers, config, report))
+    }
+}
+
+/// A catalog from the hooks' layers and groups, each layer in exactly one group.
+fn check_catalog(
+    layers: Vec<(String, usize, usize)>,
+    groups: Vec<Vec<usize>>,
+) -> PyResult<Catalog> {
+    let mut seen = vec![0usize; layers.len()];
+    for g in &groups {
+        if g.is_empty() {
+            return Err(EvaError::new_err("an equal-input group without layers"));
+        }
+        for &m in g {
+            match seen.get_mut(m) {
+                Some(s) => *s += 1,
+                None => {
+                    return Err(EvaError::new_err(format!(
+                        "group member {m} is not a layer"
+                    )))
+                }
+            }
+        }
+        let d = layers[g[0]].1;
+        if let Some(&m) = g.iter().find(|&&m| layers[m].1 != d) {
+            return Err(EvaError::new_err(format!(
+                "layers {} and {} read the same input but have {} and {} input features",
+                layers[g[0]].0, layers[m].0, d, layers[m].1
+            )));
+        }
+    }
+    if let Some(i) = seen.iter().position(|&s| s != 1) {
+        return Err(EvaError::new_err(format!(
+            "layer {} is in {} equal-input groups, expected one",
+            layers[i].0, seen[i]
+        )));
+    }
+    if layers.is_empty() {
+        return Err(EvaError::new_err("no target layers"));
+    }
+    Ok(Catalog::new(layers, groups))
+}
+
+/// The extension module.
+#[pymodule]
+fn _eva(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Run>()?;
+    m.add("EvaError", m.py().get_type::<EvaError>())?;
+    m.add("DEFAULT_STATS_MEMORY", options::DEFAULT_STATS_MEMORY)?;
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Runs whose layer inputs come from the caller's own forward passes (the Python package's
+//! hooks), not from a [`Source`]: the caller builds the catalog, hands over each pass's rows with
+//! [`Engine::accumulate_rows`], ends each of its steps with [`Engine::end_external_step`] and asks
+//! [`Engine::more_data`] whether every rank still has a batch. Statistics, leader, convergence
+//! and output are the CLI's.
+
+use super::{Engine, StepInfo, StopReason, Topology};
+use crate::comm::{self, Communicator};
+use crate::config::RunConfig;
+use crate::source::{check_finite, Catalog, Rows, Sink, Source};
+use crate::{Error, Result};
+use ndarray::{ArrayView2, Axis};
+
+/// A catalog with one reference row per input, read as unit 0 by [`Engine::new`]: the engine
+/// takes the column means of unit 0 (here the row itself) on rank 0 and broadcasts them.
+struct References {
+    catalog: Catalog,
+    units: usize,
+    rows: Vec<Vec<f32>>,
+}
+
+impl Source for References {
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn units(&self) -> usize {
+        self.units
+    }
+
+    fn read(&mut self, units: &[usize], wanted: &[bool], sink: &mut Sink<'_>) -> Result<()> {
+        if units != [0] {
+            return Err(Error::Comm(format!(
+                "external layer inputs: only unit 0 (the reference) can be read, not {units:?}"
+            )));
+        }
+        for (g, row) in self.rows.iter().enumerate() {
+            if wanted[g] {
+                let view = ArrayView2::from_shape((1, row.len()), row)
+                    .map_err(|e| Error::data(format!("reference of input {g}: {e}")))?;
+                sink(g, Rows::Host(view))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Engine<'a> {
+    /// Sets up a run over `catalog` on `world` (one stage, every rank a replica), collectively:
+    /// `refs` holds one reference row per input (rank 0's are used on every rank; any row near
+    /// the data's mean keeps the Gram free of cancellation) and `units` is the number of
+    /// examples the caller expects over all ranks (reports only; the caller decides when the
+    /// data ends).
+    pub fn external(
+        catalog: Catalog,
+        refs: Vec<Vec<f32>>,
+        units: usize,
+        source_desc: &str,
+        world: &'a dyn Communicator,
+        cfg: &'a RunConfig,
+    ) -> Result<Self> {
+        let local = check_references(&catalog, &refs);
+        comm::agree(world, local)?;
+        let owner = vec![0; catalog.inputs.len()];
+        let mut source = References {
+            catalog,
+            units: units.max(1),
+            rows: refs,
+        };
+        let topo = Topology::new(world, 1)?;
+        Engine::new(
+            &mut source,
+            source_desc,
+            topo,
+            owner,
+            vec!["all layers".into()],
+            cfg,
+        )
+    }
+
+    /// Adds rows of input `g` (tokens × dim) to this rank's statistics after checking that they
+    /// are finite; `what` names where they came from in the error.
+    pub fn accumulate_rows(
+        &mut self,
+        g: usize,
+        rows: ArrayView2<f32>,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let dim = self.catalog.inputs.get(g).map(|i| i.dim);
+        if dim != Some(rows.len_of(Axis(1))) {
+            return Err(Error::data(format!(
+                "{}: {} features, expected {}",
+                what(),
+                rows.ncols(),
+                dim.map_or("a known input".into(), |d| d.to_string())
+            )));
+        }
+        if rows.nrows() == 0 {
+            return Ok(());
+        }
+        check_finite(rows, what)?;
+        self.accumulate(g, rows)
+    }
+
+    /// Ends one global step after every rank ran its forward pass: the world agrees on
+    /// `local` (this rank's failure, if any, reaches every rank), then reduce, solve, decide.
+    /// Returns why the run stops, if it does (convergence or the step cap).
+    pub fn end_external_step(
+        &mut self,
+        local: Result<()>,
+        on_step: &mut dyn FnMut(&StepInfo),
+    ) -> Result<Option<StopReason>> {
+        let (bytes, hidden) = (self.acct.bytes(), self.acct.hidden());
+        let label = comm::context(format!(
+            "step {}: the agreement after the forward pass",
+            self.step + 1
+        ));
+        self.world().agree(local)?;
+        drop(label);
+        let stop = self.end_step(on_step)?;
+        self.step_bytes.push(self.acct.bytes() - bytes);
+        self.step_hidden.push(self.acct.hidden() - hidden);
+        Ok(stop.or_else(|| {
+            self.cfg
+                .max_steps
+                .is_some_and(|m| self.step >= m)
+                .then_some(StopReason::MaxSteps)
+        }))
+    }
+
+    /// Whether every rank has another batch (collective): the run ends for all ranks as soon as
+    /// one rank's data runs out.
+    pub fn more_data(&self, have: bool) -> Result<bool> {
+        let _label = comm::context(format!("step {}: do all ranks have data", self.step + 1));
+        let mut missing = [f64::from(u8::from(!have))];
+        self.world().all_reduce_sum(&mut missing)?;
+        Ok(missing[0] == 0.0)
+    }
+
+    /// Global steps done so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+}
+
+/// One finite reference row of the right length per input.
+fn check_references(catalog: &Catalog, refs: &[Vec<f32>]) -> Result<()> {
+    if refs.len() != catalog.inputs.len() {
+        return Err(Error::data(format!(
+            "{} reference rows for {} inputs",
+            refs.len(),
+            catalog.inputs.len()
+        )));
+    }
+    for (g, (r, inp)) in refs.iter().zip(&catalog.inputs).enumerate() {
+        if r.len() != inp.dim || r.iter().any(|v| !v.is_finite()) {
+            return Err(Error::data(format!(
+                "input {g} ({}): the reference row needs {} finite values",
+                catalog.layers[inp.members[0]].name, inp.dim
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::SingleProcess;
+    use crate::config::{EstimatorChoice, EvaParams};
+
+    fn config() -> RunConfig {
+        RunConfig {
+            eva: EvaParams {
+                rank: 2,
+                ..EvaParams::default()
+            },
+            batch_size: 1,
+            max_steps: Some(3),
+            no_early_stop: false,
+            refine_converged: false,
+            estimator: EstimatorChoice::Exact,
+            sketch_size: None,
+            stats_memory: 1 << 30,
+            seed: 0,
+            out: "unused".into(),
+            force: false,
+            base_model: None,
+            task_type: None,
+            quiet: true,
+        }
+    }
+
+    #[test]
+    fn external_rows_give_the_components_and_bad_rows_fail() {
+        let cfg = config();
+        let catalog = Catalog::new(
+            vec![("a".into(), 6, 3), ("b".into(), 6, 5)],
+            vec![vec![0, 1]],
+        );
+        let world = SingleProcess;
+        let mut e =
+            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg).unwrap();
+        // Rows spread along the first two axes only: the components are e0 and e1.
+        let mut stop = None;
+        for step in 0..3 {
+            let rows: Vec<f32> = (0..40)
+                .flat_map(|i| {
+                    let t = (i + step * 40) as f32;
+                    [3.0 * t.sin(), 2.0 * (1.7 * t).cos(), 0.0, 0.0, 0.0, 0.0]
+                })
+                .collect();
+            let rows = ArrayView2::from_shape((40, 6), &rows).unwrap();
+            assert!(e.more_data(true).unwrap());
+            e.accumulate_rows(0, rows, || "test".into()).unwrap();
+            stop = e.end_external_step(Ok(()), &mut |_| {}).unwrap();
+            if stop.is_some() {
+                break;
+            }
+        }
+        let nan = [f32::NAN; 6];
+        let nan = ArrayView2::from_shape((1, 6), &nan).unwrap();
+        let err = e.accumulate_rows(0, nan, || "layer a".into()).unwrap_err();
+        assert!(err.to_string().contains("layer a: non-finite"), "{err}");
+        let wide = [0.0f32; 7];
+        let wide = ArrayView2::from_shape((1, 7), &wide).unwrap();
+        assert!(e.accumulate_rows(0, wide, || "w".into()).is_err());
+        let out = e.finish(stop.unwrap_or(StopReason::DataExhausted)).unwrap();
+        let a = &out.adapter.layers[0].a;
+        assert!(a[[0, 0]].abs() > 0.999 || a[[0, 1]].abs() > 0.999, "{a:?}");
+        for r in 0..a.nrows() {
+            assert!(a.row(r).iter().skip(2).all(|v| v.abs() < 1e-5), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_on_the_step_is_returned() {
+        let cfg = config();
+        let catalog = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
+        let world = SingleProcess;
+        let mut e =
+            Engine::external(catalog, vec![vec![0.0; 4]], 10, "test", &world, &cfg).unwrap();
+        let err = e
+            .end_external_step(Err(Error::data("forward failed")), &mut |_| {})
+            .unwrap_err();
+        assert_eq!(err.to_string(), "forward failed");
+        let bad = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
+        assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", &world, &cfg).is_err());
+    }
+}
