@@ -188,6 +188,7 @@ mod tests {
             base_model: None,
             task_type: None,
             quiet: true,
+            checkpoint: None,
         }
     }
 
