@@ -62,6 +62,20 @@ fn wait_for(file: &Path, child: &mut Child) {
     }
 }
 
+/// Waits until the run has made `--out`'s temporary directory in `parent` (it is past its checks).
+fn wait_for_staging(parent: &Path) {
+    let t = Instant::now();
+    while !parent
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().contains("eva-tmp"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn rank_file(ck: &Path, step: usize, rank: usize) -> PathBuf {
     ck.join(format!("step-{step:08}/rank-{rank:05}.ckpt"))
 }
@@ -133,17 +147,7 @@ fn sigterm_writes_a_checkpoint_exits_143_and_resumes_to_the_same_bytes() {
     run_ok(&plain);
     // The periodic checkpoint would come only after the run: the signal's is the only one.
     let child = spawn(&args(&out, &ck, &["--checkpoint-every", "1000"]));
-    let t = Instant::now();
-    while !dir
-        .path()
-        .read_dir()
-        .unwrap()
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().contains("eva-tmp"))
-    {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_staging(dir.path());
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
@@ -348,31 +352,17 @@ fn mpirun_ranks_resume_a_pipeline_checkpoint() {
     a.extend_from_slice(&model);
     run_ok(&a);
     let mpi = |out: &Path, resume: bool| {
-        let mut c = Command::new("mpirun");
-        c.args([
-            "-np",
-            "2",
-            env!("CARGO_BIN_EXE_eva"),
-            "init",
-            "-q",
-            "--pp",
-            "2",
-        ])
-        .args(model)
-        .args([
+        let mut a = vec!["init", "-q", "--pp", "2"];
+        a.extend_from_slice(&model);
+        a.extend([
             "--out",
             out.to_str().unwrap(),
             "--checkpoint",
             ck.to_str().unwrap(),
-        ])
-        .args(["--checkpoint-every", "4"])
-        .args(resume.then_some("--resume"))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OPENBLAS_NUM_THREADS", "1");
-        let o = c.output().unwrap();
+        ]);
+        a.extend(["--checkpoint-every", "4"]);
+        a.extend(resume.then_some("--resume"));
+        let o = mpirun(2, &a).output().unwrap();
         assert!(o.status.success(), "{}", stderr_of(&o));
     };
     mpi(&dir.path().join("first"), false);
@@ -396,31 +386,14 @@ fn sigterm_to_mpirun_checkpoints_every_rank_and_resumes() {
     plain.truncate(plain.len() - 2);
     run_ok(&plain);
     let mpi = |resume: bool| {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", "2", env!("CARGO_BIN_EXE_eva")])
-            .args(args(&out, &ck, &["--checkpoint-every", "1000"]))
-            .args(resume.then_some("--resume"))
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-            .env("OPENBLAS_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut a = args(&out, &ck, &["--checkpoint-every", "1000"]);
+        a.extend(resume.then_some("--resume"));
+        let mut c = mpirun(2, &a);
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
         c
     };
     let child = mpi(false).spawn().unwrap();
-    let t = Instant::now();
-    while !dir
-        .path()
-        .read_dir()
-        .unwrap()
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().contains("eva-tmp"))
-    {
-        assert!(t.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_staging(dir.path());
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

@@ -306,3 +306,17 @@ pub fn assert_same_written(wa: &Written, wb: &Written) {
         }
     }
 }
+
+/// `mpirun -np NP eva ARGS` with the environment OpenMPI needs as root in a container.
+#[cfg(feature = "mpi")]
+pub fn mpirun(np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_eva")])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OPENBLAS_NUM_THREADS", "1");
+    c
+}

@@ -473,20 +473,6 @@ fn long_lines_tokenize_by_prefixes_exactly_like_the_whole_line() {
     }
 }
 
-/// `mpirun` with the environment OpenMPI needs as root in a container.
-#[cfg(feature = "mpi")]
-fn mpirun(np: usize, args: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_eva")])
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OPENBLAS_NUM_THREADS", "1");
-    c
-}
-
 /// Pids of the eva ranks `mpirun` (pid `launcher`) started, by rank.
 #[cfg(feature = "mpi")]
 fn ranks_of(launcher: u32, np: usize) -> Vec<u32> {
