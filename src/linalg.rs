@@ -590,18 +590,58 @@ syevr_impl!(f32, ssyevr_);
 /// the tridiagonal matrix (bisection and inverse iteration), instead of all `d` eigenvectors.
 /// Eigenvalues descending, eigenvectors as columns (`d x k`), in f64 whatever `T`. `a` is
 /// overwritten. In f32 (`ssyevr`) the pairs carry f32 rounding: residuals ~1e-7·‖C‖.
+///
+/// Bisection may find fewer than `k` eigenvalues in a tight cluster (LAPACK's `xstebz`, INFO = 3:
+/// "non-monotonic arithmetic"; `xsyevr` then returns fewer pairs with INFO = 0; seen with
+/// `ssyevr` on Intel Xeon in OpenBLAS 0.3.21). LAPACK's cure is applied then: all eigenpairs
+/// (`IL = 1, IU = d`, the MRRR path), of which the top `k` are kept. The matrix for that retry is
+/// a copy kept in the triangle LAPACK does not read, so no second `d²` buffer is needed.
 pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64>, Array2<f64>)> {
     assert_eq!(a.len(), d * d, "syevr: matrix has the wrong size");
     let k = k.min(d);
     if k == 0 {
         return Ok((Vec::new(), Array2::zeros((d, 0))));
     }
+    // LAPACK reads (and destroys) the column-major lower triangle, i.e. the row-major upper one
+    // with the diagonal; the strict row-major lower triangle keeps a copy, the diagonal aside.
+    let diag: Vec<T> = (0..d).map(|i| a[i * d + i]).collect();
+    for i in 0..d {
+        for j in i + 1..d {
+            a[j * d + i] = a[i * d + j];
+        }
+    }
+    let (values, vectors) = syevr_range(a, d, d - k + 1, d)?;
+    if values.len() == k {
+        return Ok((values, vectors));
+    }
+    for i in 0..d {
+        a[i * d + i] = diag[i];
+        for j in i + 1..d {
+            a[i * d + j] = a[j * d + i];
+        }
+    }
+    let (values, vectors) = syevr_range(a, d, 1, d)?;
+    Ok((
+        values[..k].to_vec(),
+        vectors.slice(ndarray::s![.., ..k]).to_owned(),
+    ))
+}
+
+/// The eigenpairs `il..=iu` (1-based, ascending order) of the upper triangle by `xsyevr`, as
+/// many as it found: eigenvalues descending, eigenvectors as columns. `a` is overwritten.
+fn syevr_range<T: Syevr>(
+    a: &mut [T],
+    d: usize,
+    il: usize,
+    iu: usize,
+) -> Result<(Vec<f64>, Array2<f64>)> {
+    let k = iu + 1 - il;
     let n = int(d, "syevr")?;
-    let (il, iu) = (n - k as i32 + 1, n);
     let fail = |info: i32| Error::Numeric {
         op: "symmetric eigendecomposition (xsyevr)",
-        detail: format!("info = {info} (n = {d}, top {k})"),
+        detail: format!("info = {info} (n = {d}, eigenpairs {il}..={iu})"),
     };
+    let (il, iu) = (int(il, "syevr")?, int(iu, "syevr")?);
     let (mut found, mut info) = (0i32, 0i32);
     let mut w = vec![T::default(); d];
     let mut z = vec![T::default(); d * k];
@@ -651,12 +691,13 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
             &mut info,
         )
     };
-    if info != 0 || found as usize != k {
+    if info != 0 || found < 0 || found as usize > k {
         return Err(fail(if info != 0 { info } else { -1000 - found }));
     }
     // LAPACK returns ascending eigenvalues and column-major eigenvectors (column c at z[c*d..]).
-    let values = (0..k).rev().map(|c| w[c].into()).collect();
-    let vectors = Array2::from_shape_fn((d, k), |(i, j)| z[(k - 1 - j) * d + i].into());
+    let m = found as usize;
+    let values = (0..m).rev().map(|c| w[c].into()).collect();
+    let vectors = Array2::from_shape_fn((d, m), |(i, j)| z[(m - 1 - j) * d + i].into());
     Ok((values, vectors))
 }
 
@@ -759,6 +800,36 @@ mod tests {
     fn noise(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::Rng::new(&[seed]);
         (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// `sym_eig_top` reads only the upper triangle (the strict lower part holds NaN here) and
+    /// gives the top pairs of the full range, which is what its retry computes.
+    #[test]
+    fn syevr_top_pairs_match_the_full_range() {
+        let d = 40;
+        let x = noise(3 * d * d, 7);
+        let mut sym = vec![0f64; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                sym[i * d + j] = (0..3 * d)
+                    .map(|t| f64::from(x[t * d + i]) * f64::from(x[t * d + j]))
+                    .sum();
+            }
+        }
+        let mut upper = sym.clone();
+        for i in 0..d {
+            for j in 0..i {
+                upper[i * d + j] = f64::NAN;
+            }
+        }
+        let (top, vectors) = sym_eig_top(&mut upper, d, 5).unwrap();
+        let (all, all_vectors) = syevr_range(&mut sym, d, 1, d).unwrap();
+        assert_eq!(all.len(), d);
+        for i in 0..5 {
+            assert!((top[i] - all[i]).abs() <= 1e-10 * all[0], "value {i}");
+            let dot: f64 = (0..d).map(|r| vectors[(r, i)] * all_vectors[(r, i)]).sum();
+            assert!((dot.abs() - 1.0).abs() < 1e-8, "vector {i}: {dot}");
+        }
     }
 
     #[test]
