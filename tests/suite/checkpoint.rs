@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 /// A synthetic run of 30 steps, a few seconds in all, that does not converge early.
 const SPEC: &str = "layers=4,group=2,dim=128,tokens=2048,units=60,mean=2";
 
+/// [`SPEC`] with 200 steps: two ranks take a few seconds (60 units ended within half a second
+/// of the staging directory on a fast machine, before the SIGTERM).
+const LONG_SPEC: &str = "layers=4,group=2,dim=128,tokens=2048,units=400,mean=2";
+
 fn args<'a>(out: &'a Path, ck: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "init",
@@ -384,9 +388,11 @@ fn sigterm_to_mpirun_checkpoints_every_rank_and_resumes() {
     );
     let mut plain = args(&one, &ck, &[]);
     plain.truncate(plain.len() - 2);
+    plain[2] = LONG_SPEC;
     run_ok(&plain);
     let mpi = |resume: bool| {
         let mut a = args(&out, &ck, &["--checkpoint-every", "1000"]);
+        a[2] = LONG_SPEC;
         a.extend(resume.then_some("--resume"));
         let mut c = mpirun(2, &a);
         c.stdout(Stdio::null()).stderr(Stdio::piped());
