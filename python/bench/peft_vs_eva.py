@@ -3,13 +3,16 @@
 model, batches and batch size (docs/benchmarks.md, "Python drop-in"). Run by hand in the CI
 virtual environment:
 
-    ~/.cache/eva/py/bin/python python/bench/peft_vs_eva.py MODEL_DIR DATA.txt [--batch 32] [--threads 2]
+    ~/.cache/eva/py/bin/python python/bench/peft_vs_eva.py MODEL_DIR DATA.txt [--batch 32] [--threads 2] \
+        [--targets all-linear|peft-default] [--estimators exact,sketch]
 
 Reports: PyTorch's forward over all batches; for each method its wall time, forward passes and
-(for eva) its own time (hooks, statistics, leader: wall minus the forward passes); and each
-method's mean subspace similarity, at the ranks it allocated, to a float64 PCA of every layer
-input over all batches (centered covariance of the masked tokens, from PyTorch's own
-activations).
+its own time (hooks, statistics, leader: wall minus the forward passes), for eva also the split
+of its Rust side from eva_report.json (statistics, leader); and each method's mean subspace
+similarity, at the ranks it allocated, to a float64 PCA of every layer input over all batches
+(centered covariance of the masked tokens, from PyTorch's own activations). `--targets
+peft-default` uses PEFT's default target modules of the architecture (q/v projections) instead
+of every linear layer in the blocks; `--estimators` runs eva once per estimator.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import torch
 import transformers
 from peft import EvaConfig, LoraConfig, get_peft_model
 from peft import initialize_lora_eva_weights as peft_init
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "reference"))
 from peft_eva_bench import batches, similarity, targets  # noqa: E402
@@ -89,6 +93,8 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--targets", choices=["all-linear", "peft-default"], default="all-linear")
+    p.add_argument("--estimators", default="exact", help="comma-separated eva estimators to run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg, model = load(args.model)
@@ -104,11 +110,26 @@ def main():
         fwd = (time.perf_counter() - t) / len(data)
     print(f"pytorch forward: {fwd * 1e3:.1f} ms per batch ({tokens / (fwd * len(data)):.0f} tokens/s)")
 
-    def config():
-        return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets(cfg), init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.99))
+    modules = targets(cfg) if args.targets == "all-linear" else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[cfg["model_type"]]
 
+    def config():
+        return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=modules, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.99))
+
+    def eva_with(estimator):
+        def init(pm, data, **kw):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "eva_report.json"
+                out = eva_lora.initialize_lora_eva_weights(pm, data, estimator=estimator, report_path=str(path), **kw)
+                reports[estimator] = json.loads(path.read_text())
+            return out
+
+        return init
+
+    reports = {}
+    methods = [("peft", peft_init)] + [(f"eva_lora {e}", eva_with(e)) for e in args.estimators.split(",")]
+    print(f"targets: {modules}")
     results = {}
-    for label, init in (("peft", peft_init), ("eva_lora", eva_lora.initialize_lora_eva_weights)):
+    for label, init in methods:
         _, base = load(args.model)
         forwards = [0]
         base.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
@@ -118,13 +139,20 @@ def main():
         wall = time.perf_counter() - t
         own = wall - forwards[0] * fwd
         results[label] = lora_a(pm)
-        print(f"{label}: {wall:.2f} s wall, {forwards[0]} forward passes, {own:.2f} s besides the forward passes ({100 * own / max(forwards[0] * fwd, 1e-9):.0f} % of their time)")
+        line = f"{label}: {wall:.2f} s wall, {forwards[0]} forward passes, {own:.2f} s besides the forward passes ({100 * own / max(forwards[0] * fwd, 1e-9):.0f} % of their time)"
+        if label.startswith("eva_lora"):
+            ts = reports[label.split()[1]]["time_s"]
+            line += f"; eva_report: statistics {ts['statistics']:.2f} s, leader {ts['leader']:.2f} s, communication {ts['communication']:.2f} s"
+        print(line)
         results[label + "_time"] = wall
-    exact = full_pca(model, data, list(results["peft"]) + [n for n in results["eva_lora"] if n not in results["peft"]])
-    for label in ("peft", "eva_lora"):
+    labels = [label for label, _ in methods]
+    names = sorted({n for label in labels for n in results[label]})
+    exact = full_pca(model, data, names)
+    for label in labels:
         mean, low = closeness(results[label], exact)
         print(f"{label} vs float64 PCA of all batches: mean subspace similarity {mean:.4f}, min {low:.4f}")
-    print(f"speed-up: {results['peft_time'] / results['eva_lora_time']:.1f}x")
+    for label in labels[1:]:
+        print(f"speed-up of {label}: {results['peft_time'] / results[label + '_time']:.1f}x")
 
 
 if __name__ == "__main__":

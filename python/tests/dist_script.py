@@ -1,7 +1,9 @@
 """Run under `torchrun --nproc-per-node N` (gloo) by test_distributed.py: each rank reads its
 DistributedSampler shard with a per-rank batch of BATCH / N, so that the global batches are the
 one-process run's; rank 0 saves the state dict to argv[1]. With argv[2] == "fail", rank 1's
-forward raises on its second batch; every rank writes what it raised to argv[1].rank<R>."""
+forward raises on its second batch; every rank writes what it raised to argv[1].rank<R>. With
+argv[2] == "fsdp", the model is FSDP-wrapped first (FSDP2's `fully_shard` on every decoder
+layer and the root, CPU parameters sharded over gloo)."""
 
 import sys
 
@@ -21,6 +23,13 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = load_model(MODELS["tiny-llama"])
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
     calls = [0]
 
     def forward(model, inputs):

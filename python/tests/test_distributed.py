@@ -1,11 +1,12 @@
-"""`torchrun --nproc-per-node 2` (gloo) gives the one-process adapter, and a rank that raises
-makes every rank raise instead of hanging."""
+"""`torchrun --nproc-per-node 2` (gloo) gives the one-process adapter, with a plain and with an
+FSDP-wrapped model, and a rank that raises makes every rank raise instead of hanging."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_eva_lora import BATCH, drop_in
@@ -20,8 +21,9 @@ def torchrun(out, mode):
     return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
 
 
-def test_two_ranks_give_the_one_process_adapter(tmp_path):
-    r = torchrun(tmp_path / "state.pt", "ok")
+@pytest.mark.parametrize("mode", ["ok", "fsdp"])
+def test_two_ranks_give_the_one_process_adapter(tmp_path, mode):
+    r = torchrun(tmp_path / "state.pt", mode)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(tmp_path / "state.pt")
     one = drop_in("tiny-llama", BATCH)
