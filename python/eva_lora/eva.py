@@ -64,6 +64,11 @@ def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_na
         and model_input.shape[0] == layer_input.shape[0] * layer_input.shape[1]
     ):
         return layer_input.reshape(-1, layer_input.shape[-1])
+    if layer_input.ndim == 3 and isinstance(model_input, torch.Tensor) and model_input.ndim == 2 and model_input.shape[1] == 2:
+        # The same rows as PEFT's `layer_input[model_input.T.unbind()]`, gathered by one
+        # `index_select` of whole rows (several times faster than 2-D advanced indexing).
+        flat = model_input[:, 0] * layer_input.shape[1] + model_input[:, 1]
+        return layer_input.reshape(-1, layer_input.shape[-1]).index_select(0, flat)
     return layer_input[model_input.T.unbind()]
 
 

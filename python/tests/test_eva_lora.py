@@ -33,6 +33,8 @@ def test_same_adapter_as_the_cli(name, tmp_path):
     theirs, config = cli_adapter(name, tmp_path / "cli", BATCH)
     report = json.loads((tmp_path / "eva_report.json").read_text())
     assert report["batch_size"] == BATCH
+    # The hooks' accumulation is timed as eva's statistics; the forward passes are the caller's.
+    assert report["time_s"]["statistics"] > 0 and report["time_s"]["forward"] == 0, report["time_s"]
     # Every target layer is in the state dict; those with rank > 0 are the CLI's layers.
     assert {k for k, v in ours.items() if v.shape[0] > 0} == set(theirs), (sorted(ours), sorted(theirs))
     assert len(ours) == len(config["target_modules"]) + sum(v.shape[0] == 0 for v in ours.values())

@@ -79,7 +79,8 @@ impl<'a> Engine<'a> {
     }
 
     /// Adds rows of input `g` (tokens × dim) to this rank's statistics after checking that they
-    /// are finite; `what` names where they came from in the error.
+    /// are finite; `what` names where they came from in the error. The time counts as the
+    /// report's `statistics` (the caller's forward passes are not eva's: `forward` stays 0).
     pub fn accumulate_rows(
         &mut self,
         g: usize,
@@ -98,8 +99,11 @@ impl<'a> Engine<'a> {
         if rows.nrows() == 0 {
             return Ok(());
         }
+        let start = std::time::Instant::now();
         check_finite(rows, what)?;
-        self.accumulate(g, rows)
+        let added = self.accumulate(g, rows);
+        self.times.statistics += start.elapsed().as_secs_f64();
+        added
     }
 
     /// Ends one global step after every rank ran its forward pass: the world agrees on
