@@ -32,7 +32,8 @@ build() {
   export CUDARC_CUDA_VERSION=13000
   local target=target/cuda13 out=dist/gpu-check
   rm -rf "$out" dist/gpu-check.tar.gz
-  mkdir -p "$out"
+  # $target.json is written before cargo creates target/ (a fresh checkout has none).
+  mkdir -p "$out" "$target"
   # The integration tests (tests/suite/gpu.rs) and the library's unit tests (src/model/cuda/*).
   cargo test --release --features cuda --no-run --target-dir "$target" --message-format=json-render-diagnostics >"$target.json"
   cargo build --release --features cuda --target-dir "$target" --bin eva

@@ -78,7 +78,8 @@ mod nccl;
 pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
-use crate::model::cuda::DeviceSums;
+use crate::comm::wire::{Reader, Writer};
+use crate::model::cuda::{Cuda, CudaTensor, DeviceSums};
 use crate::{Error, Result};
 
 /// What a rank can do with the others. All methods but [`send`](Communicator::send) and
@@ -116,6 +117,28 @@ pub trait Communicator {
     fn send(&self, buf: &[u8], dest: usize) -> Result<()>;
     /// Receives the next message that rank `src` sent to this rank.
     fn recv(&self, src: usize) -> Result<Vec<u8>>;
+    /// [`Communicator::send`] of an activation in GPU memory (a hidden state between `--pp`
+    /// stages). NCCL sends it GPU to GPU; this default copies it to the host and sends its
+    /// values as one message. `dest` takes it with [`Communicator::recv_device`], knowing its
+    /// shape from an earlier message.
+    fn send_device(&self, gpu: &Cuda, x: &CudaTensor, dest: usize) -> Result<()> {
+        let host = gpu.to_host(x)?;
+        let mut w = Writer::default();
+        w.f32s(host.as_slice().expect("to_host returns standard layout"));
+        self.send(&w.0, dest)
+    }
+    /// Receives on `gpu` what [`Communicator::send_device`] on `src` sent: a `rows × cols`
+    /// activation (the default receives the values on the host and uploads them).
+    fn recv_device(&self, gpu: &Cuda, rows: usize, cols: usize, src: usize) -> Result<CudaTensor> {
+        let msg = self.recv(src)?;
+        let values = Reader::new(&msg).f32s()?;
+        let host = ndarray::Array2::from_shape_vec((rows, cols), values).map_err(|e| {
+            Error::Comm(format!(
+                "rank {src} sent an activation that is not {rows} x {cols}: {e}"
+            ))
+        })?;
+        gpu.from_host(&host)
+    }
     /// Backend name for reports.
     fn backend(&self) -> &'static str;
     /// Rank 0 leads: it decides and writes the output.
@@ -190,6 +213,42 @@ pub fn agree<T>(comm: &dyn Communicator, local: Result<T>) -> Result<T> {
         Ok(_) => Err(Error::Comm(format!(
             "rank {first} failed: {}",
             String::from_utf8_lossy(&msg)
+        ))),
+    }
+}
+
+/// Runs `make` on rank 0 only and gives every rank its `N` bytes (the unique id of a new NCCL
+/// communicator, which every member needs before it can join): one broadcast. If `make` fails,
+/// rank 0 returns its error and the others one that quotes it, so that no rank waits for an id
+/// that never comes. Collective on `comm`.
+pub fn share_from_root<const N: usize>(
+    comm: &dyn Communicator,
+    make: impl FnOnce() -> Result<[u8; N]>,
+) -> Result<[u8; N]> {
+    let mine = (comm.rank() == 0).then(make);
+    let mut msg = match &mine {
+        Some(Ok(bytes)) => [&[1u8][..], bytes].concat(),
+        Some(Err(e)) => [&[0u8][..], e.to_string().as_bytes()].concat(),
+        None => Vec::new(),
+    };
+    comm.broadcast(&mut msg, 0)?;
+    if let Some(mine) = mine {
+        return mine;
+    }
+    match msg.split_first() {
+        Some((1, bytes)) => bytes.try_into().map_err(|_| {
+            Error::Comm(format!(
+                "rank 0 sent a {}-byte id, expected {N} bytes",
+                bytes.len()
+            ))
+        }),
+        Some((0, why)) => Err(Error::Comm(format!(
+            "rank 0 failed: {}",
+            String::from_utf8_lossy(why)
+        ))),
+        _ => Err(Error::Comm(format!(
+            "malformed id message from rank 0 ({} bytes)",
+            msg.len()
         ))),
     }
 }
@@ -295,4 +354,71 @@ pub fn selftest(comm: &dyn Communicator) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::threads::ThreadWorld;
+    use super::*;
+
+    fn run_world<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
+        let worlds = ThreadWorld::create(n);
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || f(&w))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn every_member_of_a_split_gets_its_own_roots_id() {
+        // Two groups (even, odd world ranks): each group's rank 0 makes an id naming its world
+        // rank; only roots call `make`.
+        let out = run_world(5, |w| {
+            let group = w.split(w.rank() % 2, w.rank()).unwrap();
+            let world_rank = w.rank();
+            share_from_root::<128>(group.as_ref(), || {
+                assert_eq!(
+                    world_rank,
+                    world_rank % 2,
+                    "only a group's rank 0 makes the id"
+                );
+                Ok([world_rank as u8 + 7; 128])
+            })
+            .unwrap()
+        });
+        for (rank, id) in out.iter().enumerate() {
+            assert_eq!(*id, [(rank % 2) as u8 + 7; 128], "rank {rank}");
+        }
+    }
+
+    #[test]
+    fn a_root_that_cannot_make_the_id_fails_every_member() {
+        let out = run_world(3, |w| {
+            share_from_root::<128>(w, || Err(Error::Comm("ncclGetUniqueId: no network".into())))
+        });
+        assert!(out[0]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("no network"));
+        for r in &out[1..] {
+            let e = r.as_ref().unwrap_err().to_string();
+            assert!(
+                e.contains("rank 0 failed") && e.contains("no network"),
+                "{e}"
+            );
+        }
+        // A root whose id has another length than the members expect (a mismatched build).
+        let out = run_world(2, |w| {
+            if w.rank() == 0 {
+                share_from_root::<4>(w, || Ok([1; 4])).map(|_| ())
+            } else {
+                share_from_root::<128>(w, || unreachable!()).map(|_| ())
+            }
+        });
+        assert!(out[0].is_ok());
+        let e = out[1].as_ref().unwrap_err().to_string();
+        assert!(e.contains("4-byte id, expected 128"), "{e}");
+    }
 }

@@ -211,6 +211,22 @@ impl MpiWorld {
         })
     }
 
+    /// [`EvaCommunicator::split`] as an MPI world (the NCCL backend builds its own split on it).
+    pub(super) fn split_world(&self, color: usize, key: usize) -> Result<MpiWorld> {
+        // MPI_Comm_split blocks: a barrier under the watchdog first finds hung ranks.
+        self.enter();
+        self.wait("barrier before split", self.comm.immediate_barrier());
+        let comm = self
+            .comm
+            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+            .ok_or_else(|| {
+                Error::Comm(format!(
+                    "MPI split by color {color} returned no communicator"
+                ))
+            })?;
+        Ok(MpiWorld::wrap(comm, self._universe.clone()))
+    }
+
     fn enter(&self) {
         self.seq.set(self.seq.get() + 1);
     }
@@ -343,18 +359,7 @@ impl EvaCommunicator for MpiWorld {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn EvaCommunicator>> {
-        // MPI_Comm_split blocks: a barrier under the watchdog first finds hung ranks.
-        self.enter();
-        self.wait("barrier before split", self.comm.immediate_barrier());
-        let comm = self
-            .comm
-            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
-            .ok_or_else(|| {
-                Error::Comm(format!(
-                    "MPI split by color {color} returned no communicator"
-                ))
-            })?;
-        Ok(Box::new(MpiWorld::wrap(comm, self._universe.clone())))
+        Ok(Box::new(self.split_world(color, key)?))
     }
 
     fn send(&self, buf: &[u8], dest: usize) -> Result<()> {

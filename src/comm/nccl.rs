@@ -1,22 +1,28 @@
 //! NCCL backend (cudarc): all-reduce runs on the GPU chosen by the node-local rank; broadcast,
-//! gather, barrier and split go through MPI, which also carries the NCCL unique id from rank 0.
-//! Sums of values already in GPU memory (`--device cuda` statistics and `G·Q` products,
-//! [`Communicator::all_reduce_sum_device`]) run in place there; host buffers are staged through
-//! the GPU.
+//! gather and barrier go through MPI, which also carries each NCCL communicator's unique id from
+//! its rank 0. Sums of values already in GPU memory (`--device cuda` statistics and `G·Q`
+//! products, [`Communicator::all_reduce_sum_device`]) run in place there; host buffers are staged
+//! through the GPU. Point-to-point messages (hidden states between `--pp` stages) send their
+//! length or shape over MPI and their values GPU to GPU ([`Communicator::send_device`]).
+//!
+//! [`Communicator::split`] returns an NCCL communicator too: the MPI split first, then a new
+//! NCCL communicator over its ranks (its rank 0's unique id broadcast over the split), on the
+//! same GPU and stream, so `--pp` stage groups sum their device statistics on the GPUs as the
+//! world does. Every NCCL communicator is made by [`NcclWorld::join`].
 //!
 //! A rank waits for its NCCL work by polling an event under the watchdog's [`Backoff`], never in a
 //! blocking synchronize: past `--collective-timeout` it aborts the NCCL communicator and the job.
 
 use super::watchdog::Backoff;
-use super::{Communicator, MpiWorld};
-use crate::model::cuda::{probe, DeviceSums};
+use super::{share_from_root, Communicator, MpiWorld};
+use crate::model::cuda::{probe, Cuda, CudaTensor, DeviceSums};
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaStream};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use std::cell::{Ref, RefCell};
 use std::sync::Arc;
 
-/// An MPI world whose sums run through NCCL.
+/// An MPI world (or a split of one) whose sums and point-to-point values run through NCCL.
 pub struct NcclWorld {
     mpi: MpiWorld,
     /// `None` once aborted after a timeout.
@@ -60,21 +66,20 @@ impl NcclWorld {
             )));
         }
         let ctx = CudaContext::new(local_rank % devices).map_err(cuda("context creation"))?;
-        let stream = ctx.default_stream();
-        let mut id_bytes = if mpi.rank() == 0 {
-            Id::new()
-                .map_err(nccl("unique id"))?
-                .internal()
-                .iter()
-                .map(|&c| c as u8)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        mpi.broadcast(&mut id_bytes, 0)?;
-        let raw: [std::ffi::c_char; 128] =
-            std::array::from_fn(|i| id_bytes.get(i).copied().unwrap_or(0) as std::ffi::c_char);
-        let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), Id::uninit(raw))
+        Self::join(mpi, ctx.default_stream())
+    }
+
+    /// The NCCL communicator of `mpi`'s ranks on `stream` (the world's, or a split's on the
+    /// world's stream): `mpi`'s rank 0 makes the unique id, MPI broadcasts it (a rank 0 that
+    /// cannot make one fails every member instead of leaving them waiting), and every member
+    /// joins (`ncclCommInitRank`). Collective on `mpi`.
+    fn join(mpi: MpiWorld, stream: Arc<CudaStream>) -> Result<Self> {
+        let id = share_from_root(&mpi, || {
+            let id = Id::new().map_err(nccl("unique id"))?;
+            Ok(id.internal().map(|c| c as u8))
+        })?;
+        let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
+        let comm = Comm::from_rank(stream.clone(), mpi.rank(), mpi.size(), id)
             .map_err(nccl("communicator init"))?;
         Ok(NcclWorld {
             mpi,
@@ -111,6 +116,27 @@ impl NcclWorld {
             }
         }
         Ok(())
+    }
+
+    /// Sends values on the GPU to `dest` (NCCL) and waits for the send under the watchdog.
+    fn send_values<T: NcclType>(&self, values: &impl DevicePtr<T>, dest: usize) -> Result<()> {
+        self.comm()?
+            .send(values, dest as i32)
+            .map_err(nccl("send"))?;
+        self.wait(&format!("send to rank {dest}"))
+    }
+
+    /// Receives into `into` on the GPU what [`NcclWorld::send_values`] on `src` sent (as many
+    /// values), and waits for it under the watchdog.
+    fn recv_values<T: NcclType>(
+        &self,
+        into: &mut impl cudarc::driver::DevicePtrMut<T>,
+        src: usize,
+    ) -> Result<()> {
+        self.comm()?
+            .recv(into, src as i32)
+            .map_err(nccl("receive"))?;
+        self.wait(&format!("receive from rank {src}"))
     }
 }
 
@@ -171,8 +197,9 @@ impl Communicator for NcclWorld {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        // Sub-worlds sum over MPI: stage groups are small and their traffic is d x k blocks.
-        self.mpi.split(color, key)
+        // Same GPU and stream: the split's sums run after the world's work queued so far.
+        let mpi = self.mpi.split_world(color, key)?;
+        Ok(Box::new(NcclWorld::join(mpi, self.stream.clone())?))
     }
 
     fn send(&self, buf: &[u8], dest: usize) -> Result<()> {
@@ -185,8 +212,7 @@ impl Communicator for NcclWorld {
             .stream
             .clone_htod(buf)
             .map_err(cuda("host-to-device copy"))?;
-        self.comm()?.send(&dev, dest as i32).map_err(nccl("send"))?;
-        self.wait(&format!("send to rank {dest}"))
+        self.send_values(&dev, dest)
     }
 
     fn recv(&self, src: usize) -> Result<Vec<u8>> {
@@ -204,15 +230,29 @@ impl Communicator for NcclWorld {
             .stream
             .alloc_zeros::<u8>(len)
             .map_err(cuda("allocation"))?;
-        self.comm()?
-            .recv(&mut dev, src as i32)
-            .map_err(nccl("receive"))?;
-        self.wait(&format!("receive from rank {src}"))?;
+        self.recv_values(&mut dev, src)?;
         self.stream
             .memcpy_dtoh(&dev, &mut out)
             .map_err(cuda("device-to-host copy"))?;
         self.stream.synchronize().map_err(cuda("synchronize"))?;
         Ok(out)
+    }
+
+    fn send_device(&self, _gpu: &Cuda, x: &CudaTensor, dest: usize) -> Result<()> {
+        // The shape went ahead over MPI (the caller's header); the values GPU to GPU, from the
+        // buffer the forward pass wrote on the device's default stream, as this one.
+        if x.rows() * x.cols() == 0 {
+            return Ok(());
+        }
+        self.send_values(&x.values()?, dest)
+    }
+
+    fn recv_device(&self, gpu: &Cuda, rows: usize, cols: usize, src: usize) -> Result<CudaTensor> {
+        let mut x = gpu.alloc_tensor(rows, cols, "a hidden state from the previous stage")?;
+        if rows * cols > 0 {
+            self.recv_values(&mut x.values_mut()?, src)?;
+        }
+        Ok(x)
     }
 
     fn backend(&self) -> &'static str {

@@ -20,13 +20,15 @@ use crate::adapter::LayerAdapter;
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::leader::{Certificate, Decision, Estimate, Spectrum, Summary};
-use crate::model::cuda::DeviceSums;
+use crate::model::cuda::{Cuda, DeviceSums};
+use crate::model::ops::Backend;
 use crate::source::Hidden;
 use crate::stats::exact::{pack_upper, unpack_upper};
 use crate::stats::{InputStats, Packed};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 use std::cell::Cell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes and time spent communicating, shared by the wires of one rank.
@@ -141,52 +143,109 @@ impl<'a> Wire<'a> {
     }
 
     /// Sends a pass's hidden state to `dest`, or the news that this pass failed upstream (counted
-    /// apart from the collectives' bytes).
+    /// apart from the collectives' bytes). One message ([`HiddenMessage`]) carries a host hidden
+    /// state whole, or the shape of one on the GPU, whose values follow by
+    /// [`Communicator::send_device`] (GPU to GPU with NCCL, through the host otherwise).
     pub fn send_hidden(&self, hidden: Option<&Hidden>, dest: usize) -> Result<()> {
-        let msg = encode_hidden(hidden);
         let t = Instant::now();
-        let out = self.comm.send(&msg, dest);
+        let msg = HiddenMessage::encode(hidden);
+        let mut bytes = msg.len();
+        let mut out = self.comm.send(&msg, dest);
+        if let (Ok(()), Some(Hidden::Device { gpu, x })) = (&out, hidden) {
+            bytes += gpu.tokens(x) * gpu.dim(x) * 4;
+            out = self.comm.send_device(gpu, x, dest);
+        }
         self.acct.time.set(self.acct.time.get() + t.elapsed());
-        self.acct
-            .hidden
-            .set(self.acct.hidden.get() + msg.len() as u64);
+        self.acct.hidden.set(self.acct.hidden.get() + bytes as u64);
         out
     }
 
-    /// Receives what [`Wire::send_hidden`] sent: `None` if the pass failed upstream.
-    pub fn recv_hidden(&self, src: usize) -> Result<Option<Hidden>> {
+    /// Receives what [`Wire::send_hidden`] sent: `None` if the pass failed upstream. A hidden
+    /// state on the sender's GPU is received on `gpu`, this rank's (`Source::device`).
+    pub fn recv_hidden(&self, src: usize, gpu: Option<&Arc<Cuda>>) -> Result<Option<Hidden>> {
         let t = Instant::now();
-        let msg = self.comm.recv(src);
+        let out = self
+            .comm
+            .recv(src)
+            .and_then(|msg| HiddenMessage::decode(&msg))
+            .and_then(|msg| match msg {
+                HiddenMessage::Failed => Ok(None),
+                HiddenMessage::Host(h) => Ok(Some(Hidden::Host(h))),
+                HiddenMessage::Device { rows, cols } => {
+                    let gpu = gpu.ok_or_else(|| {
+                        Error::Comm(format!(
+                            "rank {src} sent a hidden state on its GPU; this rank computes on the CPU (every stage needs the same --device)"
+                        ))
+                    })?;
+                    let x = self.comm.recv_device(gpu, rows, cols, src)?;
+                    Ok(Some(Hidden::Device {
+                        gpu: gpu.clone(),
+                        x,
+                    }))
+                }
+            });
         self.acct.time.set(self.acct.time.get() + t.elapsed());
-        decode_hidden(&msg?)
+        out
     }
 }
 
-fn encode_hidden(hidden: Option<&Hidden>) -> Vec<u8> {
-    let mut w = Writer::default();
-    match hidden {
-        Some(h) => {
-            w.u8(1).u64(h.nrows() as u64);
-            w.f32s(h.as_standard_layout().as_slice().expect("standard layout"));
-        }
-        None => {
-            w.u8(0);
-        }
-    }
-    w.0
+/// The message that announces a pass's hidden state to the next stage.
+#[derive(Debug, PartialEq)]
+enum HiddenMessage {
+    /// The pass failed upstream (`[0]`).
+    Failed,
+    /// A host hidden state, whole (`[1, rows, values]`).
+    Host(Array2<f32>),
+    /// The shape of one on the sender's GPU (`[2, rows, cols]`); the values follow by
+    /// [`Communicator::send_device`].
+    Device { rows: usize, cols: usize },
 }
 
-fn decode_hidden(buf: &[u8]) -> Result<Option<Hidden>> {
-    let mut r = Reader::new(buf);
-    if r.u8()? == 0 {
-        return Ok(None);
+impl HiddenMessage {
+    fn encode(hidden: Option<&Hidden>) -> Vec<u8> {
+        let mut w = Writer::default();
+        match hidden {
+            None => {
+                w.u8(0);
+            }
+            Some(Hidden::Host(h)) => {
+                w.u8(1).u64(h.nrows() as u64);
+                w.f32s(h.as_standard_layout().as_slice().expect("standard layout"));
+            }
+            Some(Hidden::Device { gpu, x }) => {
+                return Self::device_header(gpu.tokens(x), gpu.dim(x))
+            }
+        }
+        w.0
     }
-    let rows = r.u64()? as usize;
-    let data = r.f32s()?;
-    let cols = data.len().checked_div(rows).unwrap_or(0);
-    Array2::from_shape_vec((rows, cols), data)
-        .map(Some)
-        .map_err(|e| Error::Comm(format!("malformed hidden state message: {e}")))
+
+    fn device_header(rows: usize, cols: usize) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(2).u64(rows as u64).u64(cols as u64);
+        w.0
+    }
+
+    fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf);
+        let malformed =
+            |e: &dyn std::fmt::Display| Error::Comm(format!("malformed hidden state message: {e}"));
+        match r.u8()? {
+            0 => Ok(HiddenMessage::Failed),
+            1 => {
+                let rows = r.u64()? as usize;
+                let data = r.f32s()?;
+                let cols = data.len().checked_div(rows).unwrap_or(0);
+                Array2::from_shape_vec((rows, cols), data)
+                    .map(HiddenMessage::Host)
+                    .map_err(|e| malformed(&e))
+            }
+            2 => {
+                let (rows, cols) = (r.u64()? as usize, r.u64()? as usize);
+                Ok(HiddenMessage::Device { rows, cols })
+            }
+            tag => Err(malformed(&format!("unknown kind {tag}"))),
+        }
+    }
 }
 
 fn write_certificate(w: &mut Writer, c: &Certificate) {
@@ -674,8 +733,14 @@ mod tests {
         let back = decode_estimates(&encode_estimates(&[(5, est.clone())])).unwrap();
         assert_eq!((back[0].0, &back[0].1), (5, &est));
         let h = Array2::from_shape_fn((4, 3), |(i, j)| (i * 3 + j) as f32);
-        assert_eq!(decode_hidden(&encode_hidden(Some(&h))).unwrap(), Some(h));
-        assert_eq!(decode_hidden(&encode_hidden(None)).unwrap(), None);
+        let back = HiddenMessage::decode(&HiddenMessage::encode(Some(&Hidden::Host(h.clone()))));
+        assert_eq!(back.unwrap(), HiddenMessage::Host(h));
+        let back = HiddenMessage::decode(&HiddenMessage::encode(None));
+        assert_eq!(back.unwrap(), HiddenMessage::Failed);
+        let back = HiddenMessage::decode(&HiddenMessage::device_header(4, 3));
+        assert_eq!(back.unwrap(), HiddenMessage::Device { rows: 4, cols: 3 });
+        assert_eq!(HiddenMessage::device_header(4, 3).len(), 17);
+        assert!(HiddenMessage::decode(&[3]).is_err() && HiddenMessage::decode(&[2, 1]).is_err());
         let layer = LayerAdapter {
             name: "m.q".into(),
             rank: 2,
@@ -693,5 +758,48 @@ mod tests {
             ),
             (9, &layer.name, &layer.a, 7)
         );
+    }
+
+    #[test]
+    fn hidden_states_cross_stages_and_a_device_one_needs_a_gpu() {
+        use crate::comm::threads::ThreadWorld;
+        let h = Array2::from_shape_fn((5, 2), |(i, j)| (i * 2 + j) as f32 - 3.5);
+        let expected = h.clone();
+        let worlds = ThreadWorld::create(2);
+        let out: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| {
+                    let h = h.clone();
+                    s.spawn(move || {
+                        let acct = Accounting::default();
+                        let wire = Wire::new(&w, &acct);
+                        let got = if w.rank() == 0 {
+                            wire.send_hidden(Some(&Hidden::Host(h)), 1).unwrap();
+                            wire.send_hidden(None, 1).unwrap();
+                            // A GPU stage's announcement, as a CPU rank would see it.
+                            w.send(&HiddenMessage::device_header(5, 2), 1).unwrap();
+                            Vec::new()
+                        } else {
+                            let first = match wire.recv_hidden(0, None).unwrap() {
+                                Some(Hidden::Host(h)) => vec![Ok(h)],
+                                _ => panic!("expected a host hidden state"),
+                            };
+                            assert!(wire.recv_hidden(0, None).unwrap().is_none());
+                            let third = wire.recv_hidden(0, None).map(|_| ()).unwrap_err();
+                            [first, vec![Err(third.to_string())]].concat()
+                        };
+                        w.barrier().unwrap();
+                        (got, acct.hidden())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Rank 0 counted both messages: kind, rows, length and 10 f32s; then one byte.
+        assert_eq!(out[0].1, (1 + 8 + 8 + 40) + 1);
+        assert_eq!(out[1].0[0].as_ref().unwrap(), &expected);
+        let e = out[1].0[1].as_ref().unwrap_err();
+        assert!(e.contains("on its GPU") && e.contains("--device"), "{e}");
     }
 }

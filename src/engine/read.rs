@@ -81,10 +81,24 @@ pub fn pipeline(
         topo.rank_of(stage.saturating_sub(1), topo.replica),
         topo.rank_of(stage + 1, topo.replica),
     );
+    // A GPU stage receives the previous stage's hidden states on its GPU.
+    let gpu = source.device();
     let mut failed: Result<()> = Ok(());
     for pass in passes {
         let (input, upstream_ok) = if receive {
-            let h = world.recv_hidden(prev)?;
+            let h = match world.recv_hidden(prev, gpu.as_ref()) {
+                Ok(h) => h,
+                // This rank could not put the hidden state on its GPU (its memory), after the
+                // message was taken (through the host; with NCCL the sender's send is left to
+                // the collective timeout): this pass fails here, the passes go on.
+                Err(e @ Error::Device(_)) => {
+                    if failed.is_ok() {
+                        failed = Err(e);
+                    }
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             let ok = h.is_some();
             (h, ok)
         } else {

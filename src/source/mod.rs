@@ -16,6 +16,7 @@ use crate::model::cuda::{Cuda, CudaTensor};
 use crate::model::ops::Backend;
 use crate::{Error, Result};
 use ndarray::{ArrayView2, CowArray, Ix2};
+use std::sync::Arc;
 
 /// One targeted linear layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,8 +184,32 @@ impl<'a> Rows<'a> {
 pub type Sink<'a> = dyn FnMut(usize, Rows<'_>) -> Result<()> + 'a;
 
 /// What one pipeline stage hands the next for a pass: the hidden state after its last block
-/// (`tokens x hidden`, f32).
-pub type Hidden = ndarray::Array2<f32>;
+/// (`tokens x hidden`, f32), where the stage computed it, so that `--device cuda` stages pass it
+/// GPU to GPU ([`crate::engine::protocol::Wire::send_hidden`]).
+pub enum Hidden {
+    /// In host memory (the CPU forward pass).
+    Host(ndarray::Array2<f32>),
+    /// On `gpu`, the GPU that ran the stage's forward pass (`--device cuda`).
+    Device { gpu: Arc<Cuda>, x: CudaTensor },
+}
+
+impl Hidden {
+    /// The hidden state in host memory (a copy of one on a GPU).
+    pub fn into_host(self) -> Result<ndarray::Array2<f32>> {
+        match self {
+            Hidden::Host(h) => Ok(h),
+            Hidden::Device { gpu, x } => gpu.to_host(&x),
+        }
+    }
+
+    /// The hidden state on `gpu` (an upload of one in host memory).
+    pub fn into_device(self, gpu: &Cuda) -> Result<CudaTensor> {
+        match self {
+            Hidden::Host(h) => gpu.from_host(&h),
+            Hidden::Device { x, .. } => Ok(x),
+        }
+    }
+}
 
 /// A numbered sequence of units of layer inputs.
 pub trait Source {

@@ -160,20 +160,24 @@ impl ModelSource {
         sink: &mut Sink<'_>,
     ) -> Result<Option<Hidden>> {
         match &self.resident {
-            Resident::Cpu(loaded) => self.pass(
-                &Cpu,
-                loaded,
-                units,
-                need,
-                wanted,
-                input,
-                output,
-                &|| Ok(()),
-                sink,
-            ),
+            Resident::Cpu(loaded) => {
+                let input = input.map(Hidden::into_host).transpose()?;
+                let out = self.pass(
+                    &Cpu,
+                    loaded,
+                    units,
+                    need,
+                    wanted,
+                    input,
+                    output,
+                    &|| Ok(()),
+                    sink,
+                )?;
+                Ok(out.map(Hidden::Host))
+            }
             Resident::Cuda(r) => {
                 let (gpu, loaded) = r;
-                let input = input.map(|h| gpu.from_host(&h)).transpose()?;
+                let input = input.map(|h| h.into_device(gpu)).transpose()?;
                 let out = self.pass(
                     &**gpu,
                     loaded,
@@ -186,7 +190,11 @@ impl ModelSource {
                     sink,
                 )?;
                 gpu.check()?;
-                out.map(|h| gpu.to_host(&h)).transpose()
+                // The hidden state stays on the GPU: the next stage receives it there.
+                Ok(out.map(|x| Hidden::Device {
+                    gpu: gpu.clone(),
+                    x,
+                }))
             }
         }
     }

@@ -37,8 +37,8 @@ use super::checkpoint::HostTensor;
 use super::ops::{self, Activation, AttentionMask, Heads, Segments};
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DriverError, LaunchConfig, PushKernelArg,
 };
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
@@ -178,6 +178,18 @@ impl CudaTensor {
 
     fn buf(&self) -> Result<&CudaSlice<f32>, DeviceError> {
         self.data.as_ref().ok_or_else(poisoned)
+    }
+
+    /// Its `rows × cols` values, for a communicator to send (NCCL, GPU to GPU); the error of the
+    /// failed op that left it empty.
+    pub fn values(&self) -> crate::Result<CudaView<'_, f32>> {
+        Ok(self.buf()?.slice(0..self.rows * self.cols))
+    }
+
+    /// Its `rows × cols` values, for a communicator to receive into.
+    pub fn values_mut(&mut self) -> crate::Result<CudaViewMut<'_, f32>> {
+        let n = self.rows * self.cols;
+        Ok(self.data.as_mut().ok_or_else(poisoned)?.slice_mut(0..n))
     }
 }
 
@@ -657,6 +669,16 @@ impl Cuda {
             data: Some(data),
             rows: x.nrows(),
             cols: x.ncols(),
+        })
+    }
+
+    /// A `rows × cols` activation of zeros, to receive into; out of device memory names `what`.
+    pub fn alloc_tensor(&self, rows: usize, cols: usize, what: &str) -> crate::Result<CudaTensor> {
+        self.check()?;
+        Ok(CudaTensor {
+            data: Some(self.zeros_of(rows * cols, what)?),
+            rows,
+            cols,
         })
     }
 
