@@ -8,7 +8,9 @@ virtual environment:
 
 Reports: PyTorch's forward over all batches; for each method its wall time, forward passes and
 its own time (hooks, statistics, leader: wall minus the forward passes), for eva also the split
-of its Rust side from eva_report.json (statistics, leader); and each method's mean subspace
+of its Rust side from eva_report.json (statistics, leader) and that side's share of the rest of
+the same run's wall time (the forward passes, their hooks' Python side, loading), which does not
+depend on the machine's load the way a separately timed pass does; and each method's mean subspace
 similarity, at the ranks it allocated, to a float64 PCA of every layer input over all batches
 (centered covariance of the masked tokens, from PyTorch's own activations). `--targets
 peft-default` uses PEFT's default target modules of the architecture (q/v projections) instead
@@ -142,7 +144,11 @@ def main():
         line = f"{label}: {wall:.2f} s wall, {forwards[0]} forward passes, {own:.2f} s besides the forward passes ({100 * own / max(forwards[0] * fwd, 1e-9):.0f} % of their time)"
         if label.startswith("eva_lora"):
             ts = reports[label.split()[1]]["time_s"]
-            line += f"; eva_report: statistics {ts['statistics']:.2f} s, leader {ts['leader']:.2f} s, communication {ts['communication']:.2f} s"
+            rust = ts["statistics"] + ts["leader"] + ts["communication"]
+            line += (
+                f"; eva_report: statistics {ts['statistics']:.2f} s, leader {ts['leader']:.2f} s, "
+                f"communication {ts['communication']:.2f} s: {100 * rust / (wall - rust):.0f} % of the rest of the wall time"
+            )
         print(line)
         results[label + "_time"] = wall
     labels = [label for label, _ in methods]
