@@ -358,17 +358,8 @@ pub fn selftest(comm: &dyn Communicator) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::threads::ThreadWorld;
+    use super::threads::run_world;
     use super::*;
-
-    fn run_world<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
-        let worlds = ThreadWorld::create(n);
-        let f = &f;
-        std::thread::scope(|s| {
-            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || f(&w))).collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
 
     #[test]
     fn every_member_of_a_split_gets_its_own_roots_id() {

@@ -330,18 +330,21 @@ impl Communicator for ThreadWorld {
     }
 }
 
+/// Runs `f` on every rank of an `n`-rank thread world and returns the ranks' results in rank
+/// order (tests).
+#[cfg(test)]
+pub(crate) fn run_world<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
+    let worlds = ThreadWorld::create(n);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || f(&w))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run_world<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
-        let worlds = ThreadWorld::create(n);
-        let f = &f;
-        std::thread::scope(|s| {
-            let handles: Vec<_> = worlds.into_iter().map(|w| s.spawn(move || f(&w))).collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
 
     #[test]
     fn closed_forms_hold_for_every_world_size() {
