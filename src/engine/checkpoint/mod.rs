@@ -135,17 +135,19 @@ fn partial_file(dir: &Path, step: usize, rank: usize) -> PathBuf {
     step_dir(dir, step).join(format!(".rank-{rank:05}.ckpt.partial"))
 }
 
-/// The steps in `dir` for which `rank`'s file is complete, ascending.
-pub fn complete_steps(dir: &Path, rank: usize) -> Vec<usize> {
-    let mut steps: Vec<usize> = std::fs::read_dir(dir)
+/// The steps of the step directories in `dir`, complete or not, in no particular order.
+fn step_dirs(dir: &Path) -> impl Iterator<Item = usize> {
+    std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let step = name.to_str()?.strip_prefix("step-")?.parse().ok()?;
-            rank_file(dir, step, rank).is_file().then_some(step)
-        })
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+}
+
+/// The steps in `dir` for which `rank`'s file is complete, ascending.
+pub fn complete_steps(dir: &Path, rank: usize) -> Vec<usize> {
+    let mut steps: Vec<usize> = step_dirs(dir)
+        .filter(|&step| rank_file(dir, step, rank).is_file())
         .collect();
     steps.sort_unstable();
     steps
@@ -159,14 +161,7 @@ pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
     std::fs::write(&probe, b"eva")
         .map_err(|e| Error::io("writing to the checkpoint directory", &probe, e))?;
     std::fs::remove_file(&probe).map_err(|e| Error::io("removing", &probe, e))?;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Some(step) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("step-")?.parse::<usize>().ok())
-        else {
-            continue;
-        };
+    for step in step_dirs(dir) {
         let partial = partial_file(dir, step, rank);
         if partial.exists() {
             std::fs::remove_file(&partial).map_err(|e| Error::io("removing", &partial, e))?;
@@ -223,14 +218,14 @@ pub fn read_rank_file(
     codec::Decoder::new(std::io::BufReader::with_capacity(1 << 20, file), len, &path)
 }
 
-/// Removes this rank's files of every step but `keep`, and step directories left empty.
+/// Removes this rank's files of every step but `keep`, and step directories left empty: also
+/// those a kill left empty between removing a file and its directory, so none outlives a resume.
 pub fn prune(dir: &Path, rank: usize, keep: usize) -> Result<()> {
-    for step in complete_steps(dir, rank) {
-        if step == keep {
-            continue;
-        }
+    for step in step_dirs(dir).filter(|&s| s != keep) {
         let f = rank_file(dir, step, rank);
-        std::fs::remove_file(&f).map_err(|e| Error::io("removing old checkpoint", &f, e))?;
+        if f.is_file() {
+            std::fs::remove_file(&f).map_err(|e| Error::io("removing old checkpoint", &f, e))?;
+        }
         // Empty once every rank removed its file; another rank may still be removing its own.
         let _ = std::fs::remove_dir(step_dir(dir, step));
     }
@@ -347,9 +342,13 @@ mod tests {
         assert!(complete_steps(&d, 1).is_empty());
         prepare(&d, 0).unwrap();
         assert!(!partial_file(&d, 6, 0).exists());
+        // A kill between removing a file and its directory leaves an empty step directory.
+        std::fs::create_dir(step_dir(&d, 1)).unwrap();
         prune(&d, 0, 4).unwrap();
         assert_eq!(complete_steps(&d, 0), vec![4]);
-        assert!(!step_dir(&d, 2).exists());
+        for gone in [1, 2, 6] {
+            assert!(!step_dir(&d, gone).exists(), "step {gone}");
+        }
         let mut r = read_rank_file(&d, 4, 0).unwrap();
         assert_eq!(r.u64().unwrap(), 4);
         r.finish().unwrap();
