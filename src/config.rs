@@ -5,9 +5,13 @@ use std::path::PathBuf;
 /// PEFT's EVA knobs (`LoraConfig.r`, `lora_alpha`, `EvaConfig`), validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvaParams {
-    /// Per-layer rank before redistribution; the budget is `rank × number of target layers`.
+    /// Per-layer rank before redistribution (`LoraConfig.r`), where `rank_pattern` names none;
+    /// the budget is the sum of the layers' ranks.
     pub rank: usize,
-    /// Cap per layer is `round(rank × rho)`; `rho = 1` disables redistribution.
+    /// Ranks before redistribution that differ from `rank` (PEFT's `rank_pattern`), in order:
+    /// a key names a layer by its module path or a dotted suffix of it; the first match wins.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Cap per layer is `round(rank_l × rho)`; `rho = 1` disables redistribution.
     pub rho: f64,
     /// Convergence threshold on the (sign-free) similarity of consecutive components.
     pub tau: f64,
@@ -15,7 +19,7 @@ pub struct EvaParams {
     pub alpha: f64,
     /// Divide each component by the square root of its singular value.
     pub whiten: bool,
-    /// `alpha_l = alpha × rank_l / rank` (PEFT's `adjust_scaling_factors`).
+    /// `alpha_l = alpha × new rank / rank before` (PEFT's `adjust_scaling_factors`).
     pub adjust_alpha: bool,
     /// Leave out tokens whose label equals `label_mask_value`.
     pub use_label_mask: bool,
@@ -29,6 +33,7 @@ impl Default for EvaParams {
     fn default() -> Self {
         EvaParams {
             rank: 8,
+            rank_pattern: Vec::new(),
             rho: 2.0,
             tau: 0.99,
             alpha: 8.0,
@@ -42,10 +47,35 @@ impl Default for EvaParams {
 }
 
 impl EvaParams {
-    /// Candidate components per layer: `round(rank × rho)` (PEFT's `max_components`), with
-    /// Python's round-half-to-even so that e.g. r = 3, rho = 1.5 gives 4 as in PEFT.
-    pub fn max_components(&self) -> usize {
-        (self.rank as f64 * self.rho).round_ties_even() as usize
+    /// Layer `name`'s rank before redistribution: that of the first `rank_pattern` key that is
+    /// its module path or a dotted suffix of it (PEFT's `get_pattern_key` for literal keys), else
+    /// `rank`.
+    pub fn layer_rank(&self, name: &str) -> usize {
+        self.rank_pattern
+            .iter()
+            .find(|(key, _)| {
+                name.strip_suffix(key.as_str())
+                    .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+            })
+            .map_or(self.rank, |&(_, r)| r)
+    }
+
+    /// Candidate components of a layer of rank `rank` before redistribution: `round(rank × rho)`
+    /// (PEFT's `max_components`), with Python's round-half-to-even so that e.g. r = 3, rho = 1.5
+    /// gives 4 as in PEFT.
+    pub fn components(&self, rank: usize) -> usize {
+        (rank as f64 * self.rho).round_ties_even() as usize
+    }
+
+    /// The most candidate components any layer can have (an upper bound for memory estimates
+    /// made before the target layers are known).
+    pub fn most_components(&self) -> usize {
+        let most = self
+            .rank_pattern
+            .iter()
+            .map(|&(_, r)| r)
+            .fold(self.rank, usize::max);
+        self.components(most)
     }
 }
 
@@ -54,19 +84,35 @@ mod tests {
     use super::EvaParams;
 
     #[test]
-    fn max_components_rounds_like_python() {
+    fn components_round_like_python() {
         let c = |rank, rho| {
             EvaParams {
-                rank,
                 rho,
                 ..EvaParams::default()
             }
-            .max_components()
+            .components(rank)
         };
         assert_eq!(c(3, 1.5), 4);
         assert_eq!(c(5, 1.5), 8);
         assert_eq!(c(8, 2.0), 16);
         assert_eq!(c(3, 1.0), 3);
+    }
+
+    #[test]
+    fn rank_pattern_keys_match_paths_and_dotted_suffixes_first_key_first() {
+        let p = EvaParams {
+            rank: 8,
+            rank_pattern: vec![("layers.0.q_proj".into(), 4), ("q_proj".into(), 2)],
+            ..EvaParams::default()
+        };
+        assert_eq!(p.layer_rank("model.layers.0.q_proj"), 4);
+        assert_eq!(p.layer_rank("layers.0.q_proj"), 4);
+        assert_eq!(p.layer_rank("model.layers.1.q_proj"), 2);
+        assert_eq!(p.layer_rank("q_proj"), 2);
+        // A suffix that does not start at a dot is another module.
+        assert_eq!(p.layer_rank("model.layers.1.xq_proj"), 8);
+        assert_eq!(p.layer_rank("model.layers.1.v_proj"), 8);
+        assert_eq!(p.most_components(), 16);
     }
 }
 

@@ -46,10 +46,13 @@ pub struct Adapter {
     pub config: Value,
 }
 
-/// `alpha_l = alpha × rank_l / r` with PEFT's `adjust_scaling_factors`, else `alpha`.
-pub fn layer_alpha(params: &EvaParams, rank: usize) -> f64 {
-    if params.adjust_alpha {
-        params.alpha * rank as f64 / params.rank as f64
+/// Layer `name`'s alpha at its new rank: with PEFT's `adjust_scaling_factors`
+/// `alpha × (rank / r_l)`, `r_l` its rank before redistribution (evaluated as PEFT does, so the
+/// same bits), else `alpha`.
+pub fn layer_alpha(params: &EvaParams, name: &str, rank: usize) -> f64 {
+    let before = params.layer_rank(name);
+    if params.adjust_alpha && rank != before {
+        params.alpha * (rank as f64 / before as f64)
     } else {
         params.alpha
     }
@@ -79,7 +82,7 @@ pub fn layer(
     LayerAdapter {
         name: layer.name.clone(),
         rank,
-        alpha: layer_alpha(params, rank),
+        alpha: layer_alpha(params, &layer.name, rank),
         a,
         out_features: layer.out_features,
     }

@@ -14,6 +14,7 @@ pub fn of(args: &InitArgs) -> Result<Vec<(String, String)>> {
     let mut f: Vec<(String, String)> = Vec::new();
     let mut put = |k: &str, v: String| f.push((k.to_string(), v));
     put("--rank", args.rank.to_string());
+    put("--rank-pattern", format!("{:?}", args.rank_pattern));
     put("--rho", args.rho.to_string());
     put("--tau", args.tau.to_string());
     put("--alpha", args.alpha.to_string());

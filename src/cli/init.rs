@@ -9,6 +9,7 @@ use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{EstimatorChoice, EvaParams, RunConfig};
 use crate::engine::checkpoint::{self, Checkpointing};
 use crate::engine::topology::{self, Topology};
+use crate::leader::allocate;
 use crate::model::Model;
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
@@ -16,6 +17,24 @@ use crate::source::synthetic::SyntheticSource;
 use crate::source::{stages, Catalog, Source, Targeted};
 use crate::{engine, linalg, stats, Error, Result};
 use std::time::Instant;
+
+/// `--rank-pattern`'s NAME=R entries, in order.
+fn rank_pattern(entries: &[String]) -> Result<Vec<(String, usize)>> {
+    entries
+        .iter()
+        .map(|e| {
+            let parsed = e.split_once('=').and_then(|(name, r)| {
+                let (name, r) = (name.trim(), r.trim().parse::<usize>().ok()?);
+                (!name.is_empty() && r >= 1).then(|| (name.to_string(), r))
+            });
+            parsed.ok_or_else(|| {
+                Error::usage(format!(
+                    "--rank-pattern entries must be NAME=R with a module name and a rank of at least 1, found `{e}`"
+                ))
+            })
+        })
+        .collect()
+}
 
 /// Checks value ranges that clap's types cannot express.
 pub fn validate(args: &InitArgs) -> Result<RunConfig> {
@@ -77,6 +96,7 @@ pub fn validate(args: &InitArgs) -> Result<RunConfig> {
     Ok(RunConfig {
         eva: EvaParams {
             rank: args.rank,
+            rank_pattern: rank_pattern(&args.rank_pattern)?,
             rho: args.rho,
             tau: args.tau,
             alpha: args.alpha,
@@ -235,12 +255,12 @@ pub fn open_source(
     };
     let source = targeted(source)?;
     let catalog = source.catalog();
-    let kmax = cfg.eva.max_components();
+    let caps = allocate::caps(catalog, &cfg.eva);
     let memory = |g: usize| {
         let d = catalog.inputs[g].dim;
         let sketch = cfg
             .sketch_size
-            .unwrap_or_else(|| stats::default_sketch_size(kmax.min(d), d));
+            .unwrap_or_else(|| stats::default_sketch_size(caps[catalog.representative(g)], d));
         stats::memory_bytes(
             cfg.estimator != EstimatorChoice::Sketch,
             d,
@@ -270,7 +290,7 @@ pub fn open_source(
 /// Statistics bytes of one input of dimension `d`, as the stages are balanced: exact unless
 /// `--estimator sketch`, on one replica (so that the split does not depend on `dp`).
 fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
-    let kmax = cfg.eva.max_components().min(d);
+    let kmax = cfg.eva.most_components().min(d);
     let sketch = cfg
         .sketch_size
         .unwrap_or_else(|| stats::default_sketch_size(kmax, d));

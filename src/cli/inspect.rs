@@ -244,11 +244,10 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         );
     }
     let kmax = crate::config::EvaParams {
-        rank: args.rank,
         rho: args.rho,
         ..Default::default()
     }
-    .max_components();
+    .components(args.rank);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let total = |exact: bool, world: usize| -> u64 {
         dims.iter()

@@ -170,9 +170,15 @@ pub struct InitArgs {
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub targets: Option<Vec<String>>,
 
-    /// LoRA rank r per layer before redistribution; the budget is r × target layers.
+    /// LoRA rank r per layer before redistribution; the budget is the sum of the layers' ranks.
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 8)]
     pub rank: usize,
+
+    /// Layers whose rank before redistribution is not r (PEFT's rank_pattern), comma-separated
+    /// NAME=R: NAME is a module path or a dotted suffix of one (no regular expressions); the
+    /// first matching entry wins.
+    #[arg(long, value_delimiter = ',', value_name = "NAME=R")]
+    pub rank_pattern: Vec<String>,
 
     /// Each layer may take up to round(r × rho) components; 1 = no redistribution.
     #[arg(long, allow_negative_numbers = true, default_value_t = 2.0)]

@@ -2,11 +2,12 @@
 //! is refused before the first forward pass, with the numbers, instead of after the whole run.
 
 use crate::config::RunConfig;
+use crate::leader::allocate;
 use crate::source::Source;
 use crate::{Error, Result};
 
 /// Refuses a run in which some input can never see more tokens than its candidate components
-/// (`round(rank · rho)`, at most its dimension: the engine's final solve needs more), when the
+/// (`round(r_l · rho)`, at most its dimension: the engine's final solve needs more), when the
 /// source bounds the rows per unit ([`Source::max_unit_tokens`]). The bound is
 /// `units read × rows per unit`, the units read being all of them or `--max-steps × --batch-size`.
 pub fn check_reachable(source: &dyn Source, cfg: &RunConfig) -> Result<()> {
@@ -19,12 +20,21 @@ pub fn check_reachable(source: &dyn Source, cfg: &RunConfig) -> Result<()> {
         .map_or(units, |s| units.min(s.saturating_mul(cfg.batch_size)));
     let most = read.saturating_mul(per_unit);
     let catalog = source.catalog();
-    let kmax = cfg.eva.max_components();
-    let Some(g) = (0..catalog.inputs.len()).find(|&g| most <= kmax.min(catalog.inputs[g].dim))
-    else {
+    let caps = allocate::caps(catalog, &cfg.eva);
+    let kmax = |g: usize| caps[catalog.representative(g)];
+    let Some(g) = (0..catalog.inputs.len()).find(|&g| most <= kmax(g)) else {
         return Ok(());
     };
     let dim = catalog.inputs[g].dim;
+    let kmax = kmax(g);
+    let rank = cfg
+        .eva
+        .layer_rank(&catalog.layers[catalog.representative(g)].name);
+    let rank = if rank == cfg.eva.rank {
+        format!("--rank {rank}")
+    } else {
+        format!("--rank-pattern's {rank}")
+    };
     let units_read = match cfg.max_steps {
         Some(s) if read < units => format!(
             "{read} units (--max-steps {s} × --batch-size {})",
@@ -32,10 +42,10 @@ pub fn check_reachable(source: &dyn Source, cfg: &RunConfig) -> Result<()> {
         ),
         _ => format!("{units} units"),
     };
-    let components = if kmax <= dim {
+    let components = if kmax < dim {
         format!(
-            "its {kmax} candidate components (round(--rank {} × --rho {}))",
-            cfg.eva.rank, cfg.eva.rho
+            "its {kmax} candidate components (round({rank} × --rho {}))",
+            cfg.eva.rho
         )
     } else {
         format!("its {dim} candidate components (its in_features)")

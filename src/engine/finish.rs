@@ -159,7 +159,7 @@ impl Engine<'_> {
         let params = &cfg.eva;
         let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
         let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();
-        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, params.max_components());
+        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, self.leader.caps());
         let layers: Vec<LayerReport> = catalog
             .layers
             .iter()
@@ -173,7 +173,7 @@ impl Engine<'_> {
                     in_features: layer.in_features,
                     out_features: layer.out_features,
                     rank: ranks[l],
-                    alpha: layer_alpha(params, ranks[l]),
+                    alpha: layer_alpha(params, &layer.name, ranks[l]),
                     explained_variance_ratio: ratios[g].clone(),
                     converged_step: self.leader.states[g].converged_step,
                     tokens: s.tokens,
@@ -223,7 +223,7 @@ impl Engine<'_> {
             stop_reason: stop.as_str().to_string(),
             converged: unconverged_layers.is_empty(),
             unconverged_layers,
-            rank_budget: params.rank * catalog.layers.len(),
+            rank_budget: self.leader.budget(),
             r: params.rank,
             rho: params.rho,
             tau: params.tau,

@@ -195,10 +195,20 @@ impl<'a> Engine<'a> {
         // First collective: from here on every rank takes the same decisions on the same catalog.
         check_same_source(&Wire::new(topo.world, &acct), &catalog, units, &owner)?;
         let params = &cfg.eva;
-        if let Some(l) = catalog.layers.iter().find(|l| l.in_features < params.rank) {
+        if let Some(l) = catalog
+            .layers
+            .iter()
+            .find(|l| l.in_features < params.layer_rank(&l.name))
+        {
+            let r = params.layer_rank(&l.name);
+            let what = if r == params.rank {
+                "--rank"
+            } else {
+                "rank_pattern's rank"
+            };
             return Err(Error::usage(format!(
-                "--rank {} is larger than in_features = {} of layer {}",
-                params.rank, l.in_features, l.name
+                "{what} {r} is larger than in_features = {} of layer {}",
+                l.in_features, l.name
             )));
         }
         let leader = Leader::new(&catalog, params, !cfg.no_early_stop, cfg.refine_converged);

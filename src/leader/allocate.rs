@@ -1,26 +1,62 @@
 //! PEFT's global rank redistribution (`_get_rank_distribution` in `peft/tuners/lora/eva.py`):
-//! every target layer offers its input's first `min(round(r·rho), in_features)` explained-variance
-//! ratios; the global top `budget = r × layers` are kept and each layer's rank is its count.
-//! Members of an equal-input group offer the same ratios under their own names.
+//! every target layer offers its input's first `cap_l` explained-variance ratios ([`caps`]); the
+//! global top `budget = Σ r_l` ([`budget`]) are kept and each layer's rank is its count, `r_l`
+//! being the layer's rank before redistribution (`r`, or its `rank_pattern` entry). Members of an
+//! equal-input group offer the same ratios under their own names.
 //!
 //! Ties (equal ratios, e.g. inside a group) are broken deterministically: a group's
 //! representative first, then layer order, then component index — so the representative holds
 //! the largest rank of its group, as PEFT's swap step ensures.
 
+use crate::config::EvaParams;
 use crate::source::Catalog;
 
-/// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending).
+/// Candidate components per layer (catalog order), PEFT's `max_components`: `round(r_l × rho)`,
+/// the largest of its equal-input group for every member (they share one spectrum), and never
+/// more than `in_features`.
+pub fn caps(catalog: &Catalog, params: &EvaParams) -> Vec<usize> {
+    let own: Vec<usize> = catalog
+        .layers
+        .iter()
+        .map(|l| params.components(params.layer_rank(&l.name)))
+        .collect();
+    catalog
+        .layers
+        .iter()
+        .map(|l| {
+            let group = &catalog.inputs[l.input].members;
+            group
+                .iter()
+                .map(|&m| own[m])
+                .max()
+                .unwrap_or(0)
+                .min(l.in_features)
+        })
+        .collect()
+}
+
+/// The rank budget: the sum of the layers' ranks before redistribution.
+pub fn budget(catalog: &Catalog, params: &EvaParams) -> usize {
+    catalog
+        .layers
+        .iter()
+        .map(|l| params.layer_rank(&l.name))
+        .sum()
+}
+
+/// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending) and
+/// per-layer [`caps`].
 pub fn redistribute(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
-    cap: usize,
+    caps: &[usize],
     budget: usize,
 ) -> Vec<usize> {
     let mut candidates = Vec::new();
     for (l, layer) in catalog.layers.iter().enumerate() {
         let rep = catalog.inputs[layer.input].members[0] == l;
         let r = &ratios[layer.input];
-        for (j, &ratio) in r.iter().take(cap.min(layer.in_features)).enumerate() {
+        for (j, &ratio) in r.iter().take(caps[l]).enumerate() {
             candidates.push((ratio, !rep, l, j));
         }
     }
@@ -45,14 +81,14 @@ pub fn certain(
     ratios: &[Vec<f64>],
     bounds: &[f64],
     ranks: &[usize],
-    cap: usize,
+    caps: &[usize],
 ) -> Vec<bool> {
     let (mut kept_min, mut dropped_max) = (f64::INFINITY, f64::NEG_INFINITY);
     let offered = |l: usize| {
         let g = catalog.layers[l].input;
         ratios[g]
             .iter()
-            .take(cap.min(catalog.layers[l].in_features))
+            .take(caps[l])
             .enumerate()
             .map(move |(j, &r)| (j, r, r + bounds[g]))
     };
@@ -92,6 +128,43 @@ mod tests {
         )
     }
 
+    /// The same cap for every layer, never more than its `in_features`.
+    fn cap(c: &Catalog, cap: usize) -> Vec<usize> {
+        c.layers.iter().map(|l| cap.min(l.in_features)).collect()
+    }
+
+    #[test]
+    fn rank_pattern_sets_caps_budget_and_the_groups_largest_cap() {
+        // Layers 0,1 share an input (like q/k); 2 and 3 are alone, 3 with in_features 3.
+        let c = Catalog::new(
+            vec![
+                ("m.0.q".into(), 8, 8),
+                ("m.0.k".into(), 8, 8),
+                ("m.0.o".into(), 8, 8),
+                ("m.0.down".into(), 3, 8),
+            ],
+            vec![vec![0, 1], vec![2], vec![3]],
+        );
+        let params = EvaParams {
+            rank: 2,
+            rank_pattern: vec![("k".into(), 3), ("o".into(), 1)],
+            rho: 1.5,
+            ..EvaParams::default()
+        };
+        // round(2·1.5) = 3, round(3·1.5) = 4 (half to even), round(1·1.5) = 2, 3 capped by d = 3.
+        assert_eq!(caps(&c, &params), vec![4, 4, 2, 3]);
+        assert_eq!(budget(&c, &params), 2 + 3 + 1 + 2);
+        // With rho = 1 a layer alone keeps its own rank whatever the spectra; a group offers its
+        // largest cap from each member, and its representative (q) takes the larger share, as
+        // PEFT's swap step ensures: q asked for 2 and k for 3, they get 3 and 2.
+        let rho1 = EvaParams { rho: 1.0, ..params };
+        let ratios = vec![vec![0.9, 0.05, 0.03], vec![0.5, 0.4], vec![0.6, 0.3, 0.1]];
+        let caps1 = caps(&c, &rho1);
+        assert_eq!(caps1, vec![3, 3, 1, 2]);
+        let ranks = redistribute(&c, &ratios, &caps1, budget(&c, &rho1));
+        assert_eq!(ranks, vec![3, 2, 1, 2]);
+    }
+
     #[test]
     fn budget_goes_to_the_largest_ratios() {
         let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]);
@@ -101,7 +174,7 @@ mod tests {
             vec![0.2, 0.19, 0.18, 0.17],
         ];
         // r = 2, rho = 2: cap 4, budget 6.
-        let ranks = redistribute(&c, &ratios, 4, 6);
+        let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
         assert_eq!(ranks, vec![2, 1, 3]);
         assert_eq!(ranks.iter().sum::<usize>(), 6);
     }
@@ -110,17 +183,17 @@ mod tests {
     fn rho_one_keeps_every_rank() {
         let c = catalog(&[8, 8], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.9, 0.05], vec![0.01, 0.001]];
-        assert_eq!(redistribute(&c, &ratios, 2, 4), vec![2, 2]);
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 2), 4), vec![2, 2]);
     }
 
     #[test]
     fn rank_zero_and_cap_by_dimension() {
         let c = catalog(&[8, 2], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.6, 0.3, 0.05, 0.01], vec![0.001, 0.0005]];
-        assert_eq!(redistribute(&c, &ratios, 4, 4), vec![4, 0]);
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 4), vec![4, 0]);
         // The second layer may never exceed its in_features.
         let ratios = vec![vec![0.01, 0.0, 0.0, 0.0], vec![0.9, 0.5]];
-        assert_eq!(redistribute(&c, &ratios, 4, 4), vec![2, 2]);
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 4), vec![2, 2]);
     }
 
     #[test]
@@ -130,7 +203,7 @@ mod tests {
         let ratios = vec![vec![0.4, 0.2, 0.1, 0.05], vec![0.3, 0.15, 0.02, 0.01]];
         // Sorted: 0.4 x3 (group), 0.3, 0.2 x3 (group), 0.15 ...; a budget of 6 cuts inside the
         // tied 0.2s, and the later group member loses.
-        let ranks = redistribute(&c, &ratios, 4, 6);
+        let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
         assert_eq!(ranks, vec![2, 2, 1, 1]);
         assert!(ranks[0] >= ranks[1] && ranks[1] >= ranks[2]);
     }
@@ -139,15 +212,15 @@ mod tests {
     fn certainty_follows_the_bounds() {
         let c = catalog(&[8, 8], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.5, 0.2], vec![0.19, 0.01]];
-        let ranks = redistribute(&c, &ratios, 2, 2);
+        let ranks = redistribute(&c, &ratios, &cap(&c, 2), 2);
         assert_eq!(ranks, vec![2, 0]);
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.0], &ranks, 2),
+            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2)),
             vec![true, true]
         );
         // If input 1's ratios may be 0.02 higher, its 0.19 could beat input 0's 0.2.
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.02], &ranks, 2),
+            certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2)),
             vec![false, false]
         );
     }
@@ -156,6 +229,6 @@ mod tests {
     fn exact_ties_break_by_layer_order() {
         let c = catalog(&[4, 4], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.25; 4], vec![0.25; 4]];
-        assert_eq!(redistribute(&c, &ratios, 4, 5), vec![4, 1]);
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 5), vec![4, 1]);
     }
 }

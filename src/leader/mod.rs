@@ -403,13 +403,14 @@ impl Decision {
 /// Convergence and allocation state across steps.
 pub struct Leader {
     catalog: Catalog,
-    cap: usize,
+    /// Candidate components per layer ([`allocate::caps`]).
+    caps: Vec<usize>,
     budget: usize,
     early_stop: bool,
     refine_converged: bool,
     /// Per unique input.
     pub states: Vec<InputState>,
-    /// Current rank per layer (catalog order); `cap` for all before the first allocation, as in PEFT.
+    /// Current rank per layer (catalog order); its cap before the first allocation, as in PEFT.
     pub ranks: Vec<usize>,
 }
 
@@ -423,25 +424,31 @@ impl Leader {
         early_stop: bool,
         refine_converged: bool,
     ) -> Self {
-        let cap = params.max_components();
+        let caps = allocate::caps(catalog, params);
         Leader {
             catalog: catalog.clone(),
-            cap,
-            budget: params.rank * catalog.layers.len(),
+            ranks: caps.clone(),
+            caps,
+            budget: allocate::budget(catalog, params),
             early_stop,
             refine_converged,
             states: vec![InputState::default(); catalog.inputs.len()],
-            ranks: catalog
-                .layers
-                .iter()
-                .map(|l| cap.min(l.in_features))
-                .collect(),
         }
     }
 
-    /// Candidate components of an input: `min(round(r·rho), d)`.
+    /// Candidate components of an input: `min(round(r_l·rho), d)`, the same for all its layers.
     pub fn kmax(&self, input: usize) -> usize {
-        self.cap.min(self.catalog.inputs[input].dim)
+        self.caps[self.catalog.representative(input)]
+    }
+
+    /// Candidate components per layer ([`allocate::caps`]).
+    pub fn caps(&self) -> &[usize] {
+        &self.caps
+    }
+
+    /// The rank budget ([`allocate::budget`]).
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     /// Records a stage leader's estimate of an input that was tested this step.
@@ -456,7 +463,7 @@ impl Leader {
     pub fn allocate(&mut self) {
         let ratios: Option<Vec<Vec<f64>>> = self.states.iter().map(|s| s.ratios.clone()).collect();
         if let Some(ratios) = ratios {
-            self.ranks = allocate::redistribute(&self.catalog, &ratios, self.cap, self.budget);
+            self.ranks = allocate::redistribute(&self.catalog, &ratios, &self.caps, self.budget);
         }
     }
 

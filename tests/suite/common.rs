@@ -207,12 +207,13 @@ pub fn subspace_similarity(a: &Array2<f32>, u: ndarray::ArrayView2<f64>) -> f64 
     m.iter().map(|v| v * v).sum::<f64>() / a.nrows() as f64
 }
 
-/// PEFT's `_get_rank_distribution`, written out plainly: every layer offers `min(cap, d)` ratios
-/// of its input; the global top `budget` are counted per layer (ties: layer order, then index).
-pub fn peft_allocation(layer_ratios: &[Vec<f64>], cap: usize, budget: usize) -> Vec<usize> {
+/// PEFT's `_get_rank_distribution`, written out plainly: layer `l` offers `min(caps[l], d)`
+/// ratios of its input; the global top `budget` are counted per layer (ties: layer order, then
+/// index).
+pub fn peft_allocation(layer_ratios: &[Vec<f64>], caps: &[usize], budget: usize) -> Vec<usize> {
     let mut all: Vec<(f64, usize, usize)> = Vec::new();
     for (l, r) in layer_ratios.iter().enumerate() {
-        for (j, &v) in r.iter().take(cap).enumerate() {
+        for (j, &v) in r.iter().take(caps[l]).enumerate() {
             all.push((v, l, j));
         }
     }

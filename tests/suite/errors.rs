@@ -232,6 +232,26 @@ fn rank_larger_than_in_features() {
 }
 
 #[test]
+fn rank_pattern_entries_are_checked() {
+    let tmp = tempdir();
+    valid(tmp.path(), 2);
+    for bad in ["a.fc", "a.fc=0", "=2", "a.fc=two"] {
+        refuse(
+            tmp.path(),
+            &["--rank-pattern", bad],
+            2,
+            &["--rank-pattern entries must be NAME=R", bad],
+        );
+    }
+    refuse(
+        tmp.path(),
+        &["--rank-pattern", "b.fc=9"],
+        2,
+        &["rank_pattern's rank 9", "in_features = 8", "layer b.fc"],
+    );
+}
+
+#[test]
 fn rho_below_one() {
     let tmp = tempdir();
     valid(tmp.path(), 2);

@@ -112,7 +112,7 @@ fn check_against_reference(fmt: Fmt) {
         })
         .collect();
     let layer_ratios: Vec<Vec<f64>> = layers.iter().map(|&(_, g, _)| ratios[g].clone()).collect();
-    let want = peft_allocation(&layer_ratios, 8, 4 * layers.len());
+    let want = peft_allocation(&layer_ratios, &vec![8; layers.len()], 4 * layers.len());
     assert_eq!(want.iter().sum::<usize>(), 16);
 
     let report_layers = w.report["layers"].as_array().unwrap();

@@ -164,6 +164,78 @@ fn adapter_files_follow_peft() {
 }
 
 #[test]
+fn rank_pattern_sets_each_layers_cap_budget_and_alpha_as_peft() {
+    let tmp = tempdir();
+    let data = tmp.path().join("acts");
+    dataset(&data);
+    let out = tmp.path().join("adapter");
+    // r_l: iso 2 (r), steep 1 (a suffix key), mid 4 (a full path); the first matching key wins.
+    init_ok(
+        &data,
+        &out,
+        &[
+            "--rank",
+            "2",
+            "--rank-pattern",
+            "model.c.mid=4,steep=1,mid=7",
+            "--rho",
+            "2",
+            "--alpha",
+            "8",
+            "--no-early-stop",
+        ],
+    );
+    let w = read_adapter(&out);
+    let before = [2usize, 1, 4];
+    let layers = w.report["layers"].as_array().unwrap();
+    let ratios: Vec<Vec<f64>> = layers
+        .iter()
+        .map(|l| {
+            let r = l["explained_variance_ratio"].as_array().unwrap();
+            r.iter().map(|v| v.as_f64().unwrap()).collect()
+        })
+        .collect();
+    // PEFT's max_components = round(r_l × rho) ratios per layer; the budget is Σ r_l.
+    let caps: Vec<usize> = before.iter().map(|r| 2 * r).collect();
+    assert_eq!(ratios.iter().map(Vec::len).collect::<Vec<_>>(), caps);
+    assert_eq!(w.report["rank_budget"], 7);
+    let ranks = peft_allocation(&ratios, &caps, 7);
+    assert_eq!(ranks.iter().sum::<usize>(), 7);
+    for (l, &rank) in layers.iter().zip(&ranks) {
+        assert_eq!(l["rank"], rank, "{}", l["name"]);
+    }
+    // PEFT's load: rank_pattern holds ranks ≠ r, alpha_l = alpha × (rank / r_l) where rank ≠ r_l.
+    let names = ["model.a.iso", "model.b.steep", "model.c.mid"];
+    let (mut rank_pattern, mut alpha_pattern) = (json!({}), json!({}));
+    for ((name, &rank), &r_l) in names.iter().zip(&ranks).zip(&before) {
+        if rank == 0 {
+            continue;
+        }
+        if rank != 2 {
+            rank_pattern[name] = json!(rank);
+        }
+        let alpha = if rank != r_l {
+            8.0 * (rank as f64 / r_l as f64)
+        } else {
+            8.0
+        };
+        if alpha != 8.0 {
+            alpha_pattern[name] = if alpha.fract() == 0.0 {
+                json!(alpha as i64)
+            } else {
+                json!(alpha)
+            };
+        }
+    }
+    assert_eq!(w.config["rank_pattern"], rank_pattern);
+    assert_eq!(w.config["alpha_pattern"], alpha_pattern);
+    assert!(
+        !alpha_pattern.as_object().unwrap().is_empty(),
+        "{alpha_pattern}"
+    );
+}
+
+#[test]
 fn whitening_divides_by_root_singular_values() {
     let tmp = tempdir();
     let data = tmp.path().join("acts");
