@@ -29,6 +29,7 @@ from peft.tuners.lora.eva import (
     prepare_model_inputs_fn_language_modeling,
 )
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from ._dist import TorchComm
@@ -248,10 +249,19 @@ def _agree(comm, error):
     raise EvaError(f"rank {failed[0]} failed: {msg}")
 
 
-def _options(peft_config, rho, batch_size, eva_options):
+def _layer_ranks(peft_config, targets):
+    """PEFT's rank before redistribution of each target whose rank is not ``r``: its
+    ``rank_pattern`` entry, matched by PEFT's own ``get_pattern_key`` (regular expressions too)."""
+    pattern = peft_config.rank_pattern or {}
+    ranks = [(t.name, int(pattern.get(get_pattern_key(pattern.keys(), t.name), peft_config.r))) for t in targets]
+    return [(name, r) for name, r in ranks if r != peft_config.r]
+
+
+def _options(peft_config, targets, rho, batch_size, eva_options):
     eva_config = peft_config.eva_config
     opts = {
         "r": peft_config.r,
+        "rank_pattern": _layer_ranks(peft_config, targets),
         "lora_alpha": float(peft_config.lora_alpha),
         "lora_dropout": float(peft_config.lora_dropout),
         "rho": float(rho),
@@ -322,7 +332,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     layers = [(t.name, t.in_features, t.out_features) for t in targets]
     refs = [_reference(r, model_input_first) for r in rows]
     desc = f"pytorch:{type(model).__name__}"
-    run = Run(layers, groups, refs, units, desc, _options(peft_config, rho, global_batch, eva_options), comm)
+    run = Run(layers, groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm)
 
     # Phase 3: steps. Step 1 is the first batch's rows.
     bar, on_step = _progress(show)
@@ -443,11 +453,6 @@ def get_eva_state_dict(
         from peft import EvaConfig
 
         peft_config = _with_eva_config(peft_config, EvaConfig())
-    if peft_config.rank_pattern:
-        raise EvaError(
-            "peft_config.rank_pattern is set: eva redistributes one budget of r per target layer "
-            "(set r and leave rank_pattern empty)"
-        )
     comm = None
     if dist.is_available() and dist.is_initialized() and gather_distributed_inputs:
         comm = TorchComm(process_group)

@@ -32,6 +32,7 @@ pub fn config(options: &Bound<'_, PyDict>) -> PyResult<RunConfig> {
     let d = EvaParams::default();
     let eva = EvaParams {
         rank: get(options, "r", d.rank)?,
+        rank_pattern: get(options, "rank_pattern", d.rank_pattern)?,
         rho: get(options, "rho", d.rho)?,
         tau: get(options, "tau", d.tau)?,
         alpha: get(options, "lora_alpha", d.alpha)?,
@@ -43,6 +44,11 @@ pub fn config(options: &Bound<'_, PyDict>) -> PyResult<RunConfig> {
     };
     if eva.rank == 0 {
         return Err(usage("r must be at least 1".into()));
+    }
+    if let Some((name, r)) = eva.rank_pattern.iter().find(|(_, r)| *r == 0) {
+        return Err(usage(format!(
+            "rank_pattern must give every layer a rank of at least 1, found {r} for {name}"
+        )));
     }
     if !(eva.rho >= 1.0 && eva.rho.is_finite()) {
         return Err(usage(format!(

@@ -74,6 +74,53 @@ def test_peft_loads_the_initialized_model(tmp_path):
         assert m.lora_B["default"].weight.abs().max() == 0
 
 
+def _lora_a(model):
+    """{module path in the base model: lora_A} of a PeftModel's LoRA layers."""
+    return {n[len("base_model.model."):]: m.lora_A["default"].weight for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_rank_pattern_gives_the_clis_adapter_and_config(tmp_path):
+    """A pre-set rank_pattern, PEFT's meaning: each layer's rank before redistribution (its cap
+    round(r_l x rho), the group's largest; the budget is their sum; alpha scales by new rank over
+    r_l). The drop-in resolves PEFT's keys with PEFT's own matcher (a regular expression here);
+    `eva init --rank-pattern` takes literal suffixes that name the same layers."""
+    pattern = {r"self_attn\.q_proj": 2, "model.layers.1.mlp.down_proj": 6}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["tiny-llama"], rank_pattern=pattern, init_lora_weights="eva", eva_config=EvaConfig())
+    model = get_peft_model(load_model(MODELS["tiny-llama"]), cfg)
+    eva_lora.initialize_lora_eva_weights(model, loader("tiny-llama", BATCH), show_progress_bar=False, report_path=tmp_path / "r.json")
+    theirs, config = cli_adapter(
+        "tiny-llama", tmp_path / "cli", BATCH, extra=("--alpha", "8", "--rank-pattern", "q_proj=2,model.layers.1.mlp.down_proj=6")
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["rank_budget"] == 4 * 28 - 4 * 2 + 2, report["rank_budget"]
+    pc = model.peft_config["default"]
+    assert pc.rank_pattern == config["rank_pattern"] and pc.rank_pattern, (pc.rank_pattern, config["rank_pattern"])
+    assert pc.alpha_pattern == config["alpha_pattern"] and pc.alpha_pattern, (pc.alpha_pattern, config["alpha_pattern"])
+    ours = _lora_a(model)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    worst = max((ours[k] - a).abs().max().item() for k, a in theirs.items())
+    assert worst <= CLI_TOLERANCE, f"max |dA| = {worst}"
+
+
+def test_rank_pattern_with_rho_one_gives_peft_s_own_ranks():
+    """With rho = 1 and equal ranks inside each equal-input group every layer keeps its r_l, in
+    PEFT's own EVA as in eva: the two configs after `initialize_lora_eva_weights` must agree."""
+    from peft import initialize_lora_eva_weights as peft_init
+
+    pattern = {r"self_attn\.(q|k|v)_proj": 2, "down_proj": 6}
+    configs = []
+    for init in (eva_lora.initialize_lora_eva_weights, peft_init):
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["tiny-llama"], rank_pattern=pattern, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+        model = get_peft_model(load_model(MODELS["tiny-llama"]), cfg)
+        init(model, loader("tiny-llama", BATCH), show_progress_bar=False)
+        pc = model.peft_config["default"]
+        configs.append((pc.rank_pattern, pc.alpha_pattern, {k: a.shape[0] for k, a in _lora_a(model).items()}))
+    assert configs[0] == configs[1], configs
+    ranks = configs[0][2]
+    assert {r for k, r in ranks.items() if "_proj" in k and "self_attn" in k and "o_proj" not in k} == {2}
+    assert {r for k, r in ranks.items() if "down_proj" in k} == {6}
+
+
 def test_empty_loader_raises_evas_error():
     model = load_model(MODELS["tiny-llama"])
     cfg = LoraConfig(r=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=EvaConfig())
