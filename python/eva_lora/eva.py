@@ -13,6 +13,7 @@ The phases of a run:
 """
 
 import json
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from peft.utils.other import get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from ._dist import TorchComm
-from ._eva import DEFAULT_STATS_MEMORY, EvaError, Run
+from ._eva import CUDA, DEFAULT_STATS_MEMORY, EvaError, Gpu, Run
 
 __all__ = [
     "EvaError",
@@ -140,9 +141,10 @@ def _prepare_default(layer_input, model_input, layer_name):
     return layer_input
 
 
-def _host_rows(rows, name):
-    """Rows as a C-contiguous float32 CPU tensor: no copy for CPU float32 tensors; CUDA tensors
-    are copied to host (eva's statistics live in host memory)."""
+def _rows(rows, name, gpu=None):
+    """Rows as a C-contiguous float32 tensor where eva's statistics live: on GPU ``gpu`` (its
+    CUDA ordinal) for rows already there, else on the CPU (no copy for CPU float32 tensors;
+    rows on another device are copied)."""
     if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
         raise EvaError(
             f"prepare_layer_inputs_fn must return a 2-D tensor (tokens x features) for {name}, "
@@ -151,7 +153,58 @@ def _host_rows(rows, name):
     rows = rows.detach()
     if rows.device.type == "meta":
         raise EvaError(f"the input of {name} is on the meta device: load the model's weights first")
+    if gpu is not None and rows.is_cuda and rows.device.index == gpu:
+        return rows.to(dtype=torch.float32).contiguous()
     return rows.to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _cuda_index(t):
+    """The CUDA ordinal of a tensor on a GPU, else None."""
+    return t.device.index if isinstance(t, torch.Tensor) and t.is_cuda else None
+
+
+def _stats_device(rows, choice):
+    """The GPU to keep the statistics on, as (CUDA ordinal, opened ``Gpu``), or (None, None) for
+    the host: ``auto`` follows the first batch's layer inputs when this build has CUDA and the
+    GPU opens (else warns and stays on the host), ``cuda`` insists, ``cpu`` declines."""
+    if choice not in ("auto", "cuda", "cpu"):
+        raise EvaError(f"stats_device must be auto, cuda or cpu, found {choice!r}")
+    ordinal = next((_cuda_index(r) for r in rows if r.is_cuda), None)
+    if choice == "cuda" and (ordinal is None or not CUDA):
+        why = "this eva_lora was built without its cuda feature" if not CUDA else "the layer inputs are not on a GPU"
+        raise EvaError(f"stats_device='cuda': {why}")
+    if choice == "cpu" or ordinal is None or not CUDA:
+        return None, None
+    try:
+        return ordinal, Gpu(ordinal)
+    except EvaError as e:
+        if choice == "cuda":
+            raise
+        warnings.warn(f"eva keeps its statistics on the host (layer inputs are copied from the GPU): {e}")
+        return None, None
+
+
+def _eva_stream(run, gpu):
+    """eva's CUDA stream on GPU ``gpu`` as a ``torch.cuda.Stream`` (None for host statistics)."""
+    if gpu is None:
+        return None
+    raw = run.cuda_stream()
+    device = torch.device("cuda", gpu)
+    return torch.cuda.default_stream(device) if raw == 0 else torch.cuda.ExternalStream(raw, device=device)
+
+
+def _feed(run, g, x, what, stream):
+    """Hands rows to eva: CPU rows as a NumPy view; rows on eva's GPU in place (the pointer
+    DLPack would hand over), queued on eva's stream after the work that produced them and kept
+    from reuse by PyTorch's allocator until that stream has read them."""
+    if not x.is_cuda:
+        run.accumulate(g, x.numpy(), what)
+        return
+    current = torch.cuda.current_stream(x.device)
+    if current.cuda_stream != stream.cuda_stream:
+        stream.wait_stream(current)
+        x.record_stream(stream)
+    run.accumulate_cuda(g, x.data_ptr(), x.shape[0], x.shape[1], what)
 
 
 def _first_tensor_len(batch):
@@ -185,7 +238,7 @@ class _Capture:
 def _discover(model, targets, inputs, model_input, forward_fn):
     """Runs the first batch with recording hooks: returns the equal-input groups (targets whose
     hooks saw the same input tensor objects and use the same preparation) and the rows of every
-    group's representative (float32, host)."""
+    group's representative (float32, where the forward left them)."""
     cap = _Capture(model_input=model_input)
 
     def hook_for(i, t):
@@ -211,8 +264,9 @@ def _discover(model, targets, inputs, model_input, forward_fn):
     rows = []
     for g in groups:
         i = g[0]
-        parts = [_host_rows(r, targets[i].name) for r in cap.rows.get(i, [])]
-        rows.append(torch.cat(parts) if parts else torch.zeros(0, targets[i].in_features))
+        # Kept where the forward left them until the statistics' device is chosen.
+        parts = [_rows(r, targets[i].name, _cuda_index(r)) for r in cap.rows.get(i, [])]
+        rows.append(torch.cat([p.to(parts[0].device) for p in parts]) if parts else torch.zeros(0, targets[i].in_features))
     return groups, rows
 
 
@@ -295,7 +349,7 @@ def _progress(show):
     return bar, on_step
 
 
-def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inputs_fn, comm, show, cycle, report_path, eva_options):
+def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inputs_fn, comm, show, cycle, report_path, stats_device, eva_options):
     device = get_device_with_meta_params(model)
 
     def prepare(batch):
@@ -308,6 +362,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     # Phase 2: the first batch (every rank must have one; the engine does not exist yet).
     it = iter(dataloader)
     error, groups, rows, local_batch, model_input_first = None, None, None, 0, None
+    gpu, opened = None, None
     try:
         batch = next(it, _END)
         if batch is _END:
@@ -316,6 +371,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         inputs, model_input = prepare(batch)
         groups, rows = _discover(model, targets, inputs, model_input, forward_fn)
         model_input_first = model_input
+        gpu, opened = _stats_device(rows, stats_device)
     except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
         error = e
     _agree(comm, error)
@@ -332,7 +388,8 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     layers = [(t.name, t.in_features, t.out_features) for t in targets]
     refs = [_reference(r, model_input_first) for r in rows]
     desc = f"pytorch:{type(model).__name__}"
-    run = Run(layers, groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm)
+    run = Run(layers, groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm, opened)
+    stream = _eva_stream(run, gpu)
 
     # Phase 3: steps. Step 1 is the first batch's rows.
     bar, on_step = _progress(show)
@@ -346,8 +403,8 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         t = targets[groups[g][0]]
 
         def hook(module, inp, out):
-            x = _host_rows(t.prepare(inp, state["model_input"], t.name), t.name)
-            run.accumulate(g, x.numpy(), what(t.name))
+            x = _rows(t.prepare(inp, state["model_input"], t.name), t.name, gpu)
+            _feed(run, g, x, what(t.name), stream)
 
         return hook
 
@@ -356,7 +413,8 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         try:
             for g, (acc, x) in enumerate(zip(run.accumulating(), rows)):
                 if acc:
-                    run.accumulate(g, x.numpy(), what(targets[groups[g][0]].name))
+                    name = targets[groups[g][0]].name
+                    _feed(run, g, _rows(x, name, gpu), what(name), stream)
         except Exception as e:  # noqa: BLE001
             error = e
         del rows
@@ -433,6 +491,7 @@ def get_eva_state_dict(
     report_path: Optional[str] = None,
     seed: int = 0,
     process_group=None,
+    stats_device: str = "auto",
 ) -> dict:
     """PEFT's ``get_eva_state_dict`` on eva's statistics: ``{module name: lora_A}`` with
     ``lora_A`` of shape ``rank x in_features`` (``0 x in_features`` for layers whose rank went
@@ -441,7 +500,9 @@ def get_eva_state_dict(
     ``max_steps`` (a cap on steps), ``refine_converged`` (PEFT's behaviour: done inputs keep
     accumulating), ``cycle_dataloader`` (PEFT cycles the loader until convergence; eva stops
     when it runs out), ``report_path`` (where rank 0 writes ``eva_report.json``), ``seed``
-    (sketch test matrices), ``process_group`` (the ``torch.distributed`` group; default group).
+    (sketch test matrices), ``process_group`` (the ``torch.distributed`` group; default group),
+    ``stats_device`` (``auto``: on the GPU of CUDA layer inputs, read in place; ``cuda``;
+    ``cpu``: copied to host statistics).
     Raises :class:`EvaError` with eva's message on bad input or data, and on every rank when one
     rank fails."""
     is_peft_model = hasattr(model, "peft_config")
@@ -481,6 +542,7 @@ def get_eva_state_dict(
                 show_progress_bar,
                 cycle_dataloader,
                 report_path,
+                stats_device,
                 eva_options,
             )
     finally:

@@ -9,13 +9,15 @@ mod options;
 use eva::comm::{Communicator, SingleProcess};
 use eva::config::RunConfig;
 use eva::engine::{Engine, StopReason};
-use eva::source::Catalog;
+use eva::model::cuda::{Cuda, CudaOptions, DType};
+use eva::source::{Catalog, Rows};
 use ndarray::ArrayView2;
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::sync::Arc;
 
 create_exception!(
     _eva,
@@ -46,6 +48,28 @@ struct Run {
     engine: Option<Engine<'static>>,
     _cfg: Box<RunConfig>,
     _comm: Box<dyn Communicator>,
+    /// The GPU the statistics live on (`device` given), whose rows are read in place.
+    gpu: Option<Arc<Cuda>>,
+}
+
+/// A GPU opened for eva's statistics: `eva_lora` opens it on each rank before the collective
+/// [`Run`], so that a GPU that cannot be used fails there (or falls back to the host) instead of
+/// inside a collective.
+#[pyclass(unsendable, module = "eva_lora._eva")]
+struct Gpu(Arc<Cuda>);
+
+#[pymethods]
+impl Gpu {
+    /// Opens CUDA device `ordinal` (eva's library probe, context, NVRTC kernels, cuBLAS).
+    #[new]
+    fn new(ordinal: usize) -> PyResult<Self> {
+        let opts = CudaOptions {
+            ordinal,
+            dtype: DType::F32,
+            slice: "the PyTorch model's layer inputs".into(),
+        };
+        Ok(Gpu(Arc::new(Cuda::new(opts).map_err(py_err)?)))
+    }
 }
 
 /// A C-contiguous 2-D f32 buffer (a NumPy array, a CPU tensor's `.numpy()`) as a view, no copy.
@@ -76,9 +100,10 @@ impl Run {
     /// `layers`: (name, in_features, out_features) in model order; `groups`: the layer indices
     /// that read one input; `refs`: one float32 row per group (rank 0's are used);
     /// `comm`: an object with the collectives (see `eva_lora._dist.TorchComm`), or None for one
-    /// process. Collective over the ranks.
+    /// process; `device`: the [`Gpu`] to keep the statistics on (its layer inputs then go to
+    /// [`Run::accumulate_cuda`]), or None for host statistics. Collective over the ranks.
     #[new]
-    #[pyo3(signature = (layers, groups, refs, units, desc, options, comm=None))]
+    #[pyo3(signature = (layers, groups, refs, units, desc, options, comm=None, device=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -89,8 +114,10 @@ impl Run {
         desc: &str,
         options: &Bound<'_, PyDict>,
         comm: Option<PyObject>,
+        device: Option<PyRef<'_, Gpu>>,
     ) -> PyResult<Self> {
         let cfg = Box::new(options::config(options)?);
+        let gpu = device.map(|g| g.0.clone());
         let comm: Box<dyn Communicator> = match comm {
             None => Box::new(SingleProcess),
             Some(obj) => Box::new(comm::PyComm::new(py, obj)?),
@@ -104,13 +131,20 @@ impl Run {
                 &*(comm.as_ref() as *const dyn Communicator),
             )
         };
-        let engine =
-            Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref).map_err(py_err)?;
+        let engine = Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref, gpu.clone())
+            .map_err(py_err)?;
         Ok(Run {
             engine: Some(engine),
             _cfg: cfg,
             _comm: comm,
+            gpu,
         })
+    }
+
+    /// The raw `CUstream` eva's GPU work runs on (0: the legacy default stream), or None without
+    /// a GPU: the caller orders its tensors against it (`torch.cuda.ExternalStream`).
+    fn cuda_stream(&self) -> Option<usize> {
+        self.gpu.as_ref().map(|g| g.raw_stream())
     }
 
     /// Which inputs accumulate in the current step.
@@ -124,7 +158,34 @@ impl Run {
         let buf = PyBuffer::<f32>::get(rows)?;
         let view = rows_of(&buf)?;
         self.engine()?
-            .accumulate_rows(g, view, || what.to_string())
+            .accumulate_rows(g, Rows::Host(view), || what.to_string())
+            .map_err(py_err)
+    }
+
+    /// Adds rows of input `g` that live on the run's GPU, read in place: `ptr` addresses
+    /// `rows × cols` C-contiguous float32 values (a CUDA tensor's `data_ptr()`, which the caller
+    /// keeps alive and unchanged until eva's stream has read them: `record_stream`).
+    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code, unused_variables))]
+    fn accumulate_cuda(
+        &mut self,
+        g: usize,
+        ptr: u64,
+        rows: usize,
+        cols: usize,
+        what: &str,
+    ) -> PyResult<()> {
+        let gpu = self
+            .gpu
+            .clone()
+            .ok_or_else(|| EvaError::new_err("this eva run keeps its statistics on the host"))?;
+        if ptr == 0 && rows * cols > 0 {
+            return Err(EvaError::new_err(format!("{what}: a null device pointer")));
+        }
+        // SAFETY: the caller's contract above (eva_lora's hooks hold the tensor and record it
+        // on eva's stream).
+        let x = unsafe { gpu.borrow(ptr, rows, cols) };
+        self.engine()?
+            .accumulate_rows(g, Rows::Device { gpu: &gpu, x: &x }, || what.to_string())
             .map_err(py_err)
     }
 
@@ -245,7 +306,10 @@ fn check_catalog(
 #[pymodule]
 fn _eva(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
+    m.add_class::<Gpu>()?;
     m.add("EvaError", m.py().get_type::<EvaError>())?;
     m.add("DEFAULT_STATS_MEMORY", options::DEFAULT_STATS_MEMORY)?;
+    // Whether CUDA layer inputs can stay on the GPU (the `cuda` feature).
+    m.add("CUDA", cfg!(feature = "cuda"))?;
     Ok(())
 }

@@ -189,3 +189,38 @@ def test_same_components_as_a_float64_pca_of_pytorchs_inputs(name, tmp_path):
         sign = torch.sign((top * a.double()).sum(1, keepdim=True))
         worst = max(worst, (a.double() - sign * top).abs().max().item())
     assert worst <= PCA_TOLERANCE, f"max |dA| = {worst}"
+
+
+def test_stats_device_is_checked():
+    """`stats_device` says where the statistics live; asking for the GPU with CPU layer inputs,
+    or for something else, raises eva's message."""
+    with pytest.raises(eva_lora.EvaError, match="stats_device='cuda': the layer inputs are not on a GPU"):
+        drop_in("tiny-llama", stats_device="cuda")
+    with pytest.raises(eva_lora.EvaError, match="stats_device must be auto, cuda or cpu, found 'gpu'"):
+        drop_in("tiny-llama", stats_device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_gpu_statistics_without_a_gpu_raise_evas_error():
+    """The extension opens a GPU through eva's library probe: on a machine without one it fails
+    with eva's error (what is missing), not a crash, before any collective."""
+    with pytest.raises(eva_lora.EvaError, match="the CUDA driver library was not found"):
+        eva_lora._eva.Gpu(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (docs/gpu.md)")
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_cuda_inputs_stay_on_the_gpu_and_give_the_cpu_adapter(side_stream):
+    """CUDA layer inputs go to eva's device statistics in place (`stats_device='cuda'` refuses to
+    fall back to the host); on PyTorch's default stream and on a side stream (eva's stream waits
+    for it, the allocator keeps the rows until eva has read them) the adapter is the CPU run's,
+    up to the two devices' f32 rounding (the CLI bar)."""
+    cpu = drop_in("tiny-llama")
+    model = load_model(MODELS["tiny-llama"]).cuda()
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=EvaConfig())
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        gpu = eva_lora.get_eva_state_dict(model, loader("tiny-llama", BATCH), peft_config=cfg, show_progress_bar=False, stats_device="cuda")
+    assert {k: v.shape for k, v in gpu.items()} == {k: v.shape for k, v in cpu.items()}
+    worst = max((gpu[k].cpu() - a).abs().max().item() for k, a in cpu.items() if a.numel())
+    assert worst <= CLI_TOLERANCE, f"max |dA| = {worst}"

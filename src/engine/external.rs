@@ -1,15 +1,17 @@
 //! Runs whose layer inputs come from the caller's own forward passes (the Python package's
 //! hooks), not from a [`Source`]: the caller builds the catalog, hands over each pass's rows with
-//! [`Engine::accumulate_rows`], ends each of its steps with [`Engine::end_external_step`] and asks
-//! [`Engine::more_data`] whether every rank still has a batch. Statistics, leader, convergence
-//! and output are the CLI's.
+//! [`Engine::accumulate_rows`] (host rows, or rows on the GPU the statistics live on), ends each
+//! of its steps with [`Engine::end_external_step`] and asks [`Engine::more_data`] whether every
+//! rank still has a batch. Statistics, leader, convergence and output are the CLI's.
 
 use super::{Engine, StepInfo, StopReason, Topology};
 use crate::comm::{self, Communicator};
 use crate::config::RunConfig;
-use crate::source::{check_finite, Catalog, Rows, Sink, Source};
+use crate::model::cuda::Cuda;
+use crate::source::{Catalog, Rows, Sink, Source};
 use crate::{Error, Result};
-use ndarray::{ArrayView2, Axis};
+use ndarray::ArrayView2;
+use std::sync::Arc;
 
 /// A catalog with one reference row per input, read as unit 0 by [`Engine::new`]: the engine
 /// takes the column means of unit 0 (here the row itself) on rank 0 and broadcasts them.
@@ -17,11 +19,16 @@ struct References {
     catalog: Catalog,
     units: usize,
     rows: Vec<Vec<f32>>,
+    device: Option<Arc<Cuda>>,
 }
 
 impl Source for References {
     fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    fn device(&self) -> Option<Arc<Cuda>> {
+        self.device.clone()
     }
 
     fn units(&self) -> usize {
@@ -50,7 +57,7 @@ impl<'a> Engine<'a> {
     /// `refs` holds one reference row per input (rank 0's are used on every rank; any row near
     /// the data's mean keeps the Gram free of cancellation) and `units` is the number of
     /// examples the caller expects over all ranks (reports only; the caller decides when the
-    /// data ends).
+    /// data ends). With `device` the statistics live on that GPU and take its rows in place.
     pub fn external(
         catalog: Catalog,
         refs: Vec<Vec<f32>>,
@@ -58,6 +65,7 @@ impl<'a> Engine<'a> {
         source_desc: &str,
         world: &'a dyn Communicator,
         cfg: &'a RunConfig,
+        device: Option<Arc<Cuda>>,
     ) -> Result<Self> {
         let local = check_references(&catalog, &refs);
         comm::agree(world, local)?;
@@ -66,6 +74,7 @@ impl<'a> Engine<'a> {
             catalog,
             units: units.max(1),
             rows: refs,
+            device,
         };
         let topo = Topology::new(world, 1)?;
         Engine::new(
@@ -78,17 +87,18 @@ impl<'a> Engine<'a> {
         )
     }
 
-    /// Adds rows of input `g` (tokens × dim) to this rank's statistics after checking that they
-    /// are finite; `what` names where they came from in the error. The time counts as the
-    /// report's `statistics` (the caller's forward passes are not eva's: `forward` stays 0).
+    /// Adds rows of input `g` (tokens × dim, on the host or on the statistics' GPU) to this
+    /// rank's statistics after checking that they are finite; `what` names where they came from
+    /// in the error. The time counts as the report's `statistics` (the caller's forward passes
+    /// are not eva's: `forward` stays 0).
     pub fn accumulate_rows(
         &mut self,
         g: usize,
-        rows: ArrayView2<f32>,
+        rows: Rows<'_>,
         what: impl FnOnce() -> String,
     ) -> Result<()> {
         let dim = self.catalog.inputs.get(g).map(|i| i.dim);
-        if dim != Some(rows.len_of(Axis(1))) {
+        if dim != Some(rows.ncols()) {
             return Err(Error::data(format!(
                 "{}: {} features, expected {}",
                 what(),
@@ -100,7 +110,7 @@ impl<'a> Engine<'a> {
             return Ok(());
         }
         let start = std::time::Instant::now();
-        check_finite(rows, what)?;
+        rows.check_finite(what)?;
         let added = self.accumulate(g, rows);
         self.times.statistics += start.elapsed().as_secs_f64();
         added
@@ -205,7 +215,7 @@ mod tests {
         );
         let world = SingleProcess;
         let mut e =
-            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg).unwrap();
+            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg, None).unwrap();
         // Rows spread along the first two axes only: the components are e0 and e1.
         let mut stop = None;
         for step in 0..3 {
@@ -217,7 +227,8 @@ mod tests {
                 .collect();
             let rows = ArrayView2::from_shape((40, 6), &rows).unwrap();
             assert!(e.more_data(true).unwrap());
-            e.accumulate_rows(0, rows, || "test".into()).unwrap();
+            e.accumulate_rows(0, Rows::Host(rows), || "test".into())
+                .unwrap();
             stop = e.end_external_step(Ok(()), &mut |_| {}).unwrap();
             if stop.is_some() {
                 break;
@@ -225,11 +236,15 @@ mod tests {
         }
         let nan = [f32::NAN; 6];
         let nan = ArrayView2::from_shape((1, 6), &nan).unwrap();
-        let err = e.accumulate_rows(0, nan, || "layer a".into()).unwrap_err();
+        let err = e
+            .accumulate_rows(0, Rows::Host(nan), || "layer a".into())
+            .unwrap_err();
         assert!(err.to_string().contains("layer a: non-finite"), "{err}");
         let wide = [0.0f32; 7];
         let wide = ArrayView2::from_shape((1, 7), &wide).unwrap();
-        assert!(e.accumulate_rows(0, wide, || "w".into()).is_err());
+        assert!(e
+            .accumulate_rows(0, Rows::Host(wide), || "w".into())
+            .is_err());
         let out = e.finish(stop.unwrap_or(StopReason::DataExhausted)).unwrap();
         let a = &out.adapter.layers[0].a;
         assert!(a[[0, 0]].abs() > 0.999 || a[[0, 1]].abs() > 0.999, "{a:?}");
@@ -244,12 +259,12 @@ mod tests {
         let catalog = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
         let world = SingleProcess;
         let mut e =
-            Engine::external(catalog, vec![vec![0.0; 4]], 10, "test", &world, &cfg).unwrap();
+            Engine::external(catalog, vec![vec![0.0; 4]], 10, "test", &world, &cfg, None).unwrap();
         let err = e
             .end_external_step(Err(Error::data("forward failed")), &mut |_| {})
             .unwrap_err();
         assert_eq!(err.to_string(), "forward failed");
         let bad = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
-        assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", &world, &cfg).is_err());
+        assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", &world, &cfg, None).is_err());
     }
 }

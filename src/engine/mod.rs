@@ -429,9 +429,9 @@ impl<'a> Engine<'a> {
     }
 
     /// Adds rows of this stage's input `g` to this rank's statistics.
-    pub fn accumulate(&mut self, g: usize, rows: ndarray::ArrayView2<f32>) -> Result<()> {
+    pub fn accumulate(&mut self, g: usize, rows: Rows<'_>) -> Result<()> {
         match self.stats.local.get_mut(g) {
-            Some(Some(s)) => s.accumulate(Rows::Host(rows), &mut self.stats.workspace),
+            Some(Some(s)) => s.accumulate(rows, &mut self.stats.workspace),
             _ => Err(Error::Comm(format!(
                 "input {g} does not belong to stage {} of this rank",
                 self.topo.stage

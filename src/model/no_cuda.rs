@@ -12,6 +12,9 @@ use std::sync::Arc;
 /// An activation on the GPU: none exists in this build.
 pub type CudaTensor = Infallible;
 
+/// An activation over another library's GPU memory: none exists in this build.
+pub type BorrowedTensor = Infallible;
+
 /// Storage type of the weight matrices on the device (`--dtype`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DType {
@@ -82,6 +85,25 @@ impl Cuda {
 
     /// Unreachable (no value exists).
     pub fn select(&self, _: &Infallible, _: &[usize]) -> Infallible {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    ///
+    /// # Safety
+    ///
+    /// None needed: it cannot be called.
+    pub unsafe fn borrow(&self, _: u64, _: usize, _: usize) -> Infallible {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn raw_stream(&self) -> usize {
+        match *self {}
+    }
+
+    /// Unreachable (no value exists).
+    pub fn ordinal(&self) -> usize {
         match *self {}
     }
 }

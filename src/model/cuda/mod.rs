@@ -193,6 +193,27 @@ impl CudaTensor {
     }
 }
 
+/// A [`CudaTensor`] over device memory that another library of this process owns in the same
+/// (primary) context, e.g. a PyTorch tensor handed over by DLPack: read in place and never freed.
+pub struct BorrowedTensor(CudaTensor);
+
+impl std::ops::Deref for BorrowedTensor {
+    type Target = CudaTensor;
+
+    fn deref(&self) -> &CudaTensor {
+        &self.0
+    }
+}
+
+impl Drop for BorrowedTensor {
+    fn drop(&mut self) {
+        if let Some(data) = self.0.data.take() {
+            // The owner frees it; this only forgets the pointer.
+            data.leak();
+        }
+    }
+}
+
 /// Stand-in error for an op on a tensor that a failed op left empty (the first error is kept).
 fn poisoned() -> DeviceError {
     DeviceError::Unsupported {
@@ -680,6 +701,34 @@ impl Cuda {
             rows,
             cols,
         })
+    }
+
+    /// A `rows × cols` activation over memory this process already holds on this GPU.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must address `rows × cols` f32 values, row-major, on this GPU in the primary
+    /// context, which stay allocated and unchanged until this GPU's stream ([`Cuda::raw_stream`])
+    /// has finished what is queued on it while the returned tensor lives.
+    pub unsafe fn borrow(&self, ptr: u64, rows: usize, cols: usize) -> BorrowedTensor {
+        // SAFETY: the caller's contract; `BorrowedTensor` never frees it.
+        let data = unsafe { self.stream.upgrade_device_ptr::<f32>(ptr, rows * cols) };
+        BorrowedTensor(CudaTensor {
+            data: Some(data),
+            rows,
+            cols,
+        })
+    }
+
+    /// This GPU's stream as a raw `CUstream` (0: the legacy default stream), for a caller that
+    /// orders its own work against eva's (PyTorch's `torch.cuda.ExternalStream`).
+    pub fn raw_stream(&self) -> usize {
+        self.stream.cu_stream() as usize
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.opts.ordinal
     }
 
     /// Copies a whole activation to host memory.
