@@ -159,7 +159,9 @@ impl MpiWorld {
         });
     }
 
-    /// The next message from `src` with `tag` (waits under the watchdog).
+    /// The next message from `src` with `tag`: the probe and the payload both wait under the
+    /// watchdog (a large message arrives in pieces after its header has matched, so a sender
+    /// stopped mid-message must time out too, not block a matched receive forever).
     fn receive_from(&self, op: &str, src: usize, tag: i32) -> Vec<u8> {
         let mut found: Option<(Message, Status)> = None;
         self.poll(op, || {
@@ -169,7 +171,14 @@ impl MpiWorld {
                 .immediate_matched_probe_with_tag(tag);
             found.is_some()
         });
-        found.expect("probe matched").matched_receive_vec::<u8>().0
+        let (message, status) = found.expect("probe matched");
+        let len = status.count(u8::equivalent_datatype()).max(0) as usize;
+        let mut buf = vec![0u8; len];
+        mpi::request::scope(|scope| {
+            let request = message.immediate_matched_receive_into(scope, &mut buf[..]);
+            self.wait_moving(op, request, len);
+        });
+        buf
     }
 
     /// Reports a collective that timed out, with the ranks that did not answer, and aborts.
