@@ -60,6 +60,16 @@ impl EvaParams {
             .map_or(self.rank, |&(_, r)| r)
     }
 
+    /// How a message names a rank before redistribution: `--rank R` when it is `rank`, else
+    /// `rank_pattern's rank R`.
+    pub fn rank_phrase(&self, rank: usize) -> String {
+        if rank == self.rank {
+            format!("--rank {rank}")
+        } else {
+            format!("rank_pattern's rank {rank}")
+        }
+    }
+
     /// Candidate components of a layer of rank `rank` before redistribution: `round(rank × rho)`
     /// (PEFT's `max_components`), with Python's round-half-to-even so that e.g. r = 3, rho = 1.5
     /// gives 4 as in PEFT.

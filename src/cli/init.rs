@@ -258,9 +258,9 @@ pub fn open_source(
     let caps = allocate::caps(catalog, &cfg.eva);
     let memory = |g: usize| {
         let d = catalog.inputs[g].dim;
-        let sketch = cfg
-            .sketch_size
-            .unwrap_or_else(|| stats::default_sketch_size(caps[catalog.representative(g)], d));
+        let sketch = cfg.sketch_size.unwrap_or_else(|| {
+            stats::default_sketch_size(allocate::input_cap(catalog, &caps, g), d)
+        });
         stats::memory_bytes(
             cfg.estimator != EstimatorChoice::Sketch,
             d,

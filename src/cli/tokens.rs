@@ -21,20 +21,20 @@ pub fn check_reachable(source: &dyn Source, cfg: &RunConfig) -> Result<()> {
     let most = read.saturating_mul(per_unit);
     let catalog = source.catalog();
     let caps = allocate::caps(catalog, &cfg.eva);
-    let kmax = |g: usize| caps[catalog.representative(g)];
+    let kmax = |g: usize| allocate::input_cap(catalog, &caps, g);
     let Some(g) = (0..catalog.inputs.len()).find(|&g| most <= kmax(g)) else {
         return Ok(());
     };
     let dim = catalog.inputs[g].dim;
     let kmax = kmax(g);
-    let rank = cfg
-        .eva
-        .layer_rank(&catalog.layers[catalog.representative(g)].name);
-    let rank = if rank == cfg.eva.rank {
-        format!("--rank {rank}")
-    } else {
-        format!("--rank-pattern's {rank}")
-    };
+    // The group's cap is that of its largest rank.
+    let rank = catalog.inputs[g]
+        .members
+        .iter()
+        .map(|&m| cfg.eva.layer_rank(&catalog.layers[m].name))
+        .max()
+        .unwrap_or(cfg.eva.rank);
+    let rank = cfg.eva.rank_phrase(rank);
     let units_read = match cfg.max_steps {
         Some(s) if read < units => format!(
             "{read} units (--max-steps {s} × --batch-size {})",

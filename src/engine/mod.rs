@@ -200,15 +200,11 @@ impl<'a> Engine<'a> {
             .iter()
             .find(|l| l.in_features < params.layer_rank(&l.name))
         {
-            let r = params.layer_rank(&l.name);
-            let what = if r == params.rank {
-                "--rank"
-            } else {
-                "rank_pattern's rank"
-            };
             return Err(Error::usage(format!(
-                "{what} {r} is larger than in_features = {} of layer {}",
-                l.in_features, l.name
+                "{} is larger than in_features = {} of layer {}",
+                params.rank_phrase(params.layer_rank(&l.name)),
+                l.in_features,
+                l.name
             )));
         }
         let leader = Leader::new(&catalog, params, !cfg.no_early_stop, cfg.refine_converged);

@@ -35,6 +35,12 @@ pub fn caps(catalog: &Catalog, params: &EvaParams) -> Vec<usize> {
         .collect()
 }
 
+/// Candidate components of unique input `input` from the per-layer [`caps`]: the cap its layers
+/// share.
+pub fn input_cap(catalog: &Catalog, caps: &[usize], input: usize) -> usize {
+    caps[catalog.representative(input)]
+}
+
 /// The rank budget: the sum of the layers' ranks before redistribution.
 pub fn budget(catalog: &Catalog, params: &EvaParams) -> usize {
     catalog

@@ -438,7 +438,7 @@ impl Leader {
 
     /// Candidate components of an input: `min(round(r_l·rho), d)`, the same for all its layers.
     pub fn kmax(&self, input: usize) -> usize {
-        self.caps[self.catalog.representative(input)]
+        allocate::input_cap(&self.catalog, &self.caps, input)
     }
 
     /// Candidate components per layer ([`allocate::caps`]).

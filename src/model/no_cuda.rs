@@ -101,11 +101,6 @@ impl Cuda {
     pub fn raw_stream(&self) -> usize {
         match *self {}
     }
-
-    /// Unreachable (no value exists).
-    pub fn ordinal(&self) -> usize {
-        match *self {}
-    }
 }
 
 /// Statistics on a GPU: none exist in this build (uninhabited).

@@ -726,11 +726,6 @@ impl Cuda {
         self.stream.cu_stream() as usize
     }
 
-    /// The device ordinal.
-    pub fn ordinal(&self) -> usize {
-        self.opts.ordinal
-    }
-
     /// Copies a whole activation to host memory.
     pub fn to_host(&self, x: &CudaTensor) -> crate::Result<Array2<f32>> {
         self.check()?;
