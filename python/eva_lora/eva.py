@@ -233,18 +233,21 @@ class _Capture:
     keys: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
     keep: list = field(default_factory=list)
+    order: list = field(default_factory=list)
 
 
 def _discover(model, targets, inputs, model_input, forward_fn):
     """Runs the first batch with recording hooks: returns the equal-input groups (targets whose
-    hooks saw the same input tensor objects and use the same preparation) and the rows of every
-    group's representative (float32, where the forward left them)."""
+    hooks saw the same input tensor objects and use the same preparation), the rows of every
+    group's representative (float32, where the forward left them) and the order in which the
+    pass called the targets (target indices, one per call)."""
     cap = _Capture(model_input=model_input)
 
     def hook_for(i, t):
         def hook(module, inp, out):
             raw = inp[0] if isinstance(inp, (tuple, list)) and inp else inp
             cap.keep.append(raw)
+            cap.order.append(i)
             cap.keys.setdefault(i, []).append((id(raw), id(t.prepare)))
             cap.rows.setdefault(i, []).append(t.prepare(inp, cap.model_input, t.name))
 
@@ -267,7 +270,76 @@ def _discover(model, targets, inputs, model_input, forward_fn):
         # Kept where the forward left them until the statistics' device is chosen.
         parts = [_rows(r, targets[i].name, _cuda_index(r)) for r in cap.rows.get(i, [])]
         rows.append(torch.cat([p.to(parts[0].device) for p in parts]) if parts else torch.zeros(0, targets[i].in_features))
-    return groups, rows
+    return groups, rows, cap.order
+
+
+class _CutShort(Exception):
+    """Raised by the hook of the last input that still accumulates: the rest of the pass feeds
+    nothing."""
+
+
+def _paired_wrappers(model):
+    """Whether something wraps the model's modules with work paired before and after their
+    forward, which a pass cut short would leave half done: FSDP's all-gather and reshard,
+    accelerate's device hooks, DeepSpeed ZeRO-3's parameter fetch."""
+    for m in model.modules():
+        if {c.__name__ for c in type(m).__mro__} & {"FullyShardedDataParallel", "FSDPModule"}:
+            return True
+        if hasattr(m, "_hf_hook") or hasattr(m, "ds_id") or any(hasattr(p, "ds_id") for p in m.parameters(recurse=False)):
+            return True
+    return False
+
+
+class _Cut:
+    """Where a step's forward pass stops: right after the hook of the hooked input whose
+    representative the first pass called last, once every hooked representative has been
+    called. The rest (the blocks after it, the LM head) feeds nothing, as in the CLI, whose
+    forward stops at the last layer it needs. Only for passes that call each target once in a
+    fixed order (checked on the first pass, and on each pass: another order ends the cuts) and
+    models without paired wrappers ([`_paired_wrappers`])."""
+
+    def __init__(self, positions):
+        # Per group: its representative's call position in the first pass (None: never cut).
+        self.positions = positions
+        self.last = None
+        self.pending = set()
+
+    @classmethod
+    def plan(cls, model, targets, groups, order, enabled):
+        calls = [0] * len(targets)
+        for i in order:
+            calls[i] += 1
+        if not enabled or any(c != 1 for c in calls) or _paired_wrappers(model):
+            return cls(None)
+        position = {i: p for p, i in enumerate(order)}
+        return cls([position[g[0]] for g in groups])
+
+    def arm(self, hooked):
+        """Before a pass: the groups whose hooks are on for it."""
+        self.pending = set(hooked)
+        self.last = max(hooked, key=self.positions.__getitem__) if self.positions is not None and hooked else None
+
+    def after(self, g):
+        """At the end of group ``g``'s hook: stops the pass when nothing hooked is left."""
+        if self.last is None:
+            return
+        self.pending.discard(g)
+        if g != self.last:
+            return
+        if self.pending:
+            # Called in another order than the first pass: the graph is not static, never cut.
+            self.positions, self.last = None, None
+            return
+        raise _CutShort
+
+
+def _cut_short(e):
+    """Whether exception ``e`` is (or was raised while handling) a cut of the pass."""
+    while e is not None:
+        if isinstance(e, _CutShort):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _reference(rows, model_input):
@@ -349,7 +421,18 @@ def _progress(show):
     return bar, on_step
 
 
-def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inputs_fn, comm, show, cycle, report_path, stats_device, eva_options):
+@dataclass
+class _Loop:
+    """The Python side's options of a run (eva's engine takes the rest)."""
+
+    show_progress_bar: bool
+    cycle_dataloader: bool
+    report_path: Optional[str]
+    stats_device: str
+    stop_forward_early: bool
+
+
+def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inputs_fn, comm, loop, eva_options):
     device = get_device_with_meta_params(model)
 
     def prepare(batch):
@@ -361,7 +444,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
 
     # Phase 2: the first batch (every rank must have one; the engine does not exist yet).
     it = iter(dataloader)
-    error, groups, rows, local_batch, model_input_first = None, None, None, 0, None
+    error, groups, rows, order, local_batch, model_input_first = None, None, None, None, 0, None
     gpu, opened = None, None
     try:
         batch = next(it, _END)
@@ -369,9 +452,9 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
             raise EvaError("the data loader is empty: EVA needs at least one batch")
         local_batch = _first_tensor_len(batch)
         inputs, model_input = prepare(batch)
-        groups, rows = _discover(model, targets, inputs, model_input, forward_fn)
+        groups, rows, order = _discover(model, targets, inputs, model_input, forward_fn)
         model_input_first = model_input
-        gpu, opened = _stats_device(rows, stats_device)
+        gpu, opened = _stats_device(rows, loop.stats_device)
     except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
         error = e
     _agree(comm, error)
@@ -390,9 +473,10 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     desc = f"pytorch:{type(model).__name__}"
     run = Run(layers, groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm, opened)
     stream = _eva_stream(run, gpu)
+    cut = _Cut.plan(model, targets, groups, order, loop.stop_forward_early)
 
     # Phase 3: steps. Step 1 is the first batch's rows.
-    bar, on_step = _progress(show)
+    bar, on_step = _progress(loop.show_progress_bar)
     handles = {}
     state = {"model_input": None, "step": 1}
 
@@ -405,6 +489,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         def hook(module, inp, out):
             x = _rows(t.prepare(inp, state["model_input"], t.name), t.name, gpu)
             _feed(run, g, x, what(t.name), stream)
+            cut.after(g)
 
         return hook
 
@@ -421,7 +506,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
         stop = _end_step(run, error, on_step)
         while stop is None:
             batch = next(it, _END)
-            if batch is _END and cycle:
+            if batch is _END and loop.cycle_dataloader:
                 it = iter(dataloader)
                 batch = next(it, _END)
             if not run.more_data(batch is not _END):
@@ -436,9 +521,10 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
             error = None
             try:
                 inputs, state["model_input"] = prepare(batch)
+                cut.arm(list(handles))
                 forward_fn(model, inputs)
             except Exception as e:  # noqa: BLE001
-                error = e
+                error = None if _cut_short(e) else e
             stop = _end_step(run, error, on_step)
     finally:
         for h in handles.values():
@@ -448,8 +534,8 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
 
     # Phase 4: finish.
     done, config, report = run.finish(stop)
-    if report_path is not None and (comm is None or comm.rank == 0):
-        with open(report_path, "w") as f:
+    if loop.report_path is not None and (comm is None or comm.rank == 0):
+        with open(loop.report_path, "w") as f:
             f.write(report)
     by_name = {name: (rank, a) for name, rank, _alpha, a in done}
     state_dict = {}
@@ -492,6 +578,7 @@ def get_eva_state_dict(
     seed: int = 0,
     process_group=None,
     stats_device: str = "auto",
+    stop_forward_early: bool = True,
 ) -> dict:
     """PEFT's ``get_eva_state_dict`` on eva's statistics: ``{module name: lora_A}`` with
     ``lora_A`` of shape ``rank x in_features`` (``0 x in_features`` for layers whose rank went
@@ -502,7 +589,8 @@ def get_eva_state_dict(
     when it runs out), ``report_path`` (where rank 0 writes ``eva_report.json``), ``seed``
     (sketch test matrices), ``process_group`` (the ``torch.distributed`` group; default group),
     ``stats_device`` (``auto``: on the GPU of CUDA layer inputs, read in place; ``cuda``;
-    ``cpu``: copied to host statistics).
+    ``cpu``: copied to host statistics), ``stop_forward_early`` (a step's forward pass stops
+    after the last layer that still accumulates, where that is safe; see docs/python.md).
     Raises :class:`EvaError` with eva's message on bad input or data, and on every rank when one
     rank fails."""
     is_peft_model = hasattr(model, "peft_config")
@@ -539,10 +627,7 @@ def get_eva_state_dict(
                 forward_fn,
                 prepare_model_inputs_fn,
                 comm,
-                show_progress_bar,
-                cycle_dataloader,
-                report_path,
-                stats_device,
+                _Loop(show_progress_bar, cycle_dataloader, report_path, stats_device, stop_forward_early),
                 eva_options,
             )
     finally:

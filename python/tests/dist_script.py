@@ -30,6 +30,8 @@ def main():
             fully_shard(layer)
         fully_shard(model)
         assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+        # FSDP's unshard/reshard pair around each layer's forward: eva never cuts such a pass short.
+        assert eva_lora.eva._paired_wrappers(model)
     calls = [0]
 
     def forward(model, inputs):

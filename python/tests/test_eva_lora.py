@@ -191,6 +191,59 @@ def test_same_components_as_a_float64_pca_of_pytorchs_inputs(name, tmp_path):
     assert worst <= PCA_TOLERANCE, f"max |dA| = {worst}"
 
 
+def test_the_forward_pass_stops_after_the_last_layer_that_accumulates():
+    """A step's pass ends after the last input still hooked (the LM head never runs after the
+    first pass); the adapter is the full passes' bit for bit, as the same rows are fed."""
+    calls = {}
+
+    def counted(stop):
+        model = load_model(MODELS["tiny-llama"])
+        calls[stop] = 0
+        model.lm_head.register_forward_hook(lambda *_: calls.__setitem__(stop, calls[stop] + 1))
+        cfg = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=EvaConfig())
+        return eva_lora.get_eva_state_dict(model, loader("tiny-llama", BATCH), peft_config=cfg, show_progress_bar=False, stop_forward_early=stop)
+
+    cut, full = counted(True), counted(False)
+    assert calls == {True: 1, False: 13}, calls
+    assert cut.keys() == full.keys() and all(torch.equal(cut[k], full[k]) for k in full)
+
+
+class _Swapping(torch.nn.Module):
+    """Calls `a` then `b`, or `b` then `a` when the batch says so, then a tail."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.tail = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, swap):
+        if swap:
+            y = self.b(x) + self.a(x * 2)
+        else:
+            y = self.a(x * 2) + self.b(x)
+        return self.tail(y)
+
+
+def test_a_pass_in_another_order_is_not_cut_short():
+    """When a later pass calls the hooked layers in another order than the first (a graph that
+    is not static), it runs to the end and cuts stop: no rows are lost."""
+    torch.manual_seed(1)
+    batches = [{"x": torch.randn(64, 8) * (1 + i % 3), "swap": torch.tensor(i > 0)} for i in range(6)]
+    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["a", "b"], init_lora_weights="eva", eva_config=EvaConfig(tau=0.999999))
+    out = {}
+    for stop in (True, False):
+        model = _Swapping()
+        tails = [0]
+        model.tail.register_forward_hook(lambda *_: tails.__setitem__(0, tails[0] + 1))
+        state = eva_lora.get_eva_state_dict(
+            model, batches, peft_config=cfg, forward_fn=lambda m, b: m(**b), prepare_model_inputs_fn=None,
+            prepare_layer_inputs_fn=None, show_progress_bar=False, stop_forward_early=stop, refine_converged=True,
+        )
+        out[stop] = (state, tails[0])
+    assert out[True][1] == out[False][1] == len(batches), (out[True][1], out[False][1])
+    assert all(torch.equal(out[True][0][k], out[False][0][k]) for k in ("a", "b"))
+
+
 def test_stats_device_is_checked():
     """`stats_device` says where the statistics live; asking for the GPU with CPU layer inputs,
     or for something else, raises eva's message."""
