@@ -4,7 +4,7 @@ model, batches and batch size (docs/benchmarks.md, "Python drop-in"). Run by han
 virtual environment:
 
     ~/.cache/eva/py/bin/python python/bench/peft_vs_eva.py MODEL_DIR DATA.txt [--batch 32] [--threads 2] \
-        [--targets all-linear|peft-default] [--estimators exact,sketch]
+        [--targets all-linear|peft-default] [--estimators exact,sketch] [--full-passes]
 
 Reports: PyTorch's forward over all batches; for each method its wall time, forward passes and
 its own time (hooks, statistics, leader: wall minus the forward passes), for eva also the split
@@ -14,7 +14,9 @@ depend on the machine's load the way a separately timed pass does; and each meth
 similarity, at the ranks it allocated, to a float64 PCA of every layer input over all batches
 (centered covariance of the masked tokens, from PyTorch's own activations). `--targets
 peft-default` uses PEFT's default target modules of the architecture (q/v projections) instead
-of every linear layer in the blocks; `--estimators` runs eva once per estimator.
+of every linear layer in the blocks; `--estimators` runs eva once per estimator; `--full-passes`
+adds a run of the first estimator whose forward passes are never cut short
+(`stop_forward_early=False`).
 """
 
 import argparse
@@ -97,6 +99,7 @@ def main():
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--targets", choices=["all-linear", "peft-default"], default="all-linear")
     p.add_argument("--estimators", default="exact", help="comma-separated eva estimators to run")
+    p.add_argument("--full-passes", action="store_true", help="also run the first estimator with stop_forward_early=False")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg, model = load(args.model)
@@ -117,18 +120,21 @@ def main():
     def config():
         return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=modules, init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.99))
 
-    def eva_with(estimator):
+    def eva_with(estimator, label, **options):
         def init(pm, data, **kw):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "eva_report.json"
-                out = eva_lora.initialize_lora_eva_weights(pm, data, estimator=estimator, report_path=str(path), **kw)
-                reports[estimator] = json.loads(path.read_text())
+                out = eva_lora.initialize_lora_eva_weights(pm, data, estimator=estimator, report_path=str(path), **options, **kw)
+                reports[label] = json.loads(path.read_text())
             return out
 
-        return init
+        return label, init
 
     reports = {}
-    methods = [("peft", peft_init)] + [(f"eva_lora {e}", eva_with(e)) for e in args.estimators.split(",")]
+    estimators = args.estimators.split(",")
+    methods = [("peft", peft_init)] + [eva_with(e, f"eva_lora {e}") for e in estimators]
+    if args.full_passes:
+        methods.append(eva_with(estimators[0], f"eva_lora {estimators[0]} full passes", stop_forward_early=False))
     print(f"targets: {modules}")
     results = {}
     for label, init in methods:
@@ -143,7 +149,7 @@ def main():
         results[label] = lora_a(pm)
         line = f"{label}: {wall:.2f} s wall, {forwards[0]} forward passes, {own:.2f} s besides the forward passes ({100 * own / max(forwards[0] * fwd, 1e-9):.0f} % of their time)"
         if label.startswith("eva_lora"):
-            ts = reports[label.split()[1]]["time_s"]
+            ts = reports[label]["time_s"]
             rust = ts["statistics"] + ts["leader"] + ts["communication"]
             line += (
                 f"; eva_report: statistics {ts['statistics']:.2f} s, leader {ts['leader']:.2f} s, "
