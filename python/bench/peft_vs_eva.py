@@ -134,7 +134,7 @@ def main():
     estimators = args.estimators.split(",")
     methods = [("peft", peft_init)] + [eva_with(e, f"eva_lora {e}") for e in estimators]
     if args.full_passes:
-        methods.append(eva_with(estimators[0], f"eva_lora {estimators[0]} full passes", stop_forward_early=False))
+        methods.append(eva_with(estimators[0], f"eva_lora {estimators[0]} whole passes", stop_forward_early=False))
     print(f"targets: {modules}")
     results = {}
     for label, init in methods:
