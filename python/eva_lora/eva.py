@@ -442,26 +442,51 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
             return batch, prepare_model_inputs_fn(batch, peft_config)
         return batch, batch
 
-    # Phase 2: the first batch (every rank must have one; the engine does not exist yet).
     it = iter(dataloader)
-    error, groups, rows, order, local_batch, model_input_first = None, None, None, None, 0, None
-    gpu, opened = None, None
+    first = _first_batch(model, it, targets, forward_fn, prepare, comm, loop)
+    run = _engine(model, dataloader, peft_config, targets, comm, first, eva_options)
+    stop = _steps(model, dataloader, it, targets, forward_fn, prepare, run, first, loop)
+    return _finish(run, stop, targets, comm, loop, device)
+
+
+@dataclass
+class _First:
+    """What the first batch's pass (phase 2) found on this rank."""
+
+    groups: list
+    rows: list
+    order: list
+    model_input: Any
+    local_batch: int
+    gpu: Optional[int]
+    opened: Any
+
+
+def _first_batch(model, it, targets, forward_fn, prepare, comm, loop):
+    """Phase 2: the first batch (every rank must have one; the engine does not exist yet): its
+    pass finds the equal-input groups and keeps their rows; the ranks agree on any failure."""
+    error, first = None, None
     try:
         batch = next(it, _END)
         if batch is _END:
             raise EvaError("the data loader is empty: EVA needs at least one batch")
-        local_batch = _first_tensor_len(batch)
         inputs, model_input = prepare(batch)
         groups, rows, order = _discover(model, targets, inputs, model_input, forward_fn)
-        model_input_first = model_input
         gpu, opened = _stats_device(rows, loop.stats_device)
+        first = _First(groups, rows, order, model_input, _first_tensor_len(batch), gpu, opened)
     except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
         error = e
     _agree(comm, error)
-    global_batch = local_batch
+    return first
+
+
+def _engine(model, dataloader, peft_config, targets, comm, first, eva_options):
+    """eva's engine for the run (collective): the global batch, the expected units, PEFT's rho cap
+    and each group's reference row."""
+    global_batch = first.local_batch
     if comm is not None:
         sizes = torch.zeros(comm.size, dtype=torch.float64)
-        sizes[comm.rank] = local_batch
+        sizes[comm.rank] = first.local_batch
         global_batch = int(sum(torch.frombuffer(bytearray(comm.all_reduce_sum(sizes.numpy().tobytes())), dtype=torch.float64)))
     units = len(dataloader) * global_batch if hasattr(dataloader, "__len__") else 0
 
@@ -469,13 +494,18 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     if rho > 1000:  # PEFT's cap for unusually high rho
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // peft_config.r)
     layers = [(t.name, t.in_features, t.out_features) for t in targets]
-    refs = [_reference(r, model_input_first) for r in rows]
+    refs = [_reference(r, first.model_input) for r in first.rows]
     desc = f"pytorch:{type(model).__name__}"
-    run = Run(layers, groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm, opened)
-    stream = _eva_stream(run, gpu)
-    cut = _Cut.plan(model, targets, groups, order, loop.stop_forward_early)
+    return Run(layers, first.groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm, first.opened)
 
-    # Phase 3: steps. Step 1 is the first batch's rows.
+
+def _steps(model, dataloader, it, targets, forward_fn, prepare, run, first, loop):
+    """Phase 3: the steps, until eva's leader, the step cap or the data ends the run; returns why
+    it stopped. Step 1 is the first batch's rows; each later batch is one forward pass, with hooks
+    on the representatives of the groups that still accumulate."""
+    groups, gpu = first.groups, first.gpu
+    stream = _eva_stream(run, gpu)
+    cut = _Cut.plan(model, targets, groups, first.order, loop.stop_forward_early)
     bar, on_step = _progress(loop.show_progress_bar)
     handles = {}
     state = {"model_input": None, "step": 1}
@@ -496,13 +526,13 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     try:
         error = None
         try:
-            for g, (acc, x) in enumerate(zip(run.accumulating(), rows)):
+            for g, (acc, x) in enumerate(zip(run.accumulating(), first.rows)):
                 if acc:
                     name = targets[groups[g][0]].name
                     _feed(run, g, _rows(x, name, gpu), what(name), stream)
         except Exception as e:  # noqa: BLE001
             error = e
-        del rows
+        first.rows = None
         stop = _end_step(run, error, on_step)
         while stop is None:
             batch = next(it, _END)
@@ -510,8 +540,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
                 it = iter(dataloader)
                 batch = next(it, _END)
             if not run.more_data(batch is not _END):
-                stop = "data_exhausted"
-                break
+                return "data_exhausted"
             state["step"] += 1
             for g, acc in enumerate(run.accumulating()):
                 if acc and g not in handles:
@@ -526,13 +555,18 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
             except Exception as e:  # noqa: BLE001
                 error = None if _cut_short(e) else e
             stop = _end_step(run, error, on_step)
+        return stop
     finally:
         for h in handles.values():
             h.remove()
         if bar is not None:
             bar.close()
 
-    # Phase 4: finish.
+
+def _finish(run, stop, targets, comm, loop, device):
+    """Phase 4: eva's final solves and allocation; rank 0 writes the report. Returns the state
+    dict (every target, ``0 x in_features`` where the rank went to others), the config and the
+    report."""
     done, config, report = run.finish(stop)
     if loop.report_path is not None and (comm is None or comm.rank == 0):
         with open(loop.report_path, "w") as f:
