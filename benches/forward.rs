@@ -18,7 +18,7 @@
 
 mod util;
 
-use eva::model::ops::Cpu;
+use eva::device::cpu::Cpu;
 use eva::source::model::{ModelOptions, ModelSource};
 use eva::source::Source;
 use ndarray::Array2;
@@ -332,7 +332,7 @@ fn main() {
         .map(|v| v.get())
         .unwrap_or(1);
     let data = data_file(examples);
-    println!("# forward bench: {cores} cores, backend {}, {examples} examples, max_seq_len {MAX_SEQ_LEN}, batch {BATCH}", eva::model::ops::Backend::name(&Cpu));
+    println!("# forward bench: {cores} cores, backend {}, {examples} examples, max_seq_len {MAX_SEQ_LEN}, batch {BATCH}", eva::device::backend::Backend::name(&Cpu));
     println!("data: {}", data.display());
     println!();
     println!("| model | sgemm GFLOP/s (machine) | forward tokens/s | forward linear GFLOP/s | init exact, all data: s (forward / statistics / leader) | init default (early stop): s, steps (forward / statistics / leader) |");

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fetches NVRTC (the CUDA runtime compiler; it needs no GPU and no driver) from PyPI's wheel into a
 # cache and prints the directory holding `libnvrtc.so` (put it on LD_LIBRARY_PATH).
-# The kernels include no CUDA header (bf16 is converted by hand in src/model/cuda/kernels.cu), so
+# The kernels include no CUDA header (bf16 is converted by hand in src/device/cuda/kernels.cu), so
 # nvidia-cuda-runtime's include directory is not needed.
-# Used by .ci/run, so that the kernel-compile test (src/model/cuda/kernels.rs) runs in CI.
+# Used by .ci/run, so that the kernel-compile test (src/device/cuda/kernels.rs) runs in CI.
 # cudarc loads the unversioned `libnvrtc.so` first, so the symlink serves any cudarc CUDA version.
 set -euo pipefail
 NVRTC_VERSION=13.0.88

@@ -34,7 +34,7 @@ build() {
   rm -rf "$out" dist/gpu-check.tar.gz
   # $target.json is written before cargo creates target/ (a fresh checkout has none).
   mkdir -p "$out" "$target"
-  # The integration tests (tests/suite/gpu.rs) and the library's unit tests (src/model/cuda/*).
+  # The integration tests (tests/suite/gpu.rs) and the library's unit tests (src/device/cuda/*, src/stats/device.rs).
   cargo test --release --features cuda --no-run --target-dir "$target" --message-format=json-render-diagnostics >"$target.json"
   cargo build --release --features cuda --target-dir "$target" --bin eva
   cp "$target/release/eva" "$out/eva"
@@ -92,7 +92,7 @@ PY
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
   step "unit tests of the CUDA backend (NVRTC compile for sm_80 and sm_90 with this machine's NVRTC)"
-  timeout 60 "$bin/unit" model::cuda --test-threads=1 --nocapture || failed=1
+  timeout 60 "$bin/unit" device::cuda stats::device --test-threads=1 --nocapture || failed=1
 
   step "ignored GPU tests (tests/suite/gpu.rs)"
   timeout 150 "$bin/tests" --ignored suite::gpu:: --skip dump_layer_inputs --skip bench_forward --test-threads=1 --nocapture || failed=1

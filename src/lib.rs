@@ -15,13 +15,16 @@
 //! | [`cli`] | `eva` command-line arguments and their validation |
 
 pub mod adapter;
+pub mod catalog;
 pub mod cli;
 pub mod comm;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod leader;
 pub mod linalg;
+pub mod log;
 pub mod model;
 pub mod rng;
 pub mod source;

@@ -760,18 +760,6 @@ pub fn solve_right_lower_transpose(b: ArrayView2<f64>, l: ArrayView2<f64>) -> Ar
     x
 }
 
-/// Largest singular value of a small matrix.
-pub fn spectral_norm(a: ArrayView2<f64>) -> Result<f64> {
-    if a.is_empty() {
-        return Ok(0.0);
-    }
-    let s = to_faer(a).singular_values().map_err(|e| Error::Numeric {
-        op: "singular values",
-        detail: format!("{e:?}"),
-    })?;
-    Ok(s.first().copied().unwrap_or(0.0))
-}
-
 /// Smallest singular value of a small square matrix.
 pub fn smallest_singular_value(a: ArrayView2<f64>) -> Result<f64> {
     if a.is_empty() {

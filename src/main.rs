@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                     .take_while(|l| !l.trim().is_empty())
                     .map(str::trim)
                     .collect();
-                eva::cli::progress::say(&format!(
+                eva::log::say(&format!(
                     "eva: error: {}; see --help",
                     first.join(" ").trim_start_matches("error: ")
                 ));
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Every message already carries its cause: one line per error.
-            eva::cli::progress::say(&format!("eva: error: {e}"));
+            eva::log::say(&format!("eva: error: {e}"));
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -9,8 +9,10 @@ mod options;
 use eva::comm::{Communicator, SingleProcess};
 use eva::config::RunConfig;
 use eva::engine::{Engine, StopReason};
-use eva::model::cuda::{Cuda, CudaOptions, DType};
-use eva::source::{Catalog, Rows};
+use eva::device::cuda::Cuda;
+use eva::device::gpu::{CudaOptions, DType, Gpu as _};
+use eva::catalog::Catalog;
+use eva::device::rows::Rows;
 use ndarray::ArrayView2;
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -68,7 +70,7 @@ impl Gpu {
             dtype: DType::F32,
             slice: "the PyTorch model's layer inputs".into(),
         };
-        Ok(Gpu(Arc::new(Cuda::new(opts).map_err(py_err)?)))
+        Ok(Gpu(Arc::new(Cuda::open(opts).map_err(py_err)?)))
     }
 }
 

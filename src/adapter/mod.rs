@@ -1,5 +1,5 @@
 //! The PEFT adapter: `lora_A` from the leader's components, zero `lora_B`, and
-//! `adapter_config.json` with PEFT's EVA semantics (DESIGN.md §3).
+//! `adapter_config.json` with PEFT's EVA semantics (docs/formats.md).
 //!
 //! | module | role |
 //! |---|---|
@@ -15,10 +15,10 @@ pub mod report;
 pub mod svg;
 pub mod write;
 
+use crate::catalog::LayerInfo;
 use crate::config::{EvaParams, RunConfig};
 use crate::leader::convergence::normalize_signs;
 use crate::leader::Spectrum;
-use crate::source::LayerInfo;
 use ndarray::{s, Array2};
 use serde_json::{json, Map, Value};
 

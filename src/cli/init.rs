@@ -1,20 +1,22 @@
 //! `eva init`: validates arguments, opens the source, runs the engine and writes the adapter.
 
-use super::progress::{say, Progress};
+use super::progress::Progress;
 use super::InitArgs;
 use crate::adapter::write::{self, CARD_FILE, CONFIG_FILE, REPORT_FILE, SVG_FILE, WEIGHTS_FILE};
 use crate::adapter::{card, svg};
+use crate::catalog::Catalog;
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::{EstimatorChoice, EvaParams, RunConfig};
-use crate::engine::checkpoint::{self, Checkpointing};
+use crate::config::{Checkpointing, EstimatorChoice, EvaParams, RunConfig};
+use crate::engine::checkpoint;
 use crate::engine::topology::{self, Topology};
 use crate::leader::allocate;
+use crate::log::say;
 use crate::model::Model;
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
 use crate::source::synthetic::SyntheticSource;
-use crate::source::{stages, Catalog, Source, Targeted};
+use crate::source::{stages, Source, Targeted};
 use crate::{engine, linalg, stats, Error, Result};
 use std::time::Instant;
 
@@ -158,20 +160,20 @@ fn validate_device(args: &InitArgs) -> Result<()> {
             if args.model.is_none() {
                 return Err(Error::usage("--device cuda runs the forward pass of --model; --activations and --synthetic are read on the CPU"));
             }
-            crate::model::cuda::available()
+            crate::device::cuda::available()
         }
     }
 }
 
 /// The GPU a rank computes on with `--device cuda`: the node-local rank (from the launcher's
 /// environment) modulo the GPUs it sees, as `--comm nccl` picks it; `None` on the CPU.
-fn device_options(args: &InitArgs) -> Result<Option<crate::model::cuda::CudaOptions>> {
+fn device_options(args: &InitArgs) -> Result<Option<crate::device::gpu::CudaOptions>> {
     if args.device != super::DeviceArg::Cuda {
         return Ok(None);
     }
     let local_rank = launcher::detect().map_or(0, |l| l.local_rank);
-    Ok(Some(crate::model::cuda::CudaOptions {
-        ordinal: local_rank % crate::model::cuda::device_count()?,
+    Ok(Some(crate::device::gpu::CudaOptions {
+        ordinal: local_rank % crate::device::cuda::device_count()?,
         dtype: args.dtype.unwrap_or(super::DTypeArg::Bf16).into(),
         slice: String::new(),
     }))

@@ -2,11 +2,11 @@
 //! architecture, blocks, every targeted module with its shape, the equal-input groups, the
 //! statistics memory per estimator and the size of the weights.
 
+use crate::catalog::{matches_target, Catalog};
 use crate::config::EstimatorChoice;
 use crate::model::config::{Family, ModelConfig};
 use crate::model::{Model, Point};
 use crate::source::stages::{block_memory, model_blocks, owners_by_block};
-use crate::source::{matches_target, Catalog};
 use crate::stats::{choose, default_sketch_size, memory_bytes};
 use crate::{Error, Result};
 use clap::Args;

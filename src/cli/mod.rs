@@ -109,11 +109,11 @@ pub enum DTypeArg {
     F32,
 }
 
-impl From<DTypeArg> for crate::model::cuda::DType {
+impl From<DTypeArg> for crate::device::gpu::DType {
     fn from(d: DTypeArg) -> Self {
         match d {
-            DTypeArg::Bf16 => crate::model::cuda::DType::Bf16,
-            DTypeArg::F32 => crate::model::cuda::DType::F32,
+            DTypeArg::Bf16 => crate::device::gpu::DType::Bf16,
+            DTypeArg::F32 => crate::device::gpu::DType::F32,
         }
     }
 }
@@ -281,7 +281,7 @@ pub struct InitArgs {
         default_value = "10m",
         requires = "checkpoint"
     )]
-    pub checkpoint_every: crate::engine::checkpoint::Every,
+    pub checkpoint_every: crate::config::Every,
 
     /// Continue from the latest complete checkpoint in --checkpoint DIR (start afresh if there
     /// is none); a checkpoint of other flags, data, model or grid is refused.

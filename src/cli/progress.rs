@@ -2,7 +2,8 @@
 //! most once per second otherwise, nothing with `--quiet`) and whole-line messages.
 
 use crate::engine::StepInfo;
-use std::io::{IsTerminal, Write};
+use crate::log::{say, write_once};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 /// Renders [`StepInfo`] to stderr.
@@ -73,14 +74,4 @@ impl Progress {
             self.drawn = false;
         }
     }
-}
-
-/// Prints one line on stderr in a single write, so that the lines of ranks sharing a terminal
-/// under `mpirun` never interleave mid-line (`eprintln!` writes each formatted piece apart).
-pub fn say(line: &str) {
-    write_once(&format!("{line}\n"));
-}
-
-fn write_once(text: &str) {
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }

@@ -13,8 +13,8 @@
 //! signal, before it exits as above (the last complete checkpoint is still on disk).
 
 use crate::adapter::write;
-use crate::cli::progress::say;
 use crate::engine::checkpoint;
+use crate::log::say;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::sync::atomic::{AtomicI32, Ordering};

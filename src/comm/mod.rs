@@ -79,7 +79,8 @@ pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
 use crate::comm::wire::{Reader, Writer};
-use crate::model::cuda::{Cuda, CudaTensor, DeviceSums};
+use crate::device::cuda::{Cuda, CudaTensor, DeviceSums};
+use crate::device::gpu::{DeviceBuffer, Gpu};
 use crate::{Error, Result};
 
 /// What a rank can do with the others. All methods but [`send`](Communicator::send) and
@@ -137,7 +138,7 @@ pub trait Communicator {
                 "rank {src} sent an activation that is not {rows} x {cols}: {e}"
             ))
         })?;
-        gpu.from_host(&host)
+        gpu.to_device(&host)
     }
     /// Backend name for reports.
     fn backend(&self) -> &'static str;

@@ -212,7 +212,7 @@ impl MpiWorld {
             }
             let missing: Vec<usize> = (0..size).filter(|&r| !answered[r]).collect();
             let msg = timeout_message(op, rank, size, waited, Some(&missing));
-            crate::cli::progress::say(&format!("eva: error: rank {rank}: {msg}"));
+            crate::log::say(&format!("eva: error: rank {rank}: {msg}"));
             super::watchdog::before_abort();
             // The sends to silent ranks never complete; MPI_Abort ends every process first.
             std::mem::forget(asks);

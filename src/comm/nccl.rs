@@ -15,7 +15,8 @@
 
 use super::watchdog::Backoff;
 use super::{share_from_root, Communicator, MpiWorld};
-use crate::model::cuda::{probe, Cuda, CudaTensor, DeviceSums};
+use crate::device::cuda::{probe, Cuda, CudaTensor, DeviceSums};
+use crate::device::gpu::{DeviceBuffer, Gpu};
 use crate::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
 use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};

@@ -5,10 +5,12 @@
 //! rank still has a batch. Statistics, leader, convergence and output are the CLI's.
 
 use super::{Engine, StepInfo, StopReason, Topology};
+use crate::catalog::Catalog;
 use crate::comm::{self, Communicator};
 use crate::config::RunConfig;
-use crate::model::cuda::Cuda;
-use crate::source::{Catalog, Rows, Sink, Source};
+use crate::device::cuda::Cuda;
+use crate::device::rows::Rows;
+use crate::source::{Sink, Source};
 use crate::{Error, Result};
 use ndarray::ArrayView2;
 use std::sync::Arc;

@@ -25,12 +25,13 @@ pub mod topology;
 use crate::adapter::report::Report;
 use crate::adapter::report::Times;
 use crate::adapter::Adapter;
+use crate::catalog::Catalog;
 use crate::comm;
 use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
+use crate::device::rows::Rows;
 use crate::leader::{Decision, Leader, Precision, Tracker};
-use crate::source::Rows;
-use crate::source::{Catalog, Source};
+use crate::source::Source;
 use crate::stats::{self, InputStats, Shared, Workspace};
 use crate::{Error, Result};
 use ndarray::Array2;
@@ -343,7 +344,7 @@ impl<'a> Engine<'a> {
     fn init_stats(
         &mut self,
         refs: Vec<Vec<f32>>,
-        device: Option<std::sync::Arc<crate::model::cuda::Cuda>>,
+        device: Option<std::sync::Arc<crate::device::cuda::Cuda>>,
     ) -> Result<()> {
         let cfg = self.cfg;
         let dims: Vec<usize> = self

@@ -19,10 +19,11 @@
 use crate::adapter::LayerAdapter;
 use crate::comm::wire::{Reader, Writer};
 use crate::comm::Communicator;
+use crate::device::backend::Backend;
+use crate::device::cuda::{Cuda, DeviceSums};
+use crate::device::gpu::DeviceBuffer;
+use crate::device::rows::Hidden;
 use crate::leader::{Certificate, Decision, Estimate, Spectrum, Summary};
-use crate::model::cuda::{Cuda, DeviceSums};
-use crate::model::ops::Backend;
-use crate::source::Hidden;
 use crate::stats::exact::{pack_upper, unpack_upper};
 use crate::stats::{InputStats, Packed};
 use crate::{Error, Result};

@@ -8,8 +8,8 @@
 //! representative first, then layer order, then component index — so the representative holds
 //! the largest rank of its group, as PEFT's swap step ensures.
 
+use crate::catalog::Catalog;
 use crate::config::EvaParams;
-use crate::source::Catalog;
 
 /// Candidate components per layer (catalog order), PEFT's `max_components`: `round(r_l × rho)`,
 /// the largest of its equal-input group for every member (they share one spectrum), and never

@@ -1,4 +1,4 @@
-//! Top-k symmetric eigensolvers: dense (faer) for small `d`, and a warm-started block subspace
+//! Top-k symmetric eigensolvers: dense (LAPACK `xsyevr`) for small `d`, and a warm-started block subspace
 //! iteration with Rayleigh–Ritz for large `d`, which only needs products `C·Q` — the form that
 //! distributes (each rank multiplies its local Gram, an all-reduce sums `d x m` blocks).
 

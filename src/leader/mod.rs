@@ -11,9 +11,9 @@ pub mod allocate;
 pub mod convergence;
 pub mod eigen;
 
+use crate::catalog::Catalog;
 use crate::config::EvaParams;
 use crate::linalg;
-use crate::source::Catalog;
 use crate::stats::sketch::Nystrom;
 use crate::stats::{exact, Moments};
 use crate::Result;

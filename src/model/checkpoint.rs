@@ -2,10 +2,10 @@
 //! `model.safetensors.index.json` lists, memory-mapped; F32, F16 and BF16 decoded to f32 on use.
 //! Pickled `pytorch_model.bin` checkpoints are refused with the command that converts them.
 
+use crate::device::host::HostTensor;
 use crate::{Error, Result};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,107 +13,6 @@ use std::sync::Arc;
 pub const SINGLE: &str = "model.safetensors";
 /// The shard index (`weight_map`: tensor name -> file).
 pub const INDEX: &str = "model.safetensors.index.json";
-
-/// One tensor inside a mapped checkpoint file.
-#[derive(Clone)]
-pub struct HostTensor {
-    /// Key in the checkpoint.
-    pub name: String,
-    /// Element type.
-    pub dtype: Dtype,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// The file's memory map.
-    pub map: Arc<memmap2::Mmap>,
-    /// Byte range of the data in `map`.
-    pub range: Range<usize>,
-    /// File index in [`Checkpoint::files`].
-    pub file: usize,
-}
-
-impl HostTensor {
-    /// The raw little-endian bytes.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
-    }
-
-    /// Elements.
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Whether the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Refuses a tensor holding NaN or infinity, naming it and the first bad element. An OR
-    /// over exponent bits (all ones = NaN or infinity) vectorizes: ~memory bandwidth.
-    pub fn check_finite(&self) -> Result<()> {
-        let b = self.bytes();
-        let (width, mask): (usize, u32) = match self.dtype {
-            Dtype::F32 => (4, 0x7f80_0000),
-            Dtype::F16 => (2, 0x7c00),
-            Dtype::BF16 => (2, 0x7f80),
-            _ => return Ok(()),
-        };
-        let word = |c: &[u8]| {
-            if width == 4 {
-                u32::from_le_bytes([c[0], c[1], c[2], c[3]])
-            } else {
-                u16::from_le_bytes([c[0], c[1]]) as u32
-            }
-        };
-        let bad = |c: &[u8]| (word(c) & mask == mask) as u32;
-        let any = if width == 4 {
-            b.chunks_exact(4).fold(0, |a, c| a | bad(c))
-        } else {
-            b.chunks_exact(2).fold(0, |a, c| a | bad(c))
-        };
-        if any == 0 {
-            return Ok(());
-        }
-        let i = b
-            .chunks_exact(width)
-            .position(|c| bad(c) == 1)
-            .expect("a non-finite element was seen");
-        let v = match self.dtype {
-            Dtype::F32 => f32::from_bits(word(&b[i * 4..])),
-            Dtype::F16 => half::f16::from_bits(word(&b[i * 2..]) as u16).to_f32(),
-            _ => half::bf16::from_bits(word(&b[i * 2..]) as u16).to_f32(),
-        };
-        let cols = self
-            .shape
-            .last()
-            .copied()
-            .filter(|&c| c > 0 && self.shape.len() > 1);
-        let at = cols.map_or(format!("element {i}"), |c| {
-            format!("row {}, column {}", i / c, i % c)
-        });
-        Err(Error::data(format!(
-            "checkpoint tensor {} ({:?}, shape {:?}): non-finite weight {v} at {at}; the checkpoint is damaged or was saved after a diverged step",
-            self.name, self.dtype, self.shape
-        )))
-    }
-
-    /// Decodes F32 / F16 / BF16 into f32 after [`HostTensor::check_finite`]; any other dtype is
-    /// an error naming the tensor.
-    pub fn to_f32(&self) -> Result<Vec<f32>> {
-        self.check_finite()?;
-        let b = self.bytes();
-        Ok(match self.dtype {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            other => {
-                return Err(Error::data(format!(
-                    "checkpoint tensor {}: dtype {other:?} is not supported (expected F32, F16 or BF16)",
-                    self.name
-                )))
-            }
-        })
-    }
-}
 
 /// A checkpoint directory: which file holds every tensor, and the tensors of the files opened
 /// so far. [`Checkpoint::open`] reads the shard index (or the one file's header) without opening

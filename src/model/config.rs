@@ -2,7 +2,7 @@
 //! including the variants seen in the wild (transformers 4 and 5 RoPE keys, `head_dim`, GQA,
 //! biases, sliding windows, RoBERTa's position offset).
 
-use super::ops::{Activation, Rope};
+use crate::device::backend::{Activation, Rope};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;

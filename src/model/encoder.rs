@@ -4,8 +4,8 @@
 
 use super::checkpoint::Checkpoint;
 use super::config::EncoderConfig;
-use super::ops::{AttentionMask, Backend, Heads};
 use super::{Batch, Capture, Linear, Module, Need, Point};
+use crate::device::backend::{AttentionMask, Backend, Heads};
 use crate::{Error, Result};
 use std::ops::Range;
 

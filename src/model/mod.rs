@@ -1,12 +1,11 @@
-//! HuggingFace checkpoints on the CPU: the configuration, the weights, the tokenizer and the
-//! forward passes that produce the inputs of every linear layer inside the transformer blocks.
+//! HuggingFace checkpoints: the configuration, the weights, the tokenizer and the architectures'
+//! forward passes (written against `device::backend::Backend`, so they run on any backend) that
+//! produce the inputs of every linear layer inside the transformer blocks.
 //!
 //! | module | role |
 //! |---|---|
 //! | [`config`] | `config.json` → architecture and sizes; supported `model_type`s |
 //! | [`checkpoint`] | memory-mapped safetensors (single file or shards), F32/F16/BF16 |
-//! | [`ops`] | the [`ops::Backend`] trait the forward passes are written against; [`ops::Cpu`] |
-//! | [`cuda`] | [`cuda::Cuda`], the same trait on an NVIDIA GPU (feature `cuda`; else a twin that cannot be built) |
 //! | [`decoder`] | llama, mistral, qwen2 |
 //! | [`encoder`] | bert, roberta |
 //! | [`text`] | `.txt` / `.jsonl` examples and tokenization with the model's `tokenizer.json` |
@@ -23,20 +22,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
-pub mod ops;
 pub mod text;
 
-#[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(not(feature = "cuda"))]
-#[path = "no_cuda.rs"]
-pub mod cuda;
-
-use crate::source::Catalog;
+use crate::catalog::Catalog;
+use crate::device::backend::{Backend, Segments};
 use crate::{Error, Result};
 use checkpoint::Checkpoint;
 use config::{Family, ModelConfig};
-use ops::{Backend, Segments};
 use std::ops::Range;
 use std::path::Path;
 

@@ -12,9 +12,12 @@
 //! starts from the previous stage's hidden state and hands its own to the next
 //! ([`Source::read_stage`]); the catalog still lists every layer of the model.
 
-use super::{Catalog, Hidden, Rows, Sink, Source};
-use crate::model::cuda::{Cuda, CudaOptions};
-use crate::model::ops::{Backend, Cpu};
+use super::{Hidden, Sink, Source};
+use crate::catalog::Catalog;
+use crate::device::cpu::Cpu;
+use crate::device::cuda::Cuda;
+use crate::device::gpu::{CudaOptions, Gpu};
+use crate::device::rows::Capture;
 use crate::model::text::{read_examples, Examples, TextEncoder};
 use crate::model::{Loaded, Model, Need, Point};
 use crate::{Error, Result};
@@ -108,7 +111,7 @@ impl ModelSource {
                     blocks.end,
                     model.layers()
                 );
-                let gpu = Arc::new(Cuda::new(o)?);
+                let gpu = Arc::new(Cuda::open(o)?);
                 let loaded = model.load(&*gpu, blocks)?;
                 gpu.check()?;
                 Resident::Cuda((gpu, loaded))
@@ -202,7 +205,7 @@ impl ModelSource {
     /// [`ModelSource::run`] on one backend; `check` reports a device failure recorded by an op
     /// that could not return it (called before each capture reaches the statistics).
     #[allow(clippy::too_many_arguments)]
-    fn pass<B: Backend>(
+    fn pass<B: Capture>(
         &self,
         be: &B,
         loaded: &Loaded<B>,
@@ -255,25 +258,9 @@ impl ModelSource {
             }
             // Every token kept (no label mask hit): hand over the activation itself; otherwise
             // the kept rows, gathered where the activation is (a GPU's stay on it).
-            let all = be.tokens(x) == keep.len();
-            let copied;
-            // Without the `cuda` feature no device tensor exists, so its arm is dead code there.
-            #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-            let selected;
-            let rows = match (be.device_rows(x), be.host_view(x)) {
-                (Some((gpu, t)), _) if all => Rows::Device { gpu, x: t },
-                (Some((gpu, t)), _) => {
-                    selected = gpu.select(t, &keep);
-                    check()?;
-                    Rows::Device { gpu, x: &selected }
-                }
-                (None, Some(v)) if all => Rows::Host(v),
-                (None, _) => {
-                    copied = be.rows(x, &keep);
-                    check()?;
-                    Rows::Host(copied.view())
-                }
-            };
+            let captured = be.capture(x, &keep);
+            check()?;
+            let rows = captured.rows();
             let name = || {
                 modules
                     .iter()

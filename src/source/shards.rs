@@ -7,7 +7,9 @@
 //! form one equal-input group. A read touches only the files, and the tensors, of the inputs it
 //! wants: with `--pp`, a stage reads only its layers.
 
-use super::{check_finite, natural_cmp, Catalog, Rows, Sink, Source};
+use super::{natural_cmp, Sink, Source};
+use crate::catalog::Catalog;
+use crate::device::rows::{check_finite, Rows};
 use crate::{Error, Result};
 use ndarray::Array2;
 use safetensors::{Dtype, SafeTensors};

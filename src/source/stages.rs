@@ -7,7 +7,7 @@
 //! on their own (activation shards, synthetic data) cut the catalog's unique inputs, in catalog
 //! order, into contiguous runs balanced by their statistics memory.
 
-use super::Catalog;
+use crate::catalog::{matches_target, Catalog};
 use crate::model::Model;
 use crate::{Error, Result};
 use std::ops::Range;
@@ -69,7 +69,7 @@ pub fn block_memory(
             catalog.inputs[g]
                 .members
                 .iter()
-                .any(|&m| super::matches_target(&catalog.layers[m].name, t))
+                .any(|&m| matches_target(&catalog.layers[m].name, t))
         })
     };
     for (g, &(block, _)) in points.iter().enumerate() {

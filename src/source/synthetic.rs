@@ -18,7 +18,8 @@
 //! (unit variance) drawn from `(seed, l, u)` alone, so any rank can produce any unit; `Q_l` is a
 //! product of three Householder reflections drawn from `(seed, l)`, so the eigenvectors are dense.
 
-use super::{Catalog, Rows, Sink, Source};
+use super::{Rows, Sink, Source};
+use crate::catalog::Catalog;
 use crate::rng::Rng;
 use crate::{Error, Result};
 use ndarray::{Array1, Array2};

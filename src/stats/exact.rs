@@ -1,7 +1,8 @@
 //! Exact statistics: the Gram `Σ (x-c)(x-c)ᵀ` of shifted rows, formed per chunk by `ssyrk`
 //! (f32 products over at most `CHUNK_ROWS` rows) and summed in f64.
 
-use super::{Moments, Workspace, CHUNK_ROWS};
+use super::{Moments, Workspace};
+use crate::device::blocks::CHUNK_ROWS;
 use crate::linalg;
 use crate::Result;
 use ndarray::{Array2, ArrayView2};

@@ -8,27 +8,25 @@
 //! | estimator | state per input | memory |
 //! |---|---|---|
 //! | [`exact::ExactStats`] | Gram of shifted rows (f64, upper triangle) | `8·d²` bytes |
-//! | [`sketch::SketchStats`] | Nyström sketch `G[Ω Θ]` (f64) | `8·d·(k+q)` bytes |
+//! | [`sketch::SketchStats`] | Nyström sketch `G[Ω Θ]` (f64) with its test matrix (f64 and f32) | `20·d·(k+q)` bytes ([`memory_bytes`]) |
 //! | [`InputStats::Device`] | either of them on the GPU that ran the forward pass (`--device cuda`) | `12·d²` or `16·d·(k+q)` bytes of device memory |
 //!
 //! [`Packed`] is a stage's step of shared parts, packed for the fused all-reduce where the
 //! statistics are (host memory, or one GPU buffer that NCCL sums in place).
 
+pub mod device;
 pub mod exact;
 pub mod sketch;
 
 use crate::config::EstimatorChoice;
-use crate::model::cuda::{Cuda, DeviceStats, DeviceSums};
-use crate::source::Rows;
+use crate::device::blocks::SUM_BLOCK;
+use crate::device::cuda::{Cuda, DeviceSums};
+use crate::device::gpu::DeviceBuffer;
+use crate::device::rows::Rows;
 use crate::{Error, Result};
+use device::DeviceStats;
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
-
-/// Rows per BLAS call: bounds scratch memory and the length of each f32 product sum.
-pub const CHUNK_ROWS: usize = 4096;
-
-/// Rows per f32 partial sum of the feature sums before it is added in f64.
-pub const SUM_BLOCK: usize = 256;
 
 /// Count, feature sums and feature sums of squares of the shifted rows.
 #[derive(Clone, Debug)]
@@ -170,7 +168,7 @@ pub enum Estimator {
 }
 
 /// The statistic one unique input accumulates: on the host, or on the GPU that computes its rows
-/// (`--device cuda`: the rows never leave it, see `model::cuda::stats`).
+/// (`--device cuda`: the rows never leave it, see [`device`]).
 pub enum InputStats {
     Exact(exact::ExactStats),
     Sketch(sketch::SketchStats),
@@ -239,7 +237,7 @@ impl Packed {
 
 /// Values one input's packed shared part holds: `[n, Σx̃, Σx̃²]`, then the sketch (`d·m` for
 /// `m` columns) or, with `with_gram`, the Gram's upper triangle (`d(d+1)/2`). The GPU packs
-/// into a buffer of this size (`model::cuda::DeviceStats::packed_len`).
+/// into a buffer of this size ([`device::DeviceStats::packed_len`]).
 pub fn shared_len(d: usize, sketch_columns: Option<usize>, with_gram: bool) -> usize {
     1 + 2 * d
         + match sketch_columns {

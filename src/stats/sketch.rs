@@ -3,7 +3,8 @@
 //! on every rank. The leader centers it with a rank-one correction, reconstructs the top
 //! eigenpairs stably and certifies the error (docs/numerics.md).
 
-use super::{Moments, Workspace, CHUNK_ROWS, PROBES};
+use super::{Moments, Workspace, PROBES};
+use crate::device::blocks::CHUNK_ROWS;
 use crate::linalg;
 use crate::rng::Rng;
 use crate::{Error, Result};

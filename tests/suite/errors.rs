@@ -353,7 +353,7 @@ fn synthetic_spec_errors_are_usage_errors() {
 /// panic). On a machine with a GPU the probe finds everything and this test has nothing to refuse.
 #[test]
 fn device_cuda_without_a_gpu_is_a_usage_error_naming_what_is_missing() {
-    if eva::model::cuda::available().is_ok() {
+    if eva::device::cuda::available().is_ok() {
         eprintln!("a usable GPU is present: this test is about machines without one");
         return;
     }

@@ -11,8 +11,10 @@
 //! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
 //! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
 
-use eva::model::cuda::{Cuda, CudaOptions, DType};
-use eva::model::ops::{Backend, Cpu};
+use eva::device::backend::Backend;
+use eva::device::cpu::Cpu;
+use eva::device::cuda::Cuda;
+use eva::device::gpu::{CudaOptions, DType, DeviceBuffer, Gpu, GramAccumulator, SketchAccumulator};
 use eva::model::{Model, Need, Point};
 use ndarray::Array2;
 use std::path::PathBuf;
@@ -56,7 +58,7 @@ const F32_TOL: f32 = 1e-4;
 const BF16_TOL: f32 = 3e-2;
 
 fn open(dtype: DType) -> Cuda {
-    Cuda::new(CudaOptions {
+    Cuda::open(CudaOptions {
         ordinal: 0,
         dtype,
         slice: "the test model".into(),
@@ -161,13 +163,13 @@ macro_rules! forward_tests {
                 #[test]
                 #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
                 fn forward_f32_matches_the_cpu() {
-                    super::forward_parity(stringify!($arch), eva::model::cuda::DType::F32, super::F32_TOL);
+                    super::forward_parity(stringify!($arch), eva::device::gpu::DType::F32, super::F32_TOL);
                 }
 
                 #[test]
                 #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
                 fn forward_bf16_is_close_to_the_cpu() {
-                    super::forward_parity(stringify!($arch), eva::model::cuda::DType::Bf16, super::BF16_TOL);
+                    super::forward_parity(stringify!($arch), eva::device::gpu::DType::Bf16, super::BF16_TOL);
                 }
             }
         )*
@@ -195,24 +197,24 @@ fn exact_gram_matches_the_cpu_f64_gram() {
     // f32: both sides sum at most 4096 f32 products per entry before f64 (typical error
     // √4096·2⁻²⁴ ≈ 4e-6 each); bf16: the shifted rows are rounded to 2⁻⁹.
     for (f32_in, tol) in [(DType::F32, 2e-5), (DType::Bf16, 1e-2)] {
-        let mut dev = eva::model::cuda::stats::DeviceGram::new(
+        let mut dev = eva::device::cuda::DeviceGram::new(
             &gpu,
             &reference,
             f32_in,
-            eva::model::cuda::stats::FLUSH_ROWS,
+            eva::device::cuda::gram::FLUSH_ROWS,
         )
         .unwrap();
         for start in (0..9000).step_by(2500) {
             let part = x
                 .slice(ndarray::s![start..(start + 2500).min(9000), ..])
                 .to_owned();
-            dev.accumulate(&gpu, &gpu.from_host(&part).unwrap())
+            dev.accumulate(&gpu, &gpu.to_device(&part).unwrap())
                 .unwrap();
             if f32_in == DType::F32 {
                 cpu.accumulate(part.view(), &mut ws).unwrap();
             }
         }
-        let (moments, gram) = dev.to_host(&gpu).unwrap();
+        let (moments, gram) = dev.snapshot(&gpu).unwrap();
         assert_eq!(moments.n, 9000);
         let g = cpu.gram();
         let scale = (0..d).map(|i| g[i * d + i]).fold(0.0f64, f64::max);
@@ -260,15 +262,11 @@ fn sketch_products_match_f64() {
     let test = Array2::from_shape_fn((d, m), |(i, j)| {
         (((i * 31 + j * 17) % 13) as f32 - 6.0) / 6.0
     });
-    let mut dev = eva::model::cuda::stats::DeviceSketch::new(
-        &gpu,
-        &reference,
-        test.as_slice().unwrap(),
-        4096,
-    )
-    .unwrap();
-    dev.accumulate(&gpu, &gpu.from_host(&x).unwrap()).unwrap();
-    let (moments, y) = dev.to_host(&gpu).unwrap();
+    let mut dev =
+        eva::device::cuda::DeviceSketch::new(&gpu, &reference, test.as_slice().unwrap(), 4096)
+            .unwrap();
+    dev.accumulate(&gpu, &gpu.to_device(&x).unwrap()).unwrap();
+    let (moments, y) = dev.snapshot(&gpu).unwrap();
     assert_eq!(moments.n, n as u64);
     let c = ndarray::Array1::from(reference).mapv(f64::from);
     let xs = x.mapv(f64::from) - &c;
@@ -407,7 +405,7 @@ fn bench_forward_tokens_per_second() {
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
 fn device_input_stats_match_the_cpu() {
-    use eva::source::Rows;
+    use eva::device::rows::Rows;
     use eva::stats::{Estimator, InputStats, Packed, Shared, Workspace};
     let gpu = std::sync::Arc::new(open(DType::F32));
     let d = 72;
@@ -426,7 +424,7 @@ fn device_input_stats_match_the_cpu() {
         for r in [0..1500, 1500..1501, 1501..6000, 6000..7000] {
             let part = x.slice(ndarray::s![r, ..]).to_owned();
             host.accumulate(Rows::Host(part.view()), &mut ws).unwrap();
-            let t = gpu.from_host(&part).unwrap();
+            let t = gpu.to_device(&part).unwrap();
             dev.accumulate(Rows::Device { gpu: &gpu, x: &t }, &mut ws)
                 .unwrap();
         }

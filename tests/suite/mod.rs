@@ -9,6 +9,7 @@ mod exact;
 mod fuzz;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod layers;
 mod model;
 #[cfg(feature = "mpi")]
 mod netns;

@@ -118,7 +118,7 @@ fn a_stage_opens_only_the_shards_of_its_blocks() {
         names(&m).is_empty(),
         "opening indexes without reading a shard"
     );
-    m.load(&eva::model::ops::Cpu, 1..2).unwrap();
+    m.load(&eva::device::cpu::Cpu, 1..2).unwrap();
     assert_eq!(
         names(&m),
         [
@@ -127,7 +127,7 @@ fn a_stage_opens_only_the_shards_of_its_blocks() {
         ]
     );
     let mut m = Model::open(&dir).unwrap();
-    m.load(&eva::model::ops::Cpu, 0..1).unwrap();
+    m.load(&eva::device::cpu::Cpu, 0..1).unwrap();
     assert_eq!(
         names(&m),
         [

@@ -7,7 +7,7 @@
 //! | [`compile`] | NVRTC to PTX for one virtual architecture (`compute_90`); no GPU needed |
 //! | [`Shape`] | grid/block of each kind of launch, checked against the hardware limits |
 
-use super::error::DeviceError;
+use crate::device::error::DeviceError;
 use cudarc::driver::LaunchConfig;
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -41,8 +41,8 @@ pub const BLOCK: u32 = 256;
 /// Largest head dimension the attention kernel holds (four values per thread).
 pub const MAX_HEAD_DIM: usize = 4 * BLOCK as usize;
 
-/// Rows of each f32 partial sum of the moments, as the CPU's `stats::SUM_BLOCK`.
-pub const SUM_BLOCK: i32 = crate::stats::SUM_BLOCK as i32;
+/// Rows of each f32 partial sum of the moments, as the CPU's [`crate::device::blocks::SUM_BLOCK`].
+pub const SUM_BLOCK: i32 = crate::device::blocks::SUM_BLOCK as i32;
 
 /// Blocks of a grid-stride launch at most (enough to fill any current GPU several times).
 const MAX_GRID: usize = 65_535;

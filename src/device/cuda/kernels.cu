@@ -1,6 +1,6 @@
 // eva's CUDA kernels: everything of the forward pass and of the statistics that is not a cuBLAS
 // product. Compiled by NVRTC at run time for the device's compute capability (kernels.rs), with
-// `--fmad=false` so that `a * b + c` rounds twice, as the CPU reference (src/model/ops.rs) does.
+// `--fmad=false` so that `a * b + c` rounds twice, as the CPU reference (src/device/cpu.rs) does.
 //
 // Each kernel mirrors one CPU op; the comment above it names it. Activations are f32, row-major
 // `[tokens, features]`; weights are f32 or bf16 (`bf16_t`, converted here by hand so that no CUDA
@@ -48,7 +48,7 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return r;
 }
 
-// ops::erf: Abramowitz & Stegun 7.1.26, as PyTorch's vectorized CPU kernels and eva's CPU backend.
+// backend::erf: Abramowitz & Stegun 7.1.26, as PyTorch's vectorized CPU kernels and eva's CPU backend.
 __device__ __forceinline__ float erf_as(float x) {
     const float P = 0.3275911f;
     float ax = fabsf(x);
@@ -58,7 +58,7 @@ __device__ __forceinline__ float erf_as(float x) {
     return copysignf(y, x);
 }
 
-// ops::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.
+// backend::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.
 __device__ __forceinline__ float activate(float x, int act) {
     switch (act) {
     case 0: return x / (1.0f + expf(-x));
@@ -162,7 +162,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__
 
 // Backend::attention over packed sequences: one block per (query token, head). The query's keys
 // are those of its own sequence [seq_start, seq_end), cut to [lo, i] when causal (lo from the
-// sliding window, as ops::softmax_rows). Scores `scale · q·k` go through an online softmax in tiles
+// sliding window, as cpu::softmax_rows). Scores `scale · q·k` go through an online softmax in tiles
 // of BLOCK keys (running max and sum, rescaled per tile), so sequences of any length need only
 // BLOCK floats of shared memory; masked keys are never touched (weight exactly 0, as on the CPU).
 // GQA: query head h reads key/value head h / (heads / kv_heads). head_dim ≤ 4·BLOCK.
@@ -291,7 +291,7 @@ extern "C" __global__ void pack_upper_f64(const double* __restrict__ g, double* 
     for (int j = (int)i + threadIdx.x; j < d; j += blockDim.x) out[start + (j - i)] = g[i * d + j];
 }
 
-// source::Rows::check_finite on the device: sets *flag when any of the n values is NaN or
+// device::rows::Rows::check_finite on the device: sets *flag when any of the n values is NaN or
 // infinite (exponent bits all ones, as the CPU's test).
 extern "C" __global__ void flag_nonfinite(const float* __restrict__ x, unsigned long long n, unsigned int* __restrict__ flag) {
     unsigned int any = 0;

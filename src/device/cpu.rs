@@ -1,283 +1,16 @@
-//! The tensor operations the forward passes are written against, and their CPU implementation.
-//!
-//! A forward pass ([`super::decoder`], [`super::encoder`]) only calls [`Backend`] methods, so a
-//! device backend (CUDA) slots in by implementing this trait; nothing else changes.
-//!
-//! | op | meaning |
-//! |---|---|
-//! | [`Backend::weight`] | a checkpoint tensor, decoded to f32, resident where the backend computes |
-//! | [`Backend::embed`] | rows of an embedding table (`out += table[ids]`) |
-//! | [`Backend::linear`] | `x Wᵀ + b` (PyTorch's `nn.Linear`) |
-//! | [`Backend::add`] | `x += y` (residual connections) |
-//! | [`Backend::rms_norm`], [`Backend::layer_norm`], [`Backend::add_layer_norm`] | per-token normalization (the last after a residual add) |
-//! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
-//! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
-//! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
-//! | [`Backend::rows`], [`Backend::host_view`] | selected token rows copied to host memory; all rows without a copy where possible |
-//!
-//! Activations are 2-D: `[tokens, features]`, the tokens of all sequences of a batch packed one
-//! after another (no padding is materialized; [`Segments`] says where each sequence lies).
+//! The CPU backend: [`Backend`] on host memory, OpenBLAS sgemm for the products and plain
+//! loops for the rest.
 
-use super::checkpoint::HostTensor;
+use super::backend::{exp, Activation, AttentionMask, Backend, Heads, Segments};
+use super::host::HostTensor;
 use crate::linalg::{sgemm, threads};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use std::ops::Range;
 
-/// Activation functions by their HF `hidden_act` names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `x · sigmoid(x)` (`silu`, `swish`).
-    Silu,
-    /// `x · Φ(x)` with the exact error function (`gelu`).
-    Gelu,
-    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
-    GeluTanh,
-    /// `max(x, 0)`.
-    Relu,
-}
-
-impl Activation {
-    /// Parses an HF `hidden_act` value.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "silu" | "swish" => Some(Activation::Silu),
-            "gelu" => Some(Activation::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
-            "relu" => Some(Activation::Relu),
-            _ => None,
-        }
-    }
-
-    /// Applies the function to one value.
-    #[inline]
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::Silu => x / (1.0 + exp(-x)),
-            Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
-            Activation::GeluTanh => {
-                // transformers' NewGELUActivation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³))).
-                const C: f32 = 0.797_884_6;
-                0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
-            }
-            Activation::Relu => x.max(0.0),
-        }
-    }
-}
-
-/// `e^x` in f32 without a libm call, so that loops over slices vectorize: Cephes' `expf`
-/// (range reduction `x = n·ln2 + r` with a two-part ln2, a degree-5 polynomial for `e^r`,
-/// `2^n` built in the exponent bits, no float-to-int conversion); relative error below 3e-7.
-/// Inputs below -87.33 give 0 (where PyTorch's masked scores and GELU tails land); inputs above
-/// 88.37 saturate at 2.5e38.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: m = x·log2(e) + ROUND holds round(x·log2 e) in its low bits.
-    let under = x < -87.336_55;
-    let x = x.clamp(-87.336_55, 88.37);
-    let m = x * LOG2E + ROUND;
-    let n = m - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    // n ∈ [-126, 127]: 2^n = bits (n + 127) << 23, with n = bits(m) - bits(ROUND).
-    let scale = f32::from_bits((m.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
-    if under {
-        0.0
-    } else {
-        e * scale
-    }
-}
-
-/// The error function as PyTorch's vectorized CPU kernels compute it (ATen `Vectorized<float>::erf`:
-/// Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7), so GELU here rounds like PyTorch's
-/// and costs one `exp`.
-#[inline]
-pub fn erf(x: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_8,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let ax = x.abs();
-    let t = 1.0 / (P * ax + 1.0);
-    let r = (((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0];
-    let y = 1.0 - r * t * exp(-ax * ax);
-    y.copysign(x)
-}
-
-/// Where each sequence of a packed batch lies: sequence `i` owns tokens `ranges[i]`.
-#[derive(Clone, Debug, Default)]
-pub struct Segments {
-    /// Token ranges, contiguous and in order.
-    pub ranges: Vec<Range<usize>>,
-}
-
-impl Segments {
-    /// Segments of consecutive sequences of the given lengths.
-    pub fn from_lengths(lengths: impl IntoIterator<Item = usize>) -> Self {
-        let mut start = 0;
-        let ranges = lengths
-            .into_iter()
-            .map(|n| {
-                let r = start..start + n;
-                start += n;
-                r
-            })
-            .collect();
-        Segments { ranges }
-    }
-
-    /// Total tokens.
-    pub fn tokens(&self) -> usize {
-        self.ranges.last().map_or(0, |r| r.end)
-    }
-}
-
-/// Which keys a query may attend to, within its own sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionMask {
-    /// Every token of the sequence (BERT; padding is never attended because it is not there).
-    Bidirectional,
-    /// Keys `j ≤ i`, and with `Some(w)` also `j > i - w` (Mistral's sliding window, as in
-    /// transformers' `sliding_window_overlay`: `kv_idx > q_idx - sliding_window`).
-    Causal { window: Option<usize> },
-}
-
-/// Head layout of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct Heads {
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads (`heads` must be a multiple; GQA shares each among `heads / kv_heads`).
-    pub kv_heads: usize,
-    /// Features per head.
-    pub head_dim: usize,
-}
-
-/// Precomputed rotary tables: `cos`/`sin` of `position · inv_freq[i]` for `i < head_dim / 2`.
-#[derive(Clone, Debug)]
-pub struct Rope {
-    /// Inverse frequencies (`head_dim / 2`), after any scaling rule.
-    pub inv_freq: Vec<f32>,
-}
-
-impl Rope {
-    /// cos and sin of every position in `positions` (`[tokens, head_dim/2]` each), computed as
-    /// transformers does: the angle `position · inv_freq` rounded to f32, then cos / sin.
-    pub fn tables(&self, positions: &[u32]) -> (Array2<f32>, Array2<f32>) {
-        let half = self.inv_freq.len();
-        let mut cos = Array2::zeros((positions.len(), half));
-        let mut sin = Array2::zeros((positions.len(), half));
-        for (t, &p) in positions.iter().enumerate() {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let angle = p as f32 * f;
-                cos[(t, i)] = angle.cos();
-                sin[(t, i)] = angle.sin();
-            }
-        }
-        (cos, sin)
-    }
-}
-
-/// The operations a forward pass needs. `Tensor` is a 2-D f32 activation `[tokens, features]`;
-/// `Weight` is a checkpoint tensor (a matrix `[out, in]` or a vector) resident on the device.
-pub trait Backend {
-    /// Activations.
-    type Tensor;
-    /// Weights.
-    type Weight;
-
-    /// A short name for reports (`cpu`).
-    fn name(&self) -> &'static str;
-    /// Makes a checkpoint tensor usable (decoding F16/BF16 to f32).
-    fn weight(&self, t: &HostTensor) -> Result<Self::Weight>;
-    /// The shape of a weight (`[n]` for vectors).
-    fn weight_shape<'a>(&self, w: &'a Self::Weight) -> &'a [usize];
-    /// A zero activation of `tokens x dim`.
-    fn zeros(&self, tokens: usize, dim: usize) -> Self::Tensor;
-    /// `x[t] += table[ids[t]]`; an id outside the table is an error naming `what`.
-    fn embed(
-        &self,
-        x: &mut Self::Tensor,
-        table: &Self::Weight,
-        ids: &[u32],
-        what: &str,
-    ) -> Result<()>;
-    /// `x Wᵀ + b` for `W: [out, in]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, b: Option<&Self::Weight>) -> Self::Tensor;
-    /// `x += y`.
-    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
-    /// `x / sqrt(mean(x²) + eps) · w` per token (Llama's RMSNorm, computed in f32).
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
-    /// `(x - mean) / sqrt(var + eps) · w + b` per token (biased variance, as `nn.LayerNorm`).
-    fn layer_norm(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        b: &Self::Weight,
-        eps: f32,
-    ) -> Self::Tensor;
-    /// `layer_norm(x + y)`, reusing `x`'s storage where the backend can (a residual connection
-    /// followed by BERT's post-LayerNorm).
-    fn add_layer_norm(
-        &self,
-        mut x: Self::Tensor,
-        y: &Self::Tensor,
-        w: &Self::Weight,
-        b: &Self::Weight,
-        eps: f32,
-    ) -> Self::Tensor {
-        self.add(&mut x, y);
-        self.layer_norm(&x, w, b, eps)
-    }
-    /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
-    /// `softmax(q kᵀ / sqrt(head_dim) + mask) v` per sequence and head; `q: [tokens, heads·hd]`,
-    /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        heads: Heads,
-        segments: &Segments,
-        mask: AttentionMask,
-    ) -> Self::Tensor;
-    /// `x = act(x)` element-wise.
-    fn activate(&self, x: &mut Self::Tensor, act: Activation);
-    /// `act(gate) ⊙ up`.
-    fn gated(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation) -> Self::Tensor;
-    /// Copies the token rows `keep` (in order) to host memory.
-    fn rows(&self, x: &Self::Tensor, keep: &[usize]) -> Array2<f32>;
-    /// The activation as a host matrix without copying, where it already is one (the CPU).
-    fn host_view<'a>(&self, x: &'a Self::Tensor) -> Option<ArrayView2<'a, f32>>;
-    /// Feature dimension of an activation.
-    fn dim(&self, x: &Self::Tensor) -> usize;
-    /// Token rows of an activation.
-    fn tokens(&self, x: &Self::Tensor) -> usize;
-    /// The activation as a GPU buffer and its device, where it is one (the CUDA backend), so that
-    /// captures reach the device statistics without leaving the GPU; `None` on the host.
-    fn device_rows<'a>(
-        &'a self,
-        x: &'a Self::Tensor,
-    ) -> Option<(&'a super::cuda::Cuda, &'a super::cuda::CudaTensor)> {
-        let _ = x;
-        None
-    }
-}
-
-/// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on as
-/// many threads as OpenBLAS uses when the work is large enough, split by token rows (or by heads
+/// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on
+/// eva's thread count ([`crate::linalg::threads`]; OpenBLAS itself stays on the calling thread)
+/// when the work is large enough, split by token rows (or by heads
 /// in attention), never inside a sum, so their results do not depend on the thread count.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -320,11 +53,6 @@ impl CpuWeight {
         };
         ArrayView2::from_shape((r, c), self.as_slice()).expect("length checked when loaded")
     }
-
-    /// Whether the weight borrows the checkpoint's memory map (no copy).
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
-    }
 }
 
 impl Backend for Cpu {
@@ -359,10 +87,6 @@ impl Backend for Cpu {
             storage: Storage::Owned(t.to_f32()?),
             shape,
         })
-    }
-
-    fn weight_shape<'a>(&self, w: &'a CpuWeight) -> &'a [usize] {
-        &w.shape
     }
 
     fn zeros(&self, tokens: usize, dim: usize) -> Array2<f32> {
@@ -642,7 +366,6 @@ impl Backend for Cpu {
     }
 }
 
-/// Threads of the CPU backend's own loops: OpenBLAS's thread count ([`crate::linalg::set_threads`]).
 /// Rough operation count below which a loop stays on the calling thread (starting a scoped
 /// thread costs some tens of microseconds).
 const PAR_MIN_WORK: usize = 1 << 17;
@@ -856,38 +579,5 @@ mod tests {
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
-    }
-
-    #[test]
-    fn exp_is_accurate_to_f32() {
-        let mut worst = 0.0f64;
-        for i in -8730..=8800 {
-            let x = i as f32 / 100.0 + 0.003;
-            let want = (x as f64).exp();
-            let rel = ((exp(x) as f64 - want) / want).abs();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 3e-7, "max relative error {worst}");
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(88.7).is_finite());
-    }
-
-    #[test]
-    fn erf_is_accurate_to_f32() {
-        for i in -400..=400 {
-            let x = i as f64 / 100.0;
-            let e = (erf(x as f32) as f64 - libm::erf(x)).abs();
-            // The formula's 1.5e-7 plus f32 rounding of its few operations.
-            assert!(e < 3e-7, "erf({x}): error {e}");
-        }
-    }
-
-    #[test]
-    fn activations_match_closed_forms() {
-        assert!((Activation::Gelu.apply(1.0) - 0.841_344_7).abs() < 1e-6);
-        assert!((Activation::Silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
-        assert!((Activation::GeluTanh.apply(1.0) - 0.841_192).abs() < 1e-5);
-        assert_eq!(Activation::Relu.apply(-2.0), 0.0);
     }
 }

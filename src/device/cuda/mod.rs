@@ -3,38 +3,38 @@
 //!
 //! | item | role |
 //! |---|---|
-//! | [`Cuda`] | [`ops::Backend`] on a GPU: weights resident once, cuBLAS `GemmEx` for linear layers, NVRTC kernels for the rest |
+//! | [`Cuda`] | [`Backend`] on a GPU: weights resident once, cuBLAS `GemmEx` for linear layers, NVRTC kernels for the rest |
 //! | [`CudaOptions`], [`DType`] | which GPU, and the weights' storage type (`--dtype bf16\|f32`) |
 //! | [`probe`] | which CUDA libraries load, before cudarc is asked to (a missing library panics inside it) |
 //! | [`kernels`] | the CUDA C source, its NVRTC compilation, launch shapes |
-//! | [`stats`] | exact Grams (f32 products flushed into f64), moments and sketch products on the device |
+//! | [`gram`] | the statistics' accumulators on the device: exact Grams (f32 products flushed into f64), moments, sketch products, sums to all-reduce |
 //! | [`DeviceError`] | what failed, by name; missing libraries and devices are usage errors (exit code 2) |
 //!
 //! Activations are f32 `[tokens, features]` device buffers ([`CudaTensor`]). With `DType::Bf16`
 //! the matrices are stored in bf16 and each linear layer rounds its input to bf16 for a bf16 ×
 //! bf16 product accumulated in f32 (`CUBLAS_COMPUTE_32F`); norms, attention, activations and
 //! residuals stay f32 (more accurate than PyTorch's bf16 eager, which rounds every activation).
-//! With `DType::F32` every op follows the CPU reference ([`ops::Cpu`]) step by step.
+//! With `DType::F32` every op follows the CPU reference ([`crate::device::cpu::Cpu`]) step by step.
 //!
-//! Errors: the [`ops::Backend`] methods that return tensors cannot return `Result`, so a device
+//! Errors: the [`Backend`] methods that return tensors cannot return `Result`, so a device
 //! failure there is recorded (the first one wins, as CUDA's own sticky errors) and every later op
 //! becomes a no-op on an empty tensor; [`Cuda::check`] returns it. The ops that return `Result`
 //! (`weight`, `embed`) return it directly.
 
 /// The arguments of a kernel launch, in the order of its parameters in kernels.cu.
 macro_rules! args {
-    ($($a:expr),* $(,)?) => { [$($crate::model::cuda::Arg::from($a)),*] };
+    ($($a:expr),* $(,)?) => { [$($crate::device::cuda::Arg::from($a)),*] };
 }
 
-pub mod error;
+pub mod gram;
 pub mod kernels;
-pub mod stats;
 
-pub use error::{Bytes, DeviceError};
-pub use stats::{DeviceStats, DeviceSums};
+pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
 
-use super::checkpoint::HostTensor;
-use super::ops::{self, Activation, AttentionMask, Heads, Segments};
+use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
+use super::error::{Bytes, DeviceError};
+use super::gpu::{CudaOptions, DType, Gpu};
+use super::host::HostTensor;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
@@ -44,27 +44,6 @@ use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
-
-/// Storage type of the weight matrices on the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DType {
-    /// bfloat16 matrices (half the memory; products in bf16 × bf16 → f32).
-    #[default]
-    Bf16,
-    /// f32 matrices: the CPU backend's numbers to rounding (parity tests, `--dtype f32`).
-    F32,
-}
-
-/// How to open the GPU.
-#[derive(Clone, Debug, Default)]
-pub struct CudaOptions {
-    /// Device ordinal (one process per GPU: the node-local rank modulo the devices).
-    pub ordinal: usize,
-    /// Weight storage.
-    pub dtype: DType,
-    /// The layer slice this rank holds, for out-of-memory messages (`blocks 0..30 of 30`).
-    pub slice: String,
-}
 
 /// Which CUDA libraries load, checked before any cudarc call (cudarc panics on a missing one).
 pub mod probe {
@@ -266,13 +245,8 @@ pub struct Cuda {
 }
 
 impl Cuda {
-    /// Opens GPU `opts.ordinal`: probes the libraries, creates the context and stream, compiles
-    /// the kernels with NVRTC for the device's compute capability and loads them.
-    pub fn new(opts: CudaOptions) -> crate::Result<Self> {
-        Ok(Self::open(opts)?)
-    }
-
-    fn open(opts: CudaOptions) -> Result<Self, DeviceError> {
+    /// [`Gpu::open`] with the backend's own error.
+    fn open_device(opts: CudaOptions) -> Result<Self, DeviceError> {
         let count = probe::devices()?;
         if opts.ordinal >= count {
             return Err(DeviceError::NoDevice(format!(
@@ -318,28 +292,6 @@ impl Cuda {
             capability,
             error: Mutex::new(None),
         })
-    }
-
-    /// The device's name and compute capability (`NVIDIA H200, sm_90`).
-    pub fn describe(&self) -> String {
-        format!(
-            "{} (GPU {}, sm_{}{}, weights {:?})",
-            self.name, self.opts.ordinal, self.capability.0, self.capability.1, self.opts.dtype
-        )
-    }
-
-    /// The first device failure of a tensor-returning op, if any (see the module docs).
-    pub fn check(&self) -> crate::Result<()> {
-        match &*self.error.lock().expect("not poisoned") {
-            Some(e) => Err(e.clone().into()),
-            None => Ok(()),
-        }
-    }
-
-    /// Waits for the stream (e.g. before stopping a clock) and reports any failure.
-    pub fn synchronize(&self) -> crate::Result<()> {
-        self.check()?;
-        Ok(self.stream.synchronize().map_err(driver("synchronize"))?)
     }
 
     /// Fails with the out-of-memory error, before anything is allocated, unless `needed` bytes
@@ -677,9 +629,137 @@ impl Cuda {
             &args![px, pr, pw, pb, out, d32, eps],
         )
     }
+}
+
+impl Cuda {
+    /// A device-to-host copy of the first `len` values of `src`, after the queued work.
+    fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        len: usize,
+    ) -> crate::Result<Vec<T>> {
+        let mut host = vec![T::default(); len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&src.slice(0..len), &mut host[..])
+                .map_err(driver("device-to-host copy"))?;
+            self.stream.synchronize().map_err(driver("synchronize"))?;
+        }
+        Ok(host)
+    }
+
+    /// A host-to-device copy into `dst` (at least as long as `src`).
+    fn copy_to_device<T: cudarc::driver::DeviceRepr>(
+        &self,
+        src: &[T],
+        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
+    ) -> crate::Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        Ok(self
+            .stream
+            .memcpy_htod(src, dst)
+            .map_err(driver("host-to-device copy"))?)
+    }
+
+    /// A device-to-device copy of `src` into `dst`.
+    fn copy_on_device<T>(
+        &self,
+        src: &impl cudarc::driver::DevicePtr<T>,
+        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
+    ) -> crate::Result<()> {
+        if src.len() == 0 {
+            return Ok(());
+        }
+        Ok(self
+            .stream
+            .memcpy_dtod(src, dst)
+            .map_err(driver("device-to-device copy"))?)
+    }
+
+    /// Row-major `Z = G Q` for a symmetric `d x d` f64 `G` whose upper triangle (row-major) is
+    /// valid and `Q`, `Z` row-major `d x m`: cuBLAS `dsymm`. In column-major terms `Zᶜ = Qᶜ G`
+    /// (`G` from the right) and the row-major upper triangle is the column-major lower one.
+    fn symm_f64(
+        &self,
+        g: &CudaSlice<f64>,
+        d: usize,
+        q: &CudaSlice<f64>,
+        m: usize,
+        z: &mut CudaSlice<f64>,
+    ) -> Result<(), DeviceError> {
+        if d == 0 || m == 0 {
+            return Ok(());
+        }
+        if d > i32::MAX as usize || m > i32::MAX as usize {
+            return Err(DeviceError::Unsupported {
+                op: "cuBLAS dsymm",
+                detail: format!("d = {d}, m = {m} exceed i32"),
+            });
+        }
+        let (alpha, beta) = (1.0f64, 0.0f64);
+        let (pg, pq, pz) = (self.ptr(g), self.ptr(q), self.ptr(z));
+        // SAFETY: g holds d·d values, q and z m·d (callers allocate them so); alpha and beta are
+        // host scalars (cuBLAS's default pointer mode).
+        unsafe {
+            blas_sys::cublasDsymm_v2(
+                *self.blas.handle(),
+                blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
+                blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+                m as i32,
+                d as i32,
+                &alpha,
+                pg as *const f64,
+                d as i32,
+                pq as *const f64,
+                m as i32,
+                &beta,
+                pz as *mut f64,
+                m as i32,
+            )
+        }
+        .result()
+        .map_err(|e| DeviceError::Blas {
+            op: "dsymm",
+            name: format!("{:?}", e.0),
+        })
+    }
+}
+
+impl Gpu for Cuda {
+    type Borrowed = BorrowedTensor;
+
+    /// Opens GPU `opts.ordinal`: probes the libraries, creates the context and stream, compiles
+    /// the kernels with NVRTC for the device's compute capability and loads them.
+    fn open(opts: CudaOptions) -> crate::Result<Self> {
+        Ok(Self::open_device(opts)?)
+    }
+
+    /// The device's name and compute capability (`NVIDIA H200, sm_90`).
+    fn describe(&self) -> String {
+        format!(
+            "{} (GPU {}, sm_{}{}, weights {:?})",
+            self.name, self.opts.ordinal, self.capability.0, self.capability.1, self.opts.dtype
+        )
+    }
+
+    /// The first device failure of a tensor-returning op, if any (see the module docs).
+    fn check(&self) -> crate::Result<()> {
+        match &*self.error.lock().expect("not poisoned") {
+            Some(e) => Err(e.clone().into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the stream (e.g. before stopping a clock) and reports any failure.
+    fn synchronize(&self) -> crate::Result<()> {
+        self.check()?;
+        Ok(self.stream.synchronize().map_err(driver("synchronize"))?)
+    }
 
     /// Uploads a host matrix as an activation (tests, and rows produced on the host).
-    pub fn from_host(&self, x: &Array2<f32>) -> crate::Result<CudaTensor> {
+    fn to_device(&self, x: &Array2<f32>) -> crate::Result<CudaTensor> {
         self.check()?;
         let x = x.as_standard_layout();
         let data = self.upload(
@@ -693,8 +773,21 @@ impl Cuda {
         })
     }
 
+    /// Copies a whole activation to host memory.
+    fn to_host(&self, x: &CudaTensor) -> crate::Result<Array2<f32>> {
+        self.check()?;
+        let mut host = vec![0.0f32; x.rows * x.cols];
+        if !host.is_empty() {
+            self.stream
+                .memcpy_dtoh(x.buf()?, &mut host[..])
+                .map_err(driver("device-to-host copy"))?;
+            self.stream.synchronize().map_err(driver("synchronize"))?;
+        }
+        Ok(Array2::from_shape_vec((x.rows, x.cols), host).expect("rows x cols values"))
+    }
+
     /// A `rows × cols` activation of zeros, to receive into; out of device memory names `what`.
-    pub fn alloc_tensor(&self, rows: usize, cols: usize, what: &str) -> crate::Result<CudaTensor> {
+    fn alloc_tensor(&self, rows: usize, cols: usize, what: &str) -> crate::Result<CudaTensor> {
         self.check()?;
         Ok(CudaTensor {
             data: Some(self.zeros_of(rows * cols, what)?),
@@ -710,7 +803,7 @@ impl Cuda {
     /// `ptr` must address `rows × cols` f32 values, row-major, on this GPU in the primary
     /// context, which stay allocated and unchanged until this GPU's stream ([`Cuda::raw_stream`])
     /// has finished what is queued on it while the returned tensor lives.
-    pub unsafe fn borrow(&self, ptr: u64, rows: usize, cols: usize) -> BorrowedTensor {
+    unsafe fn borrow(&self, ptr: u64, rows: usize, cols: usize) -> BorrowedTensor {
         // SAFETY: the caller's contract; `BorrowedTensor` never frees it.
         let data = unsafe { self.stream.upgrade_device_ptr::<f32>(ptr, rows * cols) };
         BorrowedTensor(CudaTensor {
@@ -722,25 +815,39 @@ impl Cuda {
 
     /// This GPU's stream as a raw `CUstream` (0: the legacy default stream), for a caller that
     /// orders its own work against eva's (PyTorch's `torch.cuda.ExternalStream`).
-    pub fn raw_stream(&self) -> usize {
+    fn raw_stream(&self) -> usize {
         self.stream.cu_stream() as usize
     }
 
-    /// Copies a whole activation to host memory.
-    pub fn to_host(&self, x: &CudaTensor) -> crate::Result<Array2<f32>> {
+    /// The rows `keep` of `x` on the device, for device statistics ([`gram`]).
+    fn select(&self, x: &CudaTensor, keep: &[usize]) -> CudaTensor {
+        assert!(
+            keep.iter().all(|&r| r < x.rows),
+            "select: a kept row is outside the {} rows",
+            x.rows
+        );
+        self.produce(keep.len(), x.cols, || self.try_gather(x, keep))
+    }
+
+    /// Whether every value of `x` is finite (one flag comes back to the host).
+    fn all_finite(&self, x: &CudaTensor) -> crate::Result<bool> {
         self.check()?;
-        let mut host = vec![0.0f32; x.rows * x.cols];
-        if !host.is_empty() {
-            self.stream
-                .memcpy_dtoh(x.buf()?, &mut host[..])
-                .map_err(driver("device-to-host copy"))?;
-            self.stream.synchronize().map_err(driver("synchronize"))?;
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(true);
         }
-        Ok(Array2::from_shape_vec((x.rows, x.cols), host).expect("rows x cols values"))
+        let flag = self.zeros_of::<u32>(1, "a finiteness flag")?;
+        let (px, n64, pf) = (self.ptr(x.buf()?), n as u64, self.ptr(&flag));
+        self.launch(
+            "flag_nonfinite",
+            kernels::Shape::Elements(n),
+            &args![px, n64, pf],
+        )?;
+        Ok(self.download(&flag, 1)?[0] == 0)
     }
 }
 
-impl ops::Backend for Cuda {
+impl Backend for Cuda {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
 
@@ -774,10 +881,6 @@ impl ops::Backend for Cuda {
             data,
             shape: t.shape.clone(),
         })
-    }
-
-    fn weight_shape<'a>(&self, w: &'a CudaWeight) -> &'a [usize] {
-        &w.shape
     }
 
     fn zeros(&self, tokens: usize, dim: usize) -> CudaTensor {
@@ -1033,10 +1136,6 @@ impl ops::Backend for Cuda {
     fn tokens(&self, x: &CudaTensor) -> usize {
         x.rows
     }
-
-    fn device_rows<'a>(&'a self, x: &'a CudaTensor) -> Option<(&'a Cuda, &'a CudaTensor)> {
-        Some((self, x))
-    }
 }
 
 impl Cuda {
@@ -1058,16 +1157,6 @@ impl Cuda {
             &args![px, pi, po, d],
         )?;
         Ok(out)
-    }
-
-    /// The rows `keep` of `x` on the device, for device statistics ([`stats`]).
-    pub fn select(&self, x: &CudaTensor, keep: &[usize]) -> CudaTensor {
-        assert!(
-            keep.iter().all(|&r| r < x.rows),
-            "select: a kept row is outside the {} rows",
-            x.rows
-        );
-        self.produce(keep.len(), x.cols, || self.try_gather(x, keep))
     }
 }
 
@@ -1138,9 +1227,8 @@ mod tests {
     fn activation_codes_match_the_kernel_switch() {
         // kernels.cu: 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.
         let src = kernels::SOURCE;
-        assert!(
-            src.contains("// ops::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu.")
-        );
+        assert!(src
+            .contains("// backend::Activation::apply. 0 silu, 1 gelu (erf), 2 gelu tanh, 3 relu."));
         let codes = [
             Activation::Silu,
             Activation::Gelu,
@@ -1174,7 +1262,7 @@ mod tests {
             eprintln!("a GPU is visible: this test is about machines without one");
             return;
         }
-        let e = match Cuda::new(CudaOptions::default()) {
+        let e = match Cuda::open(CudaOptions::default()) {
             Ok(_) => panic!("opened a GPU that the probe says is not there"),
             Err(e) => e,
         };

@@ -1,0 +1,28 @@
+//! The compute layer: where tensors live and how the forward pass and the device statistics
+//! run on them. Everything above names a backend only through this layer; only this layer (and
+//! `comm/nccl.rs`, for NCCL itself) names cudarc.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`backend`] | the [`backend::Backend`] trait the forward passes are written against, and its op types |
+//! | [`cpu`] | [`cpu::Cpu`]: the trait on host memory (OpenBLAS products, plain loops) |
+//! | [`cuda`] | [`cuda::Cuda`]: the trait on an NVIDIA GPU, and the device accumulators of the statistics (feature `cuda`; else a twin that cannot be built) |
+//! | [`gpu`] | what the layers above ask of a GPU, as traits both the backend and its twin implement; [`gpu::DType`], [`gpu::CudaOptions`] |
+//! | [`error`] | [`error::DeviceError`]: what failed on a GPU, by name |
+//! | [`host`] | [`host::HostTensor`], a checkpoint tensor as the backends receive it |
+//! | [`blocks`] | the accumulation blocks by which CPU and GPU round their sums alike |
+//! | [`rows`] | captured activations wherever they are: [`rows::Rows`], [`rows::Hidden`], [`rows::Capture`] |
+
+pub mod backend;
+pub mod blocks;
+pub mod cpu;
+pub mod error;
+pub mod gpu;
+pub mod host;
+pub mod rows;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "no_cuda.rs"]
+pub mod cuda;
