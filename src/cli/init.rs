@@ -6,10 +6,10 @@ use crate::adapter::write::{self, CARD_FILE, CONFIG_FILE, REPORT_FILE, SVG_FILE,
 use crate::adapter::{card, svg};
 use crate::catalog::Catalog;
 use crate::comm::threads::ThreadWorld;
+use crate::comm::topology::{self, Topology};
 use crate::comm::{self, agree, launcher, Communicator};
 use crate::config::{Checkpointing, EstimatorChoice, EvaParams, RunConfig};
 use crate::engine::checkpoint;
-use crate::engine::topology::{self, Topology};
 use crate::leader::allocate;
 use crate::log::say;
 use crate::model::Model;

@@ -10,7 +10,8 @@
 //!
 //! A backend that was not compiled in is an uninhabited twin whose constructor returns
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
-//! eva is a world of one and never initializes MPI.
+//! eva is a world of one and never initializes MPI. [`topology::Topology`] cuts a world into
+//! the grid of `dp` data-parallel replicas × `pp` pipeline stages and their sub-communicators.
 
 /// Implements [`Communicator`] for an uninhabited (not compiled) backend twin (unused when every
 /// backend is built).
@@ -58,6 +59,7 @@ macro_rules! uninhabited_communicator {
 
 pub mod launcher;
 pub mod threads;
+pub mod topology;
 pub mod watchdog;
 pub mod wire;
 

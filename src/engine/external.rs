@@ -4,8 +4,9 @@
 //! of its steps with [`Engine::end_external_step`] and asks [`Engine::more_data`] whether every
 //! rank still has a batch. Statistics, leader, convergence and output are the CLI's.
 
-use super::{Engine, StepInfo, StopReason, Topology};
+use super::{Engine, StepInfo, StopReason};
 use crate::catalog::Catalog;
+use crate::comm::topology::Topology;
 use crate::comm::{self, Communicator};
 use crate::config::RunConfig;
 use crate::device::cuda::Cuda;

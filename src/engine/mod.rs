@@ -1,4 +1,4 @@
-//! The step loop, on a grid of `dp` replicas × `pp` pipeline stages ([`topology`]). Every global
+//! The step loop, on a grid of `dp` replicas × `pp` pipeline stages ([`crate::comm::topology`]). Every global
 //! step, on every rank, five phases (and, when asked, a checkpoint):
 //!
 //! | phase | where | what |
@@ -20,13 +20,13 @@ pub mod finish;
 pub mod protocol;
 pub mod read;
 pub mod solve;
-pub mod topology;
 
 use crate::adapter::report::Report;
 use crate::adapter::report::Times;
 use crate::adapter::Adapter;
 use crate::catalog::Catalog;
 use crate::comm;
+use crate::comm::topology::Topology;
 use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
 use crate::device::rows::Rows;
@@ -38,7 +38,6 @@ use ndarray::Array2;
 use protocol::{Accounting, Verdict, Wire};
 pub use read::{passes_of_step, passes_per_step};
 use std::time::Instant;
-use topology::Topology;
 
 /// Progress after one global step (shown by the leader).
 #[derive(Clone, Debug)]

@@ -13,8 +13,8 @@
 //! reaches the step's agreement, which names the failing rank.
 
 use super::protocol::Wire;
-use super::topology::Topology;
 use super::Engine;
+use crate::comm::topology::Topology;
 use crate::source::{Sink, Source};
 use crate::{Error, Result};
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! between stages (point-to-point, one pass at a time) are what crosses nodes. This is the
 //! order of Megatron-LM, where the pipeline dimension is outermost.
 
-use crate::comm::{Communicator, SingleProcess};
+use super::{Communicator, SingleProcess};
 use crate::{Error, Result};
 use std::ops::Deref;
 
