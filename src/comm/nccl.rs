@@ -180,7 +180,10 @@ impl Communicator for NcclWorld {
         // that never arrives under the watchdog (the later copy would block instead).
         let n = buf.len();
         self.comm()?
-            .all_reduce_in_place(&mut buf.buffer_mut().slice_mut(0..n), &ReduceOp::Sum)
+            .all_reduce_in_place(
+                &mut buf.buffer_mut().slice_mut().slice_mut(0..n),
+                &ReduceOp::Sum,
+            )
             .map_err(nccl("all-reduce"))?;
         self.wait("all-reduce of device statistics")
     }
@@ -245,13 +248,16 @@ impl Communicator for NcclWorld {
         if x.rows() * x.cols() == 0 {
             return Ok(());
         }
-        self.send_values(&x.values()?, dest)
+        self.send_values(&x.values()?.slice().slice(0..x.rows() * x.cols()), dest)
     }
 
     fn recv_device(&self, gpu: &Cuda, rows: usize, cols: usize, src: usize) -> Result<CudaTensor> {
         let mut x = gpu.alloc_tensor(rows, cols, "a hidden state from the previous stage")?;
         if rows * cols > 0 {
-            self.recv_values(&mut x.values_mut()?, src)?;
+            self.recv_values(
+                &mut x.values_mut()?.slice_mut().slice_mut(0..rows * cols),
+                src,
+            )?;
         }
         Ok(x)
     }

@@ -15,12 +15,12 @@
 //! into the f64 accumulators after at most `flush_every` rows ([`FLUSH_ROWS`] by default, the
 //! CPU's chunk): the bound is in docs/numerics.md ("Statistics on the GPU").
 
+use super::runtime::Buffer;
 use super::{Cuda, CudaTensor};
 use crate::device::error::DeviceError;
 use crate::device::gpu::{
     DType, DeviceBuffer, Gpu, GramAccumulator, MomentSums, SketchAccumulator,
 };
-use cudarc::driver::CudaSlice;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -67,17 +67,17 @@ pub fn plan(pending: usize, rows: usize, flush_every: usize) -> Vec<Chunk> {
 /// The shifted rows of one chunk, in the Gram's input type (allocated per chunk from the
 /// stream's memory pool, so that no input keeps a chunk's scratch between captures).
 enum Scratch {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<half::bf16>),
+    F32(Buffer<f32>),
+    Bf16(Buffer<half::bf16>),
 }
 
 /// Moments shared by both estimators.
 struct Shifter {
     d: usize,
     input: DType,
-    reference: CudaSlice<f32>,
-    sum: CudaSlice<f64>,
-    sum_sq: CudaSlice<f64>,
+    reference: Buffer<f32>,
+    sum: Buffer<f64>,
+    sum_sq: Buffer<f64>,
     n: u64,
 }
 
@@ -103,23 +103,23 @@ impl Shifter {
         rows: Range<usize>,
     ) -> Result<(Scratch, u64), DeviceError> {
         let d = self.d;
-        let px = be.ptr(x.buf()?) + (rows.start * d * 4) as u64;
+        let px = be.rt.ptr(x.buf()?) + (rows.start * d * 4) as u64;
         let what = "the shifted rows of a capture";
         let scratch = match self.input {
             DType::F32 => Scratch::F32(be.alloc(rows.len() * d, what)?),
             DType::Bf16 => Scratch::Bf16(be.alloc(rows.len() * d, what)?),
         };
         let (pf, pb) = match &scratch {
-            Scratch::F32(s) => (be.ptr(s), 0),
-            Scratch::Bf16(s) => (0, be.ptr(s)),
+            Scratch::F32(s) => (be.rt.ptr(s), 0),
+            Scratch::Bf16(s) => (0, be.rt.ptr(s)),
         };
         let (pc, ps, pq) = (
-            be.ptr(&self.reference),
-            be.ptr(&self.sum),
-            be.ptr(&self.sum_sq),
+            be.rt.ptr(&self.reference),
+            be.rt.ptr(&self.sum),
+            be.rt.ptr(&self.sum_sq),
         );
         let (n, d32, block) = (rows.len() as i32, d as i32, super::kernels::SUM_BLOCK);
-        be.launch(
+        be.rt.launch(
             "shift_moments",
             super::kernels::Shape::Features(d),
             &args![px, pc, pf, pb, ps, pq, n, d32, block],
@@ -131,15 +131,15 @@ impl Shifter {
     fn to_host(&self, be: &Cuda) -> crate::Result<MomentSums> {
         Ok(MomentSums {
             n: self.n,
-            sum: be.download(&self.sum, self.d)?,
-            sum_sq: be.download(&self.sum_sq, self.d)?,
+            sum: be.rt.download(&self.sum, 0..self.d)?,
+            sum_sq: be.rt.download(&self.sum_sq, 0..self.d)?,
         })
     }
 
     /// Replaces the moments with `m` (statistics brought back from the host).
     fn load(&mut self, be: &Cuda, m: &MomentSums) -> crate::Result<()> {
-        be.copy_to_device(&m.sum, &mut self.sum)?;
-        be.copy_to_device(&m.sum_sq, &mut self.sum_sq)?;
+        be.rt.write(&m.sum, &mut self.sum, 0)?;
+        be.rt.write(&m.sum_sq, &mut self.sum_sq, 0)?;
         self.n = m.n;
         Ok(())
     }
@@ -147,12 +147,9 @@ impl Shifter {
     /// Writes `[n, Σx̃, Σx̃²]` at `at` of `out`; returns the position after them.
     fn pack(&self, be: &Cuda, out: &mut DeviceSums, at: usize) -> crate::Result<usize> {
         let d = self.d;
-        be.copy_to_device(&[self.n as f64], &mut out.data.slice_mut(at..at + 1))?;
-        be.copy_on_device(&self.sum, &mut out.data.slice_mut(at + 1..at + 1 + d))?;
-        be.copy_on_device(
-            &self.sum_sq,
-            &mut out.data.slice_mut(at + 1 + d..at + 1 + 2 * d),
-        )?;
+        be.rt.write(&[self.n as f64], &mut out.data, at)?;
+        be.rt.copy(&self.sum, &mut out.data, at + 1)?;
+        be.rt.copy(&self.sum_sq, &mut out.data, at + 1 + d)?;
         Ok(at + 1 + 2 * d)
     }
 }
@@ -173,8 +170,8 @@ pub struct DeviceGram {
     shift: Shifter,
     flush_every: usize,
     pending: usize,
-    part: CudaSlice<f32>,
-    gram: CudaSlice<f64>,
+    part: Buffer<f32>,
+    gram: Buffer<f64>,
 }
 
 impl DeviceGram {
@@ -187,11 +184,11 @@ impl DeviceGram {
     /// Adds the pending f32 part into the f64 Gram.
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
         let (pp, pg, n) = (
-            be.ptr(&self.part),
-            be.ptr(&self.gram),
+            be.rt.ptr(&self.part),
+            be.rt.ptr(&self.gram),
             (self.shift.d * self.shift.d) as u64,
         );
-        be.launch(
+        be.rt.launch(
             "flush_f64",
             super::kernels::Shape::Elements(n as usize),
             &args![pp, pg, n],
@@ -215,11 +212,11 @@ impl DeviceGram {
         let len = d * (d + 1) / 2;
         assert!(at + len <= out.len, "pack_upper: the buffer is too short");
         let (pg, po, d32) = (
-            be.ptr(&self.gram),
-            be.ptr(&out.data) + (at * 8) as u64,
+            be.rt.ptr(&self.gram),
+            be.rt.ptr(&out.data) + (at * 8) as u64,
             d as i32,
         );
-        be.launch(
+        be.rt.launch(
             "pack_upper_f64",
             super::kernels::Shape::Rows(d),
             &args![pg, po, d32],
@@ -229,7 +226,7 @@ impl DeviceGram {
 
     /// The f64 Gram, after the step's packing flushed it (products and the packed Gram read
     /// only the f64 sums).
-    fn settled(&self) -> Result<&CudaSlice<f64>, DeviceError> {
+    fn settled(&self) -> Result<&Buffer<f64>, DeviceError> {
         match self.pending {
             0 => Ok(&self.gram),
             _ => Err(DeviceError::Unsupported {
@@ -271,22 +268,25 @@ impl GramAccumulator for DeviceGram {
         for c in plan(self.pending, x.rows, self.flush_every) {
             let (_scratch, p) = self.shift.shift(be, x, c.rows.clone())?;
             // Row-major X̃ [t, d] is column-major [d, t]: G (symmetric) = X̃ᶜ X̃ᶜᵀ.
-            let pg = be.ptr(&self.part);
-            be.gemm(
-                false,
-                true,
-                d,
-                d,
-                c.rows.len(),
-                p,
-                d,
-                p,
-                d,
-                if c.overwrite { 0.0 } else { 1.0 },
-                pg,
-                d,
-                self.shift.input,
-            )?;
+            let pg = be.rt.ptr(&self.part);
+            // SAFETY: the scratch holds the chunk's t·d shifted rows, the part d·d values.
+            unsafe {
+                be.rt.gemm(
+                    false,
+                    true,
+                    d,
+                    d,
+                    c.rows.len(),
+                    p,
+                    d,
+                    p,
+                    d,
+                    if c.overwrite { 0.0 } else { 1.0 },
+                    pg,
+                    d,
+                    self.shift.input,
+                )
+            }?;
             self.pending = if c.flush {
                 0
             } else {
@@ -303,7 +303,7 @@ impl GramAccumulator for DeviceGram {
     /// valid: products read only that triangle).
     fn load(&mut self, be: &Cuda, moments: &MomentSums, gram: &[f64]) -> crate::Result<()> {
         self.settle(be)?;
-        be.copy_to_device(gram, &mut self.gram)?;
+        be.rt.write(gram, &mut self.gram, 0)?;
         self.shift.load(be, moments)
     }
 
@@ -338,7 +338,7 @@ impl GramAccumulator for DeviceGram {
         assert_eq!(q.len(), d * m, "DeviceGram::apply: Q must be d x m");
         let dq = gpu.upload(q, "a Gram product")?;
         let mut z = DeviceSums::zeros(gpu, d * m, "a Gram product")?;
-        gpu.symm_f64(gram, d, &dq, m, &mut z.data)?;
+        gpu.rt.symm_f64(gram, d, &dq, m, &mut z.data)?;
         Ok(z)
     }
 
@@ -355,9 +355,9 @@ impl GramAccumulator for DeviceGram {
     /// pending f32 part added into the copy rather than flushed (this takes `&self`).
     fn snapshot(&self, be: &Cuda) -> crate::Result<(MomentSums, Vec<f64>)> {
         let d = self.shift.d;
-        let mut g = be.download(&self.gram, d * d)?;
+        let mut g = be.rt.download(&self.gram, 0..d * d)?;
         if self.pending > 0 {
-            let part = be.download(&self.part, d * d)?;
+            let part = be.rt.download(&self.part, 0..d * d)?;
             g.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
         }
         Ok((self.shift.to_host(be)?, g))
@@ -371,9 +371,9 @@ pub struct DeviceSketch {
     flush_every: usize,
     pending: usize,
     /// `[Ω Θ]`, row-major `d × m`, f32.
-    test: CudaSlice<f32>,
-    part: CudaSlice<f32>,
-    y: CudaSlice<f64>,
+    test: Buffer<f32>,
+    part: Buffer<f32>,
+    y: Buffer<f64>,
 }
 
 impl DeviceSketch {
@@ -386,11 +386,11 @@ impl DeviceSketch {
 
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
         let (pp, py, n) = (
-            be.ptr(&self.part),
-            be.ptr(&self.y),
+            be.rt.ptr(&self.part),
+            be.rt.ptr(&self.y),
             (self.shift.d * self.m) as u64,
         );
-        be.launch(
+        be.rt.launch(
             "flush_f64",
             super::kernels::Shape::Elements(n as usize),
             &args![pp, py, n],
@@ -446,25 +446,32 @@ impl SketchAccumulator for DeviceSketch {
             let t = c.rows.len();
             let (_scratch, px) = self.shift.shift(be, x, c.rows.clone())?;
             let p = be.alloc::<f32>(t * m, "a sketch product")?;
-            let (pt, pp, py) = (be.ptr(&self.test), be.ptr(&p), be.ptr(&self.part));
+            let (pt, pp, py) = (be.rt.ptr(&self.test), be.rt.ptr(&p), be.rt.ptr(&self.part));
             // P [t, m] = X̃ T: column-major Pᶜ [m, t] = Tᶜ [m, d] · X̃ᶜ [d, t].
-            be.gemm(false, false, m, t, d, pt, m, px, d, 0.0, pp, m, DType::F32)?;
+            // SAFETY: the test matrix holds d·m values, the scratch t·d, P t·m, the part d·m.
+            unsafe {
+                be.rt
+                    .gemm(false, false, m, t, d, pt, m, px, d, 0.0, pp, m, DType::F32)
+            }?;
             // Y [d, m] += X̃ᵀ P: column-major Yᶜ [m, d] = Pᶜ [m, t] · X̃ᶜᵀ [t, d].
-            be.gemm(
-                false,
-                true,
-                m,
-                d,
-                t,
-                pp,
-                m,
-                px,
-                d,
-                if c.overwrite { 0.0 } else { 1.0 },
-                py,
-                m,
-                DType::F32,
-            )?;
+            // SAFETY: as above.
+            unsafe {
+                be.rt.gemm(
+                    false,
+                    true,
+                    m,
+                    d,
+                    t,
+                    pp,
+                    m,
+                    px,
+                    d,
+                    if c.overwrite { 0.0 } else { 1.0 },
+                    py,
+                    m,
+                    DType::F32,
+                )
+            }?;
             self.pending = if c.flush { 0 } else { self.pending + t };
             if c.flush {
                 self.flush(be)?;
@@ -476,7 +483,7 @@ impl SketchAccumulator for DeviceSketch {
     /// Replaces the sums with host ones (`y` row-major `d × m`).
     fn load(&mut self, be: &Cuda, moments: &MomentSums, y: &[f64]) -> crate::Result<()> {
         self.settle(be)?;
-        be.copy_to_device(y, &mut self.y)?;
+        be.rt.write(y, &mut self.y, 0)?;
         self.shift.load(be, moments)
     }
 
@@ -496,7 +503,7 @@ impl SketchAccumulator for DeviceSketch {
         self.settle(be)?;
         let at = self.shift.pack(be, out, at)?;
         let n = self.shift.d * self.m;
-        be.copy_on_device(&self.y, &mut out.data.slice_mut(at..at + n))?;
+        be.rt.copy(&self.y, &mut out.data, at)?;
         Ok(at + n)
     }
 
@@ -504,9 +511,9 @@ impl SketchAccumulator for DeviceSketch {
     /// part added into the copy rather than flushed (this takes `&self`).
     fn snapshot(&self, be: &Cuda) -> crate::Result<(MomentSums, Vec<f64>)> {
         let n = self.shift.d * self.m;
-        let mut y = be.download(&self.y, n)?;
+        let mut y = be.rt.download(&self.y, 0..n)?;
         if self.pending > 0 {
-            let part = be.download(&self.part, n)?;
+            let part = be.rt.download(&self.part, 0..n)?;
             y.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
         }
         Ok((self.shift.to_host(be)?, y))
@@ -524,7 +531,7 @@ pub fn chunk_bytes(rows: usize, d: usize, sketch_columns: Option<usize>) -> usiz
 /// which a device all-reduce (`Communicator::all_reduce_sum_device`, NCCL) sums in place.
 pub struct DeviceSums {
     gpu: Arc<Cuda>,
-    data: CudaSlice<f64>,
+    data: Buffer<f64>,
     len: usize,
 }
 
@@ -552,7 +559,7 @@ impl DeviceBuffer for DeviceSums {
 
     /// A copy in host memory.
     fn to_host(&self) -> crate::Result<Vec<f64>> {
-        self.gpu.download(&self.data, self.len)
+        Ok(self.gpu.rt.download(&self.data, 0..self.len)?)
     }
 
     /// Overwrites the values with `host` (of the same length).
@@ -561,16 +568,15 @@ impl DeviceBuffer for DeviceSums {
         if host.is_empty() {
             return Ok(());
         }
-        self.gpu
-            .copy_to_device(host, &mut self.data.slice_mut(0..self.len))
+        Ok(self.gpu.rt.write(host, &mut self.data, 0)?)
     }
 }
 
 impl DeviceSums {
     /// The device buffer (at least one value long even when empty), for collectives that read
-    /// and write device memory; they must be ordered after the work queued on [`Cuda::stream`]
-    /// (NCCL on the same device's default stream is).
-    pub fn buffer_mut(&mut self) -> &mut CudaSlice<f64> {
+    /// and write device memory; they must be ordered after the work queued on the backend's
+    /// stream (NCCL on the same device's default stream is).
+    pub fn buffer_mut(&mut self) -> &mut Buffer<f64> {
         &mut self.data
     }
 }

@@ -8,7 +8,6 @@
 //! | [`Shape`] | grid/block of each kind of launch, checked against the hardware limits |
 
 use crate::device::error::DeviceError;
-use cudarc::driver::LaunchConfig;
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The kernels, CUDA C, self-contained (no `#include`: NVRTC needs no CUDA headers).
@@ -77,6 +76,18 @@ pub fn compile(arch: &str) -> Result<Ptx, DeviceError> {
     })
 }
 
+/// One launch's grid and block dimensions (x, y, z) and dynamic shared memory, as CUDA takes
+/// them (the runtime hands them to the driver as they are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// Blocks.
+    pub grid_dim: (u32, u32, u32),
+    /// Threads per block.
+    pub block_dim: (u32, u32, u32),
+    /// Dynamic shared memory per block (the kernels use static shared memory only).
+    pub shared_mem_bytes: u32,
+}
+
 /// Launch shapes. Every kernel runs [`BLOCK`] threads per block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
@@ -92,8 +103,8 @@ pub enum Shape {
 
 impl Shape {
     /// The launch configuration, or `None` when there is nothing to do (no launch).
-    pub fn config(self) -> Result<Option<LaunchConfig>, DeviceError> {
-        let grid = |x: usize, y: usize| LaunchConfig {
+    pub fn config(self) -> Result<Option<Launch>, DeviceError> {
+        let grid = |x: usize, y: usize| Launch {
             grid_dim: (x as u32, y as u32, 1),
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,

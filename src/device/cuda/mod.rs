@@ -4,11 +4,10 @@
 //! | item | role |
 //! |---|---|
 //! | [`Cuda`] | [`Backend`] on a GPU: weights resident once, cuBLAS `GemmEx` for linear layers, NVRTC kernels for the rest |
-//! | [`CudaOptions`], [`DType`] | which GPU, and the weights' storage type (`--dtype bf16\|f32`) |
+//! | [`runtime`] | the GPU runtime seam: memory, copies, kernel launches, the two cuBLAS calls, the stream; with [`probe`] and the NVRTC call in [`kernels`], the only code here that names cudarc |
 //! | [`probe`] | which CUDA libraries load, before cudarc is asked to (a missing library panics inside it) |
 //! | [`kernels`] | the CUDA C source, its NVRTC compilation, launch shapes |
 //! | [`gram`] | the statistics' accumulators on the device: exact Grams (f32 products flushed into f64), moments, sketch products, sums to all-reduce |
-//! | [`DeviceError`] | what failed, by name; missing libraries and devices are usage errors (exit code 2) |
 //!
 //! Activations are f32 `[tokens, features]` device buffers ([`CudaTensor`]). With `DType::Bf16`
 //! the matrices are stored in bf16 and each linear layer rounds its input to bf16 for a bf16 ×
@@ -23,11 +22,13 @@
 
 /// The arguments of a kernel launch, in the order of its parameters in kernels.cu.
 macro_rules! args {
-    ($($a:expr),* $(,)?) => { [$($crate::device::cuda::Arg::from($a)),*] };
+    ($($a:expr),* $(,)?) => { [$($crate::device::cuda::runtime::Arg::from($a)),*] };
 }
 
 pub mod gram;
 pub mod kernels;
+pub mod probe;
+pub mod runtime;
 
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
 
@@ -35,86 +36,9 @@ use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
 use super::error::{Bytes, DeviceError};
 use super::gpu::{CudaOptions, DType, Gpu};
 use super::host::HostTensor;
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DriverError, LaunchConfig, PushKernelArg,
-};
 use ndarray::{Array2, ArrayView2};
-use std::collections::HashMap;
-use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
-
-/// Which CUDA libraries load, checked before any cudarc call (cudarc panics on a missing one).
-pub mod probe {
-    use super::DeviceError;
-
-    /// A library cudarc loads dynamically: its cudarc name, what it is, and what provides it.
-    struct Lib {
-        name: &'static str,
-        what: &'static str,
-        hint: &'static str,
-        present: unsafe fn() -> bool,
-    }
-
-    const LIBS: [Lib; 3] = [
-        Lib { name: "cuda", what: "the CUDA driver library", hint: " (it comes with the NVIDIA driver; none is installed, or this machine has no GPU)", present: cudarc::driver::sys::is_culib_present },
-        Lib { name: "nvrtc", what: "NVRTC (CUDA's runtime compiler)", hint: " (pip's nvidia-cuda-nvrtc or the CUDA toolkit; a `libnvrtc.so` symlink in a directory on LD_LIBRARY_PATH serves any version)", present: cudarc::nvrtc::sys::is_culib_present },
-        Lib { name: "cublas", what: "cuBLAS", hint: " (pip's nvidia-cublas or the CUDA toolkit; this eva was built for the CUDA version in CUDARC_CUDA_VERSION at build time, see docs/gpu.md)", present: cudarc::cublas::sys::is_culib_present },
-    ];
-
-    /// The file names cudarc tries for a library, in order.
-    pub fn candidates(name: &str) -> Vec<String> {
-        cudarc::get_lib_name_candidates(name)
-    }
-
-    /// `Ok` when the driver, NVRTC and cuBLAS all load; otherwise the first missing one, named
-    /// with the file names tried and `LD_LIBRARY_PATH`.
-    pub fn libraries() -> Result<(), DeviceError> {
-        for lib in &LIBS {
-            // SAFETY: the probe only tries to load the shared library (libloading).
-            if !unsafe { (lib.present)() } {
-                return Err(missing(lib.what, lib.name, lib.hint));
-            }
-        }
-        Ok(())
-    }
-
-    /// The number of GPUs the driver sees (at least one), after [`libraries`].
-    pub fn devices() -> Result<usize, DeviceError> {
-        libraries()?;
-        let visible = || std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
-        let count = cudarc::driver::CudaContext::device_count().map_err(|e| match e.0 {
-            cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => DeviceError::NoDevice(format!(
-                "the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})",
-                visible()
-            )),
-            _ => super::driver("driver initialization")(e),
-        })?;
-        if count <= 0 {
-            return Err(DeviceError::NoDevice(format!(
-                "the CUDA driver loaded but found no GPU (CUDA_VISIBLE_DEVICES={})",
-                visible()
-            )));
-        }
-        Ok(count as usize)
-    }
-
-    /// The error for a missing library.
-    pub fn missing(what: &'static str, name: &str, hint: &'static str) -> DeviceError {
-        let mut seen = std::collections::HashSet::new();
-        let names: Vec<String> = candidates(name)
-            .into_iter()
-            .filter(|n| seen.insert(n.clone()))
-            .collect();
-        DeviceError::Missing {
-            what,
-            names: names.join(", "),
-            ld_library_path: std::env::var("LD_LIBRARY_PATH").unwrap_or_else(|_| "unset".into()),
-            hint,
-        }
-    }
-}
+use runtime::{AllocError, Buffer, Elem, Runtime};
+use std::sync::Mutex;
 
 /// `Ok` when `--device cuda` can work on this machine: the libraries load and the driver sees a
 /// GPU (no context is created). Otherwise the usage error (exit code 2) naming what is missing.
@@ -128,18 +52,10 @@ pub fn device_count() -> crate::Result<usize> {
     Ok(probe::devices()?)
 }
 
-/// A CUDA driver error with its status name.
-fn driver(op: &'static str) -> impl Fn(DriverError) -> DeviceError {
-    move |e| DeviceError::Driver {
-        op,
-        name: format!("{:?}", e.0),
-    }
-}
-
 /// An activation on the device: f32, row-major `[rows, cols]`. Empty (`None`) after a device
 /// failure (see the module docs).
 pub struct CudaTensor {
-    data: Option<CudaSlice<f32>>,
+    data: Option<Buffer<f32>>,
     rows: usize,
     cols: usize,
 }
@@ -155,20 +71,19 @@ impl CudaTensor {
         self.cols
     }
 
-    fn buf(&self) -> Result<&CudaSlice<f32>, DeviceError> {
+    fn buf(&self) -> Result<&Buffer<f32>, DeviceError> {
         self.data.as_ref().ok_or_else(poisoned)
     }
 
     /// Its `rows × cols` values, for a communicator to send (NCCL, GPU to GPU); the error of the
     /// failed op that left it empty.
-    pub fn values(&self) -> crate::Result<CudaView<'_, f32>> {
-        Ok(self.buf()?.slice(0..self.rows * self.cols))
+    pub fn values(&self) -> crate::Result<&Buffer<f32>> {
+        Ok(self.buf()?)
     }
 
     /// Its `rows × cols` values, for a communicator to receive into.
-    pub fn values_mut(&mut self) -> crate::Result<CudaViewMut<'_, f32>> {
-        let n = self.rows * self.cols;
-        Ok(self.data.as_mut().ok_or_else(poisoned)?.slice_mut(0..n))
+    pub fn values_mut(&mut self) -> crate::Result<&mut Buffer<f32>> {
+        Ok(self.data.as_mut().ok_or_else(poisoned)?)
     }
 }
 
@@ -188,7 +103,7 @@ impl Drop for BorrowedTensor {
     fn drop(&mut self) {
         if let Some(data) = self.0.data.take() {
             // The owner frees it; this only forgets the pointer.
-            data.leak();
+            data.forget();
         }
     }
 }
@@ -208,12 +123,12 @@ pub struct CudaWeight {
 }
 
 enum WeightData {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<half::bf16>),
+    F32(Buffer<f32>),
+    Bf16(Buffer<half::bf16>),
 }
 
 impl CudaWeight {
-    fn f32(&self, what: &'static str) -> Result<&CudaSlice<f32>, DeviceError> {
+    fn f32(&self, what: &'static str) -> Result<&Buffer<f32>, DeviceError> {
         match &self.data {
             WeightData::F32(s) => Ok(s),
             WeightData::Bf16(_) => Err(DeviceError::Unsupported {
@@ -223,10 +138,10 @@ impl CudaWeight {
         }
     }
 
-    fn ptr(&self, stream: &Arc<CudaStream>) -> u64 {
+    fn ptr(&self, rt: &Runtime) -> u64 {
         match &self.data {
-            WeightData::F32(s) => s.device_ptr(stream).0,
-            WeightData::Bf16(s) => s.device_ptr(stream).0,
+            WeightData::F32(s) => rt.ptr(s),
+            WeightData::Bf16(s) => rt.ptr(s),
         }
     }
 }
@@ -234,13 +149,9 @@ impl CudaWeight {
 /// The CUDA backend: one GPU, one stream, cuBLAS on that stream, the kernels compiled for the
 /// device.
 pub struct Cuda {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// The runtime seam: every call to the driver and cuBLAS goes through it.
+    rt: Runtime,
     opts: CudaOptions,
-    name: String,
-    capability: (i32, i32),
     error: Mutex<Option<DeviceError>>,
 }
 
@@ -255,41 +166,9 @@ impl Cuda {
                 std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
             )));
         }
-        let ctx = CudaContext::new(opts.ordinal).map_err(driver("context creation"))?;
-        // One stream does everything, in order: the per-buffer events cudarc records to order
-        // several streams are not needed.
-        // SAFETY: no buffer of this context is used from another stream.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
-        let capability = ctx
-            .compute_capability()
-            .map_err(driver("compute capability query"))?;
-        let name = ctx.name().map_err(driver("device name query"))?;
-        let ptx = kernels::compile(&kernels::arch(capability.0, capability.1))?;
-        let module = ctx.load_module(ptx).map_err(driver(
-            "loading the kernels (PTX newer than the driver? use the NVRTC of this machine's CUDA)",
-        ))?;
-        let mut functions = HashMap::new();
-        for name in kernels::NAMES {
-            functions.insert(
-                name,
-                module
-                    .load_function(name)
-                    .map_err(driver("kernel lookup"))?,
-            );
-        }
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas {
-            op: "handle creation",
-            name: format!("{:?}", e.0),
-        })?;
         Ok(Cuda {
-            ctx,
-            stream,
-            blas,
-            functions,
+            rt: Runtime::open(opts.ordinal)?,
             opts,
-            name,
-            capability,
             error: Mutex::new(None),
         })
     }
@@ -297,7 +176,7 @@ impl Cuda {
     /// Fails with the out-of-memory error, before anything is allocated, unless `needed` bytes
     /// are free (e.g. the weights of this rank's slice before uploading them).
     pub fn ensure_free(&self, needed: usize, what: &str) -> crate::Result<()> {
-        let (free, total) = self.ctx.mem_get_info().map_err(driver("memory query"))?;
+        let (free, total) = self.rt.memory()?;
         if needed > free {
             return Err(self.oom(what, needed, free, total).into());
         }
@@ -319,57 +198,38 @@ impl Cuda {
         }
     }
 
-    /// The stream everything runs on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
     /// The storage type of the weights.
     pub fn dtype(&self) -> DType {
         self.opts.dtype
     }
 
     /// A device allocation of `len` values, out-of-memory named.
-    fn alloc<T: cudarc::driver::DeviceRepr>(
-        &self,
-        len: usize,
-        what: &str,
-    ) -> Result<CudaSlice<T>, DeviceError> {
+    fn alloc<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
         // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy) before
         // it is read.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
+        unsafe { self.rt.alloc::<T>(len) }
+            .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
-    fn zeros_of<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        len: usize,
-        what: &str,
-    ) -> Result<CudaSlice<T>, DeviceError> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| self.alloc_error(e, len * std::mem::size_of::<T>(), what))
+    /// `len` zeros, out-of-memory named.
+    fn zeros_of<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
+        self.rt
+            .zeros::<T>(len)
+            .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(
-        &self,
-        host: &[T],
-        what: &str,
-    ) -> Result<CudaSlice<T>, DeviceError> {
-        if host.is_empty() {
-            return self.alloc(0, what);
-        }
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| self.alloc_error(e, std::mem::size_of_val(host), what))
+    /// A copy of `host` on the device, out-of-memory named.
+    fn upload<T: Elem>(&self, host: &[T], what: &str) -> Result<Buffer<T>, DeviceError> {
+        self.rt
+            .upload(host)
+            .map_err(|e| self.alloc_error(e, size_of_val(host), what))
     }
 
-    fn alloc_error(&self, e: DriverError, bytes: usize, what: &str) -> DeviceError {
-        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            self.oom(what, bytes, free, total)
-        } else {
-            driver("allocation")(e)
+    /// An allocation of `bytes` that failed, as the error naming `what`.
+    fn alloc_error(&self, e: AllocError, bytes: usize, what: &str) -> DeviceError {
+        match e {
+            AllocError::OutOfMemory { free, total } => self.oom(what, bytes, free, total),
+            AllocError::Driver(e) => e,
         }
     }
 
@@ -391,7 +251,7 @@ impl Cuda {
         &self,
         rows: usize,
         cols: usize,
-        op: impl FnOnce() -> Result<CudaSlice<f32>, DeviceError>,
+        op: impl FnOnce() -> Result<Buffer<f32>, DeviceError>,
     ) -> CudaTensor {
         if self.failed() {
             return CudaTensor {
@@ -427,119 +287,11 @@ impl Cuda {
         }
     }
 
-    fn function(&self, name: &'static str) -> &CudaFunction {
-        self.functions
-            .get(name)
-            .expect("every kernel in kernels::NAMES was loaded in Cuda::new")
-    }
-
-    /// Launches `name` with `shape` and `args` (device pointers and element counts as `u64`,
-    /// sizes as `i32`, scalars as `f32`, in the order of the kernel's parameters).
-    fn launch(
-        &self,
-        name: &'static str,
-        shape: kernels::Shape,
-        args: &[Arg],
-    ) -> Result<(), DeviceError> {
-        let Some(cfg): Option<LaunchConfig> = shape.config()? else {
-            return Ok(());
-        };
-        let f = self.function(name);
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::U64(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
-        // SAFETY: each kernel's parameters in kernels.cu match what its caller pushes (pointers
-        // to buffers of the sizes the shapes imply, which the callers allocate or check).
-        unsafe { b.launch(cfg) }.map_err(driver(name))?;
-        Ok(())
-    }
-
-    fn ptr(&self, s: &CudaSlice<impl cudarc::driver::DeviceRepr>) -> u64 {
-        s.device_ptr(&self.stream).0
-    }
-
-    /// `C = alpha · op(A) op(B) + beta · C` in cuBLAS's column-major terms, f32 accumulation
-    /// (`CUBLAS_COMPUTE_32F`, no TF32), inputs f32 or bf16, output f32.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-        input: DType,
-    ) -> Result<(), DeviceError> {
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let dims = [m, n, k, lda, ldb, ldc];
-        if dims.iter().any(|&v| v > i32::MAX as usize) {
-            return Err(DeviceError::Unsupported {
-                op: "cuBLAS GemmEx",
-                detail: format!("dimensions {dims:?} exceed i32"),
-            });
-        }
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let ty = match input {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        };
-        let (alpha, beta) = (1.0f32, beta);
-        // SAFETY: a, b, c address buffers of at least lda·(cols of op A), ... values, as the
-        // callers allocate; alpha/beta are host scalars (cuBLAS's default pointer mode).
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                op(ta),
-                op(tb),
-                m as i32,
-                n as i32,
-                k as i32,
-                &alpha as *const f32 as *const c_void,
-                a as *const c_void,
-                ty,
-                lda as i32,
-                b as *const c_void,
-                ty,
-                ldb as i32,
-                &beta as *const f32 as *const c_void,
-                c as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                ldc as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| DeviceError::Blas {
-            op: "GemmEx",
-            name: format!("{:?}", e.0),
-        })
-    }
-
     /// `x` rounded to bf16 (the input of a bf16 product).
-    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<half::bf16>, DeviceError> {
+    fn to_bf16(&self, x: &Buffer<f32>, n: usize) -> Result<Buffer<half::bf16>, DeviceError> {
         let y = self.alloc::<half::bf16>(n, "rounding activations to bf16")?;
-        let (px, py, n64) = (self.ptr(x), self.ptr(&y), n as u64);
-        self.launch(
+        let (px, py, n64) = (self.rt.ptr(x), self.rt.ptr(&y), n as u64);
+        self.rt.launch(
             "cast_bf16",
             kernels::Shape::Elements(n),
             &args![px, py, n64],
@@ -552,42 +304,28 @@ impl Cuda {
         x: &CudaTensor,
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
-    ) -> Result<CudaSlice<f32>, DeviceError> {
+    ) -> Result<Buffer<f32>, DeviceError> {
         let (m, k) = (x.rows, x.cols);
         let n = w.shape[0];
         let xb = x.buf()?;
         let y = self.alloc::<f32>(m * n, "a linear layer's output")?;
-        let py = self.ptr(&y);
+        let py = self.rt.ptr(&y);
         let beta = match bias {
             Some(b) => {
-                let pb = self.ptr(b.f32("linear bias")?);
+                let pb = self.rt.ptr(b.f32("linear bias")?);
                 let cols = n as i32;
-                self.launch("fill_rows", kernels::Shape::Rows(m), &args![py, pb, cols])?;
+                self.rt
+                    .launch("fill_rows", kernels::Shape::Rows(m), &args![py, pb, cols])?;
                 1.0
             }
             None => 0.0,
         };
         // Row-major Y[m,n] = X[m,k] Wᵀ is column-major Yᶜ[n,m] = Wᶜᵀ Xᶜ with Wᶜ = W as [k,n].
-        let pw = w.ptr(&self.stream);
+        let pw = w.ptr(&self.rt);
         match &w.data {
-            WeightData::F32(_) => self.gemm(
-                true,
-                false,
-                n,
-                m,
-                k,
-                pw,
-                k,
-                self.ptr(xb),
-                k,
-                beta,
-                py,
-                n,
-                DType::F32,
-            )?,
-            WeightData::Bf16(_) => {
-                let xh = self.to_bf16(xb, m * k)?;
-                self.gemm(
+            // SAFETY: W holds n·k values, X m·k and Y m·n, as allocated and checked above.
+            WeightData::F32(_) => unsafe {
+                self.rt.gemm(
                     true,
                     false,
                     n,
@@ -595,13 +333,34 @@ impl Cuda {
                     k,
                     pw,
                     k,
-                    self.ptr(&xh),
+                    self.rt.ptr(xb),
                     k,
                     beta,
                     py,
                     n,
-                    DType::Bf16,
-                )?
+                    DType::F32,
+                )
+            }?,
+            WeightData::Bf16(_) => {
+                let xh = self.to_bf16(xb, m * k)?;
+                // SAFETY: W holds n·k values, X m·k and Y m·n, as allocated and checked above.
+                unsafe {
+                    self.rt.gemm(
+                        true,
+                        false,
+                        n,
+                        m,
+                        k,
+                        pw,
+                        k,
+                        self.rt.ptr(&xh),
+                        k,
+                        beta,
+                        py,
+                        n,
+                        DType::Bf16,
+                    )
+                }?
             }
         }
         Ok(y)
@@ -611,119 +370,23 @@ impl Cuda {
     /// into `out` (which may be `x`).
     fn try_layer_norm(
         &self,
-        x: &CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>,
+        x: &Buffer<f32>,
+        residual: Option<&Buffer<f32>>,
         out: u64,
         (rows, d): (usize, usize),
         (w, b, eps): (&CudaWeight, &CudaWeight, f32),
     ) -> Result<(), DeviceError> {
-        let (px, pr) = (self.ptr(x), residual.map_or(0u64, |r| self.ptr(r)));
+        let (px, pr) = (self.rt.ptr(x), residual.map_or(0u64, |r| self.rt.ptr(r)));
         let (pw, pb) = (
-            self.ptr(w.f32("layer_norm weight")?),
-            self.ptr(b.f32("layer_norm bias")?),
+            self.rt.ptr(w.f32("layer_norm weight")?),
+            self.rt.ptr(b.f32("layer_norm bias")?),
         );
         let d32 = d as i32;
-        self.launch(
+        self.rt.launch(
             "layer_norm",
             kernels::Shape::Rows(rows),
             &args![px, pr, pw, pb, out, d32, eps],
         )
-    }
-}
-
-impl Cuda {
-    /// A device-to-host copy of the first `len` values of `src`, after the queued work.
-    fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
-        &self,
-        src: &CudaSlice<T>,
-        len: usize,
-    ) -> crate::Result<Vec<T>> {
-        let mut host = vec![T::default(); len];
-        if len > 0 {
-            self.stream
-                .memcpy_dtoh(&src.slice(0..len), &mut host[..])
-                .map_err(driver("device-to-host copy"))?;
-            self.stream.synchronize().map_err(driver("synchronize"))?;
-        }
-        Ok(host)
-    }
-
-    /// A host-to-device copy into `dst` (at least as long as `src`).
-    fn copy_to_device<T: cudarc::driver::DeviceRepr>(
-        &self,
-        src: &[T],
-        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
-    ) -> crate::Result<()> {
-        if src.is_empty() {
-            return Ok(());
-        }
-        Ok(self
-            .stream
-            .memcpy_htod(src, dst)
-            .map_err(driver("host-to-device copy"))?)
-    }
-
-    /// A device-to-device copy of `src` into `dst`.
-    fn copy_on_device<T>(
-        &self,
-        src: &impl cudarc::driver::DevicePtr<T>,
-        dst: &mut impl cudarc::driver::DevicePtrMut<T>,
-    ) -> crate::Result<()> {
-        if src.len() == 0 {
-            return Ok(());
-        }
-        Ok(self
-            .stream
-            .memcpy_dtod(src, dst)
-            .map_err(driver("device-to-device copy"))?)
-    }
-
-    /// Row-major `Z = G Q` for a symmetric `d x d` f64 `G` whose upper triangle (row-major) is
-    /// valid and `Q`, `Z` row-major `d x m`: cuBLAS `dsymm`. In column-major terms `Zᶜ = Qᶜ G`
-    /// (`G` from the right) and the row-major upper triangle is the column-major lower one.
-    fn symm_f64(
-        &self,
-        g: &CudaSlice<f64>,
-        d: usize,
-        q: &CudaSlice<f64>,
-        m: usize,
-        z: &mut CudaSlice<f64>,
-    ) -> Result<(), DeviceError> {
-        if d == 0 || m == 0 {
-            return Ok(());
-        }
-        if d > i32::MAX as usize || m > i32::MAX as usize {
-            return Err(DeviceError::Unsupported {
-                op: "cuBLAS dsymm",
-                detail: format!("d = {d}, m = {m} exceed i32"),
-            });
-        }
-        let (alpha, beta) = (1.0f64, 0.0f64);
-        let (pg, pq, pz) = (self.ptr(g), self.ptr(q), self.ptr(z));
-        // SAFETY: g holds d·d values, q and z m·d (callers allocate them so); alpha and beta are
-        // host scalars (cuBLAS's default pointer mode).
-        unsafe {
-            blas_sys::cublasDsymm_v2(
-                *self.blas.handle(),
-                blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
-                blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
-                m as i32,
-                d as i32,
-                &alpha,
-                pg as *const f64,
-                d as i32,
-                pq as *const f64,
-                m as i32,
-                &beta,
-                pz as *mut f64,
-                m as i32,
-            )
-        }
-        .result()
-        .map_err(|e| DeviceError::Blas {
-            op: "dsymm",
-            name: format!("{:?}", e.0),
-        })
     }
 }
 
@@ -740,7 +403,11 @@ impl Gpu for Cuda {
     fn describe(&self) -> String {
         format!(
             "{} (GPU {}, sm_{}{}, weights {:?})",
-            self.name, self.opts.ordinal, self.capability.0, self.capability.1, self.opts.dtype
+            self.rt.name,
+            self.opts.ordinal,
+            self.rt.capability.0,
+            self.rt.capability.1,
+            self.opts.dtype
         )
     }
 
@@ -755,7 +422,7 @@ impl Gpu for Cuda {
     /// Waits for the stream (e.g. before stopping a clock) and reports any failure.
     fn synchronize(&self) -> crate::Result<()> {
         self.check()?;
-        Ok(self.stream.synchronize().map_err(driver("synchronize"))?)
+        Ok(self.rt.synchronize()?)
     }
 
     /// Uploads a host matrix as an activation (tests, and rows produced on the host).
@@ -776,13 +443,7 @@ impl Gpu for Cuda {
     /// Copies a whole activation to host memory.
     fn to_host(&self, x: &CudaTensor) -> crate::Result<Array2<f32>> {
         self.check()?;
-        let mut host = vec![0.0f32; x.rows * x.cols];
-        if !host.is_empty() {
-            self.stream
-                .memcpy_dtoh(x.buf()?, &mut host[..])
-                .map_err(driver("device-to-host copy"))?;
-            self.stream.synchronize().map_err(driver("synchronize"))?;
-        }
+        let host = self.rt.download(x.buf()?, 0..x.rows * x.cols)?;
         Ok(Array2::from_shape_vec((x.rows, x.cols), host).expect("rows x cols values"))
     }
 
@@ -805,7 +466,7 @@ impl Gpu for Cuda {
     /// has finished what is queued on it while the returned tensor lives.
     unsafe fn borrow(&self, ptr: u64, rows: usize, cols: usize) -> BorrowedTensor {
         // SAFETY: the caller's contract; `BorrowedTensor` never frees it.
-        let data = unsafe { self.stream.upgrade_device_ptr::<f32>(ptr, rows * cols) };
+        let data = unsafe { self.rt.borrow(ptr, rows * cols) };
         BorrowedTensor(CudaTensor {
             data: Some(data),
             rows,
@@ -816,7 +477,7 @@ impl Gpu for Cuda {
     /// This GPU's stream as a raw `CUstream` (0: the legacy default stream), for a caller that
     /// orders its own work against eva's (PyTorch's `torch.cuda.ExternalStream`).
     fn raw_stream(&self) -> usize {
-        self.stream.cu_stream() as usize
+        self.rt.raw_stream()
     }
 
     /// The rows `keep` of `x` on the device, for device statistics ([`gram`]).
@@ -837,13 +498,13 @@ impl Gpu for Cuda {
             return Ok(true);
         }
         let flag = self.zeros_of::<u32>(1, "a finiteness flag")?;
-        let (px, n64, pf) = (self.ptr(x.buf()?), n as u64, self.ptr(&flag));
-        self.launch(
+        let (px, n64, pf) = (self.rt.ptr(x.buf()?), n as u64, self.rt.ptr(&flag));
+        self.rt.launch(
             "flag_nonfinite",
             kernels::Shape::Elements(n),
             &args![px, n64, pf],
         )?;
-        Ok(self.download(&flag, 1)?[0] == 0)
+        Ok(self.rt.download(&flag, 0..1)?[0] == 0)
     }
 }
 
@@ -907,16 +568,17 @@ impl Backend for Cuda {
         let run = || -> Result<(), DeviceError> {
             let dev_ids = self.upload(&ids[..n], "token ids")?;
             let (px, pt, pi, dim) = (
-                self.ptr(x.buf()?),
-                table.ptr(&self.stream),
-                self.ptr(&dev_ids),
+                self.rt.ptr(x.buf()?),
+                table.ptr(&self.rt),
+                self.rt.ptr(&dev_ids),
                 x.cols as i32,
             );
             let kernel = match table.data {
                 WeightData::F32(_) => "embed_f32",
                 WeightData::Bf16(_) => "embed_bf16",
             };
-            self.launch(kernel, kernels::Shape::Rows(n), &args![px, pt, pi, dim])
+            self.rt
+                .launch(kernel, kernels::Shape::Rows(n), &args![px, pt, pi, dim])
         };
         run().map_err(|e| {
             self.fail(e.clone());
@@ -939,11 +601,11 @@ impl Backend for Cuda {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
         self.mutate(|| {
             let (px, py, n) = (
-                self.ptr(x.buf()?),
-                self.ptr(y.buf()?),
+                self.rt.ptr(x.buf()?),
+                self.rt.ptr(y.buf()?),
                 (x.rows * x.cols) as u64,
             );
-            self.launch(
+            self.rt.launch(
                 "add",
                 kernels::Shape::Elements(n as usize),
                 &args![px, py, n],
@@ -955,12 +617,12 @@ impl Backend for Cuda {
         self.produce(x.rows, x.cols, || {
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
             let (px, pw, po, d) = (
-                self.ptr(x.buf()?),
-                self.ptr(w.f32("rms_norm weight")?),
-                self.ptr(&out),
+                self.rt.ptr(x.buf()?),
+                self.rt.ptr(w.f32("rms_norm weight")?),
+                self.rt.ptr(&out),
                 x.cols as i32,
             );
-            self.launch(
+            self.rt.launch(
                 "rms_norm",
                 kernels::Shape::Rows(x.rows),
                 &args![px, pw, po, d, eps],
@@ -975,7 +637,7 @@ impl Backend for Cuda {
             self.try_layer_norm(
                 x.buf()?,
                 None,
-                self.ptr(&out),
+                self.rt.ptr(&out),
                 (x.rows, x.cols),
                 (w, b, eps),
             )?;
@@ -1003,7 +665,7 @@ impl Backend for Cuda {
             self.try_layer_norm(
                 &data,
                 Some(y.buf()?),
-                self.ptr(&data),
+                self.rt.ptr(&data),
                 (rows, cols),
                 (w, b, eps),
             )?;
@@ -1022,9 +684,9 @@ impl Backend for Cuda {
         self.mutate(|| {
             let c = self.upload(cos.as_slice().expect("standard layout"), "rotary tables")?;
             let s = self.upload(sin.as_slice().expect("standard layout"), "rotary tables")?;
-            let (px, pc, ps) = (self.ptr(x.buf()?), self.ptr(&c), self.ptr(&s));
+            let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(&c), self.rt.ptr(&s));
             let (t, d, hd) = (x.rows as i32, x.cols as i32, head_dim as i32);
-            self.launch(
+            self.rt.launch(
                 "rope",
                 kernels::Shape::Elements(x.rows * x.cols / 2),
                 &args![px, pc, ps, t, d, hd],
@@ -1052,7 +714,7 @@ impl Backend for Cuda {
             let (starts, ends) = segment_bounds(segments);
             let (ds, de) = (self.upload(&starts, "attention segments")?, self.upload(&ends, "attention segments")?);
             let out = self.alloc::<f32>(tokens * h.heads * h.head_dim, "an attention output")?;
-            let (pq, pk, pv, po, pst, pen) = (self.ptr(q.buf()?), self.ptr(k.buf()?), self.ptr(v.buf()?), self.ptr(&out), self.ptr(&ds), self.ptr(&de));
+            let (pq, pk, pv, po, pst, pen) = (self.rt.ptr(q.buf()?), self.rt.ptr(k.buf()?), self.rt.ptr(v.buf()?), self.rt.ptr(&out), self.rt.ptr(&ds), self.rt.ptr(&de));
             let (heads, kvh, hd) = (h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
             let (ldq, ldk, ldv) = (q.cols as i32, k.cols as i32, v.cols as i32);
             let scale = 1.0 / (h.head_dim as f32).sqrt();
@@ -1060,7 +722,7 @@ impl Backend for Cuda {
                 AttentionMask::Bidirectional => (0i32, 0i32),
                 AttentionMask::Causal { window } => (1, window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
             };
-            self.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, causal, window])?;
+            self.rt.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, causal, window])?;
             Ok(out)
         })
     }
@@ -1068,11 +730,11 @@ impl Backend for Cuda {
     fn activate(&self, x: &mut CudaTensor, act: Activation) {
         self.mutate(|| {
             let (px, n, a) = (
-                self.ptr(x.buf()?),
+                self.rt.ptr(x.buf()?),
                 (x.rows * x.cols) as u64,
                 activation_code(act),
             );
-            self.launch(
+            self.rt.launch(
                 "activate_inplace",
                 kernels::Shape::Elements(n as usize),
                 &args![px, n, a],
@@ -1090,13 +752,13 @@ impl Backend for Cuda {
             let n = gate.rows * gate.cols;
             let out = self.alloc::<f32>(n, "an activation")?;
             let (pg, pu, po, n64, a) = (
-                self.ptr(gate.buf()?),
-                self.ptr(up.buf()?),
-                self.ptr(&out),
+                self.rt.ptr(gate.buf()?),
+                self.rt.ptr(up.buf()?),
+                self.rt.ptr(&out),
                 n as u64,
                 activation_code(act),
             );
-            self.launch(
+            self.rt.launch(
                 "gated",
                 kernels::Shape::Elements(n),
                 &args![pg, pu, po, n64, a],
@@ -1117,10 +779,11 @@ impl Backend for Cuda {
         );
         self.mutate(|| {
             let picked = self.try_gather(x, keep)?;
-            self.stream
-                .memcpy_dtoh(&picked, host.as_slice_mut().expect("standard layout"))
-                .map_err(driver("device-to-host copy"))?;
-            self.stream.synchronize().map_err(driver("synchronize"))
+            let values = self.rt.download(&picked, 0..keep.len() * x.cols)?;
+            host.as_slice_mut()
+                .expect("standard layout")
+                .copy_from_slice(&values);
+            Ok(())
         });
         host
     }
@@ -1141,49 +804,22 @@ impl Backend for Cuda {
 impl Cuda {
     /// The rows `keep` of `x`, in order, as a new device buffer (the capture of a layer input
     /// without padding or label-masked tokens).
-    fn try_gather(&self, x: &CudaTensor, keep: &[usize]) -> Result<CudaSlice<f32>, DeviceError> {
+    fn try_gather(&self, x: &CudaTensor, keep: &[usize]) -> Result<Buffer<f32>, DeviceError> {
         let idx: Vec<i32> = keep.iter().map(|&r| r as i32).collect();
         let di = self.upload(&idx, "row indices")?;
         let out = self.alloc::<f32>(keep.len() * x.cols, "selected rows")?;
         let (px, pi, po, d) = (
-            self.ptr(x.buf()?),
-            self.ptr(&di),
-            self.ptr(&out),
+            self.rt.ptr(x.buf()?),
+            self.rt.ptr(&di),
+            self.rt.ptr(&out),
             x.cols as i32,
         );
-        self.launch(
+        self.rt.launch(
             "gather_rows",
             kernels::Shape::Rows(keep.len()),
             &args![px, pi, po, d],
         )?;
         Ok(out)
-    }
-}
-
-/// One kernel parameter: a device pointer or count (`u64`, `unsigned long long` / `T*`), a size
-/// (`int`) or a scalar (`float`).
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    U64(u64),
-    I32(i32),
-    F32(f32),
-}
-
-impl From<u64> for Arg {
-    fn from(v: u64) -> Self {
-        Arg::U64(v)
-    }
-}
-
-impl From<i32> for Arg {
-    fn from(v: i32) -> Self {
-        Arg::I32(v)
-    }
-}
-
-impl From<f32> for Arg {
-    fn from(v: f32) -> Self {
-        Arg::F32(v)
     }
 }
 
@@ -1257,7 +893,7 @@ mod tests {
     fn opening_without_a_gpu_is_a_clear_usage_error() {
         // SAFETY: probing only loads libraries.
         if unsafe { cudarc::driver::sys::is_culib_present() }
-            && CudaContext::device_count().is_ok_and(|n| n > 0)
+            && cudarc::driver::CudaContext::device_count().is_ok_and(|n| n > 0)
         {
             eprintln!("a GPU is visible: this test is about machines without one");
             return;
