@@ -21,8 +21,11 @@ pub mod gpu;
 pub mod host;
 pub mod rows;
 
-#[cfg(feature = "cuda")]
+// `eva_gpu` (build.rs): feature `cuda` (cudarc) or `cuda-emu` (the emulated device).
+#[cfg(eva_gpu)]
 pub mod cuda;
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(eva_gpu))]
 #[path = "no_cuda.rs"]
 pub mod cuda;
+#[cfg(feature = "cuda-emu")]
+pub mod emu;

@@ -133,7 +133,7 @@ impl Capture for Cpu {
 
 impl Capture for Cuda {
     // Without the `cuda` feature no device tensor exists, so the gather is dead code there.
-    #[cfg_attr(not(feature = "cuda"), allow(unreachable_code))]
+    #[cfg_attr(not(eva_gpu), allow(unreachable_code))]
     fn capture<'a>(&'a self, x: &'a CudaTensor, keep: &[usize]) -> Captured<'a> {
         if keep.len() == self.tokens(x) {
             Captured::Device { gpu: self, x }

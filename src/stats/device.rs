@@ -196,7 +196,7 @@ impl DeviceStats {
     }
 }
 
-#[cfg(all(test, feature = "cuda"))]
+#[cfg(all(test, eva_gpu))]
 mod tests {
     #[test]
     fn packed_gram_offsets_match_the_host_layout() {

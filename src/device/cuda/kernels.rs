@@ -8,6 +8,7 @@
 //! | [`Shape`] | grid/block of each kind of launch, checked against the hardware limits |
 
 use crate::device::error::DeviceError;
+#[cfg(feature = "cuda")]
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// The kernels, CUDA C, self-contained (no `#include`: NVRTC needs no CUDA headers).
@@ -48,6 +49,7 @@ const MAX_GRID: usize = 65_535;
 
 /// The NVRTC options: the architecture and `--fmad=false`, so that `a * b + c` is two roundings
 /// as in the CPU reference (these kernels are memory-bound; the products go through cuBLAS).
+#[cfg(feature = "cuda")]
 pub fn options(arch: &str) -> CompileOptions {
     CompileOptions {
         fmad: Some(false),
@@ -59,11 +61,13 @@ pub fn options(arch: &str) -> CompileOptions {
 
 /// The virtual architecture of a compute capability (`(9, 0)` → `compute_90`): PTX that the
 /// driver JIT-compiles for the device at load time.
+#[cfg(feature = "cuda")]
 pub fn arch(major: i32, minor: i32) -> String {
     format!("compute_{major}{minor}")
 }
 
 /// Compiles [`SOURCE`] to PTX for `arch`. Needs `libnvrtc.so` (probed by the caller).
+#[cfg(feature = "cuda")]
 pub fn compile(arch: &str) -> Result<Ptx, DeviceError> {
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options(arch)).map_err(|e| DeviceError::Compile {
         arch: arch.to_string(),
@@ -86,6 +90,33 @@ pub struct Launch {
     pub block_dim: (u32, u32, u32),
     /// Dynamic shared memory per block (the kernels use static shared memory only).
     pub shared_mem_bytes: u32,
+}
+
+/// One kernel parameter: a device pointer or count (`u64`, `unsigned long long` / `T*`), a size
+/// (`int`) or a scalar (`float`).
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    U64(u64),
+    I32(i32),
+    F32(f32),
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Self {
+        Arg::U64(v)
+    }
+}
+
+impl From<i32> for Arg {
+    fn from(v: i32) -> Self {
+        Arg::I32(v)
+    }
+}
+
+impl From<f32> for Arg {
+    fn from(v: f32) -> Self {
+        Arg::F32(v)
+    }
 }
 
 /// Launch shapes. Every kernel runs [`BLOCK`] threads per block.
@@ -202,6 +233,7 @@ mod tests {
         assert!(Shape::Rows(1 << 33).config().is_err());
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn options_pin_the_architecture_and_two_roundings() {
         let o = options("compute_90");
@@ -216,6 +248,7 @@ mod tests {
     /// the PTX defines each entry point. NVRTC needs no GPU (`scripts/fetch-nvrtc.sh` fetches
     /// it). With `EVA_REQUIRE_NVRTC=1` (set in CI) a missing NVRTC fails the test; without it the
     /// test says loudly that it compiled nothing and passes.
+    #[cfg(feature = "cuda")]
     #[test]
     fn kernels_compile_with_nvrtc_for_sm80_and_sm90_or_report_nvrtc_missing() {
         let required = std::env::var("EVA_REQUIRE_NVRTC").is_ok_and(|v| v == "1");

@@ -22,12 +22,22 @@
 
 /// The arguments of a kernel launch, in the order of its parameters in kernels.cu.
 macro_rules! args {
-    ($($a:expr),* $(,)?) => { [$($crate::device::cuda::runtime::Arg::from($a)),*] };
+    ($($a:expr),* $(,)?) => { [$($crate::device::cuda::kernels::Arg::from($a)),*] };
 }
 
 pub mod gram;
 pub mod kernels;
+#[cfg(feature = "cuda")]
 pub mod probe;
+#[cfg(feature = "cuda")]
+pub mod runtime;
+
+// The emulated device (tests without a GPU): the same seam served on the host.
+#[cfg(feature = "cuda-emu")]
+#[path = "emu_probe.rs"]
+pub mod probe;
+#[cfg(feature = "cuda-emu")]
+#[path = "emu_runtime.rs"]
 pub mod runtime;
 
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
@@ -875,6 +885,7 @@ mod tests {
         assert_eq!(codes, [0, 1, 2, 3]);
     }
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn probe_names_the_files_it_tries() {
         let names = probe::candidates("cublas");
@@ -889,6 +900,7 @@ mod tests {
 
     /// Without a GPU, opening the device must fail with a sentence (never a panic), and the
     /// sentence must be a usage error naming what is missing.
+    #[cfg(feature = "cuda")]
     #[test]
     fn opening_without_a_gpu_is_a_clear_usage_error() {
         // SAFETY: probing only loads libraries.

@@ -18,7 +18,7 @@
 //! backend names no cudarc type. NCCL (`comm/nccl.rs`) reaches a buffer's memory through
 //! [`Buffer::slice`] and [`Buffer::slice_mut`].
 
-use super::kernels::{self, Shape};
+use super::kernels::{self, Arg, Shape};
 use crate::device::error::DeviceError;
 use crate::device::gpu::DType;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
@@ -83,33 +83,6 @@ pub fn driver(op: &'static str) -> impl Fn(DriverError) -> DeviceError {
     move |e| DeviceError::Driver {
         op,
         name: format!("{:?}", e.0),
-    }
-}
-
-/// One kernel parameter: a device pointer or count (`u64`, `unsigned long long` / `T*`), a size
-/// (`int`) or a scalar (`float`).
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    U64(u64),
-    I32(i32),
-    F32(f32),
-}
-
-impl From<u64> for Arg {
-    fn from(v: u64) -> Self {
-        Arg::U64(v)
-    }
-}
-
-impl From<i32> for Arg {
-    fn from(v: i32) -> Self {
-        Arg::I32(v)
-    }
-}
-
-impl From<f32> for Arg {
-    fn from(v: f32) -> Self {
-        Arg::F32(v)
     }
 }
 
