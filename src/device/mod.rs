@@ -27,5 +27,3 @@ pub mod cuda;
 #[cfg(not(eva_gpu))]
 #[path = "no_cuda.rs"]
 pub mod cuda;
-#[cfg(feature = "cuda-emu")]
-pub mod emu;

@@ -139,7 +139,10 @@ impl Runtime {
                     total: self.total,
                 });
             }
-            match self.used.compare_exchange(used, used + bytes, Ordering::SeqCst, Ordering::SeqCst) {
+            match self
+                .used
+                .compare_exchange(used, used + bytes, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => break,
                 Err(now) => used = now,
             }
@@ -177,23 +180,51 @@ impl Runtime {
     }
 
     /// The values `range` of `src` in host memory.
-    pub fn download<T: Elem>(&self, src: &Buffer<T>, range: Range<usize>) -> Result<Vec<T>, DeviceError> {
-        assert!(range.end <= src.len, "download: {range:?} is outside {} values", src.len);
+    pub fn download<T: Elem>(
+        &self,
+        src: &Buffer<T>,
+        range: Range<usize>,
+    ) -> Result<Vec<T>, DeviceError> {
+        assert!(
+            range.end <= src.len,
+            "download: {range:?} is outside {} values",
+            src.len
+        );
         // SAFETY: the range lies inside the buffer's values (checked).
         Ok(unsafe { std::slice::from_raw_parts(src.ptr.add(range.start), range.len()) }.to_vec())
     }
 
     /// Copies `src` from host memory into `dst` at value `at`.
-    pub fn write<T: Elem>(&self, src: &[T], dst: &mut Buffer<T>, at: usize) -> Result<(), DeviceError> {
-        assert!(at + src.len() <= dst.len, "write: {} values at {at} do not fit {}", src.len(), dst.len);
+    pub fn write<T: Elem>(
+        &self,
+        src: &[T],
+        dst: &mut Buffer<T>,
+        at: usize,
+    ) -> Result<(), DeviceError> {
+        assert!(
+            at + src.len() <= dst.len,
+            "write: {} values at {at} do not fit {}",
+            src.len(),
+            dst.len
+        );
         // SAFETY: the destination range lies inside `dst` (checked); `&mut` excludes overlap.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr.add(at), src.len()) };
         Ok(())
     }
 
     /// Copies all of `src` into `dst` at value `at`.
-    pub fn copy<T: Elem>(&self, src: &Buffer<T>, dst: &mut Buffer<T>, at: usize) -> Result<(), DeviceError> {
-        assert!(at + src.len <= dst.len, "copy: {} values at {at} do not fit {}", src.len, dst.len);
+    pub fn copy<T: Elem>(
+        &self,
+        src: &Buffer<T>,
+        dst: &mut Buffer<T>,
+        at: usize,
+    ) -> Result<(), DeviceError> {
+        assert!(
+            at + src.len <= dst.len,
+            "copy: {} values at {at} do not fit {}",
+            src.len,
+            dst.len
+        );
         // SAFETY: both ranges lie inside their buffers (checked); `copy` allows overlap.
         unsafe { std::ptr::copy(src.ptr, dst.ptr.add(at), src.len) };
         Ok(())
@@ -205,7 +236,12 @@ impl Runtime {
     }
 
     /// Runs kernel `name` with `shape` and `args` on the host build of kernels.cu.
-    pub fn launch(&self, name: &'static str, shape: Shape, args: &[Arg]) -> Result<(), DeviceError> {
+    pub fn launch(
+        &self,
+        name: &'static str,
+        shape: Shape,
+        args: &[Arg],
+    ) -> Result<(), DeviceError> {
         let Some(l) = shape.config()? else {
             return Ok(());
         };
@@ -217,9 +253,11 @@ impl Runtime {
                 Arg::F32(v) => v.to_bits() as u64,
             })
             .collect();
-        emu::launch(name, l.grid_dim, l.block_dim, &slots).map_err(|detail| DeviceError::Unsupported {
-            op: "emulated kernel launch",
-            detail: format!("{name}: {detail}"),
+        emu::launch(name, l.grid_dim, l.block_dim, &slots).map_err(|detail| {
+            DeviceError::Unsupported {
+                op: "emulated kernel launch",
+                detail: format!("{name}: {detail}"),
+            }
         })
     }
 
@@ -268,7 +306,13 @@ impl Runtime {
                 name: format!("CUBLAS_STATUS_INVALID_VALUE (lda {lda}, ldb {ldb}, ldc {ldc} for m {m}, n {n}, k {k})"),
             });
         }
-        let extent = |ld: usize, rows: usize, cols: usize| if cols == 0 { 0 } else { ld * (cols - 1) + rows };
+        let extent = |ld: usize, rows: usize, cols: usize| {
+            if cols == 0 {
+                0
+            } else {
+                ld * (cols - 1) + rows
+            }
+        };
         let widen = |p: u64, len: usize| -> Vec<f32> {
             match input {
                 // SAFETY: the caller's contract: `len` values at `p`.
@@ -306,9 +350,17 @@ impl Runtime {
                 n as i32,
                 k as i32,
                 1.0,
-                if av.is_empty() { std::ptr::null() } else { av.as_ptr() },
+                if av.is_empty() {
+                    std::ptr::null()
+                } else {
+                    av.as_ptr()
+                },
                 lda as i32,
-                if bv.is_empty() { std::ptr::null() } else { bv.as_ptr() },
+                if bv.is_empty() {
+                    std::ptr::null()
+                } else {
+                    bv.as_ptr()
+                },
                 ldb as i32,
                 beta,
                 cp,
