@@ -30,7 +30,7 @@ fn whole<T: std::str::FromStr>(s: &str) -> Result<T, String> {
 
 /// eva: EVA initialization of LoRA adapters from explained variance, written for PEFT.
 #[derive(Debug, Parser)]
-#[command(name = "eva", version, about, long_about = None, propagate_version = true)]
+#[command(name = "eva", version = crate::device::VERSION, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -27,3 +27,15 @@ pub mod cuda;
 #[cfg(not(eva_gpu))]
 #[path = "no_cuda.rs"]
 pub mod cuda;
+
+/// eva's version as `eva --version` and `eva_report.json` give it; a build on the emulated device
+/// (feature `cuda-emu`, for tests) says so.
+#[cfg(not(feature = "cuda-emu"))]
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// eva's version as `eva --version` and `eva_report.json` give it; a build on the emulated device
+/// (feature `cuda-emu`, for tests) says so.
+#[cfg(feature = "cuda-emu")]
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (emulated CUDA device: a test build, not for real runs)"
+);

@@ -209,7 +209,7 @@ impl Engine<'_> {
             }
         };
         Report {
-            eva_version: env!("CARGO_PKG_VERSION").to_string(),
+            eva_version: crate::device::VERSION.to_string(),
             backend: self.topo.world.backend().to_string(),
             source: self.source_desc.clone(),
             world_size: self.topo.world.size(),
