@@ -1,5 +1,7 @@
-//! GPU tests (feature `cuda`; `#[ignore]`d: run them with `cargo test --features cuda -- --ignored gpu::`
-//! on a machine with an NVIDIA GPU, as scripts/gpu-check.sh does). Each one opens the GPU first and
+//! GPU tests. On the emulated device (feature `cuda-emu`: the same backend, kernels and host code,
+//! run on the CPU) they run with every `cargo test --features cuda-emu`, as CI does. With feature
+//! `cuda` they are `#[ignore]`d: run them with `cargo test --features cuda -- --ignored gpu::` on a
+//! machine with an NVIDIA GPU, as scripts/gpu-check.sh does. Each one opens the GPU first and
 //! **fails** when it cannot: none returns early, so a run without a GPU is red, never green.
 //!
 //! | test | against |
@@ -161,13 +163,13 @@ macro_rules! forward_tests {
         $(
             mod $arch {
                 #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+                #[cfg_attr(feature = "cuda", ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)")]
                 fn forward_f32_matches_the_cpu() {
                     super::forward_parity(stringify!($arch), eva::device::gpu::DType::F32, super::F32_TOL);
                 }
 
                 #[test]
-                #[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+                #[cfg_attr(feature = "cuda", ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)")]
                 fn forward_bf16_is_close_to_the_cpu() {
                     super::forward_parity(stringify!($arch), eva::device::gpu::DType::Bf16, super::BF16_TOL);
                 }
@@ -185,7 +187,10 @@ fn rows(n: usize, d: usize, seed: u64) -> Array2<f32> {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"
+)]
 fn exact_gram_matches_the_cpu_f64_gram() {
     let gpu = open(DType::F32);
     let d = 96;
@@ -253,7 +258,10 @@ fn exact_gram_matches_the_cpu_f64_gram() {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"
+)]
 fn sketch_products_match_f64() {
     let gpu = open(DType::F32);
     let (n, d, m) = (5000, 80, 24);
@@ -403,7 +411,10 @@ fn bench_forward_tokens_per_second() {
 /// Bounds: the f32 products of at most 4096 rows before each f64 flush on both sides (different
 /// summation orders), `2e-5` of the largest diagonal entry; sums and sketches `1e-5`.
 #[test]
-#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"
+)]
 fn device_input_stats_match_the_cpu() {
     use eva::device::rows::Rows;
     use eva::stats::{Estimator, InputStats, Packed, Shared, Workspace};
@@ -519,7 +530,10 @@ fn eva_bin() -> PathBuf {
 /// example read (`--no-early-stop`, so both read the same data): the same rank per layer, and each
 /// layer's `lora_A` rows span the CPU's subspace to similarity ≥ 0.9999.
 #[test]
-#[ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"
+)]
 fn whole_adapter_matches_the_cpu() {
     let _gpu = open(DType::F32);
     let root = repo();

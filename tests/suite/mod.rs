@@ -7,7 +7,7 @@ pub mod distributed;
 mod errors;
 mod exact;
 mod fuzz;
-#[cfg(feature = "cuda")]
+#[cfg(eva_gpu)]
 mod gpu;
 mod layers;
 mod model;
