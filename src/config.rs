@@ -1,6 +1,7 @@
 //! Validated run configuration shared by the engine, the leader and the adapter writer.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// PEFT's EVA knobs (`LoraConfig.r`, `lora_alpha`, `EvaConfig`), validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,43 +90,6 @@ impl EvaParams {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::EvaParams;
-
-    #[test]
-    fn components_round_like_python() {
-        let c = |rank, rho| {
-            EvaParams {
-                rho,
-                ..EvaParams::default()
-            }
-            .components(rank)
-        };
-        assert_eq!(c(3, 1.5), 4);
-        assert_eq!(c(5, 1.5), 8);
-        assert_eq!(c(8, 2.0), 16);
-        assert_eq!(c(3, 1.0), 3);
-    }
-
-    #[test]
-    fn rank_pattern_keys_match_paths_and_dotted_suffixes_first_key_first() {
-        let p = EvaParams {
-            rank: 8,
-            rank_pattern: vec![("layers.0.q_proj".into(), 4), ("q_proj".into(), 2)],
-            ..EvaParams::default()
-        };
-        assert_eq!(p.layer_rank("model.layers.0.q_proj"), 4);
-        assert_eq!(p.layer_rank("layers.0.q_proj"), 4);
-        assert_eq!(p.layer_rank("model.layers.1.q_proj"), 2);
-        assert_eq!(p.layer_rank("q_proj"), 2);
-        // A suffix that does not start at a dot is another module.
-        assert_eq!(p.layer_rank("model.layers.1.xq_proj"), 8);
-        assert_eq!(p.layer_rank("model.layers.1.v_proj"), 8);
-        assert_eq!(p.most_components(), 16);
-    }
-}
-
 /// Which statistic each unique input accumulates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EstimatorChoice {
@@ -170,5 +134,132 @@ pub struct RunConfig {
     /// Print nothing but errors and warnings.
     pub quiet: bool,
     /// Checkpoints of the step loop and resuming from them (`--checkpoint`), if asked for.
-    pub checkpoint: Option<crate::engine::checkpoint::Checkpointing>,
+    pub checkpoint: Option<Checkpointing>,
+}
+
+/// When to write checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Every {
+    /// After every N-th step.
+    Steps(usize),
+    /// After the first step that ends at least this long after the previous checkpoint (or the
+    /// start), by the global leader's clock.
+    Time(Duration),
+}
+
+impl std::str::FromStr for Every {
+    type Err = String;
+
+    /// `N` steps, or a duration: `90s`, `10m`, `1.5h`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("expected a number of steps (e.g. 50) or a duration (e.g. 90s, 10m, 1h), found `{s}`")
+        };
+        let t = s.trim();
+        let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+            Some(i) => (&t[..i], &t[i..]),
+            None => {
+                let n: usize = t.parse().map_err(|_| bad())?;
+                return if n == 0 {
+                    Err("expected at least 1 step, found 0".into())
+                } else {
+                    Ok(Every::Steps(n))
+                };
+            }
+        };
+        let scale = match unit {
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let v: f64 = num.trim().parse().map_err(|_| bad())?;
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(format!("expected a positive duration, found `{s}`"));
+        }
+        Ok(Every::Time(Duration::from_secs_f64(v * scale)))
+    }
+}
+
+impl std::fmt::Display for Every {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Every::Steps(n) => write!(f, "{n} steps"),
+            Every::Time(d) => write!(f, "{} s", d.as_secs_f64()),
+        }
+    }
+}
+
+/// What `--checkpoint` asks of the run. The caller checks the directory on every rank with
+/// `engine::checkpoint::prepare` before any work.
+#[derive(Clone, Debug)]
+pub struct Checkpointing {
+    /// Where the checkpoints go (created if missing; every rank must be able to write there).
+    pub dir: PathBuf,
+    /// How often.
+    pub every: Every,
+    /// Continue from the latest complete checkpoint in `dir`, if there is one.
+    pub resume: bool,
+    /// Everything besides the grid and the catalog that the adapter depends on (flags, data and
+    /// model identity), as `(what, value)` pairs; a checkpoint with other values is refused,
+    /// naming each difference.
+    pub fingerprint: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EvaParams, Every};
+    use std::time::Duration;
+
+    #[test]
+    fn components_round_like_python() {
+        let c = |rank, rho| {
+            EvaParams {
+                rho,
+                ..EvaParams::default()
+            }
+            .components(rank)
+        };
+        assert_eq!(c(3, 1.5), 4);
+        assert_eq!(c(5, 1.5), 8);
+        assert_eq!(c(8, 2.0), 16);
+        assert_eq!(c(3, 1.0), 3);
+    }
+
+    #[test]
+    fn rank_pattern_keys_match_paths_and_dotted_suffixes_first_key_first() {
+        let p = EvaParams {
+            rank: 8,
+            rank_pattern: vec![("layers.0.q_proj".into(), 4), ("q_proj".into(), 2)],
+            ..EvaParams::default()
+        };
+        assert_eq!(p.layer_rank("model.layers.0.q_proj"), 4);
+        assert_eq!(p.layer_rank("layers.0.q_proj"), 4);
+        assert_eq!(p.layer_rank("model.layers.1.q_proj"), 2);
+        assert_eq!(p.layer_rank("q_proj"), 2);
+        // A suffix that does not start at a dot is another module.
+        assert_eq!(p.layer_rank("model.layers.1.xq_proj"), 8);
+        assert_eq!(p.layer_rank("model.layers.1.v_proj"), 8);
+        assert_eq!(p.most_components(), 16);
+    }
+
+    #[test]
+    fn every_parses_steps_and_durations() {
+        assert_eq!("50".parse::<Every>(), Ok(Every::Steps(50)));
+        assert_eq!(
+            "10m".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(600)))
+        );
+        assert_eq!(
+            "1.5h".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            "90s".parse::<Every>(),
+            Ok(Every::Time(Duration::from_secs(90)))
+        );
+        for bad in ["0", "-3", "10x", "m", "", "0s", "nan s"] {
+            assert!(bad.parse::<Every>().is_err(), "{bad}");
+        }
+    }
 }

@@ -6,8 +6,8 @@ use crate::adapter::write::{self, CARD_FILE, CONFIG_FILE, REPORT_FILE, SVG_FILE,
 use crate::adapter::{card, svg};
 use crate::comm::threads::ThreadWorld;
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::{EstimatorChoice, EvaParams, RunConfig};
-use crate::engine::checkpoint::{self, Checkpointing};
+use crate::config::{Checkpointing, EstimatorChoice, EvaParams, RunConfig};
+use crate::engine::checkpoint;
 use crate::engine::topology::{self, Topology};
 use crate::leader::allocate;
 use crate::model::Model;

@@ -281,7 +281,7 @@ pub struct InitArgs {
         default_value = "10m",
         requires = "checkpoint"
     )]
-    pub checkpoint_every: crate::engine::checkpoint::Every,
+    pub checkpoint_every: crate::config::Every,
 
     /// Continue from the latest complete checkpoint in --checkpoint DIR (start afresh if there
     /// is none); a checkpoint of other flags, data, model or grid is refused.

@@ -23,75 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
-/// When to write checkpoints.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Every {
-    /// After every N-th step.
-    Steps(usize),
-    /// After the first step that ends at least this long after the previous checkpoint (or the
-    /// start), by the global leader's clock.
-    Time(Duration),
-}
-
-impl std::str::FromStr for Every {
-    type Err = String;
-
-    /// `N` steps, or a duration: `90s`, `10m`, `1.5h`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || {
-            format!("expected a number of steps (e.g. 50) or a duration (e.g. 90s, 10m, 1h), found `{s}`")
-        };
-        let t = s.trim();
-        let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-            Some(i) => (&t[..i], &t[i..]),
-            None => {
-                let n: usize = t.parse().map_err(|_| bad())?;
-                return if n == 0 {
-                    Err("expected at least 1 step, found 0".into())
-                } else {
-                    Ok(Every::Steps(n))
-                };
-            }
-        };
-        let scale = match unit {
-            "s" => 1.0,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        let v: f64 = num.trim().parse().map_err(|_| bad())?;
-        if !(v > 0.0 && v.is_finite()) {
-            return Err(format!("expected a positive duration, found `{s}`"));
-        }
-        Ok(Every::Time(Duration::from_secs_f64(v * scale)))
-    }
-}
-
-impl std::fmt::Display for Every {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Every::Steps(n) => write!(f, "{n} steps"),
-            Every::Time(d) => write!(f, "{} s", d.as_secs_f64()),
-        }
-    }
-}
-
-/// What `--checkpoint` asks of the run. The caller checks the directory on every rank with
-/// [`prepare`] before any work.
-#[derive(Clone, Debug)]
-pub struct Checkpointing {
-    /// Where the checkpoints go (created if missing; every rank must be able to write there).
-    pub dir: PathBuf,
-    /// How often.
-    pub every: Every,
-    /// Continue from the latest complete checkpoint in `dir`, if there is one.
-    pub resume: bool,
-    /// Everything besides the grid and the catalog that the adapter depends on (flags, data and
-    /// model identity), as `(what, value)` pairs; a checkpoint with other values is refused,
-    /// naming each difference.
-    pub fingerprint: Vec<(String, String)>,
-}
-
 /// Seconds a signalled rank waits for the step under way to end and its checkpoint to be written
 /// before it exits anyway (a second signal exits at once).
 pub const SIGNAL_GRACE: Duration = Duration::from_secs(120);
@@ -284,26 +215,6 @@ pub fn hash_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_parses_steps_and_durations() {
-        assert_eq!("50".parse::<Every>(), Ok(Every::Steps(50)));
-        assert_eq!(
-            "10m".parse::<Every>(),
-            Ok(Every::Time(Duration::from_secs(600)))
-        );
-        assert_eq!(
-            "1.5h".parse::<Every>(),
-            Ok(Every::Time(Duration::from_secs(5400)))
-        );
-        assert_eq!(
-            "90s".parse::<Every>(),
-            Ok(Every::Time(Duration::from_secs(90)))
-        );
-        for bad in ["0", "-3", "10x", "m", "", "0s", "nan s"] {
-            assert!(bad.parse::<Every>().is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn differences_name_each_changed_flag() {

@@ -2,8 +2,9 @@
 //! all-reduce after each step (a rank that received SIGTERM/SIGINT, a period by the leader's
 //! clock) so that every rank takes the same decision at the same step.
 
-use super::{state, Checkpointing, Every};
+use super::state;
 use crate::comm::wire::{Reader, Writer};
+use crate::config::{Checkpointing, Every};
 use crate::engine::{fingerprint, Engine};
 use crate::{Error, Result};
 use std::time::Instant;
