@@ -694,7 +694,7 @@ mod tests {
         };
         let plan = validate(&o).unwrap();
         assert!(
-            matches!(&plan.source.input, Input::Model(m) if m.dir == PathBuf::from("m") && m.max_seq_len == 512)
+            matches!(&plan.source.input, Input::Model(m) if m.dir == std::path::Path::new("m") && m.max_seq_len == 512)
         );
         assert_eq!(
             plan.device,
