@@ -1,4 +1,9 @@
-//! Validated run configuration shared by the engine, the leader and the adapter writer.
+//! Validated run configuration shared by the engine, the leader and the adapter writer, and
+//! ([`validate`]) the one validation that makes it from every front end's options.
+
+pub mod validate;
+
+pub use validate::{validate, Options, Plan, DEFAULT_STATS_MEMORY, DEFAULT_STATS_MEMORY_GIB};
 
 use std::path::PathBuf;
 use std::time::Duration;

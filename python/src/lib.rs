@@ -10,7 +10,8 @@ use eva::comm::{Communicator, SingleProcess};
 use eva::config::RunConfig;
 use eva::engine::{Engine, StopReason};
 use eva::device::cuda::Cuda;
-use eva::device::gpu::{CudaOptions, DType, Gpu as _};
+use eva::config::validate::DType;
+use eva::device::gpu::{CudaOptions, Gpu as _};
 use eva::catalog::Catalog;
 use eva::device::rows::Rows;
 use ndarray::ArrayView2;
@@ -19,6 +20,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::rc::Rc;
 use std::sync::Arc;
 
 create_exception!(
@@ -41,15 +43,12 @@ type Finished<'py> = (
     String,
 );
 
-/// One EVA run over the caller's forward passes.
-///
-/// The engine borrows its configuration and communicator, which the run owns on the heap:
-/// `engine` is declared first so that it is dropped before what it borrows.
+/// One EVA run over the caller's forward passes. The engine owns its configuration and its
+/// communicator (`unsendable`: the communicator calls back into the caller's process group on
+/// the thread that made it).
 #[pyclass(unsendable, module = "eva_lora._eva")]
 struct Run {
-    engine: Option<Engine<'static>>,
-    _cfg: Box<RunConfig>,
-    _comm: Box<dyn Communicator>,
+    engine: Option<Engine>,
     /// The GPU the statistics live on (`device` given), whose rows are read in place.
     gpu: Option<Arc<Cuda>>,
 }
@@ -90,7 +89,7 @@ fn rows_of(buf: &PyBuffer<f32>) -> PyResult<ArrayView2<'_, f32>> {
 }
 
 impl Run {
-    fn engine(&mut self) -> PyResult<&mut Engine<'static>> {
+    fn engine(&mut self) -> PyResult<&mut Engine> {
         self.engine
             .as_mut()
             .ok_or_else(|| EvaError::new_err("this eva run has finished"))
@@ -118,27 +117,17 @@ impl Run {
         comm: Option<PyObject>,
         device: Option<PyRef<'_, Gpu>>,
     ) -> PyResult<Self> {
-        let cfg = Box::new(options::config(options)?);
+        let cfg: Arc<RunConfig> = Arc::new(options::config(options)?);
         let gpu = device.map(|g| g.0.clone());
-        let comm: Box<dyn Communicator> = match comm {
-            None => Box::new(SingleProcess),
-            Some(obj) => Box::new(comm::PyComm::new(py, obj)?),
+        let comm: Rc<dyn Communicator> = match comm {
+            None => Rc::new(SingleProcess),
+            Some(obj) => Rc::new(comm::PyComm::new(py, obj)?),
         };
         let catalog = check_catalog(layers, groups)?;
-        // SAFETY: both boxes live in the returned `Run`, never move their contents, and outlive
-        // the engine (dropped first, see the struct).
-        let (cfg_ref, comm_ref): (&'static RunConfig, &'static dyn Communicator) = unsafe {
-            (
-                &*(cfg.as_ref() as *const RunConfig),
-                &*(comm.as_ref() as *const dyn Communicator),
-            )
-        };
-        let engine = Engine::external(catalog, refs, units, desc, comm_ref, cfg_ref, gpu.clone())
+        let engine = Engine::external(catalog, refs, units, desc, comm, cfg, gpu.clone())
             .map_err(py_err)?;
         Ok(Run {
             engine: Some(engine),
-            _cfg: cfg,
-            _comm: comm,
             gpu,
         })
     }
@@ -310,7 +299,7 @@ fn _eva(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     m.add_class::<Gpu>()?;
     m.add("EvaError", m.py().get_type::<EvaError>())?;
-    m.add("DEFAULT_STATS_MEMORY", options::DEFAULT_STATS_MEMORY)?;
+    m.add("DEFAULT_STATS_MEMORY", eva::config::DEFAULT_STATS_MEMORY)?;
     // Whether CUDA layer inputs can stay on the GPU (the `cuda` feature).
     m.add("CUDA", cfg!(feature = "cuda"))?;
     Ok(())

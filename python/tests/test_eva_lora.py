@@ -1,13 +1,14 @@
 """The drop-in against `eva init --model`, PEFT loading its result, and eva's errors."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
 
 import eva_lora
-from common import TARGETS, cli_adapter, load_model, loader, MODELS
+from common import TARGETS, cli_adapter, eva_bin, load_model, loader, MODELS
 
 BATCH = 8
 # Largest |ΔA| against `eva init --model`, whose forward rounds differently from PyTorch's: on
@@ -142,6 +143,57 @@ def test_unsupported_module_raises_evas_error():
     cfg = LoraConfig(r=4, target_modules=["q_proj", "mlp"], init_lora_weights="eva", eva_config=EvaConfig())
     with pytest.raises(eva_lora.EvaError, match=r"module model\.layers\.0\.mlp \(LlamaMLP\) is not supported"):
         eva_lora.get_eva_state_dict(model, loader("tiny-llama", 4), peft_config=cfg, show_progress_bar=False)
+
+
+# Out-of-range values as `eva init` spells them and as the package's options carry them (the
+# knobs PEFT's configs hold, or get_eva_state_dict's keywords); tests/suite/errors.rs's
+# SHARED_RANGE_ERRORS holds the same values with the whole message.
+SHARED_RANGE_ERRORS = [
+    ("--rank", "0", "r", 0),
+    ("--rho", "0.5", "rho", 0.5),
+    ("--rho", "inf", "rho", float("inf")),
+    ("--tau", "1.5", "tau", 1.5),
+    ("--tau", "-0.1", "tau", -0.1),
+    ("--alpha", "0", "lora_alpha", 0.0),
+    ("--lora-dropout", "1", "lora_dropout", 1.0),
+    ("--batch-size", "0", "batch_size", 0),
+    ("--max-steps", "0", "max_steps", 0),
+    ("--sketch-size", "0", "sketch_size", 0),
+    ("--rank-pattern", "a.fc=0", "rank_pattern", [("a.fc", 0)]),
+]
+
+
+def cli_error(tmp_path, flag, value):
+    """`eva init`'s message for one bad flag value (validation comes before the source is read)."""
+    out = subprocess.run(
+        [eva_bin(), "init", "--synthetic", "layers=1,dim=8", "--out", str(tmp_path / "out"), f"{flag}={value}"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    prefix = "eva: error: "
+    assert out.stderr.startswith(prefix), out.stderr
+    return out.stderr[len(prefix):].rstrip("\n")
+
+
+@pytest.mark.parametrize("flag,value,key,python_value", SHARED_RANGE_ERRORS)
+def test_out_of_range_values_get_the_clis_messages(tmp_path, flag, value, key, python_value):
+    """eva's validation is one function for the CLI and the package: the same bad value gives the
+    same message text in both (the flag, then the package's name for the knob)."""
+    with pytest.raises(eva_lora.EvaError) as raised:
+        eva_lora._eva.Run([("a.fc", 8, 4)], [[0]], [[0.0] * 8], 1, "test", {key: python_value})
+    assert str(raised.value) == cli_error(tmp_path, flag, value)
+
+
+def test_the_drop_in_refuses_what_the_cli_refuses(tmp_path):
+    """Through PEFT's configs: an EvaConfig changed after PEFT checked it (PEFT checks rho and tau
+    only when it is made) reaches eva's validation, whose message is the CLI's."""
+    eva_config = EvaConfig()
+    eva_config.tau = 1.5
+    model = load_model(MODELS["tiny-llama"])
+    cfg = LoraConfig(r=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=eva_config)
+    with pytest.raises(eva_lora.EvaError) as raised:
+        eva_lora.get_eva_state_dict(model, loader("tiny-llama", 4), peft_config=cfg, show_progress_bar=False)
+    assert str(raised.value) == cli_error(tmp_path, "--tau", "1.5")
 
 
 def test_max_steps_caps_the_run(tmp_path):

@@ -1,4 +1,5 @@
-//! `eva init`: validates arguments, opens the source, runs the engine and writes the adapter.
+//! `eva init`: validates the arguments into a plan (`config::validate`), opens the plan's source,
+//! runs the engine and writes the adapter.
 
 use super::progress::Progress;
 use super::InitArgs;
@@ -8,252 +9,166 @@ use crate::catalog::Catalog;
 use crate::comm::threads::ThreadWorld;
 use crate::comm::topology::{self, Topology};
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::{Checkpointing, EstimatorChoice, EvaParams, RunConfig};
+use crate::config::validate::{parse_rank_pattern, Collectives, Device, Input, Options, Plan};
+use crate::config::{self, EstimatorChoice, RunConfig};
 use crate::engine::checkpoint;
 use crate::leader::allocate;
 use crate::log::say;
 use crate::model::Model;
 use crate::source::model::{ModelOptions, ModelSource};
 use crate::source::shards::ShardSource;
+use crate::source::stages::{self, Staged};
 use crate::source::synthetic::SyntheticSource;
-use crate::source::{stages, Source, Targeted};
+use crate::source::synthetic::SyntheticSpec;
+use crate::source::{Source, Targeted};
 use crate::{engine, linalg, stats, Error, Result};
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
-/// `--rank-pattern`'s NAME=R entries, in order.
-fn rank_pattern(entries: &[String]) -> Result<Vec<(String, usize)>> {
-    entries
-        .iter()
-        .map(|e| {
-            let parsed = e.split_once('=').and_then(|(name, r)| {
-                let (name, r) = (name.trim(), r.trim().parse::<usize>().ok()?);
-                (!name.is_empty() && r >= 1).then(|| (name.to_string(), r))
-            });
-            parsed.ok_or_else(|| {
-                Error::usage(format!(
-                    "--rank-pattern entries must be NAME=R with a module name and a rank of at least 1, found `{e}`"
-                ))
-            })
-        })
-        .collect()
-}
-
-/// Checks value ranges that clap's types cannot express.
-pub fn validate(args: &InitArgs) -> Result<RunConfig> {
-    let bad = |flag: &str, want: &str, found: String| {
-        Err(Error::usage(format!(
-            "{flag} must be {want}, found {found}"
-        )))
-    };
-    if args.rank == 0 {
-        return bad("--rank", "at least 1", args.rank.to_string());
-    }
-    if !(args.rho >= 1.0 && args.rho.is_finite()) {
-        return bad("--rho", ">= 1", args.rho.to_string());
-    }
-    if !(0.0..=1.0).contains(&args.tau) {
-        return bad("--tau", "in [0, 1]", args.tau.to_string());
-    }
-    if !(args.alpha > 0.0 && args.alpha.is_finite()) {
-        return bad("--alpha", "a positive number", args.alpha.to_string());
-    }
-    if !(0.0..1.0).contains(&args.lora_dropout) {
-        return bad("--lora-dropout", "in [0, 1)", args.lora_dropout.to_string());
-    }
-    if args.batch_size == 0 {
-        return bad("--batch-size", "at least 1", "0".into());
-    }
-    if args.max_steps == Some(0) {
-        return bad("--max-steps", "at least 1", "0".into());
-    }
-    if args.sketch_size == Some(0) {
-        return bad("--sketch-size", "at least 1", "0".into());
-    }
-    if !(args.stats_memory >= 0.0 && args.stats_memory.is_finite()) {
-        return bad(
-            "--stats-memory",
-            "a non-negative number of GiB",
-            args.stats_memory.to_string(),
-        );
-    }
-    if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
-        return bad(
-            "--collective-timeout",
-            "a non-negative number of seconds (0 = off)",
-            args.collective_timeout.to_string(),
-        );
-    }
-    if let Some(t) = args
-        .targets
-        .as_ref()
-        .and_then(|t| t.iter().find(|t| t.trim().is_empty()))
-    {
-        return bad(
-            "--targets",
-            "a comma-separated list of non-empty names",
-            format!("`{t}`"),
-        );
-    }
-    validate_device(args)?;
-    Ok(RunConfig {
-        eva: EvaParams {
-            rank: args.rank,
-            rank_pattern: rank_pattern(&args.rank_pattern)?,
-            rho: args.rho,
-            tau: args.tau,
-            alpha: args.alpha,
-            whiten: args.whiten,
-            adjust_alpha: !args.no_adjust_alpha,
-            use_label_mask: !args.no_label_mask,
-            label_mask_value: -100,
-            lora_dropout: args.lora_dropout,
-        },
+/// The command line as plain [`Options`] (`--rank-pattern`'s `NAME=R` entries parsed).
+fn options(args: &InitArgs) -> Result<Options> {
+    Ok(Options {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        text_field: args.text_field.clone(),
+        max_seq_len: args.max_seq_len,
+        activations: args.activations.clone(),
+        synthetic: args.synthetic.as_ref().map(|s| s.to_string()),
+        targets: args.targets.clone(),
+        device: args.device.into(),
+        dtype: args.dtype.map(Into::into),
+        rank: args.rank,
+        rank_pattern: parse_rank_pattern(&args.rank_pattern)?,
+        rho: args.rho,
+        tau: args.tau,
+        alpha: args.alpha,
+        whiten: args.whiten,
+        adjust_alpha: !args.no_adjust_alpha,
+        use_label_mask: !args.no_label_mask,
+        label_mask_value: -100,
+        lora_dropout: args.lora_dropout,
         batch_size: args.batch_size,
         max_steps: args.max_steps,
         no_early_stop: args.no_early_stop,
         refine_converged: args.refine_converged,
         estimator: args.estimator.into(),
         sketch_size: args.sketch_size,
-        stats_memory: (args.stats_memory * (1u64 << 30) as f64) as u64,
+        stats_memory_gib: args.stats_memory,
         seed: args.seed,
         out: args.out.clone(),
         force: args.force,
-        base_model: args
-            .base_model
-            .clone()
-            .or_else(|| args.model.as_deref().map(super::inspect::model_name)),
-        task_type: match (&args.task_type, &args.model) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(dir)) => super::inspect::task_type(dir),
-            (None, None) => None,
-        },
+        base_model: args.base_model.clone(),
+        task_type: args.task_type.clone(),
         quiet: args.quiet,
-        checkpoint: args.checkpoint.as_ref().map(|dir| Checkpointing {
-            dir: dir.clone(),
-            every: args.checkpoint_every,
-            resume: args.resume,
-            // Filled in by `run_rank` once the directories are known to be writable.
-            fingerprint: Vec::new(),
-        }),
+        pp: args.pp,
+        pp_split: args.pp_split.clone(),
+        local_ranks: args.local_ranks,
+        threads: args.threads,
+        comm: args.comm.into(),
+        collective_timeout_s: args.collective_timeout,
+        checkpoint: args.checkpoint.clone(),
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
     })
 }
 
-/// `--device` and `--dtype`: a GPU runs the model's forward pass, so it needs `--model`; the
-/// CPU has no `--dtype`. `--device cuda` is checked here, before any work: a build without the
-/// `cuda` feature, or a machine without the driver, a GPU, NVRTC or cuBLAS, is an exit code 2
-/// naming what is missing and where it was looked for.
-fn validate_device(args: &InitArgs) -> Result<()> {
-    match args.device {
-        super::DeviceArg::Cpu => {
-            if let Some(d) = args.dtype {
-                let name = match d {
-                    super::DTypeArg::Bf16 => "bf16",
-                    super::DTypeArg::F32 => "f32",
-                };
-                return Err(Error::usage(format!(
-                    "--dtype {name} applies to --device cuda; the CPU computes in f32"
-                )));
-            }
-            Ok(())
-        }
-        super::DeviceArg::Cuda => {
-            if args.model.is_none() {
-                return Err(Error::usage("--device cuda runs the forward pass of --model; --activations and --synthetic are read on the CPU"));
-            }
-            crate::device::cuda::available()
+/// Validates the command line ([`config::validate`]) and completes what only the model can say:
+/// `base_model_name_or_path` and `task_type` default to the model directory's path and its
+/// checkpoint's class.
+pub fn plan(args: &InitArgs) -> Result<Plan> {
+    let mut plan = config::validate(&options(args)?)?;
+    if let Input::Model(m) = &plan.source.input {
+        let run = &mut plan.run;
+        run.base_model = run
+            .base_model
+            .take()
+            .or_else(|| Some(super::inspect::model_name(&m.dir)));
+        if run.task_type.is_none() {
+            run.task_type = super::inspect::task_type(&m.dir);
         }
     }
+    Ok(plan)
 }
 
-/// The GPU a rank computes on with `--device cuda`: the node-local rank (from the launcher's
-/// environment) modulo the GPUs it sees, as `--comm nccl` picks it; `None` on the CPU.
-fn device_options(args: &InitArgs) -> Result<Option<crate::device::gpu::CudaOptions>> {
-    if args.device != super::DeviceArg::Cuda {
+/// The GPU a rank computes on with `--device cuda`: its rank on this node modulo the GPUs the
+/// node has, as `--comm nccl` picks it; `None` on the CPU.
+fn device_options(
+    device: Device,
+    node_rank: usize,
+) -> Result<Option<crate::device::gpu::CudaOptions>> {
+    let Device::Cuda { dtype } = device else {
         return Ok(None);
-    }
-    let local_rank = launcher::detect().map_or(0, |l| l.local_rank);
+    };
     Ok(Some(crate::device::gpu::CudaOptions {
-        ordinal: local_rank % crate::device::cuda::device_count()?,
-        dtype: args.dtype.unwrap_or(super::DTypeArg::Bf16).into(),
+        ordinal: node_rank % crate::device::cuda::device_count()?,
+        dtype,
         slice: String::new(),
     }))
 }
 
-/// A source opened for one stage of the grid, with the stage of every unique input and a
-/// description of the cut (for the report).
-pub struct Opened {
-    pub source: Box<dyn Source>,
-    pub desc: String,
-    pub owner: Vec<usize>,
-    pub split: Vec<String>,
-}
-
-/// Opens the source named on the command line for `stage` of `stages`, restricted to
-/// `--targets`: a model loads only that stage's blocks; other sources read only that stage's
-/// inputs.
-pub fn open_source(
-    args: &InitArgs,
-    cfg: &RunConfig,
-    stage: usize,
-    stages: usize,
-    replicas: usize,
-) -> Result<Opened> {
+/// Opens the plan's source for `stage` of the grid's stages, restricted to its targets: a model
+/// loads only that stage's blocks (on GPU `node_rank mod devices` with `--device cuda`); other
+/// sources read only that stage's inputs.
+pub fn open_source(plan: &Plan, stage: usize, replicas: usize, node_rank: usize) -> Result<Staged> {
+    let (cfg, stages) = (&plan.run, plan.grid.pp);
+    let targets = plan.source.targets.as_deref();
     let targeted = |source: Box<dyn Source>| -> Result<Box<dyn Source>> {
-        match &args.targets {
+        match targets {
             Some(t) => Ok(Box::new(Targeted::new(source, t)?)),
             None => Ok(source),
         }
     };
-    if let (Some(dir), Some(data)) = (&args.model, &args.data) {
-        let model = Model::open(dir)?;
-        let memory = stages::block_memory(&model, args.targets.as_deref(), |d| {
-            statistics_bytes(cfg, d)
-        });
-        let blocks = stages::model_blocks(&model, stages, args.pp_split.as_deref(), memory)?;
-        let block: std::collections::HashMap<String, usize> = model
-            .modules()
-            .iter()
-            .map(|m| (m.name.clone(), m.layer))
-            .collect();
-        let block_of = move |name: &str| block.get(name).copied();
-        let opts = ModelOptions {
-            text_field: args.text_field.clone(),
-            max_seq_len: args.max_seq_len,
-            use_label_mask: !args.no_label_mask,
-        };
-        let source = targeted(Box::new(ModelSource::open_on(
-            model,
-            data,
-            &opts,
-            blocks[stage].clone(),
-            device_options(args)?,
-        )?))?;
-        let owner = stages::owners_by_block(source.catalog(), block_of, &blocks)?;
-        let split = blocks
-            .iter()
-            .map(|r| format!("blocks {}..{}", r.start, r.end))
-            .collect();
-        return Ok(Opened {
-            source,
-            desc: format!("model:{} data:{}", dir.display(), data.display()),
-            owner,
-            split,
-        });
-    }
-    let (source, desc): (Box<dyn Source>, String) = if let Some(dir) = &args.activations {
-        (
+    let (source, desc): (Box<dyn Source>, String) = match &plan.source.input {
+        Input::Model(m) => {
+            let model = Model::open(&m.dir)?;
+            let memory = stages::block_memory(&model, targets, |d| statistics_bytes(cfg, d));
+            let blocks =
+                stages::model_blocks(&model, stages, plan.grid.pp_split.as_deref(), memory)?;
+            let block: std::collections::HashMap<String, usize> = model
+                .modules()
+                .iter()
+                .map(|m| (m.name.clone(), m.layer))
+                .collect();
+            let block_of = move |name: &str| block.get(name).copied();
+            let opts = ModelOptions {
+                text_field: m.text_field.clone(),
+                max_seq_len: m.max_seq_len,
+                use_label_mask: cfg.eva.use_label_mask,
+            };
+            let source = targeted(Box::new(ModelSource::open_on(
+                model,
+                &m.data,
+                &opts,
+                blocks[stage].clone(),
+                device_options(plan.device, node_rank)?,
+            )?))?;
+            let owner = stages::owners_by_block(source.catalog(), block_of, &blocks)?;
+            let split = blocks
+                .iter()
+                .map(|r| format!("blocks {}..{}", r.start, r.end))
+                .collect();
+            return Ok(Staged {
+                source,
+                desc: format!("model:{} data:{}", m.dir.display(), m.data.display()),
+                owner,
+                split,
+            });
+        }
+        Input::Activations(dir) => (
             Box::new(ShardSource::open(dir)?),
             format!("activations:{}", dir.display()),
-        )
-    } else if let Some(spec) = &args.synthetic {
-        (
-            Box::new(SyntheticSource::new(spec.clone())?),
-            format!("synthetic:{spec}"),
-        )
-    } else {
-        return Err(Error::usage(
-            "one of --model with --data, --activations or --synthetic is required",
-        ));
+        ),
+        Input::Synthetic(spec) => {
+            let spec: SyntheticSpec = spec.parse().map_err(Error::usage)?;
+            let desc = format!("synthetic:{spec}");
+            (Box::new(SyntheticSource::new(spec)?), desc)
+        }
+        Input::Caller => {
+            return Err(Error::usage(
+                "one of --model with --data, --activations or --synthetic is required",
+            ))
+        }
     };
     let source = targeted(source)?;
     let catalog = source.catalog();
@@ -281,7 +196,7 @@ pub fn open_source(
             )
         })
         .collect();
-    Ok(Opened {
+    Ok(Staged {
         source,
         desc,
         owner,
@@ -302,39 +217,38 @@ fn statistics_bytes(cfg: &RunConfig, d: usize) -> u64 {
 /// Runs `eva init`: in a world of one, as N thread ranks (`--local-ranks`), or as one rank of the
 /// world a launcher started.
 pub fn run(args: &InitArgs) -> Result<()> {
-    let cfg = validate(args)?;
+    let plan = plan(args)?;
+    // `--device cuda` is checked before any work: a build without the `cuda` feature, or a
+    // machine without the driver, a GPU, NVRTC or cuBLAS, is an exit code 2 naming what is
+    // missing and where it was looked for.
+    if let Device::Cuda { .. } = plan.device {
+        crate::device::cuda::available()?;
+    }
     // Operations (docs/operations.md): signals, and what a timed-out collective does.
-    if cfg.checkpoint.is_some() {
+    if plan.run.checkpoint.is_some() {
         checkpoint::arm();
     }
     super::signals::install();
     comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
-    comm::set_collective_timeout(
-        (args.collective_timeout > 0.0)
-            .then(|| std::time::Duration::from_secs_f64(args.collective_timeout)),
-    );
+    comm::set_collective_timeout(plan.ops.collective_timeout);
     let launch = launcher::detect();
     let threads = |ranks: usize| {
-        if args.threads > 0 {
-            args.threads
-        } else {
-            launcher::cores_per_rank(ranks)
-        }
+        plan.grid
+            .threads
+            .unwrap_or_else(|| launcher::cores_per_rank(ranks))
     };
-    if args.local_ranks == 0 {
-        return Err(Error::usage("--local-ranks must be at least 1, found 0"));
-    }
-    if args.local_ranks > 1 {
-        if launch.is_some() || args.comm != super::CommArg::Auto {
-            return Err(Error::usage("--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm"));
+    let local_ranks = plan.grid.local_ranks;
+    if local_ranks > 1 {
+        if launch.is_some() {
+            return Err(config::validate::thread_world_conflict());
         }
-        linalg::set_threads(threads(args.local_ranks));
-        let worlds = ThreadWorld::create(args.local_ranks);
-        let cfg = &cfg;
+        linalg::set_threads(threads(local_ranks));
+        let worlds = ThreadWorld::create(local_ranks);
+        let plan = &plan;
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = worlds
                 .into_iter()
-                .map(|w| s.spawn(move || run_rank(&w, args, cfg)))
+                .map(|w| s.spawn(move || run_rank(Rc::new(w), plan, args)))
                 .collect();
             handles
                 .into_iter()
@@ -347,9 +261,9 @@ pub fn run(args: &InitArgs) -> Result<()> {
         // Ranks agree on failures: rank 0's result speaks for the job.
         return results.into_iter().next().unwrap_or(Ok(()));
     }
-    let comm = comm::connect(args.comm.into())?;
+    let comm: Rc<dyn Communicator> = comm::connect(collectives(plan.grid.comm))?.into();
     linalg::set_threads(threads(launch.map_or(1, |l| l.local_size)));
-    run_rank(comm.as_ref(), args, &cfg).map_err(|e| {
+    run_rank(comm.clone(), &plan, args).map_err(|e| {
         if comm.size() > 1 {
             Error::Rank {
                 rank: comm.rank(),
@@ -361,8 +275,21 @@ pub fn run(args: &InitArgs) -> Result<()> {
     })
 }
 
+/// The communicator backend of the plan's choice.
+fn collectives(c: Collectives) -> comm::Backend {
+    match c {
+        Collectives::Auto => comm::Backend::Auto,
+        Collectives::Mpi => comm::Backend::Mpi,
+        Collectives::Nccl => comm::Backend::Nccl,
+    }
+}
+
 /// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.
-fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result<()> {
+/// `args` serves the checkpoint fingerprint only (`fingerprint::of`, which still reads the
+/// command line); everything else comes from the validated `plan`.
+fn run_rank(world: Rc<dyn Communicator>, plan: &Plan, args: &InitArgs) -> Result<()> {
+    let comm = &*world;
+    let cfg = &plan.run;
     let leader = comm.is_leader();
     // Fail fast: the leader makes --out's temporary directory before any work.
     let staging = agree(
@@ -388,18 +315,21 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
         agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
         c.fingerprint = agree(comm, super::fingerprint::of(args))?;
     }
-    let cfg = &cfg;
-    agree(comm, topology::check_grid(comm.size(), args.pp))?;
-    let topo = Topology::new(comm, args.pp)?;
+    let cfg = Arc::new(cfg);
+    let pp = plan.grid.pp;
+    agree(comm, topology::check_grid(comm.size(), pp))?;
+    let topo = Topology::new(world.clone(), pp)?;
     let (stage, replicas) = (topo.stage, topo.replicas);
-    let opened = agree(comm, open_source(args, cfg, stage, args.pp, replicas))?;
-    let Opened {
-        mut source,
-        desc,
-        owner,
-        split,
-    } = opened;
-    agree(comm, super::tokens::check_reachable(source.as_ref(), cfg))?;
+    // The rank's place on its node: thread ranks (`--local-ranks`) are one node's ranks; a
+    // launcher's say theirs. Each takes its own GPU with `--device cuda`.
+    let node_rank = if plan.grid.local_ranks > 1 {
+        comm.rank()
+    } else {
+        launcher::detect().map_or(0, |l| l.local_rank)
+    };
+    let mut staged = agree(comm, open_source(plan, stage, replicas, node_rank))?;
+    let source = &staged.source;
+    agree(comm, super::tokens::check_reachable(source.as_ref(), &cfg))?;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
     if leader && replicas > passes {
         say(&format!(
@@ -411,22 +341,16 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
         ));
     }
     if leader {
-        warn_partly_sketched(cfg, source.catalog(), &owner, replicas);
+        warn_partly_sketched(&cfg, source.catalog(), &staged.owner, replicas);
     }
     let mut progress = Progress::new(cfg.quiet || !leader);
-    let result = engine::run(
-        source.as_mut(),
-        &desc,
-        topo,
-        owner,
-        split,
-        cfg,
-        &mut |info| progress.step(info),
-    );
+    let result = engine::run(&mut staged, topo, cfg.clone(), &mut |info| {
+        progress.step(info)
+    });
     progress.finish();
     let outcome = result?;
     let written = match staging {
-        Some(staging) => write_outcome(cfg, outcome, staging),
+        Some(staging) => write_outcome(&cfg, outcome, staging),
         None => Ok(()),
     };
     agree(comm, written)

@@ -37,7 +37,7 @@ pub struct InspectArgs {
     pub sketch_size: Option<usize>,
 
     /// Memory for exact Grams under --estimator auto, in GiB.
-    #[arg(long, default_value_t = super::DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
+    #[arg(long, default_value_t = crate::config::DEFAULT_STATS_MEMORY_GIB, value_name = "GIB")]
     pub stats_memory: f64,
 
     /// Pipeline stages: print how `eva init --pp S` splits the blocks, and each stage's memory.
@@ -101,25 +101,28 @@ fn describe(c: &ModelConfig) -> String {
 
 /// The report `eva inspect` prints.
 pub fn report(args: &InspectArgs) -> Result<String> {
-    if args.rank == 0 {
-        return Err(Error::usage("--rank must be at least 1, found 0"));
-    }
-    if !(args.rho >= 1.0 && args.rho.is_finite()) {
-        return Err(Error::usage(format!(
-            "--rho must be >= 1, found {}",
-            args.rho
-        )));
-    }
+    // `eva init`'s validation of the knobs `eva inspect` shares with it.
+    let plan = crate::config::validate(&crate::config::Options {
+        rank: args.rank,
+        rho: args.rho,
+        sketch_size: args.sketch_size,
+        stats_memory_gib: args.stats_memory,
+        targets: args.targets.clone(),
+        pp: args.pp,
+        pp_split: args.pp_split.clone(),
+        ..Default::default()
+    })?;
+    let (eva, cfg) = (&plan.run.eva, &plan.run);
     let mut model = Model::open(&args.model)?;
-    let memory = block_memory(&model, args.targets.as_deref(), |d| {
+    let memory = block_memory(&model, plan.source.targets.as_deref(), |d| {
         memory_bytes(true, d, 0, 1)
     });
-    let blocks = model_blocks(&model, args.pp, args.pp_split.as_deref(), memory)?;
+    let blocks = model_blocks(&model, plan.grid.pp, plan.grid.pp_split.as_deref(), memory)?;
     model.checkpoint.load(|_| true)?;
     let (catalog, _) = model.catalog();
     let c = &model.config;
     let modules = model.modules();
-    let catalog = match &args.targets {
+    let catalog = match &plan.source.targets {
         None => catalog,
         Some(t) => {
             if let Some(bad) = t.iter().find(|t| {
@@ -192,7 +195,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         "targets      {} modules, {} unique inputs{}",
         catalog.layers.len(),
         catalog.inputs.len(),
-        if args.targets.is_none() {
+        if plan.source.targets.is_none() {
             " (default: every linear layer inside the blocks)"
         } else {
             ""
@@ -243,11 +246,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             names.join(", ")
         );
     }
-    let kmax = crate::config::EvaParams {
-        rho: args.rho,
-        ..Default::default()
-    }
-    .components(args.rank);
+    let kmax = eva.components(eva.rank);
     let dims: Vec<usize> = catalog.inputs.iter().map(|i| i.dim).collect();
     let total = |exact: bool, world: usize| -> u64 {
         dims.iter()
@@ -255,7 +254,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
                 memory_bytes(
                     exact,
                     d,
-                    args.sketch_size
+                    cfg.sketch_size
                         .unwrap_or_else(|| default_sketch_size(kmax, d))
                         .min(d),
                     world,
@@ -263,12 +262,12 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             })
             .sum()
     };
-    let budget = (args.stats_memory * (1u64 << 30) as f64) as u64;
+    let budget = cfg.stats_memory;
     let _ = writeln!(w);
     let _ = writeln!(
         w,
         "statistics memory per rank (rank {}, rho {}: {kmax} candidate components per input)",
-        args.rank, args.rho
+        eva.rank, eva.rho
     );
     let _ = writeln!(
         w,
@@ -285,7 +284,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         "  sketch  {:>12}  {:>12}  ({} columns per input)",
         mib(total(false, 1)),
         mib(total(false, 2)),
-        args.sketch_size
+        cfg.sketch_size
             .map_or_else(|| "default".to_string(), |k| k.to_string())
     );
     let pick = |world: usize| {
@@ -306,7 +305,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         pick(1),
         pick(2)
     );
-    if args.pp > 1 || args.pp_split.is_some() {
+    if plan.grid.pp > 1 || plan.grid.pp_split.is_some() {
         stage_table(
             w,
             &model,
@@ -317,7 +316,7 @@ pub fn report(args: &InspectArgs) -> Result<String> {
                 memory_bytes(
                     false,
                     d,
-                    args.sketch_size
+                    cfg.sketch_size
                         .unwrap_or_else(|| default_sketch_size(kmax.min(d), d))
                         .min(d),
                     1,

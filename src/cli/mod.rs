@@ -1,5 +1,6 @@
-//! The `eva` command line: raw clap arguments ([`Cli`]) are validated into a [`RunConfig`]
-//! and a data source in [`init`], kept apart from the engine.
+//! The `eva` command line: raw clap arguments ([`Cli`]) become the library's plain
+//! [`Options`](crate::config::Options), which `config::validate` turns into a plan (run
+//! settings, source, grid, operations, device) in [`init`]; nothing past it sees the arguments.
 
 pub mod fingerprint;
 pub mod init;
@@ -9,15 +10,11 @@ pub mod report;
 pub mod signals;
 mod tokens;
 
-use crate::config::EstimatorChoice;
+use crate::config::validate::{Collectives, DType, DeviceKind};
+use crate::config::{EstimatorChoice, DEFAULT_STATS_MEMORY_GIB};
 use crate::source::synthetic::SyntheticSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-
-/// Default `--stats-memory`: exact statistics for every input of models up to ~1B parameters
-/// (Qwen2.5-0.5B needs 5.0 GB, TinyLlama-1.1B 7.8 GB in a world of one), where the sketch's
-/// components would be far less accurate.
-pub const DEFAULT_STATS_MEMORY_GIB: f64 = 8.0;
 
 /// Parses a whole number; a negative one is refused with what was expected (clap would
 /// otherwise take `-1` for a flag).
@@ -81,12 +78,12 @@ pub enum CommArg {
     Nccl,
 }
 
-impl From<CommArg> for crate::comm::Backend {
+impl From<CommArg> for Collectives {
     fn from(c: CommArg) -> Self {
         match c {
-            CommArg::Auto => crate::comm::Backend::Auto,
-            CommArg::Mpi => crate::comm::Backend::Mpi,
-            CommArg::Nccl => crate::comm::Backend::Nccl,
+            CommArg::Auto => Collectives::Auto,
+            CommArg::Mpi => Collectives::Mpi,
+            CommArg::Nccl => Collectives::Nccl,
         }
     }
 }
@@ -100,6 +97,15 @@ pub enum DeviceArg {
     Cuda,
 }
 
+impl From<DeviceArg> for DeviceKind {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Cuda => DeviceKind::Cuda,
+        }
+    }
+}
+
 /// `--dtype` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -109,11 +115,11 @@ pub enum DTypeArg {
     F32,
 }
 
-impl From<DTypeArg> for crate::device::gpu::DType {
+impl From<DTypeArg> for DType {
     fn from(d: DTypeArg) -> Self {
         match d {
-            DTypeArg::Bf16 => crate::device::gpu::DType::Bf16,
-            DTypeArg::F32 => crate::device::gpu::DType::F32,
+            DTypeArg::Bf16 => DType::Bf16,
+            DTypeArg::F32 => DType::F32,
         }
     }
 }

@@ -10,34 +10,37 @@
 use super::{Communicator, SingleProcess};
 use crate::{Error, Result};
 use std::ops::Deref;
+use std::rc::Rc;
 
 /// A group of ranks: the world itself, or a part split from it.
-pub enum Group<'a> {
-    World(&'a dyn Communicator),
+pub enum Group {
+    World(Rc<dyn Communicator>),
     Split(Box<dyn Communicator>),
 }
 
-impl<'a> Deref for Group<'a> {
-    type Target = dyn Communicator + 'a;
+impl Deref for Group {
+    type Target = dyn Communicator;
 
     fn deref(&self) -> &Self::Target {
         match self {
-            Group::World(c) => *c,
+            Group::World(c) => c.as_ref(),
             Group::Split(c) => c.as_ref(),
         }
     }
 }
 
-/// Where this rank sits in the grid, with the communicators of its groups.
-pub struct Topology<'a> {
+/// Where this rank sits in the grid, with the communicators of its groups. It shares the world
+/// with its caller (one thread: communicators are not `Send`), so that an engine can own its
+/// topology and outlive the caller's frame (the Python package keeps one between calls).
+pub struct Topology {
     /// Every rank.
-    pub world: &'a dyn Communicator,
+    pub world: Rc<dyn Communicator>,
     /// This rank's stage's data-parallel group (rank = replica): the world itself with one
     /// stage (so that NCCL carries the statistics), a split of it otherwise.
-    pub stage_comm: Group<'a>,
+    pub stage_comm: Group,
     /// The stage leaders (replica 0 of each stage; rank = stage): the world itself with one
     /// replica; for ranks other than replica 0, a group of no use.
-    pub leaders: Group<'a>,
+    pub leaders: Group,
     /// This rank's stage, `0..stages`.
     pub stage: usize,
     /// Pipeline stages (`--pp`).
@@ -58,21 +61,21 @@ pub fn check_grid(world: usize, stages: usize) -> Result<()> {
     Ok(())
 }
 
-impl<'a> Topology<'a> {
+impl Topology {
     /// Splits `world` into `stages` stages (collective: every rank calls it).
-    pub fn new(world: &'a dyn Communicator, stages: usize) -> Result<Self> {
+    pub fn new(world: Rc<dyn Communicator>, stages: usize) -> Result<Self> {
         check_grid(world.size(), stages)?;
         let replicas = world.size() / stages;
         let (stage, replica) = (world.rank() / replicas, world.rank() % replicas);
         // Only a grid with both dimensions needs new communicators (split is collective: every
         // rank takes the same branch).
         let stage_comm = match (stages, replicas) {
-            (1, _) => Group::World(world),
+            (1, _) => Group::World(world.clone()),
             (_, 1) => Group::Split(Box::new(SingleProcess)),
             _ => Group::Split(world.split(stage, replica)?),
         };
         let leaders = match (stages, replicas) {
-            (_, 1) => Group::World(world),
+            (_, 1) => Group::World(world.clone()),
             // One stage: its leader, rank 0, is the only stage leader.
             (1, _) => Group::Split(Box::new(SingleProcess)),
             _ => Group::Split(world.split(usize::from(replica != 0), stage)?),
@@ -113,7 +116,8 @@ mod tests {
                 .into_iter()
                 .map(|w| {
                     s.spawn(move || {
-                        let t = Topology::new(&w, 3).unwrap();
+                        let w: Rc<dyn Communicator> = Rc::new(w);
+                        let t = Topology::new(w.clone(), 3).unwrap();
                         let mut v = [w.rank() as f64];
                         t.stage_comm.all_reduce_sum(&mut v).unwrap();
                         (

@@ -14,19 +14,10 @@
 //! row-major products), and `stats::device` builds the host statistics from them.
 
 use super::backend::Backend;
+use crate::config::validate::DType;
 use crate::Result;
 use ndarray::Array2;
 use std::sync::Arc;
-
-/// Storage type of the weight matrices on the device (`--dtype`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DType {
-    /// bfloat16 matrices (half the memory; products in bf16 × bf16 → f32).
-    #[default]
-    Bf16,
-    /// f32 matrices: the CPU backend's numbers to rounding (parity tests, `--dtype f32`).
-    F32,
-}
 
 /// How to open the GPU.
 #[derive(Clone, Debug, Default)]

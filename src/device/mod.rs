@@ -7,7 +7,7 @@
 //! | [`backend`] | the [`backend::Backend`] trait the forward passes are written against, and its op types |
 //! | [`cpu`] | [`cpu::Cpu`]: the trait on host memory (OpenBLAS products, plain loops) |
 //! | [`cuda`] | [`cuda::Cuda`]: the trait on an NVIDIA GPU, and the device accumulators of the statistics (feature `cuda`; else a twin that cannot be built) |
-//! | [`gpu`] | what the layers above ask of a GPU, as traits both the backend and its twin implement; [`gpu::DType`], [`gpu::CudaOptions`] |
+//! | [`gpu`] | what the layers above ask of a GPU, as traits both the backend and its twin implement; [`gpu::CudaOptions`] (the weights' `DType` is the validated `config::validate::DType`) |
 //! | [`error`] | [`error::DeviceError`]: what failed on a GPU, by name |
 //! | [`host`] | [`host::HostTensor`], a checkpoint tensor as the backends receive it |
 //! | [`blocks`] | the accumulation blocks by which CPU and GPU round their sums alike |

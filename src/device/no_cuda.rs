@@ -4,10 +4,9 @@
 //! [`GramAccumulator`], [`SketchAccumulator`]), so the compiler keeps it complete.
 
 use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
-use super::gpu::{
-    CudaOptions, DType, DeviceBuffer, Gpu, GramAccumulator, MomentSums, SketchAccumulator,
-};
+use super::gpu::{CudaOptions, DeviceBuffer, Gpu, GramAccumulator, MomentSums, SketchAccumulator};
 use super::host::HostTensor;
+use crate::config::validate::DType;
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
 use std::convert::Infallible;

@@ -11,9 +11,11 @@ use crate::comm::{self, Communicator};
 use crate::config::RunConfig;
 use crate::device::cuda::Cuda;
 use crate::device::rows::Rows;
+use crate::source::stages::Staged;
 use crate::source::{Sink, Source};
 use crate::{Error, Result};
 use ndarray::ArrayView2;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// A catalog with one reference row per input, read as unit 0 by [`Engine::new`]: the engine
@@ -55,39 +57,38 @@ impl Source for References {
     }
 }
 
-impl<'a> Engine<'a> {
+impl Engine {
     /// Sets up a run over `catalog` on `world` (one stage, every rank a replica), collectively:
     /// `refs` holds one reference row per input (rank 0's are used on every rank; any row near
     /// the data's mean keeps the Gram free of cancellation) and `units` is the number of
     /// examples the caller expects over all ranks (reports only; the caller decides when the
     /// data ends). With `device` the statistics live on that GPU and take its rows in place.
+    /// The engine keeps `world` and `cfg` (shared with the caller) for the rest of the run.
     pub fn external(
         catalog: Catalog,
         refs: Vec<Vec<f32>>,
         units: usize,
         source_desc: &str,
-        world: &'a dyn Communicator,
-        cfg: &'a RunConfig,
+        world: Rc<dyn Communicator>,
+        cfg: Arc<RunConfig>,
         device: Option<Arc<Cuda>>,
     ) -> Result<Self> {
         let local = check_references(&catalog, &refs);
-        comm::agree(world, local)?;
+        comm::agree(&*world, local)?;
         let owner = vec![0; catalog.inputs.len()];
-        let mut source = References {
-            catalog,
-            units: units.max(1),
-            rows: refs,
-            device,
+        let mut staged = Staged {
+            source: Box::new(References {
+                catalog,
+                units: units.max(1),
+                rows: refs,
+                device,
+            }),
+            desc: source_desc.to_string(),
+            owner,
+            split: vec!["all layers".into()],
         };
         let topo = Topology::new(world, 1)?;
-        Engine::new(
-            &mut source,
-            source_desc,
-            topo,
-            owner,
-            vec!["all layers".into()],
-            cfg,
-        )
+        Engine::new(&mut staged, topo, cfg)
     }
 
     /// Adds rows of input `g` (tokens × dim, on the host or on the statistics' GPU) to this
@@ -186,8 +187,8 @@ mod tests {
     use crate::comm::SingleProcess;
     use crate::config::{EstimatorChoice, EvaParams};
 
-    fn config() -> RunConfig {
-        RunConfig {
+    fn config() -> Arc<RunConfig> {
+        Arc::new(RunConfig {
             eva: EvaParams {
                 rank: 2,
                 ..EvaParams::default()
@@ -206,7 +207,7 @@ mod tests {
             task_type: None,
             quiet: true,
             checkpoint: None,
-        }
+        })
     }
 
     #[test]
@@ -216,9 +217,9 @@ mod tests {
             vec![("a".into(), 6, 3), ("b".into(), 6, 5)],
             vec![vec![0, 1]],
         );
-        let world = SingleProcess;
+        let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
         let mut e =
-            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", &world, &cfg, None).unwrap();
+            Engine::external(catalog, vec![vec![0.0; 6]], 10, "test", world, cfg, None).unwrap();
         // Rows spread along the first two axes only: the components are e0 and e1.
         let mut stop = None;
         for step in 0..3 {
@@ -260,14 +261,22 @@ mod tests {
     fn a_failure_on_the_step_is_returned() {
         let cfg = config();
         let catalog = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
-        let world = SingleProcess;
-        let mut e =
-            Engine::external(catalog, vec![vec![0.0; 4]], 10, "test", &world, &cfg, None).unwrap();
+        let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
+        let mut e = Engine::external(
+            catalog,
+            vec![vec![0.0; 4]],
+            10,
+            "test",
+            world.clone(),
+            cfg.clone(),
+            None,
+        )
+        .unwrap();
         let err = e
             .end_external_step(Err(Error::data("forward failed")), &mut |_| {})
             .unwrap_err();
         assert_eq!(err.to_string(), "forward failed");
         let bad = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
-        assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", &world, &cfg, None).is_err());
+        assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", world, cfg, None).is_err());
     }
 }

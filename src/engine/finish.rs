@@ -11,7 +11,7 @@ use crate::leader::{allocate, Certificate, Estimate, Precision, Spectrum, Summar
 use crate::{Error, Result};
 use std::time::Instant;
 
-impl Engine<'_> {
+impl Engine {
     /// Ends the run: final solves, allocation, adapter and report (collective over the world).
     pub fn finish(mut self, stop: StopReason) -> Result<Outcome> {
         let _label = crate::comm::context(format!(
@@ -45,7 +45,8 @@ impl Engine<'_> {
                 layers.extend(protocol::decode_layers(p)?);
             }
             layers.sort_by_key(|(i, _)| *i);
-            let adapter = adapter::assemble(layers.into_iter().map(|(_, l)| l).collect(), self.cfg);
+            let adapter =
+                adapter::assemble(layers.into_iter().map(|(_, l)| l).collect(), &self.cfg);
             self.times.leader +=
                 (leader_start.elapsed() - (self.acct.time() - comm_before)).as_secs_f64();
             self.times.communication = self.acct.time().as_secs_f64();
@@ -99,7 +100,7 @@ impl Engine<'_> {
             })
             .collect();
         let parts = self.gather_at_leader(&protocol::encode_estimates(&estimates))?;
-        let world = Wire::new(self.topo.world, &self.acct);
+        let world = Wire::new(&*self.topo.world, &self.acct);
         let Some(parts) = parts.filter(|_| world.comm.is_leader()) else {
             return match protocol::receive_verdict(&world)? {
                 Verdict::Ranks(r) if r.len() == self.catalog.layers.len() => Ok(r),
@@ -155,7 +156,7 @@ impl Engine<'_> {
 
     /// `eva_report.json` (global leader).
     fn report(&self, stop: StopReason, ranks: &[usize]) -> Report {
-        let (cfg, catalog, finals) = (self.cfg, &self.catalog, &self.finals);
+        let (cfg, catalog, finals) = (&*self.cfg, &self.catalog, &self.finals);
         let params = &cfg.eva;
         let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
         let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();

@@ -31,12 +31,14 @@ use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
 use crate::device::rows::Rows;
 use crate::leader::{Decision, Leader, Precision, Tracker};
+use crate::source::stages::Staged;
 use crate::source::Source;
 use crate::stats::{self, InputStats, Shared, Workspace};
 use crate::{Error, Result};
 use ndarray::Array2;
 use protocol::{Accounting, Verdict, Wire};
 pub use read::{passes_of_step, passes_per_step};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Progress after one global step (shown by the leader).
@@ -107,10 +109,11 @@ impl Stats {
     }
 }
 
-/// The state of a run between steps.
-pub struct Engine<'a> {
-    cfg: &'a RunConfig,
-    topo: Topology<'a>,
+/// The state of a run between steps. It owns its topology (which shares the world with the
+/// caller) and shares the run's configuration, so it can outlive the caller's frame.
+pub struct Engine {
+    cfg: Arc<RunConfig>,
+    topo: Topology,
     acct: Accounting,
     catalog: Catalog,
     /// Stage of each unique input.
@@ -177,23 +180,19 @@ fn check_same_source(world: &Wire, catalog: &Catalog, units: usize, owner: &[usi
     world.agree(local)
 }
 
-impl<'a> Engine<'a> {
-    /// Sets up a run over `source` on the grid `topo`: `owner` gives the stage of every unique
-    /// input and `split` describes the cut for the report. Collective over the world.
-    pub fn new(
-        source: &mut dyn Source,
-        source_desc: &str,
-        topo: Topology<'a>,
-        owner: Vec<usize>,
-        split: Vec<String>,
-        cfg: &'a RunConfig,
-    ) -> Result<Self> {
+impl Engine {
+    /// Sets up a run over `staged`'s source on the grid `topo` (its `owner` gives the stage of
+    /// every unique input, its `split` describes the cut for the report). Collective over the
+    /// world.
+    pub fn new(staged: &mut Staged, topo: Topology, cfg: Arc<RunConfig>) -> Result<Self> {
         let started = Instant::now();
         let acct = Accounting::default();
+        let source = staged.source.as_mut();
         let catalog = source.catalog().clone();
         let units = source.units();
+        let owner = staged.owner.clone();
         // First collective: from here on every rank takes the same decisions on the same catalog.
-        check_same_source(&Wire::new(topo.world, &acct), &catalog, units, &owner)?;
+        check_same_source(&Wire::new(&*topo.world, &acct), &catalog, units, &owner)?;
         let params = &cfg.eva;
         if let Some(l) = catalog
             .layers
@@ -211,12 +210,12 @@ impl<'a> Engine<'a> {
         let n = catalog.inputs.len();
         let mine: Vec<usize> = (0..n).filter(|&g| owner[g] == topo.stage).collect();
         let mut engine = Engine {
-            cfg,
+            cfg: Arc::clone(&cfg),
             acct,
             owner,
             mine,
-            split,
-            source_desc: source_desc.to_string(),
+            split: staged.split.clone(),
+            source_desc: staged.desc.clone(),
             units,
             tracker: Tracker::new(n, params.tau),
             leader,
@@ -263,7 +262,7 @@ impl<'a> Engine<'a> {
     }
 
     fn world(&self) -> Wire<'_> {
-        Wire::new(self.topo.world, &self.acct)
+        Wire::new(&*self.topo.world, &self.acct)
     }
 
     fn stage(&self) -> Wire<'_> {
@@ -345,7 +344,7 @@ impl<'a> Engine<'a> {
         refs: Vec<Vec<f32>>,
         device: Option<std::sync::Arc<crate::device::cuda::Cuda>>,
     ) -> Result<()> {
-        let cfg = self.cfg;
+        let cfg = Arc::clone(&self.cfg);
         let dims: Vec<usize> = self
             .mine
             .iter()
@@ -551,7 +550,7 @@ impl<'a> Engine<'a> {
     /// and broadcasts the decision to every rank.
     fn decide(&mut self, estimates: Vec<(usize, crate::leader::Estimate)>) -> Result<()> {
         let parts = self.gather_at_leader(&protocol::encode_estimates(&estimates))?;
-        let world = Wire::new(self.topo.world, &self.acct);
+        let world = Wire::new(&*self.topo.world, &self.acct);
         let next = if let Some(parts) = parts {
             let step = self.step;
             let leader = &mut self.leader;
@@ -626,20 +625,17 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// Runs EVA over `source` on the grid `topo` (see [`Engine::new`]); returns the same adapter and
-/// report on every rank.
+/// Runs EVA over `staged`'s source on the grid `topo` (see [`Engine::new`]); returns the same
+/// adapter and report on every rank.
 pub fn run(
-    source: &mut dyn Source,
-    source_desc: &str,
-    topo: Topology<'_>,
-    owner: Vec<usize>,
-    split: Vec<String>,
-    cfg: &RunConfig,
+    staged: &mut Staged,
+    topo: Topology,
+    cfg: Arc<RunConfig>,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Outcome> {
-    let mut engine = Engine::new(source, source_desc, topo, owner, split, cfg)?;
+    let mut engine = Engine::new(staged, topo, cfg)?;
     let stop = loop {
-        if let Some(stop) = engine.step(source, on_step)? {
+        if let Some(stop) = engine.step(staged.source.as_mut(), on_step)? {
             break stop;
         }
     };

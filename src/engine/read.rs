@@ -123,7 +123,7 @@ pub fn pipeline(
     failed
 }
 
-impl Engine<'_> {
+impl Engine {
     /// Read: this replica's passes of the step through this rank's stage, accumulating the
     /// stage's accumulating inputs. Forward, statistics and waiting for the previous stage are
     /// timed apart.
@@ -139,7 +139,7 @@ impl Engine<'_> {
         let start = Instant::now();
         let comm_before = self.acct.time();
         let mut stat_time = Duration::ZERO;
-        let world = Wire::new(self.topo.world, &self.acct);
+        let world = Wire::new(&*self.topo.world, &self.acct);
         let (stats, decision) = (&mut self.stats, &self.decision);
         let result = pipeline(
             &world,

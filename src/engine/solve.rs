@@ -140,7 +140,7 @@ fn solve_spread(
     })
 }
 
-impl Engine<'_> {
+impl Engine {
     /// Eigenpairs of this stage's `inputs` at `precision`: on the stage leader, every one of
     /// them in input order; on the stage's other ranks, none.
     pub(super) fn solve(

@@ -159,6 +159,19 @@ pub fn owners_by_memory(
     Ok(owner)
 }
 
+/// A source opened for one stage of the grid, with the stage of every unique input and a
+/// description of the cut: what the engine runs over (`engine::run`, `Engine::new`).
+pub struct Staged {
+    /// This stage's source.
+    pub source: Box<dyn super::Source>,
+    /// How the report names the source (`model:DIR data:FILE`, `activations:DIR`, ...).
+    pub desc: String,
+    /// Stage of each unique input (from [`owners_by_block`] or [`owners_by_memory`]).
+    pub owner: Vec<usize>,
+    /// How the stages were cut, one entry per stage (`blocks 0..6`, `inputs 0..3`), for the report.
+    pub split: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,10 +7,11 @@
 use super::exact::ExactStats;
 use super::sketch::SketchStats;
 use super::{InputStats, Moments};
+use crate::config::validate::DType;
 use crate::device::blocks::CHUNK_ROWS;
 use crate::device::cuda::{Cuda, CudaTensor, DeviceGram, DeviceSketch, DeviceSums};
 use crate::device::error::DeviceError;
-use crate::device::gpu::{DType, Gpu, GramAccumulator, MomentSums, SketchAccumulator};
+use crate::device::gpu::{Gpu, GramAccumulator, MomentSums, SketchAccumulator};
 use crate::Result;
 use ndarray::ArrayView2;
 use std::sync::Arc;

@@ -303,6 +303,48 @@ fn bad_flag_values_are_usage_errors() {
     );
 }
 
+/// Out-of-range values of the knobs the command line shares with the Python package, and the
+/// whole message each gets: the library's one validation (`eva::config::validate`) words it
+/// for both, so `python/tests/test_eva_lora.py::test_out_of_range_values_get_the_clis_messages`
+/// finds the same line after `eva: error: ` for the same values.
+pub const SHARED_RANGE_ERRORS: &[(&str, &str, &str)] = &[
+    ("--rank", "0", "--rank must be at least 1, found 0 (Python: LoraConfig.r)"),
+    ("--rho", "0.5", "--rho must be >= 1, found 0.5 (Python: EvaConfig.rho)"),
+    ("--rho", "inf", "--rho must be >= 1, found inf (Python: EvaConfig.rho)"),
+    ("--tau", "1.5", "--tau must be in [0, 1], found 1.5 (Python: EvaConfig.tau)"),
+    ("--tau", "-0.1", "--tau must be in [0, 1], found -0.1 (Python: EvaConfig.tau)"),
+    ("--alpha", "0", "--alpha must be a positive number, found 0 (Python: LoraConfig.lora_alpha)"),
+    ("--lora-dropout", "1", "--lora-dropout must be in [0, 1), found 1 (Python: LoraConfig.lora_dropout)"),
+    ("--batch-size", "0", "--batch-size must be at least 1, found 0 (Python: the data loader's batch size, summed over the ranks)"),
+    ("--max-steps", "0", "--max-steps must be at least 1, found 0 (Python: max_steps)"),
+    ("--sketch-size", "0", "--sketch-size must be at least 1, found 0 (Python: sketch_size)"),
+    ("--rank-pattern", "a.fc=0", "--rank-pattern entries must be NAME=R with a module name and a rank of at least 1, found `a.fc=0` (Python: LoraConfig.rank_pattern)"),
+];
+
+#[test]
+fn out_of_range_values_get_the_message_the_python_package_gives() {
+    let tmp = tempdir();
+    valid(tmp.path(), 2);
+    for (flag, value, want) in SHARED_RANGE_ERRORS {
+        let out = tmp.path().join("adapter");
+        let flag_value = format!("{flag}={value}");
+        let o = eva(&[
+            "init",
+            "--activations",
+            tmp.path().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            &flag_value,
+        ]);
+        assert_refused(&o, 2, &[want], &out);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr).trim_end(),
+            format!("eva: error: {want}"),
+            "{flag_value}"
+        );
+    }
+}
+
 #[test]
 fn existing_output_is_kept_without_force() {
     let tmp = tempdir();

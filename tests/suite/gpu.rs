@@ -13,10 +13,11 @@
 //! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
 //! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
 
+use eva::config::validate::DType;
 use eva::device::backend::Backend;
 use eva::device::cpu::Cpu;
 use eva::device::cuda::Cuda;
-use eva::device::gpu::{CudaOptions, DType, DeviceBuffer, Gpu, GramAccumulator, SketchAccumulator};
+use eva::device::gpu::{CudaOptions, DeviceBuffer, Gpu, GramAccumulator, SketchAccumulator};
 use eva::model::{Model, Need, Point};
 use ndarray::Array2;
 use std::path::PathBuf;
@@ -165,13 +166,13 @@ macro_rules! forward_tests {
                 #[test]
                 #[cfg_attr(feature = "cuda", ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)")]
                 fn forward_f32_matches_the_cpu() {
-                    super::forward_parity(stringify!($arch), eva::device::gpu::DType::F32, super::F32_TOL);
+                    super::forward_parity(stringify!($arch), eva::config::validate::DType::F32, super::F32_TOL);
                 }
 
                 #[test]
                 #[cfg_attr(feature = "cuda", ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)")]
                 fn forward_bf16_is_close_to_the_cpu() {
-                    super::forward_parity(stringify!($arch), eva::device::gpu::DType::Bf16, super::BF16_TOL);
+                    super::forward_parity(stringify!($arch), eva::config::validate::DType::Bf16, super::BF16_TOL);
                 }
             }
         )*

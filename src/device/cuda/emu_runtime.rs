@@ -13,9 +13,9 @@
 //! Devices: `EVA_EMU_DEVICES` (default 1) of them, each with its own capacity.
 
 use super::kernels::{Arg, Shape, NAMES};
+use crate::config::validate::DType;
 use crate::device::emu;
 use crate::device::error::DeviceError;
-use crate::device::gpu::DType;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -17,10 +17,9 @@
 
 use super::runtime::Buffer;
 use super::{Cuda, CudaTensor};
+use crate::config::validate::DType;
 use crate::device::error::DeviceError;
-use crate::device::gpu::{
-    DType, DeviceBuffer, Gpu, GramAccumulator, MomentSums, SketchAccumulator,
-};
+use crate::device::gpu::{DeviceBuffer, Gpu, GramAccumulator, MomentSums, SketchAccumulator};
 use std::ops::Range;
 use std::sync::Arc;
 

@@ -44,8 +44,9 @@ pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
 
 use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
 use super::error::{Bytes, DeviceError};
-use super::gpu::{CudaOptions, DType, Gpu};
+use super::gpu::{CudaOptions, Gpu};
 use super::host::HostTensor;
+use crate::config::validate::DType;
 use ndarray::{Array2, ArrayView2};
 use runtime::{AllocError, Buffer, Elem, Runtime};
 use std::sync::Mutex;

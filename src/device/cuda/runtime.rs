@@ -19,8 +19,8 @@
 //! [`Buffer::slice`] and [`Buffer::slice_mut`].
 
 use super::kernels::{self, Arg, Shape};
+use crate::config::validate::DType;
 use crate::device::error::DeviceError;
-use crate::device::gpu::DType;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,

@@ -97,7 +97,7 @@ fn get_count<R: Read>(d: &mut Decoder<R>, inputs: usize) -> Result<()> {
     Ok(())
 }
 
-impl Engine<'_> {
+impl Engine {
     /// Writes the header and this rank's state.
     pub(crate) fn save_state<W: Write>(
         &self,

@@ -32,7 +32,7 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-impl Engine<'_> {
+impl Engine {
     /// What a checkpoint of this run must match: the command line's fingerprint, the grid and
     /// the catalog with its stage plan.
     fn full_fingerprint(&self, c: &Checkpointing) -> Vec<(String, String)> {
@@ -93,7 +93,8 @@ impl Engine<'_> {
     /// With `--resume` and a checkpoint in the directory: replaces the state set up from the
     /// command line with the checkpoint's, after checking it is this run's. Returns the step.
     pub(crate) fn resume(&mut self) -> Result<Option<usize>> {
-        let Some(c) = self.cfg.checkpoint.as_ref().filter(|c| c.resume) else {
+        let cfg = self.cfg.clone();
+        let Some(c) = cfg.checkpoint.as_ref().filter(|c| c.resume) else {
             return Ok(None);
         };
         let Some(step) = self.resumable_step(c)? else {
@@ -132,7 +133,8 @@ impl Engine<'_> {
     /// signal asked for one, then stops the run with [`Error::Interrupted`] if a signal did.
     /// `finishing` is true when the run ends after this step anyway (then only a signal writes).
     pub(crate) fn after_step(&mut self, finishing: bool) -> Result<Option<Written>> {
-        let Some(c) = self.cfg.checkpoint.as_ref() else {
+        let cfg = self.cfg.clone();
+        let Some(c) = cfg.checkpoint.as_ref() else {
             return Ok(None);
         };
         let world = self.world();
