@@ -204,6 +204,69 @@ mod tests {
         }
     }
 
+    /// layer_norm and add_layer_norm (with a residual, in place: `out` is `x`): two block
+    /// reductions in a row, so the barrier after each one's result matters.
+    #[test]
+    fn layer_norm_matches_an_f64_reference_in_place_and_with_a_residual() {
+        let eps = 1e-5_f32;
+        for d in [5usize, 384, 700] {
+            let rows = 4;
+            let x0: Vec<f32> = values(rows * d, 3 * d as u64)
+                .iter()
+                .map(|v| v * 4.0 + 1.0)
+                .collect();
+            let res = values(rows * d, 5 * d as u64);
+            let w = values(d, 11 * d as u64);
+            let b = values(d, 13 * d as u64);
+            for residual in [false, true] {
+                let mut outs = Vec::new();
+                for order in [Order::Forward, Order::Reverse] {
+                    let mut x = x0.clone();
+                    let px = pm(&mut x);
+                    let pr = if residual { p(&res) } else { Arg::U64(0) };
+                    // SAFETY: x (also the output) and res hold rows·d values, w and b d.
+                    unsafe {
+                        launch_ordered(
+                            "layer_norm",
+                            grid(rows),
+                            THREADS,
+                            &[px, pr, p(&w), p(&b), px, Arg::I32(d as i32), Arg::F32(eps)],
+                            order,
+                        )
+                    }
+                    .unwrap();
+                    outs.push(x);
+                }
+                assert_eq!(
+                    outs[0], outs[1],
+                    "d = {d}: the thread order changed the result"
+                );
+                for r in 0..rows {
+                    let v: Vec<f64> = (0..d)
+                        .map(|j| {
+                            let mut v = x0[r * d + j];
+                            if residual {
+                                v += res[r * d + j];
+                            }
+                            v as f64
+                        })
+                        .collect();
+                    let mean = v.iter().sum::<f64>() / d as f64;
+                    let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / d as f64;
+                    for j in 0..d {
+                        let want =
+                            (v[j] - mean) / (var + eps as f64).sqrt() * w[j] as f64 + b[j] as f64;
+                        let got = outs[0][r * d + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "d = {d}, residual {residual}, row {r}, {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn flush_pack_upper_and_gather_rows_move_every_value() {
         let n = 70_001;
