@@ -39,6 +39,14 @@
 
 pub mod kernels;
 
+pub use kernels::{launch, launch_ordered, Arg, Fault, LaunchError, Order};
+
+/// The names of the kernels the executor holds, in `kernels.cu`'s order (the runtime checks them
+/// against `cuda::kernels::NAMES` when it opens a device).
+pub fn kernel_names() -> Vec<&'static str> {
+    kernels::kernels().iter().map(|k| k.name).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::kernels::{self, launch, launch_ordered, launch_test_kernel, Arg, Fault, Order};
