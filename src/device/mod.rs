@@ -7,6 +7,7 @@
 //! | [`backend`] | the [`backend::Backend`] trait the forward passes are written against, and its op types |
 //! | [`cpu`] | [`cpu::Cpu`]: the trait on host memory (OpenBLAS products, plain loops) |
 //! | [`cuda`] | [`cuda::Cuda`]: the trait on an NVIDIA GPU, and the device accumulators of the statistics (feature `cuda`; else a twin that cannot be built) |
+//! | `emu` | the emulated CUDA device's kernel executor: `kernels.cu` run on the host with CUDA's execution model (feature `cuda-emu`, a test device) |
 //! | [`gpu`] | what the layers above ask of a GPU, as traits both the backend and its twin implement; [`gpu::CudaOptions`] (the weights' `DType` is the validated `config::validate::DType`) |
 //! | [`error`] | [`error::DeviceError`]: what failed on a GPU, by name |
 //! | [`host`] | [`host::HostTensor`], a checkpoint tensor as the backends receive it |
@@ -39,3 +40,8 @@ pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (emulated CUDA device: a test build, not for real runs)"
 );
+
+// The emulated device's kernel executor (feature `cuda-emu`): the runtime in `cuda` launches
+// kernels.cu's host build through it.
+#[cfg(feature = "cuda-emu")]
+pub mod emu;

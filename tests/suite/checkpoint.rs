@@ -13,6 +13,7 @@ const SPEC: &str = "layers=4,group=2,dim=128,tokens=2048,units=60,mean=2";
 
 /// [`SPEC`] with 200 steps: two ranks take a few seconds (60 units ended within half a second
 /// of the staging directory on a fast machine, before the SIGTERM).
+#[cfg(feature = "mpi")]
 const LONG_SPEC: &str = "layers=4,group=2,dim=128,tokens=2048,units=400,mean=2";
 
 fn args<'a>(out: &'a Path, ck: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {

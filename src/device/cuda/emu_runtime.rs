@@ -102,7 +102,7 @@ impl Runtime {
     pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
         let built = emu::kernel_names();
         for name in NAMES {
-            if !built.iter().any(|b| b == name) {
+            if !built.contains(&name) {
                 return Err(DeviceError::Unsupported {
                     op: "emulated device",
                     detail: format!("the host build of kernels.cu lacks the kernel {name}"),
@@ -245,18 +245,21 @@ impl Runtime {
         let Some(l) = shape.config()? else {
             return Ok(());
         };
-        let slots: Vec<u64> = args
+        let args: Vec<emu::Arg> = args
             .iter()
             .map(|a| match *a {
-                Arg::U64(v) => v,
-                Arg::I32(v) => v as u32 as u64,
-                Arg::F32(v) => v.to_bits() as u64,
+                Arg::U64(v) => emu::Arg::U64(v),
+                Arg::I32(v) => emu::Arg::I32(v),
+                Arg::F32(v) => emu::Arg::F32(v),
             })
             .collect();
-        emu::launch(name, l.grid_dim, l.block_dim, &slots).map_err(|detail| {
+        // SAFETY: each kernel's parameters in kernels.cu match what its caller pushes (pointers
+        // to buffers of the sizes the shapes imply, which the callers allocate or check), as for
+        // the real runtime; the executor checks the count and kind of every argument.
+        unsafe { emu::launch(name, l.grid_dim, l.block_dim, &args) }.map_err(|e| {
             DeviceError::Unsupported {
                 op: "emulated kernel launch",
-                detail: format!("{name}: {detail}"),
+                detail: e.message,
             }
         })
     }
