@@ -245,18 +245,15 @@ impl Runtime {
         let Some(l) = shape.config()? else {
             return Ok(());
         };
-        let args: Vec<emu::Arg> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::U64(v) => emu::Arg::U64(v),
-                Arg::I32(v) => emu::Arg::I32(v),
-                Arg::F32(v) => emu::Arg::F32(v),
-            })
-            .collect();
+        // The kernels use static shared memory only (the executor has no dynamic shared memory).
+        assert_eq!(
+            l.shared_mem_bytes, 0,
+            "{name}: dynamic shared memory is not emulated"
+        );
         // SAFETY: each kernel's parameters in kernels.cu match what its caller pushes (pointers
         // to buffers of the sizes the shapes imply, which the callers allocate or check), as for
         // the real runtime; the executor checks the count and kind of every argument.
-        unsafe { emu::launch(name, l.grid_dim, l.block_dim, &args) }.map_err(|e| {
+        unsafe { emu::launch(name, l.grid_dim, l.block_dim, args) }.map_err(|e| {
             DeviceError::Unsupported {
                 op: "emulated kernel launch",
                 detail: e.message,

@@ -8,6 +8,7 @@
 //! | [`kernels`] | every kernel the executor holds, in `kernels.cu`'s order, with its parameters' kinds |
 //! | [`LaunchError`], [`Fault`] | why a launch failed (the executor's error code and message) |
 
+pub use crate::device::cuda::kernels::Arg;
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, CStr, CString};
 use std::fmt;
 use std::sync::OnceLock;
@@ -50,51 +51,22 @@ mod ffi {
     }
 }
 
-/// One kernel argument in an 8-byte slot, as the runtime seam's `Arg`: a device pointer or an
-/// element count (`T*`, `unsigned long long`), a size (`int`), a scalar (`float`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arg {
-    U64(u64),
-    I32(i32),
-    F32(f32),
-}
-
-impl Arg {
-    /// The slot the executor reads: the value, or the low 32 bits (an `int`'s two's complement,
-    /// a `float`'s bits).
-    pub fn slot(self) -> u64 {
-        match self {
-            Arg::U64(v) => v,
-            Arg::I32(v) => v as u32 as u64,
-            Arg::F32(v) => v.to_bits() as u64,
-        }
-    }
-
-    /// The parameter kinds (see [`Kernel::params`]) this argument may fill.
-    fn fits(self, kind: u8) -> bool {
-        matches!(
-            (self, kind),
-            (Arg::U64(_), b'P' | b'U') | (Arg::I32(_), b'I') | (Arg::F32(_), b'F')
-        )
+/// The 8-byte slot the executor reads for an argument: the value, or the low 32 bits (an
+/// `int`'s two's complement, a `float`'s bits).
+pub fn slot(a: Arg) -> u64 {
+    match a {
+        Arg::U64(v) => v,
+        Arg::I32(v) => v as u32 as u64,
+        Arg::F32(v) => v.to_bits() as u64,
     }
 }
 
-impl From<u64> for Arg {
-    fn from(v: u64) -> Self {
-        Arg::U64(v)
-    }
-}
-
-impl From<i32> for Arg {
-    fn from(v: i32) -> Self {
-        Arg::I32(v)
-    }
-}
-
-impl From<f32> for Arg {
-    fn from(v: f32) -> Self {
-        Arg::F32(v)
-    }
+/// Whether an argument may fill a parameter of `kind` (see [`Kernel::params`]).
+fn fits(a: Arg, kind: u8) -> bool {
+    matches!(
+        (a, kind),
+        (Arg::U64(_), b'P' | b'U') | (Arg::I32(_), b'I') | (Arg::F32(_), b'F')
+    )
 }
 
 /// One kernel the executor holds.
@@ -276,7 +248,7 @@ fn check_kinds(k: &Kernel, args: &[Arg]) -> Result<(), LaunchError> {
         });
     }
     for (i, (a, kind)) in args.iter().zip(k.params.bytes()).enumerate() {
-        if !a.fits(kind) {
+        if !fits(*a, kind) {
             return Err(LaunchError {
                 fault: Fault::ArgKind,
                 message: format!(
@@ -309,7 +281,7 @@ unsafe fn raw_launch(
     };
     let nargs = c_int::try_from(args.len())
         .map_err(|_| fail(Fault::ArgCount, format!("{} arguments", args.len())))?;
-    let slots: Vec<c_ulonglong> = args.iter().map(|a| a.slot()).collect();
+    let slots: Vec<c_ulonglong> = args.iter().map(|&a| slot(a)).collect();
     let grid = [grid.0, grid.1, grid.2];
     let block = [block.0, block.1, block.2];
     // SAFETY: the name is NUL-terminated, the dimension arrays hold 3 values and the slots

@@ -9,7 +9,7 @@
 //! | `executor.cpp` | runs a grid: blocks in turn, each block's threads as fibers switching at barriers |
 //! | `test_kernels.cu` | the executor's own test kernels (a broken barrier, races, barrier misuse) |
 //! | `build.rs` (the crate's) | parses the kernels of each `.cu` and generates their trampolines and name table |
-//! | [`kernels`] | the C interface, and [`kernels::launch`] by name with [`kernels::Arg`]s |
+//! | [`kernels`] | the C interface, and [`kernels::launch`] by name with the runtime seam's `Arg`s |
 //!
 //! How CUDA's model is kept:
 //! - **Threads are threads.** The threads of a block run as fibers (stackful coroutines with
