@@ -499,6 +499,9 @@ fn write_outcome(
     staging.commit(&files)?;
 
     let r = &outcome.report;
+    if let Some(warning) = r.degenerate_warning() {
+        say(&warning);
+    }
     if !r.converged {
         say(&format!(
             "eva: warning: stopped ({}) after {} steps with {} of {} layers not converged; their components are the last estimates, marked converged_step = null in {}",

@@ -142,6 +142,9 @@ pub struct Engine<'a> {
     resumed_from: Option<usize>,
     /// Tokens the leader's estimates held when the run resumed (0 otherwise).
     resumed_tokens: u64,
+    /// The shift of each of this stage's inputs (empty elsewhere), kept for the rows' second
+    /// moment ([`crate::stats::Moments::second_moment`]).
+    references: Vec<Vec<f32>>,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -237,10 +240,12 @@ impl<'a> Engine<'a> {
             last_checkpoint: started,
             resumed_from: None,
             resumed_tokens: 0,
+            references: Vec::new(),
             catalog,
             topo,
         };
         let refs = engine.reference_vectors(source)?;
+        engine.references = refs.clone();
         // Statistics on a GPU can fail to fit on one rank only: agree before the first step.
         let init = engine.init_stats(refs, source.device());
         engine.world().agree(engine.in_stage(init))?;

@@ -88,11 +88,7 @@ pub fn redistribute(
             candidates.push((ratio, rep, j, g));
         }
     }
-    candidates.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-    });
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let mut left = budget;
     let mut group_rank = vec![0; catalog.inputs.len()];
     for &(_, _, _, g) in &candidates {
@@ -103,11 +99,7 @@ pub fn redistribute(
         left -= cost;
         group_rank[g] += 1;
     }
-    catalog
-        .layers
-        .iter()
-        .map(|l| group_rank[l.input])
-        .collect()
+    catalog.layers.iter().map(|l| group_rank[l.input]).collect()
 }
 
 /// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
@@ -277,13 +269,21 @@ mod tests {
         let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]);
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-17] {
             // A NaN sorts above every number under `total_cmp`: it would take the whole cap.
-            let ratios = vec![vec![bad; 4], vec![0.5, 0.2, 0.1, 0.05], vec![0.3, 0.1, 0.0, 0.0]];
+            let ratios = vec![
+                vec![bad; 4],
+                vec![0.5, 0.2, 0.1, 0.05],
+                vec![0.3, 0.1, 0.0, 0.0],
+            ];
             let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
             assert_eq!(ranks, vec![0, 4, 2], "{bad}");
             let sure = certain(&c, &ratios, &[0.0; 3], &ranks, &cap(&c, 4), 6);
             assert_eq!(sure, vec![true; 3], "{bad}");
             // A bad ratio after good ones ends what the input offers.
-            let ratios = vec![vec![0.6, bad, 0.5, 0.4], vec![0.5, 0.2, 0.1, 0.05], vec![0.3; 4]];
+            let ratios = vec![
+                vec![0.6, bad, 0.5, 0.4],
+                vec![0.5, 0.2, 0.1, 0.05],
+                vec![0.3; 4],
+            ];
             let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
             assert_eq!(ranks, vec![1, 1, 4], "{bad}");
         }

@@ -15,6 +15,7 @@ mod netns;
 mod ops;
 mod output;
 mod pipeline;
+mod reliability;
 mod report;
 mod sketch;
 mod steps;

@@ -1,0 +1,155 @@
+//! Hostile inputs and faults (issue 24): inputs without variance, a checkpoint write that fails
+//! half-way, two runs given one checkpoint directory, and ranks started with different command
+//! lines. Each ends with one clear error or a correct adapter, and nothing half-written.
+
+use super::common::*;
+use ndarray::Array2;
+use std::path::Path;
+use std::process::Output;
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs without variance
+
+/// Six units: q/k/v of block 0 read one input whose rows are one vector, perturbed by at most
+/// one f32 ulp per entry in later units (rounding, not variance); up_proj and down_proj read
+/// varied rows.
+fn degenerate_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let d = 32;
+    let row: Vec<f32> = (0..d).map(|j| 1.0 + 0.37 * j as f32).collect();
+    for u in 0..6u64 {
+        let constant = Array2::from_shape_fn((100, d), |(i, j)| {
+            let ulps = ((i as u64 + u) % 3) as i32 - 1;
+            let v = row[j];
+            if u == 0 {
+                v
+            } else {
+                f32::from_bits((v.to_bits() as i32 + ulps) as u32)
+            }
+        });
+        let layers = vec![
+            (
+                "model.layers.0.mlp.down_proj".to_string(),
+                gen_rows(7, u, 100, &power_law(48, 1.0), 1.0),
+                d,
+            ),
+            (
+                "model.layers.0.mlp.up_proj".to_string(),
+                gen_rows(8, u, 100, &power_law(d, 0.5), 2.0),
+                48,
+            ),
+            (
+                "model.layers.0.self_attn.k_proj".into(),
+                constant.clone(),
+                8,
+            ),
+            (
+                "model.layers.0.self_attn.q_proj".into(),
+                constant.clone(),
+                d,
+            ),
+            ("model.layers.0.self_attn.v_proj".into(), constant, 8),
+        ];
+        write_shard(&shard(dir, u as usize), &layers, Fmt::F32);
+    }
+}
+
+#[test]
+fn an_input_without_variance_gets_rank_zero_for_its_whole_group() {
+    let tmp = tempdir();
+    let data = tmp.path().join("acts");
+    degenerate_dataset(&data);
+    let out = tmp.path().join("adapter");
+    let o = eva(&[
+        "init",
+        "--activations",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--batch-size",
+        "2",
+        "--no-early-stop",
+    ]);
+    let err = stderr_of(&o);
+    assert!(o.status.success(), "{err}");
+    let w = read_adapter(&out);
+    let qkv = ["k_proj", "q_proj", "v_proj"].map(|m| format!("model.layers.0.self_attn.{m}"));
+    for l in w.report["layers"].as_array().unwrap() {
+        let name = l["name"].as_str().unwrap();
+        let flat = qkv.iter().any(|n| n == name);
+        assert_eq!(l["degenerate"], flat, "{name}");
+        let rv = l["relative_variance"].as_f64().unwrap();
+        if flat {
+            assert_eq!(l["rank"], 0, "{name}");
+            assert!(rv <= 1e-5, "{name}: {rv}");
+            let ratios = l["explained_variance_ratio"].as_array().unwrap();
+            assert!(ratios.iter().all(|r| r == 0.0), "{name}: {ratios:?}");
+            assert!(!w.tensors.keys().any(|k| k.contains(name)), "{name}");
+        } else {
+            // The budget (4 × 5 layers) goes to the layers that vary, up to their caps (8).
+            assert_eq!(l["rank"], 8, "{name}");
+            assert!(rv > 0.01, "{name}: {rv}");
+        }
+    }
+    assert_eq!(w.report["degenerate_layers"], serde_json::json!(qkv));
+    // Nothing to converge: not listed as unconverged.
+    let unconverged = w.report["unconverged_layers"].as_array().unwrap();
+    assert!(
+        !unconverged.iter().any(|n| qkv.iter().any(|q| q == n)),
+        "{unconverged:?}"
+    );
+    let targets = w.config["target_modules"].as_array().unwrap();
+    assert!(!targets
+        .iter()
+        .any(|t| t.as_str().unwrap().contains("_attn")));
+    // The warning names the group and the threshold.
+    assert!(
+        err.contains("3 of 5 layers read an input that does not vary")
+            && err.contains(&qkv.join(", "))
+            && err.contains("1e-5"),
+        "{err}"
+    );
+    let o = eva(&["report", out.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        text.contains("no variance     3 layer(s)") && text.contains("(rank 0, input "),
+        "{text}"
+    );
+}
+
+/// The issue's probe: with `--max-seq-len 1` every example is the BOS token, so every layer
+/// input is one repeated vector. The run fails, saying so, and writes nothing.
+#[test]
+fn every_input_without_variance_fails_and_writes_nothing() {
+    let tmp = tempdir();
+    let out = tmp.path().join("adapter");
+    let o = eva(&[
+        "init",
+        "--model",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama"),
+        "--data",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/train.txt"),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-seq-len",
+        "1",
+        "-q",
+    ]);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("every target layer's input is degenerate")
+            && err.contains("--max-seq-len")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_nothing_written(&out);
+}
