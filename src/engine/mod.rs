@@ -145,6 +145,9 @@ pub struct Engine<'a> {
     /// The shift of each of this stage's inputs (empty elsewhere), kept for the rows' second
     /// moment ([`crate::stats::Moments::second_moment`]).
     references: Vec<Vec<f32>>,
+    /// The latest checkpoint complete on every rank that this run wrote or resumed from (what
+    /// a failed checkpoint leaves resumable).
+    checkpointed: Option<usize>,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -241,6 +244,7 @@ impl<'a> Engine<'a> {
             resumed_from: None,
             resumed_tokens: 0,
             references: Vec::new(),
+            checkpointed: None,
             catalog,
             topo,
         };
@@ -250,6 +254,7 @@ impl<'a> Engine<'a> {
         let init = engine.init_stats(refs, source.device());
         engine.world().agree(engine.in_stage(init))?;
         engine.resumed_from = engine.resume()?;
+        engine.checkpointed = engine.resumed_from;
         engine.resumed_tokens = engine.tokens();
         engine.marks = (engine.acct.bytes(), engine.acct.hidden());
         Ok(engine)

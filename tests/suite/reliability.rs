@@ -153,3 +153,146 @@ fn every_input_without_variance_fails_and_writes_nothing() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert_nothing_written(&out);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A checkpoint write that fails
+
+/// A synthetic run of 30 steps, a few seconds in all, that does not converge early.
+const SPEC: &str = "layers=4,group=2,dim=128,tokens=2048,units=60,mean=2";
+
+fn synthetic<'a>(out: &'a Path, ck: Option<&'a Path>, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "init",
+        "--synthetic",
+        SPEC,
+        "--batch-size",
+        "2",
+        "--no-early-stop",
+        "--threads",
+        "1",
+        "-q",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if let Some(ck) = ck {
+        v.extend(["--checkpoint", ck.to_str().unwrap()]);
+    }
+    v.extend_from_slice(extra);
+    v
+}
+
+/// `eva ARGS` whose files may not grow past `limit` bytes (`RLIMIT_FSIZE`, with SIGXFSZ
+/// ignored so that a write past it fails with EFBIG instead of killing the process).
+fn eva_with_file_limit(args: &[&str], limit: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_eva"));
+    c.args(args).env("OPENBLAS_NUM_THREADS", "1");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}
+
+/// Every entry under `dir`, relative, sorted (hidden files included).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in walk(dir) {
+        v.push(e.strip_prefix(dir).unwrap().display().to_string());
+    }
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        }
+        v.push(p);
+    }
+    v
+}
+
+/// A full disk during a checkpoint, made real with a file size limit (EFBIG, "File too large"):
+/// the failed write leaves no partial file and no step directory, the last complete checkpoint
+/// stays and the error names it, and `--resume` from it gives the uninterrupted adapter.
+#[test]
+fn a_failed_checkpoint_write_leaves_nothing_and_keeps_the_last_complete_one() {
+    let dir = tempdir();
+    let (one, out, ck) = (
+        dir.path().join("one"),
+        dir.path().join("out"),
+        dir.path().join("ck"),
+    );
+    let o = eva(&synthetic(&one, None, &[]));
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    // 1. The first checkpoint (about 480 KB) does not fit under 64 KiB.
+    let every = ["--checkpoint-every", "4"];
+    let o = eva_with_file_limit(&synthetic(&out, Some(&ck), &every), 64 << 10);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("File too large")
+            && err.contains("writing the checkpoint of step 4 failed")
+            && err.contains("no earlier complete checkpoint"),
+        "{err}"
+    );
+    assert_eq!(tree(&ck), Vec::<String>::new(), "{err}");
+    assert_nothing_written(&out);
+    // 2. A run killed after its checkpoint of step 4 (or 8) ...
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eva"))
+        .args(synthetic(&out, Some(&ck), &every))
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = ck.join("step-00000004/rank-00000.ckpt");
+    let t = std::time::Instant::now();
+    while !first.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(t.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept: Vec<String> = tree(&ck)
+        .into_iter()
+        .filter(|p| p.ends_with("rank-00000.ckpt"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let step: usize = kept[0][5..13].parse().unwrap();
+    // ... resumes under the limit: its next checkpoint fails and is removed; the killed run's
+    // stays, and the error says so.
+    let mut resume = synthetic(&out, Some(&ck), &every);
+    resume.push("--resume");
+    let o = eva_with_file_limit(&resume, 64 << 10);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let next = step + 4;
+    assert!(
+        err.contains(&format!("writing the checkpoint of step {next} failed"))
+            && err.contains(&format!("the checkpoint of step {step} ("))
+            && err.contains("--resume continues from it"),
+        "{err}"
+    );
+    assert_eq!(tree(&ck), vec![format!("step-{step:08}"), kept[0].clone()]);
+    assert_nothing_written(&out);
+    // 3. Resumed without the limit, the run writes the uninterrupted run's adapter.
+    let o = eva(&resume);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&one), bytes(&out));
+}

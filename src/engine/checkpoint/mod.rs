@@ -171,7 +171,9 @@ pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
 }
 
 /// Writes this rank's file of `step` through `fill` (beside, synced, renamed into place, the
-/// directory synced); returns its size in bytes.
+/// directory synced); returns its size in bytes. A write that fails (a full disk, a file size
+/// limit, an I/O error) removes its partial file and the step directory if that is left empty,
+/// so nothing of it stays behind.
 pub fn write_rank_file(
     dir: &Path,
     step: usize,
@@ -179,28 +181,72 @@ pub fn write_rank_file(
     fill: impl FnOnce(&mut codec::Encoder<std::io::BufWriter<std::fs::File>>) -> Result<()>,
 ) -> Result<u64> {
     let sdir = step_dir(dir, step);
-    std::fs::create_dir_all(&sdir)
-        .map_err(|e| Error::io("creating checkpoint directory", &sdir, e))?;
     let (partial, done) = (partial_file(dir, step, rank), rank_file(dir, step, rank));
-    let file = std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
-    let mut enc = codec::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), &partial)?;
-    fill(&mut enc)?;
-    let file = enc
-        .finish()?
-        .into_inner()
-        .map_err(|e| Error::io("writing checkpoint", &partial, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| Error::io("syncing checkpoint", &partial, e))?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io("reading the size of", &partial, e))?
-        .len();
-    drop(file);
-    std::fs::rename(&partial, &done).map_err(|e| Error::io("renaming checkpoint", &partial, e))?;
+    let written = (|| {
+        std::fs::create_dir_all(&sdir)
+            .map_err(|e| Error::io("creating checkpoint directory", &sdir, e))?;
+        let file =
+            std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
+        let mut enc =
+            codec::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), &partial)?;
+        fill(&mut enc)?;
+        let file = enc
+            .finish()?
+            .into_inner()
+            .map_err(|e| Error::io("writing checkpoint", &partial, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| Error::io("syncing checkpoint", &partial, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io("reading the size of", &partial, e))?
+            .len();
+        drop(file);
+        std::fs::rename(&partial, &done)
+            .map_err(|e| Error::io("renaming checkpoint", &partial, e))?;
+        Ok(size)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+        // Empty unless another rank's file of this step is in it.
+        let _ = std::fs::remove_dir(&sdir);
+        return written;
+    }
     if let Ok(d) = std::fs::File::open(&sdir) {
         let _ = d.sync_all();
     }
-    Ok(size)
+    written
+}
+
+/// After a checkpoint of `step` failed on some rank: removes this rank's files of it (complete
+/// or partial) and the step directory once it is empty, so that the incomplete step leaves
+/// nothing behind and the previous complete checkpoint stays the latest. Every rank calls it;
+/// the last one to remove its file removes the directory.
+pub fn discard_step(dir: &Path, step: usize, rank: usize) {
+    for f in [rank_file(dir, step, rank), partial_file(dir, step, rank)] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir(step_dir(dir, step));
+}
+
+/// The error of a checkpoint of `step` that failed (`cause`, this rank's own or another's):
+/// what was removed, and which step of `dir` remains resumable (`previous`, the latest
+/// checkpoint complete on every rank that this run wrote or resumed from).
+pub fn write_failed(dir: &Path, step: usize, previous: Option<usize>, cause: Error) -> Error {
+    let remains = match previous {
+        Some(p) => format!(
+            "the checkpoint of step {p} ({}) is complete and stays: the same command with --resume continues from it",
+            step_dir(dir, p).display()
+        ),
+        None => format!(
+            "this run has no earlier complete checkpoint in {}: --resume would start afresh",
+            dir.display()
+        ),
+    };
+    let what = format!(
+        "writing the checkpoint of step {step} failed, and its files and {} were removed; {remains}",
+        step_dir(dir, step).display()
+    );
+    Error::Data(format!("{cause}; {what}"))
 }
 
 /// Opens this rank's file of `step` for reading.
@@ -332,14 +378,20 @@ mod tests {
         for step in [2, 4] {
             write_rank_file(&d, step, 0, |e| e.u64(step as u64)).unwrap();
         }
-        // A write that failed half-way leaves only a partial file, which is not a checkpoint.
+        // A write that fails half-way removes its partial file and its step directory.
         let failed = write_rank_file(&d, 6, 0, |e| {
             e.u64(1)?;
             Err(Error::data("disk full"))
         });
         assert!(failed.is_err());
+        assert!(!partial_file(&d, 6, 0).exists() && !step_dir(&d, 6).exists());
         assert_eq!(complete_steps(&d, 0), vec![2, 4]);
         assert!(complete_steps(&d, 1).is_empty());
+        // A kill half-way leaves a partial file, which is not a checkpoint: the next start
+        // removes it.
+        std::fs::create_dir(step_dir(&d, 6)).unwrap();
+        std::fs::write(partial_file(&d, 6, 0), b"half").unwrap();
+        assert_eq!(complete_steps(&d, 0), vec![2, 4]);
         prepare(&d, 0).unwrap();
         assert!(!partial_file(&d, 6, 0).exists());
         // A kill between removing a file and its directory leaves an empty step directory.
