@@ -379,12 +379,27 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             ));
         }
     }
-    // And every rank checks that it can write its checkpoints, then fingerprints the run
-    // (hashing the data file) for them.
+    // Every rank fingerprints the run (flags, and hashes of the data and model files) and all
+    // must agree before any work: ranks started with different command lines stop here. (The
+    // ranks of a thread world share one command line; a world of one needs it for checkpoints.)
+    let separate = comm.size() > 1 && comm.backend() != "threads";
+    let fingerprint = if separate || cfg.checkpoint.is_some() {
+        agree(comm, super::fingerprint::of(args))?
+    } else {
+        Vec::new()
+    };
+    if separate {
+        comm::unanimous::check(
+            comm,
+            "command line and files",
+            &super::fingerprint::startup(args, &fingerprint),
+        )?;
+    }
+    // And every rank checks that it can write its checkpoints.
     let mut cfg = cfg.clone();
     if let Some(c) = cfg.checkpoint.as_mut() {
         agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
-        c.fingerprint = agree(comm, super::fingerprint::of(args))?;
+        c.fingerprint = fingerprint;
     }
     let cfg = &cfg;
     agree(comm, topology::check_grid(comm.size(), args.pp))?;

@@ -11,6 +11,9 @@
 //! A backend that was not compiled in is an uninhabited twin whose constructor returns
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
 //! eva is a world of one and never initializes MPI.
+//!
+//! Agreement helpers: [`agree`] (every rank returns an error if one failed), [`share_from_root`]
+//! (rank 0's bytes to all), [`unanimous::check`] (every rank started the same way).
 
 /// Implements [`Communicator`] for an uninhabited (not compiled) backend twin (unused when every
 /// backend is built).
@@ -58,6 +61,7 @@ macro_rules! uninhabited_communicator {
 
 pub mod launcher;
 pub mod threads;
+pub mod unanimous;
 pub mod watchdog;
 pub mod wire;
 

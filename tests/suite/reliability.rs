@@ -296,3 +296,70 @@ fn a_failed_checkpoint_write_leaves_nothing_and_keeps_the_last_complete_one() {
     let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&one), bytes(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ranks started with different command lines
+
+/// `mpirun -np 1 eva A : -np 1 eva B` (OpenMPI's MPMD form): two ranks, two command lines.
+#[cfg(feature = "mpi")]
+fn mpirun_two(a: &[&str], b: &[&str]) -> Output {
+    let eva = env!("CARGO_BIN_EXE_eva");
+    let mut c = mpirun(1, a);
+    c.arg(":").args(["-np", "1", eva]).args(b);
+    c.output().unwrap()
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn ranks_started_with_different_flags_or_data_stop_before_any_work() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama");
+    let train = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/train.txt");
+    // The shipped data and the same lines in another order: equal length, other content.
+    let text = std::fs::read_to_string(train).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.reverse();
+    let other = dir.path().join("reversed.txt");
+    std::fs::write(&other, lines.join("\n") + "\n").unwrap();
+    assert_eq!(
+        std::fs::metadata(&other).unwrap().len(),
+        std::fs::metadata(train).unwrap().len()
+    );
+    let (other, out) = (other.to_str().unwrap(), out.to_str().unwrap());
+    let run = |data, extra: &[&'static str]| {
+        let mut v = vec!["init", "-q", "--model", model, "--data", data, "--out", out];
+        v.extend_from_slice(extra);
+        v
+    };
+    let cases = [
+        (
+            run(train, &["--rank", "8"]),
+            run(train, &["--rank", "4"]),
+            "in --rank",
+            "(rank 1: --rank: 4 here, 8 on rank 0)",
+        ),
+        (
+            run(train, &[]),
+            run(other, &[]),
+            "in --data",
+            "(rank 1: --data: 160498 bytes, hash ",
+        ),
+    ];
+    for (a, b, named, here) in cases {
+        let t = std::time::Instant::now();
+        let o = mpirun_two(&a, &b);
+        let err = stderr_of(&o);
+        assert!(!o.status.success(), "{err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "{err}");
+        // Every rank says so, naming the flag and the ranks; rank 1 also both values.
+        for rank in 0..2 {
+            let line = err
+                .lines()
+                .find(|l| l.starts_with(&format!("eva: error: rank {rank}: the ranks were not started with the same command line and files: rank(s) 1 differ from rank 0 {named}")))
+                .unwrap_or_else(|| panic!("rank {rank}: {err}"));
+            assert_eq!(line.contains(here), rank == 1, "{line}");
+        }
+        assert_nothing_written(Path::new(out));
+    }
+}
