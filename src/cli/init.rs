@@ -306,7 +306,10 @@ pub fn run(args: &InitArgs) -> Result<()> {
         checkpoint::arm();
     }
     super::signals::install();
-    comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
+    comm::watchdog::set_abort_hook(|| {
+        drop(write::remove_staged());
+        checkpoint::owner::release_claimed();
+    });
     comm::set_collective_timeout(
         (args.collective_timeout > 0.0)
             .then(|| std::time::Duration::from_secs_f64(args.collective_timeout)),
@@ -379,6 +382,13 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             ));
         }
     }
+    // Every rank checks that it can write its checkpoints, before the data is read; the
+    // directories it creates are removed again (when still empty) if the run fails.
+    let mut cfg = cfg.clone();
+    let created = match cfg.checkpoint.as_ref() {
+        Some(c) => agree(comm, checkpoint::check_writable(&c.dir, comm.rank()))?,
+        None => Default::default(),
+    };
     // Every rank fingerprints the run (flags, and hashes of the data and model files) and all
     // must agree before any work: ranks started with different command lines stop here. (The
     // ranks of a thread world share one command line; a world of one needs it for checkpoints.)
@@ -395,12 +405,25 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             &super::fingerprint::startup(args, &fingerprint),
         )?;
     }
-    // And every rank checks that it can write its checkpoints.
-    let mut cfg = cfg.clone();
-    if let Some(c) = cfg.checkpoint.as_mut() {
-        agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
-        c.fingerprint = fingerprint;
-    }
+    // Rank 0 takes the checkpoint directory for this run (one run at a time) before anything
+    // is written there; then every rank removes its partial files of an interrupted write.
+    // Held until the run ends (dropping it releases the marker).
+    let _claim = match cfg.checkpoint.as_mut() {
+        Some(c) => {
+            let hash = super::fingerprint::hash(&fingerprint);
+            let take = || checkpoint::owner::claim(&c.dir, &hash, args.checkpoint_takeover);
+            let claim = agree(comm, leader.then(take).transpose())?;
+            if let Some(note) = claim.as_ref().and_then(|c| c.note.as_ref()) {
+                if !cfg.quiet {
+                    say(&format!("[eva] {note}"));
+                }
+            }
+            agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
+            c.fingerprint = fingerprint;
+            claim
+        }
+        None => None,
+    };
     let cfg = &cfg;
     agree(comm, topology::check_grid(comm.size(), args.pp))?;
     let topo = Topology::new(comm, args.pp)?;
@@ -442,7 +465,11 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
         Some(staging) => write_outcome(cfg, outcome, staging),
         None => Ok(()),
     };
-    agree(comm, written)
+    let done = agree(comm, written);
+    if done.is_ok() {
+        created.keep();
+    }
+    done
 }
 
 /// Under `--estimator auto`, says which inputs do not fit `--stats-memory` and will be sketched

@@ -250,7 +250,8 @@ fn a_failed_checkpoint_write_leaves_nothing_and_keeps_the_last_complete_one() {
             && err.contains("no earlier complete checkpoint"),
         "{err}"
     );
-    assert_eq!(tree(&ck), Vec::<String>::new(), "{err}");
+    // The run created the checkpoint directory and leaves nothing, not even that.
+    assert!(!ck.exists(), "{:?}", tree(&ck));
     assert_nothing_written(&out);
     // 2. A run killed after its checkpoint of step 4 (or 8) ...
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eva"))
@@ -362,4 +363,117 @@ fn ranks_started_with_different_flags_or_data_stop_before_any_work() {
         }
         assert_nothing_written(Path::new(out));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One run per checkpoint directory
+
+/// A marker as eva writes it (`engine/checkpoint/owner.rs`), for a holder that eva did not
+/// start: `host`, this machine's boot id, a pid and start time of no running process.
+fn foreign_marker(ck: &Path, host: &str) {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    std::fs::create_dir_all(ck).unwrap();
+    std::fs::write(
+        ck.join(".eva-owner"),
+        format!(
+            "eva checkpoint owner\npid 4194000\nhost {host}\nboot {}\nstart 1\nstarted 1700000000\nfingerprint 0123456789abcdef\nslurm none\n",
+            boot.trim()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_second_run_on_a_busy_checkpoint_directory_is_refused_naming_the_holder() {
+    let dir = tempdir();
+    // b apart from a, whose temporary output directory is beside it while it runs.
+    let (a, b, ck) = (
+        dir.path().join("a"),
+        dir.path().join("other/b"),
+        dir.path().join("ck"),
+    );
+    // 30 steps (a second or more): the second run starts as soon as the marker is there.
+    let args_a = synthetic(&a, Some(&ck), &[]);
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_eva"))
+        .args(&args_a)
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = ck.join(".eva-owner");
+    let t = std::time::Instant::now();
+    while !marker.exists() {
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+        assert!(t.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let held = std::fs::read_to_string(&marker).unwrap();
+    assert!(held.contains(&format!("pid {}\n", first.id())), "{held}");
+    // Another seed: another run, which would overwrite and prune the first run's files.
+    let o = eva(&synthetic(&b, Some(&ck), &["--seed", "2"]));
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "checkpoint directory {} is in use by another eva run: pid {} on host",
+            ck.display(),
+            first.id()
+        )) && err.contains("another command line or other files")
+            && err.contains("which still runs"),
+        "{err}"
+    );
+    assert_nothing_written(&b);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), held);
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(a.join("adapter_model.safetensors").is_file());
+    // The first run released the directory: only its checkpoint files are left.
+    assert!(!marker.exists());
+    for e in std::fs::read_dir(&ck).unwrap().flatten() {
+        assert!(
+            e.file_name().to_string_lossy().starts_with("step-"),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_holder_is_taken_over_and_another_hosts_only_with_checkpoint_takeover() {
+    let dir = tempdir();
+    let (out, ck) = (dir.path().join("out"), dir.path().join("ck"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // An eva of this host that no longer runs: taken over, saying so.
+    foreign_marker(&ck, host.trim());
+    let mut args = synthetic(&out, Some(&ck), &["--max-steps", "2"]);
+    args.retain(|a| *a != "-q");
+    let o = eva(&args);
+    let err = stderr_of(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("[eva] took over checkpoint directory")
+            && err.contains("from an eva run that no longer runs (pid 4194000 on host"),
+        "{err}"
+    );
+    assert!(!ck.join(".eva-owner").exists());
+    // One of another host: refused, saying how to force it; nothing written.
+    foreign_marker(&ck, "node-elsewhere");
+    let out2 = dir.path().join("out2");
+    let args = synthetic(&out2, Some(&ck), &["--max-steps", "2"]);
+    let o = eva(&args);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is held by an eva run on another host: pid 4194000 on host node-elsewhere")
+            && err.contains("pass --checkpoint-takeover"),
+        "{err}"
+    );
+    assert_nothing_written(&out2);
+    assert!(std::fs::read_to_string(ck.join(".eva-owner"))
+        .unwrap()
+        .contains("node-elsewhere"));
+    let mut forced = args.clone();
+    forced.push("--checkpoint-takeover");
+    let o = eva(&forced);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(!ck.join(".eva-owner").exists());
 }

@@ -5,14 +5,18 @@
 //! | file | written by | holds |
 //! |---|---|---|
 //! | `DIR/step-SSSSSSSS/rank-RRRRR.ckpt` | world rank R | the run's fingerprint, the step, the decision, the statistics of R's stage inputs (its own Grams, which never move, and the all-reduced parts), warm starts; the stage leader's previous estimates; the global leader's state on rank 0 |
+//! | `DIR/.eva-owner` | world rank 0, while the run lasts | the holder's pid, host, boot id, start time, run fingerprint hash ([`owner`]) |
 //!
 //! A file appears complete or not at all (written beside, synced, renamed). A step's checkpoint
 //! is complete when every rank's file is there; after every rank has written step S, each rank
 //! removes its files of earlier steps, so the last complete checkpoint survives a kill at any
 //! moment, on a shared file system or on node-local disks alike. On resume the ranks agree on the
 //! latest step every one of them holds ([`codec`] has the encoding, [`state`] what is saved).
+//! A write that fails removes what it started ([`discard_step`]). One run at a time holds a
+//! directory: rank 0 takes `DIR/.eva-owner` ([`owner`]) before anything is written there.
 
 pub mod codec;
+pub mod owner;
 pub mod state;
 pub mod sync;
 
@@ -153,14 +157,52 @@ pub fn complete_steps(dir: &Path, rank: usize) -> Vec<usize> {
     steps
 }
 
-/// Fails fast, before any forward pass, unless `dir` can hold this rank's checkpoints: creates it
-/// and writes and removes a probe file; removes this rank's partial files of an interrupted write.
-pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
+/// Directories [`check_writable`] created for the checkpoint directory; dropped without
+/// [`Created::keep`], they are removed again (deepest first, as long as they are empty), so that
+/// a run that stops before it writes anything leaves nothing behind.
+#[derive(Debug, Default)]
+pub struct Created(Vec<PathBuf>);
+
+impl Created {
+    /// The run went on to use the directory: keep it.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Fails fast, before the data is read, unless `dir` can hold this rank's checkpoints: creates
+/// it (and missing parents) and writes and removes a probe file named after this rank and
+/// process, which no other run's file can be. Touches nothing else in `dir`: another run may
+/// hold it ([`owner`]).
+pub fn check_writable(dir: &Path, rank: usize) -> Result<Created> {
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoint directory", dir, e))?;
-    let probe = dir.join(format!(".probe-rank-{rank:05}"));
+    let created = Created(missing);
+    let probe = dir.join(format!(".probe-rank-{rank:05}-{}", std::process::id()));
     std::fs::write(&probe, b"eva")
         .map_err(|e| Error::io("writing to the checkpoint directory", &probe, e))?;
     std::fs::remove_file(&probe).map_err(|e| Error::io("removing", &probe, e))?;
+    Ok(created)
+}
+
+/// Once this run holds `dir` ([`owner::claim`]): checks it as [`check_writable`] does and
+/// removes this rank's partial files of an interrupted write.
+pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
+    check_writable(dir, rank)?.keep();
     for step in step_dirs(dir) {
         let partial = partial_file(dir, step, rank);
         if partial.exists() {
