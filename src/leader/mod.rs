@@ -132,9 +132,11 @@ impl Summary {
     }
 
     /// Whether the input has no variance beyond rounding: `trace C ≤`
-    /// [`DEGENERATE_RTOL`]` · Σ‖x‖²/n`; also when the trace is not a number.
+    /// [`DEGENERATE_RTOL`]` · Σ‖x‖²/n`; also when the trace is not finite (statistics that
+    /// overflowed have nothing to offer either).
     pub fn is_degenerate(&self) -> bool {
-        !(self.trace > DEGENERATE_RTOL * self.second_moment)
+        let floor = DEGENERATE_RTOL * self.second_moment;
+        !self.trace.is_finite() || self.trace <= floor || floor.is_nan()
     }
 
     /// `trace C / (Σ‖x‖²/n)`: the fraction of the rows' mean squared norm that varies (`None`
