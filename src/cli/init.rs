@@ -382,48 +382,10 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
             ));
         }
     }
-    // Every rank checks that it can write its checkpoints, before the data is read; the
-    // directories it creates are removed again (when still empty) if the run fails.
+    // The checkpoint directory, the ranks' agreement on the run's fingerprint, and rank 0's
+    // hold on the directory for this run (`startup`), before the source is opened.
     let mut cfg = cfg.clone();
-    let created = match cfg.checkpoint.as_ref() {
-        Some(c) => agree(comm, checkpoint::check_writable(&c.dir, comm.rank()))?,
-        None => Default::default(),
-    };
-    // Every rank fingerprints the run (flags, and hashes of the data and model files) and all
-    // must agree before any work: ranks started with different command lines stop here. (The
-    // ranks of a thread world share one command line; a world of one needs it for checkpoints.)
-    let separate = comm.size() > 1 && comm.backend() != "threads";
-    let fingerprint = if separate || cfg.checkpoint.is_some() {
-        agree(comm, super::fingerprint::of(args))?
-    } else {
-        Vec::new()
-    };
-    if separate {
-        comm::unanimous::check(
-            comm,
-            "command line and files",
-            &super::fingerprint::startup(args, &fingerprint),
-        )?;
-    }
-    // Rank 0 takes the checkpoint directory for this run (one run at a time) before anything
-    // is written there; then every rank removes its partial files of an interrupted write.
-    // Held until the run ends (dropping it releases the marker).
-    let _claim = match cfg.checkpoint.as_mut() {
-        Some(c) => {
-            let hash = super::fingerprint::hash(&fingerprint);
-            let take = || checkpoint::owner::claim(&c.dir, &hash, args.checkpoint_takeover);
-            let claim = agree(comm, leader.then(take).transpose())?;
-            if let Some(note) = claim.as_ref().and_then(|c| c.note.as_ref()) {
-                if !cfg.quiet {
-                    say(&format!("[eva] {note}"));
-                }
-            }
-            agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
-            c.fingerprint = fingerprint;
-            claim
-        }
-        None => None,
-    };
+    let startup = super::startup::run(comm, args, &mut cfg)?;
     let cfg = &cfg;
     agree(comm, topology::check_grid(comm.size(), args.pp))?;
     let topo = Topology::new(comm, args.pp)?;
@@ -467,7 +429,7 @@ fn run_rank(comm: &dyn Communicator, args: &InitArgs, cfg: &RunConfig) -> Result
     };
     let done = agree(comm, written);
     if done.is_ok() {
-        created.keep();
+        startup.succeeded();
     }
     done
 }

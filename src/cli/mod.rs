@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod progress;
 pub mod report;
 pub mod signals;
+mod startup;
 mod tokens;
 
 use crate::config::EstimatorChoice;
