@@ -36,20 +36,27 @@ impl Startup {
     }
 }
 
-/// Runs the checks on every rank (collective); fills in `cfg`'s checkpoint fingerprint.
+/// Runs the checks on every rank (collective); fills in `cfg`'s checkpoint fingerprint. The
+/// sequence of collectives does not depend on the flags until the ranks agree on them: a rank
+/// without `--checkpoint` next to one with it must reach the agreement, not another collective.
 pub fn run(comm: &dyn Communicator, args: &InitArgs, cfg: &mut RunConfig) -> Result<Startup> {
-    let created = match cfg.checkpoint.as_ref() {
-        Some(c) => agree(comm, checkpoint::check_writable(&c.dir, comm.rank()))?,
-        None => Created::default(),
-    };
     // The ranks of a thread world share one command line; a world of one needs the
     // fingerprint for checkpoints only.
     let separate = comm.size() > 1 && comm.backend() != "threads";
-    let fingerprint = if separate || cfg.checkpoint.is_some() {
-        agree(comm, super::fingerprint::of(args))?
-    } else {
-        Vec::new()
+    let checked = match cfg.checkpoint.as_ref() {
+        Some(c) => checkpoint::check_writable(&c.dir, comm.rank()),
+        None => Ok(Created::default()),
     };
+    // A directory that cannot be written is reported before the data is read.
+    let local = checked.and_then(|created| {
+        let fingerprint = if separate || cfg.checkpoint.is_some() {
+            super::fingerprint::of(args)?
+        } else {
+            Vec::new()
+        };
+        Ok((created, fingerprint))
+    });
+    let (created, fingerprint) = agree(comm, local)?;
     if separate {
         unanimous::check(
             comm,

@@ -10,20 +10,19 @@
 
 use super::wire::{Reader, Writer};
 use super::Communicator;
-use crate::engine::checkpoint::codec::Checksum;
 use crate::{Error, Result};
 
-/// The 64-bit hash of a list (keys and values, length-prefixed so that no two lists collide by
-/// concatenation).
+/// The 64-bit hash (FNV-1a, [`crate::rng::name_key`]) of a list: keys and values, each after
+/// its length, so that no two lists collide by concatenation.
 fn hash(items: &[(String, String)]) -> u64 {
-    let mut sum = Checksum::new();
+    let mut text = String::new();
     for (k, v) in items {
         for s in [k, v] {
-            sum.update(&(s.len() as u64).to_le_bytes());
-            sum.update(s.as_bytes());
+            text.push_str(&format!("{}:", s.len()));
+            text.push_str(s);
         }
     }
-    sum.finish()
+    crate::rng::name_key(&text)
 }
 
 /// Most keys named in the error before the rest are counted.
