@@ -477,3 +477,34 @@ fn a_dead_holder_is_taken_over_and_another_hosts_only_with_checkpoint_takeover()
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(!ck.join(".eva-owner").exists());
 }
+
+/// Flags that change which collectives a rank makes (checkpointing, `--pp`) on one rank only:
+/// the ranks still reach the agreement (nothing before it depends on them) and both name them;
+/// the checkpoint directory rank 0 created for its check is removed again.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_flag_that_shapes_the_collectives_on_one_rank_only_is_named_on_both() {
+    let dir = tempdir();
+    let (out, ck) = (dir.path().join("out"), dir.path().join("ck"));
+    let plain = synthetic(&out, None, &[]);
+    for (extra, named) in [
+        (
+            vec!["--checkpoint", ck.to_str().unwrap()],
+            "in --checkpoint",
+        ),
+        (vec!["--pp", "2"], "in --pp"),
+    ] {
+        let with: Vec<&str> = plain.iter().copied().chain(extra).collect();
+        let o = mpirun_two(&with, &plain);
+        let err = stderr_of(&o);
+        assert!(!o.status.success(), "{err}");
+        for rank in 0..2 {
+            assert!(
+                err.contains(&format!("eva: error: rank {rank}: the ranks were not started with the same command line and files: rank(s) 1 differ from rank 0 {named}")),
+                "rank {rank}: {err}"
+            );
+        }
+        assert!(!ck.exists());
+        assert_nothing_written(&out);
+    }
+}
