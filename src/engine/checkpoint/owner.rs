@@ -239,7 +239,7 @@ fn verdict(
 /// run's fingerprint.
 pub fn claim(dir: &Path, fingerprint: &str, takeover: bool) -> Result<Claim> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoint directory", dir, e))?;
-    let me = Owner::me();
+    let (me, job) = (Owner::me(), slurm());
     let owner = me.clone().unwrap_or_else(|| Owner {
         pid: std::process::id(),
         host: "unknown".into(),
@@ -252,7 +252,7 @@ pub fn claim(dir: &Path, fingerprint: &str, takeover: bool) -> Result<Claim> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         fingerprint: fingerprint.to_string(),
-        slurm: slurm(),
+        slurm: job.clone(),
     }
     .encode();
     let marker = dir.join(MARKER);
@@ -261,7 +261,6 @@ pub fn claim(dir: &Path, fingerprint: &str, takeover: bool) -> Result<Claim> {
     let stale = dir.join(format!("{MARKER}.{pid}.stale"));
     std::fs::write(&tmp, &text)
         .map_err(|e| Error::io("writing to the checkpoint directory", &tmp, e))?;
-    let job = slurm();
     let result = take(
         dir,
         (&marker, &tmp, &stale),
@@ -294,7 +293,7 @@ fn take(
         match std::fs::hard_link(tmp, marker) {
             Ok(()) => return Ok(note),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
+            Err(_) => {
                 // A file system without hard links: an exclusive create (the marker may be seen
                 // empty for an instant; a reader then finds it unreadable and refuses).
                 let text = std::fs::read(tmp).map_err(|e| Error::io("reading", tmp, e))?;
@@ -311,7 +310,7 @@ fn take(
                         return Ok(note);
                     }
                     Err(e2) if e2.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(_) => return Err(Error::io("creating the owner marker", marker, e)),
+                    Err(e2) => return Err(Error::io("creating the owner marker", marker, e2)),
                 }
             }
         }
