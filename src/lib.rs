@@ -12,6 +12,7 @@
 //! | [`leader`] | eigenpairs, convergence, global rank redistribution |
 //! | [`adapter`] | PEFT tensors, `adapter_config.json`, report, atomic writing |
 //! | [`engine`] | the step loop that ties them together |
+//! | [`owner`] | which eva process holds a directory (temporary output, checkpoints) |
 //! | [`cli`] | `eva` command-line arguments and their validation |
 
 pub mod adapter;
@@ -26,6 +27,7 @@ pub mod leader;
 pub mod linalg;
 pub mod log;
 pub mod model;
+pub mod owner;
 pub mod rng;
 pub mod source;
 pub mod stats;

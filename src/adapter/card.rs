@@ -224,7 +224,13 @@ pub fn render(report: &Report, config: &Value) -> String {
     let unconverged: Vec<&str> = report
         .layers
         .iter()
-        .filter(|l| l.converged_step.is_none())
+        .filter(|l| l.converged_step.is_none() && !l.degenerate)
+        .map(|l| l.name.as_str())
+        .collect();
+    let degenerate: Vec<&str> = report
+        .layers
+        .iter()
+        .filter(|l| l.degenerate)
         .map(|l| l.name.as_str())
         .collect();
     let uncertain: Vec<&str> = report
@@ -253,6 +259,13 @@ pub fn render(report: &Report, config: &Value) -> String {
         "- allocation not certified (sketch error bounds allow another rank): {}",
         list(&uncertain)
     );
+    if !degenerate.is_empty() {
+        let _ = writeln!(
+            md,
+            "- input without variance (rank 0, left out): {}",
+            list(&degenerate)
+        );
+    }
     let _ = writeln!(md, "\nEvery layer's numbers are in `{REPORT_FILE}`; `eva report <this directory>` prints this summary.\n");
 
     // PEFT's `create_or_update_model_card` appends `- PEFT <version>` under this heading when it

@@ -85,6 +85,14 @@ pub struct LayerReport {
     /// Whether the rank is the same for every spectrum the error bounds allow.
     pub allocation_certain: bool,
     pub certificate: CertificateReport,
+    /// Its input does not vary beyond rounding (total variance at most
+    /// `leader::DEGENERATE_RTOL` of the rows' mean squared norm): no components, rank 0.
+    #[serde(default)]
+    pub degenerate: bool,
+    /// The input's total variance over its rows' mean squared norm `Σ‖x‖²/n` (absent in
+    /// reports of older versions).
+    #[serde(default)]
+    pub relative_variance: Option<f64>,
 }
 
 /// The whole run.
@@ -116,8 +124,11 @@ pub struct Report {
     pub stop_reason: String,
     /// Every layer converged.
     pub converged: bool,
-    /// Layers whose components had not converged when the run stopped.
+    /// Layers whose components had not converged when the run stopped (degenerate ones aside).
     pub unconverged_layers: Vec<String>,
+    /// Layers whose input is degenerate ([`LayerReport::degenerate`]): rank 0.
+    #[serde(default)]
+    pub degenerate_layers: Vec<String>,
     pub rank_budget: usize,
     pub r: usize,
     pub rho: f64,
@@ -125,4 +136,44 @@ pub struct Report {
     pub time_s: Times,
     pub bytes: Bytes,
     pub layers: Vec<LayerReport>,
+}
+
+/// Most layer names a warning lists before it counts the rest.
+const WARN_LISTED: usize = 12;
+
+impl Report {
+    /// The warning for layers whose input is degenerate, if there are any: how many, which
+    /// (grouped by input), and what it means.
+    pub fn degenerate_warning(&self) -> Option<String> {
+        let bad: Vec<&LayerReport> = self.layers.iter().filter(|l| l.degenerate).collect();
+        if bad.is_empty() {
+            return None;
+        }
+        let mut inputs: Vec<(&str, Vec<&str>, Option<f64>)> = Vec::new();
+        for l in &bad {
+            match inputs.iter_mut().find(|(i, _, _)| *i == l.input) {
+                Some((_, members, _)) => members.push(&l.name),
+                None => inputs.push((&l.input, vec![&l.name], l.relative_variance)),
+            }
+        }
+        let listed: Vec<String> = inputs
+            .iter()
+            .take(WARN_LISTED)
+            .map(|(_, members, rv)| {
+                let rv = rv.map_or(String::new(), |v| format!(" ({v:.1e})"));
+                format!("{}{rv}", members.join(", "))
+            })
+            .collect();
+        let more = match inputs.len().saturating_sub(WARN_LISTED) {
+            0 => String::new(),
+            n => format!("; and {n} more inputs (see degenerate_layers in eva_report.json)"),
+        };
+        Some(format!(
+            "eva: warning: {} of {} layers read an input that does not vary beyond rounding (total variance at most {:.0e} of the rows' mean squared norm, shown in parentheses): they get no components and rank 0, and are left out of the adapter: {}{more}",
+            bad.len(),
+            self.layers.len(),
+            crate::leader::DEGENERATE_RTOL,
+            listed.join("; ")
+        ))
+    }
 }

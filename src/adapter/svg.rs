@@ -123,7 +123,7 @@ pub fn render(report: &Report) -> String {
     let unconverged = report
         .layers
         .iter()
-        .filter(|l| l.converged_step.is_none())
+        .filter(|l| l.converged_step.is_none() && !l.degenerate)
         .count();
     let uncertain = report
         .layers

@@ -4,6 +4,7 @@
 //! it and renames it into place. [`remove_staged`] is what a signal handler calls.
 
 use super::Adapter;
+use crate::owner::Owner;
 use crate::{Error, Result};
 use safetensors::{Dtype, View};
 use std::borrow::Cow;
@@ -125,77 +126,8 @@ pub fn remove_staged() -> (MutexGuard<'static, Vec<PathBuf>>, Vec<PathBuf>) {
     (guard, removed)
 }
 
-/// Who made a temporary directory: enough to tell, on this host, whether that process still runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Owner {
-    pid: u32,
-    host: String,
-    boot: String,
-    /// Start time of the process in clock ticks after boot (`/proc/PID/stat`, field 22).
-    start: u64,
-}
-
-fn read_trimmed(path: &str) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
-/// Field 22 of `/proc/PID/stat` (after the parenthesized command name, which may hold spaces).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-impl Owner {
-    fn me() -> Option<Owner> {
-        let pid = std::process::id();
-        Some(Owner {
-            pid,
-            host: read_trimmed("/proc/sys/kernel/hostname")?,
-            boot: read_trimmed("/proc/sys/kernel/random/boot_id")?,
-            start: start_time(pid)?,
-        })
-    }
-
-    fn encode(&self) -> String {
-        format!(
-            "eva temporary output\npid {}\nhost {}\nboot {}\nstart {}\n",
-            self.pid, self.host, self.boot, self.start
-        )
-    }
-
-    fn decode(text: &str) -> Option<Owner> {
-        let mut lines = text.lines();
-        if lines.next()? != "eva temporary output" {
-            return None;
-        }
-        let mut field = |key: &str| {
-            lines
-                .next()?
-                .strip_prefix(key)?
-                .strip_prefix(' ')
-                .map(str::to_string)
-        };
-        Some(Owner {
-            pid: field("pid")?.parse().ok()?,
-            host: field("host")?,
-            boot: field("boot")?,
-            start: field("start")?.parse().ok()?,
-        })
-    }
-
-    /// Whether this owner is certainly gone: same host, and another boot, or no process with its
-    /// pid and start time. `me` is the current process's identity.
-    fn is_dead(&self, me: &Owner) -> bool {
-        self.host == me.host && (self.boot != me.boot || start_time(self.pid) != Some(self.start))
-    }
-}
+/// The first line of a temporary directory's owner marker.
+const TITLE: &str = "eva temporary output";
 
 /// Removes `.<name>.eva-tmp-<pid>` directories beside `out` whose marker names a process of this
 /// host that no longer runs (or runs no more under that pid). Directories without a readable
@@ -220,7 +152,7 @@ fn remove_stale(out: &Path, me: &Owner) -> Vec<PathBuf> {
         }
         let owner = std::fs::read_to_string(path.join(OWNER_FILE))
             .ok()
-            .and_then(|t| Owner::decode(&t));
+            .and_then(|t| Owner::decode(&t, TITLE).map(|(o, _)| o));
         if owner.is_some_and(|o| o.pid == pid && o.is_dead(me))
             && std::fs::remove_dir_all(&path).is_ok()
         {
@@ -292,7 +224,7 @@ pub fn prepare(out: &Path, force: bool) -> Result<Staging> {
         staged().push(tmp.clone());
         if let Some(me) = &me {
             let marker = tmp.join(OWNER_FILE);
-            std::fs::write(&marker, me.encode())
+            std::fs::write(&marker, me.encode(TITLE))
                 .map_err(|e| Error::io("cannot write", &marker, e))?;
         }
         Ok(())

@@ -61,6 +61,32 @@ pub fn of(args: &InitArgs) -> Result<Vec<(String, String)>> {
     Ok(f)
 }
 
+/// What every rank of one job must agree on before any work ([`crate::comm::unanimous`]): the
+/// checkpoint fingerprint ([`of`]) and the flags that shape the grid and the collectives
+/// (`--pp`, checkpointing), but not output-only flags, which only rank 0 reads.
+pub fn startup(args: &InitArgs, fingerprint: &[(String, String)]) -> Vec<(String, String)> {
+    let mut f = fingerprint.to_vec();
+    f.push(("--pp".into(), args.pp.to_string()));
+    f.push(("--checkpoint".into(), args.checkpoint.is_some().to_string()));
+    if args.checkpoint.is_some() {
+        f.push((
+            "--checkpoint-every".into(),
+            args.checkpoint_every.to_string(),
+        ));
+        f.push(("--resume".into(), args.resume.to_string()));
+    }
+    f
+}
+
+/// A 64-bit hash of a fingerprint, for the checkpoint directory's owner marker.
+pub fn hash(fingerprint: &[(String, String)]) -> String {
+    let mut sum = crate::engine::checkpoint::codec::Checksum::new();
+    for (k, v) in fingerprint {
+        sum.update(format!("{k}={v}\n").as_bytes());
+    }
+    format!("{:016x}", sum.finish())
+}
+
 /// Every `*.safetensors` file of `dir`, in name order, with its size and header hash.
 fn safetensors_files(dir: &Path) -> Result<Vec<(String, String)>> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

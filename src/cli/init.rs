@@ -229,7 +229,10 @@ pub fn run(args: &InitArgs) -> Result<()> {
         checkpoint::arm();
     }
     super::signals::install();
-    comm::watchdog::set_abort_hook(|| drop(write::remove_staged()));
+    comm::watchdog::set_abort_hook(|| {
+        drop(write::remove_staged());
+        checkpoint::owner::release_claimed();
+    });
     comm::set_collective_timeout(plan.ops.collective_timeout);
     let launch = launcher::detect();
     let threads = |ranks: usize| {
@@ -308,13 +311,10 @@ fn run_rank(world: Rc<dyn Communicator>, plan: &Plan, args: &InitArgs) -> Result
             ));
         }
     }
-    // And every rank checks that it can write its checkpoints, then fingerprints the run
-    // (hashing the data file) for them.
+    // The checkpoint directory, the ranks' agreement on the run's fingerprint, and rank 0's
+    // hold on the directory for this run (`startup`), before the source is opened.
     let mut cfg = cfg.clone();
-    if let Some(c) = cfg.checkpoint.as_mut() {
-        agree(comm, checkpoint::prepare(&c.dir, comm.rank()))?;
-        c.fingerprint = agree(comm, super::fingerprint::of(args))?;
-    }
+    let startup = super::startup::run(comm, args, &mut cfg)?;
     let cfg = Arc::new(cfg);
     let pp = plan.grid.pp;
     agree(comm, topology::check_grid(comm.size(), pp))?;
@@ -353,7 +353,11 @@ fn run_rank(world: Rc<dyn Communicator>, plan: &Plan, args: &InitArgs) -> Result
         Some(staging) => write_outcome(&cfg, outcome, staging),
         None => Ok(()),
     };
-    agree(comm, written)
+    let done = agree(comm, written);
+    if done.is_ok() {
+        startup.succeeded();
+    }
+    done
 }
 
 /// Under `--estimator auto`, says which inputs do not fit `--stats-memory` and will be sketched
@@ -425,6 +429,9 @@ fn write_outcome(
     staging.commit(&files)?;
 
     let r = &outcome.report;
+    if let Some(warning) = r.degenerate_warning() {
+        say(&warning);
+    }
     if !r.converged {
         say(&format!(
             "eva: warning: stopped ({}) after {} steps with {} of {} layers not converged; their components are the last estimates, marked converged_step = null in {}",

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod progress;
 pub mod report;
 pub mod signals;
+mod startup;
 mod tokens;
 
 use crate::config::validate::{Collectives, DType, DeviceKind};
@@ -293,6 +294,13 @@ pub struct InitArgs {
     /// is none); a checkpoint of other flags, data, model or grid is refused.
     #[arg(long, requires = "checkpoint")]
     pub resume: bool,
+
+    /// Take --checkpoint DIR over from the eva run that holds it (DIR/.eva-owner) although this
+    /// host cannot tell that it has ended: a run on another host, or an unreadable marker. Only
+    /// when that run is certainly gone (its node failed); a run that no longer runs on this
+    /// host, or an earlier attempt of the same Slurm job, is taken over without it.
+    #[arg(long, requires = "checkpoint")]
+    pub checkpoint_takeover: bool,
 
     /// base_model_name_or_path written to adapter_config.json.
     #[arg(long, value_name = "NAME")]

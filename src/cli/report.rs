@@ -1,6 +1,7 @@
 //! `eva report DIR`: the rank distribution of an adapter eva wrote (per module type and per
-//! block), its unconverged layers and uncertified allocations and the run's time split, read
-//! from `eva_report.json` alone, so older directories without the picture or card work too.
+//! block), its unconverged layers, layers whose input has no variance, uncertified allocations
+//! and the run's time split, read from `eva_report.json` alone, so older directories without the
+//! picture or card work too.
 
 use crate::adapter::grid::{Grid, RankStats};
 use crate::adapter::report::Report;
@@ -186,10 +187,25 @@ pub fn summary(dir: &Path, report: &Report) -> String {
     let unconverged: Vec<String> = report
         .layers
         .iter()
-        .filter(|l| l.converged_step.is_none())
+        .filter(|l| l.converged_step.is_none() && !l.degenerate)
         .map(|l| l.name.clone())
         .collect();
     list(&mut s, "not converged", &unconverged);
+    let degenerate: Vec<String> = report
+        .layers
+        .iter()
+        .filter(|l| l.degenerate)
+        .map(|l| match l.relative_variance {
+            Some(v) => format!(
+                "{} (rank 0, input {}, relative variance {v:.1e})",
+                l.name, l.input
+            ),
+            None => format!("{} (rank 0, input {})", l.name, l.input),
+        })
+        .collect();
+    if !degenerate.is_empty() {
+        list(&mut s, "no variance", &degenerate);
+    }
     let uncertain: Vec<String> = report
         .layers
         .iter()

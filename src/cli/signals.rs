@@ -1,5 +1,6 @@
-//! SIGTERM and SIGINT: a handler thread removes the temporary output directory and exits with
-//! 128 + the signal's number (143, 130), so a preempted job never leaves a partial `--out`.
+//! SIGTERM and SIGINT: a handler thread removes the temporary output directory (and releases
+//! the checkpoint directory's owner marker) and exits with 128 + the signal's number (143, 130),
+//! so a preempted job never leaves a partial `--out`.
 //!
 //! The signal itself only wakes the thread (signal-hook's self-pipe); everything else runs on
 //! that ordinary thread. It waits for a rename of the output into place that is under way
@@ -74,6 +75,7 @@ pub fn install() {
                 }
                 // Holding the registry's lock until exit keeps a commit from starting.
                 let (_lock, removed) = write::remove_staged();
+                checkpoint::owner::release_claimed();
                 let cleaned = match removed.as_slice() {
                     [] => String::new(),
                     dirs => format!("; removed {}, --out was not written", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")),

@@ -12,6 +12,9 @@
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
 //! eva is a world of one and never initializes MPI. [`topology::Topology`] cuts a world into
 //! the grid of `dp` data-parallel replicas × `pp` pipeline stages and their sub-communicators.
+//!
+//! Agreement helpers: [`agree`] (every rank returns an error if one failed), [`share_from_root`]
+//! (rank 0's bytes to all), [`unanimous::check`] (every rank started the same way).
 
 /// Implements [`Communicator`] for an uninhabited (not compiled) backend twin (unused when every
 /// backend is built).
@@ -60,6 +63,7 @@ macro_rules! uninhabited_communicator {
 pub mod launcher;
 pub mod threads;
 pub mod topology;
+pub mod unanimous;
 pub mod watchdog;
 pub mod wire;
 

@@ -129,6 +129,9 @@ impl Engine {
                 })
                 .collect::<Result<_>>()?;
             self.leader.finalize(&finals);
+            if self.leader.degenerate_inputs().len() == n {
+                return Err(all_degenerate(&self.catalog, &finals));
+            }
             self.finals = finals;
             Ok(self.leader.ranks.clone())
         })();
@@ -160,7 +163,14 @@ impl Engine {
         let params = &cfg.eva;
         let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
         let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();
-        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, self.leader.caps());
+        let certain = allocate::certain(
+            catalog,
+            &ratios,
+            &bounds,
+            ranks,
+            self.leader.caps(),
+            self.leader.budget(),
+        );
         let layers: Vec<LayerReport> = catalog
             .layers
             .iter()
@@ -181,6 +191,8 @@ impl Engine {
                     estimator: s.estimator().to_string(),
                     error_bound: bounds[g],
                     allocation_certain: certain[l],
+                    degenerate: s.is_degenerate(),
+                    relative_variance: s.relative_variance(),
                     certificate: match s.certificate {
                         Certificate::Exact { residual } => CertificateReport::Exact { residual },
                         Certificate::Sketch {
@@ -197,9 +209,15 @@ impl Engine {
                 }
             })
             .collect();
+        // Degenerate layers are listed apart: they have nothing to converge.
         let unconverged_layers: Vec<String> = layers
             .iter()
-            .filter(|l| l.converged_step.is_none())
+            .filter(|l| l.converged_step.is_none() && !l.degenerate)
+            .map(|l| l.name.clone())
+            .collect();
+        let degenerate_layers: Vec<String> = layers
+            .iter()
+            .filter(|l| l.degenerate)
             .map(|l| l.name.clone())
             .collect();
         let mean = |v: &[u64]| {
@@ -224,6 +242,7 @@ impl Engine {
             stop_reason: stop.as_str().to_string(),
             converged: unconverged_layers.is_empty(),
             unconverged_layers,
+            degenerate_layers,
             rank_budget: self.leader.budget(),
             r: params.rank,
             rho: params.rho,
@@ -240,6 +259,25 @@ impl Engine {
             layers,
         }
     }
+}
+
+/// The error of a run whose every input is degenerate: nothing to initialize from.
+fn all_degenerate(catalog: &crate::catalog::Catalog, finals: &[Summary]) -> Error {
+    let largest = finals
+        .iter()
+        .filter_map(Summary::relative_variance)
+        .fold(0.0f64, |a, b| a.max(b));
+    let tokens = finals.iter().map(|s| s.tokens).max().unwrap_or(0);
+    let largest = match largest {
+        0.0 => "0".to_string(),
+        v => format!("{v:.1e}"),
+    };
+    Error::data(format!(
+        "every target layer's input is degenerate: none of the {} inputs ({} layers, up to {tokens} tokens each) varies beyond rounding (the largest total variance is {largest} of the rows' mean squared norm; at most {:.0e} is degenerate), so there are no directions to initialize LoRA from; every example may reduce to the same tokens (e.g. --max-seq-len 1 keeps only the first token) — use more varied data or a longer --max-seq-len; nothing was written",
+        catalog.inputs.len(),
+        catalog.layers.len(),
+        crate::leader::DEGENERATE_RTOL
+    ))
 }
 
 /// The outcome as bytes: the adapter's layers, its config and the report.

@@ -145,6 +145,12 @@ pub struct Engine {
     resumed_from: Option<usize>,
     /// Tokens the leader's estimates held when the run resumed (0 otherwise).
     resumed_tokens: u64,
+    /// The shift of each of this stage's inputs (empty elsewhere), kept for the rows' second
+    /// moment ([`crate::stats::Moments::second_moment`]).
+    references: Vec<Vec<f32>>,
+    /// The latest checkpoint complete on every rank that this run wrote or resumed from (what
+    /// a failed checkpoint leaves resumable).
+    checkpointed: Option<usize>,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -236,14 +242,18 @@ impl Engine {
             last_checkpoint: started,
             resumed_from: None,
             resumed_tokens: 0,
+            references: Vec::new(),
+            checkpointed: None,
             catalog,
             topo,
         };
         let refs = engine.reference_vectors(source)?;
+        engine.references = refs.clone();
         // Statistics on a GPU can fail to fit on one rank only: agree before the first step.
         let init = engine.init_stats(refs, source.device());
         engine.world().agree(engine.in_stage(init))?;
         engine.resumed_from = engine.resume()?;
+        engine.checkpointed = engine.resumed_from;
         engine.resumed_tokens = engine.tokens();
         engine.marks = (engine.acct.bytes(), engine.acct.hidden());
         Ok(engine)

@@ -287,7 +287,7 @@ fn read_certificate(r: &mut Reader) -> Result<Certificate> {
 fn write_summary(w: &mut Writer, s: &Summary) {
     w.f64s(&s.values)
         .f64s(&s.residuals)
-        .f64s(&[s.trace])
+        .f64s(&[s.trace, s.second_moment])
         .u64(s.tokens);
     write_certificate(w, &s.certificate);
 }
@@ -295,16 +295,17 @@ fn write_summary(w: &mut Writer, s: &Summary) {
 fn read_summary(r: &mut Reader) -> Result<Summary> {
     let values = r.f64s()?;
     let residuals = r.f64s()?;
-    let trace = *r
-        .f64s()?
-        .first()
-        .ok_or_else(|| Error::Comm("malformed summary: trace".into()))?;
+    let (trace, second_moment) = match r.f64s()?[..] {
+        [t, m] => (t, m),
+        _ => return Err(Error::Comm("malformed summary: trace".into())),
+    };
     let tokens = r.u64()?;
     Ok(Summary {
         values,
         residuals,
         trace,
         tokens,
+        second_moment,
         certificate: read_certificate(r)?,
     })
 }
@@ -711,6 +712,7 @@ mod tests {
             residuals: vec![1e-9, 2e-9],
             trace: 4.0,
             tokens: 77,
+            second_moment: 6.5,
             certificate: Certificate::Sketch {
                 sketch_size: 9,
                 nuclear_error: 0.5,

@@ -142,8 +142,23 @@ fn solve_spread(
 
 impl Engine {
     /// Eigenpairs of this stage's `inputs` at `precision`: on the stage leader, every one of
-    /// them in input order; on the stage's other ranks, none.
+    /// them in input order, with the rows' second moment that tells a degenerate input
+    /// ([`crate::leader::Summary::is_degenerate`]); on the stage's other ranks, none.
     pub(super) fn solve(
+        &mut self,
+        inputs: &[usize],
+        precision: Precision,
+    ) -> Result<Vec<(usize, Spectrum)>> {
+        let mut solved = self.solve_spectra(inputs, precision)?;
+        for (g, s) in &mut solved {
+            let shared = self.stats.shared[*g].as_ref().expect("stage input");
+            s.summary.second_moment = shared.moments.second_moment(&self.references[*g]);
+        }
+        Ok(solved)
+    }
+
+    /// [`Engine::solve`] without the second moments.
+    fn solve_spectra(
         &mut self,
         inputs: &[usize],
         precision: Precision,

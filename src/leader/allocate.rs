@@ -1,12 +1,24 @@
 //! PEFT's global rank redistribution (`_get_rank_distribution` in `peft/tuners/lora/eva.py`):
 //! every target layer offers its input's first `cap_l` explained-variance ratios ([`caps`]); the
 //! global top `budget = Σ r_l` ([`budget`]) are kept and each layer's rank is its count, `r_l`
-//! being the layer's rank before redistribution (`r`, or its `rank_pattern` entry). Members of an
-//! equal-input group offer the same ratios under their own names.
+//! being the layer's rank before redistribution (`r`, or its `rank_pattern` entry).
 //!
-//! Ties (equal ratios, e.g. inside a group) are broken deterministically: a group's
-//! representative first, then layer order, then component index — so the representative holds
-//! the largest rank of its group, as PEFT's swap step ensures.
+//! Where eva differs: an equal-input group (q/k/v, gate/up) always gets **one rank for all its
+//! members**. Its members offer the same ratios, so PEFT's top-`budget` cut can fall inside a
+//! group's block of tied candidates and give `q_proj` one component more than `v_proj` (or, for
+//! an input without variance whose ratios are all 0, every component to the first member and
+//! none to the others). Here a group's component `j` is one candidate that costs one budget unit
+//! per member; candidates are taken in descending ratio order while they fit, and the cut stops
+//! at the first one that does not, so the kept candidates are always the top of the ranking and
+//! `Σ ranks ≤ budget` (at most `largest group − 1` units short of it, where PEFT would have split
+//! a group).
+//!
+//! Only finite, positive ratios are offered: a NaN, an infinity or a component that explains no
+//! variance (a degenerate input's ratios are all 0, see [`super::Summary::is_degenerate`]) never
+//! takes budget.
+//!
+//! Ties (equal ratios of different groups) are broken deterministically: layer order of the
+//! groups' representatives, then component index.
 
 use crate::catalog::Catalog;
 use crate::config::EvaParams;
@@ -50,74 +62,102 @@ pub fn budget(catalog: &Catalog, params: &EvaParams) -> usize {
         .sum()
 }
 
+/// Whether a ratio may take budget: finite and positive (NaN, infinities and components that
+/// explain no variance never do).
+pub fn offered(ratio: f64) -> bool {
+    ratio.is_finite() && ratio > 0.0
+}
+
 /// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending) and
-/// per-layer [`caps`].
+/// per-layer [`caps`]: every member of an equal-input group gets the same rank.
 pub fn redistribute(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
     caps: &[usize],
     budget: usize,
 ) -> Vec<usize> {
+    // (ratio, representative, component, input): one candidate per component of a group.
     let mut candidates = Vec::new();
-    for (l, layer) in catalog.layers.iter().enumerate() {
-        let rep = catalog.inputs[layer.input].members[0] == l;
-        let r = &ratios[layer.input];
-        for (j, &ratio) in r.iter().take(caps[l]).enumerate() {
-            candidates.push((ratio, !rep, l, j));
+    for (g, input) in catalog.inputs.iter().enumerate() {
+        let rep = input.members[0];
+        for (j, &ratio) in ratios[g].iter().take(caps[rep]).enumerate() {
+            if !offered(ratio) {
+                // Ratios are descending; a non-finite one ends what the input offers.
+                break;
+            }
+            candidates.push((ratio, rep, j, g));
         }
     }
-    candidates.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-            .then(a.3.cmp(&b.3))
-    });
-    let mut ranks = vec![0; catalog.layers.len()];
-    for &(_, _, l, _) in candidates.iter().take(budget) {
-        ranks[l] += 1;
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut left = budget;
+    let mut group_rank = vec![0; catalog.inputs.len()];
+    for &(_, _, _, g) in &candidates {
+        let cost = catalog.inputs[g].members.len();
+        if cost > left {
+            break;
+        }
+        left -= cost;
+        group_rank[g] += 1;
     }
-    ranks
+    catalog.layers.iter().map(|l| group_rank[l.input]).collect()
 }
 
 /// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
 /// true ratio of component `i` of input `g` lies in `[ratios[g][i], ratios[g][i] + bounds[g]]`.
 /// Exact statistics (`bounds = 0`) are always certain.
+///
+/// Certain means: every kept candidate stays above every dropped one, and no dropped candidate
+/// small enough to fit in the budget left over could come before the candidate that ended the
+/// cut (one that does not fit) — otherwise it would be taken ([`redistribute`]).
 pub fn certain(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
     bounds: &[f64],
     ranks: &[usize],
     caps: &[usize],
+    budget: usize,
 ) -> Vec<bool> {
-    let (mut kept_min, mut dropped_max) = (f64::INFINITY, f64::NEG_INFINITY);
-    let offered = |l: usize| {
-        let g = catalog.layers[l].input;
+    // Per input: its group's rank and its offered candidates (component, lo, hi).
+    let rank = |g: usize| ranks[catalog.representative(g)];
+    let offers = |g: usize| {
+        let cap = caps[catalog.representative(g)];
         ratios[g]
             .iter()
-            .take(caps[l])
+            .take(cap)
+            .take_while(|&&r| offered(r))
             .enumerate()
             .map(move |(j, &r)| (j, r, r + bounds[g]))
     };
-    for (l, &rank) in ranks.iter().enumerate() {
-        for (j, lo, hi) in offered(l) {
-            if j < rank {
+    let n = catalog.inputs.len();
+    let cost = |g: usize| catalog.inputs[g].members.len();
+    let used: usize = (0..n).map(|g| rank(g) * cost(g)).sum();
+    let left = budget.saturating_sub(used);
+    let (mut kept_min, mut dropped_max, mut stop_lo) =
+        (f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for g in 0..n {
+        for (j, lo, hi) in offers(g) {
+            if j < rank(g) {
                 kept_min = kept_min.min(lo);
             } else {
                 dropped_max = dropped_max.max(hi);
+                if cost(g) > left {
+                    stop_lo = stop_lo.max(lo);
+                }
             }
         }
     }
-    (0..catalog.layers.len())
-        .map(|l| {
-            offered(l).all(|(j, lo, hi)| {
-                if j < ranks[l] {
+    let sure: Vec<bool> = (0..n)
+        .map(|g| {
+            offers(g).all(|(j, lo, hi)| {
+                if j < rank(g) {
                     lo >= dropped_max
                 } else {
-                    hi <= kept_min
+                    hi <= kept_min && (cost(g) > left || hi <= stop_lo)
                 }
             })
         })
-        .collect()
+        .collect();
+    catalog.layers.iter().map(|l| sure[l.input]).collect()
 }
 
 #[cfg(test)]
@@ -161,14 +201,15 @@ mod tests {
         assert_eq!(caps(&c, &params), vec![4, 4, 2, 3]);
         assert_eq!(budget(&c, &params), 2 + 3 + 1 + 2);
         // With rho = 1 a layer alone keeps its own rank whatever the spectra; a group offers its
-        // largest cap from each member, and its representative (q) takes the larger share, as
-        // PEFT's swap step ensures: q asked for 2 and k for 3, they get 3 and 2.
+        // largest cap, and each of its components costs one unit per member: q asked for 2 and
+        // k for 3 (PEFT gives them 3 and 2); the group's third component (2 units) does not fit
+        // the 1 unit left, so both get 2 and the sum is 7 of the budget 8.
         let rho1 = EvaParams { rho: 1.0, ..params };
         let ratios = vec![vec![0.9, 0.05, 0.03], vec![0.5, 0.4], vec![0.6, 0.3, 0.1]];
         let caps1 = caps(&c, &rho1);
         assert_eq!(caps1, vec![3, 3, 1, 2]);
         let ranks = redistribute(&c, &ratios, &caps1, budget(&c, &rho1));
-        assert_eq!(ranks, vec![3, 2, 1, 2]);
+        assert_eq!(ranks, vec![2, 2, 1, 2]);
     }
 
     #[test]
@@ -197,21 +238,55 @@ mod tests {
         let c = catalog(&[8, 2], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.6, 0.3, 0.05, 0.01], vec![0.001, 0.0005]];
         assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 4), vec![4, 0]);
-        // The second layer may never exceed its in_features.
+        // The second layer may never exceed its in_features, and components that explain no
+        // variance are not offered: one unit of the budget stays unused.
         let ratios = vec![vec![0.01, 0.0, 0.0, 0.0], vec![0.9, 0.5]];
-        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 4), vec![2, 2]);
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 4), vec![1, 2]);
     }
 
     #[test]
-    fn groups_share_ratios_and_the_representative_wins_ties() {
+    fn an_equal_input_group_gets_one_rank() {
         // Layers 0,1,2 share input 0 (like q/k/v); layer 3 is alone.
         let c = catalog(&[8, 8, 8, 8], vec![vec![0, 1, 2], vec![3]]);
         let ratios = vec![vec![0.4, 0.2, 0.1, 0.05], vec![0.3, 0.15, 0.02, 0.01]];
-        // Sorted: 0.4 x3 (group), 0.3, 0.2 x3 (group), 0.15 ...; a budget of 6 cuts inside the
-        // tied 0.2s, and the later group member loses.
+        // Sorted: 0.4 (group, 3 units), 0.3, 0.2 (group, 3 units), 0.15 ...; a budget of 6
+        // leaves 2 units at the group's 0.2, which PEFT splits (2, 2, 1); here the cut stops
+        // there, and the 0.15 after it is not taken either (the kept set stays the top).
         let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
-        assert_eq!(ranks, vec![2, 2, 1, 1]);
-        assert!(ranks[0] >= ranks[1] && ranks[1] >= ranks[2]);
+        assert_eq!(ranks, vec![1, 1, 1, 1]);
+        // A budget of 7 fits the group's second component.
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 7), vec![2, 2, 2, 1]);
+        // Members listed apart in catalog order (k, o, q, v) still share one rank.
+        let c = catalog(&[8, 8, 8, 8], vec![vec![0, 2, 3], vec![1]]);
+        let ratios = vec![vec![0.0; 4], vec![0.3, 0.15, 0.02, 0.01]];
+        // An input without variance (all ratios 0: the --max-seq-len 1 probe) gets nothing,
+        // for every member, and never a component of its null space.
+        assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 16), vec![0, 4, 0, 0]);
+    }
+
+    #[test]
+    fn nan_and_infinite_ratios_never_reach_the_allocation() {
+        let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]);
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-17] {
+            // A NaN sorts above every number under `total_cmp`: it would take the whole cap.
+            let ratios = vec![
+                vec![bad; 4],
+                vec![0.5, 0.2, 0.1, 0.05],
+                vec![0.3, 0.1, 0.0, 0.0],
+            ];
+            let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
+            assert_eq!(ranks, vec![0, 4, 2], "{bad}");
+            let sure = certain(&c, &ratios, &[0.0; 3], &ranks, &cap(&c, 4), 6);
+            assert_eq!(sure, vec![true; 3], "{bad}");
+            // A bad ratio after good ones ends what the input offers.
+            let ratios = vec![
+                vec![0.6, bad, 0.5, 0.4],
+                vec![0.5, 0.2, 0.1, 0.05],
+                vec![0.3; 4],
+            ];
+            let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
+            assert_eq!(ranks, vec![1, 1, 4], "{bad}");
+        }
     }
 
     #[test]
@@ -221,14 +296,32 @@ mod tests {
         let ranks = redistribute(&c, &ratios, &cap(&c, 2), 2);
         assert_eq!(ranks, vec![2, 0]);
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2)),
+            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2), 2),
             vec![true, true]
         );
         // If input 1's ratios may be 0.02 higher, its 0.19 could beat input 0's 0.2.
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2)),
+            certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2), 2),
             vec![false, false]
         );
+    }
+
+    #[test]
+    fn certainty_sees_a_small_candidate_that_could_pass_a_group_that_does_not_fit() {
+        // Group {0, 1} and layer 2; budget 3: the group's 0.5 (2 units), then 0.3 (layer 2, 1
+        // unit); the group's 0.2 does not fit the 0 units left... with budget 4, 1 unit is left
+        // at the group's 0.2 (2 units) and the cut ends there, before layer 2's 0.19.
+        let c = catalog(&[8, 8, 8], vec![vec![0, 1], vec![2]]);
+        let ratios = vec![vec![0.5, 0.2], vec![0.3, 0.19]];
+        let ranks = redistribute(&c, &ratios, &cap(&c, 2), 4);
+        assert_eq!(ranks, vec![1, 1, 1]);
+        assert_eq!(
+            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2), 4),
+            vec![true; 3]
+        );
+        // If layer 2's 0.19 may really be 0.21, it comes before the group's 0.2 and fits.
+        let sure = certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2), 4);
+        assert_eq!(sure, vec![true, true, false]);
     }
 
     #[test]

@@ -38,6 +38,22 @@ pub const STEP_ITERATIONS: usize = 12;
 /// place (`dsymm` and the rank-one centering), as the iteration did before.
 pub const COPY_MAX_DIM: usize = 4096;
 
+/// An input is **degenerate** when the trace of its covariance (its total variance) is at most
+/// this fraction of its rows' mean squared norm `Σ‖x‖²/n` (uncentered): its rows agree to about
+/// `sqrt(1e-10)` = 1e-5 of their norm (RMS), in the first 17 of f32's 24 significant bits. Rows
+/// that are one vector give exactly 0 here (the shift is that vector, so the shifted rows are
+/// zeros); rows that differ by f32 rounding — a forward pass that rounds the same input
+/// differently, `k` units in the last place per entry — give about `(k·2⁻²⁴)²`: 4e-15 for one
+/// ulp, 1e-10 for ~170 ulps RMS. Data that varies, even little next to its mean, lies far
+/// above: an input of the exact-PCA test, with a mean of about 100 per coordinate and a total
+/// variance of 2.6 over `d = 600`, has 4.3e-7 (real layer inputs: 1e-2 and more). Noise of a bf16
+/// computation (2⁻⁹ relative per entry) can reach 4e-6 and is not told apart from data: bf16
+/// activations that differ only by rounding count as varying. A degenerate input (e.g.
+/// every example cut to the same first token by `--max-seq-len 1`) has no directions to offer:
+/// its explained-variance ratios would be `0/0` or rounding noise, so it gets no components and
+/// rank 0 for every layer of its group, and is named in the warning and the report.
+pub const DEGENERATE_RTOL: f64 = 1e-10;
+
 /// How accurately the eigenpairs are wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -101,18 +117,37 @@ pub struct Summary {
     pub trace: f64,
     /// Tokens the statistics hold.
     pub tokens: u64,
+    /// Mean squared norm of the rows, uncentered (`Σ‖x‖²/n`): the scale [`DEGENERATE_RTOL`] is
+    /// relative to (set by the engine from the moments and the shift; 0 when unknown, and then
+    /// only a zero trace is degenerate).
+    pub second_moment: f64,
     /// Accuracy certificate.
     pub certificate: Certificate,
 }
 
 impl Summary {
-    /// Explained-variance ratios `λ_i / trace C`.
+    /// Explained-variance ratios `λ_i / trace C`; all 0 for a degenerate input
+    /// ([`Summary::is_degenerate`]), whose ratios would be `0/0` or rounding noise. A NaN or
+    /// infinite value stays as it is (the allocation never offers it).
     pub fn ratios(&self) -> Vec<f64> {
-        let t = self.trace;
-        self.values
-            .iter()
-            .map(|&v| if t > 0.0 { v / t } else { 0.0 })
-            .collect()
+        if self.is_degenerate() {
+            return vec![0.0; self.values.len()];
+        }
+        self.values.iter().map(|&v| v / self.trace).collect()
+    }
+
+    /// Whether the input has no variance beyond rounding: `trace C ≤`
+    /// [`DEGENERATE_RTOL`]` · Σ‖x‖²/n`; also when the trace is not finite (statistics that
+    /// overflowed have nothing to offer either).
+    pub fn is_degenerate(&self) -> bool {
+        let floor = DEGENERATE_RTOL * self.second_moment;
+        !self.trace.is_finite() || self.trace <= floor || floor.is_nan()
+    }
+
+    /// `trace C / (Σ‖x‖²/n)`: the fraction of the rows' mean squared norm that varies (`None`
+    /// when the second moment is unknown or zero).
+    pub fn relative_variance(&self) -> Option<f64> {
+        (self.second_moment > 0.0).then(|| self.trace / self.second_moment)
     }
 
     /// Upper bound on the error of each explained-variance ratio (0 for exact statistics).
@@ -277,6 +312,7 @@ impl Spectrum {
                 residuals: top.residuals,
                 trace,
                 tokens: moments.n,
+                second_moment: 0.0,
                 certificate: Certificate::Exact { residual },
             },
         })
@@ -298,6 +334,7 @@ impl Spectrum {
                 residuals: vec![0.0; k],
                 trace: ny.trace,
                 tokens,
+                second_moment: 0.0,
                 certificate: Certificate::Sketch {
                     sketch_size,
                     nuclear_error: ny.nuclear_error,
@@ -375,6 +412,11 @@ pub struct InputState {
     pub done: bool,
     /// The step (1-based) after which the input became done, if it is done.
     pub converged_step: Option<usize>,
+    /// The latest estimate found no variance ([`Summary::is_degenerate`]): the input gets no
+    /// components, is never done (it keeps accumulating while the run goes on, in case later
+    /// data varies) and does not hold the run up. Set from every estimate, so a checkpoint
+    /// need not save it (a resumed run re-estimates it before the next decision).
+    pub degenerate: bool,
 }
 
 /// The leader's per-step decision, broadcast to every rank.
@@ -456,6 +498,7 @@ impl Leader {
         let state = &mut self.states[input];
         state.ratios = Some(estimate.summary.ratios());
         state.tokens = estimate.summary.tokens;
+        state.degenerate = estimate.summary.is_degenerate();
         state.converged = estimate.converged;
     }
 
@@ -480,6 +523,7 @@ impl Leader {
                 .unwrap_or(0);
             let state = &mut self.states[i];
             let done = state.ratios.is_some()
+                && !state.degenerate
                 && state.converged.len() >= needed
                 && state.converged[..needed].iter().all(|&c| c);
             if done && !state.done {
@@ -489,7 +533,10 @@ impl Leader {
             }
             state.done = done;
         }
-        let all_done = self.states.iter().all(|s| s.done);
+        // Degenerate inputs do not hold the run up, but a run of nothing else goes on (later
+        // data may vary) and fails at the end if it never does.
+        let all_done = self.states.iter().all(|s| s.done || s.degenerate)
+            && self.states.iter().any(|s| s.done);
         let test: Vec<bool> = self
             .states
             .iter()
@@ -508,8 +555,16 @@ impl Leader {
         for (state, summary) in self.states.iter_mut().zip(finals) {
             state.ratios = Some(summary.ratios());
             state.tokens = summary.tokens;
+            state.degenerate = summary.is_degenerate();
         }
         self.allocate();
+    }
+
+    /// The inputs whose latest estimate is degenerate, in input order.
+    pub fn degenerate_inputs(&self) -> Vec<usize> {
+        (0..self.states.len())
+            .filter(|&g| self.states[g].degenerate)
+            .collect()
     }
 }
 
@@ -525,6 +580,7 @@ mod tests {
                 residuals: vec![0.0; values.len()],
                 trace: 1.0,
                 tokens: 100,
+                second_moment: 2.0,
                 certificate: Certificate::Exact { residual: 0.0 },
             },
         }
@@ -683,6 +739,103 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Exact statistics of `rows`, shifted by `reference`, and their final spectrum with the
+    /// second moment the engine sets.
+    fn summary_of(rows: &Array2<f32>, reference: Vec<f32>, k: usize) -> Summary {
+        let mut e = crate::stats::exact::ExactStats::new(reference.clone());
+        e.accumulate(rows.view(), &mut crate::stats::Workspace::default())
+            .unwrap();
+        let mut s = Spectrum::from_gram(
+            Gram::Local(e.gram()),
+            &e.moments,
+            k,
+            &mut None,
+            Precision::Final,
+        )
+        .unwrap()
+        .summary;
+        s.second_moment = e.moments.second_moment(&reference);
+        s
+    }
+
+    #[test]
+    fn an_input_without_variance_is_degenerate_and_offers_nothing() {
+        let d = 16;
+        let row: Vec<f32> = (0..d).map(|j| 0.25 + j as f32 * 0.125).collect();
+        let constant = Array2::from_shape_fn((40, d), |(_, j)| row[j]);
+        let norm2: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        // Shifted by the row itself (what unit 0's mean gives) and by something else: the
+        // second moment is the rows' own, whatever the shift.
+        for reference in [row.clone(), vec![1.0; d], vec![0.0; d]] {
+            let s = summary_of(&constant, reference, 4);
+            assert!((s.second_moment - norm2).abs() <= 1e-9 * norm2, "{s:?}");
+            assert!(s.is_degenerate(), "{s:?}");
+            assert_eq!(s.ratios(), vec![0.0; 4]);
+        }
+        // Rounding-level noise (f32 ulps of each entry) is degenerate too; a spread of 1e-4 or
+        // 1 % of each entry is data.
+        let mut rng = crate::rng::Rng::new(&[5]);
+        let cases = [
+            (4.0 * f32::EPSILON as f64, true),
+            (1e-4, false),
+            (1e-2, false),
+        ];
+        for (noise, degenerate) in cases {
+            let rows = Array2::from_shape_fn((40, d), |(_, j)| {
+                (row[j] as f64 * (1.0 + noise * rng.normal())) as f32
+            });
+            let s = summary_of(&rows, row.clone(), 4);
+            assert_eq!(s.is_degenerate(), degenerate, "noise {noise}: {s:?}");
+            let rv = s.relative_variance().unwrap();
+            assert_eq!(rv <= DEGENERATE_RTOL, degenerate, "noise {noise}: {rv}");
+        }
+        // A NaN trace is degenerate; a zero trace without a known second moment too.
+        let mut s = summary_of(&constant, row.clone(), 4);
+        s.trace = f64::NAN;
+        assert!(s.is_degenerate());
+        s.trace = 0.0;
+        s.second_moment = 0.0;
+        assert!(s.is_degenerate() && s.relative_variance().is_none());
+    }
+
+    #[test]
+    fn degenerate_inputs_are_never_done_and_do_not_hold_the_run_up() {
+        let mut l = leader(false);
+        let e2 = Array2::<f64>::eye(4).slice(ndarray::s![.., ..2]).to_owned();
+        let flat = |s: Spectrum| Spectrum {
+            summary: Summary {
+                trace: 0.0,
+                ..s.summary
+            },
+            ..s
+        };
+        // Input 1 has no variance: rank 0, never done; input 0 takes the whole budget.
+        for step in 1..=2 {
+            l.observe(0, spectrum(&[0.5, 0.1], e2.clone())).unwrap();
+            l.observe(1, flat(spectrum(&[0.0, 0.0], e2.clone())))
+                .unwrap();
+            let d = l.leader.decide(step);
+            assert_eq!(l.leader.ranks, vec![2, 0]);
+            assert_eq!(l.leader.degenerate_inputs(), vec![1]);
+            assert!(!l.leader.states[1].done);
+            // After the second step input 0 is stable: the run may stop, and input 1 has kept
+            // accumulating (tested) all along.
+            assert_eq!(d.all_done, step == 2);
+            assert!(d.test[1] && d.accumulate[1]);
+        }
+        // When every input is degenerate the run goes on (later data may vary).
+        let mut l = leader(false);
+        for step in 1..=3 {
+            for g in 0..2 {
+                l.observe(g, flat(spectrum(&[0.0, 0.0], e2.clone())))
+                    .unwrap();
+            }
+            let d = l.leader.decide(step);
+            assert!(!d.all_done && d.test == vec![true, true]);
+            assert_eq!(l.leader.ranks, vec![0, 0]);
         }
     }
 

@@ -105,6 +105,25 @@ impl Moments {
         ((sq - ss / n) / (n - 1.0)).max(0.0)
     }
 
+    /// Mean squared norm of the rows before the shift by `reference` (`c`), `Σ‖x‖²/n` with
+    /// `x = x̃ + c`: `(Σ‖x̃‖² + 2 cᵀΣx̃ + n‖c‖²) / n` (0 without rows). The scale of
+    /// `leader::DEGENERATE_RTOL`.
+    pub fn second_moment(&self, reference: &[f32]) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        let n = self.n as f64;
+        let sq: f64 = self.sum_sq.iter().sum();
+        let cross: f64 = self
+            .sum
+            .iter()
+            .zip(reference)
+            .map(|(s, &c)| s * c as f64)
+            .sum();
+        let cc: f64 = reference.iter().map(|&c| (c as f64) * (c as f64)).sum();
+        ((sq + 2.0 * cross) / n + cc).max(0.0)
+    }
+
     /// `C·Q` from `G·Q` by the rank-one centering correction `(GQ - s (sᵀQ)/n) / (n-1)`.
     pub fn center(&self, gq: &mut Array2<f64>, q: ArrayView2<f64>) {
         let n = self.n as f64;

@@ -130,7 +130,9 @@ fn a_run_killed_after_a_checkpoint_resumes_to_the_same_bytes() {
         let o = run_ok(&args(&out, &ck, &resume));
         let r = report(&out);
         let from = r["resumed_from_step"].as_u64().expect("resumed") as usize;
-        assert!((3..30).contains(&from), "{r}");
+        // Rank 0's file of step 3 was there; with two ranks the other's may not have been, and
+        // then step 2 is the latest complete one (seen once under load).
+        assert!((2..30).contains(&from), "{r}");
         assert_eq!(r["steps"], 30, "{}", stderr_of(&o));
         assert_eq!(adapter_bytes(&full), adapter_bytes(&out), "{extra:?}");
         // Only the last complete checkpoint is kept, one file per rank.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// on one floor never import each other.
 const FLOORS: &[&[&str]] = &[
     &["error"],
-    &["rng", "log"],
+    &["rng", "log", "owner"],
     &["catalog"],
     &["config"],
     &["linalg"],

@@ -16,6 +16,7 @@ mod netns;
 mod ops;
 mod output;
 mod pipeline;
+mod reliability;
 mod report;
 mod sketch;
 mod steps;

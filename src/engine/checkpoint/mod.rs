@@ -5,14 +5,18 @@
 //! | file | written by | holds |
 //! |---|---|---|
 //! | `DIR/step-SSSSSSSS/rank-RRRRR.ckpt` | world rank R | the run's fingerprint, the step, the decision, the statistics of R's stage inputs (its own Grams, which never move, and the all-reduced parts), warm starts; the stage leader's previous estimates; the global leader's state on rank 0 |
+//! | `DIR/.eva-owner` | world rank 0, while the run lasts | the holder's pid, host, boot id, start time, run fingerprint hash ([`owner`]) |
 //!
 //! A file appears complete or not at all (written beside, synced, renamed). A step's checkpoint
 //! is complete when every rank's file is there; after every rank has written step S, each rank
 //! removes its files of earlier steps, so the last complete checkpoint survives a kill at any
 //! moment, on a shared file system or on node-local disks alike. On resume the ranks agree on the
 //! latest step every one of them holds ([`codec`] has the encoding, [`state`] what is saved).
+//! A write that fails removes what it started ([`discard_step`]). One run at a time holds a
+//! directory: rank 0 takes `DIR/.eva-owner` ([`owner`]) before anything is written there.
 
 pub mod codec;
+pub mod owner;
 pub mod state;
 pub mod sync;
 
@@ -84,14 +88,52 @@ pub fn complete_steps(dir: &Path, rank: usize) -> Vec<usize> {
     steps
 }
 
-/// Fails fast, before any forward pass, unless `dir` can hold this rank's checkpoints: creates it
-/// and writes and removes a probe file; removes this rank's partial files of an interrupted write.
-pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
+/// Directories [`check_writable`] created for the checkpoint directory; dropped without
+/// [`Created::keep`], they are removed again (deepest first, as long as they are empty), so that
+/// a run that stops before it writes anything leaves nothing behind.
+#[derive(Debug, Default)]
+pub struct Created(Vec<PathBuf>);
+
+impl Created {
+    /// The run went on to use the directory: keep it.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Fails fast, before the data is read, unless `dir` can hold this rank's checkpoints: creates
+/// it (and missing parents) and writes and removes a probe file named after this rank and
+/// process, which no other run's file can be. Touches nothing else in `dir`: another run may
+/// hold it ([`owner`]).
+pub fn check_writable(dir: &Path, rank: usize) -> Result<Created> {
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating checkpoint directory", dir, e))?;
-    let probe = dir.join(format!(".probe-rank-{rank:05}"));
+    let created = Created(missing);
+    let probe = dir.join(format!(".probe-rank-{rank:05}-{}", std::process::id()));
     std::fs::write(&probe, b"eva")
         .map_err(|e| Error::io("writing to the checkpoint directory", &probe, e))?;
     std::fs::remove_file(&probe).map_err(|e| Error::io("removing", &probe, e))?;
+    Ok(created)
+}
+
+/// Once this run holds `dir` ([`owner::claim`]): checks it as [`check_writable`] does and
+/// removes this rank's partial files of an interrupted write.
+pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
+    check_writable(dir, rank)?.keep();
     for step in step_dirs(dir) {
         let partial = partial_file(dir, step, rank);
         if partial.exists() {
@@ -102,7 +144,9 @@ pub fn prepare(dir: &Path, rank: usize) -> Result<()> {
 }
 
 /// Writes this rank's file of `step` through `fill` (beside, synced, renamed into place, the
-/// directory synced); returns its size in bytes.
+/// directory synced); returns its size in bytes. A write that fails (a full disk, a file size
+/// limit, an I/O error) removes its partial file and the step directory if that is left empty,
+/// so nothing of it stays behind.
 pub fn write_rank_file(
     dir: &Path,
     step: usize,
@@ -110,28 +154,72 @@ pub fn write_rank_file(
     fill: impl FnOnce(&mut codec::Encoder<std::io::BufWriter<std::fs::File>>) -> Result<()>,
 ) -> Result<u64> {
     let sdir = step_dir(dir, step);
-    std::fs::create_dir_all(&sdir)
-        .map_err(|e| Error::io("creating checkpoint directory", &sdir, e))?;
     let (partial, done) = (partial_file(dir, step, rank), rank_file(dir, step, rank));
-    let file = std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
-    let mut enc = codec::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), &partial)?;
-    fill(&mut enc)?;
-    let file = enc
-        .finish()?
-        .into_inner()
-        .map_err(|e| Error::io("writing checkpoint", &partial, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| Error::io("syncing checkpoint", &partial, e))?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io("reading the size of", &partial, e))?
-        .len();
-    drop(file);
-    std::fs::rename(&partial, &done).map_err(|e| Error::io("renaming checkpoint", &partial, e))?;
+    let written = (|| {
+        std::fs::create_dir_all(&sdir)
+            .map_err(|e| Error::io("creating checkpoint directory", &sdir, e))?;
+        let file =
+            std::fs::File::create(&partial).map_err(|e| Error::io("creating", &partial, e))?;
+        let mut enc =
+            codec::Encoder::new(std::io::BufWriter::with_capacity(1 << 20, file), &partial)?;
+        fill(&mut enc)?;
+        let file = enc
+            .finish()?
+            .into_inner()
+            .map_err(|e| Error::io("writing checkpoint", &partial, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| Error::io("syncing checkpoint", &partial, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io("reading the size of", &partial, e))?
+            .len();
+        drop(file);
+        std::fs::rename(&partial, &done)
+            .map_err(|e| Error::io("renaming checkpoint", &partial, e))?;
+        Ok(size)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+        // Empty unless another rank's file of this step is in it.
+        let _ = std::fs::remove_dir(&sdir);
+        return written;
+    }
     if let Ok(d) = std::fs::File::open(&sdir) {
         let _ = d.sync_all();
     }
-    Ok(size)
+    written
+}
+
+/// After a checkpoint of `step` failed on some rank: removes this rank's files of it (complete
+/// or partial) and the step directory once it is empty, so that the incomplete step leaves
+/// nothing behind and the previous complete checkpoint stays the latest. Every rank calls it;
+/// the last one to remove its file removes the directory.
+pub fn discard_step(dir: &Path, step: usize, rank: usize) {
+    for f in [rank_file(dir, step, rank), partial_file(dir, step, rank)] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir(step_dir(dir, step));
+}
+
+/// The error of a checkpoint of `step` that failed (`cause`, this rank's own or another's):
+/// what was removed, and which step of `dir` remains resumable (`previous`, the latest
+/// checkpoint complete on every rank that this run wrote or resumed from).
+pub fn write_failed(dir: &Path, step: usize, previous: Option<usize>, cause: Error) -> Error {
+    let remains = match previous {
+        Some(p) => format!(
+            "the checkpoint of step {p} ({}) is complete and stays: the same command with --resume continues from it",
+            step_dir(dir, p).display()
+        ),
+        None => format!(
+            "this run has no earlier complete checkpoint in {}: --resume would start afresh",
+            dir.display()
+        ),
+    };
+    let what = format!(
+        "writing the checkpoint of step {step} failed, and its files and {} were removed; {remains}",
+        step_dir(dir, step).display()
+    );
+    Error::Data(format!("{cause}; {what}"))
 }
 
 /// Opens this rank's file of `step` for reading.
@@ -243,14 +331,20 @@ mod tests {
         for step in [2, 4] {
             write_rank_file(&d, step, 0, |e| e.u64(step as u64)).unwrap();
         }
-        // A write that failed half-way leaves only a partial file, which is not a checkpoint.
+        // A write that fails half-way removes its partial file and its step directory.
         let failed = write_rank_file(&d, 6, 0, |e| {
             e.u64(1)?;
             Err(Error::data("disk full"))
         });
         assert!(failed.is_err());
+        assert!(!partial_file(&d, 6, 0).exists() && !step_dir(&d, 6).exists());
         assert_eq!(complete_steps(&d, 0), vec![2, 4]);
         assert!(complete_steps(&d, 1).is_empty());
+        // A kill half-way leaves a partial file, which is not a checkpoint: the next start
+        // removes it.
+        std::fs::create_dir(step_dir(&d, 6)).unwrap();
+        std::fs::write(partial_file(&d, 6, 0), b"half").unwrap();
+        assert_eq!(complete_steps(&d, 0), vec![2, 4]);
         prepare(&d, 0).unwrap();
         assert!(!partial_file(&d, 6, 0).exists());
         // A kill between removing a file and its directory leaves an empty step directory.

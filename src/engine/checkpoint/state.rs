@@ -282,6 +282,8 @@ impl Engine {
                 converged,
                 done,
                 converged_step: step.checked_sub(1).map(|s| s as usize),
+                // Re-estimated before the next decision (degenerate inputs are never done).
+                degenerate: false,
             });
         }
         let ranks = d.u64s()?;

@@ -183,13 +183,15 @@ impl Engine {
         let (rank, size) = (self.topo.world.rank(), self.topo.world.size());
         let fp = self.full_fingerprint(c);
         let bytes = super::write_rank_file(&c.dir, step, rank, |e| self.save_state(e, &fp));
+        let previous = self.checkpointed;
         let world = self.world();
-        let bytes = world.agree(bytes)?;
+        let bytes = commit_step(&c.dir, step, rank, previous, bytes, |r| world.agree(r))?;
         world.agree(super::prune(&c.dir, rank, step))?;
         let mut sizes = vec![0.0; size];
         sizes[rank] = bytes as f64;
         world.all_reduce_sum(&mut sizes)?;
         self.last_checkpoint = Instant::now();
+        self.checkpointed = Some(step);
         Ok(Written {
             step,
             dir: super::step_dir(&c.dir, step),
@@ -198,6 +200,23 @@ impl Engine {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// The ranks agree on their writes of `step` (`local`: this rank's size or error) through
+/// `agree`; if any rank failed, every rank removes its files of the step and the step directory
+/// ([`super::discard_step`]) and returns the error with what remains resumable (`previous`).
+fn commit_step(
+    dir: &std::path::Path,
+    step: usize,
+    rank: usize,
+    previous: Option<usize>,
+    local: Result<u64>,
+    agree: impl FnOnce(Result<u64>) -> Result<u64>,
+) -> Result<u64> {
+    agree(local).map_err(|e| {
+        super::discard_step(dir, step, rank);
+        super::write_failed(dir, step, previous, e)
+    })
 }
 
 /// The step to resume from, given each rank's complete steps (rank order): none when no rank has
@@ -240,8 +259,55 @@ fn choose_step(dir: &std::path::Path, lists: &[Vec<u64>]) -> Result<Option<usize
 
 #[cfg(test)]
 mod tests {
-    use super::choose_step;
+    use super::{choose_step, commit_step};
+    use crate::comm::{agree, threads::run_world, Communicator};
+    use crate::engine::checkpoint::{complete_steps, step_dir, write_rank_file};
+    use crate::Error;
     use std::path::Path;
+
+    #[test]
+    fn a_write_that_fails_on_one_rank_removes_the_step_on_every_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ck");
+        let results = run_world(3, |w| {
+            let rank = w.rank();
+            let write = |step: usize, fail: bool| {
+                write_rank_file(&ck, step, rank, |e| {
+                    e.u64(step as u64)?;
+                    if fail {
+                        return Err(Error::data("No space left on device (simulated)"));
+                    }
+                    Ok(())
+                })
+            };
+            commit_step(&ck, 4, rank, None, write(4, false), |r| agree(w, r)).unwrap();
+            // Step 8: rank 1's disk is full; ranks 0 and 2 have written theirs.
+            let local = write(8, rank == 1);
+            w.barrier().unwrap();
+            let r = commit_step(&ck, 8, rank, Some(4), local, |r| agree(w, r));
+            r.unwrap_err().to_string()
+        });
+        for (rank, e) in results.iter().enumerate() {
+            assert!(
+                e.contains("No space left on device (simulated)")
+                    && e.contains("writing the checkpoint of step 8 failed")
+                    && e.contains("the checkpoint of step 4")
+                    && e.contains("--resume continues from it"),
+                "rank {rank}: {e}"
+            );
+        }
+        assert!(results[0].contains("rank 1 failed"), "{}", results[0]);
+        assert!(!step_dir(&ck, 8).exists());
+        for rank in 0..3 {
+            assert_eq!(complete_steps(&ck, rank), vec![4]);
+        }
+        // Without an earlier checkpoint the error says --resume would start afresh.
+        let e = commit_step(&ck, 2, 0, None, Err(Error::data("EFBIG")), |r| r).unwrap_err();
+        assert!(
+            e.to_string().contains("no earlier complete checkpoint"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn resumes_from_the_latest_step_every_rank_holds() {
