@@ -514,7 +514,7 @@ fn wire_messages() {
                 r.bools()?;
                 Ok(())
             })();
-            let _ = eva::engine::protocol::decode_spectra(&bytes);
+            let _ = eva::engine::messages::decode_spectra(&bytes);
             Ok(())
         });
     }
