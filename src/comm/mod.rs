@@ -57,11 +57,11 @@ macro_rules! uninhabited_communicator {
     };
 }
 
+pub mod codec;
 pub mod launcher;
 pub mod threads;
 pub mod topology;
 pub mod watchdog;
-pub mod wire;
 
 pub use watchdog::{collective_timeout, context, set_collective_timeout, DEFAULT_TIMEOUT_S};
 
@@ -80,7 +80,7 @@ mod nccl;
 pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::device::cuda::{Cuda, CudaTensor, DeviceSums};
 use crate::device::gpu::{DeviceBuffer, Gpu};
 use crate::{Error, Result};

@@ -2,7 +2,7 @@
 //! time in one [`Accounting`] per rank (the report's `bytes` and communication time), and carries a
 //! pass's hidden state to the next pipeline stage (counted apart).
 
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::comm::Communicator;
 use crate::device::backend::Backend;
 use crate::device::cuda::{Cuda, DeviceSums};

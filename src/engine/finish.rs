@@ -7,7 +7,7 @@ use super::messages::{self, Verdict};
 use super::{Engine, Outcome, StopReason};
 use crate::adapter::report::{Bytes, CertificateReport, LayerReport, Report};
 use crate::adapter::{self, layer_alpha, Adapter, LayerAdapter};
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::leader::{allocate, Certificate, Estimate, Precision, Spectrum, Summary};
 use crate::{Error, Result};
 use std::time::Instant;

@@ -19,7 +19,7 @@
 
 use super::accounting::Wire;
 use crate::adapter::LayerAdapter;
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::leader::{Certificate, Decision, Estimate, Spectrum, Summary};
 use crate::{Error, Result};
 use ndarray::Array2;
