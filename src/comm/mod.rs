@@ -256,9 +256,9 @@ pub fn share_from_root<const N: usize>(
     }
 }
 
-/// Which collectives backend to use.
+/// What the collectives run over (`--comm`): which [`Communicator`] [`connect`] builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Transport {
     /// MPI under a launcher, one process otherwise.
     Auto,
     /// MPI (rsmpi).
@@ -268,12 +268,12 @@ pub enum Backend {
 }
 
 /// Connects to the world the launcher started (or a world of one without a launcher).
-pub fn connect(backend: Backend) -> Result<Box<dyn Communicator>> {
+pub fn connect(transport: Transport) -> Result<Box<dyn Communicator>> {
     let launch = launcher::detect();
-    match (backend, &launch) {
-        (Backend::Auto, None) => Ok(Box::new(SingleProcess)),
-        (Backend::Auto | Backend::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
-        (Backend::Nccl, launch) => {
+    match (transport, &launch) {
+        (Transport::Auto, None) => Ok(Box::new(SingleProcess)),
+        (Transport::Auto | Transport::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
+        (Transport::Nccl, launch) => {
             let local_rank = launch.as_ref().map_or(0, |l| l.local_rank);
             Ok(Box::new(NcclWorld::init(MpiWorld::init()?, local_rank)?))
         }

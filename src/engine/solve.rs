@@ -182,7 +182,7 @@ impl Engine {
                 );
                 let gram = Gram::Remote {
                     apply: &mut |q| products::apply(&stage, local, g, q),
-                    gather: &mut || products::gram(&stage, local, g),
+                    all_reduce: &mut || products::gram(&stage, local, g),
                 };
                 let spectrum =
                     Spectrum::from_gram(gram, moments, kmax(g), &mut stats.warm[g], precision)?;

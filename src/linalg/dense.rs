@@ -11,7 +11,7 @@ use ndarray::{Array2, ArrayView2};
 /// Two `d x m x m` BLAS-3 passes instead of a Householder QR; orthogonal to f64 rounding when
 /// `cond(A) ≲ 1e7` (the first pass squares the condition number). Returns `None` when a Cholesky
 /// factorization fails or the first pass is too far from orthogonal (`‖Q₁ᵀQ₁ − I‖_max > 0.5`):
-/// the caller then falls back to Householder QR ([`orthonormalize`]).
+/// the caller then falls back to Householder QR ([`orthonormalize_householder`]).
 ///
 /// Each pass is two GEMMs (`QᵀQ`, then `Q·L⁻ᵀ` with the explicit inverse of the small factor,
 /// [`solve_right_lower_transpose`] of the identity): at 576 x 32 OpenBLAS's `dtrsm` and the
@@ -66,7 +66,7 @@ fn from_faer(a: faer::MatRef<'_, f64>) -> Array2<f64> {
 
 /// An orthonormal basis of the columns of `a` by Householder QR (faer's thin QR; `a` has at least
 /// as many rows as columns): stable whatever the conditioning, unlike [`cholqr2`].
-pub fn orthonormalize(a: ArrayView2<f64>) -> Array2<f64> {
+pub fn orthonormalize_householder(a: ArrayView2<f64>) -> Array2<f64> {
     let qr = to_faer(a).qr();
     from_faer(qr.compute_thin_Q().as_ref())
 }

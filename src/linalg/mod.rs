@@ -25,8 +25,8 @@ mod tiled;
 
 pub use blas::{sgemm, Gemm};
 pub use dense::{
-    cholesky_lower, cholqr2, orthonormalize, smallest_singular_value, solve_right_lower_transpose,
-    sym_eig_desc, thin_svd_left,
+    cholesky_lower, cholqr2, orthonormalize_householder, smallest_singular_value,
+    solve_right_lower_transpose, sym_eig_desc, thin_svd_left,
 };
 pub use lapack::{sym_eig_top, Syevr};
 pub use threads::{par_groups, par_map, par_rows, par_tiles, set_threads, threads, tiles};
