@@ -1,5 +1,5 @@
 // Links the system OpenBLAS (Debian: libopenblas-dev). It provides the CBLAS symbols used by
-// ndarray's `blas` feature and by `src/linalg.rs`, and `openblas_set_num_threads`.
+// ndarray's `blas` feature and by `src/linalg/`, LAPACK's `xsyevr`, and `openblas_set_num_threads`.
 //
 // `eva_gpu` is set when the CUDA backend is compiled: on cudarc (feature `cuda`) or on the
 // emulated device (feature `cuda-emu`), two implementations of one runtime seam.
