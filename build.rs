@@ -1,5 +1,5 @@
 // Links the system OpenBLAS (Debian: libopenblas-dev). It provides the CBLAS symbols used by
-// ndarray's `blas` feature and by `src/linalg.rs`, and `openblas_set_num_threads`.
+// ndarray's `blas` feature and by `src/linalg/`, LAPACK's `xsyevr`, and `openblas_set_num_threads`.
 //
 // The GPU: `cfg(eva_gpu)` is set when the CUDA backend is compiled, against the driver (feature
 // `cuda`) or against the emulated device (feature `cuda-emu`, a test device). With `cuda-emu` this

@@ -166,7 +166,7 @@ fn main() {
 
     // Cost of one iteration's parts, with the block size the solver uses.
     let m = eigen::block_size(k, d);
-    let q = linalg::orthonormalize(
+    let q = linalg::orthonormalize_householder(
         Array2::from_shape_fn((d, m), |(i, j)| ((i * 7 + j * 13) % 29) as f64 - 14.0).view(),
     );
     let t_apply = time_runs(5, || {
@@ -174,7 +174,7 @@ fn main() {
         stats.moments.center(&mut gq, q.view());
     });
     let t_orth = time_runs(5, || {
-        linalg::orthonormalize(q.view());
+        linalg::orthonormalize_householder(q.view());
     });
     let t_cholqr = time_runs(5, || {
         linalg::cholqr2(q.view()).expect("well conditioned");
@@ -318,7 +318,7 @@ fn main() {
         ms(summary(&t_sgemm_sq).0)
     );
     println!(
-        "| `linalg::orthonormalize` (faer thin QR + copies) | {} |",
+        "| `linalg::orthonormalize_householder` (faer thin QR + copies) | {} |",
         ms(summary(&t_orth).0)
     );
     println!(

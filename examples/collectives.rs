@@ -2,13 +2,13 @@
 //! started, e.g. `mpirun -np 4 target/debug/examples/collectives` (or `... collectives nccl`
 //! on GPUs). Prints one line per rank and exits non-zero on any mismatch.
 
-use eva::comm::{self, Backend};
+use eva::comm::{self, Transport};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let backend = match std::env::args().nth(1).as_deref() {
-        Some("nccl") => Backend::Nccl,
-        _ => Backend::Mpi,
+        Some("nccl") => Transport::Nccl,
+        _ => Transport::Mpi,
     };
     let result = comm::connect(backend).and_then(|c| {
         comm::selftest(c.as_ref())?;

@@ -279,11 +279,11 @@ pub fn run(args: &InitArgs) -> Result<()> {
 }
 
 /// The communicator backend of the plan's choice.
-fn collectives(c: Collectives) -> comm::Backend {
+fn collectives(c: Collectives) -> comm::Transport {
     match c {
-        Collectives::Auto => comm::Backend::Auto,
-        Collectives::Mpi => comm::Backend::Mpi,
-        Collectives::Nccl => comm::Backend::Nccl,
+        Collectives::Auto => comm::Transport::Auto,
+        Collectives::Mpi => comm::Transport::Mpi,
+        Collectives::Nccl => comm::Transport::Nccl,
     }
 }
 

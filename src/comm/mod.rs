@@ -60,12 +60,12 @@ macro_rules! uninhabited_communicator {
     };
 }
 
+pub mod codec;
 pub mod launcher;
 pub mod threads;
 pub mod topology;
 pub mod unanimous;
 pub mod watchdog;
-pub mod wire;
 
 pub use watchdog::{collective_timeout, context, set_collective_timeout, DEFAULT_TIMEOUT_S};
 
@@ -84,7 +84,7 @@ mod nccl;
 pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::device::cuda::{Cuda, CudaTensor, DeviceSums};
 use crate::device::gpu::{DeviceBuffer, Gpu};
 use crate::{Error, Result};
@@ -260,9 +260,9 @@ pub fn share_from_root<const N: usize>(
     }
 }
 
-/// Which collectives backend to use.
+/// What the collectives run over (`--comm`): which [`Communicator`] [`connect`] builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Transport {
     /// MPI under a launcher, one process otherwise.
     Auto,
     /// MPI (rsmpi).
@@ -272,12 +272,12 @@ pub enum Backend {
 }
 
 /// Connects to the world the launcher started (or a world of one without a launcher).
-pub fn connect(backend: Backend) -> Result<Box<dyn Communicator>> {
+pub fn connect(transport: Transport) -> Result<Box<dyn Communicator>> {
     let launch = launcher::detect();
-    match (backend, &launch) {
-        (Backend::Auto, None) => Ok(Box::new(SingleProcess)),
-        (Backend::Auto | Backend::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
-        (Backend::Nccl, launch) => {
+    match (transport, &launch) {
+        (Transport::Auto, None) => Ok(Box::new(SingleProcess)),
+        (Transport::Auto | Transport::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
+        (Transport::Nccl, launch) => {
             let local_rank = launch.as_ref().map_or(0, |l| l.local_rank);
             Ok(Box::new(NcclWorld::init(MpiWorld::init()?, local_rank)?))
         }

@@ -8,7 +8,7 @@
 //! all-reduce of per-key flags tells every rank which keys differ, so that every rank's error
 //! names the keys and the ranks that disagree (and, on a disagreeing rank, both values).
 
-use super::wire::{Reader, Writer};
+use super::codec::{Reader, Writer};
 use super::Communicator;
 use crate::{Error, Result};
 

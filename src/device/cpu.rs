@@ -3,14 +3,14 @@
 
 use super::backend::{exp, Activation, AttentionMask, Backend, Heads, Segments};
 use super::host::HostTensor;
-use crate::linalg::{sgemm, threads};
+use crate::linalg::{par_groups, par_rows, sgemm};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use std::ops::Range;
 
 /// The CPU backend: OpenBLAS sgemm for products, plain loops for the rest. The loops run on
-/// eva's thread count ([`crate::linalg::threads`]; OpenBLAS itself stays on the calling thread)
-/// when the work is large enough, split by token rows (or by heads
+/// eva's threads ([`crate::linalg::par_rows`], [`crate::linalg::par_groups`]; OpenBLAS itself
+/// stays on the calling thread) when the work is large enough, split by token rows (or by heads
 /// in attention), never inside a sum, so their results do not depend on the thread count.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -144,7 +144,7 @@ impl Backend for Cpu {
         assert_eq!(x.dim(), y.dim(), "add: shapes differ");
         let y = y.as_slice().expect("activations are standard layout");
         let x = x.as_slice_mut().expect("activations are standard layout");
-        par_chunks(x, 1, 1, |start, x| {
+        par_rows(x, 1, 1, |start, x| {
             for (a, &b) in x.iter_mut().zip(&y[start..]) {
                 *a += b;
             }
@@ -156,7 +156,7 @@ impl Backend for Cpu {
         let d = x.ncols();
         let src = x.as_slice().expect("activations are standard layout");
         let mut out = vec![0.0f32; src.len()];
-        par_chunks(&mut out, d, 4 * d, |start, out| {
+        par_rows(&mut out, d, 4 * d, |start, out| {
             for (row, o) in src[start * d..]
                 .chunks_exact(d)
                 .zip(out.chunks_exact_mut(d))
@@ -204,7 +204,7 @@ impl Backend for Cpu {
             sin.as_slice().expect("standard layout"),
         );
         let x = x.as_slice_mut().expect("activations are standard layout");
-        par_chunks(x, d, 4 * d, |start, x| {
+        par_rows(x, d, 4 * d, |start, x| {
             for (t, row) in x.chunks_exact_mut(d).enumerate() {
                 let t = start + t;
                 let (c, s) = (
@@ -251,10 +251,6 @@ impl Backend for Cpu {
             .iter()
             .map(|r| 4 * r.len() * r.len() * hd)
             .sum();
-        let t = threads()
-            .min(h.heads)
-            .min(flops * h.heads / PAR_MIN_WORK)
-            .max(1);
         let run = |heads: Range<usize>| {
             let mut scores = Vec::new();
             for r in &segments.ranges {
@@ -312,24 +308,13 @@ impl Backend for Cpu {
                 }
             }
         };
-        if t <= 1 {
-            run(0..h.heads);
-        } else {
-            let per = h.heads.div_ceil(t);
-            std::thread::scope(|s| {
-                for i in 1..t {
-                    let run = &run;
-                    s.spawn(move || run(i * per..((i + 1) * per).min(h.heads)));
-                }
-                run(0..per);
-            });
-        }
+        par_groups(h.heads, flops * h.heads, run);
         out
     }
 
     fn activate(&self, x: &mut Array2<f32>, act: Activation) {
         let v = x.as_slice_mut().expect("activations are standard layout");
-        par_chunks(v, 1, 16, |_, v| activate_slice(v, act));
+        par_rows(v, 1, 16, |_, v| activate_slice(v, act));
     }
 
     fn gated(&self, gate: &Array2<f32>, up: &Array2<f32>, act: Activation) -> Array2<f32> {
@@ -337,7 +322,7 @@ impl Backend for Cpu {
         let mut out = gate.clone();
         let u = up.as_slice().expect("activations are standard layout");
         let v = out.as_slice_mut().expect("activations are standard layout");
-        par_chunks(v, 1, 16, |start, v| {
+        par_rows(v, 1, 16, |start, v| {
             activate_slice(v, act);
             for (a, &b) in v.iter_mut().zip(&u[start..]) {
                 *a *= b;
@@ -364,34 +349,6 @@ impl Backend for Cpu {
     fn tokens(&self, x: &Array2<f32>) -> usize {
         x.nrows()
     }
-}
-
-/// Rough operation count below which a loop stays on the calling thread (starting a scoped
-/// thread costs some tens of microseconds).
-const PAR_MIN_WORK: usize = 1 << 17;
-
-/// Runs `f(first_row, rows)` over `data` (rows of `row_len` values, `cost` operations each) cut
-/// into one contiguous block of whole rows per thread. Each row is computed by the same code
-/// whichever block it falls in, so results do not depend on the thread count.
-fn par_chunks(data: &mut [f32], row_len: usize, cost: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = data.len().checked_div(row_len).unwrap_or(0);
-    let t = threads()
-        .min(rows.saturating_mul(cost) / PAR_MIN_WORK)
-        .max(1);
-    if t <= 1 {
-        f(0, data);
-        return;
-    }
-    let per = rows.div_ceil(t);
-    std::thread::scope(|s| {
-        let mut blocks = data.chunks_mut(per * row_len).enumerate();
-        let (_, first) = blocks.next().expect("at least one block");
-        for (i, block) in blocks {
-            let f = &f;
-            s.spawn(move || f(i * per, block));
-        }
-        f(0, first);
-    });
 }
 
 /// `act` over a slice, one loop per function so that each vectorizes; 8 lanes where the CPU has
@@ -434,7 +391,7 @@ fn layer_norm_in_place(
     let (w, b) = (w.as_slice(), b.as_slice());
     let d = x.ncols();
     let x = x.as_slice_mut().expect("activations are standard layout");
-    par_chunks(x, d, 6 * d, |start, x| {
+    par_rows(x, d, 6 * d, |start, x| {
         let residual = residual.map(|r| &r[start * d..start * d + x.len()]);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -579,5 +536,64 @@ mod tests {
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
+    }
+
+    /// Every loop of the backend gives bitwise the same values on 1, 2 or 3 threads, at sizes
+    /// where the scheduler cuts the work for 2 or 3 of them (the residual add for 2).
+    #[test]
+    fn loops_do_not_depend_on_the_thread_count() {
+        let (tokens, heads, hd) = (1024, 8, 32);
+        let d = heads * hd;
+        let mut rng = crate::rng::Rng::new(&[11]);
+        let mut matrix =
+            |r: usize, c: usize| Array2::from_shape_fn((r, c), |_| rng.normal() as f32);
+        let (x, y) = (matrix(tokens, d), matrix(tokens, d));
+        let (k, v) = (matrix(tokens, 2 * hd), matrix(tokens, 2 * hd));
+        let (cos, sin) = (matrix(tokens, hd / 2), matrix(tokens, hd / 2));
+        let weight = |v: Array2<f32>| CpuWeight {
+            shape: vec![v.len()],
+            storage: Storage::Owned(v.into_raw_vec_and_offset().0),
+        };
+        let (g, b) = (weight(matrix(1, d)), weight(matrix(1, d)));
+        let segments = Segments::from_lengths([600, 424]);
+        let h = Heads {
+            heads,
+            kv_heads: 2,
+            head_dim: hd,
+        };
+        let outputs = |threads: usize| {
+            crate::linalg::set_threads(threads);
+            let mut out = Vec::new();
+            let mut a = x.clone();
+            Cpu.add(&mut a, &y);
+            out.push(a);
+            out.push(Cpu.rms_norm(&x, &g, 1e-5));
+            out.push(Cpu.layer_norm(&x, &g, &b, 1e-5));
+            out.push(Cpu.add_layer_norm(x.clone(), &y, &g, &b, 1e-5));
+            let mut r = x.clone();
+            Cpu.rope(&mut r, hd, &cos, &sin);
+            out.push(r);
+            for mask in [
+                AttentionMask::Bidirectional,
+                AttentionMask::Causal { window: Some(100) },
+            ] {
+                out.push(Cpu.attention(&x, &k, &v, h, &segments, mask));
+            }
+            let mut a = x.clone();
+            Cpu.activate(&mut a, Activation::Gelu);
+            out.push(a);
+            out.push(Cpu.gated(&x, &y, Activation::Silu));
+            out
+        };
+        let one = outputs(1);
+        for threads in [2, 3] {
+            for (i, (a, b)) in outputs(threads).iter().zip(&one).enumerate() {
+                assert!(
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "output {i} with {threads} threads"
+                );
+            }
+        }
+        crate::linalg::set_threads(0);
     }
 }

@@ -2,11 +2,12 @@
 //! allocation on the global leader, each stage leader's layers of the adapter sent to rank 0,
 //! and the adapter with its report broadcast, so that every rank returns the same [`Outcome`].
 
-use super::protocol::{self, Verdict, Wire};
+use super::accounting::Wire;
+use super::messages::{self, Verdict};
 use super::{Engine, Outcome, StopReason};
 use crate::adapter::report::{Bytes, CertificateReport, LayerReport, Report};
 use crate::adapter::{self, layer_alpha, Adapter, LayerAdapter};
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::leader::{allocate, Certificate, Estimate, Precision, Spectrum, Summary};
 use crate::{Error, Result};
 use std::time::Instant;
@@ -30,9 +31,9 @@ impl Engine {
             .collect();
         let ranks = self.final_ranks(&summaries)?;
         let layers = self.stage_layers(&finals, &ranks);
-        let parts = self.gather_at_leader(&protocol::encode_layers(&layers))?;
+        let parts = self.gather_at_leader(&messages::encode_layers(&layers))?;
         let Some(parts) = parts.filter(|_| self.topo.world.is_leader()) else {
-            return match protocol::receive_verdict(&self.world())? {
+            return match messages::receive_verdict(&self.world())? {
                 Verdict::Finish(bytes) => decode_outcome(&bytes),
                 _ => Err(Error::Comm(
                     "rank 0 sent something else than the outcome".into(),
@@ -42,7 +43,7 @@ impl Engine {
         let outcome = (|| {
             let mut layers = Vec::new();
             for p in &parts {
-                layers.extend(protocol::decode_layers(p)?);
+                layers.extend(messages::decode_layers(p)?);
             }
             layers.sort_by_key(|(i, _)| *i);
             let adapter =
@@ -60,7 +61,7 @@ impl Engine {
             let report = self.report(stop, &ranks);
             Ok(Outcome { adapter, report })
         })();
-        protocol::announce(&self.world(), outcome, |o| {
+        messages::announce(&self.world(), outcome, |o| {
             Verdict::Finish(encode_outcome(o))
         })
     }
@@ -99,10 +100,10 @@ impl Engine {
                 )
             })
             .collect();
-        let parts = self.gather_at_leader(&protocol::encode_estimates(&estimates))?;
+        let parts = self.gather_at_leader(&messages::encode_estimates(&estimates))?;
         let world = Wire::new(&*self.topo.world, &self.acct);
         let Some(parts) = parts.filter(|_| world.comm.is_leader()) else {
-            return match protocol::receive_verdict(&world)? {
+            return match messages::receive_verdict(&world)? {
                 Verdict::Ranks(r) if r.len() == self.catalog.layers.len() => Ok(r),
                 _ => Err(Error::Comm(
                     "rank 0 sent something else than the final ranks".into(),
@@ -113,7 +114,7 @@ impl Engine {
         let work = (|| {
             let mut finals: Vec<Option<Summary>> = vec![None; n];
             for p in &parts {
-                for (g, e) in protocol::decode_estimates(p)? {
+                for (g, e) in messages::decode_estimates(p)? {
                     *finals.get_mut(g).ok_or_else(|| {
                         Error::Comm(format!("final summary of input {g} of {n}"))
                     })? = Some(e.summary);
@@ -135,7 +136,7 @@ impl Engine {
             self.finals = finals;
             Ok(self.leader.ranks.clone())
         })();
-        protocol::announce(&world, work, |r| Verdict::Ranks(r.clone()))
+        messages::announce(&world, work, |r| Verdict::Ranks(r.clone()))
     }
 
     /// This stage's layers of the adapter (on its leader): rank > 0, with their catalog index.
@@ -284,7 +285,7 @@ fn all_degenerate(catalog: &crate::catalog::Catalog, finals: &[Summary]) -> Erro
 fn encode_outcome(o: &Outcome) -> Vec<u8> {
     let mut w = Writer::default();
     let layers: Vec<(usize, LayerAdapter)> = o.adapter.layers.iter().cloned().enumerate().collect();
-    w.bytes(&protocol::encode_layers(&layers));
+    w.bytes(&messages::encode_layers(&layers));
     w.bytes(&serde_json::to_vec(&o.adapter.config).expect("JSON serializes"));
     w.bytes(&serde_json::to_vec(&o.report).expect("report serializes"));
     w.0
@@ -293,7 +294,7 @@ fn encode_outcome(o: &Outcome) -> Vec<u8> {
 fn decode_outcome(buf: &[u8]) -> Result<Outcome> {
     let bad = |e: String| Error::Comm(format!("malformed outcome from rank 0: {e}"));
     let mut r = Reader::new(buf);
-    let layers = protocol::decode_layers(r.bytes()?)?
+    let layers = messages::decode_layers(r.bytes()?)?
         .into_iter()
         .map(|(_, l)| l)
         .collect();

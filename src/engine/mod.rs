@@ -14,10 +14,12 @@
 //! inputs themselves (rather than from a [`Source`]) can call [`Engine::accumulate`] and
 //! [`Engine::end_step`].
 
+pub mod accounting;
 pub mod checkpoint;
 pub mod external;
 pub mod finish;
-pub mod protocol;
+pub mod messages;
+pub mod products;
 pub mod read;
 pub mod solve;
 
@@ -26,8 +28,8 @@ use crate::adapter::report::Times;
 use crate::adapter::Adapter;
 use crate::catalog::Catalog;
 use crate::comm;
+use crate::comm::codec::{Reader, Writer};
 use crate::comm::topology::Topology;
-use crate::comm::wire::{Reader, Writer};
 use crate::config::RunConfig;
 use crate::device::rows::Rows;
 use crate::leader::{Decision, Leader, Precision, Tracker};
@@ -35,8 +37,9 @@ use crate::source::stages::Staged;
 use crate::source::Source;
 use crate::stats::{self, InputStats, Shared, Workspace};
 use crate::{Error, Result};
+use accounting::{Accounting, Wire};
+use messages::Verdict;
 use ndarray::Array2;
-use protocol::{Accounting, Verdict, Wire};
 pub use read::{passes_of_step, passes_per_step};
 use std::sync::Arc;
 use std::time::Instant;
@@ -559,22 +562,22 @@ impl Engine {
     /// Decide: the stage leaders' estimates reach the global leader, which allocates, decides
     /// and broadcasts the decision to every rank.
     fn decide(&mut self, estimates: Vec<(usize, crate::leader::Estimate)>) -> Result<()> {
-        let parts = self.gather_at_leader(&protocol::encode_estimates(&estimates))?;
+        let parts = self.gather_at_leader(&messages::encode_estimates(&estimates))?;
         let world = Wire::new(&*self.topo.world, &self.acct);
         let next = if let Some(parts) = parts {
             let step = self.step;
             let leader = &mut self.leader;
             let work = parts.iter().try_for_each(|p| {
-                for (g, e) in protocol::decode_estimates(p)? {
+                for (g, e) in messages::decode_estimates(p)? {
                     leader.observe(g, e);
                 }
                 Ok(())
             });
-            protocol::announce(&world, work.map(|()| leader.decide(step)), |d| {
+            messages::announce(&world, work.map(|()| leader.decide(step)), |d| {
                 Verdict::Decide(d.clone())
             })?
         } else {
-            match protocol::receive_verdict(&world)? {
+            match messages::receive_verdict(&world)? {
                 Verdict::Decide(d) => d,
                 _ => {
                     return Err(Error::Comm(

@@ -12,7 +12,7 @@
 //! step's later passes and passes the failure on in place of a hidden state, so every rank
 //! reaches the step's agreement, which names the failing rank.
 
-use super::protocol::Wire;
+use super::accounting::Wire;
 use super::Engine;
 use crate::comm::topology::Topology;
 use crate::source::{Sink, Source};

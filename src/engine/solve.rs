@@ -9,9 +9,11 @@
 //! after the other on all threads; a solve's result does not depend on the threads it runs on.
 //! The stage leader then solves the exact inputs whose Grams stay on their ranks (`d ≥ 2048`
 //! with several replicas) by subspace iteration on `Σ_r G_r·Q` products, which the stage's
-//! other ranks serve ([`protocol::serve`]).
+//! other ranks serve ([`products::serve`]).
 
-use super::protocol::{self, Command, Wire};
+use super::accounting::Wire;
+use super::messages::{self, Command};
+use super::products;
 use super::{Engine, Stats};
 use crate::leader::{Gram, Precision, Spectrum};
 use crate::stats::{InputStats, Shared};
@@ -128,11 +130,11 @@ fn solve_spread(
     if size == 1 {
         return Ok(mine);
     }
-    Ok(match stage.gather(&protocol::encode_spectra(&mine), 0)? {
+    Ok(match stage.gather(&messages::encode_spectra(&mine), 0)? {
         Some(parts) => {
             let mut all = Vec::with_capacity(inputs.len());
             for part in parts {
-                all.extend(protocol::decode_spectra(&part)?);
+                all.extend(messages::decode_spectra(&part)?);
             }
             all
         }
@@ -184,7 +186,7 @@ impl Engine {
             return Ok(solved);
         }
         if !self.topo.is_stage_leader() {
-            protocol::serve(&stage, &stats.local)?;
+            products::serve(&stage, &stats.local)?;
             return Ok(Vec::new());
         }
         let mut products = || -> Result<()> {
@@ -194,8 +196,8 @@ impl Engine {
                     &stats.shared[g].as_ref().expect("stage input").moments,
                 );
                 let gram = Gram::Remote {
-                    apply: &mut |q| protocol::apply(&stage, local, g, q),
-                    gather: &mut || protocol::gram(&stage, local, g),
+                    apply: &mut |q| products::apply(&stage, local, g, q),
+                    all_reduce: &mut || products::gram(&stage, local, g),
                 };
                 let spectrum =
                     Spectrum::from_gram(gram, moments, kmax(g), &mut stats.warm[g], precision)?;
@@ -205,7 +207,7 @@ impl Engine {
         };
         let result = products();
         if stage.comm.size() > 1 {
-            protocol::send(
+            messages::send(
                 &stage,
                 &result
                     .as_ref()

@@ -92,10 +92,11 @@ pub enum Gram<'a> {
     /// `d x d` matrix.
     Local(&'a [f64]),
     /// Spread over the ranks (large `d`): `apply(Q) = Σ_r G_r·Q` products with every rank, and
-    /// `gather()` the summed Gram (upper triangle, row-major `d x d`) for the dense solver.
+    /// `all_reduce()` the Gram summed over the ranks (upper triangle, row-major `d x d`) for the
+    /// dense solver.
     Remote {
         apply: &'a mut dyn FnMut(ArrayView2<f64>) -> Result<Array2<f64>>,
-        gather: &'a mut dyn FnMut() -> Result<Vec<f64>>,
+        all_reduce: &'a mut dyn FnMut() -> Result<Vec<f64>>,
     },
 }
 
@@ -205,9 +206,9 @@ impl Spectrum {
     /// | precision | Gram | `d ≤` [`DENSE_MAX_DIM`] | larger `d` |
     /// |---|---|---|---|
     /// | Step | local | subspace iteration on the f32 covariance (`sgemm`); `ssyevr` on it if the iteration stops at the cap | the same iteration, its result as it is at the cap |
-    /// | Step | remote | `dsyevr` on the gathered Gram | subspace iteration on centered `Σ_r G_r·Q` products |
+    /// | Step | remote | `dsyevr` on the all-reduced Gram | subspace iteration on centered `Σ_r G_r·Q` products |
     /// | Final | local | `dsyevr` | subspace iteration on the f64 covariance (`dgemm`), `dsyevr` if it stalls |
-    /// | Final | remote | `dsyevr` on the gathered Gram | iteration on centered products, `dsyevr` on the gathered Gram if it stalls |
+    /// | Final | remote | `dsyevr` on the all-reduced Gram | iteration on centered products, `dsyevr` on the all-reduced Gram if it stalls |
     ///
     /// Above [`COPY_MAX_DIM`] a local Gram is used like a remote one, through centered `dsymm`
     /// products, at both precisions.
@@ -274,13 +275,15 @@ impl Spectrum {
                             Box::new(move || Ok(c2.to_vec())),
                         )
                     }
-                    Gram::Remote { apply, gather } => (
+                    Gram::Remote { apply, all_reduce } => (
                         Box::new(move |q: ArrayView2<f64>| {
                             let mut gq = apply(q)?;
                             moments.center(&mut gq, q);
                             Ok(gq)
                         }),
-                        Box::new(move || Ok(exact::covariance_full(&gather()?, d, moments, |v| v))),
+                        Box::new(move || {
+                            Ok(exact::covariance_full(&all_reduce()?, d, moments, |v| v))
+                        }),
                     ),
                 };
                 if d <= DENSE_MAX_DIM {
@@ -674,7 +677,9 @@ mod tests {
     /// from the origin (the shift matters).
     fn stats(d: usize, rows: usize, seed: u64) -> crate::stats::exact::ExactStats {
         let mut rng = crate::rng::Rng::new(&[seed]);
-        let q = linalg::orthonormalize(Array2::from_shape_fn((d, d), |_| rng.normal()).view());
+        let q = linalg::orthonormalize_householder(
+            Array2::from_shape_fn((d, d), |_| rng.normal()).view(),
+        );
         let z = Array2::from_shape_fn((rows, d), |(_, j)| rng.normal() / (j as f64 + 1.0).sqrt());
         let x = z.dot(&q.t()).mapv(|v| (v + 3.0) as f32);
         let mut e = crate::stats::exact::ExactStats::new(vec![2.5; d]);
@@ -693,11 +698,11 @@ mod tests {
             let solve = |precision, remote: bool, warm: &mut Option<Array2<f64>>| {
                 if remote {
                     let mut apply = |q: ArrayView2<f64>| e.gram_apply(q);
-                    let mut gather = || Ok(e.gram().to_vec());
+                    let mut all_reduce = || Ok(e.gram().to_vec());
                     Spectrum::from_gram(
                         Gram::Remote {
                             apply: &mut apply,
-                            gather: &mut gather,
+                            all_reduce: &mut all_reduce,
                         },
                         &e.moments,
                         k,

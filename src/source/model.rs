@@ -53,6 +53,21 @@ enum Resident {
     Cuda((Arc<Cuda>, Loaded<Cuda>)),
 }
 
+/// One packed forward pass: which examples, which inputs reach the sink, and whether the
+/// slice's hidden state is returned (the hidden state it starts from, if a previous stage sent
+/// one, travels beside it: its type depends on the backend).
+#[derive(Clone, Copy)]
+struct PassRequest<'a> {
+    /// The examples (units), in order.
+    units: &'a [usize],
+    /// The blocks and capture points the forward pass must reach.
+    need: &'a Need,
+    /// Per catalog input: whether its rows go to the sink.
+    wanted: &'a [bool],
+    /// Return the slice's hidden state (for the next stage).
+    output: bool,
+}
+
 /// A model and a data file as a [`Source`].
 pub struct ModelSource {
     model: Model,
@@ -150,48 +165,25 @@ impl ModelSource {
         self.encoder.max_len
     }
 
-    /// Runs examples `units` as one packed batch through the loaded slice (from `input` if a
-    /// previous stage sent one), delivering the needed inputs to `sink` and, with `output`,
+    /// Runs the request's examples as one packed batch through the loaded slice (from `input`
+    /// if a previous stage sent one), delivering the wanted inputs to `sink` and, if asked,
     /// returning the slice's hidden state.
     fn run(
         &self,
-        units: &[usize],
-        need: &Need,
-        wanted: &[bool],
+        req: PassRequest<'_>,
         input: Option<Hidden>,
-        output: bool,
         sink: &mut Sink<'_>,
     ) -> Result<Option<Hidden>> {
         match &self.resident {
             Resident::Cpu(loaded) => {
                 let input = input.map(Hidden::into_host).transpose()?;
-                let out = self.pass(
-                    &Cpu,
-                    loaded,
-                    units,
-                    need,
-                    wanted,
-                    input,
-                    output,
-                    &|| Ok(()),
-                    sink,
-                )?;
+                let out = self.pass(&Cpu, loaded, &|| Ok(()), req, input, sink)?;
                 Ok(out.map(Hidden::Host))
             }
             Resident::Cuda(r) => {
                 let (gpu, loaded) = r;
                 let input = input.map(|h| h.into_device(gpu)).transpose()?;
-                let out = self.pass(
-                    &**gpu,
-                    loaded,
-                    units,
-                    need,
-                    wanted,
-                    input,
-                    output,
-                    &|| gpu.check(),
-                    sink,
-                )?;
+                let out = self.pass(&**gpu, loaded, &|| gpu.check(), req, input, sink)?;
                 gpu.check()?;
                 // The hidden state stays on the GPU: the next stage receives it there.
                 Ok(out.map(|x| Hidden::Device {
@@ -204,19 +196,21 @@ impl ModelSource {
 
     /// [`ModelSource::run`] on one backend; `check` reports a device failure recorded by an op
     /// that could not return it (called before each capture reaches the statistics).
-    #[allow(clippy::too_many_arguments)]
     fn pass<B: Capture>(
         &self,
         be: &B,
         loaded: &Loaded<B>,
-        units: &[usize],
-        need: &Need,
-        wanted: &[bool],
-        input: Option<B::Tensor>,
-        output: bool,
         check: &dyn Fn() -> Result<()>,
+        req: PassRequest<'_>,
+        input: Option<B::Tensor>,
         sink: &mut Sink<'_>,
     ) -> Result<Option<B::Tensor>> {
+        let PassRequest {
+            units,
+            need,
+            wanted,
+            output,
+        } = req;
         let ex = &self.examples;
         let what = |u: usize| format!("{}:{}", ex.path.display(), ex.lines[u]);
         let encoded = units
@@ -321,7 +315,13 @@ impl Source for ModelSource {
         // One forward pass per pass of units: the engine groups examples the same way on every
         // world size, so the activations, their f32 Gram products and the adapter are bitwise
         // the same whichever rank reads them.
-        self.run(units, &need, wanted, input, output, sink)
+        let req = PassRequest {
+            units,
+            need: &need,
+            wanted,
+            output,
+        };
+        self.run(req, input, sink)
     }
 
     fn pipelined(&self) -> bool {

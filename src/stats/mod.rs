@@ -139,7 +139,7 @@ impl Moments {
 /// The part of an input's statistics that every step all-reduces: count and sums; the sketch
 /// for the sketch estimator; and, for exact inputs below [`SHARED_GRAM_MAX_DIM`] in a world of
 /// several ranks, the Gram's upper triangle. Larger exact Grams stay on their ranks and the
-/// leader reaches them through products (see `engine::protocol`).
+/// leader reaches them through products (see `engine::products`).
 #[derive(Clone, Debug)]
 pub struct Shared {
     /// Summed count and sums.
@@ -334,7 +334,7 @@ impl InputStats {
     /// Whether the fused all-reduce carries this input's Gram (so that every rank of the stage
     /// holds the summed Gram after it): exact inputs below [`SHARED_GRAM_MAX_DIM`] in a stage of
     /// several replicas; on a GPU with any number of replicas, since that is how the leader, on
-    /// the host, gets it. Larger Grams stay where they are (products, `engine::protocol`).
+    /// the host, gets it. Larger Grams stay where they are (products, `engine::products`).
     pub fn shares_gram(&self, replicas: usize) -> bool {
         let small = self.dim() < SHARED_GRAM_MAX_DIM;
         match self {

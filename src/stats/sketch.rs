@@ -62,7 +62,7 @@ impl SketchStats {
         let k = k.min(d).max(1);
         let mut rng = Rng::new(&[seed, 0x5EED, stream]);
         let omega = Array2::from_shape_fn((d, k), |_| rng.normal());
-        let omega = linalg::orthonormalize(omega.view());
+        let omega = linalg::orthonormalize_householder(omega.view());
         let mut test = Array2::<f64>::zeros((d, k + PROBES));
         test.slice_mut(s![.., ..k]).assign(&omega);
         test.slice_mut(s![.., k..]).mapv_inplace(|_| rng.normal());

@@ -105,8 +105,9 @@ pub fn write_shard(path: &Path, layers: &[(String, Array2<f32>, usize)], fmt: Fm
 pub fn gen_rows(seed: u64, unit: u64, n: usize, spectrum: &[f64], mean: f64) -> Array2<f32> {
     let d = spectrum.len();
     let mut basis_rng = Rng::new(&[seed, 1]);
-    let q =
-        eva::linalg::orthonormalize(Array2::from_shape_fn((d, d), |_| basis_rng.normal()).view());
+    let q = eva::linalg::orthonormalize_householder(
+        Array2::from_shape_fn((d, d), |_| basis_rng.normal()).view(),
+    );
     let mu: Vec<f64> = (0..d).map(|_| mean * basis_rng.normal()).collect();
     let mut rng = Rng::new(&[seed, 2, unit]);
     let z = Array2::from_shape_fn((n, d), |(_, j)| rng.normal() * spectrum[j].sqrt());
@@ -202,7 +203,7 @@ pub fn dense_pca(units: &[Array2<f32>]) -> (Vec<f64>, Array2<f64>) {
 /// `‖Uᵀ A_orthᵀ‖_F² / r`: 1 when the rows of `a` (r x d) span the same space as `u` (d x r).
 pub fn subspace_similarity(a: &Array2<f32>, u: ndarray::ArrayView2<f64>) -> f64 {
     let a = a.mapv(|v| v as f64);
-    let q = eva::linalg::orthonormalize(a.t());
+    let q = eva::linalg::orthonormalize_householder(a.t());
     let m = q.t().dot(&u);
     m.iter().map(|v| v * v).sum::<f64>() / a.nrows() as f64
 }

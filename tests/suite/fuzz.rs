@@ -477,7 +477,7 @@ fn jsonl_data() {
 
 #[test]
 fn wire_messages() {
-    use eva::comm::wire::{Reader, Writer};
+    use eva::comm::codec::{Reader, Writer};
     let mut w = Writer::default();
     w.u8(3)
         .u64(1 << 33)
@@ -514,7 +514,7 @@ fn wire_messages() {
                 r.bools()?;
                 Ok(())
             })();
-            let _ = eva::engine::protocol::decode_spectra(&bytes);
+            let _ = eva::engine::messages::decode_spectra(&bytes);
             Ok(())
         });
     }

@@ -3,7 +3,7 @@
 //! clock) so that every rank takes the same decision at the same step.
 
 use super::state;
-use crate::comm::wire::{Reader, Writer};
+use crate::comm::codec::{Reader, Writer};
 use crate::config::{Checkpointing, Every};
 use crate::engine::{fingerprint, Engine};
 use crate::{Error, Result};
