@@ -2,13 +2,14 @@
 //! started, e.g. `mpirun -np 4 target/debug/examples/collectives` (or `... collectives nccl`
 //! on GPUs). Prints one line per rank and exits non-zero on any mismatch.
 
-use eva::comm::{self, Transport};
+use eva::comm;
+use eva::config::validate::Collectives;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let backend = match std::env::args().nth(1).as_deref() {
-        Some("nccl") => Transport::Nccl,
-        _ => Transport::Mpi,
+        Some("nccl") => Collectives::Nccl,
+        _ => Collectives::Mpi,
     };
     let result = comm::connect(backend).and_then(|c| {
         comm::selftest(c.as_ref())?;

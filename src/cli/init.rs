@@ -9,7 +9,7 @@ use crate::catalog::Catalog;
 use crate::comm::threads::ThreadWorld;
 use crate::comm::topology::{self, Topology};
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::validate::{parse_rank_pattern, Collectives, Device, Input, Options, Plan};
+use crate::config::validate::{parse_rank_pattern, Device, Input, Options, Plan};
 use crate::config::{self, EstimatorChoice, RunConfig};
 use crate::engine::checkpoint;
 use crate::leader::allocate;
@@ -264,7 +264,7 @@ pub fn run(args: &InitArgs) -> Result<()> {
         // Ranks agree on failures: rank 0's result speaks for the job.
         return results.into_iter().next().unwrap_or(Ok(()));
     }
-    let comm: Rc<dyn Communicator> = comm::connect(collectives(plan.grid.comm))?.into();
+    let comm: Rc<dyn Communicator> = comm::connect(plan.grid.comm)?.into();
     linalg::set_threads(threads(launch.map_or(1, |l| l.local_size)));
     run_rank(comm.clone(), &plan, args).map_err(|e| {
         if comm.size() > 1 {
@@ -276,15 +276,6 @@ pub fn run(args: &InitArgs) -> Result<()> {
             e
         }
     })
-}
-
-/// The communicator backend of the plan's choice.
-fn collectives(c: Collectives) -> comm::Transport {
-    match c {
-        Collectives::Auto => comm::Transport::Auto,
-        Collectives::Mpi => comm::Transport::Mpi,
-        Collectives::Nccl => comm::Transport::Nccl,
-    }
 }
 
 /// One rank's share of `eva init`; only the leader writes, and every rank returns its verdict.

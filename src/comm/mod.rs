@@ -85,6 +85,7 @@ pub use self::mpi::MpiWorld;
 pub use self::nccl::NcclWorld;
 
 use crate::comm::codec::{Reader, Writer};
+use crate::config::validate::Collectives;
 use crate::device::cuda::{Cuda, CudaTensor, DeviceSums};
 use crate::device::gpu::{DeviceBuffer, Gpu};
 use crate::{Error, Result};
@@ -260,24 +261,14 @@ pub fn share_from_root<const N: usize>(
     }
 }
 
-/// What the collectives run over (`--comm`): which [`Communicator`] [`connect`] builds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// MPI under a launcher, one process otherwise.
-    Auto,
-    /// MPI (rsmpi).
-    Mpi,
-    /// NCCL for all-reduce, MPI for the rest.
-    Nccl,
-}
-
-/// Connects to the world the launcher started (or a world of one without a launcher).
-pub fn connect(transport: Transport) -> Result<Box<dyn Communicator>> {
+/// Connects to the world the launcher started (or a world of one without a launcher), over the
+/// collectives `--comm` chose.
+pub fn connect(transport: Collectives) -> Result<Box<dyn Communicator>> {
     let launch = launcher::detect();
     match (transport, &launch) {
-        (Transport::Auto, None) => Ok(Box::new(SingleProcess)),
-        (Transport::Auto | Transport::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
-        (Transport::Nccl, launch) => {
+        (Collectives::Auto, None) => Ok(Box::new(SingleProcess)),
+        (Collectives::Auto | Collectives::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
+        (Collectives::Nccl, launch) => {
             let local_rank = launch.as_ref().map_or(0, |l| l.local_rank);
             Ok(Box::new(NcclWorld::init(MpiWorld::init()?, local_rank)?))
         }
