@@ -164,14 +164,7 @@ impl Engine {
         let params = &cfg.eva;
         let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
         let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();
-        let certain = allocate::certain(
-            catalog,
-            &ratios,
-            &bounds,
-            ranks,
-            self.leader.caps(),
-            self.leader.budget(),
-        );
+        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, self.leader.caps());
         let layers: Vec<LayerReport> = catalog
             .layers
             .iter()

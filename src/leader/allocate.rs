@@ -3,22 +3,16 @@
 //! global top `budget = Σ r_l` ([`budget`]) are kept and each layer's rank is its count, `r_l`
 //! being the layer's rank before redistribution (`r`, or its `rank_pattern` entry).
 //!
-//! Where eva differs: an equal-input group (q/k/v, gate/up) always gets **one rank for all its
-//! members**. Its members offer the same ratios, so PEFT's top-`budget` cut can fall inside a
-//! group's block of tied candidates and give `q_proj` one component more than `v_proj` (or, for
-//! an input without variance whose ratios are all 0, every component to the first member and
-//! none to the others). Here a group's component `j` is one candidate that costs one budget unit
-//! per member; candidates are taken in descending ratio order while they fit, and the cut stops
-//! at the first one that does not, so the kept candidates are always the top of the ranking and
-//! `Σ ranks ≤ budget` (at most `largest group − 1` units short of it, where PEFT would have split
-//! a group).
+//! Ties (equal ratios, e.g. inside a group) are broken deterministically: a group's
+//! representative first, then layer order, then component index — so the representative holds
+//! the largest rank of its group, as PEFT's swap step ensures. Members of a group therefore get
+//! the same rank except where the budget's cut falls inside the group's tied candidates, exactly
+//! where PEFT's own allocation splits it (by one component).
 //!
-//! Only finite, positive ratios are offered: a NaN, an infinity or a component that explains no
-//! variance (a degenerate input's ratios are all 0, see [`super::Summary::is_degenerate`]) never
-//! takes budget.
-//!
-//! Ties (equal ratios of different groups) are broken deterministically: layer order of the
-//! groups' representatives, then component index.
+//! Only finite, positive ratios are offered ([`offered`]): a NaN, an infinity or a component that
+//! explains no variance (a degenerate input's ratios are all 0, see
+//! [`super::Summary::is_degenerate`]) never takes budget, so a degenerate input's whole group gets
+//! rank 0.
 
 use crate::catalog::Catalog;
 use crate::config::EvaParams;
@@ -69,95 +63,80 @@ pub fn offered(ratio: f64) -> bool {
 }
 
 /// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending) and
-/// per-layer [`caps`]: every member of an equal-input group gets the same rank.
+/// per-layer [`caps`]. Only [`offered`] ratios compete: an input without variance (all its
+/// ratios 0) gives every member of its group rank 0.
 pub fn redistribute(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
     caps: &[usize],
     budget: usize,
 ) -> Vec<usize> {
-    // (ratio, representative, component, input): one candidate per component of a group.
     let mut candidates = Vec::new();
-    for (g, input) in catalog.inputs.iter().enumerate() {
-        let rep = input.members[0];
-        for (j, &ratio) in ratios[g].iter().take(caps[rep]).enumerate() {
-            if !offered(ratio) {
-                // Ratios are descending; a non-finite one ends what the input offers.
-                break;
-            }
-            candidates.push((ratio, rep, j, g));
+    for (l, layer) in catalog.layers.iter().enumerate() {
+        let rep = catalog.representative(layer.input) == l;
+        for (j, ratio) in offers(&ratios[layer.input], caps[l]) {
+            candidates.push((ratio, !rep, l, j));
         }
     }
-    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut left = budget;
-    let mut group_rank = vec![0; catalog.inputs.len()];
-    for &(_, _, _, g) in &candidates {
-        let cost = catalog.inputs[g].members.len();
-        if cost > left {
-            break;
-        }
-        left -= cost;
-        group_rank[g] += 1;
+    candidates.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    let mut ranks = vec![0; catalog.layers.len()];
+    for &(_, _, l, _) in candidates.iter().take(budget) {
+        ranks[l] += 1;
     }
-    catalog.layers.iter().map(|l| group_rank[l.input]).collect()
+    ranks
+}
+
+/// The first `cap` ratios of an input that may take budget, with their component index
+/// (ratios are descending: the first one that is not [`offered`] ends them).
+fn offers(ratios: &[f64], cap: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
+    ratios
+        .iter()
+        .take(cap)
+        .take_while(|&&r| offered(r))
+        .copied()
+        .enumerate()
 }
 
 /// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
 /// true ratio of component `i` of input `g` lies in `[ratios[g][i], ratios[g][i] + bounds[g]]`.
 /// Exact statistics (`bounds = 0`) are always certain.
-///
-/// Certain means: every kept candidate stays above every dropped one, and no dropped candidate
-/// small enough to fit in the budget left over could come before the candidate that ended the
-/// cut (one that does not fit) — otherwise it would be taken ([`redistribute`]).
 pub fn certain(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
     bounds: &[f64],
     ranks: &[usize],
     caps: &[usize],
-    budget: usize,
 ) -> Vec<bool> {
-    // Per input: its group's rank and its offered candidates (component, lo, hi).
-    let rank = |g: usize| ranks[catalog.representative(g)];
-    let offers = |g: usize| {
-        let cap = caps[catalog.representative(g)];
-        ratios[g]
-            .iter()
-            .take(cap)
-            .take_while(|&&r| offered(r))
-            .enumerate()
-            .map(move |(j, &r)| (j, r, r + bounds[g]))
+    let (mut kept_min, mut dropped_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let offered = |l: usize| {
+        let g = catalog.layers[l].input;
+        offers(&ratios[g], caps[l]).map(move |(j, r)| (j, r, r + bounds[g]))
     };
-    let n = catalog.inputs.len();
-    let cost = |g: usize| catalog.inputs[g].members.len();
-    let used: usize = (0..n).map(|g| rank(g) * cost(g)).sum();
-    let left = budget.saturating_sub(used);
-    let (mut kept_min, mut dropped_max, mut stop_lo) =
-        (f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
-    for g in 0..n {
-        for (j, lo, hi) in offers(g) {
-            if j < rank(g) {
+    for (l, &rank) in ranks.iter().enumerate() {
+        for (j, lo, hi) in offered(l) {
+            if j < rank {
                 kept_min = kept_min.min(lo);
             } else {
                 dropped_max = dropped_max.max(hi);
-                if cost(g) > left {
-                    stop_lo = stop_lo.max(lo);
-                }
             }
         }
     }
-    let sure: Vec<bool> = (0..n)
-        .map(|g| {
-            offers(g).all(|(j, lo, hi)| {
-                if j < rank(g) {
+    (0..catalog.layers.len())
+        .map(|l| {
+            offered(l).all(|(j, lo, hi)| {
+                if j < ranks[l] {
                     lo >= dropped_max
                 } else {
-                    hi <= kept_min && (cost(g) > left || hi <= stop_lo)
+                    hi <= kept_min
                 }
             })
         })
-        .collect();
-    catalog.layers.iter().map(|l| sure[l.input]).collect()
+        .collect()
 }
 
 #[cfg(test)]
@@ -201,15 +180,14 @@ mod tests {
         assert_eq!(caps(&c, &params), vec![4, 4, 2, 3]);
         assert_eq!(budget(&c, &params), 2 + 3 + 1 + 2);
         // With rho = 1 a layer alone keeps its own rank whatever the spectra; a group offers its
-        // largest cap, and each of its components costs one unit per member: q asked for 2 and
-        // k for 3 (PEFT gives them 3 and 2); the group's third component (2 units) does not fit
-        // the 1 unit left, so both get 2 and the sum is 7 of the budget 8.
+        // largest cap from each member, and its representative (q) takes the larger share, as
+        // PEFT's swap step ensures: q asked for 2 and k for 3, they get 3 and 2.
         let rho1 = EvaParams { rho: 1.0, ..params };
         let ratios = vec![vec![0.9, 0.05, 0.03], vec![0.5, 0.4], vec![0.6, 0.3, 0.1]];
         let caps1 = caps(&c, &rho1);
         assert_eq!(caps1, vec![3, 3, 1, 2]);
         let ranks = redistribute(&c, &ratios, &caps1, budget(&c, &rho1));
-        assert_eq!(ranks, vec![2, 2, 1, 2]);
+        assert_eq!(ranks, vec![3, 2, 1, 2]);
     }
 
     #[test]
@@ -245,23 +223,29 @@ mod tests {
     }
 
     #[test]
-    fn an_equal_input_group_gets_one_rank() {
+    fn groups_share_ratios_and_the_representative_wins_ties() {
         // Layers 0,1,2 share input 0 (like q/k/v); layer 3 is alone.
         let c = catalog(&[8, 8, 8, 8], vec![vec![0, 1, 2], vec![3]]);
         let ratios = vec![vec![0.4, 0.2, 0.1, 0.05], vec![0.3, 0.15, 0.02, 0.01]];
-        // Sorted: 0.4 (group, 3 units), 0.3, 0.2 (group, 3 units), 0.15 ...; a budget of 6
-        // leaves 2 units at the group's 0.2, which PEFT splits (2, 2, 1); here the cut stops
-        // there, and the 0.15 after it is not taken either (the kept set stays the top).
+        // Sorted: 0.4 x3 (group), 0.3, 0.2 x3 (group), 0.15 ...; a budget of 6 cuts inside the
+        // tied 0.2s, and the later group member loses, as in PEFT.
         let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
-        assert_eq!(ranks, vec![1, 1, 1, 1]);
-        // A budget of 7 fits the group's second component.
+        assert_eq!(ranks, vec![2, 2, 1, 1]);
+        assert!(ranks[0] >= ranks[1] && ranks[1] >= ranks[2]);
+        // A budget of 7 fits the group's second component for every member.
         assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 7), vec![2, 2, 2, 1]);
-        // Members listed apart in catalog order (k, o, q, v) still share one rank.
+    }
+
+    #[test]
+    fn a_group_without_variance_gets_rank_zero_for_every_member() {
+        // Members listed apart in catalog order (k, o, q, v): an input without variance (all
+        // ratios 0: the --max-seq-len 1 probe) gets nothing for any member, never a component
+        // of its null space, whatever budget is left over.
         let c = catalog(&[8, 8, 8, 8], vec![vec![0, 2, 3], vec![1]]);
         let ratios = vec![vec![0.0; 4], vec![0.3, 0.15, 0.02, 0.01]];
-        // An input without variance (all ratios 0: the --max-seq-len 1 probe) gets nothing,
-        // for every member, and never a component of its null space.
         assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 16), vec![0, 4, 0, 0]);
+        let sure = certain(&c, &ratios, &[0.0, 0.0], &[0, 4, 0, 0], &cap(&c, 4));
+        assert_eq!(sure, vec![true; 4]);
     }
 
     #[test]
@@ -276,7 +260,7 @@ mod tests {
             ];
             let ranks = redistribute(&c, &ratios, &cap(&c, 4), 6);
             assert_eq!(ranks, vec![0, 4, 2], "{bad}");
-            let sure = certain(&c, &ratios, &[0.0; 3], &ranks, &cap(&c, 4), 6);
+            let sure = certain(&c, &ratios, &[0.0; 3], &ranks, &cap(&c, 4));
             assert_eq!(sure, vec![true; 3], "{bad}");
             // A bad ratio after good ones ends what the input offers.
             let ratios = vec![
@@ -296,32 +280,14 @@ mod tests {
         let ranks = redistribute(&c, &ratios, &cap(&c, 2), 2);
         assert_eq!(ranks, vec![2, 0]);
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2), 2),
+            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2)),
             vec![true, true]
         );
         // If input 1's ratios may be 0.02 higher, its 0.19 could beat input 0's 0.2.
         assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2), 2),
+            certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2)),
             vec![false, false]
         );
-    }
-
-    #[test]
-    fn certainty_sees_a_small_candidate_that_could_pass_a_group_that_does_not_fit() {
-        // Group {0, 1} and layer 2; budget 3: the group's 0.5 (2 units), then 0.3 (layer 2, 1
-        // unit); the group's 0.2 does not fit the 0 units left... with budget 4, 1 unit is left
-        // at the group's 0.2 (2 units) and the cut ends there, before layer 2's 0.19.
-        let c = catalog(&[8, 8, 8], vec![vec![0, 1], vec![2]]);
-        let ratios = vec![vec![0.5, 0.2], vec![0.3, 0.19]];
-        let ranks = redistribute(&c, &ratios, &cap(&c, 2), 4);
-        assert_eq!(ranks, vec![1, 1, 1]);
-        assert_eq!(
-            certain(&c, &ratios, &[0.0, 0.0], &ranks, &cap(&c, 2), 4),
-            vec![true; 3]
-        );
-        // If layer 2's 0.19 may really be 0.21, it comes before the group's 0.2 and fits.
-        let sure = certain(&c, &ratios, &[0.0, 0.02], &ranks, &cap(&c, 2), 4);
-        assert_eq!(sure, vec![true, true, false]);
     }
 
     #[test]

@@ -231,44 +231,6 @@ pub fn peft_allocation(layer_ratios: &[Vec<f64>], caps: &[usize], budget: usize)
     counts
 }
 
-/// eva's allocation with equal-input groups, written out plainly: input `g` (shared by the
-/// layers `l` with `layer_input[l] == g`) offers its first `cap` positive ratios; each costs one
-/// budget unit per member; they are taken in descending order (ties: the group's first layer,
-/// then index) until the first that does not fit. Every member gets its group's count.
-pub fn group_allocation(
-    layer_input: &[usize],
-    input_ratios: &[Vec<f64>],
-    cap: usize,
-    budget: usize,
-) -> Vec<usize> {
-    let members = |g: usize| layer_input.iter().filter(|&&i| i == g).count();
-    let first = |g: usize| layer_input.iter().position(|&i| i == g).unwrap();
-    let mut all: Vec<(f64, usize, usize, usize)> = Vec::new();
-    for (g, r) in input_ratios.iter().enumerate() {
-        if members(g) == 0 {
-            continue;
-        }
-        for (j, &v) in r.iter().take(cap).enumerate().filter(|(_, v)| **v > 0.0) {
-            all.push((v, first(g), j, g));
-        }
-    }
-    all.sort_by(|a, b| {
-        b.0.partial_cmp(&a.0)
-            .unwrap()
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-    });
-    let (mut left, mut count) = (budget, vec![0; input_ratios.len()]);
-    for &(_, _, _, g) in &all {
-        if members(g) > left {
-            break;
-        }
-        left -= members(g);
-        count[g] += 1;
-    }
-    layer_input.iter().map(|&g| count[g]).collect()
-}
-
 /// The path of a shard for unit `i`.
 pub fn shard(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("unit-{i:05}.safetensors"))
