@@ -182,16 +182,7 @@ impl DeviceGram {
 
     /// Adds the pending f32 part into the f64 Gram.
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
-        let (pp, pg, n) = (
-            be.rt.ptr(&self.part),
-            be.rt.ptr(&self.gram),
-            (self.shift.d * self.shift.d) as u64,
-        );
-        be.rt.launch(
-            "flush_f64",
-            super::kernels::Shape::Elements(n as usize),
-            &args![pp, pg, n],
-        )?;
+        flush_part(be, &self.part, &self.gram, self.shift.d * self.shift.d)?;
         self.pending = 0;
         Ok(())
     }
@@ -354,11 +345,7 @@ impl GramAccumulator for DeviceGram {
     /// pending f32 part added into the copy rather than flushed (this takes `&self`).
     fn snapshot(&self, be: &Cuda) -> crate::Result<(MomentSums, Vec<f64>)> {
         let d = self.shift.d;
-        let mut g = be.rt.download(&self.gram, 0..d * d)?;
-        if self.pending > 0 {
-            let part = be.rt.download(&self.part, 0..d * d)?;
-            g.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
-        }
+        let g = with_pending(be, &self.part, &self.gram, d * d, self.pending)?;
         Ok((self.shift.to_host(be)?, g))
     }
 }
@@ -384,16 +371,7 @@ impl DeviceSketch {
     }
 
     fn flush(&mut self, be: &Cuda) -> Result<(), DeviceError> {
-        let (pp, py, n) = (
-            be.rt.ptr(&self.part),
-            be.rt.ptr(&self.y),
-            (self.shift.d * self.m) as u64,
-        );
-        be.rt.launch(
-            "flush_f64",
-            super::kernels::Shape::Elements(n as usize),
-            &args![pp, py, n],
-        )?;
+        flush_part(be, &self.part, &self.y, self.shift.d * self.m)?;
         self.pending = 0;
         Ok(())
     }
@@ -510,13 +488,41 @@ impl SketchAccumulator for DeviceSketch {
     /// part added into the copy rather than flushed (this takes `&self`).
     fn snapshot(&self, be: &Cuda) -> crate::Result<(MomentSums, Vec<f64>)> {
         let n = self.shift.d * self.m;
-        let mut y = be.rt.download(&self.y, 0..n)?;
-        if self.pending > 0 {
-            let part = be.rt.download(&self.part, 0..n)?;
-            y.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
-        }
+        let y = with_pending(be, &self.part, &self.y, n, self.pending)?;
         Ok((self.shift.to_host(be)?, y))
     }
+}
+
+/// Adds the f32 part of a product into its f64 sum (`n` values), on the device.
+fn flush_part(
+    be: &Cuda,
+    part: &Buffer<f32>,
+    sum: &Buffer<f64>,
+    n: usize,
+) -> Result<(), DeviceError> {
+    let (pp, ps, n64) = (be.rt.ptr(part), be.rt.ptr(sum), n as u64);
+    be.rt.launch(
+        "flush_f64",
+        super::kernels::Shape::Elements(n),
+        &args![pp, ps, n64],
+    )
+}
+
+/// A host copy of an f64 sum (`n` values) with its f32 part added when `pending` rows are in
+/// it, without flushing (for callers holding `&self`).
+fn with_pending(
+    be: &Cuda,
+    part: &Buffer<f32>,
+    sum: &Buffer<f64>,
+    n: usize,
+    pending: usize,
+) -> crate::Result<Vec<f64>> {
+    let mut host = be.rt.download(sum, 0..n)?;
+    if pending > 0 {
+        let part = be.rt.download(part, 0..n)?;
+        host.iter_mut().zip(part).for_each(|(a, p)| *a += p as f64);
+    }
+    Ok(host)
 }
 
 /// Device bytes a capture of `rows` rows needs while it is added (at most one chunk of
