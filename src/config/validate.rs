@@ -421,6 +421,32 @@ impl std::str::FromStr for EstimatorChoice {
 /// What needs the machine or the world is checked later, by whoever has them: the GPU probe
 /// (`model::cuda::available`), `--pp` against the world's size, `--local-ranks` under a launcher.
 pub fn validate(o: &Options) -> Result<Plan> {
+    check_knobs(o)?;
+    let device = device(o)?;
+    check_world(o)?;
+    Ok(Plan {
+        run: run_config(o),
+        source: SourcePlan {
+            input: input(o),
+            targets: o.targets.clone(),
+        },
+        grid: Grid {
+            pp: o.pp,
+            pp_split: o.pp_split.clone(),
+            local_ranks: o.local_ranks,
+            threads: (o.threads > 0).then_some(o.threads),
+            comm: o.comm,
+        },
+        ops: Operations {
+            collective_timeout: (o.collective_timeout_s > 0.0)
+                .then(|| Duration::from_secs_f64(o.collective_timeout_s)),
+        },
+        device,
+    })
+}
+
+/// The ranges of the EVA knobs, the run's sizes and budgets, and `--targets`.
+fn check_knobs(o: &Options) -> Result<()> {
     if o.rank == 0 {
         return Err(RANK.out_of_range("at least 1", 0));
     }
@@ -464,7 +490,11 @@ pub fn validate(o: &Options) -> Result<Plan> {
             format!("`{t}`"),
         ));
     }
-    let device = device(o)?;
+    Ok(())
+}
+
+/// `--rank-pattern` entries and the thread world's combinations.
+fn check_world(o: &Options) -> Result<()> {
     if let Some((name, r)) = o
         .rank_pattern
         .iter()
@@ -478,7 +508,12 @@ pub fn validate(o: &Options) -> Result<Plan> {
     if o.local_ranks > 1 && o.comm != Collectives::Auto {
         return Err(thread_world_conflict());
     }
-    let input = match (&o.model, &o.data, &o.activations, &o.synthetic) {
+    Ok(())
+}
+
+/// Where the layer inputs come from.
+fn input(o: &Options) -> Input {
+    match (&o.model, &o.data, &o.activations, &o.synthetic) {
         (Some(dir), Some(data), _, _) => Input::Model(ModelInput {
             dir: dir.clone(),
             data: data.clone(),
@@ -488,8 +523,12 @@ pub fn validate(o: &Options) -> Result<Plan> {
         (_, _, Some(dir), _) => Input::Activations(dir.clone()),
         (_, _, _, Some(spec)) => Input::Synthetic(spec.clone()),
         _ => Input::Caller,
-    };
-    let run = RunConfig {
+    }
+}
+
+/// The validated run settings (checkpoint fingerprint filled in later by the caller).
+fn run_config(o: &Options) -> RunConfig {
+    RunConfig {
         eva: EvaParams {
             rank: o.rank,
             rank_pattern: o
@@ -526,26 +565,7 @@ pub fn validate(o: &Options) -> Result<Plan> {
             // Filled in by the caller once the directories are known to be writable.
             fingerprint: Vec::new(),
         }),
-    };
-    Ok(Plan {
-        run,
-        source: SourcePlan {
-            input,
-            targets: o.targets.clone(),
-        },
-        grid: Grid {
-            pp: o.pp,
-            pp_split: o.pp_split.clone(),
-            local_ranks: o.local_ranks,
-            threads: (o.threads > 0).then_some(o.threads),
-            comm: o.comm,
-        },
-        ops: Operations {
-            collective_timeout: (o.collective_timeout_s > 0.0)
-                .then(|| Duration::from_secs_f64(o.collective_timeout_s)),
-        },
-        device,
-    })
+    }
 }
 
 /// `--device` and `--dtype`: a GPU runs the model's forward pass, so it needs `--model`; the
