@@ -154,7 +154,7 @@ pub enum AttentionMask {
     Causal { window: Option<usize> },
 }
 
-/// Head layout of one attention call.
+/// Head layout and score rule of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
     /// Query heads.
@@ -163,6 +163,26 @@ pub struct Heads {
     pub kv_heads: usize,
     /// Features per head.
     pub head_dim: usize,
+    /// The scores' factor: `q·k · scale` (transformers' `scaling`: `head_dim^-0.5`, Gemma 3's
+    /// `query_pre_attn_scalar^-0.5`).
+    pub scale: f32,
+    /// Logit soft-capping: scores become `cap · tanh(score / cap)` before the mask (Gemma's
+    /// `attn_logit_softcapping`); `None` leaves them.
+    pub softcap: Option<f32>,
+}
+
+impl Heads {
+    /// `heads` query heads sharing `kv_heads` key/value heads of `head_dim` features, with the
+    /// usual `head_dim^-0.5` scale and no soft-capping.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Heads {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: None,
+        }
+    }
 }
 
 /// Precomputed rotary tables: `cos`/`sin` of `position · inv_freq[i]` for `i < head_dim / 2`.
@@ -241,7 +261,7 @@ pub trait Backend {
     }
     /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
-    /// `softmax(q kᵀ / sqrt(head_dim) + mask) v` per sequence and head; `q: [tokens, heads·hd]`,
+    /// `softmax(softcap(q kᵀ · scale) + mask) v` per sequence and head (see [`Heads`]); `q: [tokens, heads·hd]`,
     /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
     fn attention(
         &self,

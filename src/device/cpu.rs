@@ -234,7 +234,7 @@ impl Backend for Cpu {
     ) -> Array2<f32> {
         let hd = h.head_dim;
         let group = h.heads / h.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (scale, softcap) = (h.scale, h.softcap);
         let (ldq, ldk, ldv, ldo) = (q.ncols(), k.ncols(), v.ncols(), h.heads * hd);
         let (q, k, v) = (
             q.as_ptr() as usize,
@@ -287,6 +287,7 @@ impl Backend for Cpu {
                         softmax_rows(
                             ArrayViewMut2::from_shape((n, n), &mut scores[..]).expect("n x n"),
                             mask,
+                            softcap,
                         );
                         // `out` is zeros: beta = 1 spares sgemm its zeroing pass.
                         sgemm(
@@ -501,9 +502,11 @@ fn exp_shifted(v: &mut [f32]) -> f32 {
     lanes(v)
 }
 
-/// Row-wise masked softmax in place (f32, max-subtracted, as PyTorch's eager attention).
-/// Masked entries become exactly 0, as adding PyTorch's `finfo.min` and exponentiating does.
-fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
+/// Row-wise masked softmax in place (f32, max-subtracted, as PyTorch's eager attention), after
+/// soft-capping the kept scores (`cap · tanh(s / cap)`, as transformers' eager attention does
+/// before adding the mask). Masked entries become exactly 0, as adding PyTorch's `finfo.min` and
+/// exponentiating does.
+fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask, softcap: Option<f32>) {
     for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
         let row = row.as_slice_mut().expect("scores are standard layout");
         let (lo, hi) = match mask {
@@ -512,6 +515,11 @@ fn softmax_rows(mut scores: ArrayViewMut2<f32>, mask: AttentionMask) {
                 (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1)
             }
         };
+        if let Some(cap) = softcap {
+            for v in &mut row[lo..hi] {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
         let sum = exp_shifted(&mut row[lo..hi]);
         let inv = 1.0 / sum;
         for v in &mut row[lo..hi] {
@@ -529,12 +537,16 @@ mod tests {
     #[test]
     fn causal_window_keeps_the_last_w_keys() {
         let mut s = Array2::<f32>::ones((5, 5));
-        softmax_rows(s.view_mut(), AttentionMask::Causal { window: Some(2) });
+        softmax_rows(
+            s.view_mut(),
+            AttentionMask::Causal { window: Some(2) },
+            None,
+        );
         // Row 4 may see keys 3 and 4 (kv_idx > 4 - 2).
         assert_eq!(s.row(4).to_vec(), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
         assert_eq!(s.row(0).to_vec(), vec![1.0, 0.0, 0.0, 0.0, 0.0]);
         let mut s = Array2::<f32>::ones((3, 3));
-        softmax_rows(s.view_mut(), AttentionMask::Bidirectional);
+        softmax_rows(s.view_mut(), AttentionMask::Bidirectional, None);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
     }
 
@@ -556,11 +568,7 @@ mod tests {
         };
         let (g, b) = (weight(matrix(1, d)), weight(matrix(1, d)));
         let segments = Segments::from_lengths([600, 424]);
-        let h = Heads {
-            heads,
-            kv_heads: 2,
-            head_dim: hd,
-        };
+        let h = Heads::new(heads, 2, hd);
         let outputs = |threads: usize| {
             crate::linalg::set_threads(threads);
             let mut out = Vec::new();

@@ -181,11 +181,7 @@ impl<B: Backend> Decoder<B> {
         // Positions restart at 0 in every sequence (right padding, as transformers with
         // an attention mask and no explicit position_ids).
         let (cos, sin) = c.rope.tables(&batch.positions);
-        let heads = Heads {
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-        };
+        let heads = Heads::new(c.heads, c.kv_heads, c.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let layer = self.first + i;
             if last.is_some_and(|l| layer > l.0) {

@@ -218,11 +218,7 @@ impl<B: Backend> Encoder<B> {
             Some(h) => h,
             None => self.embed(be, batch)?,
         };
-        let heads = Heads {
-            heads: c.heads,
-            kv_heads: c.heads,
-            head_dim: c.hidden / c.heads,
-        };
+        let heads = Heads::new(c.heads, c.heads, c.hidden / c.heads);
         for (i, b) in self.blocks.iter().enumerate() {
             let layer = self.first + i;
             if last.is_some_and(|l| layer > l.0) {

@@ -162,13 +162,14 @@ extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__
 
 // Backend::attention over packed sequences: one block per (query token, head). The query's keys
 // are those of its own sequence [seq_start, seq_end), cut to [lo, i] when causal (lo from the
-// sliding window, as cpu::softmax_rows). Scores `scale · q·k` go through an online softmax in tiles
+// sliding window, as cpu::softmax_rows). Scores `scale · q·k` (soft-capped to
+// `softcap · tanh(s / softcap)` when softcap > 0) go through an online softmax in tiles
 // of BLOCK keys (running max and sum, rescaled per tile), so sequences of any length need only
 // BLOCK floats of shared memory; masked keys are never touched (weight exactly 0, as on the CPU).
 // GQA: query head h reads key/value head h / (heads / kv_heads). head_dim ≤ 4·BLOCK.
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ out,
                                      const int* __restrict__ seq_start, const int* __restrict__ seq_end,
-                                     int heads, int kv_heads, int head_dim, int ldq, int ldk, int ldv, float scale, int causal, int window) {
+                                     int heads, int kv_heads, int head_dim, int ldq, int ldk, int ldv, float scale, float softcap, int causal, int window) {
     __shared__ float qs[4 * BLOCK];
     __shared__ float p[BLOCK];
     __shared__ float red[BLOCK];
@@ -196,6 +197,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
             float dot = 0.0f;
             for (int j = 0; j < head_dim; j++) dot += qs[j] * kh[j];
             score = scale * dot;
+            if (softcap > 0.0f) score = tanhf(score / softcap) * softcap;
         }
         float m_new = fmaxf(m, block_max(score, red));
         float e = key < hi ? expf(score - m_new) : 0.0f;

@@ -728,12 +728,12 @@ impl Backend for Cuda {
             let (pq, pk, pv, po, pst, pen) = (self.rt.ptr(q.buf()?), self.rt.ptr(k.buf()?), self.rt.ptr(v.buf()?), self.rt.ptr(&out), self.rt.ptr(&ds), self.rt.ptr(&de));
             let (heads, kvh, hd) = (h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
             let (ldq, ldk, ldv) = (q.cols as i32, k.cols as i32, v.cols as i32);
-            let scale = 1.0 / (h.head_dim as f32).sqrt();
+            let (scale, softcap) = (h.scale, h.softcap.unwrap_or(0.0));
             let (causal, window) = match mask {
                 AttentionMask::Bidirectional => (0i32, 0i32),
                 AttentionMask::Causal { window } => (1, window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
             };
-            self.rt.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, causal, window])?;
+            self.rt.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, softcap, causal, window])?;
             Ok(out)
         })
     }

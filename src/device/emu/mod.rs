@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(params("cast_bf16"), "PPU");
         assert_eq!(params("rms_norm"), "PPPIF");
         assert_eq!(params("layer_norm"), "PPPPPIF");
-        assert_eq!(params("attention"), "PPPPPPIIIIIIFII");
+        assert_eq!(params("attention"), "PPPPPPIIIIIIFFII");
         assert_eq!(params("shift_moments"), "PPPPPPIII");
         assert_eq!(params("activate_inplace"), "PUI");
         // rms_norm's, layer_norm's and attention's shared arrays, all in the poisoned section.
@@ -413,7 +413,7 @@ mod tests {
     }
 
     /// Packed sequences (one longer than a tile of 256 keys), GQA, causal with and without a
-    /// window and bidirectional, against softmax attention in f64.
+    /// window and bidirectional, with and without soft-capping, against softmax attention in f64.
     #[test]
     fn attention_matches_an_f64_reference_over_several_tiles() {
         let (heads, kv_heads, hd) = (4usize, 2usize, 40usize);
@@ -432,7 +432,8 @@ mod tests {
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        for (causal, window) in [(1, 0), (1, 100), (0, 0)] {
+        for (causal, window, softcap) in [(1, 0, 0.0f32), (1, 100, 0.0), (0, 0, 0.0), (1, 100, 1.5)]
+        {
             let mut outs = Vec::new();
             for order in [Order::Forward, Order::Reverse] {
                 let mut out = vec![f32::NAN; tokens * heads * hd];
@@ -456,6 +457,7 @@ mod tests {
                             Arg::I32(ldk as i32),
                             Arg::I32(ldk as i32),
                             Arg::F32(scale),
+                            Arg::F32(softcap),
                             Arg::I32(causal),
                             Arg::I32(window),
                         ],
@@ -488,6 +490,13 @@ mod tests {
                                 })
                                 .sum::<f64>()
                                 * scale as f64
+                        })
+                        .map(|s| {
+                            if softcap > 0.0 {
+                                (s / softcap as f64).tanh() * softcap as f64
+                            } else {
+                                s
+                            }
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
