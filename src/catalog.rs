@@ -1,5 +1,7 @@
 //! The layers a run targets and how they group into unique inputs (equal-input groups: the
-//! layers fed the same activation share one set of statistics), and PEFT's target matching.
+//! layers fed the same activation share one set of statistics), the experts' slices of 3-D
+//! parameters (PEFT's `target_parameters`: one rank for all experts of a parameter), and PEFT's
+//! target matching.
 
 /// One targeted linear layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,6 +14,38 @@ pub struct LayerInfo {
     pub out_features: usize,
     /// Index of the unique input (equal-input group) this layer reads.
     pub input: usize,
+    /// Set when the layer is one expert's slice of a 3-D parameter.
+    pub param: Option<Param>,
+}
+
+/// One expert's place in a 3-D expert parameter (`mlp.experts.gate_up_proj` `[E, 2f, h]`):
+/// PEFT's `ParamWrapper` holds one `lora_A` of `r · experts` rows for it, expert `e`'s rows at
+/// `e·r..(e+1)·r`, so every expert of a parameter has the same rank.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Param {
+    /// The parameter's path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+    pub name: String,
+    /// This layer's expert.
+    pub expert: usize,
+    /// Experts of the parameter.
+    pub experts: usize,
+}
+
+impl Param {
+    pub fn new(name: &str, expert: usize, experts: usize) -> Self {
+        Param {
+            name: name.to_string(),
+            expert,
+            experts,
+        }
+    }
+}
+
+impl LayerInfo {
+    /// The name PEFT targets: the parameter's for an expert's slice, else the layer's own.
+    pub fn target(&self) -> &str {
+        self.param.as_ref().map_or(&self.name, |p| &p.name)
+    }
 }
 
 /// One unique layer input, shared by an equal-input group of layers.
@@ -43,6 +77,7 @@ impl Catalog {
                 in_features,
                 out_features,
                 input: 0,
+                param: None,
             })
             .collect();
         let mut groups = groups;
@@ -67,6 +102,33 @@ impl Catalog {
             layers: infos,
             inputs,
         }
+    }
+
+    /// Tags layers as experts' slices of parameters (`params[i]` for layer `i`, `None` for a
+    /// module). Every expert of a parameter must be present, in expert order.
+    pub fn with_params(mut self, params: Vec<Option<Param>>) -> Self {
+        assert_eq!(params.len(), self.layers.len(), "one tag per layer");
+        for (l, p) in self.layers.iter_mut().zip(params) {
+            l.param = p;
+        }
+        self
+    }
+
+    /// The layers of each 3-D parameter (catalog order of the parameters, expert order inside):
+    /// the layers whose rank is one.
+    pub fn params(&self) -> Vec<Vec<usize>> {
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut at = std::collections::HashMap::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let Some(p) = &l.param {
+                let k = *at.entry(p.name.as_str()).or_insert_with(|| {
+                    out.push(Vec::new());
+                    out.len() - 1
+                });
+                out[k].push(i);
+            }
+        }
+        out
     }
 
     /// The index of input `g`'s representative layer (its group's first member).
@@ -105,7 +167,8 @@ impl Catalog {
             })
             .filter(|g| !g.is_empty())
             .collect();
-        Catalog::new(layers, groups)
+        let params = kept.iter().map(|&i| self.layers[i].param.clone()).collect();
+        Catalog::new(layers, groups).with_params(params)
     }
 }
 

@@ -15,7 +15,7 @@ pub mod report;
 pub mod svg;
 pub mod write;
 
-use crate::catalog::LayerInfo;
+use crate::catalog::{Catalog, LayerInfo};
 use crate::config::{EvaParams, RunConfig};
 use crate::leader::convergence::normalize_signs;
 use crate::leader::Spectrum;
@@ -35,6 +35,48 @@ pub struct LayerAdapter {
     pub a: Array2<f32>,
     /// Rows of the zero `lora_B` (`out_features x rank`).
     pub out_features: usize,
+}
+
+/// The adapter's layers from the stage leaders' `(catalog index, layer)` pairs (rank > 0,
+/// catalog order): modules as they are, and the experts' slices of each 3-D parameter stacked
+/// into the parameter's one `lora_A` (`r · experts` rows, expert `e`'s at `e·r..(e+1)·r`, as
+/// PEFT's `ParamWrapper` reads it), named by the parameter. Also returns the parameters' names
+/// (PEFT's `target_parameters`). The experts of a parameter share one rank (the allocation
+/// keeps them so); all of them are present or none.
+pub fn fuse_experts(
+    layers: Vec<(usize, LayerAdapter)>,
+    catalog: &Catalog,
+) -> (Vec<LayerAdapter>, Vec<String>) {
+    let mut out: Vec<LayerAdapter> = Vec::new();
+    let mut params: Vec<String> = Vec::new();
+    for (i, l) in layers {
+        let Some(p) = &catalog.layers[i].param else {
+            out.push(l);
+            continue;
+        };
+        if params.last() != Some(&p.name) {
+            params.push(p.name.clone());
+            out.push(LayerAdapter {
+                name: p.name.clone(),
+                rank: l.rank,
+                alpha: l.alpha,
+                a: Array2::zeros((0, l.a.ncols())),
+                out_features: l.out_features,
+            });
+        }
+        let fused = out.last_mut().expect("pushed above");
+        assert_eq!(
+            (fused.rank, p.expert),
+            (l.rank, fused.a.nrows() / l.rank.max(1)),
+            "the experts of {} arrive in order with one rank",
+            p.name
+        );
+        fused
+            .a
+            .append(ndarray::Axis(0), l.a.view())
+            .expect("same in_features");
+    }
+    (out, params)
 }
 
 /// Everything PEFT needs to load the adapter.
@@ -82,16 +124,40 @@ pub fn layer(
     LayerAdapter {
         name: layer.name.clone(),
         rank,
-        alpha: layer_alpha(params, &layer.name, rank),
+        alpha: layer_alpha(params, layer.target(), rank),
         a,
         out_features: layer.out_features,
     }
 }
 
-/// The adapter from its layers (rank > 0, catalog order) and the run's configuration.
-pub fn assemble(layers: Vec<LayerAdapter>, cfg: &RunConfig) -> Adapter {
-    let config = config_json(&layers, cfg);
+/// The adapter from its layers (rank > 0, catalog order; 3-D parameters fused, named in
+/// `params`) and the run's configuration.
+pub fn assemble(layers: Vec<LayerAdapter>, params: &[String], cfg: &RunConfig) -> Adapter {
+    let config = config_json(&layers, params, cfg);
     Adapter { layers, config }
+}
+
+/// The module path under which PEFT keeps a layer's `lora_A`/`lora_B`: the layer's own name for
+/// a module; for a parameter in `target_parameters`, its module (`...mlp.experts`), inside one
+/// `base_layer.` per targeted parameter of the same module listed after it (PEFT nests one
+/// `ParamWrapper` per parameter, the first in the module's declaration order innermost; eva lists
+/// `gate_up_proj` before `down_proj`, their declaration order).
+pub fn tensor_path(name: &str, config: &Value) -> String {
+    let params: Vec<&str> = config
+        .get("target_parameters")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let Some(at) = params.iter().position(|p| *p == name) else {
+        return name.to_string();
+    };
+    let module = |p: &str| {
+        p.rsplit_once('.')
+            .map_or(String::new(), |(m, _)| m.to_string())
+    };
+    let own = module(name);
+    let outer = params[at + 1..].iter().filter(|p| module(p) == own).count();
+    format!("{own}{}", ".base_layer".repeat(outer))
 }
 
 fn number(v: f64) -> Value {
@@ -102,7 +168,7 @@ fn number(v: f64) -> Value {
     }
 }
 
-fn config_json(layers: &[LayerAdapter], cfg: &RunConfig) -> Value {
+fn config_json(layers: &[LayerAdapter], params: &[String], cfg: &RunConfig) -> Value {
     let p = &cfg.eva;
     let mut rank_pattern = Map::new();
     let mut alpha_pattern = Map::new();
@@ -120,7 +186,12 @@ fn config_json(layers: &[LayerAdapter], cfg: &RunConfig) -> Value {
         "base_model_name_or_path": cfg.base_model,
         "r": p.rank,
         "lora_alpha": number(p.alpha),
-        "target_modules": layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+        "target_modules": layers
+            .iter()
+            .map(|l| l.name.clone())
+            .filter(|n| !params.contains(n))
+            .collect::<Vec<_>>(),
+        "target_parameters": params,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": "eva",

@@ -44,23 +44,28 @@ impl View for &F32Tensor {
 }
 
 /// `adapter_model.safetensors`: `base_model.model.<path>.lora_A.weight` `[rank, in]` and
-/// `...lora_B.weight` `[out, rank]` (zeros), F32, metadata `{"format": "pt"}`.
+/// `...lora_B.weight` `[out, rank]` (zeros), F32, metadata `{"format": "pt"}`; a 3-D expert
+/// parameter's at its module's path ([`super::tensor_path`]), `[rank · experts, in]` and
+/// `[out, rank · experts]`.
 pub fn safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut tensors = Vec::new();
     for l in &adapter.layers {
         let a_bytes: Vec<u8> = l.a.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let path = super::tensor_path(&l.name, &adapter.config);
+        // A 3-D parameter's lora_A holds `rank` rows per expert.
+        let rows = l.a.nrows();
         tensors.push((
-            format!("base_model.model.{}.lora_A.weight", l.name),
+            format!("base_model.model.{path}.lora_A.weight"),
             F32Tensor {
-                shape: vec![l.rank, l.a.ncols()],
+                shape: vec![rows, l.a.ncols()],
                 bytes: a_bytes,
             },
         ));
         tensors.push((
-            format!("base_model.model.{}.lora_B.weight", l.name),
+            format!("base_model.model.{path}.lora_B.weight"),
             F32Tensor {
-                shape: vec![l.out_features, l.rank],
-                bytes: vec![0u8; 4 * l.out_features * l.rank],
+                shape: vec![l.out_features, rows],
+                bytes: vec![0u8; 4 * l.out_features * rows],
             },
         ));
     }

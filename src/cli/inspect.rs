@@ -238,6 +238,8 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             Point::AttnOut => "attention output",
             Point::MlpIn => "MLP input",
             Point::MlpHidden => "MLP hidden",
+            Point::ExpertIn(_) => "expert's routed rows",
+            Point::ExpertHidden(_) => "expert's routed hidden",
         };
         let _ = writeln!(
             w,

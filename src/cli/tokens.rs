@@ -31,7 +31,7 @@ pub fn check_reachable(source: &dyn Source, cfg: &RunConfig) -> Result<()> {
     let rank = catalog.inputs[g]
         .members
         .iter()
-        .map(|&m| cfg.eva.layer_rank(&catalog.layers[m].name))
+        .map(|&m| cfg.eva.layer_rank(catalog.layers[m].target()))
         .max()
         .unwrap_or(cfg.eva.rank);
     let rank = cfg.eva.rank_phrase(rank);

@@ -15,6 +15,7 @@
 //! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
 //! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
 //! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
+//! | [`Backend::gather`], [`Backend::scatter_add`] | a mixture-of-experts block's routed rows, and its experts' weighted outputs added back (`index_add_`) |
 //! | [`Backend::rows`], [`Backend::host_view`] | selected token rows copied to host memory; all rows without a copy where possible |
 //!
 //! Activations are 2-D: `[tokens, features]`, the tokens of all sequences of a batch packed one
@@ -217,6 +218,14 @@ pub trait Backend {
     type Tensor;
     /// Weights.
     type Weight;
+
+    /// The rows `idx` of `x`, in order, as a new activation (the tokens routed to an expert).
+    fn gather(&self, x: &Self::Tensor, idx: &[usize]) -> Self::Tensor;
+
+    /// `out[idx[i]] += y[i] · w[i]` for every row `i` of `y` (`idx` without repeats): an
+    /// expert's outputs, scaled by their routing weights, added to their tokens' rows (PyTorch's
+    /// `index_add_(0, idx, y * w)`, the product rounded before the sum).
+    fn scatter_add(&self, out: &mut Self::Tensor, y: &Self::Tensor, idx: &[usize], w: &[f32]);
 
     /// A short name for reports (`cpu`).
     fn name(&self) -> &'static str;

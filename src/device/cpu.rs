@@ -332,6 +332,25 @@ impl Backend for Cpu {
         out
     }
 
+    fn gather(&self, x: &Array2<f32>, idx: &[usize]) -> Array2<f32> {
+        x.select(Axis(0), idx)
+    }
+
+    fn scatter_add(&self, out: &mut Array2<f32>, y: &Array2<f32>, idx: &[usize], w: &[f32]) {
+        assert_eq!(
+            (y.nrows(), y.ncols()),
+            (idx.len(), out.ncols()),
+            "scatter_add: one index per row of y, as wide as out"
+        );
+        assert_eq!(w.len(), idx.len(), "scatter_add: one weight per row");
+        for (i, (&t, &wi)) in idx.iter().zip(w).enumerate() {
+            let mut dst = out.row_mut(t);
+            for (a, &b) in dst.iter_mut().zip(y.row(i)) {
+                *a += b * wi;
+            }
+        }
+    }
+
     fn rows(&self, x: &Array2<f32>, keep: &[usize]) -> Array2<f32> {
         if keep.len() == x.nrows() && keep.iter().enumerate().all(|(i, &k)| i == k) {
             return x.clone();

@@ -219,6 +219,12 @@ impl Backend for Cuda {
     fn gated(&self, _: &Infallible, _: &Infallible, _: Activation) -> Infallible {
         match *self {}
     }
+    fn gather(&self, _: &Infallible, _: &[usize]) -> Infallible {
+        match *self {}
+    }
+    fn scatter_add(&self, _: &mut Infallible, _: &Infallible, _: &[usize], _: &[f32]) {
+        match *self {}
+    }
     fn rows(&self, _: &Infallible, _: &[usize]) -> Array2<f32> {
         match *self {}
     }

@@ -46,8 +46,8 @@ impl Engine {
                 layers.extend(messages::decode_layers(p)?);
             }
             layers.sort_by_key(|(i, _)| *i);
-            let adapter =
-                adapter::assemble(layers.into_iter().map(|(_, l)| l).collect(), &self.cfg);
+            let (layers, params) = adapter::fuse_experts(layers, &self.catalog);
+            let adapter = adapter::assemble(layers, &params, &self.cfg);
             self.times.leader +=
                 (leader_start.elapsed() - (self.acct.time() - comm_before)).as_secs_f64();
             self.times.communication = self.acct.time().as_secs_f64();
@@ -67,13 +67,16 @@ impl Engine {
     }
 
     /// The stage's precise eigenpairs (on its leader; nothing elsewhere). Every input must hold
-    /// more tokens than its candidate components.
+    /// more tokens than its candidate components, except an expert's: one routed too few tokens
+    /// falls back to PEFT's default initialization ([`Spectrum::fallback`]), named in a warning.
     fn final_spectra(&mut self) -> Result<Vec<(usize, Spectrum)>> {
-        if let Some(&g) = self
-            .mine
-            .iter()
-            .find(|&&g| self.stats.tokens(g) as usize <= self.kmax(g))
-        {
+        let few = |g: usize| self.stats.tokens(g) as usize <= self.kmax(g);
+        let expert = |g: usize| {
+            self.catalog.layers[self.catalog.representative(g)]
+                .param
+                .is_some()
+        };
+        if let Some(&g) = self.mine.iter().find(|&&g| few(g) && !expert(g)) {
             return Err(Error::data(format!(
                 "layer {}: only {} tokens were seen, fewer than the {} the candidate components need (more data or a smaller --rank/--rho)",
                 self.catalog.layers[self.catalog.representative(g)].name,
@@ -81,8 +84,39 @@ impl Engine {
                 self.kmax(g) + 1
             )));
         }
-        let mine = self.mine.clone();
-        self.solve(&mine, Precision::Final)
+        let (under, mine): (Vec<usize>, Vec<usize>) = self.mine.iter().partition(|&&g| few(g));
+        let mut solved = self.solve(&mine, Precision::Final)?;
+        if self.topo.is_stage_leader() && !under.is_empty() {
+            let names: Vec<String> = under
+                .iter()
+                .map(|&g| {
+                    let name = &self.catalog.layers[self.catalog.representative(g)].name;
+                    format!("{name} ({} tokens)", self.stats.tokens(g))
+                })
+                .collect();
+            crate::log::say(&format!(
+                "eva: warning: {} expert input(s) were routed too few tokens for their {} candidate components (at least {} needed) and get PEFT's default lora_A initialization instead: {}",
+                under.len(),
+                self.kmax(under[0]),
+                self.kmax(under[0]) + 1,
+                names.join(", ")
+            ));
+            for &g in &under {
+                let layer = &self.catalog.layers[self.catalog.representative(g)];
+                solved.push((
+                    g,
+                    Spectrum::fallback(
+                        layer.in_features,
+                        self.kmax(g),
+                        self.stats.tokens(g),
+                        self.cfg.seed,
+                        &layer.name,
+                    ),
+                ));
+            }
+            solved.sort_by_key(|(g, _)| *g);
+        }
+        Ok(solved)
     }
 
     /// The final allocation: the stage leaders' summaries reach the global leader, which
@@ -178,7 +212,7 @@ impl Engine {
                     in_features: layer.in_features,
                     out_features: layer.out_features,
                     rank: ranks[l],
-                    alpha: layer_alpha(params, &layer.name, ranks[l]),
+                    alpha: layer_alpha(params, layer.target(), ranks[l]),
                     explained_variance_ratio: ratios[g].clone(),
                     converged_step: self.leader.states[g].converged_step,
                     tokens: s.tokens,

@@ -206,11 +206,11 @@ impl Engine {
         if let Some(l) = catalog
             .layers
             .iter()
-            .find(|l| l.in_features < params.layer_rank(&l.name))
+            .find(|l| l.in_features < params.layer_rank(l.target()))
         {
             return Err(Error::usage(format!(
                 "{} is larger than in_features = {} of layer {}",
-                params.rank_phrase(params.layer_rank(&l.name)),
+                params.rank_phrase(params.layer_rank(l.target())),
                 l.in_features,
                 l.name
             )));

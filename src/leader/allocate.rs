@@ -9,6 +9,14 @@
 //! the same rank except where the budget's cut falls inside the group's tied candidates, exactly
 //! where PEFT's own allocation splits it (by one component).
 //!
+//! Experts' slices of a 3-D parameter (PEFT's `target_parameters`, [`Catalog::params`]) share one
+//! rank, since PEFT's `ParamWrapper` holds `r` rows per expert: the parameter offers its slots
+//! `j < cap` as one candidate each, worth the mean over its experts (those with a spectrum) of
+//! their `j`-th ratio and costing one component per expert. The budget counts every expert
+//! (`E · r` for a parameter of `E` experts at rank `r`), so rank moves between a parameter and
+//! the other layers `E` components at a time, at the per-expert ratio. A candidate that costs more
+//! than the budget left is passed over for the next; with no parameters this is PEFT's cut.
+//!
 //! Only finite, positive ratios are offered ([`offered`]): a NaN, an infinity or a component that
 //! explains no variance (a degenerate input's ratios are all 0, see
 //! [`super::Summary::is_degenerate`]) never takes budget, so a degenerate input's whole group gets
@@ -24,7 +32,7 @@ pub fn caps(catalog: &Catalog, params: &EvaParams) -> Vec<usize> {
     let own: Vec<usize> = catalog
         .layers
         .iter()
-        .map(|l| params.components(params.layer_rank(&l.name)))
+        .map(|l| params.components(params.layer_rank(l.target())))
         .collect();
     catalog
         .layers
@@ -52,7 +60,7 @@ pub fn budget(catalog: &Catalog, params: &EvaParams) -> usize {
     catalog
         .layers
         .iter()
-        .map(|l| params.layer_rank(&l.name))
+        .map(|l| params.layer_rank(l.target()))
         .sum()
 }
 
@@ -64,18 +72,30 @@ pub fn offered(ratio: f64) -> bool {
 
 /// Rank per layer (catalog order) from per-input ratios (`ratios[input]`, descending) and
 /// per-layer [`caps`]. Only [`offered`] ratios compete: an input without variance (all its
-/// ratios 0) gives every member of its group rank 0.
+/// ratios 0) gives every member of its group rank 0. A parameter's experts take one rank
+/// together (see the module's documentation).
 pub fn redistribute(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
     caps: &[usize],
     budget: usize,
 ) -> Vec<usize> {
-    let mut candidates = Vec::new();
+    let params = catalog.params();
+    // (ratio, not the representative, first layer, component, the layers that take it).
+    let mut candidates: Vec<(f64, bool, usize, usize, &[usize])> = Vec::new();
+    let singles: Vec<[usize; 1]> = (0..catalog.layers.len()).map(|l| [l]).collect();
     for (l, layer) in catalog.layers.iter().enumerate() {
+        if layer.param.is_some() {
+            continue;
+        }
         let rep = catalog.representative(layer.input) == l;
         for (j, ratio) in offers(&ratios[layer.input], caps[l]) {
-            candidates.push((ratio, !rep, l, j));
+            candidates.push((ratio, !rep, l, j, &singles[l]));
+        }
+    }
+    for members in &params {
+        for (j, ratio) in param_offers(catalog, ratios, caps[members[0]], members) {
+            candidates.push((ratio, false, members[0], j, members));
         }
     }
     candidates.sort_by(|a, b| {
@@ -85,10 +105,48 @@ pub fn redistribute(
             .then(a.3.cmp(&b.3))
     });
     let mut ranks = vec![0; catalog.layers.len()];
-    for &(_, _, l, _) in candidates.iter().take(budget) {
-        ranks[l] += 1;
+    let mut left = budget;
+    for &(_, _, _, _, takers) in &candidates {
+        if left == 0 {
+            break;
+        }
+        if takers.len() <= left {
+            left -= takers.len();
+            for &l in takers {
+                ranks[l] += 1;
+            }
+        }
     }
     ranks
+}
+
+/// A parameter's offered slots: slot `j`'s ratio is the mean of the `j`-th ratios of its experts
+/// that offer any (an expert without a spectrum, or a degenerate one, follows the others); the
+/// slots end at the first one that is not [`offered`].
+fn param_offers(
+    catalog: &Catalog,
+    ratios: &[Vec<f64>],
+    cap: usize,
+    members: &[usize],
+) -> Vec<(usize, f64)> {
+    let live: Vec<&Vec<f64>> = members
+        .iter()
+        .map(|&m| &ratios[catalog.layers[m].input])
+        .filter(|r| r.first().is_some_and(|&x| offered(x)))
+        .collect();
+    if live.is_empty() {
+        return Vec::new();
+    }
+    (0..cap)
+        .map(|j| {
+            let sum: f64 = live
+                .iter()
+                .map(|r| r.get(j).copied().filter(|&x| offered(x)).unwrap_or(0.0))
+                .sum();
+            (j, sum / live.len() as f64)
+        })
+        .take_while(|&(_, r)| offered(r))
+        .collect()
 }
 
 /// The first `cap` ratios of an input that may take budget, with their component index
@@ -104,7 +162,8 @@ fn offers(ratios: &[f64], cap: usize) -> impl Iterator<Item = (usize, f64)> + '_
 
 /// Whether each layer's rank would be the same for every spectrum the error bounds allow: the
 /// true ratio of component `i` of input `g` lies in `[ratios[g][i], ratios[g][i] + bounds[g]]`.
-/// Exact statistics (`bounds = 0`) are always certain.
+/// Exact statistics (`bounds = 0`) are always certain. An expert's slice of a parameter is
+/// certain when its statistics are exact (its rank follows its parameter's mean ratios).
 pub fn certain(
     catalog: &Catalog,
     ratios: &[Vec<f64>],
@@ -117,7 +176,8 @@ pub fn certain(
         let g = catalog.layers[l].input;
         offers(&ratios[g], caps[l]).map(move |(j, r)| (j, r, r + bounds[g]))
     };
-    for (l, &rank) in ranks.iter().enumerate() {
+    let single = |l: &usize| catalog.layers[*l].param.is_none();
+    for (l, &rank) in ranks.iter().enumerate().filter(|(l, _)| single(l)) {
         for (j, lo, hi) in offered(l) {
             if j < rank {
                 kept_min = kept_min.min(lo);
@@ -128,6 +188,9 @@ pub fn certain(
     }
     (0..catalog.layers.len())
         .map(|l| {
+            if !single(&l) {
+                return bounds[catalog.layers[l].input] == 0.0;
+            }
             offered(l).all(|(j, lo, hi)| {
                 if j < ranks[l] {
                     lo >= dropped_max
@@ -295,5 +358,36 @@ mod tests {
         let c = catalog(&[4, 4], vec![vec![0], vec![1]]);
         let ratios = vec![vec![0.25; 4], vec![0.25; 4]];
         assert_eq!(redistribute(&c, &ratios, &cap(&c, 4), 5), vec![4, 1]);
+    }
+
+    #[test]
+    fn a_parameters_experts_take_one_rank_at_their_mean_ratio() {
+        use crate::catalog::Param;
+        // A dense layer (input 0) and a parameter of two experts (inputs 1 and 2).
+        let c = catalog(&[8, 8, 8], vec![vec![0], vec![1], vec![2]]).with_params(vec![
+            None,
+            Some(Param::new("p", 0, 2)),
+            Some(Param::new("p", 1, 2)),
+        ]);
+        let caps = vec![4; 3];
+        let ratios = vec![
+            vec![0.5, 0.2, 0.05, 0.01],
+            vec![0.6, 0.3, 0.04, 0.0],
+            vec![0.4, 0.1, 0.02, 0.0],
+        ];
+        // Means of the parameter's slots: 0.5, 0.2, 0.03. Budget 6: slots 0 and 1 of the
+        // parameter (2 each) tie the dense layer's first two (1 each) and win the tie-break on
+        // layer order only after them: dense 0.5, param 0.5, dense 0.2, param 0.2 = 6.
+        let ranks = redistribute(&c, &ratios, &caps, 6);
+        assert_eq!(ranks, vec![2, 2, 2]);
+        // Budget 4: dense 0.5 (1), param 0.5 (2), dense 0.2 (1): the parameter's second slot
+        // (cost 2) no longer fits and is passed over for cheaper candidates.
+        let ranks = redistribute(&c, &ratios, &caps, 4);
+        assert_eq!(ranks, vec![2, 1, 1]);
+        // Budget 5: the same, then the dense layer's 0.05 (the parameter's 0.2 costs 2).
+        assert_eq!(redistribute(&c, &ratios, &caps, 5), vec![3, 1, 1]);
+        // An expert without a spectrum follows the other: the means are the live expert's.
+        let ratios = vec![ratios[0].clone(), vec![0.0; 4], vec![0.9, 0.05, 0.0, 0.0]];
+        assert_eq!(redistribute(&c, &ratios, &caps, 4), vec![2, 1, 1]);
     }
 }

@@ -321,6 +321,28 @@ impl Spectrum {
         })
     }
 
+    /// The components of an expert routed too few tokens (`tokens ≤ kmax`) to have `kmax`
+    /// directions of its own: PEFT's default `lora_A` initialization (`kaiming_uniform_` with
+    /// `a = √5`, uniform in `±1/√d`), drawn from a stream seeded by `seed` and the layer's name, as
+    /// columns. Its summary explains no variance (degenerate), so it offers no rank and follows
+    /// its parameter's other experts.
+    pub fn fallback(d: usize, kmax: usize, tokens: u64, seed: u64, name: &str) -> Spectrum {
+        let mut rng = crate::rng::Rng::new(&[seed, crate::rng::name_key(name)]);
+        let bound = 1.0 / (d as f64).sqrt();
+        let vectors = Array2::from_shape_fn((d, kmax), |_| (2.0 * rng.uniform() - 1.0) * bound);
+        Spectrum {
+            vectors,
+            summary: Summary {
+                values: vec![0.0; kmax],
+                residuals: vec![0.0; kmax],
+                trace: 0.0,
+                tokens,
+                second_moment: 0.0,
+                certificate: Certificate::Exact { residual: 0.0 },
+            },
+        }
+    }
+
     /// Top `kmax` eigenpairs of a Nyström approximation from a sketch of `sketch_size` columns
     /// over `tokens` tokens.
     pub fn from_sketch(
@@ -505,9 +527,28 @@ impl Leader {
         state.converged = estimate.converged;
     }
 
-    /// Re-allocates ranks from the latest estimates (once every input has one).
+    /// Whether input `g` is an expert's (its layer is a slice of a 3-D parameter): such an input
+    /// may see too few routed tokens to be estimated, and then neither holds the allocation nor
+    /// the run up (it follows its parameter's other experts).
+    fn is_expert(&self, g: usize) -> bool {
+        self.catalog.layers[self.catalog.representative(g)]
+            .param
+            .is_some()
+    }
+
+    /// Re-allocates ranks from the latest estimates (once every input has one; an expert's
+    /// input without one offers nothing).
     pub fn allocate(&mut self) {
-        let ratios: Option<Vec<Vec<f64>>> = self.states.iter().map(|s| s.ratios.clone()).collect();
+        let ratios: Option<Vec<Vec<f64>>> = self
+            .states
+            .iter()
+            .enumerate()
+            .map(|(g, s)| {
+                s.ratios
+                    .clone()
+                    .or_else(|| self.is_expert(g).then(Vec::new))
+            })
+            .collect();
         if let Some(ratios) = ratios {
             self.ranks = allocate::redistribute(&self.catalog, &ratios, &self.caps, self.budget);
         }
@@ -538,8 +579,10 @@ impl Leader {
         }
         // Degenerate inputs do not hold the run up, but a run of nothing else goes on (later
         // data may vary) and fails at the end if it never does.
-        let all_done = self.states.iter().all(|s| s.done || s.degenerate)
-            && self.states.iter().any(|s| s.done);
+        let all_done = (0..self.states.len()).all(|g| {
+            let s = &self.states[g];
+            s.done || s.degenerate || (s.ratios.is_none() && self.is_expert(g))
+        }) && self.states.iter().any(|s| s.done);
         let test: Vec<bool> = self
             .states
             .iter()

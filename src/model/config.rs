@@ -8,7 +8,15 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The `model_type` values eva runs.
-pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "bert", "roberta"];
+pub const SUPPORTED: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "qwen2_moe",
+    "bert",
+    "roberta",
+];
 
 /// A supported architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +24,8 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Mixtral,
+    Qwen2Moe,
     Bert,
     Roberta,
 }
@@ -27,6 +37,8 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
             Arch::Bert => "bert",
             Arch::Roberta => "roberta",
         }
@@ -34,7 +46,10 @@ impl Arch {
 
     /// Whether this is a causal decoder (Llama family) rather than a bidirectional encoder.
     pub fn is_decoder(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Mistral | Arch::Qwen2)
+        matches!(
+            self,
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Mixtral | Arch::Qwen2Moe
+        )
     }
 }
 
@@ -58,6 +73,41 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// Sliding window per layer (`None` = full causal attention).
     pub windows: Vec<Option<usize>>,
+    /// Mixture-of-experts settings (mixtral, qwen2_moe); `None` for dense decoders.
+    pub moe: Option<MoeConfig>,
+}
+
+/// How a sparse block's experts are named in the checkpoint: transformers 5 fuses them into
+/// `mlp.experts.gate_up_proj` `[E, 2f, h]` and `mlp.experts.down_proj` `[E, h, f]`; checkpoints as
+/// `save_pretrained` writes them (and as they ship) hold one key per expert instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertKeys {
+    /// `mlp.experts.N.{gate,up,down}_proj.weight` (Qwen-MoE).
+    Qwen,
+    /// `block_sparse_moe.experts.N.{w1,w3,w2}.weight` and `block_sparse_moe.gate.weight` (Mixtral).
+    Mixtral,
+}
+
+/// A mixture-of-experts MLP (transformers' `*SparseMoeBlock`): a router (`mlp.gate`, softmax in
+/// f32, top-k, optionally renormalized), `experts` SwiGLU experts of width `intermediate`, and
+/// for Qwen2-MoE a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+#[derive(Clone, Debug)]
+pub struct MoeConfig {
+    /// Routed experts (`num_experts`, Mixtral's `num_local_experts`).
+    pub experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Each routed expert's width (`moe_intermediate_size`; Mixtral's `intermediate_size`).
+    pub intermediate: usize,
+    /// Divide the top-k probabilities by their sum (`norm_topk_prob`; always for Mixtral).
+    pub norm_topk: bool,
+    /// The shared expert's width (`shared_expert_intermediate_size`, Qwen2-MoE).
+    pub shared: Option<usize>,
+    /// Per block: whether its MLP is sparse (not in `mlp_only_layers`, and
+    /// `(layer + 1) % decoder_sparse_step == 0`); dense blocks use `intermediate_size`.
+    pub sparse: Vec<bool>,
+    /// Per-expert key naming on disk.
+    pub keys: ExpertKeys,
 }
 
 /// BERT-family settings (bert, roberta).
@@ -212,6 +262,8 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         "llama" => Arch::Llama,
         "mistral" => Arch::Mistral,
         "qwen2" => Arch::Qwen2,
+        "mixtral" => Arch::Mixtral,
+        "qwen2_moe" => Arch::Qwen2Moe,
         "bert" => Arch::Bert,
         "roberta" => Arch::Roberta,
         other => {
@@ -266,6 +318,8 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
             }
             // Qwen2Attention: q/k/v with bias, o_proj without (transformers' modeling_qwen2.py).
             Arch::Qwen2 => (true, false, false),
+            // Qwen2MoeAttention: q/k/v bias from `qkv_bias` (default true), o_proj without.
+            Arch::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false, false),
             _ => (false, false, false),
         };
         DecoderConfig {
@@ -283,6 +337,7 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
             o_bias,
             mlp_bias,
             windows: windows(&r, arch, layers)?,
+            moe: moe(&r, arch, layers)?,
         }
         .into()
     } else {
@@ -447,16 +502,71 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
     ))
 }
 
+/// The mixture-of-experts settings of `arch` (`None` for dense decoders), with transformers'
+/// defaults for keys a config leaves out.
+fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
+    let (experts, intermediate, norm_topk, shared, keys) = match arch {
+        Arch::Mixtral => (
+            r.usize_or("num_local_experts", 8)?,
+            r.usize("intermediate_size")?,
+            true,
+            None,
+            ExpertKeys::Mixtral,
+        ),
+        Arch::Qwen2Moe => (
+            r.usize_or("num_experts", 60)?,
+            r.usize_or("moe_intermediate_size", 1408)?,
+            r.bool_or("norm_topk_prob", false)?,
+            Some(r.usize_or("shared_expert_intermediate_size", 5632)?),
+            ExpertKeys::Qwen,
+        ),
+        _ => return Ok(None),
+    };
+    let default_k = if arch == Arch::Mixtral { 2 } else { 4 };
+    let top_k = r.usize_or("num_experts_per_tok", default_k)?;
+    if top_k > experts {
+        return Err(Error::data(format!(
+            "{}: num_experts_per_tok = {top_k} is more than the {experts} experts",
+            r.path.display()
+        )));
+    }
+    let step = match arch {
+        Arch::Mixtral => 1,
+        _ => r.usize_or("decoder_sparse_step", 1)?,
+    };
+    let dense: Vec<u64> = match r.v.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| r.err("mlp_only_layers", "a list of block numbers"))?,
+    };
+    let sparse = (0..layers)
+        .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
+        .collect();
+    Ok(Some(MoeConfig {
+        experts,
+        top_k,
+        intermediate,
+        norm_topk,
+        shared,
+        sparse,
+        keys,
+    }))
+}
+
 /// Sliding-window size per layer: Mistral's `sliding_window`; Qwen2's only with
 /// `use_sliding_window`, from layer `max_window_layers` on; an explicit `layer_types` list wins.
 fn windows(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> {
     let window = match r.v.get("sliding_window") {
         None | Some(Value::Null) => None,
+        // Qwen2MoeConfig writes 0 without use_sliding_window.
+        Some(v) if arch == Arch::Qwen2Moe && v.as_u64() == Some(0) => None,
         Some(_) => Some(r.usize("sliding_window")?),
     };
     let window = match arch {
-        Arch::Mistral => window,
-        Arch::Qwen2 if r.bool_or("use_sliding_window", false)? => window,
+        Arch::Mistral | Arch::Mixtral => window,
+        Arch::Qwen2 | Arch::Qwen2Moe if r.bool_or("use_sliding_window", false)? => window,
         _ => None,
     };
     if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
@@ -478,6 +588,19 @@ fn windows(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> 
                 ))),
             })
             .collect();
+    }
+    if arch == Arch::Qwen2Moe {
+        // Qwen2MoeConfig's default layer_types: sliding on even blocks below max_window_layers.
+        let below = r.usize_or("max_window_layers", 28)?;
+        return Ok((0..layers)
+            .map(|i| {
+                if i % 2 == 0 && i < below {
+                    window
+                } else {
+                    None
+                }
+            })
+            .collect());
     }
     let first = match arch {
         // Qwen2Config's default max_window_layers is 28.
@@ -524,7 +647,8 @@ mod tests {
     fn unknown_model_type_lists_supported() {
         let e = cfg(json!({"model_type": "gpt2"})).unwrap_err().to_string();
         assert!(
-            e.contains("gpt2") && e.contains("llama, mistral, qwen2, bert, roberta"),
+            e.contains("gpt2")
+                && e.contains("llama, mistral, qwen2, mixtral, qwen2_moe, bert, roberta"),
             "{e}"
         );
     }

@@ -1,9 +1,11 @@
-//! The Llama-family decoder (llama, mistral, qwen2): RMSNorm, RoPE, grouped-query causal
-//! attention (optionally with a sliding window), SwiGLU MLP. Follows transformers'
-//! `modeling_llama.py`; only the blocks run (no final norm, no LM head).
+//! The Llama-family decoder (llama, mistral, qwen2, and with mixture-of-experts MLPs mixtral
+//! and qwen2_moe, [`super::moe`]): RMSNorm, RoPE, grouped-query causal attention (optionally
+//! with a sliding window), SwiGLU MLP. Follows transformers' `modeling_llama.py`; only the blocks
+//! run (no final norm, no LM head).
 
 use super::checkpoint::Checkpoint;
 use super::config::DecoderConfig;
+use super::moe::{self, Moe};
 use super::{Batch, Capture, Linear, Module, Need, Point};
 use crate::device::backend::{AttentionMask, Backend, Heads};
 use crate::Result;
@@ -17,9 +19,22 @@ struct Block<W> {
     v: Linear<W>,
     o: Linear<W>,
     post_norm: W,
-    gate: Linear<W>,
-    up: Linear<W>,
-    down: Linear<W>,
+    mlp: Mlp<W>,
+}
+
+/// A block's MLP: SwiGLU, or a mixture of experts.
+enum Mlp<W> {
+    Dense {
+        gate: Linear<W>,
+        up: Linear<W>,
+        down: Linear<W>,
+    },
+    Sparse(Moe<W>),
+}
+
+/// Whether block `layer` has a mixture-of-experts MLP.
+fn sparse(c: &DecoderConfig, layer: usize) -> bool {
+    c.moe.as_ref().is_some_and(|m| m.sparse[layer])
 }
 
 /// A loaded slice of a decoder: blocks `first..first + blocks.len()`, and the embedding table
@@ -68,26 +83,38 @@ fn linears(c: &DecoderConfig) -> [(&'static str, Point, usize, usize, bool); 7] 
 pub fn modules(c: &DecoderConfig, prefix: &str) -> Vec<Module> {
     let mut out = Vec::new();
     for layer in 0..c.layers {
-        for (suffix, point, i, o, _) in linears(c) {
+        let dense = if sparse(c, layer) { 4 } else { 7 };
+        for (suffix, point, i, o, _) in linears(c).into_iter().take(dense) {
             out.push(Module {
                 name: format!("{prefix}layers.{layer}.{suffix}"),
                 layer,
                 point,
                 in_features: i,
                 out_features: o,
+                expert: None,
             });
+        }
+        if let Some(m) = c.moe.as_ref().filter(|_| sparse(c, layer)) {
+            out.extend(moe::modules(c, m, prefix, layer));
         }
     }
     out
 }
 
-/// Parameters of one block: its linear layers (with biases) and two RMSNorm weights.
-pub fn block_parameters(c: &DecoderConfig) -> u64 {
+/// Parameters of block `layer`: its linear layers (with biases) or mixture of experts, and two
+/// RMSNorm weights.
+pub fn block_parameters(c: &DecoderConfig, layer: usize) -> u64 {
+    let dense = if sparse(c, layer) { 4 } else { 7 };
     let linear: u64 = linears(c)
         .iter()
+        .take(dense)
         .map(|&(_, _, i, o, bias)| (i * o + if bias { o } else { 0 }) as u64)
         .sum();
-    linear + 2 * c.hidden as u64
+    let experts = match &c.moe {
+        Some(m) if sparse(c, layer) => moe::parameters(c, m),
+        _ => 0,
+    };
+    linear + experts + 2 * c.hidden as u64
 }
 
 impl<B: Backend> Decoder<B> {
@@ -139,9 +166,14 @@ impl<B: Backend> Decoder<B> {
                     format!("{base}post_attention_layernorm.weight"),
                     &[Some(c.hidden)],
                 )?,
-                gate: lin("mlp.gate_proj")?,
-                up: lin("mlp.up_proj")?,
-                down: lin("mlp.down_proj")?,
+                mlp: match &c.moe {
+                    Some(m) if m.sparse[layer] => Mlp::Sparse(Moe::load(be, c, m, ckpt, &base)?),
+                    _ => Mlp::Dense {
+                        gate: lin("mlp.gate_proj")?,
+                        up: lin("mlp.up_proj")?,
+                        down: lin("mlp.down_proj")?,
+                    },
+                },
             });
         }
         Ok(Decoder {
@@ -189,7 +221,7 @@ impl<B: Backend> Decoder<B> {
             }
             let x = be.rms_norm(&h, &b.input_norm, c.eps);
             if need.get(layer, Point::AttnIn) {
-                capture(layer, Point::AttnIn, &x)?;
+                capture(layer, Point::AttnIn, &x, None)?;
             }
             if stop((layer, Point::AttnIn)) {
                 return Ok(None);
@@ -211,7 +243,7 @@ impl<B: Backend> Decoder<B> {
                 },
             );
             if need.get(layer, Point::AttnOut) {
-                capture(layer, Point::AttnOut, &attn)?;
+                capture(layer, Point::AttnOut, &attn, None)?;
             }
             if stop((layer, Point::AttnOut)) {
                 return Ok(None);
@@ -220,19 +252,31 @@ impl<B: Backend> Decoder<B> {
             be.add(&mut h, &o);
             let x = be.rms_norm(&h, &b.post_norm, c.eps);
             if need.get(layer, Point::MlpIn) {
-                capture(layer, Point::MlpIn, &x)?;
+                capture(layer, Point::MlpIn, &x, None)?;
             }
             if stop((layer, Point::MlpIn)) {
                 return Ok(None);
             }
-            let a = be.gated(&b.gate.apply(be, &x), &b.up.apply(be, &x), c.act);
+            let (gate, up, down) = match &b.mlp {
+                Mlp::Dense { gate, up, down } => (gate, up, down),
+                Mlp::Sparse(m) => {
+                    let moe = c.moe.as_ref().expect("a sparse block has a MoE config");
+                    let full = last.is_none_or(|l| l.0 > layer);
+                    match m.forward(be, moe, c.act, &x, layer, need, full, capture)? {
+                        Some(d) => be.add(&mut h, &d),
+                        None => return Ok(None),
+                    }
+                    continue;
+                }
+            };
+            let a = be.gated(&gate.apply(be, &x), &up.apply(be, &x), c.act);
             if need.get(layer, Point::MlpHidden) {
-                capture(layer, Point::MlpHidden, &a)?;
+                capture(layer, Point::MlpHidden, &a, None)?;
             }
             if stop((layer, Point::MlpHidden)) {
                 return Ok(None);
             }
-            let d = b.down.apply(be, &a);
+            let d = down.apply(be, &a);
             be.add(&mut h, &d);
         }
         Ok(output.then_some(h))

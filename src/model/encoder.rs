@@ -62,6 +62,7 @@ pub fn modules(c: &EncoderConfig, prefix: &str) -> Vec<Module> {
                 point,
                 in_features: i,
                 out_features: o,
+                expert: None,
             });
         }
     }
@@ -225,7 +226,7 @@ impl<B: Backend> Encoder<B> {
                 break;
             }
             if need.get(layer, Point::AttnIn) {
-                capture(layer, Point::AttnIn, &h)?;
+                capture(layer, Point::AttnIn, &h, None)?;
             }
             if stop((layer, Point::AttnIn)) {
                 return Ok(None);
@@ -243,7 +244,7 @@ impl<B: Backend> Encoder<B> {
             );
             drop((q, k, v));
             if need.get(layer, Point::AttnOut) {
-                capture(layer, Point::AttnOut, &ctx)?;
+                capture(layer, Point::AttnOut, &ctx, None)?;
             }
             if stop((layer, Point::AttnOut)) {
                 return Ok(None);
@@ -256,7 +257,7 @@ impl<B: Backend> Encoder<B> {
                 c.eps,
             );
             if need.get(layer, Point::MlpIn) {
-                capture(layer, Point::MlpIn, &a)?;
+                capture(layer, Point::MlpIn, &a, None)?;
             }
             if stop((layer, Point::MlpIn)) {
                 return Ok(None);
@@ -264,7 +265,7 @@ impl<B: Backend> Encoder<B> {
             let mut i = b.intermediate.apply(be, &a);
             be.activate(&mut i, c.act);
             if need.get(layer, Point::MlpHidden) {
-                capture(layer, Point::MlpHidden, &i)?;
+                capture(layer, Point::MlpHidden, &i, None)?;
             }
             if stop((layer, Point::MlpHidden)) {
                 return Ok(None);

@@ -6,7 +6,8 @@
 //! |---|---|
 //! | [`config`] | `config.json` → architecture and sizes; supported `model_type`s |
 //! | [`checkpoint`] | memory-mapped safetensors (single file or shards), F32/F16/BF16 |
-//! | [`decoder`] | llama, mistral, qwen2 |
+//! | [`decoder`] | llama, mistral, qwen2, mixtral, qwen2_moe |
+//! | [`moe`] | mixture-of-experts MLPs: router, routed experts, shared expert |
 //! | [`encoder`] | bert, roberta |
 //! | [`text`] | `.txt` / `.jsonl` examples and tokenization with the model's `tokenizer.json` |
 //!
@@ -22,6 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod encoder;
+pub mod moe;
 pub mod text;
 
 use crate::catalog::Catalog;
@@ -33,33 +35,59 @@ use std::ops::Range;
 use std::path::Path;
 
 /// Where in a block a linear layer reads its input; layers at the same point of the same block
-/// read the same tensor (an equal-input group).
+/// read the same tensor (an equal-input group). Points order as the forward pass reaches them
+/// (a sparse block's experts after its router input, all gate/up inputs before the down inputs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Point {
     /// The normalized hidden state entering attention (q/k/v; BERT query/key/value).
-    AttnIn = 0,
+    AttnIn,
     /// The attention output entering the output projection (o_proj; attention.output.dense).
-    AttnOut = 1,
-    /// The normalized hidden state entering the MLP (gate/up; intermediate.dense).
-    MlpIn = 2,
-    /// The MLP's hidden activation entering the down projection (down_proj; output.dense).
-    MlpHidden = 3,
+    AttnOut,
+    /// The normalized hidden state entering the MLP (gate/up; intermediate.dense; a sparse
+    /// block's router, shared expert and shared-expert gate).
+    MlpIn,
+    /// The MLP's hidden activation entering the down projection (down_proj; output.dense; a
+    /// sparse block's shared expert).
+    MlpHidden,
+    /// The rows routed to expert `e` of a sparse block, entering its `gate_up_proj`.
+    ExpertIn(u32),
+    /// `act(gate) · up` of the rows routed to expert `e`, entering its `down_proj`.
+    ExpertHidden(u32),
 }
 
 impl Point {
-    /// All points, in forward order.
+    /// The points of a dense block, in forward order.
     pub const ALL: [Point; 4] = [
         Point::AttnIn,
         Point::AttnOut,
         Point::MlpIn,
         Point::MlpHidden,
     ];
+
+    /// The expert a point belongs to, if it is an expert's.
+    pub fn expert(self) -> Option<usize> {
+        match self {
+            Point::ExpertIn(e) | Point::ExpertHidden(e) => Some(e as usize),
+            _ => None,
+        }
+    }
+}
+
+/// A layer that is one expert's slice of a 3-D parameter (PEFT's `target_parameters`): the
+/// adapter holds one `lora_A` per parameter, `r · experts` rows, expert `e`'s at `e·r..(e+1)·r`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertOf {
+    /// The parameter's path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+    pub param: String,
+    pub expert: usize,
+    pub experts: usize,
 }
 
 /// One linear layer inside a transformer block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Module {
-    /// Checkpoint key without `.weight`, e.g. `model.layers.0.self_attn.q_proj`.
+    /// Checkpoint key without `.weight`, e.g. `model.layers.0.self_attn.q_proj`; an expert's
+    /// slice of a parameter is `<param>[e]`.
     pub name: String,
     /// Block index.
     pub layer: usize,
@@ -67,30 +95,39 @@ pub struct Module {
     pub point: Point,
     pub in_features: usize,
     pub out_features: usize,
+    /// Set when the layer is one expert of a 3-D expert parameter.
+    pub expert: Option<ExpertOf>,
 }
 
 /// Which capture points a forward pass must deliver.
 #[derive(Clone, Debug, Default)]
 pub struct Need {
-    flags: Vec<[bool; 4]>,
+    points: Vec<std::collections::BTreeSet<Point>>,
 }
 
 impl Need {
     /// Nothing needed, for `layers` blocks.
     pub fn new(layers: usize) -> Self {
         Need {
-            flags: vec![[false; 4]; layers],
+            points: vec![Default::default(); layers],
         }
     }
 
     /// Marks a point as needed.
     pub fn set(&mut self, layer: usize, point: Point) {
-        self.flags[layer][point as usize] = true;
+        self.points[layer].insert(point);
     }
 
     /// Whether a point is needed.
     pub fn get(&self, layer: usize, point: Point) -> bool {
-        self.flags.get(layer).is_some_and(|f| f[point as usize])
+        self.points.get(layer).is_some_and(|f| f.contains(&point))
+    }
+
+    /// Whether any expert point of `layer` is needed.
+    pub fn any_expert(&self, layer: usize) -> bool {
+        self.points
+            .get(layer)
+            .is_some_and(|f| f.iter().any(|p| p.expert().is_some()))
     }
 
     /// Where a slice's pass may stop: `Some(None)` runs every block (the next stage needs the
@@ -105,13 +142,11 @@ impl Need {
 
     /// The last needed point in forward order, if any.
     pub fn last(&self) -> Option<(usize, Point)> {
-        self.flags.iter().enumerate().rev().find_map(|(l, f)| {
-            Point::ALL
-                .iter()
-                .rev()
-                .find(|p| f[**p as usize])
-                .map(|&p| (l, p))
-        })
+        self.points
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(l, f)| f.iter().next_back().map(|&p| (l, p)))
     }
 }
 
@@ -128,8 +163,9 @@ pub struct Batch {
     pub segments: Segments,
 }
 
-/// Receives the activation `[tokens, in_features]` at a capture point of a block.
-pub type Capture<'a, T> = dyn FnMut(usize, Point, &T) -> Result<()> + 'a;
+/// Receives the activation at a capture point of a block: `[tokens, in_features]`, or for an
+/// expert's point the rows routed to it, with the batch token of each row (`Some(tokens)`).
+pub type Capture<'a, T> = dyn FnMut(usize, Point, &T, Option<&[usize]>) -> Result<()> + 'a;
 
 /// A linear layer's weight `[out, in]` and optional bias.
 pub struct Linear<W> {
@@ -198,12 +234,21 @@ impl Model {
     }
 
     /// The modules as a catalog: equal-input groups are the modules at the same capture point of
-    /// the same block. Also returns the (block, point) of each unique input.
+    /// the same block; an expert's slice of a parameter is tagged with its parameter. Also
+    /// returns the (block, point) of each unique input.
     pub fn catalog(&self) -> (Catalog, Vec<(usize, Point)>) {
         let modules = &self.modules;
         let layers = modules
             .iter()
             .map(|m| (m.name.clone(), m.in_features, m.out_features))
+            .collect();
+        let experts = modules
+            .iter()
+            .map(|m| {
+                m.expert
+                    .as_ref()
+                    .map(|e| crate::catalog::Param::new(&e.param, e.expert, e.experts))
+            })
             .collect();
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of = std::collections::HashMap::new();
@@ -214,7 +259,7 @@ impl Model {
             });
             groups[g].push(i);
         }
-        let catalog = Catalog::new(layers, groups);
+        let catalog = Catalog::new(layers, groups).with_params(experts);
         let points = catalog
             .inputs
             .iter()
@@ -266,7 +311,9 @@ impl Model {
         match &self.config.family {
             Family::Decoder(c) => (
                 self.config.vocab as u64 * c.hidden as u64,
-                vec![decoder::block_parameters(c); c.layers],
+                (0..c.layers)
+                    .map(|l| decoder::block_parameters(c, l))
+                    .collect(),
             ),
             Family::Encoder(c) => (
                 encoder::embedding_parameters(c, self.config.vocab),

@@ -118,16 +118,17 @@ impl Targeted {
             if !all
                 .layers
                 .iter()
-                .any(|l| matches_target(&l.name, std::slice::from_ref(t)))
+                .any(|l| matches_target(l.target(), std::slice::from_ref(t)))
             {
-                let names: Vec<&str> = all.layers.iter().map(|l| l.name.as_str()).collect();
+                let mut names: Vec<&str> = all.layers.iter().map(|l| l.target()).collect();
+                names.dedup();
                 return Err(Error::usage(format!(
                     "--targets entry `{t}` matches no layer; available layers: {}",
                     names.join(", ")
                 )));
             }
         }
-        let catalog = all.retain(|l| matches_target(&l.name, targets));
+        let catalog = all.retain(|l| matches_target(l.target(), targets));
         let to_inner: Vec<usize> = catalog
             .inputs
             .iter()

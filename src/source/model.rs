@@ -245,33 +245,59 @@ impl ModelSource {
                 )));
             }
         }
-        loaded.forward(be, &batch, need, input, output, &mut |layer, point, x| {
-            let g = self.inputs[&(layer, point)];
-            if !wanted[g] || keep.is_empty() {
-                return Ok(());
-            }
-            // Every token kept (no label mask hit): hand over the activation itself; otherwise
-            // the kept rows, gathered where the activation is (a GPU's stay on it).
-            let captured = be.capture(x, &keep);
-            check()?;
-            let rows = captured.rows();
-            let name = || {
-                modules
-                    .iter()
-                    .find(|m| m.layer == layer && m.point == point)
-                    .map_or("?", |m| m.name.as_str())
-                    .to_string()
-            };
-            rows.check_finite(|| {
-                format!(
-                    "model forward, input of {} (examples on lines {first}..={last} of {})",
-                    name(),
-                    ex.path.display()
-                )
-            })?;
-            debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
-            sink(g, rows)
-        })
+        // Whether each token of the batch is kept (for routed rows, which name their tokens).
+        let mut kept_token = vec![false; batch.ids.len()];
+        for &t in &keep {
+            kept_token[t] = true;
+        }
+        loaded.forward(
+            be,
+            &batch,
+            need,
+            input,
+            output,
+            &mut |layer, point, x, tokens| {
+                let g = self.inputs[&(layer, point)];
+                if !wanted[g] || keep.is_empty() {
+                    return Ok(());
+                }
+                // An expert's routed rows: those of kept tokens (possibly none).
+                let routed: Vec<usize>;
+                let rows_kept = match tokens {
+                    None => &keep[..],
+                    Some(tokens) => {
+                        routed = (0..tokens.len())
+                            .filter(|&j| kept_token[tokens[j]])
+                            .collect();
+                        if routed.is_empty() {
+                            return Ok(());
+                        }
+                        &routed[..]
+                    }
+                };
+                // Every token kept (no label mask hit): hand over the activation itself; otherwise
+                // the kept rows, gathered where the activation is (a GPU's stay on it).
+                let captured = be.capture(x, rows_kept);
+                check()?;
+                let rows = captured.rows();
+                let name = || {
+                    modules
+                        .iter()
+                        .find(|m| m.layer == layer && m.point == point)
+                        .map_or("?", |m| m.name.as_str())
+                        .to_string()
+                };
+                rows.check_finite(|| {
+                    format!(
+                        "model forward, input of {} (examples on lines {first}..={last} of {})",
+                        name(),
+                        ex.path.display()
+                    )
+                })?;
+                debug_assert_eq!(rows.ncols(), catalog.inputs[g].dim);
+                sink(g, rows)
+            },
+        )
     }
 }
 

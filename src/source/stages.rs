@@ -69,7 +69,7 @@ pub fn block_memory(
             catalog.inputs[g]
                 .members
                 .iter()
-                .any(|&m| matches_target(&catalog.layers[m].name, t))
+                .any(|&m| matches_target(catalog.layers[m].target(), t))
         })
     };
     for (g, &(block, _)) in points.iter().enumerate() {

@@ -28,6 +28,14 @@ the old config style), `head_dim` != hidden/heads and a single KV head (mistral)
 embeddings, `attention_bias` and `mlp_bias` (llama), Qwen2's q/k/v bias, key prefixes `model.`,
 `bert.` and none, F32 / BF16 / F16 weights, sharded weights (llama), RoBERTa's padding-offset
 positions, BERT's token types and pooler/classifier heads (which eva must skip).
+
+Mixture-of-experts checkpoints (mixtral, qwen2_moe) also record, for every expert `e` of a sparse
+block, the rows routed to it as `<prefix>layers.N.mlp.experts.gate_up_proj[e]` (the hidden states
+of its tokens, in transformers' order: by top-k position, then token) and
+`...down_proj[e]` (`act(gate) · up` of those rows), hooked on the `*Experts` module, kept tokens
+only. They cover per-expert keys on disk (`experts.N.w1` under Mixtral's `block_sparse_moe`, as
+`save_pretrained` writes them) and transformers 5's fused 3-D keys (qwen2_moe, written from the
+state dict), a shared expert with its sigmoid gate, a dense block (`mlp_only_layers`), BF16.
 """
 
 import json
@@ -46,6 +54,10 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen2Config,
     Qwen2Model,
     RobertaConfig,
@@ -184,13 +196,34 @@ def reference(model_dir, tok, pad_id, block_prefix):
     def hook(name):
         def f(_module, args):
             x = args[0].detach()
-            captured[prefix + name] = x[keep.bool()].contiguous().float()
+            # A MoE block's shared expert sees the tokens flattened to [batch * length, hidden].
+            k = keep.bool() if x.dim() == 3 else keep.reshape(-1).bool()
+            captured[prefix + name] = x[k].contiguous().float()
+
+        return f
+
+    def expert_hook(name):
+        # The rows each expert reads, as the *Experts module gathers them: for expert e,
+        # torch.where over its [top_k, tokens] mask orders them by top-k position, then token.
+        def f(module, args):
+            x, top_k_index = args[0].detach(), args[1]
+            flat_keep = keep.reshape(-1).bool()
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=module.num_experts).permute(2, 1, 0)
+            for e in range(module.num_experts):
+                pos, tok = torch.where(mask[e])
+                tok = tok[flat_keep[tok]]
+                xe = x[tok]
+                gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+                captured[f"{prefix}{name}.gate_up_proj[{e}]"] = xe.contiguous().float()
+                captured[f"{prefix}{name}.down_proj[{e}]"] = (module.act_fn(gate) * up).detach().contiguous().float()
 
         return f
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (".layers." in "." + name or "encoder.layer." in name):
             module.register_forward_pre_hook(hook(name))
+        if type(module).__name__.endswith("Experts") and hasattr(module, "gate_up_proj"):
+            module.register_forward_pre_hook(expert_hook(name))
     kwargs = dict(input_ids=ids, attention_mask=mask)
     if "token_type_ids" in model.forward.__code__.co_varnames:
         kwargs["token_type_ids"] = types
@@ -307,6 +340,67 @@ def qwen2():
     perturb(m, 3, 0.1)
     save(m, tok, out, torch.float16)
     return reference(out, tok, tok.token_to_id("<|endoftext|>"), "")
+
+
+def mixtral():
+    out = fresh(HERE / "mixtral")
+    tok = sentencepiece_bpe()
+    cfg = MixtralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(7)
+    m = MixtralForCausalLM(cfg)
+    perturb(m, 7, 0.3)
+    # save_pretrained writes one key per expert (block_sparse_moe.experts.N.w1/w2/w3).
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, 0, "model.")
+
+
+def qwen2_moe():
+    out = fresh(HERE / "qwen2_moe")
+    tok = qwen_tokenizer()
+    cfg = Qwen2MoeConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(8)
+    m = Qwen2MoeForCausalLM(cfg)
+    perturb(m, 8, 0.3)
+    save(m, tok, out, torch.float32)
+    # Transformers 5's fused 3-D expert keys (mlp.experts.gate_up_proj [E, 2f, h]) instead of
+    # the per-expert keys save_pretrained writes: the state dict as the model holds it.
+    (out / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return reference(out, tok, tok.token_to_id("<|endoftext|>"), "model.")
 
 
 def bert():
@@ -445,9 +539,16 @@ if __name__ == "__main__":
         minilm(os.environ["EVA_MINILM_DIR"])
         raise SystemExit(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    for fn in (llama, mistral, qwen2, bert, roberta):
+    import sys
+
+    chosen = sys.argv[1:]
+    for fn in (llama, mistral, qwen2, mixtral, qwen2_moe, bert, roberta):
+        if chosen and fn.__name__ not in chosen:
+            continue
         shapes = fn()
         print(fn.__name__, len(shapes), "layers", sorted(set(shapes.values())))
+    if chosen:
+        raise SystemExit(0)
     tiny_llama()
     train_text()
     for d in sorted(HERE.iterdir()):

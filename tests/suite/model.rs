@@ -208,6 +208,20 @@ fn qwen2_matches_pytorch() {
     check_against_torch("qwen2");
 }
 
+/// Mixtral: per-expert keys under `block_sparse_moe` (BF16), the router and every expert's
+/// routed rows and routed hidden activations.
+#[test]
+fn mixtral_matches_pytorch() {
+    check_against_torch("mixtral");
+}
+
+/// Qwen2-MoE: fused 3-D expert keys, the shared expert with its sigmoid gate, a dense block
+/// (`mlp_only_layers`).
+#[test]
+fn qwen2_moe_matches_pytorch() {
+    check_against_torch("qwen2_moe");
+}
+
 #[test]
 fn bert_matches_pytorch() {
     check_against_torch("bert");
@@ -368,11 +382,57 @@ fn init_matches_pytorch_pca(arch: &str, task: Option<&str>) {
         dir.canonicalize().unwrap()
     );
     for (name, x) in &reference.f32s {
-        let a = &w.tensors[&format!("base_model.model.{name}.lora_A.weight")];
+        let a = &lora_a_of(&w, name);
         let (_, vectors) = dense_pca(std::slice::from_ref(x));
         let sim = subspace_similarity(a, vectors.slice(ndarray::s![.., ..a.nrows()]));
         assert!(sim >= 0.9999, "{arch} {name}: subspace similarity {sim}");
     }
+}
+
+/// The `lora_A` rows of a reference layer: a module's own tensor, or for an expert's slice
+/// `<param>[e]` of a 3-D parameter its rows `e·r..(e+1)·r` of the parameter's tensor, kept at
+/// the module's path (`mlp.experts`, inside `base_layer` for `gate_up_proj` when `down_proj` is
+/// targeted too: PEFT's nested `ParamWrapper`s), `r` from the config's `rank_pattern` or `r`.
+fn lora_a_of(w: &Written, name: &str) -> Array2<f32> {
+    let Some((param, e)) = name.strip_suffix(']').and_then(|n| n.split_once('[')) else {
+        return w.tensors[&format!("base_model.model.{name}.lora_A.weight")].clone();
+    };
+    let e: usize = e.parse().unwrap();
+    let params: Vec<&str> = w.config["target_parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(params.contains(&param), "{param} in target_parameters");
+    let (module, _) = param.rsplit_once('.').unwrap();
+    let nested =
+        param.ends_with("gate_up_proj") && params.contains(&&*format!("{module}.down_proj"));
+    let path = if nested {
+        format!("{module}.base_layer")
+    } else {
+        module.to_string()
+    };
+    let r = w.config["rank_pattern"]
+        .get(param)
+        .unwrap_or(&w.config["r"])
+        .as_u64()
+        .unwrap() as usize;
+    let a = &w.tensors[&format!("base_model.model.{path}.lora_A.weight")];
+    assert_eq!(a.nrows() % r, 0, "{param}: lora_A holds r rows per expert");
+    a.slice(ndarray::s![e * r..(e + 1) * r, ..]).to_owned()
+}
+
+/// MoE checkpoints: every expert's rows of its parameter's `lora_A` are the PCA of the rows
+/// PyTorch routed to it (and of their `act(gate) · up`).
+#[test]
+fn init_mixtral_matches_pytorch_pca() {
+    init_matches_pytorch_pca("mixtral", Some("CAUSAL_LM"));
+}
+
+#[test]
+fn init_qwen2_moe_matches_pytorch_pca() {
+    init_matches_pytorch_pca("qwen2_moe", Some("CAUSAL_LM"));
 }
 
 #[test]

@@ -244,6 +244,16 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
     for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = src[j];
 }
 
+// A mixture-of-experts block (Backend::scatter_add): out[idx[i]] += y[i] * w[i], one block per
+// row of y; the indices do not repeat, so no two blocks write one row. The product is rounded
+// before the sum, as PyTorch's index_add_(0, idx, y * w).
+extern "C" __global__ void scatter_add_rows(float* __restrict__ out, const float* __restrict__ y, const int* __restrict__ idx, const float* __restrict__ w, int d) {
+    float* dst = out + (unsigned long long)idx[blockIdx.x] * d;
+    const float* src = y + (unsigned long long)blockIdx.x * d;
+    float wi = w[blockIdx.x];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dst[j] = dst[j] + src[j] * wi;
+}
+
 // Statistics (stats::Moments::add_shifted): y = x - c, and per feature Σy, Σy² added to the f64
 // moments. As on the CPU, the sums run in f32 over blocks of `sum_block` rows, in row order, and
 // each block's partial sum is added in f64. One thread per feature (coalesced across features).

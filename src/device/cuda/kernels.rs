@@ -15,7 +15,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every `extern "C" __global__` function of [`SOURCE`].
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     "cast_bf16",
     "embed_f32",
     "embed_bf16",
@@ -28,6 +28,7 @@ pub const NAMES: [&str; 16] = [
     "activate_inplace",
     "gated",
     "gather_rows",
+    "scatter_add_rows",
     "shift_moments",
     "flush_f64",
     "pack_upper_f64",

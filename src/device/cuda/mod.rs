@@ -778,6 +778,44 @@ impl Backend for Cuda {
         })
     }
 
+    fn gather(&self, x: &CudaTensor, idx: &[usize]) -> CudaTensor {
+        self.select(x, idx)
+    }
+
+    fn scatter_add(&self, out: &mut CudaTensor, y: &CudaTensor, idx: &[usize], w: &[f32]) {
+        assert_eq!(
+            (y.rows, y.cols),
+            (idx.len(), out.cols),
+            "scatter_add: one index per row of y, as wide as out"
+        );
+        assert_eq!(w.len(), idx.len(), "scatter_add: one weight per row");
+        assert!(
+            idx.iter().all(|&r| r < out.rows),
+            "scatter_add: an index is outside the {} rows",
+            out.rows
+        );
+        if idx.is_empty() || out.cols == 0 {
+            return;
+        }
+        self.mutate(|| {
+            let rows: Vec<i32> = idx.iter().map(|&r| r as i32).collect();
+            let di = self.upload(&rows, "row indices")?;
+            let dw = self.upload(w, "routing weights")?;
+            let (po, py, pi, pw, d) = (
+                self.rt.ptr(out.buf()?),
+                self.rt.ptr(y.buf()?),
+                self.rt.ptr(&di),
+                self.rt.ptr(&dw),
+                out.cols as i32,
+            );
+            self.rt.launch(
+                "scatter_add_rows",
+                kernels::Shape::Rows(idx.len()),
+                &args![po, py, pi, pw, d],
+            )
+        });
+    }
+
     fn rows(&self, x: &CudaTensor, keep: &[usize]) -> Array2<f32> {
         let mut host = Array2::<f32>::zeros((keep.len(), x.cols));
         if keep.is_empty() || x.cols == 0 {
