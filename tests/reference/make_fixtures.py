@@ -19,6 +19,9 @@ For each architecture it writes:
 
 It also writes examples/tiny-llama/, the checkpoint the README's main command runs on.
 
+With architecture names as arguments (e.g. `make_fixtures.py qwen3 phi3`) it writes only those
+fixtures, leaving every other file as it is.
+
 With EVA_MINILM_DIR pointing at the real all-MiniLM-L6-v2 (see .ci/run), it writes only
 tests/reference/minilm/pca.safetensors (see `minilm` below).
 
@@ -28,11 +31,18 @@ the old config style), `head_dim` != hidden/heads and a single KV head (mistral)
 embeddings, `attention_bias` and `mlp_bias` (llama), Qwen2's q/k/v bias, key prefixes `model.`,
 `bert.` and none, F32 / BF16 / F16 weights, sharded weights (llama), RoBERTa's padding-offset
 positions, BERT's token types and pooler/classifier heads (which eva must skip).
+The 2026 families add: Qwen3's per-head q/k norms, explicit head_dim (heads x head_dim != hidden)
+and a sliding-window layer (qwen3, BF16, tied); Gemma 3's `1 + w` norms, scaled embeddings, four
+norms per block, query_pre_attn_scalar, soft-capping, per-layer-type RoPE with linear scaling on
+the global layers (gemma3_text, sharded F32), and the multimodal checkpoint whose text tower has
+keys `model.language_model.*` beside a vision tower (gemma3, BF16); Phi-3's fused qkv_proj and
+gate_up_proj, partial rotary and a sliding window on every layer (phi3, F16, untied).
 """
 
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +50,15 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 import transformers
 from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
     BertConfig,
     BertForSequenceClassification,
     LlamaConfig,
@@ -353,6 +372,132 @@ def roberta():
     return reference(out, tok, 1, "")
 
 
+def qwen3():
+    """Qwen3: q/k RMSNorm per head before RoPE, head_dim 16 with hidden 32 (o_proj reads 64
+    features), no biases, layer 1 a sliding-window layer (use_sliding_window, max_window_layers),
+    BF16 weights, tied embeddings."""
+    out = fresh(HERE / "qwen3")
+    tok = qwen_tokenizer()
+    cfg = Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    )
+    assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+    torch.manual_seed(7)
+    m = Qwen3ForCausalLM(cfg)
+    perturb(m, 7, 0.1)
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, tok.token_to_id("<|endoftext|>"), "model.")
+
+
+def gemma3_text_config(tok):
+    return Gemma3TextConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        rms_norm_eps=1e-6,
+        pad_token_id=tok.token_to_id("<pad>"),
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+
+
+def gemma3_text():
+    """Gemma 3 (text): RMSNorm x(1 + w) (norm weights perturbed around 0, as Gemma stores them),
+    embeddings x sqrt(hidden), four norms per block, q/k norms, query_pre_attn_scalar 24 (not
+    head_dim), attention soft-capping, a sliding layer with its own RoPE base and a global layer
+    with linear RoPE scaling, GELU-tanh; sharded F32, tied embeddings."""
+    out = fresh(HERE / "gemma3_text")
+    tok = llama_tokenizer()
+    cfg = gemma3_text_config(tok)
+    torch.manual_seed(8)
+    m = Gemma3ForCausalLM(cfg)
+    perturb(m, 8, 0.1)
+    gemma_norms(m, 8)
+    save(m, tok, out, torch.float32, max_shard_size="40KB")
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
+def gemma_norms(m, seed):
+    """Gemma's norm weights are offsets from 1: perturb them around 0."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def gemma3():
+    """Gemma 3 multimodal (Gemma3ForConditionalGeneration): a tiny SigLIP vision tower beside the
+    text tower of gemma3_text's shape; keys `model.language_model.*`, settings in `text_config`;
+    BF16. eva runs only the text tower."""
+    out = fresh(HERE / "gemma3")
+    tok = llama_tokenizer()
+    text = gemma3_text_config(tok)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=14, patch_size=7)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4, image_token_index=5)
+    torch.manual_seed(9)
+    m = Gemma3ForConditionalGeneration(cfg)
+    perturb(m, 9, 0.1)
+    gemma_norms(m, 9)
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
+def phi3():
+    """Phi-3: fused qkv_proj and gate_up_proj, partial rotary (half of each head), a sliding
+    window on every layer, GQA; F16, untied."""
+    out = fresh(HERE / "phi3")
+    tok = llama_tokenizer()
+    cfg = Phi3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        sliding_window=7,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=tok.token_to_id("<pad>"),
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+    torch.manual_seed(10)
+    m = Phi3ForCausalLM(cfg)
+    perturb(m, 10, 0.1)
+    save(m, tok, out, torch.float16)
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
 def train_text():
     """examples/data/train.txt: 400 examples of 3-8 sentences of sample.txt each (fixed seed), enough
     for the README's run on examples/tiny-llama to converge."""
@@ -445,11 +590,14 @@ if __name__ == "__main__":
         minilm(os.environ["EVA_MINILM_DIR"])
         raise SystemExit(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    for fn in (llama, mistral, qwen2, bert, roberta):
+    every = (llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3, bert, roberta)
+    chosen = [fn for fn in every if fn.__name__ in sys.argv[1:]] if len(sys.argv) > 1 else every
+    for fn in chosen:
         shapes = fn()
         print(fn.__name__, len(shapes), "layers", sorted(set(shapes.values())))
-    tiny_llama()
-    train_text()
+    if len(sys.argv) == 1:
+        tiny_llama()
+        train_text()
     for d in sorted(HERE.iterdir()):
         if d.is_dir():
             size = sum(f.stat().st_size for f in d.iterdir())

@@ -209,6 +209,11 @@ fn qwen2_matches_pytorch() {
 }
 
 #[test]
+fn qwen3_matches_pytorch() {
+    check_against_torch("qwen3");
+}
+
+#[test]
 fn bert_matches_pytorch() {
     check_against_torch("bert");
 }
