@@ -80,8 +80,35 @@ fn describe(c: &ModelConfig) -> String {
                 Some(w) => format!(", sliding window {w} in {} of {} blocks", windows.len(), d.layers),
                 None => String::new(),
             };
+            let mut extras = Vec::new();
+            if d.qk_norm {
+                extras.push("per-head q/k RMSNorm".to_string());
+            }
+            if d.norm_offset {
+                extras.push("RMSNorm x(1+w)".to_string());
+            }
+            if d.sandwich {
+                extras.push("4 norms per block".to_string());
+            }
+            if d.fused {
+                extras.push("fused qkv_proj and gate_up_proj".to_string());
+            }
+            if let Some(s) = d.embed_scale {
+                extras.push(format!("embeddings x{s}"));
+            }
+            if d.attn_scale != 1.0 / (d.head_dim as f32).sqrt() {
+                extras.push(format!("attention scale {}", d.attn_scale));
+            }
+            if let Some(cap) = d.softcap {
+                extras.push(format!("attention soft-cap {cap}"));
+            }
+            let extras = if extras.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", extras.join(", "))
+            };
             format!(
-                "hidden {}, heads {} (kv {}, head_dim {}), intermediate {}, {:?}, RMSNorm eps {:e}, RoPE {}{window}; bias q/k/v {}, o {}, mlp {}",
+                "hidden {}, heads {} (kv {}, head_dim {}), intermediate {}, {:?}, RMSNorm eps {:e}, RoPE {}{window}; bias q/k/v {}, o {}, mlp {}{extras}",
                 d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate, d.act, d.eps, d.rope_desc, d.qkv_bias, d.o_bias, d.mlp_bias
             )
         }

@@ -11,6 +11,7 @@
 //! | [`Backend::embed`] | rows of an embedding table (`out += table[ids]`) |
 //! | [`Backend::linear`] | `x Wᵀ + b` (PyTorch's `nn.Linear`) |
 //! | [`Backend::add`] | `x += y` (residual connections) |
+//! | [`Backend::reshape`] | the same values as `[tokens·cols/c, c]` (per-head ops: q/k norms) |
 //! | [`Backend::rms_norm`], [`Backend::layer_norm`], [`Backend::add_layer_norm`] | per-token normalization (the last after a residual add) |
 //! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
 //! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
@@ -245,6 +246,10 @@ pub trait Backend {
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, b: Option<&Self::Weight>) -> Self::Tensor;
     /// `x += y`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// The same row-major values viewed as rows of `cols` features, without a copy: a
+    /// `[tokens, heads·hd]` activation becomes `[tokens·heads, hd]` for a per-head norm and back.
+    /// `cols` must divide the number of values.
+    fn reshape(&self, x: Self::Tensor, cols: usize) -> Self::Tensor;
     /// `x / sqrt(mean(x²) + eps) · w` per token (Llama's RMSNorm, computed in f32).
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `(x - mean) / sqrt(var + eps) · w + b` per token (biased variance, as `nn.LayerNorm`).

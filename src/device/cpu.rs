@@ -151,6 +151,16 @@ impl Backend for Cpu {
         });
     }
 
+    fn reshape(&self, x: Array2<f32>, cols: usize) -> Array2<f32> {
+        let n = x.len();
+        assert!(
+            cols > 0 && n % cols == 0,
+            "reshape: {n} values are not rows of {cols}"
+        );
+        x.into_shape_with_order((n / cols, cols))
+            .expect("activations are standard layout")
+    }
+
     fn rms_norm(&self, x: &Array2<f32>, w: &CpuWeight, eps: f32) -> Array2<f32> {
         let w = w.as_slice();
         let d = x.ncols();

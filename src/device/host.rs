@@ -23,6 +23,53 @@ pub struct HostTensor {
 }
 
 impl HostTensor {
+    /// A tensor of computed f32 values (e.g. Gemma's `1 + w` norm weights), in an anonymous map.
+    pub fn from_f32(name: String, shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "{name}: shape and values disagree"
+        );
+        let bytes = values.len() * 4;
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1))
+            .map_err(|e| Error::data(format!("cannot allocate {bytes} bytes for {name}: {e}")))?;
+        for (dst, v) in map.chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        let map = map
+            .make_read_only()
+            .map_err(|e| Error::data(format!("cannot seal the values of {name}: {e}")))?;
+        Ok(HostTensor {
+            name,
+            dtype: Dtype::F32,
+            shape,
+            map: Arc::new(map),
+            range: 0..bytes,
+            file: usize::MAX,
+        })
+    }
+
+    /// Rows `rows` of a matrix, without a copy (a fused projection's part, e.g. Phi-3's q rows
+    /// of `qkv_proj`), named `name`.
+    pub fn row_slice(&self, rows: Range<usize>, name: String) -> Self {
+        assert!(
+            self.shape.len() == 2 && rows.end <= self.shape[0],
+            "{}: rows {rows:?} of shape {:?}",
+            self.name,
+            self.shape
+        );
+        let row_bytes = self.shape[1] * self.dtype.bitsize() / 8;
+        HostTensor {
+            name,
+            dtype: self.dtype,
+            shape: vec![rows.len(), self.shape[1]],
+            map: self.map.clone(),
+            range: self.range.start + rows.start * row_bytes
+                ..self.range.start + rows.end * row_bytes,
+            file: self.file,
+        }
+    }
+
     /// The raw little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.range.clone()]

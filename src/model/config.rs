@@ -1,6 +1,8 @@
 //! `config.json` of a HuggingFace model, read into the few numbers the forward passes need,
-//! including the variants seen in the wild (transformers 4 and 5 RoPE keys, `head_dim`, GQA,
-//! biases, sliding windows, RoBERTa's position offset).
+//! including the variants seen in the wild (transformers 4 and 5 RoPE keys, per-layer-type RoPE,
+//! `head_dim`, GQA, biases, sliding windows and `layer_types`, q/k norms, Gemma's norms and
+//! scales, Phi-3's fused projections and partial rotary, multimodal `text_config`s, RoBERTa's
+//! position offset).
 
 use crate::device::backend::{Activation, Rope};
 use crate::{Error, Result};
@@ -12,8 +14,13 @@ pub const SUPPORTED: &[&str] = &[
     "llama",
     "mistral",
     "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma3",
+    "phi3",
     "mixtral",
     "qwen2_moe",
+    "qwen3_moe",
     "bert",
     "roberta",
 ];
@@ -24,8 +31,18 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    /// Gemma 3's text model (`Gemma3ForCausalLM`).
+    Gemma3Text,
+    /// Gemma 3's multimodal model: only its text tower (`text_config`, keys
+    /// `model.language_model.*`) runs.
+    Gemma3,
+    /// Phi-3 and Phi-4 (fused `qkv_proj` and `gate_up_proj`).
+    Phi3,
     Mixtral,
     Qwen2Moe,
+    /// Qwen3's attention (q/k norms) with Qwen2-MoE's sparse blocks, without a shared expert.
+    Qwen3Moe,
     Bert,
     Roberta,
 }
@@ -37,8 +54,13 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3Text => "gemma3_text",
+            Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
             Arch::Mixtral => "mixtral",
             Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
             Arch::Bert => "bert",
             Arch::Roberta => "roberta",
         }
@@ -46,14 +68,12 @@ impl Arch {
 
     /// Whether this is a causal decoder (Llama family) rather than a bidirectional encoder.
     pub fn is_decoder(self) -> bool {
-        matches!(
-            self,
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Mixtral | Arch::Qwen2Moe
-        )
+        !matches!(self, Arch::Bert | Arch::Roberta)
     }
 }
 
-/// Llama-family settings (llama, mistral, qwen2).
+/// Decoder settings (llama, mistral, qwen2, qwen3, gemma3, phi3): a Llama-style block with the
+/// variants below.
 #[derive(Clone, Debug)]
 pub struct DecoderConfig {
     pub hidden: usize,
@@ -64,7 +84,10 @@ pub struct DecoderConfig {
     pub head_dim: usize,
     pub eps: f32,
     pub act: Activation,
+    /// RoPE of the full-attention layers (of every layer without `local_rope`).
     pub rope: Rope,
+    /// RoPE of the sliding-window layers where it differs (Gemma 3's local base frequency).
+    pub local_rope: Option<Rope>,
     /// A human-readable RoPE description for `eva inspect`.
     pub rope_desc: String,
     /// Bias on q/k/v, on o, and on gate/up/down.
@@ -73,7 +96,27 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// Sliding window per layer (`None` = full causal attention).
     pub windows: Vec<Option<usize>>,
-    /// Mixture-of-experts settings (mixtral, qwen2_moe); `None` for dense decoders.
+    /// Whether each layer is a `sliding_attention` layer (selects `local_rope`).
+    pub sliding: Vec<bool>,
+    /// Per-head RMSNorm of queries and keys before RoPE (`self_attn.q_norm` / `k_norm`: Qwen3,
+    /// Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma's RMSNorm `x · (1 + w)`: every norm weight is loaded as `1 + w` (in f32, as
+    /// transformers computes it), so the plain RMSNorm op applies it.
+    pub norm_offset: bool,
+    /// Gemma 3's four norms per block: `post_attention_layernorm` on the attention output
+    /// before the residual add, `pre_feedforward_layernorm` into the MLP and
+    /// `post_feedforward_layernorm` on its output (else `post_attention_layernorm` feeds the MLP).
+    pub sandwich: bool,
+    /// Phi-3's fused `self_attn.qkv_proj` (q, k, v rows) and `mlp.gate_up_proj` (gate, up rows).
+    pub fused: bool,
+    /// Factor of the token embeddings (Gemma: `sqrt(hidden)` rounded to f32).
+    pub embed_scale: Option<f32>,
+    /// The attention scores' factor (`head_dim^-0.5`; Gemma 3 `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: f32,
+    /// Attention logit soft-capping (Gemma's `attn_logit_softcapping`).
+    pub softcap: Option<f32>,
+    /// Mixture-of-experts settings (mixtral, qwen2_moe, qwen3_moe); `None` for dense decoders.
     pub moe: Option<MoeConfig>,
 }
 
@@ -222,16 +265,14 @@ impl Reader<'_> {
         }
     }
 
-    fn act(&self, default: &str) -> Result<Activation> {
-        let name = match self.v.get("hidden_act") {
+    fn act_key(&self, key: &str, default: &str) -> Result<Activation> {
+        let name = match self.v.get(key) {
             None | Some(Value::Null) => default,
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| self.err("hidden_act", "a string"))?,
+            Some(v) => v.as_str().ok_or_else(|| self.err(key, "a string"))?,
         };
         Activation::parse(name).ok_or_else(|| {
             Error::data(format!(
-                "{}: hidden_act `{name}` is not supported (supported: silu, gelu, gelu_new, gelu_pytorch_tanh, relu)",
+                "{}: {key} `{name}` is not supported (supported: silu, gelu, gelu_new, gelu_pytorch_tanh, relu)",
                 self.path.display()
             ))
         })
@@ -256,14 +297,18 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
             path.display()
         )));
     }
-    let r = Reader { v, path };
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let arch = match model_type {
         "llama" => Arch::Llama,
         "mistral" => Arch::Mistral,
         "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        "gemma3_text" => Arch::Gemma3Text,
+        "gemma3" => Arch::Gemma3,
+        "phi3" => Arch::Phi3,
         "mixtral" => Arch::Mixtral,
         "qwen2_moe" => Arch::Qwen2Moe,
+        "qwen3_moe" => Arch::Qwen3Moe,
         "bert" => Arch::Bert,
         "roberta" => Arch::Roberta,
         other => {
@@ -280,108 +325,29 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    // A multimodal Gemma 3 keeps its language model's settings in `text_config`.
+    let text = match arch {
+        Arch::Gemma3 => v
+            .get("text_config")
+            .filter(|t| t.is_object())
+            .ok_or_else(|| {
+                Error::data(format!(
+                    "{}: model_type `gemma3` needs a `text_config` object (the text tower eva runs)",
+                    path.display()
+                ))
+            })?,
+        _ => v,
+    };
+    let r = Reader { v: text, path };
     let vocab = r.usize("vocab_size")?;
-    let pad_token_id = v
+    let pad_token_id = text
         .get("pad_token_id")
         .and_then(Value::as_u64)
         .map(|p| p as u32);
-    let hidden = r.usize("hidden_size")?;
-    let intermediate = r.usize("intermediate_size")?;
-    let layers = r.usize("num_hidden_layers")?;
-    let heads = r.usize("num_attention_heads")?;
     let family = if arch.is_decoder() {
-        let kv_heads = r.usize_or("num_key_value_heads", heads)?;
-        if heads % kv_heads != 0 {
-            return Err(Error::data(format!(
-                "{}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}",
-                path.display()
-            )));
-        }
-        if hidden % heads != 0 && v.get("head_dim").is_none_or(Value::is_null) {
-            return Err(Error::data(format!(
-                "{}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} and no head_dim is given",
-                path.display()
-            )));
-        }
-        let head_dim = r.usize_or("head_dim", hidden / heads)?;
-        if head_dim % 2 != 0 {
-            return Err(Error::data(format!(
-                "{}: head_dim = {head_dim} must be even for rotary embeddings",
-                path.display()
-            )));
-        }
-        let (rope, rope_desc) = rope(&r, head_dim)?;
-        let (qkv_bias, o_bias, mlp_bias) = match arch {
-            Arch::Llama => {
-                let a = r.bool_or("attention_bias", false)?;
-                (a, a, r.bool_or("mlp_bias", false)?)
-            }
-            // Qwen2Attention: q/k/v with bias, o_proj without (transformers' modeling_qwen2.py).
-            Arch::Qwen2 => (true, false, false),
-            // Qwen2MoeAttention: q/k/v bias from `qkv_bias` (default true), o_proj without.
-            Arch::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false, false),
-            _ => (false, false, false),
-        };
-        DecoderConfig {
-            hidden,
-            intermediate,
-            layers,
-            heads,
-            kv_heads,
-            head_dim,
-            eps: r.f64_or("rms_norm_eps", 1e-6)? as f32,
-            act: r.act("silu")?,
-            rope,
-            rope_desc,
-            qkv_bias,
-            o_bias,
-            mlp_bias,
-            windows: windows(&r, arch, layers)?,
-            moe: moe(&r, arch, layers)?,
-        }
-        .into()
+        decoder(&r, arch)?.into()
     } else {
-        let pet = v
-            .get("position_embedding_type")
-            .and_then(Value::as_str)
-            .unwrap_or("absolute");
-        if pet != "absolute" {
-            return Err(Error::data(format!(
-                "{}: position_embedding_type `{pet}` is not supported (only `absolute`)",
-                path.display()
-            )));
-        }
-        if hidden % heads != 0 {
-            return Err(Error::data(format!(
-                "{}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads}",
-                path.display()
-            )));
-        }
-        let position_offset = match arch {
-            // RobertaEmbeddings: position ids start at padding_idx + 1.
-            Arch::Roberta => Some(pad_token_id.unwrap_or(1)),
-            _ => None,
-        };
-        let max_positions = r.usize("max_position_embeddings")?;
-        if position_offset.is_some_and(|p| p as usize + 1 >= max_positions) {
-            return Err(Error::data(format!(
-                "{}: max_position_embeddings = {max_positions} leaves no positions after the padding offset {}",
-                path.display(),
-                position_offset.unwrap_or(0) + 1
-            )));
-        }
-        EncoderConfig {
-            hidden,
-            intermediate,
-            layers,
-            heads,
-            eps: r.f64_or("layer_norm_eps", 1e-12)? as f32,
-            act: r.act("gelu")?,
-            max_positions,
-            type_vocab: r.usize_or("type_vocab_size", 2)?,
-            position_offset,
-        }
-        .into()
+        encoder(&r, arch, pad_token_id)?.into()
     };
     Ok(ModelConfig {
         arch,
@@ -389,6 +355,246 @@ pub fn parse(v: &Value, path: &Path) -> Result<ModelConfig> {
         vocab,
         pad_token_id,
         family,
+    })
+}
+
+/// The decoder settings of `arch` (defaults as transformers' config classes have them).
+fn decoder(r: &Reader, arch: Arch) -> Result<DecoderConfig> {
+    let path = r.path;
+    let hidden = r.usize("hidden_size")?;
+    let intermediate = r.usize("intermediate_size")?;
+    let layers = r.usize("num_hidden_layers")?;
+    let heads = r.usize("num_attention_heads")?;
+    let kv_heads = r.usize_or("num_key_value_heads", heads)?;
+    if heads % kv_heads != 0 {
+        return Err(Error::data(format!(
+            "{}: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}",
+            path.display()
+        )));
+    }
+    let gemma = matches!(arch, Arch::Gemma3 | Arch::Gemma3Text);
+    // Qwen3Config and Gemma3TextConfig default head_dim to 128 and 256, the others derive it.
+    let head_dim = match arch {
+        Arch::Qwen3 => r.usize_or("head_dim", 128)?,
+        _ if gemma => r.usize_or("head_dim", 256)?,
+        _ => {
+            if hidden % heads != 0 && r.v.get("head_dim").is_none_or(Value::is_null) {
+                return Err(Error::data(format!(
+                    "{}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads} and no head_dim is given",
+                    path.display()
+                )));
+            }
+            r.usize_or("head_dim", hidden / heads)?
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(Error::data(format!(
+            "{}: head_dim = {head_dim} must be even for rotary embeddings",
+            path.display()
+        )));
+    }
+    if gemma && r.bool_or("use_bidirectional_attention", false)? {
+        return Err(Error::data(format!(
+            "{}: use_bidirectional_attention = true (an embedding Gemma) is not supported: eva runs Gemma 3 as a causal decoder",
+            path.display()
+        )));
+    }
+    let (sliding, windows) = layer_types(r, arch, layers)?;
+    let (rope, local_rope, rope_desc) = if gemma {
+        gemma_ropes(r, head_dim)?
+    } else {
+        let (rope, desc) = rope(r, head_dim, arch == Arch::Phi3)?;
+        (rope, None, desc)
+    };
+    let (qkv_bias, o_bias, mlp_bias) = match arch {
+        Arch::Llama => {
+            let a = r.bool_or("attention_bias", false)?;
+            (a, a, r.bool_or("mlp_bias", false)?)
+        }
+        // Qwen2Attention: q/k/v with bias, o_proj without (transformers' modeling_qwen2.py).
+        Arch::Qwen2 => (true, false, false),
+        // Qwen2MoeAttention: q/k/v bias from `qkv_bias` (default true), o_proj without.
+        Arch::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false, false),
+        // Qwen3Attention, Qwen3MoeAttention and Gemma3Attention: `attention_bias` on q, k, v, o.
+        Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 | Arch::Gemma3Text => {
+            let a = r.bool_or("attention_bias", false)?;
+            (a, a, false)
+        }
+        _ => (false, false, false),
+    };
+    let (act, attn_scale) = if gemma {
+        // Gemma3TextConfig: `hidden_activation`, and scores scaled by query_pre_attn_scalar^-0.5
+        // (a Python float, applied to the f32 scores as f32).
+        let act = r.act_key("hidden_activation", "gelu_pytorch_tanh")?;
+        let q = r.f64_or("query_pre_attn_scalar", 256.0)?;
+        if q <= 0.0 {
+            return Err(r.err("query_pre_attn_scalar", "a positive number"));
+        }
+        (act, q.powf(-0.5) as f32)
+    } else {
+        (
+            r.act_key("hidden_act", "silu")?,
+            1.0 / (head_dim as f32).sqrt(),
+        )
+    };
+    let softcap = match r.v.get("attn_logit_softcapping") {
+        None | Some(Value::Null) => None,
+        Some(_) if gemma => {
+            let cap = r.f64_or("attn_logit_softcapping", 0.0)?;
+            if cap <= 0.0 {
+                return Err(r.err("attn_logit_softcapping", "a positive number or null"));
+            }
+            Some(cap as f32)
+        }
+        Some(_) => None,
+    };
+    Ok(DecoderConfig {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        eps: r.f64_or("rms_norm_eps", if arch == Arch::Phi3 { 1e-5 } else { 1e-6 })? as f32,
+        act,
+        rope,
+        local_rope,
+        rope_desc,
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        windows,
+        sliding,
+        qk_norm: matches!(
+            arch,
+            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 | Arch::Gemma3Text
+        ),
+        norm_offset: gemma,
+        sandwich: gemma,
+        fused: arch == Arch::Phi3,
+        // Gemma3TextScaledWordEmbedding: `torch.tensor(hidden_size ** 0.5)`, an f32 scalar (the
+        // embedding's dtype when PyTorch computes in f32, as eva does).
+        embed_scale: gemma.then(|| (hidden as f64).sqrt() as f32),
+        attn_scale,
+        softcap,
+        moe: moe(r, arch, layers)?,
+    })
+}
+
+/// The mixture-of-experts settings of `arch` (`None` for dense decoders), with transformers'
+/// defaults for keys a config leaves out.
+fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
+    // Transformers 5 writes `num_experts` under its attribute-map name `num_local_experts` for
+    // some families (Qwen3-MoE); checkpoints as they ship use `num_experts`. Either is read.
+    let count = |default: usize| -> Result<usize> {
+        match r.v.get("num_experts") {
+            None | Some(Value::Null) => r.usize_or("num_local_experts", default),
+            Some(_) => r.usize("num_experts"),
+        }
+    };
+    let (experts, intermediate, norm_topk, shared, keys, default_k) = match arch {
+        Arch::Mixtral => (
+            count(8)?,
+            r.usize("intermediate_size")?,
+            true,
+            None,
+            ExpertKeys::Mixtral,
+            2,
+        ),
+        Arch::Qwen2Moe => (
+            count(60)?,
+            r.usize_or("moe_intermediate_size", 1408)?,
+            r.bool_or("norm_topk_prob", false)?,
+            Some(r.usize_or("shared_expert_intermediate_size", 5632)?),
+            ExpertKeys::Qwen,
+            4,
+        ),
+        Arch::Qwen3Moe => (
+            count(128)?,
+            r.usize_or("moe_intermediate_size", 768)?,
+            r.bool_or("norm_topk_prob", false)?,
+            None,
+            ExpertKeys::Qwen,
+            8,
+        ),
+        _ => return Ok(None),
+    };
+    let top_k = r.usize_or("num_experts_per_tok", default_k)?;
+    if top_k > experts {
+        return Err(Error::data(format!(
+            "{}: num_experts_per_tok = {top_k} is more than the {experts} experts",
+            r.path.display()
+        )));
+    }
+    let step = match arch {
+        Arch::Mixtral => 1,
+        _ => r.usize_or("decoder_sparse_step", 1)?,
+    };
+    let dense: Vec<u64> = match r.v.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| r.err("mlp_only_layers", "a list of block numbers"))?,
+    };
+    let sparse = (0..layers)
+        .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
+        .collect();
+    Ok(Some(MoeConfig {
+        experts,
+        top_k,
+        intermediate,
+        norm_topk,
+        shared,
+        sparse,
+        keys,
+    }))
+}
+
+/// The encoder settings of `arch` (bert, roberta).
+fn encoder(r: &Reader, arch: Arch, pad_token_id: Option<u32>) -> Result<EncoderConfig> {
+    let path = r.path;
+    let hidden = r.usize("hidden_size")?;
+    let heads = r.usize("num_attention_heads")?;
+    let pet =
+        r.v.get("position_embedding_type")
+            .and_then(Value::as_str)
+            .unwrap_or("absolute");
+    if pet != "absolute" {
+        return Err(Error::data(format!(
+            "{}: position_embedding_type `{pet}` is not supported (only `absolute`)",
+            path.display()
+        )));
+    }
+    if hidden % heads != 0 {
+        return Err(Error::data(format!(
+            "{}: hidden_size = {hidden} is not a multiple of num_attention_heads = {heads}",
+            path.display()
+        )));
+    }
+    let position_offset = match arch {
+        // RobertaEmbeddings: position ids start at padding_idx + 1.
+        Arch::Roberta => Some(pad_token_id.unwrap_or(1)),
+        _ => None,
+    };
+    let max_positions = r.usize("max_position_embeddings")?;
+    if position_offset.is_some_and(|p| p as usize + 1 >= max_positions) {
+        return Err(Error::data(format!(
+            "{}: max_position_embeddings = {max_positions} leaves no positions after the padding offset {}",
+            path.display(),
+            position_offset.unwrap_or(0) + 1
+        )));
+    }
+    Ok(EncoderConfig {
+        hidden,
+        intermediate: r.usize("intermediate_size")?,
+        layers: r.usize("num_hidden_layers")?,
+        heads,
+        eps: r.f64_or("layer_norm_eps", 1e-12)? as f32,
+        act: r.act_key("hidden_act", "gelu")?,
+        max_positions,
+        type_vocab: r.usize_or("type_vocab_size", 2)?,
+        position_offset,
     })
 }
 
@@ -404,23 +610,116 @@ impl From<EncoderConfig> for Family {
     }
 }
 
-/// RoPE inverse frequencies. `rope_theta` sits at top level (transformers 4) or inside
+/// RoPE of a llama-style config. `rope_theta` sits at top level (transformers 4) or inside
 /// `rope_parameters` (transformers 5); scaling comes from `rope_parameters.rope_type` or
-/// `rope_scaling.{rope_type,type}`. Formulas: transformers' `modeling_rope_utils.py`.
-fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
+/// `rope_scaling.{rope_type,type}`. `partial` allows `partial_rotary_factor` (Phi-3, whose
+/// attention rotates only the first `head_dim · factor` features of each head).
+fn rope(r: &Reader, head_dim: usize, partial: bool) -> Result<(Rope, String)> {
     let params = r.v.get("rope_parameters").filter(|p| p.is_object());
     let scaling = r.v.get("rope_scaling").filter(|p| p.is_object());
     let theta = params
         .and_then(|p| p.get("rope_theta"))
-        .or_else(|| r.v.get("rope_theta"))
+        .or_else(|| r.v.get("rope_theta"));
+    let spec = params.or(scaling);
+    let factor = spec
+        .and_then(|s| s.get("partial_rotary_factor"))
+        .or_else(|| r.v.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    let dim = if factor == 1.0 {
+        head_dim
+    } else if partial && factor > 0.0 && factor < 1.0 {
+        // `int(head_dim * partial_rotary_factor)`, as transformers computes the rotary width.
+        let dim = (head_dim as f64 * factor) as usize;
+        if dim == 0 || dim % 2 != 0 {
+            return Err(Error::data(format!(
+                "{}: partial_rotary_factor = {factor} gives {dim} rotary features of head_dim {head_dim}; an even, positive number is needed",
+                r.path.display()
+            )));
+        }
+        dim
+    } else {
+        return Err(Error::data(format!(
+            "{}: partial_rotary_factor = {factor} is not supported{}",
+            r.path.display(),
+            if partial {
+                " (expected a number in (0, 1])"
+            } else {
+                " for this model_type (only 1)"
+            }
+        )));
+    };
+    let (rope, desc) = rope_from(r, spec, theta, 10000.0, dim)?;
+    let desc = if dim == head_dim {
+        desc
+    } else {
+        format!("{desc}, {dim} of {head_dim} features rotated")
+    };
+    Ok((rope, desc))
+}
+
+/// Gemma 3's two RoPEs: transformers 5's `rope_parameters` per layer type
+/// (`full_attention`, `sliding_attention`), or the older `rope_theta` (global, default 1e6)
+/// with `rope_scaling`, and `rope_local_base_freq` (sliding layers, default 1e4, no scaling).
+fn gemma_ropes(r: &Reader, head_dim: usize) -> Result<(Rope, Option<Rope>, String)> {
+    let params = r.v.get("rope_parameters").filter(|p| p.is_object());
+    let per_type = params
+        .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+    let (global, local) = match per_type {
+        Some(p) => {
+            let full = p.get("full_attention").filter(|s| s.is_object());
+            let slide = p.get("sliding_attention").filter(|s| s.is_object());
+            (
+                rope_from(
+                    r,
+                    full,
+                    full.and_then(|s| s.get("rope_theta")),
+                    1e6,
+                    head_dim,
+                )?,
+                rope_from(
+                    r,
+                    slide,
+                    slide.and_then(|s| s.get("rope_theta")),
+                    1e4,
+                    head_dim,
+                )?,
+            )
+        }
+        None => {
+            let spec = params.or_else(|| r.v.get("rope_scaling").filter(|s| s.is_object()));
+            let theta = params
+                .and_then(|p| p.get("rope_theta"))
+                .or_else(|| r.v.get("rope_theta"));
+            (
+                rope_from(r, spec, theta, 1e6, head_dim)?,
+                rope_from(r, None, r.v.get("rope_local_base_freq"), 1e4, head_dim)?,
+            )
+        }
+    };
+    let desc = format!("global {}; sliding {}", global.1, local.1);
+    Ok((global.0, Some(local.0), desc))
+}
+
+/// Inverse frequencies for `dim` rotary features from a RoPE spec (`rope_type` or `type` and
+/// its parameters; none = default) and `rope_theta` (`default_theta` if absent). Formulas:
+/// transformers' `modeling_rope_utils.py`.
+fn rope_from(
+    r: &Reader,
+    spec: Option<&Value>,
+    theta: Option<&Value>,
+    default_theta: f64,
+    dim: usize,
+) -> Result<(Rope, String)> {
+    let theta = theta
+        .filter(|t| !t.is_null())
         .map(|t| {
             t.as_f64()
                 .filter(|t| *t > 0.0)
                 .ok_or_else(|| r.err("rope_theta", "a positive number"))
         })
         .transpose()?
-        .unwrap_or(10000.0);
-    let spec = params.or(scaling);
+        .unwrap_or(default_theta);
     let kind = spec
         .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
         .and_then(Value::as_str)
@@ -435,24 +734,10 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
                 ))
             })
     };
-    if spec
-        .and_then(|s| s.get("partial_rotary_factor"))
-        .and_then(Value::as_f64)
-        .is_some_and(|f| f != 1.0)
-        || r.v
-            .get("partial_rotary_factor")
-            .and_then(Value::as_f64)
-            .is_some_and(|f| f != 1.0)
-    {
-        return Err(Error::data(format!(
-            "{}: partial_rotary_factor != 1 is not supported",
-            r.path.display()
-        )));
-    }
     // inv_freq[i] = theta^(-2i/d), as transformers computes it: exponent and power in f32.
-    let base: Vec<f64> = (0..head_dim / 2)
+    let base: Vec<f64> = (0..dim / 2)
         .map(|i| {
-            let e = (2 * i) as f32 / head_dim as f32;
+            let e = (2 * i) as f32 / dim as f32;
             1.0 / (theta as f32).powf(e) as f64
         })
         .collect();
@@ -487,6 +772,13 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
                 .collect();
             (inv, format!("theta {theta}, llama3 x{factor}"))
         }
+        "longrope" | "su" | "yarn" => {
+            return Err(Error::data(format!(
+                "{}: rope type `{kind}` is not supported (supported: default, linear, llama3): longrope (Phi-3's \
+                 long-context RoPE) and yarn rescale the frequencies and cos/sin, which eva does not compute",
+                r.path.display()
+            )))
+        }
         other => {
             return Err(Error::data(format!(
                 "{}: rope type `{other}` is not supported (supported: default, linear, llama3)",
@@ -502,74 +794,33 @@ fn rope(r: &Reader, head_dim: usize) -> Result<(Rope, String)> {
     ))
 }
 
-/// The mixture-of-experts settings of `arch` (`None` for dense decoders), with transformers'
-/// defaults for keys a config leaves out.
-fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
-    let (experts, intermediate, norm_topk, shared, keys) = match arch {
-        Arch::Mixtral => (
-            r.usize_or("num_local_experts", 8)?,
-            r.usize("intermediate_size")?,
-            true,
-            None,
-            ExpertKeys::Mixtral,
-        ),
-        Arch::Qwen2Moe => (
-            r.usize_or("num_experts", 60)?,
-            r.usize_or("moe_intermediate_size", 1408)?,
-            r.bool_or("norm_topk_prob", false)?,
-            Some(r.usize_or("shared_expert_intermediate_size", 5632)?),
-            ExpertKeys::Qwen,
-        ),
-        _ => return Ok(None),
-    };
-    let default_k = if arch == Arch::Mixtral { 2 } else { 4 };
-    let top_k = r.usize_or("num_experts_per_tok", default_k)?;
-    if top_k > experts {
-        return Err(Error::data(format!(
-            "{}: num_experts_per_tok = {top_k} is more than the {experts} experts",
-            r.path.display()
-        )));
-    }
-    let step = match arch {
-        Arch::Mixtral => 1,
-        _ => r.usize_or("decoder_sparse_step", 1)?,
-    };
-    let dense: Vec<u64> = match r.v.get("mlp_only_layers") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(v) => v
-            .as_array()
-            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| r.err("mlp_only_layers", "a list of block numbers"))?,
-    };
-    let sparse = (0..layers)
-        .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
-        .collect();
-    Ok(Some(MoeConfig {
-        experts,
-        top_k,
-        intermediate,
-        norm_topk,
-        shared,
-        sparse,
-        keys,
-    }))
-}
-
-/// Sliding-window size per layer: Mistral's `sliding_window`; Qwen2's only with
-/// `use_sliding_window`, from layer `max_window_layers` on; an explicit `layer_types` list wins.
-fn windows(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> {
+/// Which layers are `sliding_attention` layers, and the sliding window of each layer. An
+/// explicit `layer_types` list wins; else Mistral's `sliding_window` on every layer, Phi-3's
+/// too, Qwen2's and Qwen3's only with `use_sliding_window`, from layer `max_window_layers` on,
+/// and Gemma 3's on every layer but each `sliding_window_pattern`-th (default 6).
+fn layer_types(r: &Reader, arch: Arch, layers: usize) -> Result<(Vec<bool>, Vec<Option<usize>>)> {
+    let gemma = matches!(arch, Arch::Gemma3 | Arch::Gemma3Text);
     let window = match r.v.get("sliding_window") {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => match arch {
+            // Qwen3Config and Gemma3TextConfig default sliding_window to 4096.
+            Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma3Text => Some(4096),
+            _ => None,
+        },
         // Qwen2MoeConfig writes 0 without use_sliding_window.
         Some(v) if arch == Arch::Qwen2Moe && v.as_u64() == Some(0) => None,
         Some(_) => Some(r.usize("sliding_window")?),
     };
+    let qwen = matches!(
+        arch,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+    );
     let window = match arch {
-        Arch::Mistral | Arch::Mixtral => window,
-        Arch::Qwen2 | Arch::Qwen2Moe if r.bool_or("use_sliding_window", false)? => window,
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => window,
+        _ if gemma => window,
+        _ if qwen && r.bool_or("use_sliding_window", false)? => window,
         _ => None,
     };
-    if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
+    let sliding: Vec<bool> = if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
         if types.len() != layers {
             return Err(Error::data(format!(
                 "{}: layer_types has {} entries for {layers} layers",
@@ -577,43 +828,44 @@ fn windows(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>> 
                 types.len()
             )));
         }
-        return types
+        types
             .iter()
             .map(|t| match t.as_str() {
-                Some("full_attention") => Ok(None),
-                Some("sliding_attention") => Ok(window),
+                Some("full_attention") => Ok(false),
+                Some("sliding_attention") => Ok(true),
                 _ => Err(Error::data(format!(
                     "{}: layer_types entry {t} is not supported (expected full_attention or sliding_attention)",
                     r.path.display()
                 ))),
             })
-            .collect();
-    }
-    if arch == Arch::Qwen2Moe {
+            .collect::<Result<_>>()?
+    } else if gemma {
+        let pattern = r.usize_or("sliding_window_pattern", 6)?;
+        (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+    } else if arch == Arch::Qwen2Moe {
         // Qwen2MoeConfig's default layer_types: sliding on even blocks below max_window_layers.
         let below = r.usize_or("max_window_layers", 28)?;
-        return Ok((0..layers)
-            .map(|i| {
-                if i % 2 == 0 && i < below {
-                    window
-                } else {
-                    None
-                }
-            })
-            .collect());
-    }
-    let first = match arch {
-        // Qwen2Config's default max_window_layers is 28.
-        Arch::Qwen2 => {
-            r.v.get("max_window_layers")
-                .and_then(Value::as_u64)
-                .unwrap_or(28) as usize
-        }
-        _ => 0,
+        (0..layers).map(|i| i % 2 == 0 && i < below).collect()
+    } else if arch == Arch::Qwen3Moe {
+        // Qwen3MoeAttention: the window (with use_sliding_window) on every layer.
+        vec![true; layers]
+    } else {
+        let first = match arch {
+            // Qwen2Config's and Qwen3Config's default max_window_layers is 28.
+            _ if qwen => {
+                r.v.get("max_window_layers")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(28) as usize
+            }
+            _ => 0,
+        };
+        (0..layers).map(|i| i >= first).collect()
     };
-    Ok((0..layers)
-        .map(|i| if i >= first { window } else { None })
-        .collect())
+    let windows = sliding
+        .iter()
+        .map(|&s| if s { window } else { None })
+        .collect();
+    Ok((sliding, windows))
 }
 
 #[cfg(test)]
@@ -648,7 +900,8 @@ mod tests {
         let e = cfg(json!({"model_type": "gpt2"})).unwrap_err().to_string();
         assert!(
             e.contains("gpt2")
-                && e.contains("llama, mistral, qwen2, mixtral, qwen2_moe, bert, roberta"),
+                && e.contains("llama, mistral, qwen2")
+                && e.contains("qwen3_moe, bert, roberta"),
             "{e}"
         );
     }

@@ -101,10 +101,12 @@ fn slice(t: &HostTensor, first: usize, rows: usize, cols: usize) -> Result<HostT
     let width = match t.dtype {
         safetensors::Dtype::F32 => 4,
         safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
-        other => return Err(Error::data(format!(
+        other => {
+            return Err(Error::data(format!(
             "checkpoint tensor {}: dtype {other:?} is not supported (expected F32, F16 or BF16)",
             t.name
-        ))),
+        )))
+        }
     };
     let start = t.range.start + first * cols * width;
     Ok(HostTensor {

@@ -19,6 +19,9 @@ For each architecture it writes:
 
 It also writes examples/tiny-llama/, the checkpoint the README's main command runs on.
 
+With architecture names as arguments (e.g. `make_fixtures.py qwen3 phi3`) it writes only those
+fixtures, leaving every other file as it is.
+
 With EVA_MINILM_DIR pointing at the real all-MiniLM-L6-v2 (see .ci/run), it writes only
 tests/reference/minilm/pca.safetensors (see `minilm` below).
 
@@ -28,8 +31,14 @@ the old config style), `head_dim` != hidden/heads and a single KV head (mistral)
 embeddings, `attention_bias` and `mlp_bias` (llama), Qwen2's q/k/v bias, key prefixes `model.`,
 `bert.` and none, F32 / BF16 / F16 weights, sharded weights (llama), RoBERTa's padding-offset
 positions, BERT's token types and pooler/classifier heads (which eva must skip).
+The 2026 families add: Qwen3's per-head q/k norms, explicit head_dim (heads x head_dim != hidden)
+and a sliding-window layer (qwen3, BF16, tied); Gemma 3's `1 + w` norms, scaled embeddings, four
+norms per block, query_pre_attn_scalar, soft-capping, per-layer-type RoPE with linear scaling on
+the global layers (gemma3_text, sharded F32), and the multimodal checkpoint whose text tower has
+keys `model.language_model.*` beside a vision tower (gemma3, BF16); Phi-3's fused qkv_proj and
+gate_up_proj, partial rotary and a sliding window on every layer (phi3, F16, untied).
 
-Mixture-of-experts checkpoints (mixtral, qwen2_moe) also record, for every expert `e` of a sparse
+Mixture-of-experts checkpoints (mixtral, qwen2_moe, qwen3_moe) also record, for every expert `e` of a sparse
 block, the rows routed to it as `<prefix>layers.N.mlp.experts.gate_up_proj[e]` (the hidden states
 of its tokens, in transformers' order: by top-k position, then token) and
 `...down_proj[e]` (`act(gate) · up` of those rows), hooked on the `*Experts` module, kept tokens
@@ -41,6 +50,7 @@ state dict), a shared expert with its sigmoid gate, a dense block (`mlp_only_lay
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -48,16 +58,27 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 import transformers
 from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
     BertConfig,
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2Model,
     RobertaConfig,
@@ -342,6 +363,176 @@ def qwen2():
     return reference(out, tok, tok.token_to_id("<|endoftext|>"), "")
 
 
+def bert():
+    out = fresh(HERE / "bert")
+    tok = bert_tokenizer()
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=3,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )
+    torch.manual_seed(4)
+    m = BertForSequenceClassification(cfg)
+    perturb(m, 4, 0.1)
+    save(m, tok, out, torch.float32)
+    return reference(out, tok, tok.token_to_id("[PAD]"), "bert.")
+
+
+def roberta():
+    out = fresh(HERE / "roberta")
+    tok = roberta_tokenizer()
+    cfg = RobertaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_SEQ_LEN + 2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(5)
+    m = RobertaModel(cfg)
+    perturb(m, 5, 0.1)
+    save(m, tok, out, torch.float32)
+    return reference(out, tok, 1, "")
+
+
+def qwen3():
+    """Qwen3: q/k RMSNorm per head before RoPE, head_dim 16 with hidden 32 (o_proj reads 64
+    features), no biases, layer 1 a sliding-window layer (use_sliding_window, max_window_layers),
+    BF16 weights, tied embeddings."""
+    out = fresh(HERE / "qwen3")
+    tok = qwen_tokenizer()
+    cfg = Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    )
+    assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+    torch.manual_seed(7)
+    m = Qwen3ForCausalLM(cfg)
+    perturb(m, 7, 0.1)
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, tok.token_to_id("<|endoftext|>"), "model.")
+
+
+def gemma3_text_config(tok):
+    return Gemma3TextConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        rms_norm_eps=1e-6,
+        pad_token_id=tok.token_to_id("<pad>"),
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+
+
+def gemma3_text():
+    """Gemma 3 (text): RMSNorm x(1 + w) (norm weights perturbed around 0, as Gemma stores them),
+    embeddings x sqrt(hidden), four norms per block, q/k norms, query_pre_attn_scalar 24 (not
+    head_dim), attention soft-capping, a sliding layer with its own RoPE base and a global layer
+    with linear RoPE scaling, GELU-tanh; sharded F32, tied embeddings."""
+    out = fresh(HERE / "gemma3_text")
+    tok = llama_tokenizer()
+    cfg = gemma3_text_config(tok)
+    torch.manual_seed(8)
+    m = Gemma3ForCausalLM(cfg)
+    perturb(m, 8, 0.1)
+    gemma_norms(m, 8)
+    save(m, tok, out, torch.float32, max_shard_size="40KB")
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
+def gemma_norms(m, seed):
+    """Gemma's norm weights are offsets from 1: perturb them around 0."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def gemma3():
+    """Gemma 3 multimodal (Gemma3ForConditionalGeneration): a tiny SigLIP vision tower beside the
+    text tower of gemma3_text's shape; keys `model.language_model.*`, settings in `text_config`;
+    BF16. eva runs only the text tower."""
+    out = fresh(HERE / "gemma3")
+    tok = llama_tokenizer()
+    text = gemma3_text_config(tok)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=14, patch_size=7)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4, image_token_index=5)
+    torch.manual_seed(9)
+    m = Gemma3ForConditionalGeneration(cfg)
+    perturb(m, 9, 0.1)
+    gemma_norms(m, 9)
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
+def phi3():
+    """Phi-3: fused qkv_proj and gate_up_proj, partial rotary (half of each head), a sliding
+    window on every layer, GQA; F16, untied."""
+    out = fresh(HERE / "phi3")
+    tok = llama_tokenizer()
+    cfg = Phi3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        sliding_window=7,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=tok.token_to_id("<pad>"),
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+    torch.manual_seed(10)
+    m = Phi3ForCausalLM(cfg)
+    perturb(m, 10, 0.1)
+    save(m, tok, out, torch.float16)
+    return reference(out, tok, tok.token_to_id("<pad>"), "model.")
+
+
 def mixtral():
     out = fresh(HERE / "mixtral")
     tok = sentencepiece_bpe()
@@ -403,48 +594,36 @@ def qwen2_moe():
     return reference(out, tok, tok.token_to_id("<|endoftext|>"), "model.")
 
 
-def bert():
-    out = fresh(HERE / "bert")
-    tok = bert_tokenizer()
-    cfg = BertConfig(
+def qwen3_moe():
+    """Qwen3-MoE: Qwen3's attention (q/k norms, head_dim 16 with hidden 32) and sparse blocks
+    without a shared expert, norm_topk_prob, a dense block (decoder_sparse_step 2: block 0 dense),
+    8 experts, top-2; per-expert keys as save_pretrained writes them, BF16, tied embeddings."""
+    out = fresh(HERE / "qwen3_moe")
+    tok = qwen_tokenizer()
+    cfg = Qwen3MoeConfig(
         vocab_size=tok.get_vocab_size(),
         hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        intermediate_size=40,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
         num_attention_heads=4,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        num_labels=3,
-        pad_token_id=tok.token_to_id("[PAD]"),
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        mlp_only_layers=[],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
     )
-    torch.manual_seed(4)
-    m = BertForSequenceClassification(cfg)
-    perturb(m, 4, 0.1)
-    save(m, tok, out, torch.float32)
-    return reference(out, tok, tok.token_to_id("[PAD]"), "bert.")
-
-
-def roberta():
-    out = fresh(HERE / "roberta")
-    tok = roberta_tokenizer()
-    cfg = RobertaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_SEQ_LEN + 2,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
-    torch.manual_seed(5)
-    m = RobertaModel(cfg)
-    perturb(m, 5, 0.1)
-    save(m, tok, out, torch.float32)
-    return reference(out, tok, 1, "")
+    torch.manual_seed(11)
+    m = Qwen3MoeForCausalLM(cfg)
+    perturb(m, 11, 0.3)
+    save(m, tok, out, torch.bfloat16)
+    return reference(out, tok, tok.token_to_id("<|endoftext|>"), "model.")
 
 
 def train_text():
@@ -539,18 +718,14 @@ if __name__ == "__main__":
         minilm(os.environ["EVA_MINILM_DIR"])
         raise SystemExit(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    import sys
-
-    chosen = sys.argv[1:]
-    for fn in (llama, mistral, qwen2, mixtral, qwen2_moe, bert, roberta):
-        if chosen and fn.__name__ not in chosen:
-            continue
+    every = (llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3, mixtral, qwen2_moe, qwen3_moe, bert, roberta)
+    chosen = [fn for fn in every if fn.__name__ in sys.argv[1:]] if len(sys.argv) > 1 else every
+    for fn in chosen:
         shapes = fn()
         print(fn.__name__, len(shapes), "layers", sorted(set(shapes.values())))
-    if chosen:
-        raise SystemExit(0)
-    tiny_llama()
-    train_text()
+    if len(sys.argv) == 1:
+        tiny_llama()
+        train_text()
     for d in sorted(HERE.iterdir()):
         if d.is_dir():
             size = sum(f.stat().st_size for f in d.iterdir())

@@ -223,6 +223,18 @@ fn qwen2_moe_matches_pytorch() {
 }
 
 #[test]
+fn qwen3_matches_pytorch() {
+    check_against_torch("qwen3");
+}
+
+/// Qwen3-MoE: Qwen3's attention, sparse blocks without a shared expert, `norm_topk_prob`, a
+/// dense block (`decoder_sparse_step`), per-expert keys, BF16.
+#[test]
+fn qwen3_moe_matches_pytorch() {
+    check_against_torch("qwen3_moe");
+}
+
+#[test]
 fn bert_matches_pytorch() {
     check_against_torch("bert");
 }
@@ -436,6 +448,11 @@ fn init_qwen2_moe_matches_pytorch_pca() {
 }
 
 #[test]
+fn init_qwen3_moe_matches_pytorch_pca() {
+    init_matches_pytorch_pca("qwen3_moe", Some("CAUSAL_LM"));
+}
+
+#[test]
 fn init_llama_matches_pytorch_pca() {
     init_matches_pytorch_pca("llama", Some("CAUSAL_LM"));
 }
@@ -499,7 +516,11 @@ fn unsupported_model_type_lists_the_supported_ones() {
         &reference_data(),
         &[],
         1,
-        &["model_type `gpt2`", "llama, mistral, qwen2, bert, roberta"],
+        &[
+            "model_type `gpt2`",
+            "llama, mistral, qwen2",
+            "qwen3_moe, bert, roberta",
+        ],
     );
 }
 

@@ -624,6 +624,17 @@ impl Backend for Cuda {
         })
     }
 
+    fn reshape(&self, mut x: CudaTensor, cols: usize) -> CudaTensor {
+        let n = x.rows * x.cols;
+        assert!(
+            cols > 0 && n % cols == 0,
+            "reshape: {n} values are not rows of {cols}"
+        );
+        x.rows = n / cols;
+        x.cols = cols;
+        x
+    }
+
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> CudaTensor {
         self.produce(x.rows, x.cols, || {
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
