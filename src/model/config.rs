@@ -151,6 +151,11 @@ pub struct MoeConfig {
     pub sparse: Vec<bool>,
     /// Per-expert key naming on disk.
     pub keys: ExpertKeys,
+    /// Whether a dense block's MLP (`mlp.gate_proj`, `up_proj`, `down_proj`) is a target.
+    /// Not for Qwen3-MoE: PEFT 0.21 rewrites those module names of a Qwen3-MoE model into the
+    /// experts' parameters (its transformers 4 → 5 conversion, `_convert_peft_config_moe`), so an
+    /// adapter targeting them would not load as written.
+    pub dense_targets: bool,
 }
 
 /// BERT-family settings (bert, roberta).
@@ -548,6 +553,7 @@ fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
         shared,
         sparse,
         keys,
+        dense_targets: arch != Arch::Qwen3Moe,
     }))
 }
 

@@ -169,8 +169,12 @@ fn linears(c: &DecoderConfig) -> Vec<Lin> {
 /// tensors are checked against the checkpoint when a slice holding them is loaded).
 pub fn modules(c: &DecoderConfig, prefix: &str) -> Vec<Module> {
     let mut out = Vec::new();
+    let dense_targets = c.moe.as_ref().is_none_or(|m| m.dense_targets);
     for layer in 0..c.layers {
-        for l in block_linears(c, layer) {
+        let targets = block_linears(c, layer)
+            .into_iter()
+            .filter(|l| dense_targets || !l.suffix.starts_with("mlp."));
+        for l in targets {
             out.push(Module {
                 name: format!("{prefix}layers.{layer}.{}", l.suffix),
                 layer,

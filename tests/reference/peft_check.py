@@ -10,7 +10,9 @@ For each model (the tiny llama and bert fixtures, and the README's tiny-llama) i
 its config (`architectures[0]`), wraps it with `PeftModel.from_pretrained(base, adapter)`, and
 checks: every adapter tensor is loaded into a LoRA module (A equal to the file, B zero), the
 scaling is alpha_l / r_l, and the model's outputs (logits or hidden states) equal the base
-model's on a batch of the data.
+model's on a batch of the data. For mixture-of-experts models the experts are PEFT
+`target_parameters` (`ParamWrapper`s, nested when gate_up_proj and down_proj are both targeted):
+`lora_A` holds r rows per expert and the rank and alpha are the parameter's.
 """
 
 import json
@@ -61,8 +63,12 @@ def check(eva, model_dir, extra=()):
             b = module.lora_B["default"].weight
             assert torch.equal(a, weights[key]), name
             assert torch.count_nonzero(b) == 0, name
-            r = a.shape[0]
+            r = module.r["default"]
+            assert a.shape[0] == r * getattr(module, "num_experts", 1), (name, a.shape, r)
             layer = name.removeprefix("base_model.model.")
+            if hasattr(module, "parameter_name"):
+                # A ParamWrapper: rank and alpha are keyed by the parameter's path.
+                layer = layer.replace(".base_layer", "") + "." + module.parameter_name
             alpha = acfg["alpha_pattern"].get(layer, acfg["lora_alpha"])
             assert abs(module.scaling["default"] - alpha / r) < 1e-12, (name, module.scaling["default"], alpha, r)
             loaded += 1
@@ -79,6 +85,6 @@ def check(eva, model_dir, extra=()):
 if __name__ == "__main__":
     eva = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target" / "release" / "eva")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {__import__('peft').__version__}")
-    for arch in ("llama", "bert", "mistral", "qwen2", "roberta"):
+    for arch in ("llama", "bert", "mistral", "qwen2", "roberta", "mixtral", "qwen2_moe", "qwen3_moe"):
         check(eva, ROOT / "tests" / "reference" / arch)
     check(eva, ROOT / "examples" / "tiny-llama")
