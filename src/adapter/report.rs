@@ -143,9 +143,15 @@ const WARN_LISTED: usize = 12;
 
 impl Report {
     /// The warning for layers whose input is degenerate, if there are any: how many, which
-    /// (grouped by input), and what it means.
+    /// (grouped by input), and what it means. An expert that fell back to PEFT's default
+    /// initialization (too few routed tokens) is degenerate but keeps its parameter's rank: the
+    /// engine warned about it, and it is not left out.
     pub fn degenerate_warning(&self) -> Option<String> {
-        let bad: Vec<&LayerReport> = self.layers.iter().filter(|l| l.degenerate).collect();
+        let bad: Vec<&LayerReport> = self
+            .layers
+            .iter()
+            .filter(|l| l.degenerate && l.rank == 0)
+            .collect();
         if bad.is_empty() {
             return None;
         }

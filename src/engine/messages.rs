@@ -186,7 +186,10 @@ pub fn decode_layers(buf: &[u8]) -> Result<Vec<(usize, LayerAdapter)>> {
             .ok_or_else(|| bad("missing alpha".into()))?;
         let out_features = r.u64()? as usize;
         let cols = r.u64()? as usize;
-        let a = Array2::from_shape_vec((rank, cols), r.f32s()?).map_err(|e| bad(e.to_string()))?;
+        // `rank` rows, or `rank` per expert for a 3-D parameter's fused lora_A.
+        let values = r.f32s()?;
+        let rows = if cols == 0 { rank } else { values.len() / cols };
+        let a = Array2::from_shape_vec((rows, cols), values).map_err(|e| bad(e.to_string()))?;
         out.push((
             i,
             LayerAdapter {

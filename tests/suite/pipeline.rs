@@ -338,3 +338,45 @@ fn large_exact_grams_stay_on_their_ranks_inside_each_stage() {
         assert_same_written(&one, &w);
     }
 }
+
+/// Mixture-of-experts checkpoints: `--pp 2` (the experts' statistics on the stage of their
+/// block) and 2 data-parallel ranks give the single process's adapter, byte for byte with one
+/// replica; the experts' `lora_A` (one per parameter, `r` rows per expert) included.
+#[test]
+fn moe_models_give_the_same_adapter_on_every_grid() {
+    let tmp = tempdir();
+    for arch in ["qwen3_moe", "qwen2_moe"] {
+        let dir = super::model::fixture(arch);
+        let data = super::model::reference_data();
+        let source = [
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-seq-len",
+            "24",
+            "--no-early-stop",
+            "--batch-size",
+            "2",
+        ];
+        let single = tmp.path().join(format!("{arch}-single"));
+        let one = init(&single, &source, &[]);
+        assert!(
+            one.config["target_parameters"].as_array().unwrap().len() >= 2,
+            "{arch}: experts targeted"
+        );
+        let weights = std::fs::read(single.join("adapter_model.safetensors")).unwrap();
+        for (ranks, pp) in [("2", "2"), ("2", "1")] {
+            let out = tmp.path().join(format!("{arch}-r{ranks}pp{pp}"));
+            let w = init(&out, &source, &["--local-ranks", ranks, "--pp", pp]);
+            assert_same_written(&one, &w);
+            if ranks == pp {
+                assert_eq!(
+                    std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+                    weights,
+                    "{arch}: {ranks} ranks, --pp {pp}"
+                );
+            }
+        }
+    }
+}
