@@ -179,7 +179,17 @@ macro_rules! forward_tests {
     };
 }
 
-forward_tests!(llama, mistral, qwen2, qwen3, bert, roberta);
+forward_tests!(
+    llama,
+    mistral,
+    qwen2,
+    qwen3,
+    gemma3_text,
+    gemma3,
+    phi3,
+    bert,
+    roberta
+);
 
 /// Rows with a large mean and a decaying spectrum, the case the shift exists for.
 fn rows(n: usize, d: usize, seed: u64) -> Array2<f32> {

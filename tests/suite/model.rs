@@ -214,6 +214,23 @@ fn qwen3_matches_pytorch() {
 }
 
 #[test]
+fn gemma3_text_matches_pytorch() {
+    check_against_torch("gemma3_text");
+}
+
+/// The multimodal checkpoint: only the text tower runs; its keys `language_model.model.*` are
+/// the modules `model.language_model.*` PEFT sees.
+#[test]
+fn gemma3_text_tower_matches_pytorch() {
+    check_against_torch("gemma3");
+}
+
+#[test]
+fn phi3_matches_pytorch() {
+    check_against_torch("phi3");
+}
+
+#[test]
 fn bert_matches_pytorch() {
     check_against_torch("bert");
 }
@@ -444,7 +461,10 @@ fn unsupported_model_type_lists_the_supported_ones() {
         &reference_data(),
         &[],
         1,
-        &["model_type `gpt2`", "llama, mistral, qwen2, bert, roberta"],
+        &[
+            "model_type `gpt2`",
+            "llama, mistral, qwen2, qwen3, gemma3_text, gemma3, phi3, bert, roberta",
+        ],
     );
 }
 
