@@ -192,6 +192,13 @@ pub fn report(args: &InspectArgs) -> Result<String> {
             &model.prefix
         }
     );
+    if model.module_prefix != model.prefix {
+        let _ = writeln!(
+            w,
+            "module path  {} (as transformers loads the keys; the adapter's names)",
+            model.module_prefix
+        );
+    }
     if let Some(m) = c.max_positions() {
         let _ = writeln!(
             w,

@@ -13,7 +13,7 @@
 //! | [`Backend::add`] | `x += y` (residual connections) |
 //! | [`Backend::reshape`] | the same values as `[tokens·cols/c, c]` (per-head ops: q/k norms) |
 //! | [`Backend::rms_norm`], [`Backend::layer_norm`], [`Backend::add_layer_norm`] | per-token normalization (the last after a residual add) |
-//! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout) |
+//! | [`Backend::rope`] | rotary position embedding (HF's `rotate_half` layout; partial rotary) |
 //! | [`Backend::attention`] | scaled dot-product attention per sequence and head, causal or bidirectional, GQA |
 //! | [`Backend::activate`], [`Backend::gated`] | GELU / SiLU / ReLU, and `act(gate) ⊙ up` |
 //! | [`Backend::gather`], [`Backend::scatter_add`] | a mixture-of-experts block's routed rows, and its experts' weighted outputs added back (`index_add_`) |
@@ -273,7 +273,9 @@ pub trait Backend {
         self.add(&mut x, y);
         self.layer_norm(&x, w, b, eps)
     }
-    /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
+    /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token
+    /// (`[tokens, half]`): the first `2·half` features of each head (all of them when `half` is
+    /// `head_dim / 2`; fewer is Phi-3's partial rotary, the rest passing through).
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
     /// `softmax(softcap(q kᵀ · scale) + mask) v` per sequence and head (see [`Heads`]); `q: [tokens, heads·hd]`,
     /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.

@@ -207,8 +207,13 @@ impl Backend for Cpu {
     }
 
     fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
-        let half = head_dim / 2;
+        // Partial rotary: the tables cover the first 2·half features of each head.
+        let half = cos.ncols();
         let d = x.ncols();
+        assert!(
+            2 * half <= head_dim && d % head_dim == 0,
+            "rope: tables of {half} pairs for heads of {head_dim} in {d} features"
+        );
         let (cos, sin) = (
             cos.as_slice().expect("standard layout"),
             sin.as_slice().expect("standard layout"),
@@ -222,7 +227,7 @@ impl Backend for Cpu {
                     &sin[t * half..(t + 1) * half],
                 );
                 for head in row.chunks_exact_mut(head_dim) {
-                    let (a, b) = head.split_at_mut(half);
+                    let (a, b) = head[..2 * half].split_at_mut(half);
                     for i in 0..half {
                         let (x1, x2) = (a[i], b[i]);
                         a[i] = x1 * c[i] - x2 * s[i];
@@ -577,6 +582,50 @@ mod tests {
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional, None);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
+    }
+
+    /// Partial rotary (tables narrower than half a head) rotates each head's first `2·half`
+    /// features exactly as a full rotation of those features alone, and leaves the rest.
+    #[test]
+    fn partial_rope_rotates_the_head_prefix_only() {
+        let (tokens, heads, hd, half) = (3, 2, 8, 2);
+        let x = Array2::from_shape_fn((tokens, heads * hd), |(t, j)| {
+            (t * 31 + j * 7) as f32 * 0.1 - 1.0
+        });
+        let cos = Array2::from_shape_fn((tokens, half), |(t, i)| ((t + i) as f32 * 0.3).cos());
+        let sin = Array2::from_shape_fn((tokens, half), |(t, i)| ((t + i) as f32 * 0.3).sin());
+        let mut partial = x.clone();
+        Cpu.rope(&mut partial, hd, &cos, &sin);
+        for h in 0..heads {
+            let cols = h * hd..h * hd + 2 * half;
+            let mut prefix = x.slice(ndarray::s![.., cols.clone()]).to_owned();
+            Cpu.rope(&mut prefix, 2 * half, &cos, &sin);
+            assert_eq!(partial.slice(ndarray::s![.., cols]), prefix);
+            let tail = h * hd + 2 * half..(h + 1) * hd;
+            assert_eq!(
+                partial.slice(ndarray::s![.., tail.clone()]),
+                x.slice(ndarray::s![.., tail])
+            );
+        }
+    }
+
+    /// `reshape` to heads and back keeps the values; an RMSNorm over the reshaped rows is the
+    /// per-head norm.
+    #[test]
+    fn reshape_gives_per_head_rows() {
+        let x = Array2::from_shape_fn((2, 6), |(t, j)| (t * 6 + j) as f32 + 1.0);
+        let heads = Cpu.reshape(x.clone(), 3);
+        assert_eq!(heads.dim(), (4, 3));
+        assert_eq!(heads.row(1).to_vec(), vec![4.0, 5.0, 6.0]);
+        let w = CpuWeight {
+            shape: vec![3],
+            storage: Storage::Owned(vec![1.0, 2.0, 0.5]),
+        };
+        let normed = Cpu.reshape(Cpu.rms_norm(&heads, &w, 0.0), 6);
+        let (a, b) = (x.row(1), normed.row(1));
+        let rms = ((a[3] * a[3] + a[4] * a[4] + a[5] * a[5]) / 3.0).sqrt();
+        assert!((b[4] - 2.0 * a[4] / rms).abs() < 1e-6);
+        assert_eq!(Cpu.reshape(heads, 6), x);
     }
 
     /// Every loop of the backend gives bitwise the same values on 1, 2 or 3 threads, at sizes

@@ -188,7 +188,7 @@ pub fn decode_layers(buf: &[u8]) -> Result<Vec<(usize, LayerAdapter)>> {
         let cols = r.u64()? as usize;
         // `rank` rows, or `rank` per expert for a 3-D parameter's fused lora_A.
         let values = r.f32s()?;
-        let rows = if cols == 0 { rank } else { values.len() / cols };
+        let rows = values.len().checked_div(cols).unwrap_or(rank);
         let a = Array2::from_shape_vec((rows, cols), values).map_err(|e| bad(e.to_string()))?;
         out.push((
             i,

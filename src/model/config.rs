@@ -114,10 +114,11 @@ pub struct DecoderConfig {
     pub embed_scale: Option<f32>,
     /// The attention scores' factor (`head_dim^-0.5`; Gemma 3 `query_pre_attn_scalar^-0.5`).
     pub attn_scale: f32,
-    /// Attention logit soft-capping (Gemma's `attn_logit_softcapping`).
+    /// Attention logit soft-capping (none of the supported families applies it: Gemma 3's
+    /// attention ignores its config's `attn_logit_softcapping`).
     pub softcap: Option<f32>,
     /// Mixture-of-experts settings (mixtral, qwen2_moe, qwen3_moe); `None` for dense decoders.
-    pub moe: Option<MoeConfig>,
+    pub moe: Option<Box<MoeConfig>>,
 }
 
 /// How a sparse block's experts are named in the checkpoint: transformers 5 fuses them into
@@ -442,17 +443,11 @@ fn decoder(r: &Reader, arch: Arch) -> Result<DecoderConfig> {
             1.0 / (head_dim as f32).sqrt(),
         )
     };
-    let softcap = match r.v.get("attn_logit_softcapping") {
-        None | Some(Value::Null) => None,
-        Some(_) if gemma => {
-            let cap = r.f64_or("attn_logit_softcapping", 0.0)?;
-            if cap <= 0.0 {
-                return Err(r.err("attn_logit_softcapping", "a positive number or null"));
-            }
-            Some(cap as f32)
-        }
-        Some(_) => None,
-    };
+    // Gemma3TextConfig has `attn_logit_softcapping`, but transformers' Gemma3Attention does not
+    // pass it to the attention (modeling_gemma3.py, 5.x): Gemma 3's scores are not soft-capped,
+    // whatever the config says (the gemma3_text fixture sets it to 5 and PyTorch ignores it).
+    // `Heads::softcap` stays for a family whose attention applies it.
+    let softcap = None;
     Ok(DecoderConfig {
         hidden,
         intermediate,
@@ -488,7 +483,7 @@ fn decoder(r: &Reader, arch: Arch) -> Result<DecoderConfig> {
 
 /// The mixture-of-experts settings of `arch` (`None` for dense decoders), with transformers'
 /// defaults for keys a config leaves out.
-fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
+fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<Box<MoeConfig>>> {
     // Transformers 5 writes `num_experts` under its attribute-map name `num_local_experts` for
     // some families (Qwen3-MoE); checkpoints as they ship use `num_experts`. Either is read.
     let count = |default: usize| -> Result<usize> {
@@ -545,7 +540,7 @@ fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
     let sparse = (0..layers)
         .map(|l| !dense.contains(&(l as u64)) && (l + 1) % step == 0)
         .collect();
-    Ok(Some(MoeConfig {
+    Ok(Some(Box::new(MoeConfig {
         experts,
         top_k,
         intermediate,
@@ -554,7 +549,7 @@ fn moe(r: &Reader, arch: Arch, layers: usize) -> Result<Option<MoeConfig>> {
         sparse,
         keys,
         dense_targets: arch != Arch::Qwen3Moe,
-    }))
+    })))
 }
 
 /// The encoder settings of `arch` (bert, roberta).
@@ -910,6 +905,101 @@ mod tests {
                 && e.contains("qwen3_moe, bert, roberta"),
             "{e}"
         );
+    }
+
+    fn decoder_of(v: Value) -> DecoderConfig {
+        match cfg(v).unwrap().family {
+            Family::Decoder(d) => d,
+            Family::Encoder(_) => panic!("a decoder"),
+        }
+    }
+
+    /// Gemma 3's older config keys (`rope_theta`, `rope_local_base_freq`, `rope_scaling` on the
+    /// global layers only, `sliding_window_pattern`) give what transformers 5's per-layer-type
+    /// `rope_parameters` give.
+    #[test]
+    fn gemma3_old_and_new_rope_keys_agree() {
+        let base = json!({"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 4, "num_attention_heads": 2, "head_dim": 8});
+        let mut old = base.clone();
+        old["rope_theta"] = json!(1000000.0);
+        old["rope_local_base_freq"] = json!(10000.0);
+        old["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        old["sliding_window_pattern"] = json!(2);
+        let mut new = base.clone();
+        new["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
+        new["layer_types"] = json!([
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention"
+        ]);
+        let (a, b) = (decoder_of(old), decoder_of(new));
+        assert_eq!(a.rope.inv_freq, b.rope.inv_freq);
+        assert_eq!(
+            a.local_rope.as_ref().unwrap().inv_freq,
+            b.local_rope.as_ref().unwrap().inv_freq
+        );
+        assert_ne!(a.rope.inv_freq, a.local_rope.unwrap().inv_freq);
+        assert_eq!(a.sliding, b.sliding);
+        assert_eq!(a.windows, vec![Some(4096), None, Some(4096), None]);
+        assert_eq!(
+            a.attn_scale,
+            1.0 / 16.0,
+            "query_pre_attn_scalar defaults to 256"
+        );
+        assert_eq!(a.embed_scale, Some(8f64.sqrt() as f32));
+        let mut bidirectional = base.clone();
+        bidirectional["use_bidirectional_attention"] = json!(true);
+        let e = cfg(bidirectional).unwrap_err().to_string();
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+    }
+
+    /// A multimodal Gemma 3 reads its text tower's settings from `text_config`, and needs one.
+    #[test]
+    fn gemma3_reads_text_config() {
+        let text = json!({"model_type": "gemma3_text", "vocab_size": 12, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 4});
+        let c = cfg(json!({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text})).unwrap();
+        assert_eq!((c.arch, c.vocab), (Arch::Gemma3, 12));
+        let e = cfg(json!({"model_type": "gemma3"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config"), "{e}");
+    }
+
+    /// Qwen3's defaults follow Qwen3Config: head_dim 128, no window without use_sliding_window.
+    #[test]
+    fn qwen3_defaults_follow_transformers() {
+        let v = json!({"model_type": "qwen3", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "sliding_window": 4, "max_window_layers": 1});
+        let d = decoder_of(v.clone());
+        assert_eq!((d.head_dim, d.qk_norm, d.qkv_bias), (128, true, false));
+        assert_eq!(d.windows, vec![None, None]);
+        let mut w = v;
+        w["use_sliding_window"] = json!(true);
+        assert_eq!(decoder_of(w).windows, vec![None, Some(4)]);
+    }
+
+    /// Phi-3's partial rotary narrows the tables; longrope and partial rotary elsewhere are
+    /// refused by name.
+    #[test]
+    fn phi3_partial_rotary_and_refusals() {
+        let base = json!({"model_type": "phi3", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "partial_rotary_factor": 0.75});
+        let d = decoder_of(base.clone());
+        assert_eq!((d.head_dim, d.rope.inv_freq.len(), d.fused), (16, 6, true));
+        let mut long = base.clone();
+        long["rope_scaling"] =
+            json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
+        let e = cfg(long).unwrap_err().to_string();
+        assert!(e.contains("`longrope` is not supported"), "{e}");
+        let mut llama = base;
+        llama["model_type"] = json!("llama");
+        let e = cfg(llama).unwrap_err().to_string();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
     }
 
     #[test]

@@ -407,6 +407,7 @@ impl<W> Ffn<W> {
     /// Runs the feed-forward part of layer `layer` on its normalized input `x` (already
     /// delivered as [`Point::MlpIn`]), delivering its inner capture points; `None` when the
     /// pass stops inside it.
+    #[allow(clippy::too_many_arguments)] // the block's state, as the dense and sparse MLPs need it
     pub fn forward<B: Backend<Weight = W>>(
         &self,
         be: &B,

@@ -186,8 +186,13 @@ pub struct Model {
     pub config: ModelConfig,
     /// The mapped safetensors files.
     pub checkpoint: Checkpoint,
-    /// Key prefix in front of the base model's tensors (`model.`, `bert.`, `roberta.` or ``).
+    /// Key prefix in front of the base model's tensors (`model.`, `bert.`, `roberta.`,
+    /// `model.language_model.`, ... or ``).
     pub prefix: String,
+    /// The blocks' module path as PEFT sees it: the key prefix, except for multimodal checkpoints
+    /// saved in the older layout (keys `language_model.model.*`, which transformers renames to
+    /// the modules `model.language_model.*` when it loads them).
+    pub module_prefix: String,
     modules: Vec<Module>,
 }
 
@@ -216,14 +221,16 @@ impl Model {
                 names.join(", ")
             ))
         })?;
+        let module_prefix = module_prefix(&config, &prefix);
         let modules = match &config.family {
-            Family::Decoder(c) => decoder::modules(c, &prefix),
+            Family::Decoder(c) => decoder::modules(c, &module_prefix),
             Family::Encoder(c) => encoder::modules(c, &prefix),
         };
         Ok(Model {
             config,
             checkpoint,
             prefix,
+            module_prefix,
             modules,
         })
     }
@@ -388,6 +395,23 @@ impl Model {
         }
         b.segments = Segments::from_lengths(lengths);
         b
+    }
+}
+
+/// The module path of the blocks for a checkpoint key prefix: transformers' conversion of
+/// multimodal (llava-style, Gemma 3) checkpoints moves `language_model.model.` to
+/// `model.language_model.` in `*ForConditionalGeneration` (and to `language_model.` in the bare
+/// `*Model`); every other prefix is the module path itself.
+fn module_prefix(config: &ModelConfig, prefix: &str) -> String {
+    match prefix.strip_suffix("language_model.model.") {
+        Some(outer) if config.arch == config::Arch::Gemma3 => {
+            if config.class.ends_with("ForConditionalGeneration") {
+                format!("{outer}model.language_model.")
+            } else {
+                format!("{outer}language_model.")
+            }
+        }
+        _ => prefix.to_string(),
     }
 }
 

@@ -33,7 +33,7 @@ embeddings, `attention_bias` and `mlp_bias` (llama), Qwen2's q/k/v bias, key pre
 positions, BERT's token types and pooler/classifier heads (which eva must skip).
 The 2026 families add: Qwen3's per-head q/k norms, explicit head_dim (heads x head_dim != hidden)
 and a sliding-window layer (qwen3, BF16, tied); Gemma 3's `1 + w` norms, scaled embeddings, four
-norms per block, query_pre_attn_scalar, soft-capping, per-layer-type RoPE with linear scaling on
+norms per block, query_pre_attn_scalar, a soft-capping setting that transformers ignores, per-layer-type RoPE with linear scaling on
 the global layers (gemma3_text, sharded F32), and the multimodal checkpoint whose text tower has
 keys `model.language_model.*` beside a vision tower (gemma3, BF16); Phi-3's fused qkv_proj and
 gate_up_proj, partial rotary and a sliding window on every layer (phi3, F16, untied).
@@ -465,7 +465,7 @@ def gemma3_text_config(tok):
 def gemma3_text():
     """Gemma 3 (text): RMSNorm x(1 + w) (norm weights perturbed around 0, as Gemma stores them),
     embeddings x sqrt(hidden), four norms per block, q/k norms, query_pre_attn_scalar 24 (not
-    head_dim), attention soft-capping, a sliding layer with its own RoPE base and a global layer
+    head_dim), attn_logit_softcapping set (which Gemma3Attention ignores), a sliding layer with its own RoPE base and a global layer
     with linear RoPE scaling, GELU-tanh; sharded F32, tied embeddings."""
     out = fresh(HERE / "gemma3_text")
     tok = llama_tokenizer()

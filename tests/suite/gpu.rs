@@ -179,7 +179,17 @@ macro_rules! forward_tests {
     };
 }
 
-forward_tests!(llama, mistral, qwen2, qwen3, bert, roberta);
+forward_tests!(
+    llama,
+    mistral,
+    qwen2,
+    qwen3,
+    gemma3_text,
+    gemma3,
+    phi3,
+    bert,
+    roberta
+);
 
 /// Mixture-of-experts blocks on the GPU (router logits from cuBLAS, routing on the host, the
 /// routed rows gathered and the experts' outputs added back by `scatter_add_rows`): every

@@ -235,6 +235,23 @@ fn qwen3_moe_matches_pytorch() {
 }
 
 #[test]
+fn gemma3_text_matches_pytorch() {
+    check_against_torch("gemma3_text");
+}
+
+/// The multimodal checkpoint: only the text tower runs; its keys `language_model.model.*` are
+/// the modules `model.language_model.*` PEFT sees.
+#[test]
+fn gemma3_text_tower_matches_pytorch() {
+    check_against_torch("gemma3");
+}
+
+#[test]
+fn phi3_matches_pytorch() {
+    check_against_torch("phi3");
+}
+
+#[test]
 fn bert_matches_pytorch() {
     check_against_torch("bert");
 }

@@ -142,11 +142,12 @@ extern "C" __global__ void layer_norm(const float* x, const float* __restrict__ 
     for (int j = threadIdx.x; j < d; j += BLOCK) o[j] = (o[j] - m) * inv * w[j] + b[j];
 }
 
-// Backend::rope, HF's rotate_half layout: within each head, (x1, x2) = (x[i], x[i + hd/2]) becomes
-// (x1 cos - x2 sin, x2 cos + x1 sin). cos/sin are `[tokens, hd/2]`. One thread per pair.
-extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int tokens, int d, int head_dim) {
-    int half = head_dim / 2;
-    int pairs_per_token = d / 2;
+// Backend::rope, HF's rotate_half layout over the first 2·half features of each head (half =
+// head_dim / 2, or fewer with partial rotary; the rest pass through): (x1, x2) = (x[i],
+// x[i + half]) becomes (x1 cos - x2 sin, x2 cos + x1 sin). cos/sin are `[tokens, half]`. One
+// thread per pair.
+extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, int tokens, int d, int head_dim, int half) {
+    int pairs_per_token = d / head_dim * half;
     unsigned long long total = (unsigned long long)tokens * pairs_per_token;
     for (unsigned long long p = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; p < total; p += (unsigned long long)gridDim.x * blockDim.x) {
         int t = (int)(p / pairs_per_token);

@@ -696,6 +696,12 @@ impl Backend for Cuda {
     }
 
     fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+        assert!(
+            2 * cos.ncols() <= head_dim && x.cols % head_dim == 0,
+            "rope: tables of {} pairs for heads of {head_dim} in {} features",
+            cos.ncols(),
+            x.cols
+        );
         assert_eq!(
             cos.nrows(),
             x.rows,
@@ -707,11 +713,16 @@ impl Backend for Cuda {
             let c = self.upload(cos.as_slice().expect("standard layout"), "rotary tables")?;
             let s = self.upload(sin.as_slice().expect("standard layout"), "rotary tables")?;
             let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(&c), self.rt.ptr(&s));
-            let (t, d, hd) = (x.rows as i32, x.cols as i32, head_dim as i32);
+            let (t, d, hd, half) = (
+                x.rows as i32,
+                x.cols as i32,
+                head_dim as i32,
+                cos.ncols() as i32,
+            );
             self.rt.launch(
                 "rope",
-                kernels::Shape::Elements(x.rows * x.cols / 2),
-                &args![px, pc, ps, t, d, hd],
+                kernels::Shape::Elements(x.rows * x.cols / head_dim * cos.ncols()),
+                &args![px, pc, ps, t, d, hd, half],
             )
         })
     }
