@@ -14,6 +14,7 @@ The phases of a run:
 
 import json
 import warnings
+from copy import copy
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ from peft.tuners.lora.eva import (
     forward_fn_dict,
     get_device_with_meta_params,
     move_inputs_to_device,
-    prepare_model_inputs_fn_language_modeling,
 )
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.other import get_pattern_key
+from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling as _peft_model_inputs
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+from peft.tuners.tuners_utils import _find_minimal_target_modules, check_target_module_exists
+from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
+from peft.utils.other import _get_submodules, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from ._dist import TorchComm
@@ -48,10 +51,24 @@ __all__ = [
 _END = object()
 
 
+def prepare_model_inputs_fn_language_modeling(model_input, peft_config):
+    """PEFT's default: the ``(example, position)`` indices of the tokens whose rows EVA uses (the
+    attention mask, and with ``use_label_mask`` the tokens whose label is not
+    ``label_mask_value``). Also for a ``BatchEncoding`` (what a tokenizer returns; any mapping).
+    A batch with neither ``input_ids`` nor ``attention_mask`` (e.g. a vision model's
+    ``pixel_values``) gives ``None``: every token of every layer input is used."""
+    if isinstance(model_input, Mapping) and not isinstance(model_input, dict):
+        model_input = dict(model_input)
+    if isinstance(model_input, dict) and "input_ids" not in model_input and "attention_mask" not in model_input:
+        return None
+    return _peft_model_inputs(model_input, peft_config)
+
+
 def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name) -> torch.Tensor:
     """PEFT's default: the rows of ``layer_input`` at the indices ``model_input`` (the output of
     ``prepare_model_inputs_fn_language_modeling``: attention mask and label mask) selects; when
-    every token is kept, the input itself, flattened (a view, no copy)."""
+    every token is kept, the input itself, flattened (a view, no copy). ``model_input`` None
+    (a batch without token ids or mask) keeps every row."""
     if isinstance(layer_input, (tuple, list)):
         layer_input = layer_input[0]
     if not isinstance(layer_input, torch.Tensor):
@@ -59,6 +76,8 @@ def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_na
             f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
             "please provide a custom prepare_layer_inputs_fn"
         )
+    if model_input is None:
+        return layer_input.reshape(-1, layer_input.shape[-1])
     if (
         isinstance(model_input, torch.Tensor)
         and layer_input.ndim == 3
@@ -83,6 +102,75 @@ class _Target:
     in_features: int
     out_features: int
     prepare: Any
+    # For an expert's slice of a 3-D parameter (PEFT's target_parameters): (parameter path,
+    # expert, experts).
+    param: Optional[tuple] = None
+
+
+def _strip_base_layer(name):
+    """A module path without PEFT's ``.base_layer`` wrappers."""
+    return name.replace(".base_layer", "")
+
+
+# The batch being run: its (examples, length), for the experts' token positions.
+_BATCH = {"shape": None}
+
+
+def _batch_shape(batch):
+    """(examples, length) of a batch's ``input_ids`` or ``attention_mask``, if it has one."""
+    if isinstance(batch, Mapping):
+        for key in ("input_ids", "attention_mask"):
+            t = batch.get(key)
+            if isinstance(t, torch.Tensor) and t.ndim == 2:
+                return tuple(t.shape)
+    return None
+
+
+def _expert_prepare(experts, which, e):
+    """The rows expert ``e`` of a transformers ``*Experts`` module reads, from its forward's
+    arguments ``(hidden_states, top_k_index, top_k_weights)``: ``gate_up_proj``'s are the hidden
+    states of the tokens routed to it, ``down_proj``'s their ``act(gate) · up``, in transformers'
+    order (top-k position, then token), kept tokens only (PEFT's default model inputs)."""
+
+    def prepare(inp, model_input, name):
+        if not isinstance(inp, (tuple, list)) or len(inp) < 2:
+            raise EvaError(f"{name}: the experts' forward did not receive (hidden_states, top_k_index, ...)")
+        x, index = inp[0], inp[1]
+        x = x.reshape(-1, x.shape[-1])
+        _pos, tok = torch.where(index.reshape(x.shape[0], -1).T == e)
+        if model_input is not None:
+            shape = _BATCH["shape"]
+            if not (isinstance(model_input, torch.Tensor) and model_input.ndim == 2 and model_input.shape[1] == 2 and shape and shape[0] * shape[1] == x.shape[0]):
+                raise EvaError(
+                    f"{name}: an expert's routed rows need PEFT's default prepare_model_inputs_fn "
+                    "(token indices of batches with input_ids or attention_mask)"
+                )
+            keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            keep[(model_input[:, 0] * shape[1] + model_input[:, 1]).to(x.device)] = True
+            tok = tok[keep[tok]]
+        rows = x[tok]
+        if which == "gate_up_proj":
+            return rows
+        gate, up = torch.nn.functional.linear(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
+    return prepare
+
+
+def _expert_targets(path, experts, param_name, shape):
+    """One target per expert of the 3-D parameter ``param_name`` (``[E, out, in]``, as PEFT's
+    ``ParamWrapper`` reads it) of the ``*Experts`` module at ``path``."""
+    if param_name not in ("gate_up_proj", "down_proj") or not hasattr(experts, "act_fn"):
+        raise EvaError(
+            f"parameter {path}.{param_name} ({type(experts).__name__}) is not supported: eva computes the routed "
+            "inputs of transformers' experts' gate_up_proj and down_proj"
+        )
+    n, out_features, in_features = shape
+    param = f"{path}.{param_name}"
+    return [
+        _Target(f"{param}[{e}]", experts, in_features, out_features, _expert_prepare(experts, param_name, e), (param, e, n))
+        for e in range(n)
+    ]
 
 
 def _shapes(name, module):
@@ -102,12 +190,25 @@ def _targets(model, peft_config, is_peft_model, prepare_layer_inputs_fn):
     """The modules PEFT hooks, in ``named_modules`` order; unsupported LoRA types (embeddings,
     convolutions, attention) are left to PEFT's normal initialization with its warning."""
     fns = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
-    targets = []
+    targets, params = [], []
     for name, module in model.named_modules():
+        if is_peft_model and isinstance(module, ParamWrapper):
+            base = module.get_base_layer()
+            path = _strip_base_layer(name).removeprefix("base_model.model.")
+            shape = getattr(base, module.parameter_name).shape
+            params.append((module.parameter_name, _expert_targets(path, base, module.parameter_name, shape)))
+            continue
+        if not is_peft_model and getattr(peft_config, "target_parameters", None):
+            for pname, p in module.named_parameters(recurse=False):
+                key = f"{name}.{pname}"
+                if p.ndim == 3 and any(key == t or key.endswith("." + t) for t in peft_config.target_parameters):
+                    params.append((pname, _expert_targets(name, module, pname, p.shape)))
         if is_peft_model:
             if not hasattr(module, "base_layer") or isinstance(module, UNSUPPORTED_LORA_MODULES):
                 continue
         else:
+            if peft_config.target_modules is None and getattr(peft_config, "target_parameters", None):
+                continue
             if peft_config.target_modules is not None and not check_target_module_exists(peft_config, name):
                 continue
             if peft_config.target_modules is None and not isinstance(module, (torch.nn.Linear, Conv1D)):
@@ -117,6 +218,14 @@ def _targets(model, peft_config, is_peft_model, prepare_layer_inputs_fn):
         fn = fns.pop(name, None) if fns is not None else prepare_layer_inputs_fn
         fn = fn or _prepare_default
         targets.append(_Target(name, module, *_shapes(name, module), fn))
+    # The experts' targets in eva's catalog order: gate_up_proj's experts before down_proj's, per
+    # module (PEFT wraps gate_up_proj innermost, so named_modules meets it last).
+    first = {}
+    for _name, ts in params:
+        first.setdefault(ts[0].param[0].rsplit(".", 1)[0], len(first))
+    params.sort(key=lambda p: (first[p[1][0].param[0].rsplit(".", 1)[0]], p[0] != "gate_up_proj"))
+    for _name, ts in params:
+        targets.extend(ts)
     if fns:
         raise ValueError(
             "prepare_layer_inputs_fn is a mapping but the following module names were not found in the model: "
@@ -197,6 +306,8 @@ def _feed(run, g, x, what, stream):
     """Hands rows to eva: CPU rows as a NumPy view; rows on eva's GPU in place (the pointer
     DLPack would hand over), queued on eva's stream after the work that produced them and kept
     from reuse by PyTorch's allocator until that stream has read them."""
+    if x.shape[0] == 0:
+        return  # an expert no kept token was routed to in this batch
     if not x.is_cuda:
         run.accumulate(g, x.numpy(), what)
         return
@@ -436,6 +547,7 @@ def _run(model, dataloader, peft_config, targets, forward_fn, prepare_model_inpu
     device = get_device_with_meta_params(model)
 
     def prepare(batch):
+        _BATCH["shape"] = _batch_shape(batch)
         if device is not None:
             batch = move_inputs_to_device(batch, device)
         if prepare_model_inputs_fn is not None:
@@ -496,7 +608,9 @@ def _engine(model, dataloader, peft_config, targets, comm, first, eva_options):
     layers = [(t.name, t.in_features, t.out_features) for t in targets]
     refs = [_reference(r, first.model_input) for r in first.rows]
     desc = f"pytorch:{type(model).__name__}"
-    return Run(layers, first.groups, refs, units, desc, _options(peft_config, targets, rho, global_batch, eva_options), comm, first.opened)
+    params = [t.param for t in targets] if any(t.param for t in targets) else None
+    options = _options(peft_config, targets, rho, global_batch, eva_options)
+    return Run(layers, first.groups, refs, units, desc, options, comm, first.opened, params)
 
 
 def _steps(model, dataloader, it, targets, forward_fn, prepare, run, first, loop):
@@ -574,9 +688,13 @@ def _finish(run, stop, targets, comm, loop, device):
     by_name = {name: (rank, a) for name, rank, _alpha, a in done}
     state_dict = {}
     for t in targets:
-        rank, a = by_name.get(t.name, (0, b""))
-        w = torch.frombuffer(bytearray(a), dtype=torch.float32).reshape(rank, t.in_features) if rank else torch.zeros(0, t.in_features)
-        state_dict[t.name] = w if device is None else w.to(device)
+        # A 3-D parameter's lora_A: r rows per expert, expert e's at e·r..(e+1)·r, under its path.
+        name = t.param[0] if t.param else t.name
+        if name in state_dict:
+            continue
+        rank, a = by_name.get(name, (0, b""))
+        w = torch.frombuffer(bytearray(a), dtype=torch.float32).reshape(-1, t.in_features) if rank else torch.zeros(0, t.in_features)
+        state_dict[name] = w if device is None else w.to(device)
     return state_dict, json.loads(config), json.loads(report)
 
 
@@ -714,5 +832,60 @@ def initialize_lora_eva_weights(
             show_progress_bar=show_progress_bar,
             **eva_options,
         )
-    _load_eva_state_dict(model, eva_state_dict, adapter_name)
+    _load(model, eva_state_dict, adapter_name)
     return model
+
+
+def _load(model, eva_state_dict, adapter_name):
+    """PEFT's ``_load_eva_state_dict`` (new ranks, adjusted alphas, rank-0 layers removed,
+    ``rank_pattern`` / ``alpha_pattern``), also for PEFT's ``ParamWrapper``s: their entry is
+    keyed by the parameter's path and holds ``r`` rows per expert; their rank is ``r`` and their
+    patterns are keyed by the parameter's path (how PEFT reads them back)."""
+    wrappers = {n.replace("base_model.model.", "") for n, m in model.named_modules() if isinstance(m, ParamWrapper)}
+    if not wrappers:
+        _load_eva_state_dict(model, eva_state_dict, adapter_name)
+        return
+    peft_config = copy(model.peft_config[adapter_name])
+    missing, new_targets, others, rank_pattern, alpha_pattern = [], [], [], {}, {}
+    for name, module in list(model.named_modules()):
+        in_base = name.replace("base_model.model.", "")
+        if not isinstance(module, LoraLayer):
+            others.append(in_base)
+            continue
+        experts = isinstance(module, ParamWrapper)
+        key = f"{_strip_base_layer(in_base)}.{module.parameter_name}" if experts else name
+        r = peft_config.rank_pattern.get(get_pattern_key(peft_config.rank_pattern.keys(), key if experts else name), peft_config.r)
+        alpha = peft_config.alpha_pattern.get(get_pattern_key(peft_config.alpha_pattern.keys(), key if experts else name), peft_config.lora_alpha)
+        w = eva_state_dict.pop(key, None) if experts else eva_state_dict.pop(name, None)
+        if w is None or (experts and w.shape[0] == 0):
+            peft_config.init_lora_weights = True
+            module.update_layer(adapter_name=adapter_name, r=r, lora_alpha=alpha, config=peft_config)
+            missing.append(in_base)
+            new_rank = r
+        else:
+            new_rank = w.shape[0] // (module.num_experts if experts else 1)
+            if new_rank == 0:
+                parent, _, target_name = _get_submodules(model, name)
+                setattr(parent, target_name, module.get_base_layer())
+                continue
+            if new_rank != r and peft_config.eva_config.adjust_scaling_factors:
+                alpha *= new_rank / r
+            if new_rank != r or module.lora_A[adapter_name].weight.device.type == "meta":
+                peft_config.init_lora_weights = "eva"
+                module.update_layer(adapter_name=adapter_name, r=new_rank, lora_alpha=alpha, config=peft_config)
+            module.lora_A[adapter_name].weight.copy_(w)
+            if not experts:
+                new_targets.append(in_base)
+        pattern_key = key if experts else in_base
+        if new_rank != peft_config.r:
+            rank_pattern[pattern_key] = new_rank
+        if alpha != peft_config.lora_alpha:
+            alpha_pattern[pattern_key] = alpha
+    new_targets = new_targets + [m for m in missing if m not in wrappers]
+    if len(new_targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        new_targets = _find_minimal_target_modules(new_targets, others)
+    model.peft_config[adapter_name].target_modules = new_targets
+    model.peft_config[adapter_name].rank_pattern = rank_pattern
+    model.peft_config[adapter_name].alpha_pattern = alpha_pattern
+    if missing:
+        warnings.warn(f"the following layers were initialized with init_lora_weights=True because they were not found in the eva state_dict: {missing}")

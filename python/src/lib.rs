@@ -104,7 +104,7 @@ impl Run {
     /// process; `device`: the [`Gpu`] to keep the statistics on (its layer inputs then go to
     /// [`Run::accumulate_cuda`]), or None for host statistics. Collective over the ranks.
     #[new]
-    #[pyo3(signature = (layers, groups, refs, units, desc, options, comm=None, device=None))]
+    #[pyo3(signature = (layers, groups, refs, units, desc, options, comm=None, device=None, params=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -116,6 +116,7 @@ impl Run {
         options: &Bound<'_, PyDict>,
         comm: Option<PyObject>,
         device: Option<PyRef<'_, Gpu>>,
+        params: Option<Vec<Option<(String, usize, usize)>>>,
     ) -> PyResult<Self> {
         let cfg: Arc<RunConfig> = Arc::new(options::config(options)?);
         let gpu = device.map(|g| g.0.clone());
@@ -124,6 +125,10 @@ impl Run {
             Some(obj) => Rc::new(comm::PyComm::new(py, obj)?),
         };
         let catalog = check_catalog(layers, groups)?;
+        let catalog = match params {
+            None => catalog,
+            Some(p) => with_params(catalog, p)?,
+        };
         let engine = Engine::external(catalog, refs, units, desc, comm, cfg, gpu.clone())
             .map_err(py_err)?;
         Ok(Run {
@@ -291,6 +296,57 @@ fn check_catalog(
         return Err(EvaError::new_err("no target layers"));
     }
     Ok(Catalog::new(layers, groups))
+}
+
+/// Tags layers as experts' slices of 3-D parameters (`(parameter, expert, experts)` per layer,
+/// `None` for a module): every expert of a parameter present once, in order, one after another,
+/// each its own equal-input group, all of one shape.
+fn with_params(
+    catalog: Catalog,
+    params: Vec<Option<(String, usize, usize)>>,
+) -> PyResult<Catalog> {
+    if params.len() != catalog.layers.len() {
+        return Err(EvaError::new_err(format!(
+            "{} parameter tags for {} layers",
+            params.len(),
+            catalog.layers.len()
+        )));
+    }
+    let mut i = 0;
+    while i < params.len() {
+        let Some((name, 0, experts)) = &params[i] else {
+            if let Some((name, e, _)) = &params[i] {
+                return Err(EvaError::new_err(format!(
+                    "expert {e} of {name} comes before expert 0"
+                )));
+            }
+            i += 1;
+            continue;
+        };
+        for e in 0..*experts {
+            let ok = params.get(i + e).is_some_and(|p| {
+                p.as_ref()
+                    .is_some_and(|(n, x, k)| n == name && *x == e && k == experts)
+            });
+            let layer = catalog.layers.get(i + e);
+            let alone = layer.is_some_and(|l| catalog.inputs[l.input].members.len() == 1);
+            let same = layer.is_some_and(|l| {
+                (l.in_features, l.out_features)
+                    == (catalog.layers[i].in_features, catalog.layers[i].out_features)
+            });
+            if !(ok && alone && same) {
+                return Err(EvaError::new_err(format!(
+                    "the {experts} experts of {name} must follow one another in order, each with its own input and one shape (expert {e} does not)"
+                )));
+            }
+        }
+        i += experts;
+    }
+    let tags = params
+        .into_iter()
+        .map(|p| p.map(|(n, e, k)| eva::catalog::Param::new(&n, e, k)))
+        .collect();
+    Ok(catalog.with_params(tags))
 }
 
 /// The extension module.

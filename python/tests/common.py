@@ -14,12 +14,16 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAMA = ROOT / "examples" / "tiny-llama"
 BERT = ROOT / "tests" / "reference" / "bert"
+QWEN3_MOE = ROOT / "tests" / "reference" / "qwen3_moe"
 SAMPLE = ROOT / "examples" / "data" / "sample.txt"
 TARGETS = {
     "tiny-llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "qwen3-moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-MODELS = {"tiny-llama": TINY_LLAMA, "bert": BERT}
+# PEFT's target_parameters of the mixture-of-experts fixture (its routed experts).
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+MODELS = {"tiny-llama": TINY_LLAMA, "bert": BERT, "qwen3-moe": QWEN3_MOE}
 
 
 def eva_bin():

@@ -329,3 +329,106 @@ def test_cuda_inputs_stay_on_the_gpu_and_give_the_cpu_adapter(side_stream):
     assert {k: v.shape for k, v in gpu.items()} == {k: v.shape for k, v in cpu.items()}
     worst = max((gpu[k].cpu() - a).abs().max().item() for k, a in cpu.items() if a.numel())
     assert worst <= CLI_TOLERANCE, f"max |dA| = {worst}"
+
+
+def test_batch_encoding_batches_give_the_dict_batches_adapter():
+    """A tokenizer's BatchEncoding (a mapping, not a dict) works as PEFT's dict batches do."""
+    from transformers import BatchEncoding
+
+    model = load_model(MODELS["tiny-llama"])
+    cfg = LoraConfig(r=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=EvaConfig())
+    plain = eva_lora.get_eva_state_dict(model, loader("tiny-llama", BATCH), peft_config=cfg, show_progress_bar=False)
+    wrapped = [BatchEncoding(b) for b in loader("tiny-llama", BATCH)]
+    ours = eva_lora.get_eva_state_dict(model, wrapped, peft_config=cfg, show_progress_bar=False)
+    assert set(ours) == set(plain)
+    for k in plain:
+        assert torch.equal(ours[k], plain[k]), k
+
+
+def test_batches_without_token_ids_use_every_token():
+    """A vision model's batches (`pixel_values` only): every row of every layer input counts, and
+    the components are a PCA of all of them (PEFT's helper fails here on `model_input.T`)."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=16, patch_size=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=g)} for _ in range(3)]
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+    rows = []
+    query = next(m for n, m in model.named_modules() if n.endswith(".q_proj"))
+    handle = query.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    state = eva_lora.get_eva_state_dict(model, batches, peft_config=cfg, show_progress_bar=False, estimator="exact", max_steps=3)
+    (name, a), = state.items()
+    x = torch.cat(rows).double()
+    vecs = torch.linalg.eigh(torch.cov(x.T))[1][:, -a.shape[0]:]
+    # Every token (17 per image, the CLS token included): the rows span the top components.
+    assert a.shape == (2, 32)
+    proj = a.double() @ vecs
+    assert torch.linalg.svdvals(proj).min() > 0.999, name
+
+
+def _cli_experts(theirs, config):
+    """The CLI's adapter keyed as the drop-in's state dict: a parameter's lora_A by its path
+    (PEFT keeps gate_up_proj's under `experts.base_layer` when down_proj is targeted too)."""
+    out = {}
+    for k, a in theirs.items():
+        if k.endswith(".mlp.experts.base_layer"):
+            out[k[: -len(".base_layer")] + ".gate_up_proj"] = a
+        elif k.endswith(".mlp.experts"):
+            out[k + ".down_proj"] = a
+        else:
+            out[k] = a
+    assert {k for k in out if ".experts." in k} <= set(config["target_parameters"])
+    return out
+
+
+def test_moe_experts_get_the_clis_adapter(tmp_path):
+    """Qwen3-MoE's experts through PEFT's target_parameters: each expert's rows of its
+    parameter's lora_A come from the tokens routed to it, as `eva init --model` computes them on
+    the same batches."""
+    from common import EXPERTS
+
+    model = load_model(MODELS["qwen3-moe"])
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["qwen3-moe"], target_parameters=EXPERTS, init_lora_weights="eva", eva_config=EvaConfig())
+    ours = eva_lora.get_eva_state_dict(model, loader("qwen3-moe", BATCH), peft_config=cfg, show_progress_bar=False)
+    theirs, config = cli_adapter("qwen3-moe", tmp_path / "cli", BATCH)
+    theirs = _cli_experts(theirs, config)
+    assert {k for k, v in ours.items() if v.shape[0] > 0} == set(theirs), (sorted(ours), sorted(theirs))
+    worst = 0.0
+    for k, a in theirs.items():
+        assert ours[k].shape == a.shape, (k, ours[k].shape, a.shape)
+        worst = max(worst, (ours[k] - a).abs().max().item())
+    assert worst <= MOE_TOLERANCE, f"max |dA| = {worst}"
+
+
+# The MoE fixture's forward (BF16 weights, q/k norms, routing) rounds differently in eva and
+# PyTorch; the components agree to this (measured below it on the fixture).
+MOE_TOLERANCE = 1e-4
+
+
+def test_moe_initialized_model_saves_and_loads_with_outputs_unchanged(tmp_path):
+    """initialize_lora_eva_weights on a PeftModel with ParamWrappers: lora_A holds r rows per
+    expert, B = 0, and the saved adapter loads back with the base model's outputs."""
+    from common import EXPERTS
+
+    base = load_model(MODELS["qwen3-moe"])
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["qwen3-moe"], target_parameters=EXPERTS, init_lora_weights="eva", eva_config=EvaConfig())
+    model = get_peft_model(base, cfg)
+    eva_lora.initialize_lora_eva_weights(model, loader("qwen3-moe", BATCH), show_progress_bar=False)
+    batch = next(iter(loader("qwen3-moe", BATCH)))
+    with torch.no_grad():
+        got = model(**batch).logits
+        with model.disable_adapter():
+            want = model(**batch).logits
+    assert torch.equal(got, want)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = PeftModel.from_pretrained(load_model(MODELS["qwen3-moe"]), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, want)
+    wrappers = [m for m in fresh.modules() if type(m).__name__ == "ParamWrapper"]
+    assert wrappers and all(m.lora_A["default"].weight.shape[0] == m.r["default"] * m.num_experts for m in wrappers)
