@@ -407,8 +407,8 @@ def test_moe_experts_get_the_clis_adapter(tmp_path):
 
 
 # The MoE fixture's forward (BF16 weights, q/k norms, routing) rounds differently in eva and
-# PyTorch; the components agree to this (measured below it on the fixture).
-MOE_TOLERANCE = 1e-4
+# PyTorch; measured: 8.7e-6 (attention of the last block), 4.2e-6 (experts' down_proj).
+MOE_TOLERANCE = 3e-5
 
 
 def test_moe_initialized_model_saves_and_loads_with_outputs_unchanged(tmp_path):
