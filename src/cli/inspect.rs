@@ -183,6 +183,26 @@ pub fn report(args: &InspectArgs) -> Result<String> {
         c.task_type().unwrap_or("none")
     );
     let _ = writeln!(w, "blocks       {}: {}", model.layers(), describe(c));
+    if let Some(m) = match &c.family {
+        crate::model::config::Family::Decoder(d) => d.moe.as_deref(),
+        _ => None,
+    } {
+        let sparse: Vec<String> = (0..m.sparse.len())
+            .filter(|&l| m.sparse[l])
+            .map(|l| l.to_string())
+            .collect();
+        let _ = writeln!(
+            w,
+            "experts      {} per sparse block (blocks {}), top-{}{}, width {}{}; targets: PEFT target_parameters mlp.experts.gate_up_proj, mlp.experts.down_proj (one input per expert: its routed rows)",
+            m.experts,
+            sparse.join(","),
+            m.top_k,
+            if m.norm_topk { " renormalized" } else { "" },
+            m.intermediate,
+            m.shared
+                .map_or(String::new(), |s| format!(", shared expert of width {s}"))
+        );
+    }
     let _ = writeln!(
         w,
         "key prefix   {}",
