@@ -187,25 +187,53 @@ impl Heads {
     }
 }
 
-/// Precomputed rotary tables: `cos`/`sin` of `position · inv_freq[i]` for `i < head_dim / 2`.
+/// Precomputed rotary tables: `cos`/`sin` of `position · inv_freq[i]` for `i < head_dim / 2`
+/// (fewer with partial rotary).
 #[derive(Clone, Debug)]
 pub struct Rope {
-    /// Inverse frequencies (`head_dim / 2`), after any scaling rule.
+    /// Inverse frequencies (`rotary dims / 2`), after any scaling rule.
     pub inv_freq: Vec<f32>,
+    /// The factor of cos and sin (transformers' `attention_scaling`: LongRoPE's attention
+    /// factor; 1 for the other types).
+    pub scaling: f32,
+    /// LongRoPE's long frequencies and the original context: a batch whose largest position is
+    /// at least `original` uses them (transformers' `longrope_frequency_update`:
+    /// `max(position_ids) + 1 > original_max_position_embeddings`).
+    pub long: Option<(Vec<f32>, usize)>,
 }
 
 impl Rope {
+    /// Plain frequencies, no cos/sin factor.
+    pub fn new(inv_freq: Vec<f32>) -> Self {
+        Rope {
+            inv_freq,
+            scaling: 1.0,
+            long: None,
+        }
+    }
+
+    /// The frequencies a batch with these positions uses.
+    pub fn frequencies(&self, positions: &[u32]) -> &[f32] {
+        let len = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        match &self.long {
+            Some((long, original)) if len > *original => long,
+            _ => &self.inv_freq,
+        }
+    }
+
     /// cos and sin of every position in `positions` (`[tokens, head_dim/2]` each), computed as
-    /// transformers does: the angle `position · inv_freq` rounded to f32, then cos / sin.
+    /// transformers does: the angle `position · inv_freq` rounded to f32, then cos / sin, times
+    /// the scaling.
     pub fn tables(&self, positions: &[u32]) -> (Array2<f32>, Array2<f32>) {
-        let half = self.inv_freq.len();
+        let freq = self.frequencies(positions);
+        let half = freq.len();
         let mut cos = Array2::zeros((positions.len(), half));
         let mut sin = Array2::zeros((positions.len(), half));
         for (t, &p) in positions.iter().enumerate() {
-            for (i, &f) in self.inv_freq.iter().enumerate() {
+            for (i, &f) in freq.iter().enumerate() {
                 let angle = p as f32 * f;
-                cos[(t, i)] = angle.cos();
-                sin[(t, i)] = angle.sin();
+                cos[(t, i)] = angle.cos() * self.scaling;
+                sin[(t, i)] = angle.sin() * self.scaling;
             }
         }
         (cos, sin)

@@ -189,7 +189,8 @@ pub struct ModelConfig {
 /// Per-family settings.
 #[derive(Clone, Debug)]
 pub enum Family {
-    Decoder(DecoderConfig),
+    /// Boxed: the decoder settings are the larger by far.
+    Decoder(Box<DecoderConfig>),
     Encoder(EncoderConfig),
 }
 
@@ -601,7 +602,7 @@ fn encoder(r: &Reader, arch: Arch, pad_token_id: Option<u32>) -> Result<EncoderC
 
 impl From<DecoderConfig> for Family {
     fn from(c: DecoderConfig) -> Self {
-        Family::Decoder(c)
+        Family::Decoder(Box::new(c))
     }
 }
 
@@ -773,25 +774,81 @@ fn rope_from(
                 .collect();
             (inv, format!("theta {theta}, llama3 x{factor}"))
         }
-        "longrope" | "su" | "yarn" => {
-            return Err(Error::data(format!(
-                "{}: rope type `{kind}` is not supported (supported: default, linear, llama3): longrope (Phi-3's \
-                 long-context RoPE) and yarn rescale the frequencies and cos/sin, which eva does not compute",
-                r.path.display()
-            )))
+        "longrope" | "su" => return longrope(r, spec, theta, dim),
+        "yarn" if r.v.get("model_type").and_then(Value::as_str) == Some("phi3") => {
+            // Phi3Config renames `su` and `yarn` to `longrope`.
+            return longrope(r, spec, theta, dim);
         }
         other => {
             return Err(Error::data(format!(
-                "{}: rope type `{other}` is not supported (supported: default, linear, llama3)",
+                "{}: rope type `{other}` is not supported (supported: default, linear, llama3, longrope)",
                 r.path.display()
             )))
         }
     };
+    Ok((Rope::new(inv.into_iter().map(|f| f as f32).collect()), desc))
+}
+
+/// LongRoPE (Phi-3's long-context RoPE), as transformers' `_compute_longrope_parameters`:
+/// `inv_freq = 1 / (ext · theta^(2i/d))` in f32 with `ext` the `short_factor` list, or the
+/// `long_factor` list for a batch longer than `original_max_position_embeddings`; cos and sin
+/// times `attention_factor` (default `sqrt(1 + ln(factor) / ln(original))` with `factor =
+/// max_position_embeddings / original` unless given, 1 when `factor ≤ 1`).
+fn longrope(r: &Reader, spec: Option<&Value>, theta: f64, dim: usize) -> Result<(Rope, String)> {
+    let path = r.path.display();
+    let get = |key: &str| spec.and_then(|s| s.get(key)).filter(|v| !v.is_null());
+    let list = |key: &str| -> Result<Vec<f32>> {
+        let v = get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+            .ok_or_else(|| {
+                Error::data(format!(
+                    "{path}: rope type `longrope` needs `{key}`, a list of {} numbers",
+                    dim / 2
+                ))
+            })?;
+        if v.len() != dim / 2 {
+            return Err(Error::data(format!(
+                "{path}: rope `{key}` has {} numbers, expected {} (rotary dims / 2)",
+                v.len(),
+                dim / 2
+            )));
+        }
+        Ok(v.into_iter().map(|f| f as f32).collect())
+    };
+    let (short, long) = (list("short_factor")?, list("long_factor")?);
+    let original = get("original_max_position_embeddings")
+        .or_else(|| r.v.get("original_max_position_embeddings"))
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            Error::data(format!(
+                "{path}: rope type `longrope` needs a positive `original_max_position_embeddings`"
+            ))
+        })? as usize;
+    let factor = match get("factor").and_then(Value::as_f64) {
+        Some(f) => f,
+        None => r.usize("max_position_embeddings")? as f64 / original as f64,
+    };
+    let attention = match get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    // `base ** (arange(0, dim, 2) / dim)` in f32, times the factors, inverted, all in f32.
+    let freqs = |ext: &[f32]| -> Vec<f32> {
+        ext.iter()
+            .enumerate()
+            .map(|(i, &e)| 1.0 / (e * (theta as f32).powf((2 * i) as f32 / dim as f32)))
+            .collect()
+    };
     Ok((
         Rope {
-            inv_freq: inv.into_iter().map(|f| f as f32).collect(),
+            inv_freq: freqs(&short),
+            scaling: attention as f32,
+            long: Some((freqs(&long), original)),
         },
-        desc,
+        format!("theta {theta}, longrope (original {original} positions, cos/sin x{attention:.6})"),
     ))
 }
 
@@ -909,7 +966,7 @@ mod tests {
 
     fn decoder_of(v: Value) -> DecoderConfig {
         match cfg(v).unwrap().family {
-            Family::Decoder(d) => d,
+            Family::Decoder(d) => *d,
             Family::Encoder(_) => panic!("a decoder"),
         }
     }
@@ -983,19 +1040,45 @@ mod tests {
         assert_eq!(decoder_of(w).windows, vec![None, Some(4)]);
     }
 
-    /// Phi-3's partial rotary narrows the tables; longrope and partial rotary elsewhere are
-    /// refused by name.
+    /// Phi-3's partial rotary narrows the tables; LongRoPE is computed as transformers does;
+    /// yarn and partial rotary elsewhere are refused by name.
     #[test]
     fn phi3_partial_rotary_and_refusals() {
         let base = json!({"model_type": "phi3", "vocab_size": 10, "hidden_size": 32, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2, "partial_rotary_factor": 0.75});
         let d = decoder_of(base.clone());
         assert_eq!((d.head_dim, d.rope.inv_freq.len(), d.fused), (16, 6, true));
+        // LongRoPE (legacy `rope_scaling` with `type`): the short factors, the long ones past the
+        // original context, cos/sin times sqrt(1 + ln(factor) / ln(original)).
         let mut long = base.clone();
-        long["rope_scaling"] =
-            json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
-        let e = cfg(long).unwrap_err().to_string();
-        assert!(e.contains("`longrope` is not supported"), "{e}");
+        long["max_position_embeddings"] = json!(4096);
+        long["original_max_position_embeddings"] = json!(1024);
+        long["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0, 1.0, 2.0, 2.0, 4.0, 4.0],
+            "long_factor": [8.0, 8.0, 8.0, 8.0, 8.0, 8.0]});
+        let d = decoder_of(long.clone());
+        let plain = decoder_of(base.clone()).rope.inv_freq;
+        assert_eq!(d.rope.inv_freq[0], plain[0]);
+        assert_eq!(d.rope.inv_freq[5], plain[5] / 4.0);
+        assert_eq!(d.rope.frequencies(&[0, 1023]), &d.rope.inv_freq[..]);
+        let far = d.rope.frequencies(&[0, 1024]).to_vec();
+        assert_eq!(far[2], plain[2] / 8.0);
+        let want = (1.0 + 4f64.ln() / 1024f64.ln()).sqrt() as f32;
+        assert_eq!(d.rope.scaling, want);
+        let (cos, _) = d.rope.tables(&[0]);
+        assert_eq!(cos[(0, 0)], want);
+        let mut short = long;
+        short["rope_scaling"]["short_factor"] = json!([1.0]);
+        let e = cfg(short).unwrap_err().to_string();
+        assert!(
+            e.contains("`short_factor` has 1 numbers, expected 6"),
+            "{e}"
+        );
+        let mut yarn = base.clone();
+        yarn["model_type"] = json!("qwen3");
+        yarn["partial_rotary_factor"] = json!(1.0);
+        yarn["rope_scaling"] = json!({"type": "yarn", "factor": 4.0});
+        let e = cfg(yarn).unwrap_err().to_string();
+        assert!(e.contains("rope type `yarn` is not supported"), "{e}");
         let mut llama = base;
         llama["model_type"] = json!("llama");
         let e = cfg(llama).unwrap_err().to_string();

@@ -191,8 +191,7 @@ pub fn modules(c: &DecoderConfig, prefix: &str) -> Vec<Module> {
     out
 }
 
-/// Parameters of block `layer`: its linear layers (with biases) or mixture of experts, and its
-/// norm weights.
+/// Parameters of one block: its linear layers (with biases) and its norm weights.
 pub fn block_parameters(c: &DecoderConfig, layer: usize) -> u64 {
     let experts = match &c.moe {
         Some(m) if sparse(c, layer) => moe::parameters(c, m),
@@ -367,18 +366,27 @@ fn head_norm<B: Backend>(be: &B, x: B::Tensor, w: &B::Weight, hd: usize, eps: f3
     be.reshape(y, cols)
 }
 
-/// Hands `x` to `capture` when `(layer, point)` is needed; `true` when the pass stops there.
-fn deliver<T>(
-    need: &Need,
-    last: Option<(usize, Point)>,
-    at: (usize, Point),
-    x: &T,
-    capture: &mut Capture<'_, T>,
-) -> Result<bool> {
-    if need.get(at.0, at.1) {
-        capture(at.0, at.1, x, None)?;
+/// Which capture points a pass delivers, and the one after which it stops.
+#[derive(Clone, Copy)]
+pub struct Plan<'a> {
+    pub need: &'a Need,
+    /// `None`: run every block (the next stage needs the output).
+    pub last: Option<(usize, Point)>,
+}
+
+impl Plan<'_> {
+    /// Hands `x` to `capture` when `at` is needed; `true` when the pass stops there.
+    pub fn deliver<T>(
+        &self,
+        at: (usize, Point),
+        x: &T,
+        capture: &mut Capture<'_, T>,
+    ) -> Result<bool> {
+        if self.need.get(at.0, at.1) {
+            capture(at.0, at.1, x, None)?;
+        }
+        Ok(self.last == Some(at))
     }
-    Ok(last == Some(at))
 }
 
 impl<W> DenseMlp<W> {
@@ -407,29 +415,27 @@ impl<W> Ffn<W> {
     /// Runs the feed-forward part of layer `layer` on its normalized input `x` (already
     /// delivered as [`Point::MlpIn`]), delivering its inner capture points; `None` when the
     /// pass stops inside it.
-    #[allow(clippy::too_many_arguments)] // the block's state, as the dense and sparse MLPs need it
     pub fn forward<B: Backend<Weight = W>>(
         &self,
         be: &B,
         c: &DecoderConfig,
         layer: usize,
         x: &B::Tensor,
-        need: &Need,
-        last: Option<(usize, Point)>,
+        plan: Plan<'_>,
         capture: &mut Capture<'_, B::Tensor>,
     ) -> Result<Option<B::Tensor>> {
         match self {
             Ffn::Dense(m) => {
                 let a = be.gated(&m.gate.apply(be, x), &m.up.apply(be, x), c.act);
-                if deliver(need, last, (layer, Point::MlpHidden), &a, capture)? {
+                if plan.deliver((layer, Point::MlpHidden), &a, capture)? {
                     return Ok(None);
                 }
                 Ok(Some(m.down.apply(be, &a)))
             }
             Ffn::Sparse(m) => {
                 let moe = c.moe.as_ref().expect("a sparse block has a MoE config");
-                let full = last.is_none_or(|l| l.0 > layer);
-                m.forward(be, moe, c.act, x, layer, need, full, capture)
+                let full = plan.last.is_none_or(|l| l.0 > layer);
+                m.forward(be, moe, c.act, x, layer, plan.need, full, capture)
             }
         }
     }
@@ -520,6 +526,7 @@ impl<B: Backend> Decoder<B> {
         let Some(last) = need.stop(output) else {
             return Ok(None);
         };
+        let plan = Plan { need, last };
         let mut h = match input {
             Some(h) => h,
             None => {
@@ -539,7 +546,7 @@ impl<B: Backend> Decoder<B> {
                 break;
             }
             let x = be.rms_norm(&h, &b.input_norm, c.eps);
-            if deliver(need, last, (layer, Point::AttnIn), &x, capture)? {
+            if plan.deliver((layer, Point::AttnIn), &x, capture)? {
                 return Ok(None);
             }
             let tables = match &local {
@@ -548,7 +555,7 @@ impl<B: Backend> Decoder<B> {
             };
             let attn = b.attn.attend(be, c, layer, &x, tables, &batch.segments);
             drop(x);
-            if deliver(need, last, (layer, Point::AttnOut), &attn, capture)? {
+            if plan.deliver((layer, Point::AttnOut), &attn, capture)? {
                 return Ok(None);
             }
             let mut o = b.attn.output(be, &attn);
@@ -558,10 +565,10 @@ impl<B: Backend> Decoder<B> {
             }
             be.add(&mut h, &o);
             let x = be.rms_norm(&h, &b.mlp_norm, c.eps);
-            if deliver(need, last, (layer, Point::MlpIn), &x, capture)? {
+            if plan.deliver((layer, Point::MlpIn), &x, capture)? {
                 return Ok(None);
             }
-            let Some(mut d) = b.ffn.forward(be, c, layer, &x, need, last, capture)? else {
+            let Some(mut d) = b.ffn.forward(be, c, layer, &x, plan, capture)? else {
                 return Ok(None);
             };
             if let Some(w) = &b.post_mlp_norm {

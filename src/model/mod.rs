@@ -198,7 +198,8 @@ pub struct Model {
 
 /// A model whose weights are resident on a backend, ready to run.
 pub enum Loaded<B: Backend> {
-    Decoder(decoder::Decoder<B>),
+    /// Boxed: the decoder is the larger by far.
+    Decoder(Box<decoder::Decoder<B>>),
     Encoder(encoder::Encoder<B>),
 }
 
@@ -344,14 +345,14 @@ impl Model {
         self.checkpoint.load(|n| keep.contains(n))?;
         let (ckpt, prefix) = (&self.checkpoint, &self.prefix);
         Ok(match &self.config.family {
-            Family::Decoder(c) => Loaded::Decoder(decoder::Decoder::load(
+            Family::Decoder(c) => Loaded::Decoder(Box::new(decoder::Decoder::load(
                 be,
                 c,
                 self.config.vocab,
                 ckpt,
                 prefix,
                 blocks,
-            )?),
+            )?)),
             Family::Encoder(c) => Loaded::Encoder(encoder::Encoder::load(
                 be,
                 c,

@@ -36,7 +36,7 @@ and a sliding-window layer (qwen3, BF16, tied); Gemma 3's `1 + w` norms, scaled 
 norms per block, query_pre_attn_scalar, a soft-capping setting that transformers ignores, per-layer-type RoPE with linear scaling on
 the global layers (gemma3_text, sharded F32), and the multimodal checkpoint whose text tower has
 keys `model.language_model.*` beside a vision tower (gemma3, BF16); Phi-3's fused qkv_proj and
-gate_up_proj, partial rotary and a sliding window on every layer (phi3, F16, untied).
+gate_up_proj, partial rotary, LongRoPE and a sliding window on every layer (phi3, F16, untied).
 
 Mixture-of-experts checkpoints (mixtral, qwen2_moe, qwen3_moe) also record, for every expert `e` of a sparse
 block, the rows routed to it as `<prefix>layers.N.mlp.experts.gate_up_proj[e]` (the hidden states
@@ -505,8 +505,8 @@ def gemma3():
 
 
 def phi3():
-    """Phi-3: fused qkv_proj and gate_up_proj, partial rotary (half of each head), a sliding
-    window on every layer, GQA; F16, untied."""
+    """Phi-3: fused qkv_proj and gate_up_proj, partial rotary (half of each head), LongRoPE
+    (short factors, attention factor), a sliding window on every layer, GQA; F16, untied."""
     out = fresh(HERE / "phi3")
     tok = llama_tokenizer()
     cfg = Phi3Config(
@@ -517,8 +517,17 @@ def phi3():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        original_max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        original_max_position_embeddings=64,
+        # LongRoPE with the short factors (every batch is shorter than 64 positions) and the
+        # attention factor sqrt(1 + ln(128 / 64) / ln 64) on cos/sin.
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.7],
+            "long_factor": [2.5, 9.0],
+            "original_max_position_embeddings": 64,
+        },
         sliding_window=7,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,

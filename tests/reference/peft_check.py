@@ -5,7 +5,8 @@ Run by hand in the scratch virtual environment (never in CI):
     cargo build --release
     /tmp/ref/bin/python tests/reference/peft_check.py target/release/eva
 
-For each model (the tiny llama and bert fixtures, and the README's tiny-llama) it runs
+For each model (every fixture, and the README's tiny-llama; or only the fixtures named after the
+binary: `peft_check.py target/release/eva qwen3 phi3`) it runs
 `eva init --model DIR --data tests/reference/data.jsonl`, loads the base model with the class in
 its config (`architectures[0]`), wraps it with `PeftModel.from_pretrained(base, adapter)`, and
 checks: every adapter tensor is loaded into a LoRA module (A equal to the file, B zero), the
@@ -85,6 +86,10 @@ def check(eva, model_dir, extra=()):
 if __name__ == "__main__":
     eva = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target" / "release" / "eva")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {__import__('peft').__version__}")
-    for arch in ("llama", "bert", "mistral", "qwen2", "roberta", "mixtral", "qwen2_moe", "qwen3_moe"):
+    archs = ("llama", "bert", "mistral", "qwen2", "roberta", "qwen3", "gemma3_text", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+    chosen = [a for a in archs if a in sys.argv[2:]] or archs
+    for arch in chosen:
         check(eva, ROOT / "tests" / "reference" / arch)
+    if len(sys.argv) > 2:
+        raise SystemExit(0)
     check(eva, ROOT / "examples" / "tiny-llama")

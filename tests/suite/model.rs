@@ -264,7 +264,17 @@ fn roberta_matches_pytorch() {
 /// Token ids and the label mask equal what the Python tokenizers library produced.
 #[test]
 fn tokenization_and_label_mask_match_python() {
-    for arch in ["llama", "mistral", "qwen2", "bert", "roberta"] {
+    for arch in [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma3_text",
+        "gemma3",
+        "phi3",
+        "bert",
+        "roberta",
+    ] {
         let reference = read_reference(arch);
         let enc = TextEncoder::open(&fixture(arch), reference.max_seq_len).unwrap();
         let examples = read_examples(&reference_data(), None).unwrap();
@@ -482,6 +492,81 @@ fn init_bert_matches_pytorch_pca() {
 #[test]
 fn init_roberta_matches_pytorch_pca() {
     init_matches_pytorch_pca("roberta", Some("FEATURE_EXTRACTION"));
+}
+
+#[test]
+fn init_qwen3_matches_pytorch_pca() {
+    init_matches_pytorch_pca("qwen3", Some("CAUSAL_LM"));
+}
+
+#[test]
+fn init_gemma3_text_matches_pytorch_pca() {
+    init_matches_pytorch_pca("gemma3_text", Some("CAUSAL_LM"));
+}
+
+#[test]
+fn init_gemma3_matches_pytorch_pca() {
+    init_matches_pytorch_pca("gemma3", None);
+}
+
+#[test]
+fn init_phi3_matches_pytorch_pca() {
+    init_matches_pytorch_pca("phi3", Some("CAUSAL_LM"));
+}
+
+/// `eva inspect` on the newer families: the multimodal Gemma 3's key prefix and the module
+/// path PEFT sees, Phi-3's fused targets with their widths, every target with its statistics
+/// memory.
+#[test]
+fn inspect_describes_the_newer_families() {
+    let run = |arch: &str| {
+        let o = eva(&["inspect", "--model", fixture(arch).to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let row = |s: &str, name: &str| -> Vec<String> {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name}:\n{s}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let s = run("gemma3");
+    for needle in [
+        "gemma3 (Gemma3ForConditionalGeneration), task_type none",
+        "key prefix   language_model.model.",
+        "module path  model.language_model.",
+        "per-head q/k RMSNorm, RMSNorm x(1+w), 4 norms per block",
+        "sliding window 5 in 1 of 2 blocks",
+        "14 modules, 8 unique inputs",
+    ] {
+        assert!(
+            s.contains(needle),
+            "inspect output should contain `{needle}`:\n{s}"
+        );
+    }
+    assert_eq!(
+        row(&s, "model.language_model.layers.1.self_attn.o_proj")[..3],
+        ["model.language_model.layers.1.self_attn.o_proj", "64", "32"]
+    );
+    let s = run("phi3");
+    assert!(s.contains("fused qkv_proj and gate_up_proj"), "{s}");
+    assert!(s.contains("4 of 8 features rotated"), "{s}");
+    assert!(s.contains("8 modules, 8 unique inputs"), "{s}");
+    assert_eq!(
+        row(&s, "model.layers.0.self_attn.qkv_proj")[..3],
+        ["model.layers.0.self_attn.qkv_proj", "32", "64"]
+    );
+    assert_eq!(
+        row(&s, "model.layers.1.mlp.gate_up_proj")[..3],
+        ["model.layers.1.mlp.gate_up_proj", "32", "96"]
+    );
+    let s = run("qwen3");
+    assert_eq!(
+        row(&s, "model.layers.0.self_attn.o_proj")[..3],
+        ["model.layers.0.self_attn.o_proj", "64", "32"]
+    );
 }
 
 /// A copy of a fixture directory that a test may damage.

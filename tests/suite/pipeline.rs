@@ -76,6 +76,41 @@ fn every_grid_gives_the_single_process_adapter_on_the_shipped_model() {
     );
 }
 
+/// The newer decoders on two stages (one block each; the multimodal Gemma 3's keys
+/// `language_model.model.*`, Phi-3's fused layers) give bitwise the single-process adapter.
+#[test]
+fn two_stages_give_the_single_process_adapter_on_the_newer_families() {
+    let tmp = tempdir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    let data = root.join("data.jsonl");
+    for arch in ["qwen3", "gemma3", "phi3"] {
+        let dir = root.join(arch);
+        let source = [
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--max-seq-len",
+            "24",
+        ];
+        let single = tmp.path().join(format!("{arch}-single"));
+        let one = init(&single, &source, &["--batch-size", "2"]);
+        let staged = tmp.path().join(format!("{arch}-pp2"));
+        let two = init(
+            &staged,
+            &source,
+            &["--batch-size", "2", "--local-ranks", "2", "--pp", "2"],
+        );
+        assert_same_written(&one, &two);
+        assert_eq!(two.report["pipeline_stages"].as_u64(), Some(2), "{arch}");
+        assert_eq!(
+            std::fs::read(staged.join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(single.join("adapter_model.safetensors")).unwrap(),
+            "{arch}: --pp 2"
+        );
+    }
+}
+
 #[test]
 fn shards_and_synthetic_data_split_their_inputs_over_the_stages() {
     let tmp = tempdir();
