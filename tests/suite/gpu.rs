@@ -48,7 +48,7 @@ fn dtype_of(s: &str) -> DType {
 }
 
 /// `--dtype f32`: the GPU follows the CPU op by op in f32 with f64 norm statistics; what differs
-/// is summation order (cuBLAS's blocking, the attention's online softmax in tiles of 256 keys,
+/// is summation order (cuBLAS's blocking, the attention's online softmax in tiles of 32 keys,
 /// tree reductions), a few ulps per op. Errors are measured as `max |gpu - cpu| / max |cpu|` per
 /// captured tensor (an element-wise relative error is meaningless where a value is near 0).
 const F32_TOL: f32 = 1e-4;
@@ -118,8 +118,8 @@ fn captures<B: Backend>(
 fn forward_parity(arch: &str, dtype: DType, tol: f32) {
     let gpu = open(dtype);
     let mut model = Model::open(&fixture(arch)).unwrap();
-    // One sequence longer than the attention kernel's tile of 256 keys (decoders: several tiles
-    // and Mistral's window of 8), short ones, and a single token; encoders are capped by their
+    // One sequence longer than several of the attention kernel's tiles of 32 queries and keys
+    // (decoders: and Mistral's window of 8), short ones, and a single token; encoders are capped by their
     // learned positions.
     let lengths: Vec<usize> = match model.config.max_positions() {
         Some(m) => vec![m, m / 2 + 1, 3, 1],

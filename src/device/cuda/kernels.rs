@@ -38,8 +38,30 @@ pub const NAMES: [&str; 16] = [
 /// the attention tiles assume it).
 pub const BLOCK: u32 = 256;
 
-/// Largest head dimension the attention kernel holds (four values per thread).
+/// Largest head dimension the attention kernel holds (a tile of four queries then fills its
+/// shared memory).
 pub const MAX_HEAD_DIM: usize = 4 * BLOCK as usize;
+
+/// The attention kernel's shared-memory budget, as `ATT_T`, `ATT_Q` and `ATT_KV` in kernels.cu:
+/// tiles of at most `ATT_T` queries and keys, `q_tile · head_dim ≤ ATT_Q` query values and
+/// `k_tile · (head_dim + 1) ≤ ATT_KV` key (then value) values.
+pub const ATT_T: usize = 32;
+const ATT_Q: usize = 4096;
+const ATT_KV: usize = 4160;
+
+/// The attention kernel's tiles for `head_dim` (1 to [`MAX_HEAD_DIM`]): queries per block and
+/// keys per step, as many as the shared memory holds, at most [`ATT_T`] each (head_dim 128: 32
+/// and 32; 256: 16 and 16; 1024: 4 and 4).
+pub fn attention_tiles(head_dim: usize) -> (usize, usize) {
+    assert!(
+        (1..=MAX_HEAD_DIM).contains(&head_dim),
+        "attention_tiles: head_dim {head_dim} outside 1..={MAX_HEAD_DIM}"
+    );
+    (
+        (ATT_Q / head_dim).min(ATT_T),
+        (ATT_KV / (head_dim + 1)).min(ATT_T),
+    )
+}
 
 /// Rows of each f32 partial sum of the moments, as the CPU's [`crate::device::blocks::SUM_BLOCK`].
 pub const SUM_BLOCK: i32 = crate::device::blocks::SUM_BLOCK as i32;
@@ -128,8 +150,12 @@ pub enum Shape {
     Rows(usize),
     /// One thread per feature (the moments).
     Features(usize),
-    /// One block per (query token, head).
-    Attention { tokens: usize, heads: usize },
+    /// One block per (tile of `q_tile` query tokens, head).
+    Attention {
+        tokens: usize,
+        heads: usize,
+        q_tile: usize,
+    },
 }
 
 impl Shape {
@@ -158,14 +184,18 @@ impl Shape {
                 Some(grid(n, 1))
             }
             Shape::Features(d) => Some(grid(d.div_ceil(BLOCK as usize), 1)),
-            Shape::Attention { tokens, heads } => {
+            Shape::Attention {
+                tokens,
+                heads,
+                q_tile,
+            } => {
                 if tokens > i32::MAX as usize {
                     return Err(too_big("tokens", tokens, i32::MAX as usize));
                 }
                 if heads > 65_535 {
                     return Err(too_big("attention heads", heads, 65_535));
                 }
-                Some(grid(tokens, heads))
+                Some(grid(tokens.div_ceil(q_tile.max(1)), heads))
             }
         })
     }
@@ -209,28 +239,59 @@ mod tests {
         let c = Shape::Features(257).config().unwrap().unwrap();
         assert_eq!(c.grid_dim, (2, 1, 1));
         let c = Shape::Attention {
-            tokens: 12,
+            tokens: 70,
             heads: 9,
+            q_tile: 32,
         }
         .config()
         .unwrap()
         .unwrap();
-        assert_eq!(c.grid_dim, (12, 9, 1));
+        assert_eq!(c.grid_dim, (3, 9, 1));
         assert!(Shape::Elements(0).config().unwrap().is_none());
         assert!(Shape::Attention {
             tokens: 3,
-            heads: 0
+            heads: 0,
+            q_tile: 32,
         }
         .config()
         .unwrap()
         .is_none());
         assert!(Shape::Attention {
             tokens: 3,
-            heads: 70_000
+            heads: 70_000,
+            q_tile: 32,
         }
         .config()
         .is_err());
         assert!(Shape::Rows(1 << 33).config().is_err());
+    }
+
+    /// Bytes of the `.shared` arrays PTX declares for kernel `name` (NVRTC names a kernel's
+    /// `__shared__` variables `_ZZ<len><name>E<var>`).
+    #[cfg(feature = "cuda")]
+    fn static_shared_bytes(ptx: &str, name: &str) -> usize {
+        let prefix = format!("_ZZ{}{name}E", name.len());
+        ptx.lines()
+            .filter(|l| l.trim_start().starts_with(".shared") && l.contains(&prefix))
+            .map(|l| {
+                let n = l.rsplit('[').next().and_then(|t| t.split(']').next());
+                let n: usize = n
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(|| panic!("a size in {l}"));
+                let width = [
+                    (".b64", 8),
+                    (".f64", 8),
+                    (".b32", 4),
+                    (".f32", 4),
+                    (".u32", 4),
+                    (".s32", 4),
+                ]
+                .iter()
+                .find(|(t, _)| l.contains(t))
+                .map_or(1, |&(_, w)| w);
+                n * width
+            })
+            .sum()
     }
 
     #[cfg(feature = "cuda")]
@@ -272,6 +333,20 @@ mod tests {
                     text.contains(&format!(".entry {name}(")),
                     "PTX for {a} lacks the entry point {name}"
                 );
+            }
+            for name in NAMES {
+                let bytes = static_shared_bytes(&text, name);
+                assert!(
+                    bytes <= 48 * 1024,
+                    "{name} declares {bytes} bytes of static shared memory for {a}: more than the 48 KB a block may have"
+                );
+                if name == "attention" {
+                    eprintln!("{a}: attention holds {bytes} bytes of static shared memory");
+                    assert!(
+                        bytes > 32 * 1024,
+                        "the attention tiles were found in the PTX"
+                    );
+                }
             }
             eprintln!(
                 "NVRTC compiled {} kernels for {a} in {:.2} s ({} bytes of PTX)",

@@ -716,24 +716,24 @@ impl Backend for Cuda {
     ) -> CudaTensor {
         let tokens = segments.tokens();
         self.produce(tokens, h.heads * h.head_dim, || {
-            if h.head_dim > kernels::MAX_HEAD_DIM || h.kv_heads == 0 || h.heads % h.kv_heads != 0 {
+            if !(1..=kernels::MAX_HEAD_DIM).contains(&h.head_dim) || h.kv_heads == 0 || h.heads % h.kv_heads != 0 {
                 return Err(DeviceError::Unsupported {
                     op: "attention",
-                    detail: format!("head_dim at most {} and heads a multiple of kv_heads, found head_dim {}, heads {}, kv_heads {}", kernels::MAX_HEAD_DIM, h.head_dim, h.heads, h.kv_heads),
+                    detail: format!("head_dim 1 to {} and heads a multiple of kv_heads, found head_dim {}, heads {}, kv_heads {}", kernels::MAX_HEAD_DIM, h.head_dim, h.heads, h.kv_heads),
                 });
             }
             let (starts, ends) = segment_bounds(segments);
             let (ds, de) = (self.upload(&starts, "attention segments")?, self.upload(&ends, "attention segments")?);
             let out = self.alloc::<f32>(tokens * h.heads * h.head_dim, "an attention output")?;
             let (pq, pk, pv, po, pst, pen) = (self.rt.ptr(q.buf()?), self.rt.ptr(k.buf()?), self.rt.ptr(v.buf()?), self.rt.ptr(&out), self.rt.ptr(&ds), self.rt.ptr(&de));
-            let (heads, kvh, hd) = (h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
+            let (t, heads, kvh, hd) = (tokens as i32, h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
             let (ldq, ldk, ldv) = (q.cols as i32, k.cols as i32, v.cols as i32);
             let (scale, softcap) = (h.scale, h.softcap.unwrap_or(0.0));
-            let (causal, window) = match mask {
-                AttentionMask::Bidirectional => (0i32, 0i32),
-                AttentionMask::Causal { window } => (1, window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
-            };
-            self.rt.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, softcap, causal, window])?;
+            let (causal, window) = mask_args(mask);
+            let (q_tile, k_tile) = kernels::attention_tiles(h.head_dim);
+            let shape = kernels::Shape::Attention { tokens, heads: h.heads, q_tile };
+            let (qt, kt) = (q_tile as i32, k_tile as i32);
+            self.rt.launch("attention", shape, &args![pq, pk, pv, po, pst, pen, t, heads, kvh, hd, ldq, ldk, ldv, scale, softcap, causal, window, qt, kt])?;
             Ok(out)
         })
     }
@@ -844,6 +844,18 @@ fn activation_code(act: Activation) -> i32 {
     }
 }
 
+/// The attention kernel's `causal` and `window` arguments: bidirectional `(0, -1)`, causal
+/// without a window `(1, -1)`, with a window of `w` keys `(1, w)` (0 included: no key, as on the
+/// CPU).
+fn mask_args(mask: AttentionMask) -> (i32, i32) {
+    match mask {
+        AttentionMask::Bidirectional => (0, -1),
+        AttentionMask::Causal { window } => {
+            (1, window.map_or(-1, |w| w.min(i32::MAX as usize) as i32))
+        }
+    }
+}
+
 /// For every token, the first token and one past the last of its sequence (the attention
 /// kernel's per-query key range before masking).
 pub fn segment_bounds(segments: &Segments) -> (Vec<i32>, Vec<i32>) {
@@ -868,6 +880,20 @@ mod tests {
         let (a, b) = segment_bounds(&s);
         assert_eq!(a, vec![0, 0, 2, 2, 2]);
         assert_eq!(b, vec![2, 2, 5, 5, 5]);
+    }
+
+    #[test]
+    fn mask_args_keep_a_window_of_zero_apart_from_no_window() {
+        assert_eq!(mask_args(AttentionMask::Bidirectional), (0, -1));
+        assert_eq!(mask_args(AttentionMask::Causal { window: None }), (1, -1));
+        assert_eq!(mask_args(AttentionMask::Causal { window: Some(0) }), (1, 0));
+        assert_eq!(mask_args(AttentionMask::Causal { window: Some(7) }), (1, 7));
+        assert_eq!(
+            mask_args(AttentionMask::Causal {
+                window: Some(usize::MAX)
+            }),
+            (1, i32::MAX)
+        );
     }
 
     #[test]
