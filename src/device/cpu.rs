@@ -545,6 +545,15 @@ mod tests {
         // Row 4 may see keys 3 and 4 (kv_idx > 4 - 2).
         assert_eq!(s.row(4).to_vec(), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
         assert_eq!(s.row(0).to_vec(), vec![1.0, 0.0, 0.0, 0.0, 0.0]);
+        // A window of 0 keeps no key (transformers' mask `kv_idx > q_idx - 0`): all weights 0,
+        // as the GPU kernel gives (model configs refuse it, see model::config).
+        let mut s = Array2::<f32>::ones((3, 3));
+        softmax_rows(
+            s.view_mut(),
+            AttentionMask::Causal { window: Some(0) },
+            None,
+        );
+        assert!(s.iter().all(|&v| v == 0.0), "{s:?}");
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional, None);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));

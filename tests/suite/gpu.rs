@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `forward_f32_matches_the_cpu_on_<arch>` | the CPU backend's layer inputs, `--dtype f32`: max error ≤ [`F32_TOL`] of the tensor's largest value |
 //! | `forward_bf16_is_close_to_the_cpu_on_<arch>` | the same, bf16 weights: ≤ [`BF16_TOL`] |
+//! | `attention_matches_the_cpu_backend` | `Cpu::attention`: packed sequences, GQA, causal with windows of none, 0 (no key), 1 and 7, bidirectional, soft-capping, head_dim 16 and 128 |
 //! | `exact_gram_matches_the_cpu_f64_gram` | `stats::exact::ExactStats` (f32 products over 4096 rows, f64 sums) |
 //! | `sketch_products_match_f64` | `Xᵀ(X T)` in f64 on the host |
 //! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
@@ -180,6 +181,67 @@ macro_rules! forward_tests {
 }
 
 forward_tests!(llama, mistral, qwen2, bert, roberta);
+
+/// The tiled attention kernel through the backend against the CPU backend's attention, on the
+/// same inputs: both softmax in f32 over the same keys, in different orders (the CPU per row, the
+/// kernel online over tiles of up to 32 keys), so they agree to a few f32 ulps of the values
+/// (standard normal, |v| < 6): 1e-5 absolutely. A window of 0 keeps no key: exactly 0 on both.
+#[test]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)"
+)]
+fn attention_matches_the_cpu_backend() {
+    use eva::device::backend::{AttentionMask, Heads, Segments};
+    let gpu = open(DType::F32);
+    let segments = Segments::from_lengths([45, 0, 1, 20]);
+    let tokens = segments.tokens();
+    let mut rng = eva::rng::Rng::new(&[25]);
+    let mut matrix = |c: usize| Array2::from_shape_fn((tokens, c), |_| rng.normal() as f32);
+    for (heads, kv_heads, head_dim, softcap) in [(4, 2, 16, None), (2, 1, 128, Some(2.0f32))] {
+        let h = Heads {
+            softcap,
+            ..Heads::new(heads, kv_heads, head_dim)
+        };
+        let (q, k, v) = (
+            matrix(heads * head_dim),
+            matrix(kv_heads * head_dim),
+            matrix(kv_heads * head_dim),
+        );
+        let (dq, dk, dv) = (
+            gpu.to_device(&q).unwrap(),
+            gpu.to_device(&k).unwrap(),
+            gpu.to_device(&v).unwrap(),
+        );
+        for mask in [
+            AttentionMask::Bidirectional,
+            AttentionMask::Causal { window: None },
+            AttentionMask::Causal { window: Some(0) },
+            AttentionMask::Causal { window: Some(1) },
+            AttentionMask::Causal { window: Some(7) },
+        ] {
+            let want = Cpu.attention(&q, &k, &v, h, &segments, mask);
+            let got = gpu
+                .to_host(&gpu.attention(&dq, &dk, &dv, h, &segments, mask))
+                .unwrap();
+            assert_eq!(want.dim(), got.dim());
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-5,
+                "head_dim {head_dim} {mask:?}: max error {err:e}"
+            );
+            if mask == (AttentionMask::Causal { window: Some(0) }) {
+                assert!(
+                    want.iter().chain(&got).all(|&x| x == 0.0),
+                    "{mask:?}: no key, output 0"
+                );
+            }
+        }
+    }
+}
 
 /// Rows with a large mean and a decaying spectrum, the case the shift exists for.
 fn rows(n: usize, d: usize, seed: u64) -> Array2<f32> {
