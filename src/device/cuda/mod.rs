@@ -41,6 +41,7 @@ pub mod probe;
 pub mod runtime;
 
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
+pub use runtime::CallerContext;
 
 use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
 use super::error::{Bytes, DeviceError};
@@ -894,6 +895,34 @@ mod tests {
             }),
             (1, i32::MAX)
         );
+    }
+
+    /// Another library's context (PyTorch's, on its current device) is current before eva is
+    /// called; eva's calls bind eva's, as cudarc does; a [`CallerContext`] held across them puts
+    /// the caller's back (the Python extension holds one across every entry point).
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn a_saved_caller_context_is_current_again_after_eva_bound_its_own() {
+        use runtime::{current_context, set_current_context};
+        let theirs = Some(7);
+        set_current_context(theirs);
+        {
+            let _keep = CallerContext::save();
+            let gpu = Cuda::open(CudaOptions::default()).unwrap();
+            let x = gpu.to_device(&Array2::ones((3, 4))).unwrap();
+            assert_eq!(gpu.to_host(&x).unwrap().sum(), 12.0);
+            assert_eq!(current_context(), Some(0), "eva's calls bind eva's context");
+        }
+        assert_eq!(
+            current_context(),
+            theirs,
+            "the caller's context is current again"
+        );
+        set_current_context(None);
+        let _keep = CallerContext::save();
+        set_current_context(Some(0));
+        drop(_keep);
+        assert_eq!(current_context(), None, "no context before: none after");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | [`Runtime::gemm`], [`Runtime::symm_f64`] | the two cuBLAS calls eva makes (`cublasGemmEx`, `cublasDsymm`) |
 //! | [`Runtime::synchronize`], [`Runtime::memory`], [`Runtime::raw_stream`] | waits, free/total memory, the stream for callers that order their work against eva's |
 //! | [`Runtime::borrow`] | device memory another library of this process owns, read in place |
+//! | [`CallerContext`] | the calling thread's current context, put back when dropped (cudarc makes eva's current and leaves it) |
 //!
 //! Pointers cross the seam as `u64` device addresses ([`Runtime::ptr`]); every other file of the
 //! backend names no cudarc type. NCCL (`comm/nccl.rs`) reaches a buffer's memory through
@@ -83,6 +84,38 @@ pub fn driver(op: &'static str) -> impl Fn(DriverError) -> DeviceError {
     move |e| DeviceError::Driver {
         op,
         name: format!("{:?}", e.0),
+    }
+}
+
+/// The calling thread's current CUDA context when it was saved, made current again when this is
+/// dropped. cudarc binds eva's context to the calling thread before each call and leaves it
+/// bound, so that a host program on another GPU (PyTorch, whose current device is the current
+/// context's) would find its current device changed after calling eva: the Python extension
+/// holds one of these across each of its entry points. Without a loadable driver there is no
+/// context to keep, and nothing is done.
+pub struct CallerContext(Option<Option<cudarc::driver::sys::CUcontext>>);
+
+impl CallerContext {
+    /// Saves the calling thread's current context (none is a value too).
+    pub fn save() -> Self {
+        // SAFETY: only loads the driver library to see whether it is there.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return CallerContext(None);
+        }
+        CallerContext(cudarc::driver::result::ctx::get_current().ok())
+    }
+}
+
+impl Drop for CallerContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: the context was current on this thread when saved (or none was, and null
+            // unbinds); a context PyTorch or eva made outlives the calls between. A failure
+            // leaves eva's context current, which is what happened before this type existed.
+            let _ = unsafe {
+                cudarc::driver::result::ctx::set_current(ctx.unwrap_or(std::ptr::null_mut()))
+            };
+        }
     }
 }
 
