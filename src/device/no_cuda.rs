@@ -92,6 +92,9 @@ impl Gpu for Cuda {
     fn raw_stream(&self) -> usize {
         match *self {}
     }
+    fn on_low_memory(&self, _: Box<dyn Fn() + Send + Sync>) {
+        match *self {}
+    }
 }
 
 impl DeviceBuffer for DeviceSums {

@@ -165,7 +165,13 @@ pub struct Cuda {
     rt: Runtime,
     opts: CudaOptions,
     error: Mutex<Option<DeviceError>>,
+    /// What releases memory another library of this process caches on this GPU (PyTorch's
+    /// allocator: `torch.cuda.empty_cache`), called before eva decides it is out of memory.
+    release: Mutex<Option<Release>>,
 }
+
+/// A callback that releases memory cached by another library on the same GPU.
+type Release = Box<dyn Fn() + Send + Sync>;
 
 impl Cuda {
     /// [`Gpu::open`] with the backend's own error.
@@ -182,13 +188,36 @@ impl Cuda {
             rt: Runtime::open(opts.ordinal)?,
             opts,
             error: Mutex::new(None),
+            release: Mutex::new(None),
         })
+    }
+
+    /// Calls the registered release, if any; whether there was one.
+    fn release_cached(&self) -> bool {
+        match &*self.release.lock().expect("not poisoned") {
+            Some(release) => {
+                release();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `alloc()`, retried once after [`Gpu::on_low_memory`]'s release when out of memory.
+    fn retrying<B>(&self, alloc: impl Fn() -> Result<B, AllocError>) -> Result<B, AllocError> {
+        match alloc() {
+            Err(AllocError::OutOfMemory { .. }) if self.release_cached() => alloc(),
+            r => r,
+        }
     }
 
     /// Fails with the out-of-memory error, before anything is allocated, unless `needed` bytes
     /// are free (e.g. the weights of this rank's slice before uploading them).
     pub fn ensure_free(&self, needed: usize, what: &str) -> crate::Result<()> {
-        let (free, total) = self.rt.memory()?;
+        let (mut free, mut total) = self.rt.memory()?;
+        if needed > free && self.release_cached() {
+            (free, total) = self.rt.memory()?;
+        }
         if needed > free {
             return Err(self.oom(what, needed, free, total).into());
         }
@@ -217,23 +246,23 @@ impl Cuda {
 
     /// A device allocation of `len` values, out-of-memory named.
     fn alloc<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
-        // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy) before
-        // it is read.
-        unsafe { self.rt.alloc::<T>(len) }
-            .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
+        self.retrying(|| {
+            // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy)
+            // before it is read.
+            unsafe { self.rt.alloc::<T>(len) }
+        })
+        .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
     /// `len` zeros, out-of-memory named.
     fn zeros_of<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
-        self.rt
-            .zeros::<T>(len)
+        self.retrying(|| self.rt.zeros::<T>(len))
             .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
     /// A copy of `host` on the device, out-of-memory named.
     fn upload<T: Elem>(&self, host: &[T], what: &str) -> Result<Buffer<T>, DeviceError> {
-        self.rt
-            .upload(host)
+        self.retrying(|| self.rt.upload(host))
             .map_err(|e| self.alloc_error(e, size_of_val(host), what))
     }
 
@@ -490,6 +519,11 @@ impl Gpu for Cuda {
     /// orders its own work against eva's (PyTorch's `torch.cuda.ExternalStream`).
     fn raw_stream(&self) -> usize {
         self.rt.raw_stream()
+    }
+
+    /// Kept for [`Cuda::ensure_free`] and a retry of a failed allocation.
+    fn on_low_memory(&self, release: Box<dyn Fn() + Send + Sync>) {
+        *self.release.lock().expect("not poisoned") = Some(release);
     }
 
     /// The rows `keep` of `x` on the device, for device statistics ([`gram`]).
@@ -923,6 +957,37 @@ mod tests {
         set_current_context(Some(0));
         drop(_keep);
         assert_eq!(current_context(), None, "no context before: none after");
+    }
+
+    /// Memory another library caches (here: a tensor the release callback drops) is used for
+    /// the device; `ensure_free` calls the release before it reports out-of-memory, and only then.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn ensure_free_releases_what_another_library_caches_before_giving_up() {
+        use std::sync::Arc;
+        let gpu = Cuda::open(CudaOptions::default()).unwrap();
+        let cached = Arc::new(Mutex::new(Some(
+            gpu.alloc_tensor(1 << 20, 4, "a cache").unwrap(),
+        )));
+        let (free, _) = gpu.rt.memory().unwrap();
+        let need = free + (8 << 20);
+        let e = gpu.ensure_free(need, "a test").unwrap_err().to_string();
+        assert!(e.contains("a test"), "{e}");
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, n) = (cached.clone(), calls.clone());
+        gpu.on_low_memory(Box::new(move || {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            c.lock().unwrap().take();
+        }));
+        gpu.ensure_free(need / 2, "a test").unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "enough was free"
+        );
+        gpu.ensure_free(need, "a test").unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(cached.lock().unwrap().is_none(), "the cache was released");
     }
 
     #[test]
