@@ -116,6 +116,26 @@ pub fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// [`Backend::embed`]'s shapes: one id per row of the activation, and table rows of its width.
+/// A mismatch is a data error naming `what` (a GPU would read past the table's rows).
+pub fn check_embed(what: &str, table: &[usize], x: (usize, usize), ids: usize) -> Result<()> {
+    if table.len() != 2 || table[1] != x.1 || ids != x.0 {
+        return Err(crate::Error::data(format!(
+            "{what}: {ids} ids into a table of shape {table:?} for an activation of {} rows x {} features (expected one id per row and rows of {} values)",
+            x.0, x.1, x.1
+        )));
+    }
+    Ok(())
+}
+
+/// A norm's weight or bias must hold one value per feature (`d`); else the message saying so
+/// (a GPU would read past a shorter one, the CPU would pair values with the wrong features).
+pub fn norm_mismatch(what: &str, shape: &[usize], d: usize) -> Option<String> {
+    (shape != [d]).then(|| {
+        format!("the {what} has shape {shape:?}, the activation {d} features (expected [{d}])")
+    })
+}
+
 /// Where each sequence of a packed batch lies: sequence `i` owns tokens `ranges[i]`.
 #[derive(Clone, Debug, Default)]
 pub struct Segments {

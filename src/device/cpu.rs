@@ -1,7 +1,9 @@
 //! The CPU backend: [`Backend`] on host memory, OpenBLAS sgemm for the products and plain
 //! loops for the rest.
 
-use super::backend::{exp, Activation, AttentionMask, Backend, Heads, Segments};
+use super::backend::{
+    check_embed, exp, norm_mismatch, Activation, AttentionMask, Backend, Heads, Segments,
+};
 use super::host::HostTensor;
 use crate::linalg::{par_groups, par_rows, sgemm};
 use crate::{Error, Result};
@@ -94,6 +96,7 @@ impl Backend for Cpu {
     }
 
     fn embed(&self, x: &mut Array2<f32>, table: &CpuWeight, ids: &[u32], what: &str) -> Result<()> {
+        check_embed(what, &table.shape, x.dim(), ids.len())?;
         let t = table.matrix();
         for (mut row, &id) in x.rows_mut().into_iter().zip(ids) {
             if id as usize >= t.nrows() {
@@ -152,8 +155,11 @@ impl Backend for Cpu {
     }
 
     fn rms_norm(&self, x: &Array2<f32>, w: &CpuWeight, eps: f32) -> Array2<f32> {
-        let w = w.as_slice();
         let d = x.ncols();
+        if let Some(m) = norm_mismatch("weight", &w.shape, d) {
+            panic!("rms_norm: {m}");
+        }
+        let w = w.as_slice();
         let src = x.as_slice().expect("activations are standard layout");
         let mut out = vec![0.0f32; src.len()];
         par_rows(&mut out, d, 4 * d, |start, out| {
@@ -389,8 +395,13 @@ fn layer_norm_in_place(
     b: &CpuWeight,
     eps: f32,
 ) {
-    let (w, b) = (w.as_slice(), b.as_slice());
     let d = x.ncols();
+    for (what, v) in [("weight", w), ("bias", b)] {
+        if let Some(m) = norm_mismatch(what, &v.shape, d) {
+            panic!("layer_norm: {m}");
+        }
+    }
+    let (w, b) = (w.as_slice(), b.as_slice());
     let x = x.as_slice_mut().expect("activations are standard layout");
     par_rows(x, d, 6 * d, |start, x| {
         let residual = residual.map(|r| &r[start * d..start * d + x.len()]);

@@ -43,7 +43,9 @@ pub mod runtime;
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
 pub use runtime::CallerContext;
 
-use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
+use super::backend::{
+    check_embed, norm_mismatch, Activation, AttentionMask, Backend, Heads, Segments,
+};
 use super::error::{Bytes, DeviceError};
 use super::gpu::{CudaOptions, Gpu};
 use super::host::HostTensor;
@@ -417,6 +419,7 @@ impl Cuda {
         (rows, d): (usize, usize),
         (w, b, eps): (&CudaWeight, &CudaWeight, f32),
     ) -> Result<(), DeviceError> {
+        norm_shape("layer_norm", &[("weight", w), ("bias", b)], d)?;
         let (px, pr) = (self.rt.ptr(x), residual.map_or(0u64, |r| self.rt.ptr(r)));
         let (pw, pb) = (
             self.rt.ptr(w.f32("layer_norm weight")?),
@@ -603,6 +606,7 @@ impl Backend for Cuda {
         ids: &[u32],
         what: &str,
     ) -> crate::Result<()> {
+        check_embed(what, &table.shape, (x.rows, x.cols), ids.len())?;
         let rows = table.shape[0];
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
             return Err(crate::Error::data(format!(
@@ -610,7 +614,7 @@ impl Backend for Cuda {
             )));
         }
         self.check()?;
-        let n = ids.len().min(x.rows);
+        let n = ids.len();
         let run = || -> Result<(), DeviceError> {
             let dev_ids = self.upload(&ids[..n], "token ids")?;
             let (px, pt, pi, dim) = (
@@ -661,6 +665,7 @@ impl Backend for Cuda {
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> CudaTensor {
         self.produce(x.rows, x.cols, || {
+            norm_shape("rms_norm", &[("weight", w)], x.cols)?;
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
             let (px, pw, po, d) = (
                 self.rt.ptr(x.buf()?),
@@ -867,6 +872,21 @@ impl Cuda {
         )?;
         Ok(out)
     }
+}
+
+/// A norm's weights and biases, one value per feature each, or the error (recorded by the op:
+/// the kernel would read past a shorter one).
+fn norm_shape(
+    op: &'static str,
+    vectors: &[(&str, &CudaWeight)],
+    d: usize,
+) -> Result<(), DeviceError> {
+    for (what, v) in vectors {
+        if let Some(detail) = norm_mismatch(what, &v.shape, d) {
+            return Err(DeviceError::Unsupported { op, detail });
+        }
+    }
+    Ok(())
 }
 
 /// The kernels' code of an activation function (`activate` in kernels.cu).

@@ -22,7 +22,7 @@
 use super::kernels::{self, Arg, Shape};
 use crate::config::validate::DType;
 use crate::device::error::DeviceError;
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -120,15 +120,37 @@ impl Drop for CallerContext {
 }
 
 /// One GPU, one stream, cuBLAS on that stream, the kernels loaded.
+///
+/// Dropping it waits for the stream, then destroys the cuBLAS handle, then unloads the kernels'
+/// module (the fields' drops): nothing queued still runs code being unloaded. Failures there
+/// (a sticky error after a fault, the timeout path) are ignored: there is nothing left to report
+/// them to, and a panic in a drop would abort the unwinding that led here.
 pub struct Runtime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS's handle on `stream`, made and destroyed here rather than by cudarc's `CudaBlas`,
+    /// whose `Drop` panics when the destroy fails (after a sticky error, on the timeout path).
+    blas: blas_sys::cublasHandle_t,
     functions: HashMap<&'static str, CudaFunction>,
     /// The device's name (`NVIDIA H200`).
     pub name: String,
     /// Its compute capability (`(9, 0)`).
     pub capability: (i32, i32),
+}
+
+// SAFETY: the cuBLAS handle is used only through `&self` calls on this runtime's stream, as
+// cudarc's `CudaBlas` (which is Send and Sync) uses it.
+unsafe impl Send for Runtime {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Runtime {}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: made in `open`, not used after this.
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(self.blas) };
+    }
 }
 
 impl Runtime {
@@ -159,10 +181,20 @@ impl Runtime {
                     .map_err(driver("kernel lookup"))?,
             );
         }
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas {
+        let blas_err = |e: cudarc::cublas::result::CublasError| DeviceError::Blas {
             op: "handle creation",
             name: format!("{:?}", e.0),
-        })?;
+        };
+        ctx.bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let blas = cudarc::cublas::result::create_handle().map_err(blas_err)?;
+        // SAFETY: a handle just made, and this context's stream.
+        if let Err(e) = unsafe { cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _) }
+        {
+            // SAFETY: the handle is not used again.
+            let _ = unsafe { cudarc::cublas::result::destroy_handle(blas) };
+            return Err(blas_err(e));
+        }
         Ok(Runtime {
             ctx,
             stream,
@@ -375,11 +407,14 @@ impl Runtime {
             DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
         let (alpha, beta) = (1.0f32, beta);
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
         // SAFETY: the caller's contract on a, b, c; alpha/beta are host scalars (cuBLAS's
         // default pointer mode).
         unsafe {
             cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
+                self.blas,
                 op(ta),
                 op(tb),
                 m as i32,
@@ -431,12 +466,15 @@ impl Runtime {
             "symm_f64: buffers shorter than d = {d}, m = {m} imply"
         );
         let (alpha, beta) = (1.0f64, 0.0f64);
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
         let (pg, pq, pz) = (self.ptr(g), self.ptr(q), self.ptr(z));
         // SAFETY: g holds d·d values, q and z m·d (checked above); alpha and beta are host
         // scalars (cuBLAS's default pointer mode).
         unsafe {
             blas_sys::cublasDsymm_v2(
-                *self.blas.handle(),
+                self.blas,
                 blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
                 blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
                 m as i32,
