@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`SOURCE`], [`NAMES`] | the kernels' source and every entry point in it |
 //! | [`compile`] | NVRTC to PTX for one virtual architecture (`compute_90`); no GPU needed |
+//! | [`target`], [`compile_cubin`], [`supported_archs`] | what `Runtime::open` loads: a CUBIN for the device's `sm_XY` (or the nearest older one of its major version this NVRTC knows), PTX only for a device newer than this NVRTC |
 //! | [`Shape`] | grid/block of each kind of launch, checked against the hardware limits |
 
 use crate::device::error::DeviceError;
@@ -100,6 +101,131 @@ pub fn compile(arch: &str) -> Result<Ptx, DeviceError> {
             e => format!("{e:?}"),
         },
     })
+}
+
+/// What to compile the kernels to for a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Machine code for a real architecture (`sm_90`), loaded as it is: no driver JIT, so a
+    /// driver older than the NVRTC loads it (PTX of a newer NVRTC it refuses with
+    /// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION`).
+    Cubin(String),
+    /// PTX for a virtual architecture (`compute_90`), JIT-compiled by the driver: only for a
+    /// device newer than every architecture this NVRTC knows (such a driver is newer too).
+    Ptx(String),
+}
+
+/// What to compile for a device of compute capability `(major, minor)` with an NVRTC that
+/// supports the real architectures `supported` (as `nvrtcGetSupportedArchs`: 75, 80, 90, ...). A
+/// CUBIN runs on devices of its major version and a minor at least its own, so: the highest
+/// supported architecture of the device's major version not above it; else, for a device newer
+/// than them all, PTX of the highest; else (a device older than this NVRTC supports) an error.
+pub fn target(capability: (i32, i32), supported: &[i32]) -> Result<Target, DeviceError> {
+    let dev = capability.0 * 10 + capability.1;
+    let same_major = supported
+        .iter()
+        .filter(|&&a| a / 10 == capability.0 && a <= dev)
+        .max();
+    if let Some(a) = same_major {
+        return Ok(Target::Cubin(format!("sm_{a}")));
+    }
+    match supported.iter().max() {
+        Some(&top) if top < dev => Ok(Target::Ptx(format!("compute_{top}"))),
+        _ => Err(DeviceError::Unsupported {
+            op: "NVRTC",
+            detail: format!(
+                "it compiles for {:?}, none of which runs on this sm_{dev} device; use the NVRTC of a CUDA that supports it",
+                supported.iter().map(|a| format!("sm_{a}")).collect::<Vec<_>>()
+            ),
+        }),
+    }
+}
+
+/// The real architectures this NVRTC compiles for (`nvrtcGetSupportedArchs`), ascending.
+#[cfg(feature = "cuda")]
+pub fn supported_archs() -> Result<Vec<i32>, DeviceError> {
+    use cudarc::nvrtc::sys;
+    let err = |e: cudarc::nvrtc::result::NvrtcError| DeviceError::Compile {
+        arch: "any".into(),
+        detail: format!("nvrtcGetSupportedArchs: {:?}", e.0),
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }
+        .result()
+        .map_err(err)?;
+    let mut archs = vec![0 as std::ffi::c_int; n.max(0) as usize];
+    // SAFETY: `archs` holds the `n` ints NVRTC writes.
+    unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .map_err(err)?;
+    archs.sort_unstable();
+    Ok(archs)
+}
+
+/// Compiles [`SOURCE`] to a CUBIN for the real architecture `arch` (`sm_90`), with the options
+/// of [`options`]. A failure of NVRTC's builtins (`NVRTC_ERROR_BUILTIN_OPERATION_FAILURE`: it
+/// could not load `libnvrtc-builtins.so.X.Y`, which it needs next to `libnvrtc.so`) says so.
+#[cfg(feature = "cuda")]
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, DeviceError> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::CString;
+    let fail = |detail: String| DeviceError::Compile {
+        arch: arch.to_string(),
+        detail,
+    };
+    let src = CString::new(SOURCE).expect("no NUL in kernels.cu");
+    let name = CString::new("eva_kernels.cu").expect("no NUL");
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| fail(format!("{:?}", e.0)))?;
+    let flags = [
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--std=c++14".into(),
+    ];
+    // SAFETY: `prog` is a program just created; it is destroyed once, below.
+    let built = unsafe { result::compile_program(prog, &flags) }
+        .map_err(|e| {
+            if e.0 == sys::nvrtcResult::NVRTC_ERROR_BUILTIN_OPERATION_FAILURE {
+                return fail(format!(
+                    "{:?}: NVRTC could not load its builtins library ({}), which must lie next to libnvrtc.so on LD_LIBRARY_PATH ({:?})",
+                    e.0,
+                    builtins_name(),
+                    std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
+                ));
+            }
+            // SAFETY: the program exists; the log is a NUL-terminated string.
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| unsafe { std::ffi::CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            fail(format!("{:?}: {log}", e.0))
+        })
+        .and_then(|()| {
+            let mut size = 0usize;
+            // SAFETY: writes one size.
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| fail(format!("nvrtcGetCUBINSize: {:?}", e.0)))?;
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` holds the `size` bytes NVRTC writes.
+            unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut std::ffi::c_char) }
+                .result()
+                .map_err(|e| fail(format!("nvrtcGetCUBIN: {:?}", e.0)))?;
+            Ok(cubin)
+        });
+    // SAFETY: created above, not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    built
+}
+
+/// The file name of this NVRTC's builtins library (`libnvrtc-builtins.so.13.0`).
+#[cfg(feature = "cuda")]
+fn builtins_name() -> String {
+    let (mut major, mut minor): (std::ffi::c_int, std::ffi::c_int) = (0, 0);
+    // SAFETY: writes two ints.
+    match unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result() {
+        Ok(()) => format!("libnvrtc-builtins.so.{major}.{minor}"),
+        Err(_) => "libnvrtc-builtins.so.X.Y".into(),
+    }
 }
 
 /// One launch's grid and block dimensions (x, y, z) and dynamic shared memory, as CUDA takes
@@ -294,6 +420,21 @@ mod tests {
             .sum()
     }
 
+    #[test]
+    fn the_target_is_a_cubin_of_the_devices_major_version_else_ptx_for_newer_devices() {
+        let supported = [75, 80, 86, 87, 89, 90, 100, 120];
+        let t = |cap| target(cap, &supported);
+        assert_eq!(t((9, 0)).unwrap(), Target::Cubin("sm_90".into()));
+        assert_eq!(t((8, 0)).unwrap(), Target::Cubin("sm_80".into()));
+        // No sm_88 here: sm_87's CUBIN runs on it (same major, lower minor).
+        assert_eq!(t((8, 8)).unwrap(), Target::Cubin("sm_87".into()));
+        assert_eq!(t((10, 3)).unwrap(), Target::Cubin("sm_100".into()));
+        // Newer than this NVRTC: the driver JIT-compiles the newest PTX it has.
+        assert_eq!(t((13, 0)).unwrap(), Target::Ptx("compute_120".into()));
+        let e = t((6, 0)).unwrap_err().to_string();
+        assert!(e.contains("sm_60") && e.contains("sm_75"), "{e}");
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     fn options_pin_the_architecture_and_two_roundings() {
@@ -353,6 +494,29 @@ mod tests {
                 NAMES.len(),
                 t.elapsed().as_secs_f64(),
                 text.len()
+            );
+        }
+        let archs = supported_archs().unwrap_or_else(|e| panic!("{e}"));
+        for (cap, want) in [((8, 0), "sm_80"), ((9, 0), "sm_90")] {
+            assert_eq!(
+                target(cap, &archs).unwrap(),
+                Target::Cubin(want.into()),
+                "{archs:?}"
+            );
+            let t = std::time::Instant::now();
+            let cubin = compile_cubin(want).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+            for name in NAMES {
+                let sym = format!("{name}\0");
+                assert!(
+                    cubin.windows(sym.len()).any(|w| w == sym.as_bytes()),
+                    "the {want} CUBIN lacks the kernel {name}"
+                );
+            }
+            eprintln!(
+                "NVRTC compiled a {want} CUBIN in {:.2} s ({} bytes); this NVRTC supports {archs:?}",
+                t.elapsed().as_secs_f64(),
+                cubin.len()
             );
         }
     }

@@ -6,7 +6,7 @@
 //!
 //! | call | what the driver does |
 //! |---|---|
-//! | [`Runtime::open`] | context, stream, cuBLAS handle; the kernels compiled (NVRTC) and loaded |
+//! | [`Runtime::open`] | context, stream, cuBLAS handle; the kernels compiled (NVRTC, a CUBIN for the device: `kernels::target`) and loaded |
 //! | [`Runtime::alloc`], [`Runtime::zeros`], [`Runtime::upload`] | device memory: uninitialized, zeroed, or a copy of host values |
 //! | [`Runtime::download`], [`Runtime::write`], [`Runtime::copy`] | copies device → host (after the queued work), host → device, device → device |
 //! | [`Runtime::launch`] | a kernel by name, with its shape and arguments |
@@ -168,10 +168,15 @@ impl Runtime {
             .compute_capability()
             .map_err(driver("compute capability query"))?;
         let name = ctx.name().map_err(driver("device name query"))?;
-        let ptx = kernels::compile(&kernels::arch(capability.0, capability.1))?;
-        let module = ctx.load_module(ptx).map_err(driver(
-            "loading the kernels (PTX newer than the driver? use the NVRTC of this machine's CUDA)",
-        ))?;
+        let image = match kernels::target(capability, &kernels::supported_archs()?)? {
+            kernels::Target::Cubin(arch) => {
+                cudarc::nvrtc::Ptx::from_binary(kernels::compile_cubin(&arch)?)
+            }
+            kernels::Target::Ptx(arch) => kernels::compile(&arch)?,
+        };
+        let module = ctx
+            .load_module(image)
+            .map_err(driver("loading the kernels"))?;
         let mut functions = HashMap::new();
         for name in kernels::NAMES {
             functions.insert(
