@@ -165,6 +165,12 @@ impl Runtime {
         set_current_context(Some(self.ctx));
     }
 
+    /// The emulated device frees at once (no pool keeps memory): nothing to give back.
+    pub fn trim(&self) -> Result<(), DeviceError> {
+        self.bind();
+        Ok(())
+    }
+
     /// The device's free and total bytes.
     pub fn memory(&self) -> Result<(usize, usize), DeviceError> {
         self.bind();

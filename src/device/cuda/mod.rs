@@ -194,14 +194,16 @@ impl Cuda {
         })
     }
 
-    /// Calls the registered release, if any; whether there was one.
+    /// Gives eva's pooled memory back to the driver and calls the registered release, if any;
+    /// whether there was something to try (the pool always is, on a real GPU).
     fn release_cached(&self) -> bool {
+        let trimmed = self.rt.trim().is_ok();
         match &*self.release.lock().expect("not poisoned") {
             Some(release) => {
                 release();
                 true
             }
-            None => false,
+            None => trimmed,
         }
     }
 

@@ -11,7 +11,7 @@
 //! | [`Runtime::download`], [`Runtime::write`], [`Runtime::copy`] | copies device → host (after the queued work), host → device, device → device |
 //! | [`Runtime::launch`] | a kernel by name, with its shape and arguments |
 //! | [`Runtime::gemm`], [`Runtime::symm_f64`] | the two cuBLAS calls eva makes (`cublasGemmEx`, `cublasDsymm`) |
-//! | [`Runtime::synchronize`], [`Runtime::memory`], [`Runtime::raw_stream`] | waits, free/total memory, the stream for callers that order their work against eva's |
+//! | [`Runtime::synchronize`], [`Runtime::memory`], [`Runtime::trim`], [`Runtime::raw_stream`] | waits, free/total memory, the pool's kept memory back to the driver, the stream for callers that order their work against eva's |
 //! | [`Runtime::borrow`] | device memory another library of this process owns, read in place |
 //! | [`CallerContext`] | the calling thread's current context, put back when dropped (cudarc makes eva's current and leaves it) |
 //!
@@ -138,6 +138,35 @@ pub struct Runtime {
     pub capability: (i32, i32),
 }
 
+/// The stream-ordered pool cudarc allocates from (`cuMemAllocAsync`): the device's current one.
+fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool, DeviceError> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: writes one handle.
+    unsafe { cudarc::driver::sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(driver("memory pool query"))?;
+    Ok(pool)
+}
+
+/// Sets the pool's release threshold to "keep everything": at the default (0) every
+/// synchronize (each capture's download, each step) hands the freed memory back to the driver,
+/// and the next batch's buffers come from the driver again. Kept memory is at most the peak of
+/// eva's temporaries; [`Runtime::trim`] gives it back before an out-of-memory decision.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), DeviceError> {
+    let pool = mem_pool(ctx)?;
+    let mut keep = u64::MAX;
+    // SAFETY: the pool handle just queried; the attribute takes a u64.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        )
+    }
+    .result()
+    .map_err(driver("setting the memory pool's release threshold"))
+}
+
 // SAFETY: the cuBLAS handle is used only through `&self` calls on this runtime's stream, as
 // cudarc's `CudaBlas` (which is Send and Sync) uses it.
 unsafe impl Send for Runtime {}
@@ -177,6 +206,7 @@ impl Runtime {
         let module = ctx
             .load_module(image)
             .map_err(driver("loading the kernels"))?;
+        keep_freed_memory(&ctx)?;
         let mut functions = HashMap::new();
         for name in kernels::NAMES {
             functions.insert(
@@ -208,6 +238,19 @@ impl Runtime {
             name,
             capability,
         })
+    }
+
+    /// Gives the memory eva's pool keeps (freed by eva, not given back) back to the driver,
+    /// before eva or another library decides it is out of memory.
+    pub fn trim(&self) -> Result<(), DeviceError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let pool = mem_pool(&self.ctx)?;
+        // SAFETY: the device's pool; keeping 0 bytes frees whatever it holds unused.
+        unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(driver("trimming the memory pool"))
     }
 
     /// The device's free and total bytes.
