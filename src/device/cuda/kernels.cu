@@ -306,33 +306,48 @@ extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* _
 
 // Statistics (stats::Moments::add_shifted): y = x - c, and per feature Σy, Σy² added to the f64
 // moments. As on the CPU, the sums run in f32 over blocks of `sum_block` rows, in row order, and
-// each block's partial sum is added in f64. One thread per feature (coalesced across features).
-// With `y_bf16` set, the shifted rows are rounded to bf16 (the Gram's input) and the moments sum
-// the rounded values, so that the Gram and the sums describe the same rows.
+// each block's partial sum is added in f64, in row order. Two kernels: `shift_moments` over a
+// grid of (⌈d/BLOCK⌉, ⌈rows/sum_block⌉) blocks, thread (j, b) shifting feature j of row block b
+// (coalesced across features) and writing its two f32 sums to part[b·d + j] and
+// part[(nb + b)·d + j] (nb = gridDim.y); then `add_moments`, one thread per feature, adding the
+// nb partial sums in order. With `y_bf16` set, the shifted rows are rounded to bf16 (the Gram's
+// input) and the moments sum the rounded values, so that the Gram and the sums describe the same
+// rows.
 extern "C" __global__ void shift_moments(const float* __restrict__ x, const float* __restrict__ c, float* __restrict__ y_f32, bf16_t* __restrict__ y_bf16,
-                                         double* __restrict__ sum, double* __restrict__ sum_sq, int rows, int d, int sum_block) {
+                                         float* __restrict__ part, int rows, int d, int sum_block) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
+    int nb = gridDim.y, b = blockIdx.y;
+    int r0 = b * sum_block, r1 = min(rows, r0 + sum_block);
     float cj = c[j];
-    double s64 = sum[j], q64 = sum_sq[j];
-    for (int r0 = 0; r0 < rows; r0 += sum_block) {
-        int r1 = min(rows, r0 + sum_block);
-        float s = 0.0f, q = 0.0f;
-        for (int r = r0; r < r1; r++) {
-            unsigned long long at = (unsigned long long)r * d + j;
-            float yv = x[at] - cj;
-            if (y_bf16) {
-                bf16_t b = f32_to_bf16(yv);
-                y_bf16[at] = b;
-                yv = bf16_to_f32(b);
-            } else {
-                y_f32[at] = yv;
-            }
-            s += yv;
-            q += yv * yv;
+    float s = 0.0f, q = 0.0f;
+    for (int r = r0; r < r1; r++) {
+        unsigned long long at = (unsigned long long)r * d + j;
+        float yv = x[at] - cj;
+        if (y_bf16) {
+            bf16_t bv = f32_to_bf16(yv);
+            y_bf16[at] = bv;
+            yv = bf16_to_f32(bv);
+        } else {
+            y_f32[at] = yv;
         }
-        s64 += (double)s;
-        q64 += (double)q;
+        s += yv;
+        q += yv * yv;
+    }
+    part[(unsigned long long)b * d + j] = s;
+    part[(unsigned long long)(nb + b) * d + j] = q;
+}
+
+// The second half of the moments (see shift_moments): sum[j] += Σ_b part[b·d + j] and
+// sum_sq[j] += Σ_b part[(blocks + b)·d + j], each partial widened to f64 and added in row-block
+// order. One thread per feature.
+extern "C" __global__ void add_moments(const float* __restrict__ part, double* __restrict__ sum, double* __restrict__ sum_sq, int blocks, int d) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    double s64 = sum[j], q64 = sum_sq[j];
+    for (int b = 0; b < blocks; b++) {
+        s64 += (double)part[(unsigned long long)b * d + j];
+        q64 += (double)part[(unsigned long long)(blocks + b) * d + j];
     }
     sum[j] = s64;
     sum_sq[j] = q64;

@@ -16,7 +16,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every `extern "C" __global__` function of [`SOURCE`].
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     "cast_bf16",
     "embed_f32",
     "embed_bf16",
@@ -30,6 +30,7 @@ pub const NAMES: [&str; 16] = [
     "gated",
     "gather_rows",
     "shift_moments",
+    "add_moments",
     "flush_f64",
     "pack_upper_f64",
     "flag_nonfinite",
@@ -276,6 +277,8 @@ pub enum Shape {
     Rows(usize),
     /// One thread per feature (the moments).
     Features(usize),
+    /// One thread per (feature, block of rows): `d` features, `blocks` row blocks.
+    FeatureBlocks { d: usize, blocks: usize },
     /// One block per (tile of `q_tile` query tokens, head).
     Attention {
         tokens: usize,
@@ -300,6 +303,8 @@ impl Shape {
             Shape::Elements(0)
             | Shape::Rows(0)
             | Shape::Features(0)
+            | Shape::FeatureBlocks { d: 0, .. }
+            | Shape::FeatureBlocks { blocks: 0, .. }
             | Shape::Attention { tokens: 0, .. }
             | Shape::Attention { heads: 0, .. } => None,
             Shape::Elements(n) => Some(grid(n.div_ceil(BLOCK as usize).min(MAX_GRID), 1)),
@@ -310,6 +315,12 @@ impl Shape {
                 Some(grid(n, 1))
             }
             Shape::Features(d) => Some(grid(d.div_ceil(BLOCK as usize), 1)),
+            Shape::FeatureBlocks { d, blocks } => {
+                if blocks > 65_535 {
+                    return Err(too_big("row blocks of the moments", blocks, 65_535));
+                }
+                Some(grid(d.div_ceil(BLOCK as usize), blocks))
+            }
             Shape::Attention {
                 tokens,
                 heads,
@@ -364,6 +375,24 @@ mod tests {
         assert_eq!(c.grid_dim, (4096, 1, 1));
         let c = Shape::Features(257).config().unwrap().unwrap();
         assert_eq!(c.grid_dim, (2, 1, 1));
+        let c = Shape::FeatureBlocks {
+            d: 4096,
+            blocks: 16,
+        }
+        .config()
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.grid_dim, (16, 16, 1));
+        assert!(Shape::FeatureBlocks { d: 8, blocks: 0 }
+            .config()
+            .unwrap()
+            .is_none());
+        assert!(Shape::FeatureBlocks {
+            d: 8,
+            blocks: 70_000
+        }
+        .config()
+        .is_err());
         let c = Shape::Attention {
             tokens: 70,
             heads: 9,

@@ -104,7 +104,8 @@ mod tests {
         assert_eq!(params("rms_norm"), "PPPIF");
         assert_eq!(params("layer_norm"), "PPPPPIF");
         assert_eq!(params("attention"), "PPPPPPIIIIIIIFFIIII");
-        assert_eq!(params("shift_moments"), "PPPPPPIII");
+        assert_eq!(params("shift_moments"), "PPPPPIII");
+        assert_eq!(params("add_moments"), "PPPII");
         assert_eq!(params("activate_inplace"), "PUI");
         // rms_norm's, layer_norm's and attention's shared arrays, all in the poisoned section.
         assert!(
@@ -350,22 +351,40 @@ mod tests {
             } else {
                 (pm(&mut y32), Arg::U64(0))
             };
-            // SAFETY: x and the chosen y hold rows·d values, c, sum and sq d.
+            // Row blocks of `block` rows, the last one short: (⌈d/256⌉, 4) blocks.
+            let blocks = rows.div_ceil(block as usize);
+            let mut part = vec![f32::NAN; 2 * blocks * d];
+            // SAFETY: x and the chosen y hold rows·d values, c, sum and sq d, part 2·blocks·d.
             unsafe {
                 launch(
                     "shift_moments",
-                    grid(d.div_ceil(256)),
+                    (d.div_ceil(256) as u32, blocks as u32, 1),
                     THREADS,
                     &[
                         p(&x),
                         p(&c),
                         py32,
                         py16,
-                        pm(&mut sum),
-                        pm(&mut sq),
+                        pm(&mut part),
                         Arg::I32(rows as i32),
                         Arg::I32(d as i32),
                         Arg::I32(block),
+                    ],
+                )
+            }
+            .unwrap();
+            // SAFETY: part holds 2·blocks·d values, sum and sq d.
+            unsafe {
+                launch(
+                    "add_moments",
+                    grid(d.div_ceil(256)),
+                    THREADS,
+                    &[
+                        p(&part),
+                        pm(&mut sum),
+                        pm(&mut sq),
+                        Arg::I32(blocks as i32),
+                        Arg::I32(d as i32),
                     ],
                 )
             }
