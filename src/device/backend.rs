@@ -237,6 +237,8 @@ pub trait Backend {
     type Tensor;
     /// Weights.
     type Weight;
+    /// Rotary tables ([`Backend::rope_tables`]).
+    type RopeTables;
 
     /// A short name for reports (`cpu`).
     fn name(&self) -> &'static str;
@@ -279,8 +281,12 @@ pub trait Backend {
         self.add(&mut x, y);
         self.layer_norm(&x, w, b, eps)
     }
+    /// The rotary tables (cos and sin, `[tokens, head_dim/2]` each, [`Rope::tables`]) where the
+    /// backend reads them: made once per forward pass, since every layer's q and k use the same
+    /// (a GPU uploads them once instead of twice per layer).
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> Self::RopeTables;
     /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, tables: &Self::RopeTables);
     /// `softmax(softcap(q kᵀ · scale) + mask) v` per sequence and head (see [`Heads`]); `q: [tokens, heads·hd]`,
     /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
     fn attention(

@@ -60,6 +60,7 @@ impl CpuWeight {
 impl Backend for Cpu {
     type Tensor = Array2<f32>;
     type Weight = CpuWeight;
+    type RopeTables = (Array2<f32>, Array2<f32>);
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -202,7 +203,21 @@ impl Backend for Cpu {
         x
     }
 
-    fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> (Array2<f32>, Array2<f32>) {
+        (
+            cos.as_standard_layout().into_owned(),
+            sin.as_standard_layout().into_owned(),
+        )
+    }
+
+    fn rope(&self, x: &mut Array2<f32>, head_dim: usize, (cos, sin): &(Array2<f32>, Array2<f32>)) {
+        assert_eq!(
+            cos.nrows(),
+            x.nrows(),
+            "rope: tables for {} tokens, activation has {}",
+            cos.nrows(),
+            x.nrows()
+        );
         let half = head_dim / 2;
         let d = x.ncols();
         let (cos, sin) = (
@@ -599,7 +614,7 @@ mod tests {
             out.push(Cpu.layer_norm(&x, &g, &b, 1e-5));
             out.push(Cpu.add_layer_norm(x.clone(), &y, &g, &b, 1e-5));
             let mut r = x.clone();
-            Cpu.rope(&mut r, hd, &cos, &sin);
+            Cpu.rope(&mut r, hd, &Cpu.rope_tables(cos.clone(), sin.clone()));
             out.push(r);
             for mask in [
                 AttentionMask::Bidirectional,

@@ -181,6 +181,7 @@ impl<B: Backend> Decoder<B> {
         // Positions restart at 0 in every sequence (right padding, as transformers with
         // an attention mask and no explicit position_ids).
         let (cos, sin) = c.rope.tables(&batch.positions);
+        let tables = be.rope_tables(cos, sin);
         let heads = Heads::new(c.heads, c.kv_heads, c.head_dim);
         for (i, b) in self.blocks.iter().enumerate() {
             let layer = self.first + i;
@@ -198,8 +199,8 @@ impl<B: Backend> Decoder<B> {
             let mut k = b.k.apply(be, &x);
             let v = b.v.apply(be, &x);
             drop(x);
-            be.rope(&mut q, c.head_dim, &cos, &sin);
-            be.rope(&mut k, c.head_dim, &cos, &sin);
+            be.rope(&mut q, c.head_dim, &tables);
+            be.rope(&mut k, c.head_dim, &tables);
             let attn = be.attention(
                 &q,
                 &k,

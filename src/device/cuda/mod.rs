@@ -130,6 +130,14 @@ fn poisoned() -> DeviceError {
     }
 }
 
+/// A forward pass's rotary tables on the device (cos and sin, `[tokens, head_dim/2]` each),
+/// uploaded once for every layer; empty after a failed upload (the error is recorded).
+pub struct CudaRope {
+    cos: Option<Buffer<f32>>,
+    sin: Option<Buffer<f32>>,
+    rows: usize,
+}
+
 /// A weight on the device: matrices in the chosen [`DType`], vectors (norms, biases) in f32.
 pub struct CudaWeight {
     data: WeightData,
@@ -562,6 +570,7 @@ impl Gpu for Cuda {
 impl Backend for Cuda {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
+    type RopeTables = CudaRope;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -726,18 +735,36 @@ impl Backend for Cuda {
         })
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> CudaRope {
+        let rows = cos.nrows();
+        let upload = |t: Array2<f32>| {
+            let t = t.as_standard_layout();
+            let mut out = None;
+            self.mutate(|| {
+                out = Some(self.upload(t.as_slice().expect("standard layout"), "rotary tables")?);
+                Ok(())
+            });
+            out
+        };
+        CudaRope {
+            cos: upload(cos),
+            sin: upload(sin),
+            rows,
+        }
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, tables: &CudaRope) {
         assert_eq!(
-            cos.nrows(),
-            x.rows,
+            tables.rows, x.rows,
             "rope: tables for {} tokens, activation has {}",
-            cos.nrows(),
-            x.rows
+            tables.rows, x.rows
         );
         self.mutate(|| {
-            let c = self.upload(cos.as_slice().expect("standard layout"), "rotary tables")?;
-            let s = self.upload(sin.as_slice().expect("standard layout"), "rotary tables")?;
-            let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(&c), self.rt.ptr(&s));
+            let (c, s) = (
+                tables.cos.as_ref().ok_or_else(poisoned)?,
+                tables.sin.as_ref().ok_or_else(poisoned)?,
+            );
+            let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(c), self.rt.ptr(s));
             let (t, d, hd) = (x.rows as i32, x.cols as i32, head_dim as i32);
             self.rt.launch(
                 "rope",
