@@ -285,12 +285,16 @@ def _stats_device(rows, choice):
     if choice == "cpu" or ordinal is None or not CUDA:
         return None, None
     try:
-        return ordinal, Gpu(ordinal)
+        gpu = Gpu(ordinal)
     except EvaError as e:
         if choice == "cuda":
             raise
         warnings.warn(f"eva keeps its statistics on the host (layer inputs are copied from the GPU): {e}")
         return None, None
+    # PyTorch's cached-but-free blocks count as used for the driver: eva asks PyTorch to release
+    # them before it decides that the GPU is out of memory.
+    gpu.on_low_memory(torch.cuda.empty_cache)
+    return ordinal, gpu
 
 
 def _eva_stream(run, gpu):
@@ -305,7 +309,9 @@ def _eva_stream(run, gpu):
 def _feed(run, g, x, what, stream):
     """Hands rows to eva: CPU rows as a NumPy view; rows on eva's GPU in place (the pointer
     DLPack would hand over), queued on eva's stream after the work that produced them and kept
-    from reuse by PyTorch's allocator until that stream has read them."""
+    from reuse by PyTorch's allocator until that stream has read them; PyTorch's current stream
+    then waits for eva's, so that a later in-place write to the rows (or to the tensor they view)
+    comes after eva's reads."""
     if x.shape[0] == 0:
         return  # an expert no kept token was routed to in this batch
     if not x.is_cuda:
@@ -316,6 +322,8 @@ def _feed(run, g, x, what, stream):
         stream.wait_stream(current)
         x.record_stream(stream)
     run.accumulate_cuda(g, x.data_ptr(), x.shape[0], x.shape[1], what)
+    if current.cuda_stream != stream.cuda_stream:
+        current.wait_stream(stream)
 
 
 def _first_tensor_len(batch):

@@ -6,14 +6,14 @@
 mod comm;
 mod options;
 
-use eva::comm::{Communicator, SingleProcess};
-use eva::config::RunConfig;
-use eva::engine::{Engine, StopReason};
-use eva::device::cuda::Cuda;
-use eva::config::validate::DType;
-use eva::device::gpu::{CudaOptions, Gpu as _};
 use eva::catalog::Catalog;
+use eva::comm::{Communicator, SingleProcess};
+use eva::config::validate::DType;
+use eva::config::RunConfig;
+use eva::device::cuda::Cuda;
+use eva::device::gpu::{CudaOptions, Gpu as _};
 use eva::device::rows::Rows;
+use eva::engine::{Engine, StopReason};
 use ndarray::ArrayView2;
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -29,6 +29,23 @@ create_exception!(
     PyValueError,
     "An error eva reports: bad input, data that cannot give an adapter, or another rank's failure."
 );
+
+/// The calling thread's CUDA context, current again when this is dropped: every entry point that
+/// may reach the GPU holds one, because cudarc makes eva's context current and leaves it so, and
+/// PyTorch's current device is the current context's (issue 25, defect 3).
+#[cfg(feature = "cuda")]
+fn caller_context() -> eva::device::cuda::CallerContext {
+    eva::device::cuda::CallerContext::save()
+}
+
+/// Without CUDA there is no context to keep.
+#[cfg(not(feature = "cuda"))]
+fn caller_context() -> NoContext {
+    NoContext
+}
+
+#[cfg(not(feature = "cuda"))]
+struct NoContext;
 
 /// The Python exception of an eva error.
 fn py_err(e: eva::Error) -> PyErr {
@@ -57,19 +74,51 @@ struct Run {
 /// [`Run`], so that a GPU that cannot be used fails there (or falls back to the host) instead of
 /// inside a collective.
 #[pyclass(unsendable, module = "eva_lora._eva")]
-struct Gpu(Arc<Cuda>);
+struct Gpu(Option<Arc<Cuda>>);
 
 #[pymethods]
 impl Gpu {
     /// Opens CUDA device `ordinal` (eva's library probe, context, NVRTC kernels, cuBLAS).
     #[new]
     fn new(ordinal: usize) -> PyResult<Self> {
+        let _ctx = caller_context();
         let opts = CudaOptions {
             ordinal,
             dtype: DType::F32,
             slice: "the PyTorch model's layer inputs".into(),
         };
-        Ok(Gpu(Arc::new(Cuda::open(opts).map_err(py_err)?)))
+        Ok(Gpu(Some(Arc::new(Cuda::open(opts).map_err(py_err)?))))
+    }
+
+    /// Registers `release()` (PyTorch's `torch.cuda.empty_cache`): memory PyTorch's caching
+    /// allocator holds is free for PyTorch but used for the driver, so eva calls it before it
+    /// decides that the GPU is out of memory (issue 25, defect 6).
+    fn on_low_memory(&self, release: PyObject) {
+        self.cuda().on_low_memory(Box::new(move || {
+            Python::with_gil(|py| {
+                if let Err(e) = release.call0(py) {
+                    // eva's own out-of-memory error follows if releasing did not help.
+                    e.print(py);
+                }
+            })
+        }));
+    }
+}
+
+impl Gpu {
+    fn cuda(&self) -> &Arc<Cuda> {
+        self.0
+            .as_ref()
+            .expect("a Gpu holds its device until dropped")
+    }
+}
+
+impl Drop for Gpu {
+    /// The last reference frees eva's stream, cuBLAS handle and module: under the caller's
+    /// context, kept.
+    fn drop(&mut self) {
+        let _ctx = caller_context();
+        self.0.take();
     }
 }
 
@@ -118,8 +167,9 @@ impl Run {
         device: Option<PyRef<'_, Gpu>>,
         params: Option<Vec<Option<(String, usize, usize)>>>,
     ) -> PyResult<Self> {
+        let _ctx = caller_context();
         let cfg: Arc<RunConfig> = Arc::new(options::config(options)?);
-        let gpu = device.map(|g| g.0.clone());
+        let gpu = device.map(|g| g.cuda().clone());
         let comm: Rc<dyn Communicator> = match comm {
             None => Rc::new(SingleProcess),
             Some(obj) => Rc::new(comm::PyComm::new(py, obj)?),
@@ -145,12 +195,14 @@ impl Run {
 
     /// Which inputs accumulate in the current step.
     fn accumulating(&mut self) -> PyResult<Vec<bool>> {
+        let _ctx = caller_context();
         Ok(self.engine()?.accumulating().to_vec())
     }
 
     /// Adds rows (tokens × in_features, C-contiguous float32, read in place) of input `g`;
     /// `what` names them in errors.
     fn accumulate(&mut self, g: usize, rows: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+        let _ctx = caller_context();
         let buf = PyBuffer::<f32>::get(rows)?;
         let view = rows_of(&buf)?;
         self.engine()?
@@ -170,6 +222,7 @@ impl Run {
         cols: usize,
         what: &str,
     ) -> PyResult<()> {
+        let _ctx = caller_context();
         let gpu = self
             .gpu
             .clone()
@@ -187,6 +240,7 @@ impl Run {
 
     /// Whether every rank has another batch (collective).
     fn more_data(&mut self, have: bool) -> PyResult<bool> {
+        let _ctx = caller_context();
         self.engine()?.more_data(have).map_err(py_err)
     }
 
@@ -200,6 +254,7 @@ impl Run {
         error: Option<String>,
         on_step: Option<PyObject>,
     ) -> PyResult<Option<&'static str>> {
+        let _ctx = caller_context();
         let local = error.map_or(Ok(()), |e| Err(eva::Error::data(e)));
         let mut callback_err = None;
         let stop = self
@@ -229,6 +284,7 @@ impl Run {
     /// as (name, rank, alpha, lora_A as little-endian float32 bytes, rank × in_features), the
     /// adapter_config.json and the eva_report.json text.
     fn finish<'py>(&mut self, py: Python<'py>, stop: &str) -> PyResult<Finished<'py>> {
+        let _ctx = caller_context();
         let stop = match stop {
             "converged" => StopReason::Converged,
             "max_steps" => StopReason::MaxSteps,
@@ -255,6 +311,16 @@ impl Run {
         let report = serde_json::to_string_pretty(&outcome.report)
             .map_err(|e| EvaError::new_err(e.to_string()))?;
         Ok((layers, config, report))
+    }
+}
+
+impl Drop for Run {
+    /// Dropping the engine frees device memory (eva's context bound): under the caller's
+    /// context, kept.
+    fn drop(&mut self) {
+        let _ctx = caller_context();
+        self.engine.take();
+        self.gpu.take();
     }
 }
 

@@ -324,8 +324,12 @@ def test_cuda_inputs_stay_on_the_gpu_and_give_the_cpu_adapter(side_stream):
     model = load_model(MODELS["tiny-llama"]).cuda()
     cfg = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["tiny-llama"], init_lora_weights="eva", eva_config=EvaConfig())
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    before = torch.cuda.current_device()
     with torch.cuda.stream(stream):
         gpu = eva_lora.get_eva_state_dict(model, loader("tiny-llama", BATCH), peft_config=cfg, show_progress_bar=False, stats_device="cuda")
+    # eva's calls put the caller's CUDA context back (issue 25, defect 3).
+    assert torch.cuda.current_device() == before
+    assert torch.empty(1, device="cuda").device.index == before
     assert {k: v.shape for k, v in gpu.items()} == {k: v.shape for k, v in cpu.items()}
     worst = max((gpu[k].cpu() - a).abs().max().item() for k, a in cpu.items() if a.numel())
     assert worst <= CLI_TOLERANCE, f"max |dA| = {worst}"

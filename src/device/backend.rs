@@ -118,6 +118,26 @@ pub fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// [`Backend::embed`]'s shapes: one id per row of the activation, and table rows of its width.
+/// A mismatch is a data error naming `what` (a GPU would read past the table's rows).
+pub fn check_embed(what: &str, table: &[usize], x: (usize, usize), ids: usize) -> Result<()> {
+    if table.len() != 2 || table[1] != x.1 || ids != x.0 {
+        return Err(crate::Error::data(format!(
+            "{what}: {ids} ids into a table of shape {table:?} for an activation of {} rows x {} features (expected one id per row and rows of {} values)",
+            x.0, x.1, x.1
+        )));
+    }
+    Ok(())
+}
+
+/// A norm's weight or bias must hold one value per feature (`d`); else the message saying so
+/// (a GPU would read past a shorter one, the CPU would pair values with the wrong features).
+pub fn norm_mismatch(what: &str, shape: &[usize], d: usize) -> Option<String> {
+    (shape != [d]).then(|| {
+        format!("the {what} has shape {shape:?}, the activation {d} features (expected [{d}])")
+    })
+}
+
 /// Where each sequence of a packed batch lies: sequence `i` owns tokens `ranges[i]`.
 #[derive(Clone, Debug, Default)]
 pub struct Segments {
@@ -247,6 +267,8 @@ pub trait Backend {
     type Tensor;
     /// Weights.
     type Weight;
+    /// Rotary tables ([`Backend::rope_tables`]).
+    type RopeTables;
 
     /// The rows `idx` of `x`, in order, as a new activation (the tokens routed to an expert).
     fn gather(&self, x: &Self::Tensor, idx: &[usize]) -> Self::Tensor;
@@ -301,10 +323,14 @@ pub trait Backend {
         self.add(&mut x, y);
         self.layer_norm(&x, w, b, eps)
     }
+    /// The rotary tables (cos and sin, `[tokens, half]` each, [`Rope::tables`]) where the
+    /// backend reads them: made once per forward pass, since every layer's q and k use the same
+    /// (a GPU uploads them once instead of twice per layer).
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> Self::RopeTables;
     /// Rotates every head of `x` (`[tokens, heads·head_dim]`) by the tables of its token
     /// (`[tokens, half]`): the first `2·half` features of each head (all of them when `half` is
     /// `head_dim / 2`; fewer is Phi-3's partial rotary, the rest passing through).
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>);
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, tables: &Self::RopeTables);
     /// `softmax(softcap(q kᵀ · scale) + mask) v` per sequence and head (see [`Heads`]); `q: [tokens, heads·hd]`,
     /// `k`, `v`: `[tokens, kv_heads·hd]`; returns `[tokens, heads·hd]`.
     fn attention(

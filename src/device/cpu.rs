@@ -1,7 +1,9 @@
 //! The CPU backend: [`Backend`] on host memory, OpenBLAS sgemm for the products and plain
 //! loops for the rest.
 
-use super::backend::{exp, Activation, AttentionMask, Backend, Heads, Segments};
+use super::backend::{
+    check_embed, exp, norm_mismatch, Activation, AttentionMask, Backend, Heads, Segments,
+};
 use super::host::HostTensor;
 use crate::linalg::{par_groups, par_rows, sgemm};
 use crate::{Error, Result};
@@ -58,6 +60,7 @@ impl CpuWeight {
 impl Backend for Cpu {
     type Tensor = Array2<f32>;
     type Weight = CpuWeight;
+    type RopeTables = (Array2<f32>, Array2<f32>);
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -94,6 +97,7 @@ impl Backend for Cpu {
     }
 
     fn embed(&self, x: &mut Array2<f32>, table: &CpuWeight, ids: &[u32], what: &str) -> Result<()> {
+        check_embed(what, &table.shape, x.dim(), ids.len())?;
         let t = table.matrix();
         for (mut row, &id) in x.rows_mut().into_iter().zip(ids) {
             if id as usize >= t.nrows() {
@@ -162,8 +166,11 @@ impl Backend for Cpu {
     }
 
     fn rms_norm(&self, x: &Array2<f32>, w: &CpuWeight, eps: f32) -> Array2<f32> {
-        let w = w.as_slice();
         let d = x.ncols();
+        if let Some(m) = norm_mismatch("weight", &w.shape, d) {
+            panic!("rms_norm: {m}");
+        }
+        let w = w.as_slice();
         let src = x.as_slice().expect("activations are standard layout");
         let mut out = vec![0.0f32; src.len()];
         par_rows(&mut out, d, 4 * d, |start, out| {
@@ -206,7 +213,21 @@ impl Backend for Cpu {
         x
     }
 
-    fn rope(&self, x: &mut Array2<f32>, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> (Array2<f32>, Array2<f32>) {
+        (
+            cos.as_standard_layout().into_owned(),
+            sin.as_standard_layout().into_owned(),
+        )
+    }
+
+    fn rope(&self, x: &mut Array2<f32>, head_dim: usize, (cos, sin): &(Array2<f32>, Array2<f32>)) {
+        assert_eq!(
+            cos.nrows(),
+            x.nrows(),
+            "rope: tables for {} tokens, activation has {}",
+            cos.nrows(),
+            x.nrows()
+        );
         // Partial rotary: the tables cover the first 2·half features of each head.
         let half = cos.ncols();
         let d = x.ncols();
@@ -423,8 +444,13 @@ fn layer_norm_in_place(
     b: &CpuWeight,
     eps: f32,
 ) {
-    let (w, b) = (w.as_slice(), b.as_slice());
     let d = x.ncols();
+    for (what, v) in [("weight", w), ("bias", b)] {
+        if let Some(m) = norm_mismatch(what, &v.shape, d) {
+            panic!("layer_norm: {m}");
+        }
+    }
+    let (w, b) = (w.as_slice(), b.as_slice());
     let x = x.as_slice_mut().expect("activations are standard layout");
     par_rows(x, d, 6 * d, |start, x| {
         let residual = residual.map(|r| &r[start * d..start * d + x.len()]);
@@ -579,6 +605,15 @@ mod tests {
         // Row 4 may see keys 3 and 4 (kv_idx > 4 - 2).
         assert_eq!(s.row(4).to_vec(), vec![0.0, 0.0, 0.0, 0.5, 0.5]);
         assert_eq!(s.row(0).to_vec(), vec![1.0, 0.0, 0.0, 0.0, 0.0]);
+        // A window of 0 keeps no key (transformers' mask `kv_idx > q_idx - 0`): all weights 0,
+        // as the GPU kernel gives (model configs refuse it, see model::config).
+        let mut s = Array2::<f32>::ones((3, 3));
+        softmax_rows(
+            s.view_mut(),
+            AttentionMask::Causal { window: Some(0) },
+            None,
+        );
+        assert!(s.iter().all(|&v| v == 0.0), "{s:?}");
         let mut s = Array2::<f32>::ones((3, 3));
         softmax_rows(s.view_mut(), AttentionMask::Bidirectional, None);
         assert!(s.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7));
@@ -594,12 +629,13 @@ mod tests {
         });
         let cos = Array2::from_shape_fn((tokens, half), |(t, i)| ((t + i) as f32 * 0.3).cos());
         let sin = Array2::from_shape_fn((tokens, half), |(t, i)| ((t + i) as f32 * 0.3).sin());
+        let tables = Cpu.rope_tables(cos, sin);
         let mut partial = x.clone();
-        Cpu.rope(&mut partial, hd, &cos, &sin);
+        Cpu.rope(&mut partial, hd, &tables);
         for h in 0..heads {
             let cols = h * hd..h * hd + 2 * half;
             let mut prefix = x.slice(ndarray::s![.., cols.clone()]).to_owned();
-            Cpu.rope(&mut prefix, 2 * half, &cos, &sin);
+            Cpu.rope(&mut prefix, 2 * half, &tables);
             assert_eq!(partial.slice(ndarray::s![.., cols]), prefix);
             let tail = h * hd + 2 * half..(h + 1) * hd;
             assert_eq!(
@@ -657,7 +693,7 @@ mod tests {
             out.push(Cpu.layer_norm(&x, &g, &b, 1e-5));
             out.push(Cpu.add_layer_norm(x.clone(), &y, &g, &b, 1e-5));
             let mut r = x.clone();
-            Cpu.rope(&mut r, hd, &cos, &sin);
+            Cpu.rope(&mut r, hd, &Cpu.rope_tables(cos.clone(), sin.clone()));
             out.push(r);
             for mask in [
                 AttentionMask::Bidirectional,

@@ -79,6 +79,10 @@ pub trait Gpu: Backend + Sized {
     /// This GPU's stream as a raw `CUstream` (0: the legacy default stream), for a caller that
     /// orders its own work against eva's (PyTorch's `torch.cuda.ExternalStream`).
     fn raw_stream(&self) -> usize;
+    /// Registers what releases the memory another library of this process caches on this GPU
+    /// (PyTorch's `torch.cuda.empty_cache`): free for that library, used for the driver, so eva
+    /// calls `release` before it decides that it is out of memory.
+    fn on_low_memory(&self, release: Box<dyn Fn() + Send + Sync>);
 }
 
 /// f64 values in device memory: the packed shared parts of a stage's inputs, or `G·Q` products,

@@ -92,6 +92,9 @@ impl Gpu for Cuda {
     fn raw_stream(&self) -> usize {
         match *self {}
     }
+    fn on_low_memory(&self, _: Box<dyn Fn() + Send + Sync>) {
+        match *self {}
+    }
 }
 
 impl DeviceBuffer for DeviceSums {
@@ -173,6 +176,7 @@ impl SketchAccumulator for DeviceSketch {
 
 impl Backend for Cuda {
     type Tensor = Infallible;
+    type RopeTables = Infallible;
     type Weight = Infallible;
 
     fn name(&self) -> &'static str {
@@ -202,7 +206,10 @@ impl Backend for Cuda {
     fn layer_norm(&self, _: &Infallible, _: &Infallible, _: &Infallible, _: f32) -> Infallible {
         match *self {}
     }
-    fn rope(&self, _: &mut Infallible, _: usize, _: &Array2<f32>, _: &Array2<f32>) {
+    fn rope_tables(&self, _: Array2<f32>, _: Array2<f32>) -> Infallible {
+        match *self {}
+    }
+    fn rope(&self, _: &mut Infallible, _: usize, _: &Infallible) {
         match *self {}
     }
     fn attention(

@@ -855,28 +855,45 @@ fn longrope(r: &Reader, spec: Option<&Value>, theta: f64, dim: usize) -> Result<
 /// Which layers are `sliding_attention` layers, and the sliding window of each layer. An
 /// explicit `layer_types` list wins; else Mistral's `sliding_window` on every layer, Phi-3's
 /// too, Qwen2's and Qwen3's only with `use_sliding_window`, from layer `max_window_layers` on,
-/// and Gemma 3's on every layer but each `sliding_window_pattern`-th (default 6).
+/// and Gemma 3's on every layer but each `sliding_window_pattern`-th (default 6). A window the
+/// model does not use is not read (transformers ignores it too).
+///
+/// `sliding_window: 0` is refused where it is used. transformers 5.24's mask for it
+/// (`masking_utils.sliding_window_overlay`, `kv_idx > q_idx - 0`, with causality
+/// `kv_idx <= q_idx`) keeps no key at all, and what the model then computes is an accident of
+/// the attention implementation: eager attention adds `finfo.min` everywhere and so averages
+/// every key of the sequence, future ones included; SDPA gives yet other values; a cache fails on
+/// a shape mismatch. There is no model to match; both of eva's backends give a window of 0 the
+/// mask's meaning (no key, output 0) if asked directly.
 fn layer_types(r: &Reader, arch: Arch, layers: usize) -> Result<(Vec<bool>, Vec<Option<usize>>)> {
     let gemma = matches!(arch, Arch::Gemma3 | Arch::Gemma3Text);
+    let qwen = matches!(
+        arch,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+    );
+    let used = match arch {
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => true,
+        _ if gemma => true,
+        _ if qwen => r.bool_or("use_sliding_window", false)?,
+        _ => false,
+    };
     let window = match r.v.get("sliding_window") {
+        _ if !used => None,
         None | Some(Value::Null) => match arch {
             // Qwen3Config and Gemma3TextConfig default sliding_window to 4096.
             Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma3Text => Some(4096),
             _ => None,
         },
-        // Qwen2MoeConfig writes 0 without use_sliding_window.
-        Some(v) if arch == Arch::Qwen2Moe && v.as_u64() == Some(0) => None,
+        Some(v) if v.as_u64() == Some(0) => {
+            return Err(Error::data(format!(
+                "{}: `sliding_window` 0 keeps no key at all (transformers' mask \
+                 `kv_idx > q_idx - sliding_window` with `kv_idx <= q_idx`), and transformers' eager \
+                 and SDPA attention then disagree (eager averages every key, future ones \
+                 included): set a positive window, or null for full causal attention",
+                r.path.display()
+            )))
+        }
         Some(_) => Some(r.usize("sliding_window")?),
-    };
-    let qwen = matches!(
-        arch,
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
-    );
-    let window = match arch {
-        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => window,
-        _ if gemma => window,
-        _ if qwen && r.bool_or("use_sliding_window", false)? => window,
-        _ => None,
     };
     let sliding: Vec<bool> = if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
         if types.len() != layers {
@@ -951,6 +968,67 @@ mod tests {
         assert_eq!(a.rope.inv_freq, b.rope.inv_freq);
         assert_eq!(a.rope.inv_freq[0], 1.0);
         assert!((a.rope.inv_freq[1] - 500000f32.powf(-0.5)).abs() < 1e-9);
+    }
+
+    fn decoder_windows(v: Value) -> Result<Vec<Option<usize>>> {
+        let mut base = json!({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 3, "num_attention_heads": 2});
+        for (k, x) in v.as_object().expect("an object") {
+            base[k] = x.clone();
+        }
+        match cfg(base)?.family {
+            Family::Decoder(d) => Ok(d.windows),
+            Family::Encoder(_) => panic!("a decoder"),
+        }
+    }
+
+    /// Mistral's window applies to every layer, Qwen2's only with `use_sliding_window` and from
+    /// `max_window_layers` on, `layer_types` wins; a window of 0 is refused where it is used and
+    /// ignored where transformers ignores it (Llama, Qwen2 without `use_sliding_window`).
+    #[test]
+    fn sliding_windows_per_layer_and_a_window_of_zero() {
+        let w = |v| decoder_windows(v).unwrap();
+        assert_eq!(
+            w(json!({"model_type": "mistral", "sliding_window": 4})),
+            vec![Some(4); 3]
+        );
+        assert_eq!(
+            w(json!({"model_type": "mistral", "sliding_window": null})),
+            vec![None; 3]
+        );
+        assert_eq!(
+            w(
+                json!({"model_type": "qwen2", "sliding_window": 4, "use_sliding_window": true, "max_window_layers": 1})
+            ),
+            vec![None, Some(4), Some(4)]
+        );
+        assert_eq!(
+            w(
+                json!({"model_type": "qwen2", "sliding_window": 4, "use_sliding_window": true,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]})
+            ),
+            vec![Some(4), None, Some(4)]
+        );
+        for unused in [
+            json!({"model_type": "llama", "sliding_window": 0}),
+            json!({"model_type": "qwen2", "sliding_window": 0, "use_sliding_window": false}),
+        ] {
+            assert_eq!(w(unused), vec![None; 3]);
+        }
+        for used in [
+            json!({"model_type": "mistral", "sliding_window": 0}),
+            json!({"model_type": "qwen2", "sliding_window": 0, "use_sliding_window": true}),
+        ] {
+            let e = decoder_windows(used).unwrap_err().to_string();
+            assert!(
+                e.contains("config.json") && e.contains("`sliding_window` 0 keeps no key"),
+                "{e}"
+            );
+        }
+        let e = decoder_windows(json!({"model_type": "mistral", "sliding_window": -3}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a positive integer, found -3"), "{e}");
     }
 
     #[test]

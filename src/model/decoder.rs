@@ -16,7 +16,6 @@ use super::{Batch, Capture, Linear, Module, Need, Point};
 use crate::device::backend::{AttentionMask, Backend, Heads, Segments};
 use crate::device::host::HostTensor;
 use crate::Result;
-use ndarray::Array2;
 use std::ops::Range;
 
 /// The self-attention of a block: q/k/v projections (separate, or rows of Phi-3's fused
@@ -322,7 +321,7 @@ impl<W> Attention<W> {
         c: &DecoderConfig,
         layer: usize,
         x: &B::Tensor,
-        (cos, sin): &(Array2<f32>, Array2<f32>),
+        tables: &B::RopeTables,
         segments: &Segments,
     ) -> B::Tensor {
         let mut q = self.q.apply(be, x);
@@ -334,8 +333,8 @@ impl<W> Attention<W> {
         if let Some(w) = &self.k_norm {
             k = head_norm(be, k, w, c.head_dim, c.eps);
         }
-        be.rope(&mut q, c.head_dim, cos, sin);
-        be.rope(&mut k, c.head_dim, cos, sin);
+        be.rope(&mut q, c.head_dim, tables);
+        be.rope(&mut k, c.head_dim, tables);
         let heads = Heads {
             scale: c.attn_scale,
             softcap: c.softcap,
@@ -538,8 +537,12 @@ impl<B: Backend> Decoder<B> {
         };
         // Positions restart at 0 in every sequence (right padding, as transformers with
         // an attention mask and no explicit position_ids).
-        let global = c.rope.tables(&batch.positions);
-        let local = c.local_rope.as_ref().map(|r| r.tables(&batch.positions));
+        let table = |(cos, sin)| be.rope_tables(cos, sin);
+        let global = table(c.rope.tables(&batch.positions));
+        let local = c
+            .local_rope
+            .as_ref()
+            .map(|r| table(r.tables(&batch.positions)));
         for (i, b) in self.blocks.iter().enumerate() {
             let layer = self.first + i;
             if last.is_some_and(|l| layer > l.0) {

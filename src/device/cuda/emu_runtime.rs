@@ -9,6 +9,7 @@
 //! | [`Runtime::gemm`] | `cublasGemmEx` by column-major CBLAS `sgemm` (bf16 inputs widened exactly; f32 accumulation), the same transposes and leading dimensions, `C` unread when `beta = 0` |
 //! | [`Runtime::symm_f64`] | `cublasDsymm` (right side, lower triangle) by CBLAS `dsymm` on a copy whose other triangle is NaN, so that reading it shows |
 //! | stream | launches and copies run when called: [`Runtime::synchronize`] waits for nothing |
+//! | current context | per OS thread, as the driver's: every call binds its device's context ([`current_context`]), as cudarc's `bind_to_thread` does; [`CallerContext`] puts back the caller's |
 //!
 //! Devices: `EVA_EMU_DEVICES` (default 1) of them, each with its own capacity.
 
@@ -77,6 +78,40 @@ pub enum AllocError {
     Driver(DeviceError),
 }
 
+thread_local! {
+    /// The calling thread's current context: an emulated device's ordinal, or another value a
+    /// test sets for a context some other library made (`None`: no context bound).
+    static CURRENT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The calling thread's current context, as `cuCtxGetCurrent` (an emulated device's ordinal).
+pub fn current_context() -> Option<usize> {
+    CURRENT.with(|c| c.get())
+}
+
+/// Makes `ctx` the calling thread's current context, as `cuCtxSetCurrent` (tests stand for
+/// another library's context with a value no emulated device has).
+pub fn set_current_context(ctx: Option<usize>) {
+    CURRENT.with(|c| c.set(ctx));
+}
+
+/// The calling thread's current context when it was saved, made current again when dropped (as
+/// the real runtime's).
+pub struct CallerContext(Option<usize>);
+
+impl CallerContext {
+    /// Saves the calling thread's current context.
+    pub fn save() -> Self {
+        CallerContext(current_context())
+    }
+}
+
+impl Drop for CallerContext {
+    fn drop(&mut self) {
+        set_current_context(self.0);
+    }
+}
+
 /// The number of emulated devices (`EVA_EMU_DEVICES`, default 1).
 pub fn device_count() -> usize {
     std::env::var("EVA_EMU_DEVICES")
@@ -88,6 +123,8 @@ pub fn device_count() -> usize {
 
 /// One emulated GPU.
 pub struct Runtime {
+    /// Its context (the device's ordinal), bound to the calling thread by every call.
+    ctx: usize,
     /// The device's name.
     pub name: String,
     /// Its compute capability (the emulator claims `sm_90`).
@@ -113,7 +150,9 @@ impl Runtime {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(16usize << 30);
+        set_current_context(Some(ordinal));
         Ok(Runtime {
+            ctx: ordinal,
             name: format!("eva emulated CUDA device {ordinal}"),
             capability: (9, 0),
             total,
@@ -121,14 +160,27 @@ impl Runtime {
         })
     }
 
+    /// Binds this device's context to the calling thread (cudarc's `bind_to_thread`).
+    fn bind(&self) {
+        set_current_context(Some(self.ctx));
+    }
+
+    /// The emulated device frees at once (no pool keeps memory): nothing to give back.
+    pub fn trim(&self) -> Result<(), DeviceError> {
+        self.bind();
+        Ok(())
+    }
+
     /// The device's free and total bytes.
     pub fn memory(&self) -> Result<(usize, usize), DeviceError> {
+        self.bind();
         let used = self.used.load(Ordering::SeqCst);
         Ok((self.total.saturating_sub(used), self.total))
     }
 
     /// `len` values, every byte `fill`, within the capacity.
     fn raw<T: Elem>(&self, len: usize, fill: u8) -> Result<Buffer<T>, AllocError> {
+        self.bind();
         let cap = len.max(1);
         let bytes = cap * std::mem::size_of::<T>();
         let mut used = self.used.load(Ordering::SeqCst);
@@ -185,6 +237,7 @@ impl Runtime {
         src: &Buffer<T>,
         range: Range<usize>,
     ) -> Result<Vec<T>, DeviceError> {
+        self.bind();
         assert!(
             range.end <= src.len,
             "download: {range:?} is outside {} values",
@@ -201,6 +254,7 @@ impl Runtime {
         dst: &mut Buffer<T>,
         at: usize,
     ) -> Result<(), DeviceError> {
+        self.bind();
         assert!(
             at + src.len() <= dst.len,
             "write: {} values at {at} do not fit {}",
@@ -219,6 +273,7 @@ impl Runtime {
         dst: &mut Buffer<T>,
         at: usize,
     ) -> Result<(), DeviceError> {
+        self.bind();
         assert!(
             at + src.len <= dst.len,
             "copy: {} values at {at} do not fit {}",
@@ -242,6 +297,7 @@ impl Runtime {
         shape: Shape,
         args: &[Arg],
     ) -> Result<(), DeviceError> {
+        self.bind();
         let Some(l) = shape.config()? else {
             return Ok(());
         };
@@ -286,6 +342,7 @@ impl Runtime {
         ldc: usize,
         input: DType,
     ) -> Result<(), DeviceError> {
+        self.bind();
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -381,6 +438,7 @@ impl Runtime {
         m: usize,
         z: &mut Buffer<f64>,
     ) -> Result<(), DeviceError> {
+        self.bind();
         if d == 0 || m == 0 {
             return Ok(());
         }
@@ -419,6 +477,7 @@ impl Runtime {
 
     /// Nothing is queued: every call ran when it was made.
     pub fn synchronize(&self) -> Result<(), DeviceError> {
+        self.bind();
         Ok(())
     }
 

@@ -118,10 +118,19 @@ impl Shifter {
             be.rt.ptr(&self.sum_sq),
         );
         let (n, d32, block) = (rows.len() as i32, d as i32, super::kernels::SUM_BLOCK);
+        let blocks = rows.len().div_ceil(block as usize);
+        let part = be.alloc::<f32>(2 * blocks * d, "the partial sums of the moments")?;
+        let pp = be.rt.ptr(&part);
         be.rt.launch(
             "shift_moments",
+            super::kernels::Shape::FeatureBlocks { d, blocks },
+            &args![px, pc, pf, pb, pp, n, d32, block],
+        )?;
+        let nb = blocks as i32;
+        be.rt.launch(
+            "add_moments",
             super::kernels::Shape::Features(d),
-            &args![px, pc, pf, pb, ps, pq, n, d32, block],
+            &args![pp, ps, pq, nb, d32],
         )?;
         self.n += rows.len() as u64;
         Ok((scratch, if pf != 0 { pf } else { pb }))
@@ -526,10 +535,13 @@ fn with_pending(
 }
 
 /// Device bytes a capture of `rows` rows needs while it is added (at most one chunk of
-/// [`FLUSH_ROWS`] rows at a time): its shifted rows, and for a sketch of `m` columns `x̃ [Ω Θ]`.
+/// [`FLUSH_ROWS`] rows at a time): its shifted rows, the f32 partial sums of the moments (two
+/// per feature and block of [`super::kernels::SUM_BLOCK`] rows), and for a sketch of `m` columns
+/// `x̃ [Ω Θ]`.
 pub fn chunk_bytes(rows: usize, d: usize, sketch_columns: Option<usize>) -> usize {
     let t = rows.min(FLUSH_ROWS);
-    4 * t * d + sketch_columns.map_or(0, |m| 4 * t * m)
+    let blocks = t.div_ceil(super::kernels::SUM_BLOCK as usize);
+    4 * t * d + 8 * blocks * d + sketch_columns.map_or(0, |m| 4 * t * m)
 }
 
 /// f64 values in device memory: the packed shared parts of a stage's inputs, or `G·Q` products,
@@ -649,12 +661,16 @@ mod tests {
         // 10 000 rows adds one chunk of 4096 shifted rows (64 MiB) while it is added.
         let d = 4096;
         assert_eq!(DeviceGram::bytes(d), 8 * d * d + 4 * d * d + 20 * d);
-        assert_eq!(chunk_bytes(10_000, d, None), 4 * 4096 * d);
-        assert_eq!(chunk_bytes(100, d, None), 4 * 100 * d);
+        // ... and its moments' partial sums: 16 blocks of 256 rows, two f32 sums per feature.
+        assert_eq!(chunk_bytes(10_000, d, None), 4 * 4096 * d + 8 * 16 * d);
+        assert_eq!(chunk_bytes(100, d, None), 4 * 100 * d + 8 * d);
         // The sketch never holds d²: d = 4096, m = 48.
         let s = DeviceSketch::bytes(d, 48);
         assert_eq!(s, 16 * d * 48 + 20 * d);
-        assert_eq!(chunk_bytes(10_000, d, Some(48)), 4 * 4096 * (d + 48));
+        assert_eq!(
+            chunk_bytes(10_000, d, Some(48)),
+            4 * 4096 * (d + 48) + 8 * 16 * d
+        );
         assert!(s < DeviceGram::bytes(d) / 50);
     }
 }

@@ -161,68 +161,128 @@ extern "C" __global__ void rope(float* __restrict__ x, const float* __restrict__
     }
 }
 
-// Backend::attention over packed sequences: one block per (query token, head). The query's keys
-// are those of its own sequence [seq_start, seq_end), cut to [lo, i] when causal (lo from the
-// sliding window, as cpu::softmax_rows). Scores `scale · q·k` (soft-capped to
-// `softcap · tanh(s / softcap)` when softcap > 0) go through an online softmax in tiles
-// of BLOCK keys (running max and sum, rescaled per tile), so sequences of any length need only
-// BLOCK floats of shared memory; masked keys are never touched (weight exactly 0, as on the CPU).
-// GQA: query head h reads key/value head h / (heads / kv_heads). head_dim ≤ 4·BLOCK.
+// Backend::attention over packed sequences, tiled (flash-attention style): a block takes
+// `q_tile` consecutive query tokens of one head (blockIdx.y) and walks their keys in tiles of
+// `k_tile`, staged in shared memory (keys, then values, in one buffer), with an exact online
+// softmax per query (running max and sum, the output rescaled per tile). Query i's keys are those
+// of its own sequence [seq_start, seq_end), cut to [i + 1 - window, i] when causal (window < 0:
+// no window; window 0: no key at all, and the output 0), as cpu::softmax_rows. Scores `scale · q·k`, soft-capped to `softcap · tanh(s / softcap)` when
+// softcap > 0; masked keys are never touched (weight exactly 0, as on the CPU). GQA: query head h
+// reads key/value head h / (heads / kv_heads).
+//
+// Each value is computed by one thread in a fixed order (the dot products over head_dim, the
+// softmax over a tile's keys, the weighted sum of values), and every shared value is read only
+// after a barrier: the result does not depend on how the threads are scheduled. The tile sizes
+// (kernels.rs, attention_tiles) keep q_tile·head_dim ≤ ATT_Q, k_tile·(head_dim + 1) ≤ ATT_KV and
+// both tiles ≤ ATT_T: 37 KB of static shared memory, under the 48 KB every GPU gives a block.
+// Rows of the key/value tile are padded to head_dim + 1 floats and rows of the weights to ATT_T + 1,
+// so that the threads of a warp read distinct banks.
+#define ATT_T 32
+#define ATT_Q 4096
+#define ATT_KV 4160
+#define ATT_ACC (ATT_Q / BLOCK)
 extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ out,
-                                     const int* __restrict__ seq_start, const int* __restrict__ seq_end,
-                                     int heads, int kv_heads, int head_dim, int ldq, int ldk, int ldv, float scale, float softcap, int causal, int window) {
-    __shared__ float qs[4 * BLOCK];
-    __shared__ float p[BLOCK];
-    __shared__ float red[BLOCK];
-    int i = blockIdx.x, head = blockIdx.y;
-    int kv = head / (heads / kv_heads);
-    int s0 = seq_start[i], s1 = seq_end[i];
-    int lo = s0, hi = s1;
-    if (causal) {
-        hi = i + 1;
-        if (window > 0) {
-            int w0 = i + 1 - window;
-            if (w0 > lo) lo = w0;
+                                     const int* __restrict__ seq_start, const int* __restrict__ seq_end, int tokens, int heads, int kv_heads,
+                                     int head_dim, int ldq, int ldk, int ldv, float scale, float softcap, int causal, int window, int q_tile, int k_tile) {
+    __shared__ float qs[ATT_Q];                // the queries, [q_tile][head_dim]
+    __shared__ float kvs[ATT_KV];              // a tile of keys, then of values, [k_tile][head_dim + 1]
+    __shared__ float p[ATT_T * (ATT_T + 1)];   // scores, then weights, [q_tile][ATT_T + 1]
+    __shared__ float row_max[ATT_T], row_sum[ATT_T], rescale[ATT_T];
+    __shared__ int key_lo[ATT_T], key_hi[ATT_T];
+    const int head = blockIdx.y, kv = head / (heads / kv_heads);
+    const int q0 = blockIdx.x * q_tile, nq = min(q_tile, tokens - q0), ld = head_dim + 1, lp = ATT_T + 1;
+    const unsigned long long qcol = (unsigned long long)head * head_dim, kvcol = (unsigned long long)kv * head_dim;
+
+    // Phase 1: the queries, each one's key range, the softmax state.
+    for (int e = threadIdx.x; e < nq * head_dim; e += BLOCK)
+        qs[e] = q[(unsigned long long)(q0 + e / head_dim) * ldq + qcol + e % head_dim];
+    if (threadIdx.x < nq) {
+        int i = q0 + threadIdx.x;
+        int lo = seq_start[i], hi = seq_end[i];
+        if (causal) {
+            hi = i + 1;
+            if (window >= 0) lo = max(lo, i + 1 - window);
+        }
+        key_lo[threadIdx.x] = lo;
+        key_hi[threadIdx.x] = max(lo, hi);
+        row_max[threadIdx.x] = NEG_INF;
+        row_sum[threadIdx.x] = 0.0f;
+    }
+    __syncthreads();
+    // The keys any query of the tile sees: [first, last).
+    int first = 0x7fffffff, last = 0;
+    for (int r = 0; r < nq; r++) {
+        if (key_lo[r] < key_hi[r]) {
+            first = min(first, key_lo[r]);
+            last = max(last, key_hi[r]);
         }
     }
-    const float* qh = q + (unsigned long long)i * ldq + (unsigned long long)head * head_dim;
-    for (int j = threadIdx.x; j < head_dim; j += BLOCK) qs[j] = qh[j];
-    __syncthreads();
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float m = NEG_INF, l = 0.0f;
-    for (int base = lo; base < hi; base += BLOCK) {
-        int key = base + threadIdx.x;
-        float score = NEG_INF;
-        if (key < hi) {
-            const float* kh = k + (unsigned long long)key * ldk + (unsigned long long)kv * head_dim;
-            float dot = 0.0f;
-            for (int j = 0; j < head_dim; j++) dot += qs[j] * kh[j];
-            score = scale * dot;
-            if (softcap > 0.0f) score = tanhf(score / softcap) * softcap;
+    float acc[ATT_ACC];
+    for (int c = 0; c < ATT_ACC; c++) acc[c] = 0.0f;
+
+    for (int base = first; base < last; base += k_tile) {
+        const int nk = min(k_tile, last - base);
+        // Phase 2: the tile's keys.
+        for (int e = threadIdx.x; e < nk * head_dim; e += BLOCK)
+            kvs[(e / head_dim) * ld + e % head_dim] = k[(unsigned long long)(base + e / head_dim) * ldk + kvcol + e % head_dim];
+        __syncthreads();
+        // Phase 3: scores of (query r, key c), -inf where masked.
+        for (int e = threadIdx.x; e < nq * nk; e += BLOCK) {
+            int r = e / nk, c = e % nk, key = base + c;
+            float s = NEG_INF;
+            if (key >= key_lo[r] && key < key_hi[r]) {
+                const float* qr = qs + r * head_dim;
+                const float* kc = kvs + c * ld;
+                float dot = 0.0f;
+                for (int j = 0; j < head_dim; j++) dot += qr[j] * kc[j];
+                s = scale * dot;
+                if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+            }
+            p[r * lp + c] = s;
         }
-        float m_new = fmaxf(m, block_max(score, red));
-        float e = key < hi ? expf(score - m_new) : 0.0f;
-        p[threadIdx.x] = e;
-        float rescale = expf(m - m_new); // 0 on the first tile (m = -inf)
-        l = l * rescale + block_sum(e, red); // block_sum's barriers also publish p
-        m = m_new;
-        int n = min(BLOCK, hi - base);
-        for (int c = 0; c < 4; c++) {
-            int j = threadIdx.x + c * BLOCK;
-            if (j < head_dim) {
-                float a = acc[c] * rescale;
-                const float* vh = v + (unsigned long long)base * ldv + (unsigned long long)kv * head_dim + j;
-                for (int t = 0; t < n; t++) a += p[t] * vh[(unsigned long long)t * ldv];
+        __syncthreads();
+        // Phase 4: per query, the new running max, the tile's weights and the rescale of what
+        // came before (a query with no key yet keeps max -inf and sum 0); meanwhile the values.
+        if (threadIdx.x < nq) {
+            int r = threadIdx.x;
+            float m = row_max[r], m_new = m;
+            for (int c = 0; c < nk; c++) m_new = fmaxf(m_new, p[r * lp + c]);
+            float sum = 0.0f;
+            for (int c = 0; c < nk; c++) {
+                float s = p[r * lp + c];
+                float w = s == NEG_INF ? 0.0f : expf(s - m_new);
+                p[r * lp + c] = w;
+                sum += w;
+            }
+            float alpha = m_new == NEG_INF ? 1.0f : expf(m - m_new); // 0 on a query's first keys
+            row_sum[r] = row_sum[r] * alpha + sum;
+            row_max[r] = m_new;
+            rescale[r] = alpha;
+        }
+        for (int e = threadIdx.x; e < nk * head_dim; e += BLOCK)
+            kvs[(e / head_dim) * ld + e % head_dim] = v[(unsigned long long)(base + e / head_dim) * ldv + kvcol + e % head_dim];
+        __syncthreads();
+        // Phase 5: each thread's outputs (query r, feature j) += weights · values.
+        for (int c = 0; c < ATT_ACC; c++) {
+            int e = threadIdx.x + c * BLOCK;
+            if (e < nq * head_dim) {
+                int r = e / head_dim, j = e % head_dim;
+                float a = acc[c] * rescale[r];
+                for (int t = 0; t < nk; t++) a += p[r * lp + t] * kvs[t * ld + j];
                 acc[c] = a;
             }
         }
         __syncthreads();
     }
-    float* oh = out + (unsigned long long)i * heads * head_dim + (unsigned long long)head * head_dim;
-    float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (int c = 0; c < 4; c++) {
-        int j = threadIdx.x + c * BLOCK;
-        if (j < head_dim) oh[j] = acc[c] * inv;
+    // Phase 6: divide by the softmax sums (0 for a query without keys).
+    for (int c = 0; c < ATT_ACC; c++) {
+        int e = threadIdx.x + c * BLOCK;
+        if (e < nq * head_dim) {
+            int r = e / head_dim, j = e % head_dim;
+            float l = row_sum[r];
+            float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            out[(unsigned long long)(q0 + r) * heads * head_dim + qcol + j] = acc[c] * inv;
+        }
     }
 }
 
@@ -257,33 +317,48 @@ extern "C" __global__ void scatter_add_rows(float* __restrict__ out, const float
 
 // Statistics (stats::Moments::add_shifted): y = x - c, and per feature Σy, Σy² added to the f64
 // moments. As on the CPU, the sums run in f32 over blocks of `sum_block` rows, in row order, and
-// each block's partial sum is added in f64. One thread per feature (coalesced across features).
-// With `y_bf16` set, the shifted rows are rounded to bf16 (the Gram's input) and the moments sum
-// the rounded values, so that the Gram and the sums describe the same rows.
+// each block's partial sum is added in f64, in row order. Two kernels: `shift_moments` over a
+// grid of (⌈d/BLOCK⌉, ⌈rows/sum_block⌉) blocks, thread (j, b) shifting feature j of row block b
+// (coalesced across features) and writing its two f32 sums to part[b·d + j] and
+// part[(nb + b)·d + j] (nb = gridDim.y); then `add_moments`, one thread per feature, adding the
+// nb partial sums in order. With `y_bf16` set, the shifted rows are rounded to bf16 (the Gram's
+// input) and the moments sum the rounded values, so that the Gram and the sums describe the same
+// rows.
 extern "C" __global__ void shift_moments(const float* __restrict__ x, const float* __restrict__ c, float* __restrict__ y_f32, bf16_t* __restrict__ y_bf16,
-                                         double* __restrict__ sum, double* __restrict__ sum_sq, int rows, int d, int sum_block) {
+                                         float* __restrict__ part, int rows, int d, int sum_block) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= d) return;
+    int nb = gridDim.y, b = blockIdx.y;
+    int r0 = b * sum_block, r1 = min(rows, r0 + sum_block);
     float cj = c[j];
-    double s64 = sum[j], q64 = sum_sq[j];
-    for (int r0 = 0; r0 < rows; r0 += sum_block) {
-        int r1 = min(rows, r0 + sum_block);
-        float s = 0.0f, q = 0.0f;
-        for (int r = r0; r < r1; r++) {
-            unsigned long long at = (unsigned long long)r * d + j;
-            float yv = x[at] - cj;
-            if (y_bf16) {
-                bf16_t b = f32_to_bf16(yv);
-                y_bf16[at] = b;
-                yv = bf16_to_f32(b);
-            } else {
-                y_f32[at] = yv;
-            }
-            s += yv;
-            q += yv * yv;
+    float s = 0.0f, q = 0.0f;
+    for (int r = r0; r < r1; r++) {
+        unsigned long long at = (unsigned long long)r * d + j;
+        float yv = x[at] - cj;
+        if (y_bf16) {
+            bf16_t bv = f32_to_bf16(yv);
+            y_bf16[at] = bv;
+            yv = bf16_to_f32(bv);
+        } else {
+            y_f32[at] = yv;
         }
-        s64 += (double)s;
-        q64 += (double)q;
+        s += yv;
+        q += yv * yv;
+    }
+    part[(unsigned long long)b * d + j] = s;
+    part[(unsigned long long)(nb + b) * d + j] = q;
+}
+
+// The second half of the moments (see shift_moments): sum[j] += Σ_b part[b·d + j] and
+// sum_sq[j] += Σ_b part[(blocks + b)·d + j], each partial widened to f64 and added in row-block
+// order. One thread per feature.
+extern "C" __global__ void add_moments(const float* __restrict__ part, double* __restrict__ sum, double* __restrict__ sum_sq, int blocks, int d) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    double s64 = sum[j], q64 = sum_sq[j];
+    for (int b = 0; b < blocks; b++) {
+        s64 += (double)part[(unsigned long long)b * d + j];
+        q64 += (double)part[(unsigned long long)(blocks + b) * d + j];
     }
     sum[j] = s64;
     sum_sq[j] = q64;

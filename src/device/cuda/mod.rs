@@ -41,8 +41,11 @@ pub mod probe;
 pub mod runtime;
 
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
+pub use runtime::CallerContext;
 
-use super::backend::{Activation, AttentionMask, Backend, Heads, Segments};
+use super::backend::{
+    check_embed, norm_mismatch, Activation, AttentionMask, Backend, Heads, Segments,
+};
 use super::error::{Bytes, DeviceError};
 use super::gpu::{CudaOptions, Gpu};
 use super::host::HostTensor;
@@ -127,6 +130,16 @@ fn poisoned() -> DeviceError {
     }
 }
 
+/// A forward pass's rotary tables on the device (cos and sin, `[tokens, head_dim/2]` each),
+/// uploaded once for every layer; empty after a failed upload (the error is recorded).
+pub struct CudaRope {
+    cos: Option<Buffer<f32>>,
+    sin: Option<Buffer<f32>>,
+    rows: usize,
+    /// Rotated pairs per head (the tables' width; below `head_dim / 2` for partial rotary).
+    half: usize,
+}
+
 /// A weight on the device: matrices in the chosen [`DType`], vectors (norms, biases) in f32.
 pub struct CudaWeight {
     data: WeightData,
@@ -164,7 +177,13 @@ pub struct Cuda {
     rt: Runtime,
     opts: CudaOptions,
     error: Mutex<Option<DeviceError>>,
+    /// What releases memory another library of this process caches on this GPU (PyTorch's
+    /// allocator: `torch.cuda.empty_cache`), called before eva decides it is out of memory.
+    release: Mutex<Option<Release>>,
 }
+
+/// A callback that releases memory cached by another library on the same GPU.
+type Release = Box<dyn Fn() + Send + Sync>;
 
 impl Cuda {
     /// [`Gpu::open`] with the backend's own error.
@@ -181,13 +200,38 @@ impl Cuda {
             rt: Runtime::open(opts.ordinal)?,
             opts,
             error: Mutex::new(None),
+            release: Mutex::new(None),
         })
+    }
+
+    /// Gives eva's pooled memory back to the driver and calls the registered release, if any;
+    /// whether there was something to try (the pool always is, on a real GPU).
+    fn release_cached(&self) -> bool {
+        let trimmed = self.rt.trim().is_ok();
+        match &*self.release.lock().expect("not poisoned") {
+            Some(release) => {
+                release();
+                true
+            }
+            None => trimmed,
+        }
+    }
+
+    /// `alloc()`, retried once after [`Gpu::on_low_memory`]'s release when out of memory.
+    fn retrying<B>(&self, alloc: impl Fn() -> Result<B, AllocError>) -> Result<B, AllocError> {
+        match alloc() {
+            Err(AllocError::OutOfMemory { .. }) if self.release_cached() => alloc(),
+            r => r,
+        }
     }
 
     /// Fails with the out-of-memory error, before anything is allocated, unless `needed` bytes
     /// are free (e.g. the weights of this rank's slice before uploading them).
     pub fn ensure_free(&self, needed: usize, what: &str) -> crate::Result<()> {
-        let (free, total) = self.rt.memory()?;
+        let (mut free, mut total) = self.rt.memory()?;
+        if needed > free && self.release_cached() {
+            (free, total) = self.rt.memory()?;
+        }
         if needed > free {
             return Err(self.oom(what, needed, free, total).into());
         }
@@ -216,23 +260,23 @@ impl Cuda {
 
     /// A device allocation of `len` values, out-of-memory named.
     fn alloc<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
-        // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy) before
-        // it is read.
-        unsafe { self.rt.alloc::<T>(len) }
-            .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
+        self.retrying(|| {
+            // SAFETY: every caller writes the buffer (kernel, cuBLAS with beta = 0, or copy)
+            // before it is read.
+            unsafe { self.rt.alloc::<T>(len) }
+        })
+        .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
     /// `len` zeros, out-of-memory named.
     fn zeros_of<T: Elem>(&self, len: usize, what: &str) -> Result<Buffer<T>, DeviceError> {
-        self.rt
-            .zeros::<T>(len)
+        self.retrying(|| self.rt.zeros::<T>(len))
             .map_err(|e| self.alloc_error(e, len * size_of::<T>(), what))
     }
 
     /// A copy of `host` on the device, out-of-memory named.
     fn upload<T: Elem>(&self, host: &[T], what: &str) -> Result<Buffer<T>, DeviceError> {
-        self.rt
-            .upload(host)
+        self.retrying(|| self.rt.upload(host))
             .map_err(|e| self.alloc_error(e, size_of_val(host), what))
     }
 
@@ -387,6 +431,7 @@ impl Cuda {
         (rows, d): (usize, usize),
         (w, b, eps): (&CudaWeight, &CudaWeight, f32),
     ) -> Result<(), DeviceError> {
+        norm_shape("layer_norm", &[("weight", w), ("bias", b)], d)?;
         let (px, pr) = (self.rt.ptr(x), residual.map_or(0u64, |r| self.rt.ptr(r)));
         let (pw, pb) = (
             self.rt.ptr(w.f32("layer_norm weight")?),
@@ -491,6 +536,11 @@ impl Gpu for Cuda {
         self.rt.raw_stream()
     }
 
+    /// Kept for [`Cuda::ensure_free`] and a retry of a failed allocation.
+    fn on_low_memory(&self, release: Box<dyn Fn() + Send + Sync>) {
+        *self.release.lock().expect("not poisoned") = Some(release);
+    }
+
     /// The rows `keep` of `x` on the device, for device statistics ([`gram`]).
     fn select(&self, x: &CudaTensor, keep: &[usize]) -> CudaTensor {
         assert!(
@@ -522,6 +572,7 @@ impl Gpu for Cuda {
 impl Backend for Cuda {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
+    type RopeTables = CudaRope;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -568,6 +619,7 @@ impl Backend for Cuda {
         ids: &[u32],
         what: &str,
     ) -> crate::Result<()> {
+        check_embed(what, &table.shape, (x.rows, x.cols), ids.len())?;
         let rows = table.shape[0];
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
             return Err(crate::Error::data(format!(
@@ -575,7 +627,7 @@ impl Backend for Cuda {
             )));
         }
         self.check()?;
-        let n = ids.len().min(x.rows);
+        let n = ids.len();
         let run = || -> Result<(), DeviceError> {
             let dev_ids = self.upload(&ids[..n], "token ids")?;
             let (px, pt, pi, dim) = (
@@ -637,6 +689,7 @@ impl Backend for Cuda {
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> CudaTensor {
         self.produce(x.rows, x.cols, || {
+            norm_shape("rms_norm", &[("weight", w)], x.cols)?;
             let out = self.alloc::<f32>(x.rows * x.cols, "an activation")?;
             let (px, pw, po, d) = (
                 self.rt.ptr(x.buf()?),
@@ -695,33 +748,52 @@ impl Backend for Cuda {
         })
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &Array2<f32>, sin: &Array2<f32>) {
+    fn rope_tables(&self, cos: Array2<f32>, sin: Array2<f32>) -> CudaRope {
+        let (rows, half) = cos.dim();
+        let upload = |t: Array2<f32>| {
+            let t = t.as_standard_layout();
+            let mut out = None;
+            self.mutate(|| {
+                out = Some(self.upload(t.as_slice().expect("standard layout"), "rotary tables")?);
+                Ok(())
+            });
+            out
+        };
+        CudaRope {
+            cos: upload(cos),
+            sin: upload(sin),
+            rows,
+            half,
+        }
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, tables: &CudaRope) {
         assert!(
-            2 * cos.ncols() <= head_dim && x.cols % head_dim == 0,
+            2 * tables.half <= head_dim && x.cols % head_dim == 0,
             "rope: tables of {} pairs for heads of {head_dim} in {} features",
-            cos.ncols(),
+            tables.half,
             x.cols
         );
         assert_eq!(
-            cos.nrows(),
-            x.rows,
+            tables.rows, x.rows,
             "rope: tables for {} tokens, activation has {}",
-            cos.nrows(),
-            x.rows
+            tables.rows, x.rows
         );
         self.mutate(|| {
-            let c = self.upload(cos.as_slice().expect("standard layout"), "rotary tables")?;
-            let s = self.upload(sin.as_slice().expect("standard layout"), "rotary tables")?;
-            let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(&c), self.rt.ptr(&s));
+            let (c, s) = (
+                tables.cos.as_ref().ok_or_else(poisoned)?,
+                tables.sin.as_ref().ok_or_else(poisoned)?,
+            );
+            let (px, pc, ps) = (self.rt.ptr(x.buf()?), self.rt.ptr(c), self.rt.ptr(s));
             let (t, d, hd, half) = (
                 x.rows as i32,
                 x.cols as i32,
                 head_dim as i32,
-                cos.ncols() as i32,
+                tables.half as i32,
             );
             self.rt.launch(
                 "rope",
-                kernels::Shape::Elements(x.rows * x.cols / head_dim * cos.ncols()),
+                kernels::Shape::Elements(x.rows * x.cols / head_dim * tables.half),
                 &args![px, pc, ps, t, d, hd, half],
             )
         })
@@ -738,24 +810,24 @@ impl Backend for Cuda {
     ) -> CudaTensor {
         let tokens = segments.tokens();
         self.produce(tokens, h.heads * h.head_dim, || {
-            if h.head_dim > kernels::MAX_HEAD_DIM || h.kv_heads == 0 || h.heads % h.kv_heads != 0 {
+            if !(1..=kernels::MAX_HEAD_DIM).contains(&h.head_dim) || h.kv_heads == 0 || h.heads % h.kv_heads != 0 {
                 return Err(DeviceError::Unsupported {
                     op: "attention",
-                    detail: format!("head_dim at most {} and heads a multiple of kv_heads, found head_dim {}, heads {}, kv_heads {}", kernels::MAX_HEAD_DIM, h.head_dim, h.heads, h.kv_heads),
+                    detail: format!("head_dim 1 to {} and heads a multiple of kv_heads, found head_dim {}, heads {}, kv_heads {}", kernels::MAX_HEAD_DIM, h.head_dim, h.heads, h.kv_heads),
                 });
             }
             let (starts, ends) = segment_bounds(segments);
             let (ds, de) = (self.upload(&starts, "attention segments")?, self.upload(&ends, "attention segments")?);
             let out = self.alloc::<f32>(tokens * h.heads * h.head_dim, "an attention output")?;
             let (pq, pk, pv, po, pst, pen) = (self.rt.ptr(q.buf()?), self.rt.ptr(k.buf()?), self.rt.ptr(v.buf()?), self.rt.ptr(&out), self.rt.ptr(&ds), self.rt.ptr(&de));
-            let (heads, kvh, hd) = (h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
+            let (t, heads, kvh, hd) = (tokens as i32, h.heads as i32, h.kv_heads as i32, h.head_dim as i32);
             let (ldq, ldk, ldv) = (q.cols as i32, k.cols as i32, v.cols as i32);
             let (scale, softcap) = (h.scale, h.softcap.unwrap_or(0.0));
-            let (causal, window) = match mask {
-                AttentionMask::Bidirectional => (0i32, 0i32),
-                AttentionMask::Causal { window } => (1, window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
-            };
-            self.rt.launch("attention", kernels::Shape::Attention { tokens, heads: h.heads }, &args![pq, pk, pv, po, pst, pen, heads, kvh, hd, ldq, ldk, ldv, scale, softcap, causal, window])?;
+            let (causal, window) = mask_args(mask);
+            let (q_tile, k_tile) = kernels::attention_tiles(h.head_dim);
+            let shape = kernels::Shape::Attention { tokens, heads: h.heads, q_tile };
+            let (qt, kt) = (q_tile as i32, k_tile as i32);
+            self.rt.launch("attention", shape, &args![pq, pk, pv, po, pst, pen, t, heads, kvh, hd, ldq, ldk, ldv, scale, softcap, causal, window, qt, kt])?;
             Ok(out)
         })
     }
@@ -894,6 +966,21 @@ impl Cuda {
     }
 }
 
+/// A norm's weights and biases, one value per feature each, or the error (recorded by the op:
+/// the kernel would read past a shorter one).
+fn norm_shape(
+    op: &'static str,
+    vectors: &[(&str, &CudaWeight)],
+    d: usize,
+) -> Result<(), DeviceError> {
+    for (what, v) in vectors {
+        if let Some(detail) = norm_mismatch(what, &v.shape, d) {
+            return Err(DeviceError::Unsupported { op, detail });
+        }
+    }
+    Ok(())
+}
+
 /// The kernels' code of an activation function (`activate` in kernels.cu).
 fn activation_code(act: Activation) -> i32 {
     match act {
@@ -901,6 +988,18 @@ fn activation_code(act: Activation) -> i32 {
         Activation::Gelu => 1,
         Activation::GeluTanh => 2,
         Activation::Relu => 3,
+    }
+}
+
+/// The attention kernel's `causal` and `window` arguments: bidirectional `(0, -1)`, causal
+/// without a window `(1, -1)`, with a window of `w` keys `(1, w)` (0 included: no key, as on the
+/// CPU).
+fn mask_args(mask: AttentionMask) -> (i32, i32) {
+    match mask {
+        AttentionMask::Bidirectional => (0, -1),
+        AttentionMask::Causal { window } => {
+            (1, window.map_or(-1, |w| w.min(i32::MAX as usize) as i32))
+        }
     }
 }
 
@@ -928,6 +1027,79 @@ mod tests {
         let (a, b) = segment_bounds(&s);
         assert_eq!(a, vec![0, 0, 2, 2, 2]);
         assert_eq!(b, vec![2, 2, 5, 5, 5]);
+    }
+
+    #[test]
+    fn mask_args_keep_a_window_of_zero_apart_from_no_window() {
+        assert_eq!(mask_args(AttentionMask::Bidirectional), (0, -1));
+        assert_eq!(mask_args(AttentionMask::Causal { window: None }), (1, -1));
+        assert_eq!(mask_args(AttentionMask::Causal { window: Some(0) }), (1, 0));
+        assert_eq!(mask_args(AttentionMask::Causal { window: Some(7) }), (1, 7));
+        assert_eq!(
+            mask_args(AttentionMask::Causal {
+                window: Some(usize::MAX)
+            }),
+            (1, i32::MAX)
+        );
+    }
+
+    /// Another library's context (PyTorch's, on its current device) is current before eva is
+    /// called; eva's calls bind eva's, as cudarc does; a [`CallerContext`] held across them puts
+    /// the caller's back (the Python extension holds one across every entry point).
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn a_saved_caller_context_is_current_again_after_eva_bound_its_own() {
+        use runtime::{current_context, set_current_context};
+        let theirs = Some(7);
+        set_current_context(theirs);
+        {
+            let _keep = CallerContext::save();
+            let gpu = Cuda::open(CudaOptions::default()).unwrap();
+            let x = gpu.to_device(&Array2::ones((3, 4))).unwrap();
+            assert_eq!(gpu.to_host(&x).unwrap().sum(), 12.0);
+            assert_eq!(current_context(), Some(0), "eva's calls bind eva's context");
+        }
+        assert_eq!(
+            current_context(),
+            theirs,
+            "the caller's context is current again"
+        );
+        set_current_context(None);
+        let _keep = CallerContext::save();
+        set_current_context(Some(0));
+        drop(_keep);
+        assert_eq!(current_context(), None, "no context before: none after");
+    }
+
+    /// Memory another library caches (here: a tensor the release callback drops) is used for
+    /// the device; `ensure_free` calls the release before it reports out-of-memory, and only then.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn ensure_free_releases_what_another_library_caches_before_giving_up() {
+        use std::sync::Arc;
+        let gpu = Cuda::open(CudaOptions::default()).unwrap();
+        let cached = Arc::new(Mutex::new(Some(
+            gpu.alloc_tensor(1 << 20, 4, "a cache").unwrap(),
+        )));
+        let (free, _) = gpu.rt.memory().unwrap();
+        let need = free + (8 << 20);
+        let e = gpu.ensure_free(need, "a test").unwrap_err().to_string();
+        assert!(e.contains("a test"), "{e}");
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, n) = (cached.clone(), calls.clone());
+        gpu.on_low_memory(Box::new(move || {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            c.lock().unwrap().take();
+        }));
+        gpu.ensure_free(need / 2, "a test").unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "enough was free"
+        );
+        gpu.ensure_free(need, "a test").unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(cached.lock().unwrap().is_none(), "the cache was released");
     }
 
     #[test]

@@ -6,13 +6,14 @@
 //!
 //! | call | what the driver does |
 //! |---|---|
-//! | [`Runtime::open`] | context, stream, cuBLAS handle; the kernels compiled (NVRTC) and loaded |
+//! | [`Runtime::open`] | context, stream, cuBLAS handle; the kernels compiled (NVRTC, a CUBIN for the device: `kernels::target`) and loaded |
 //! | [`Runtime::alloc`], [`Runtime::zeros`], [`Runtime::upload`] | device memory: uninitialized, zeroed, or a copy of host values |
 //! | [`Runtime::download`], [`Runtime::write`], [`Runtime::copy`] | copies device → host (after the queued work), host → device, device → device |
 //! | [`Runtime::launch`] | a kernel by name, with its shape and arguments |
 //! | [`Runtime::gemm`], [`Runtime::symm_f64`] | the two cuBLAS calls eva makes (`cublasGemmEx`, `cublasDsymm`) |
-//! | [`Runtime::synchronize`], [`Runtime::memory`], [`Runtime::raw_stream`] | waits, free/total memory, the stream for callers that order their work against eva's |
+//! | [`Runtime::synchronize`], [`Runtime::memory`], [`Runtime::trim`], [`Runtime::raw_stream`] | waits, free/total memory, the pool's kept memory back to the driver, the stream for callers that order their work against eva's |
 //! | [`Runtime::borrow`] | device memory another library of this process owns, read in place |
+//! | [`CallerContext`] | the calling thread's current context, put back when dropped (cudarc makes eva's current and leaves it) |
 //!
 //! Pointers cross the seam as `u64` device addresses ([`Runtime::ptr`]); every other file of the
 //! backend names no cudarc type. NCCL (`comm/nccl.rs`) reaches a buffer's memory through
@@ -21,7 +22,7 @@
 use super::kernels::{self, Arg, Shape};
 use crate::config::validate::DType;
 use crate::device::error::DeviceError;
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -86,16 +87,99 @@ pub fn driver(op: &'static str) -> impl Fn(DriverError) -> DeviceError {
     }
 }
 
+/// The calling thread's current CUDA context when it was saved, made current again when this is
+/// dropped. cudarc binds eva's context to the calling thread before each call and leaves it
+/// bound, so that a host program on another GPU (PyTorch, whose current device is the current
+/// context's) would find its current device changed after calling eva: the Python extension
+/// holds one of these across each of its entry points. Without a loadable driver there is no
+/// context to keep, and nothing is done.
+pub struct CallerContext(Option<Option<cudarc::driver::sys::CUcontext>>);
+
+impl CallerContext {
+    /// Saves the calling thread's current context (none is a value too).
+    pub fn save() -> Self {
+        // SAFETY: only loads the driver library to see whether it is there.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return CallerContext(None);
+        }
+        CallerContext(cudarc::driver::result::ctx::get_current().ok())
+    }
+}
+
+impl Drop for CallerContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: the context was current on this thread when saved (or none was, and null
+            // unbinds); a context PyTorch or eva made outlives the calls between. A failure
+            // leaves eva's context current, which is what happened before this type existed.
+            let _ = unsafe {
+                cudarc::driver::result::ctx::set_current(ctx.unwrap_or(std::ptr::null_mut()))
+            };
+        }
+    }
+}
+
 /// One GPU, one stream, cuBLAS on that stream, the kernels loaded.
+///
+/// Dropping it waits for the stream, then destroys the cuBLAS handle, then unloads the kernels'
+/// module (the fields' drops): nothing queued still runs code being unloaded. Failures there
+/// (a sticky error after a fault, the timeout path) are ignored: there is nothing left to report
+/// them to, and a panic in a drop would abort the unwinding that led here.
 pub struct Runtime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS's handle on `stream`, made and destroyed here rather than by cudarc's `CudaBlas`,
+    /// whose `Drop` panics when the destroy fails (after a sticky error, on the timeout path).
+    blas: blas_sys::cublasHandle_t,
     functions: HashMap<&'static str, CudaFunction>,
     /// The device's name (`NVIDIA H200`).
     pub name: String,
     /// Its compute capability (`(9, 0)`).
     pub capability: (i32, i32),
+}
+
+/// The stream-ordered pool cudarc allocates from (`cuMemAllocAsync`): the device's current one.
+fn mem_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool, DeviceError> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: writes one handle.
+    unsafe { cudarc::driver::sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(driver("memory pool query"))?;
+    Ok(pool)
+}
+
+/// Sets the pool's release threshold to "keep everything": at the default (0) every
+/// synchronize (each capture's download, each step) hands the freed memory back to the driver,
+/// and the next batch's buffers come from the driver again. Kept memory is at most the peak of
+/// eva's temporaries; [`Runtime::trim`] gives it back before an out-of-memory decision.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), DeviceError> {
+    let pool = mem_pool(ctx)?;
+    let mut keep = u64::MAX;
+    // SAFETY: the pool handle just queried; the attribute takes a u64.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        )
+    }
+    .result()
+    .map_err(driver("setting the memory pool's release threshold"))
+}
+
+// SAFETY: the cuBLAS handle is used only through `&self` calls on this runtime's stream, as
+// cudarc's `CudaBlas` (which is Send and Sync) uses it.
+unsafe impl Send for Runtime {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Runtime {}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: made in `open`, not used after this.
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(self.blas) };
+    }
 }
 
 impl Runtime {
@@ -113,10 +197,16 @@ impl Runtime {
             .compute_capability()
             .map_err(driver("compute capability query"))?;
         let name = ctx.name().map_err(driver("device name query"))?;
-        let ptx = kernels::compile(&kernels::arch(capability.0, capability.1))?;
-        let module = ctx.load_module(ptx).map_err(driver(
-            "loading the kernels (PTX newer than the driver? use the NVRTC of this machine's CUDA)",
-        ))?;
+        let image = match kernels::target(capability, &kernels::supported_archs()?)? {
+            kernels::Target::Cubin(arch) => {
+                cudarc::nvrtc::Ptx::from_binary(kernels::compile_cubin(&arch)?)
+            }
+            kernels::Target::Ptx(arch) => kernels::compile(&arch)?,
+        };
+        let module = ctx
+            .load_module(image)
+            .map_err(driver("loading the kernels"))?;
+        keep_freed_memory(&ctx)?;
         let mut functions = HashMap::new();
         for name in kernels::NAMES {
             functions.insert(
@@ -126,10 +216,20 @@ impl Runtime {
                     .map_err(driver("kernel lookup"))?,
             );
         }
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| DeviceError::Blas {
+        let blas_err = |e: cudarc::cublas::result::CublasError| DeviceError::Blas {
             op: "handle creation",
             name: format!("{:?}", e.0),
-        })?;
+        };
+        ctx.bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let blas = cudarc::cublas::result::create_handle().map_err(blas_err)?;
+        // SAFETY: a handle just made, and this context's stream.
+        if let Err(e) = unsafe { cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _) }
+        {
+            // SAFETY: the handle is not used again.
+            let _ = unsafe { cudarc::cublas::result::destroy_handle(blas) };
+            return Err(blas_err(e));
+        }
         Ok(Runtime {
             ctx,
             stream,
@@ -138,6 +238,19 @@ impl Runtime {
             name,
             capability,
         })
+    }
+
+    /// Gives the memory eva's pool keeps (freed by eva, not given back) back to the driver,
+    /// before eva or another library decides it is out of memory.
+    pub fn trim(&self) -> Result<(), DeviceError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let pool = mem_pool(&self.ctx)?;
+        // SAFETY: the device's pool; keeping 0 bytes frees whatever it holds unused.
+        unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(driver("trimming the memory pool"))
     }
 
     /// The device's free and total bytes.
@@ -342,11 +455,14 @@ impl Runtime {
             DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
         };
         let (alpha, beta) = (1.0f32, beta);
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
         // SAFETY: the caller's contract on a, b, c; alpha/beta are host scalars (cuBLAS's
         // default pointer mode).
         unsafe {
             cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
+                self.blas,
                 op(ta),
                 op(tb),
                 m as i32,
@@ -398,12 +514,15 @@ impl Runtime {
             "symm_f64: buffers shorter than d = {d}, m = {m} imply"
         );
         let (alpha, beta) = (1.0f64, 0.0f64);
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
         let (pg, pq, pz) = (self.ptr(g), self.ptr(q), self.ptr(z));
         // SAFETY: g holds d·d values, q and z m·d (checked above); alpha and beta are host
         // scalars (cuBLAS's default pointer mode).
         unsafe {
             blas_sys::cublasDsymm_v2(
-                *self.blas.handle(),
+                self.blas,
                 blas_sys::cublasSideMode_t::CUBLAS_SIDE_RIGHT,
                 blas_sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
                 m as i32,
