@@ -292,3 +292,97 @@ impl Communicator for NcclWorld {
         "nccl"
     }
 }
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests {
+    use super::*;
+    use crate::device::gpu::CudaOptions;
+    use ndarray::Array2;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Runs `f` on every rank of an `n`-rank NCCL world over thread ranks on emulated GPUs
+    /// (`EVA_EMU_DEVICES` is raised for the process: the other emulator tests open GPU 0 only).
+    fn run_nccl<T: Send>(n: usize, f: impl Fn(&NcclWorld) -> T + Sync) -> Vec<T> {
+        std::env::set_var("EVA_EMU_DEVICES", "8");
+        let worlds = ThreadWorld::create_with_timeout(n, Some(Duration::from_secs(20)));
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = worlds
+                .into_iter()
+                .map(|w| s.spawn(move || f(&NcclWorld::over_threads(w).unwrap())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn closed_forms_hold_over_nccl_on_thread_ranks() {
+        for n in [1, 2, 3, 4] {
+            for r in run_nccl(n, |w| crate::comm::selftest(w)) {
+                r.unwrap();
+            }
+        }
+    }
+
+    /// The trait's contract: a send does not wait for its receiver. Rank 0 sends three device
+    /// tensors and then meets rank 1 at a barrier; only after it does rank 1 receive them (a send
+    /// that waited for the receiver would leave both waiting until the host world's timeout).
+    #[test]
+    fn device_sends_do_not_wait_for_the_receiver_and_arrive_in_order() {
+        let out = run_nccl(2, |w| {
+            let gpu = Cuda::open(CudaOptions {
+                ordinal: w.rank(),
+                ..CudaOptions::default()
+            })
+            .unwrap();
+            let mut got = Vec::new();
+            if w.rank() == 0 {
+                for i in 0..3 {
+                    let x = Array2::from_shape_fn((2, 3), |(r, c)| (10 * i + 3 * r + c) as f32);
+                    let dev = gpu.to_device(&x).unwrap();
+                    w.send_device(&gpu, &dev, 1).unwrap();
+                    // The tensor is dropped at once: the send took its values in stream order.
+                }
+                w.barrier().unwrap();
+            } else {
+                w.barrier().unwrap();
+                for _ in 0..3 {
+                    let x = w.recv_device(&gpu, 2, 3, 0).unwrap();
+                    got.push(gpu.to_host(&x).unwrap());
+                }
+            }
+            // The sums after the sends run in order behind them.
+            let mut v = [w.rank() as f64 + 1.0];
+            w.all_reduce_sum(&mut v).unwrap();
+            (got, v[0])
+        });
+        for i in 0..3 {
+            let want = Array2::from_shape_fn((2, 3), |(r, c)| (10 * i + 3 * r + c) as f32);
+            assert_eq!(out[1].0[i], want);
+        }
+        assert!(out.iter().all(|(_, s)| *s == 3.0));
+    }
+
+    #[test]
+    fn device_sums_add_in_place_on_every_rank() {
+        let out = run_nccl(3, |w| {
+            let gpu = Arc::new(
+                Cuda::open(CudaOptions {
+                    ordinal: w.rank(),
+                    ..CudaOptions::default()
+                })
+                .unwrap(),
+            );
+            let mut sums = DeviceSums::zeros(&gpu, 5, "test sums").unwrap();
+            let mine: Vec<f64> = (0..5).map(|i| (w.rank() * 10 + i) as f64 + 0.25).collect();
+            sums.copy_from_host(&mine).unwrap();
+            w.all_reduce_sum_device(&mut sums).unwrap();
+            sums.to_host().unwrap()
+        });
+        let want: Vec<f64> = (0..5).map(|i| (30 + 3 * i) as f64 + 0.75).collect();
+        for got in out {
+            assert_eq!(got, want);
+        }
+    }
+}

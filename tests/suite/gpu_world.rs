@@ -379,3 +379,33 @@ mod mpi {
         assert!(!out.exists());
     }
 }
+
+/// A build on the emulated device says so in `eva --version` and in the report's `eva_version`;
+/// `--help` does not offer it.
+#[test]
+fn an_emulator_build_says_so_and_does_not_offer_it() {
+    let tmp = tempdir();
+    let version = eva_on(1, tmp.path(), &["--version"], &[]).output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    assert!(
+        version.contains("emulated CUDA device: a test build"),
+        "{version}"
+    );
+    for help in [&["--help"][..], &["init", "--help"][..]] {
+        let o = eva_on(1, tmp.path(), help, &[]).output().unwrap();
+        assert!(o.status.success());
+        let text = String::from_utf8_lossy(&o.stdout).to_lowercase();
+        assert!(
+            !text.contains("emul"),
+            "{help:?} offers the emulator:\n{text}"
+        );
+    }
+    let report = read_adapter(one_rank()).report;
+    assert!(
+        report["eva_version"]
+            .as_str()
+            .unwrap()
+            .contains("emulated CUDA device"),
+        "{report}"
+    );
+}

@@ -507,3 +507,64 @@ impl Drop for Comm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::runtime::Runtime;
+    use super::*;
+
+    /// Two ranks of one communicator, on emulated GPUs 0 and 1, joined.
+    fn pair() -> (Runtime, Comm, Comm) {
+        std::env::set_var("EVA_EMU_DEVICES", "8");
+        let id = unique_id().unwrap();
+        let mut a = Comm::start(&Device::open(0).unwrap(), 0, 2, &id).unwrap();
+        assert!(!a.ready().unwrap(), "joined before its peer");
+        let mut b = Comm::start(&Device::open(1).unwrap(), 1, 2, &id).unwrap();
+        assert!(a.ready().unwrap() && b.ready().unwrap());
+        (Runtime::open(0).unwrap(), a, b)
+    }
+
+    #[test]
+    fn a_send_completes_only_when_its_receiver_has_taken_it() {
+        let (rt, mut a, mut b) = pair();
+        let x = rt.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        a.send(&x, 3, 1).unwrap();
+        drop(x);
+        assert!(!a.poll().unwrap(), "a send completed before its receive");
+        let mut y = rt.zeros::<f32>(3).unwrap();
+        b.recv(&mut y, 3, 0).unwrap();
+        assert!(b.poll().unwrap() && a.poll().unwrap());
+        assert_eq!(rt.download(&y, 0..3).unwrap(), [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn a_sum_is_nan_until_every_rank_has_posted() {
+        let (rt, mut a, mut b) = pair();
+        let mut x = rt.upload(&[1.0f64, 2.0]).unwrap();
+        let mut y = rt.upload(&[10.0f64, 20.0]).unwrap();
+        a.all_reduce_sum(&mut x, 2).unwrap();
+        assert!(!a.poll().unwrap());
+        assert!(rt.download(&x, 0..2).unwrap().iter().all(|v| v.is_nan()));
+        b.all_reduce_sum(&mut y, 2).unwrap();
+        assert!(a.poll().unwrap() && b.poll().unwrap());
+        assert_eq!(rt.download(&x, 0..2).unwrap(), [11.0, 22.0]);
+        assert_eq!(rt.download(&y, 0..2).unwrap(), [11.0, 22.0]);
+    }
+
+    #[test]
+    fn mismatched_lengths_and_peers_are_errors_that_stick() {
+        let (rt, mut a, mut b) = pair();
+        let x = rt.upload(&[1.0f32, 2.0]).unwrap();
+        a.send(&x, 2, 1).unwrap();
+        let mut y = rt.zeros::<f32>(3).unwrap();
+        b.recv(&mut y, 3, 0).unwrap();
+        let e = b.poll().unwrap_err().to_string();
+        assert!(
+            e.contains("a receive of 12 bytes matched a send of 8 bytes"),
+            "{e}"
+        );
+        assert_eq!(b.poll().unwrap_err().to_string(), e, "not sticky");
+        let e = a.send(&x, 2, 2).unwrap_err().to_string();
+        assert!(e.contains("peer 2 in a communicator of 2"), "{e}");
+    }
+}
