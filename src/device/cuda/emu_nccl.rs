@@ -393,11 +393,13 @@ impl Comm {
         Ok(())
     }
 
-    fn push(&mut self, go: bool, op: Op) {
-        // A stalled rank's calls never reach its queue's end: the queue stays stuck.
+    /// Queues `op` and starts what can start (a GPU starts a call once it is at its stream's
+    /// head). A stalled rank's calls never reach its queue: the queue stays stuck.
+    fn push(&mut self, go: bool, op: Op) -> Result<()> {
         if go {
             self.queue.push_back(op);
         }
+        self.progress()
     }
 
     /// Queues an in-place sum of the first `n` values of `buf` over the ranks.
@@ -424,8 +426,7 @@ impl Comm {
                 posted: false,
                 target: Target::Device(ptr),
             },
-        );
-        Ok(())
+        )
     }
 
     /// Queues a sum of host values staged through the device; [`HostSum::finish`] gives it.
@@ -442,7 +443,7 @@ impl Comm {
                 posted: false,
                 target: Target::Host,
             },
-        );
+        )?;
         Ok(HostSum { len: host.len() })
     }
 
@@ -460,8 +461,7 @@ impl Comm {
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             post(&path, &bytes)?;
         }
-        self.push(go, Op::Send { path });
-        Ok(())
+        self.push(go, Op::Send { path })
     }
 
     /// Queues a receive from `peer` into the first `n` values of `buf`.
@@ -483,8 +483,7 @@ impl Comm {
                 ptr: ptr as *mut u8,
                 bytes: 4 * n,
             },
-        );
-        Ok(())
+        )
     }
 
     /// The emulated device this rank's communicator runs on.
@@ -513,6 +512,11 @@ mod tests {
     use super::super::runtime::Runtime;
     use super::*;
 
+    /// An emulated allocation (which fails only beyond `EVA_EMU_MEMORY`).
+    fn mem<T>(r: std::result::Result<Buffer<T>, super::super::runtime::AllocError>) -> Buffer<T> {
+        r.unwrap_or_else(|_| panic!("emulated allocation failed"))
+    }
+
     /// Two ranks of one communicator, on emulated GPUs 0 and 1, joined.
     fn pair() -> (Runtime, Comm, Comm) {
         std::env::set_var("EVA_EMU_DEVICES", "8");
@@ -527,11 +531,11 @@ mod tests {
     #[test]
     fn a_send_completes_only_when_its_receiver_has_taken_it() {
         let (rt, mut a, mut b) = pair();
-        let x = rt.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        let x = mem(rt.upload(&[1.0f32, 2.0, 3.0]));
         a.send(&x, 3, 1).unwrap();
         drop(x);
         assert!(!a.poll().unwrap(), "a send completed before its receive");
-        let mut y = rt.zeros::<f32>(3).unwrap();
+        let mut y = mem(rt.zeros::<f32>(3));
         b.recv(&mut y, 3, 0).unwrap();
         assert!(b.poll().unwrap() && a.poll().unwrap());
         assert_eq!(rt.download(&y, 0..3).unwrap(), [1.0, 2.0, 3.0]);
@@ -540,8 +544,8 @@ mod tests {
     #[test]
     fn a_sum_is_nan_until_every_rank_has_posted() {
         let (rt, mut a, mut b) = pair();
-        let mut x = rt.upload(&[1.0f64, 2.0]).unwrap();
-        let mut y = rt.upload(&[10.0f64, 20.0]).unwrap();
+        let mut x = mem(rt.upload(&[1.0f64, 2.0]));
+        let mut y = mem(rt.upload(&[10.0f64, 20.0]));
         a.all_reduce_sum(&mut x, 2).unwrap();
         assert!(!a.poll().unwrap());
         assert!(rt.download(&x, 0..2).unwrap().iter().all(|v| v.is_nan()));
@@ -554,11 +558,15 @@ mod tests {
     #[test]
     fn mismatched_lengths_and_peers_are_errors_that_stick() {
         let (rt, mut a, mut b) = pair();
-        let x = rt.upload(&[1.0f32, 2.0]).unwrap();
+        let x = mem(rt.upload(&[1.0f32, 2.0]));
         a.send(&x, 2, 1).unwrap();
-        let mut y = rt.zeros::<f32>(3).unwrap();
-        b.recv(&mut y, 3, 0).unwrap();
-        let e = b.poll().unwrap_err().to_string();
+        let mut y = mem(rt.zeros::<f32>(3));
+        // The error shows at the call or at the next poll (here: the call, which starts it).
+        let e = b
+            .recv(&mut y, 3, 0)
+            .and_then(|()| b.poll().map(|_| ()))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("a receive of 12 bytes matched a send of 8 bytes"),
             "{e}"
