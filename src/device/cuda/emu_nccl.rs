@@ -349,9 +349,14 @@ impl Comm {
 
     /// The sums of all-reduce `seq` in rank order, once every rank has posted its `n` values.
     fn summed(dir: &Path, seq: u64, size: usize, n: usize) -> Result<Option<Vec<f64>>> {
+        let part = |r: usize| dir.join(format!("ar.{seq}.{r}"));
+        // Cheap checks first: a large sum is read once, when every part is there.
+        if !(0..size).all(|r| part(r).exists()) {
+            return Ok(None);
+        }
         let mut parts = Vec::with_capacity(size);
         for r in 0..size {
-            match std::fs::read(dir.join(format!("ar.{seq}.{r}"))) {
+            match std::fs::read(part(r)) {
                 Ok(b) => parts.push(b),
                 Err(_) => return Ok(None),
             }
