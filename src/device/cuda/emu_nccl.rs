@@ -260,6 +260,7 @@ impl Comm {
         Ok(())
     }
 
+    /// Completes the calls at the head of the queue, in order, until one cannot complete yet.
     fn advance(&mut self) -> Result<()> {
         while let Some(op) = self.queue.front_mut() {
             let done = match op {
@@ -270,54 +271,26 @@ impl Comm {
                     posted,
                     target,
                 } => {
-                    let (seq, dir, rank, size) = (*seq, &self.dir, self.rank, self.size);
-                    if !*posted {
-                        post(&dir.join(format!("ar.{seq}.{rank}")), &f64_bytes(mine))?;
-                        *posted = true;
-                    }
-                    match Self::summed(dir, seq, size, mine.len())? {
-                        None => false,
-                        Some(sums) => {
-                            match target {
-                                // SAFETY: the caller of `all_reduce_sum` keeps the buffer's
-                                // `len` values allocated until the queue is empty (it waits).
-                                Target::Device(ptr) => unsafe {
-                                    std::ptr::copy_nonoverlapping(sums.as_ptr(), *ptr, sums.len())
-                                },
-                                Target::Host => self.host_sums = Some(sums),
-                            }
-                            // Every rank has posted `seq`, so every rank has read `seq - 1`.
-                            if seq > 0 {
-                                let _ = std::fs::remove_file(
-                                    dir.join(format!("ar.{}.{rank}", seq - 1)),
-                                );
-                            }
+                    let sums =
+                        Self::all_reduce_step(&self.dir, self.rank, self.size, *seq, mine, posted)?;
+                    match (sums, target) {
+                        (None, _) => false,
+                        (Some(sums), Target::Device(ptr)) => {
+                            // SAFETY: the caller of `all_reduce_sum` keeps the buffer's values
+                            // allocated until the queue is empty (it waits).
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(sums.as_ptr(), *ptr, sums.len())
+                            };
+                            true
+                        }
+                        (Some(sums), Target::Host) => {
+                            self.host_sums = Some(sums);
                             true
                         }
                     }
                 }
                 Op::Send { path } => !path.exists(),
-                Op::Recv { path, ptr, bytes } => match std::fs::read(&*path) {
-                    Err(_) => false,
-                    Ok(got) => {
-                        if got.len() != *bytes {
-                            return Err(Error::Comm(format!(
-                                "NCCL receive failed: ncclInvalidUsage (a receive of {bytes} bytes matched a send of {} bytes)",
-                                got.len()
-                            )));
-                        }
-                        // SAFETY: the caller of `recv` keeps `bytes` bytes at `ptr` allocated
-                        // until the queue is empty (it waits).
-                        unsafe { std::ptr::copy_nonoverlapping(got.as_ptr(), *ptr, *bytes) };
-                        std::fs::remove_file(&*path).map_err(|e| {
-                            Error::Comm(format!(
-                                "emulated NCCL: cannot take {}: {e}",
-                                path.display()
-                            ))
-                        })?;
-                        true
-                    }
-                },
+                Op::Recv { path, ptr, bytes } => Self::take(path, *ptr, *bytes)?,
             };
             if !done {
                 break;
@@ -325,6 +298,52 @@ impl Comm {
             self.queue.pop_front();
         }
         Ok(())
+    }
+
+    /// An all-reduce at the head of the queue: posts this rank's values once, then the sums once
+    /// every rank has posted (and this rank's part of the previous all-reduce is removed: every
+    /// rank has posted `seq`, so every rank has read `seq - 1`).
+    fn all_reduce_step(
+        dir: &Path,
+        rank: usize,
+        size: usize,
+        seq: u64,
+        mine: &[f64],
+        posted: &mut bool,
+    ) -> Result<Option<Vec<f64>>> {
+        if !*posted {
+            post(&dir.join(format!("ar.{seq}.{rank}")), &f64_bytes(mine))?;
+            *posted = true;
+        }
+        let sums = Self::summed(dir, seq, size, mine.len())?;
+        if sums.is_some() && seq > 0 {
+            let _ = std::fs::remove_file(dir.join(format!("ar.{}.{rank}", seq - 1)));
+        }
+        Ok(sums)
+    }
+
+    /// A receive at the head of the queue: takes the matching send's `bytes` bytes into `ptr`
+    /// once it is there (a different length is NCCL's invalid usage).
+    fn take(path: &Path, ptr: *mut u8, bytes: usize) -> Result<bool> {
+        let Ok(got) = std::fs::read(path) else {
+            return Ok(false);
+        };
+        if got.len() != bytes {
+            return Err(Error::Comm(format!(
+                "NCCL receive failed: ncclInvalidUsage (a receive of {bytes} bytes matched a send of {} bytes)",
+                got.len()
+            )));
+        }
+        // SAFETY: the caller of `recv` keeps `bytes` bytes at `ptr` allocated until the queue is
+        // empty (it waits).
+        unsafe { std::ptr::copy_nonoverlapping(got.as_ptr(), ptr, bytes) };
+        std::fs::remove_file(path).map_err(|e| {
+            Error::Comm(format!(
+                "emulated NCCL: cannot take {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(true)
     }
 
     /// Whether every rank has joined; an error when two share an emulated device.
