@@ -9,8 +9,9 @@ use crate::catalog::Catalog;
 use crate::comm::threads::ThreadWorld;
 use crate::comm::topology::{self, Topology};
 use crate::comm::{self, agree, launcher, Communicator};
-use crate::config::validate::{parse_rank_pattern, Device, Input, Options, Plan};
+use crate::config::validate::{parse_rank_pattern, Collectives, Device, Input, Options, Plan};
 use crate::config::{self, EstimatorChoice, RunConfig};
+use crate::device::gpu::Gpu;
 use crate::engine::checkpoint;
 use crate::leader::allocate;
 use crate::log::say;
@@ -251,7 +252,7 @@ pub fn run(args: &InitArgs) -> Result<()> {
         let results: Vec<Result<()>> = std::thread::scope(|s| {
             let handles: Vec<_> = worlds
                 .into_iter()
-                .map(|w| s.spawn(move || run_rank(Rc::new(w), plan, args)))
+                .map(|w| s.spawn(move || run_rank(thread_rank(w, plan)?, plan, args)))
                 .collect();
             handles
                 .into_iter()
@@ -275,6 +276,15 @@ pub fn run(args: &InitArgs) -> Result<()> {
         } else {
             e
         }
+    })
+}
+
+/// A thread rank's world: the thread world itself, or NCCL between the thread ranks
+/// (`--comm nccl`, each on its own GPU).
+fn thread_rank(w: ThreadWorld, plan: &Plan) -> Result<Rc<dyn Communicator>> {
+    Ok(match plan.grid.comm {
+        Collectives::Nccl => Rc::new(comm::NcclWorld::over_threads(w)?),
+        _ => Rc::new(w),
     })
 }
 
@@ -320,6 +330,10 @@ fn run_rank(world: Rc<dyn Communicator>, plan: &Plan, args: &InitArgs) -> Result
     };
     let mut staged = agree(comm, open_source(plan, stage, replicas, node_rank))?;
     let source = &staged.source;
+    if let (Some(gpu), false) = (source.device(), cfg.quiet) {
+        // Which GPU each rank computes on (thread ranks too: GPU `rank mod devices`).
+        say(&format!("[eva] rank {}: {}", comm.rank(), gpu.describe()));
+    }
     agree(comm, super::tokens::check_reachable(source.as_ref(), &cfg))?;
     let passes = engine::passes_per_step(cfg.batch_size, source.pass_units());
     if leader && replicas > passes {

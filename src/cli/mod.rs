@@ -75,7 +75,8 @@ pub enum CommArg {
     Auto,
     /// MPI (needs a build with `--features mpi`).
     Mpi,
-    /// NCCL on the GPUs for all-reduce, MPI for the rest (needs `--features nccl`).
+    /// NCCL on the GPUs for sums and hidden states, MPI (or the thread ranks) for the rest (needs
+    /// `--features nccl`).
     Nccl,
 }
 
@@ -257,7 +258,8 @@ pub struct InitArgs {
     #[arg(long, value_enum, default_value_t = CommArg::Auto)]
     pub comm: CommArg,
 
-    /// Run this many ranks as threads of one process (an in-process world, no launcher needed).
+    /// Run this many ranks as threads of one process (an in-process world, no launcher needed);
+    /// with --device cuda, thread rank r computes on GPU r mod the GPUs.
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>, default_value_t = 1, value_name = "N")]
     pub local_ranks: usize,
 

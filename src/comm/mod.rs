@@ -6,7 +6,7 @@
 //! | [`SingleProcess`] | one rank; collectives return at once | always |
 //! | [`threads::ThreadWorld`] | N ranks as threads of one process (tests, one-box runs) | always |
 //! | [`MpiWorld`] | the ranks `mpirun`/`srun` started (rsmpi) | feature `mpi` |
-//! | [`NcclWorld`] | MPI world whose all-reduce runs on GPUs through NCCL (cudarc) | feature `nccl` |
+//! | [`NcclWorld`] | MPI processes or thread ranks whose GPU sums and hidden states run through NCCL | feature `nccl` (cudarc), `cuda-emu` (emulated) |
 //!
 //! A backend that was not compiled in is an uninhabited twin whose constructor returns
 //! [`Error::NotCompiled`]. [`launcher::detect`] reads the launcher's environment; without one,
@@ -75,9 +75,11 @@ mod mpi;
 #[path = "no_mpi.rs"]
 mod mpi;
 
-#[cfg(feature = "nccl")]
+// NCCL through cudarc (`nccl`) or the emulated device's NCCL (`cuda-emu`): the same backend
+// over the seam `device::cuda::nccl`.
+#[cfg(any(feature = "nccl", feature = "cuda-emu"))]
 mod nccl;
-#[cfg(not(feature = "nccl"))]
+#[cfg(not(any(feature = "nccl", feature = "cuda-emu")))]
 #[path = "no_nccl.rs"]
 mod nccl;
 
@@ -268,10 +270,11 @@ pub fn connect(transport: Collectives) -> Result<Box<dyn Communicator>> {
     match (transport, &launch) {
         (Collectives::Auto, None) => Ok(Box::new(SingleProcess)),
         (Collectives::Auto | Collectives::Mpi, _) => Ok(Box::new(MpiWorld::init()?)),
-        (Collectives::Nccl, launch) => {
-            let local_rank = launch.as_ref().map_or(0, |l| l.local_rank);
-            Ok(Box::new(NcclWorld::init(MpiWorld::init()?, local_rank)?))
-        }
+        (Collectives::Nccl, None) => Ok(Box::new(NcclWorld::init(None, 0)?)),
+        (Collectives::Nccl, Some(l)) => Ok(Box::new(NcclWorld::init(
+            Some(MpiWorld::init()?),
+            l.local_rank,
+        )?)),
     }
 }
 

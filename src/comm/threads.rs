@@ -172,6 +172,62 @@ impl ThreadWorld {
             .unwrap_or_else(|p| p.into_inner())
             .0)
     }
+    /// [`Communicator::split`] as a thread world (the NCCL backend builds its own split on it).
+    pub(super) fn split_world(&self, color: usize, key: usize) -> Result<ThreadWorld> {
+        let mine = [color as u64, key as u64]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let all = self.exchange("split", mine)?;
+        let parse = |b: &Vec<u8>| {
+            (
+                u64::from_le_bytes(b[..8].try_into().expect("8")) as usize,
+                u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize,
+            )
+        };
+        let mut members: Vec<(usize, usize)> = all
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (parse(b), r))
+            .filter(|((c, _), _)| *c == color)
+            .map(|((_, k), r)| (k, r))
+            .collect();
+        members.sort_unstable();
+        let rank = members
+            .iter()
+            .position(|&(_, r)| r == self.rank)
+            .expect("this rank is a member");
+        let seq = self.splits.get();
+        self.splits.set(seq + 1);
+        let shared = self
+            .shared
+            .lock()
+            .splits
+            .entry((seq, color))
+            .or_insert_with(|| Shared::new(members.len(), self.shared.timeout))
+            .clone();
+        Ok(ThreadWorld {
+            rank,
+            shared,
+            splits: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Why the world was aborted, if it was (a rank left, panicked or timed out).
+    #[cfg_attr(not(any(feature = "nccl", feature = "cuda-emu")), allow(dead_code))]
+    pub(super) fn aborted(&self) -> Option<String> {
+        self.shared.lock().aborted.clone()
+    }
+
+    /// Ends a wait outside the world's own collectives (an NCCL call) that outlasted the
+    /// timeout: aborts the world, so that every rank's next collective fails instead of waiting,
+    /// and returns the message naming `op`.
+    #[cfg_attr(not(any(feature = "nccl", feature = "cuda-emu")), allow(dead_code))]
+    pub(super) fn time_out(&self, op: &str, waited: std::time::Duration) -> Error {
+        let msg = timeout_message(op, self.rank, self.shared.size, waited, None);
+        self.shared.abort(format!("rank {}: {msg}", self.rank));
+        Error::Comm(msg)
+    }
 }
 
 impl Drop for ThreadWorld {
@@ -238,43 +294,7 @@ impl Communicator for ThreadWorld {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        let mine = [color as u64, key as u64]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let all = self.exchange("split", mine)?;
-        let parse = |b: &Vec<u8>| {
-            (
-                u64::from_le_bytes(b[..8].try_into().expect("8")) as usize,
-                u64::from_le_bytes(b[8..16].try_into().expect("8")) as usize,
-            )
-        };
-        let mut members: Vec<(usize, usize)> = all
-            .iter()
-            .enumerate()
-            .map(|(r, b)| (parse(b), r))
-            .filter(|((c, _), _)| *c == color)
-            .map(|((_, k), r)| (k, r))
-            .collect();
-        members.sort_unstable();
-        let rank = members
-            .iter()
-            .position(|&(_, r)| r == self.rank)
-            .expect("this rank is a member");
-        let seq = self.splits.get();
-        self.splits.set(seq + 1);
-        let shared = self
-            .shared
-            .lock()
-            .splits
-            .entry((seq, color))
-            .or_insert_with(|| Shared::new(members.len(), self.shared.timeout))
-            .clone();
-        Ok(Box::new(ThreadWorld {
-            rank,
-            shared,
-            splits: std::cell::Cell::new(0),
-        }))
+        Ok(Box::new(self.split_world(color, key)?))
     }
 
     fn send(&self, buf: &[u8], dest: usize) -> Result<()> {

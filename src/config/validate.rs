@@ -397,7 +397,7 @@ pub fn parse_rank_pattern(entries: &[String]) -> Result<Vec<(String, usize)>> {
 /// The message of an in-process thread world combined with another world.
 pub fn thread_world_conflict() -> Error {
     Error::usage(
-        "--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm",
+        "--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm mpi (--comm nccl runs NCCL between the thread ranks, one GPU each)",
     )
 }
 
@@ -505,7 +505,7 @@ fn check_world(o: &Options) -> Result<()> {
     if o.local_ranks == 0 {
         return Err(LOCAL_RANKS.out_of_range("at least 1", 0));
     }
-    if o.local_ranks > 1 && o.comm != Collectives::Auto {
+    if o.local_ranks > 1 && o.comm == Collectives::Mpi {
         return Err(thread_world_conflict());
     }
     Ok(())
@@ -648,7 +648,7 @@ mod tests {
             ("timeout inf", |o| o.collective_timeout_s = f64::INFINITY, "--collective-timeout must be a non-negative number of seconds (0 = off), found inf"),
             ("empty target", |o| o.targets = Some(vec!["q".into(), " ".into()]), "--targets must be a comma-separated list of non-empty names, found ` `"),
             ("local ranks 0", |o| o.local_ranks = 0, "--local-ranks must be at least 1, found 0"),
-            ("threads and --comm", |o| (o.local_ranks, o.comm) = (2, Collectives::Mpi), "--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm"),
+            ("threads and --comm", |o| (o.local_ranks, o.comm) = (2, Collectives::Mpi), "--local-ranks starts an in-process thread world; do not combine it with mpirun/srun or --comm mpi (--comm nccl runs NCCL between the thread ranks, one GPU each)"),
             ("dtype on the CPU", |o| o.dtype = Some(DType::F32), "--dtype f32 applies to --device cuda; the CPU computes in f32"),
             ("cuda without a model", |o| o.device = DeviceKind::Cuda, "--device cuda runs the forward pass of --model; --activations and --synthetic are read on the CPU"),
         ];

@@ -1,6 +1,6 @@
 //! The compute layer: where tensors live and how the forward pass and the device statistics
-//! run on them. Everything above names a backend only through this layer; only this layer (and
-//! `comm/nccl.rs`, for NCCL itself) names cudarc.
+//! run on them. Everything above names a backend only through this layer; only this layer names
+//! cudarc (NCCL too: `comm/nccl.rs` reaches it through the seam `cuda::nccl`).
 //!
 //! | module | role |
 //! |---|---|

@@ -1,6 +1,7 @@
 //! The house's layers, read from the code's own imports (as import-linter or ArchUnit do): a
 //! module may name only modules on lower floors (docs/architecture.md, "Layers"), and only the
-//! compute layer and the NCCL communicator name cudarc.
+//! compute layer names cudarc (NCCL too: `comm/nccl.rs` reaches it through the seam
+//! `device::cuda::nccl`, so that the emulated device can serve it).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ const FLOORS: &[&[&str]] = &[
 ];
 
 /// Where cudarc may be named (outside comments).
-const CUDARC_ALLOWED: &[&str] = &["src/device/", "src/comm/nccl.rs"];
+const CUDARC_ALLOWED: &[&str] = &["src/device/"];
 
 fn floor(module: &str) -> Option<usize> {
     FLOORS.iter().position(|f| f.contains(&module))
@@ -182,7 +183,7 @@ fn every_import_runs_down_the_layers() {
 }
 
 #[test]
-fn only_the_compute_layer_and_nccl_name_cudarc() {
+fn only_the_compute_layer_names_cudarc() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
@@ -204,7 +205,7 @@ fn only_the_compute_layer_and_nccl_name_cudarc() {
     }
     assert!(
         wrong.is_empty(),
-        "cudarc named outside src/device/ and src/comm/nccl.rs: {wrong:?}"
+        "cudarc named outside src/device/: {wrong:?}"
     );
 }
 

@@ -9,6 +9,9 @@ mod exact;
 mod fuzz;
 #[cfg(eva_gpu)]
 mod gpu;
+// Whole distributed runs on emulated GPUs (several devices, NCCL between them).
+#[cfg(feature = "cuda-emu")]
+mod gpu_world;
 mod layers;
 mod model;
 #[cfg(feature = "mpi")]

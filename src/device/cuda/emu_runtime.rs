@@ -54,6 +54,12 @@ impl<T> Buffer<T> {
         self.len == 0
     }
 
+    /// The memory's address, for the emulated NCCL (`emu_nccl.rs`), which reads and writes it
+    /// as device-side code does.
+    pub(super) fn device_ptr(&self) -> *mut T {
+        self.ptr
+    }
+
     /// Forgets the memory without freeing it (a borrowed buffer's owner frees it).
     pub fn forget(mut self) {
         self.owned = None;

@@ -39,6 +39,12 @@ pub mod probe;
 #[cfg(feature = "cuda-emu")]
 #[path = "emu_runtime.rs"]
 pub mod runtime;
+// The NCCL seam (`comm/nccl.rs` talks to NCCL only through it): cudarc, or the emulated NCCL.
+#[cfg(feature = "nccl")]
+pub mod nccl;
+#[cfg(feature = "cuda-emu")]
+#[path = "emu_nccl.rs"]
+pub mod nccl;
 
 pub use gram::{DeviceGram, DeviceSketch, DeviceSums};
 pub use runtime::CallerContext;

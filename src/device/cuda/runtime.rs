@@ -16,7 +16,7 @@
 //! | [`CallerContext`] | the calling thread's current context, put back when dropped (cudarc makes eva's current and leaves it) |
 //!
 //! Pointers cross the seam as `u64` device addresses ([`Runtime::ptr`]); every other file of the
-//! backend names no cudarc type. NCCL (`comm/nccl.rs`) reaches a buffer's memory through
+//! backend names no cudarc type. The NCCL seam (`nccl.rs`) reaches a buffer's memory through
 //! [`Buffer::slice`] and [`Buffer::slice_mut`].
 
 use super::kernels::{self, Arg, Shape};
@@ -54,12 +54,12 @@ impl<T> Buffer<T> {
         self.len == 0
     }
 
-    /// cudarc's view of the memory, for NCCL (`comm/nccl.rs`).
+    /// cudarc's view of the memory, for the NCCL seam (`nccl.rs`).
     pub fn slice(&self) -> &CudaSlice<T> {
         &self.slice
     }
 
-    /// cudarc's view of the memory, for NCCL (`comm/nccl.rs`).
+    /// cudarc's view of the memory, for the NCCL seam (`nccl.rs`).
     pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
         &mut self.slice
     }
