@@ -180,7 +180,7 @@ fn config_json(layers: &[LayerAdapter], params: &[String], cfg: &RunConfig) -> V
             alpha_pattern.insert(l.name.clone(), number(l.alpha));
         }
     }
-    json!({
+    let mut config = json!({
         "peft_type": "LORA",
         "task_type": cfg.task_type,
         "base_model_name_or_path": cfg.base_model,
@@ -191,7 +191,6 @@ fn config_json(layers: &[LayerAdapter], params: &[String], cfg: &RunConfig) -> V
             .map(|l| l.name.clone())
             .filter(|n| !params.contains(n))
             .collect::<Vec<_>>(),
-        "target_parameters": params,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": "eva",
@@ -213,5 +212,11 @@ fn config_json(layers: &[LayerAdapter], params: &[String], cfg: &RunConfig) -> V
         "layers_to_transform": null,
         "layers_pattern": null,
         "revision": null,
-    })
+    });
+    // Only where experts are targeted: an adapter of modules alone stays the file it always was
+    // (PEFT's default is no `target_parameters`).
+    if !params.is_empty() {
+        config["target_parameters"] = json!(params);
+    }
+    config
 }
