@@ -1077,6 +1077,53 @@ mod tests {
         assert_eq!(current_context(), None, "no context before: none after");
     }
 
+    /// The Python extension's CUDA path, its Rust side: rows in memory another library allocated
+    /// on the device (PyTorch's tensor, whose `data_ptr` eva_lora hands over; here an allocation
+    /// the emulator made, poisoned like any fresh one before it is written) are borrowed by their
+    /// raw address, read in place by the exact Gram, and give bit for bit the sums of the same
+    /// rows as eva's own tensor; dropping the borrowed tensor leaves the memory to its owner.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn borrowed_device_pointers_feed_the_statistics_as_owned_tensors() {
+        use crate::device::gpu::GramAccumulator;
+        use gram::DeviceGram;
+        let gpu = Cuda::open(CudaOptions {
+            dtype: DType::F32,
+            ..CudaOptions::default()
+        })
+        .unwrap();
+        let (rows, d) = (300, 24);
+        let x = Array2::from_shape_fn((rows, d), |(i, j)| ((i * 7 + j * 13) % 17) as f32 - 8.0);
+        let theirs = gpu.to_device(&x).unwrap();
+        let ptr = gpu.rt.ptr(theirs.values().unwrap());
+        let reference = vec![0.5f32; d];
+        let sums = |t: &CudaTensor| {
+            let mut g = DeviceGram::new(&gpu, &reference, DType::F32, 128).unwrap();
+            g.accumulate(&gpu, t).unwrap();
+            g.snapshot(&gpu).unwrap()
+        };
+        let owned = sums(&theirs);
+        // SAFETY: `ptr` addresses `theirs`' rows × d values, alive and unchanged below.
+        let borrowed = unsafe { gpu.borrow(ptr, rows, d) };
+        assert_eq!(gpu.to_host(&borrowed).unwrap(), x);
+        let read = sums(&borrowed);
+        assert_eq!(read.0, owned.0, "moments");
+        assert!(
+            read.1
+                .iter()
+                .zip(&owned.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "Gram"
+        );
+        drop(borrowed);
+        gpu.synchronize().unwrap();
+        assert_eq!(
+            gpu.to_host(&theirs).unwrap(),
+            x,
+            "the owner's memory is untouched"
+        );
+    }
+
     /// Memory another library caches (here: a tensor the release callback drops) is used for
     /// the device; `ensure_free` calls the release before it reports out-of-memory, and only then.
     #[cfg(feature = "cuda-emu")]
