@@ -50,19 +50,24 @@ impl HostTensor {
     }
 
     /// Rows `rows` of a matrix, without a copy (a fused projection's part, e.g. Phi-3's q rows
-    /// of `qkv_proj`), named `name`.
+    /// of `qkv_proj`), named `name`. A tensor of more dimensions counts its rows over all but
+    /// the last (an expert's part of a fused `[experts, rows, cols]` parameter).
     pub fn row_slice(&self, rows: Range<usize>, name: String) -> Self {
+        let (cols, total) = match self.shape.split_last() {
+            Some((&cols, lead)) if !lead.is_empty() => (cols, lead.iter().product::<usize>()),
+            _ => (0, 0),
+        };
         assert!(
-            self.shape.len() == 2 && rows.end <= self.shape[0],
+            rows.end <= total,
             "{}: rows {rows:?} of shape {:?}",
             self.name,
             self.shape
         );
-        let row_bytes = self.shape[1] * self.dtype.bitsize() / 8;
+        let row_bytes = cols * self.dtype.bitsize() / 8;
         HostTensor {
             name,
             dtype: self.dtype,
-            shape: vec![rows.len(), self.shape[1]],
+            shape: vec![rows.len(), cols],
             map: self.map.clone(),
             range: self.range.start + rows.start * row_bytes
                 ..self.range.start + rows.end * row_bytes,

@@ -14,7 +14,7 @@ use super::config::{DecoderConfig, ExpertKeys, MoeConfig};
 use super::{Capture, ExpertOf, Linear, Module, Need, Point};
 use crate::device::backend::{Activation, Backend};
 use crate::device::host::HostTensor;
-use crate::{Error, Result};
+use crate::Result;
 
 /// One routed expert: gate and up `[f, h]`, down `[h, f]`.
 pub struct Expert<W> {
@@ -95,28 +95,11 @@ pub fn parameters(c: &DecoderConfig, m: &MoeConfig) -> u64 {
     m.experts as u64 * h + experts + shared
 }
 
-/// Rows `first..first + rows` of a checkpoint tensor whose trailing dimension is `cols`, as a
-/// tensor of its own (an expert's slice of a fused `[E, rows, cols]` parameter).
-fn slice(t: &HostTensor, first: usize, rows: usize, cols: usize) -> Result<HostTensor> {
-    let width = match t.dtype {
-        safetensors::Dtype::F32 => 4,
-        safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
-        other => {
-            return Err(Error::data(format!(
-            "checkpoint tensor {}: dtype {other:?} is not supported (expected F32, F16 or BF16)",
-            t.name
-        )))
-        }
-    };
-    let start = t.range.start + first * cols * width;
-    Ok(HostTensor {
-        name: format!("{}[rows {first}..{}]", t.name, first + rows),
-        dtype: t.dtype,
-        shape: vec![rows, cols],
-        map: t.map.clone(),
-        range: start..start + rows * cols * width,
-        file: t.file,
-    })
+/// Rows `first..first + rows` of a fused `[experts, rows, cols]` parameter as a tensor of its
+/// own (an expert's part), without a copy.
+fn slice(t: &HostTensor, first: usize, rows: usize) -> HostTensor {
+    let name = format!("{}[rows {first}..{}]", t.name, first + rows);
+    t.row_slice(first..first + rows, name)
 }
 
 impl<W> Moe<W> {
@@ -152,9 +135,9 @@ impl<W> Moe<W> {
             (0..n)
                 .map(|e| {
                     Ok(Expert {
-                        gate: w(&slice(gate_up, e * 2 * f, f, h)?)?,
-                        up: w(&slice(gate_up, e * 2 * f + f, f, h)?)?,
-                        down: w(&slice(down, e * h, h, f)?)?,
+                        gate: w(&slice(gate_up, e * 2 * f, f))?,
+                        up: w(&slice(gate_up, e * 2 * f + f, f))?,
+                        down: w(&slice(down, e * h, h))?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?

@@ -245,11 +245,7 @@ impl ModelSource {
                 )));
             }
         }
-        // Whether each token of the batch is kept (for routed rows, which name their tokens).
-        let mut kept_token = vec![false; batch.ids.len()];
-        for &t in &keep {
-            kept_token[t] = true;
-        }
+        let kept_token = kept_tokens(&keep, batch.ids.len());
         loaded.forward(
             be,
             &batch,
@@ -261,14 +257,11 @@ impl ModelSource {
                 if !wanted[g] || keep.is_empty() {
                     return Ok(());
                 }
-                // An expert's routed rows: those of kept tokens (possibly none).
-                let routed: Vec<usize>;
+                let routed;
                 let rows_kept = match tokens {
                     None => &keep[..],
                     Some(tokens) => {
-                        routed = (0..tokens.len())
-                            .filter(|&j| kept_token[tokens[j]])
-                            .collect();
+                        routed = routed_rows(tokens, &kept_token);
                         if routed.is_empty() {
                             return Ok(());
                         }
@@ -299,6 +292,21 @@ impl ModelSource {
             },
         )
     }
+}
+
+/// Whether each of a batch's `tokens` is in `keep` (for routed rows, which name their tokens).
+fn kept_tokens(keep: &[usize], tokens: usize) -> Vec<bool> {
+    let mut kept = vec![false; tokens];
+    for &t in keep {
+        kept[t] = true;
+    }
+    kept
+}
+
+/// The rows of an expert's capture (row `j` holds token `tokens[j]`) whose token is kept:
+/// the routed rows the statistics see (possibly none).
+fn routed_rows(tokens: &[usize], kept: &[bool]) -> Vec<usize> {
+    (0..tokens.len()).filter(|&j| kept[tokens[j]]).collect()
 }
 
 impl Source for ModelSource {
