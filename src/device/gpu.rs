@@ -15,7 +15,7 @@
 
 use super::backend::Backend;
 use crate::config::validate::DType;
-use crate::Result;
+use crate::{Error, Result};
 use ndarray::Array2;
 use std::sync::Arc;
 
@@ -41,6 +41,29 @@ pub struct MomentSums {
     pub sum_sq: Vec<f64>,
 }
 
+/// The first non-finite value of a finiteness check: the host's, or the earliest failing one of
+/// the checks a GPU queued ([`Gpu::settle_finite`]). One message for both.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    /// Where the checked rows came from.
+    pub what: String,
+    /// NaN, +inf or -inf.
+    pub value: f32,
+    /// Its token (row) and feature (column).
+    pub token: usize,
+    pub feature: usize,
+}
+
+impl NonFinite {
+    /// The data error naming where the value came from and where it is.
+    pub fn into_error(self) -> Error {
+        Error::data(format!(
+            "{}: non-finite activation {} at token {}, feature {}",
+            self.what, self.value, self.token, self.feature
+        ))
+    }
+}
+
 /// One GPU: the forward pass's [`Backend`] plus what the statistics, the collectives and the
 /// Python binding need of it. Ops that return tensors record a device failure instead of
 /// returning it; [`Gpu::check`] returns the first one.
@@ -64,8 +87,14 @@ pub trait Gpu: Backend + Sized {
     fn to_host(&self, x: &Self::Tensor) -> Result<Array2<f32>>;
     /// A `rows × cols` activation of zeros, to receive into; out of memory names `what`.
     fn alloc_tensor(&self, rows: usize, cols: usize, what: &str) -> Result<Self::Tensor>;
-    /// Whether every value of `x` is finite (one flag comes back to the host).
-    fn all_finite(&self, x: &Self::Tensor) -> Result<bool>;
+    /// Queues a check that every value of `x` is finite, named `what` in the verdict: a kernel
+    /// launch, nothing comes back (every so many checks, the queue settles itself first).
+    fn queue_finite(&self, x: &Self::Tensor, what: String) -> Result<()>;
+    /// The verdict of the checks queued since the last call (one 8-byte download, so one
+    /// synchronize, and none when nothing is queued): the earliest failing check's first
+    /// non-finite value as a [`NonFinite`] error. The layers above settle before every
+    /// agreement that precedes an all-reduce or a checkpoint.
+    fn settle_finite(&self) -> Result<()>;
     /// The rows `keep` of `x`, in order, as a new activation on the device.
     fn select(&self, x: &Self::Tensor, keep: &[usize]) -> Self::Tensor;
     /// A `rows × cols` activation over memory this process already holds on this GPU.

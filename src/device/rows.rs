@@ -5,8 +5,8 @@
 use super::backend::Backend;
 use super::cpu::Cpu;
 use super::cuda::{Cuda, CudaTensor};
-use super::gpu::Gpu;
-use crate::{Error, Result};
+use super::gpu::{Gpu, NonFinite};
+use crate::Result;
 use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use std::sync::Arc;
 
@@ -45,21 +45,13 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// [`check_finite`] wherever the rows are (on a GPU, one flag comes back; the rows only when
-    /// it is set, to name the token and feature).
+    /// [`check_finite`] wherever the rows are. On a GPU the check is queued and `context` is
+    /// taken now: the verdict comes with [`Gpu::settle_finite`], which the engine asks for
+    /// before the agreement that ends its read (so a GPU capture never waits for the device).
     pub fn check_finite(&self, context: impl FnOnce() -> String) -> Result<()> {
         match *self {
             Rows::Host(x) => check_finite(x, context),
-            Rows::Device { gpu, x } => {
-                if gpu.all_finite(x)? {
-                    return Ok(());
-                }
-                let what = context();
-                check_finite(self.to_host()?.view(), || what.clone())?;
-                Err(Error::data(format!(
-                    "{what}: non-finite activation (seen on the GPU, not in the copy on the host)"
-                )))
-            }
+            Rows::Device { gpu, x } => gpu.queue_finite(x, context()),
         }
     }
 }
@@ -157,13 +149,14 @@ pub fn check_finite(rows: ArrayView2<f32>, context: impl FnOnce() -> String) -> 
     if any == 0 {
         return Ok(());
     }
-    if let Some((pos, v)) = rows.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::data(format!(
-            "{}: non-finite activation {v} at token {}, feature {}",
-            context(),
-            pos.0,
-            pos.1
-        )));
+    if let Some(((token, feature), &value)) = rows.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(NonFinite {
+            what: context(),
+            value,
+            token,
+            feature,
+        }
+        .into_error());
     }
     Ok(())
 }

@@ -133,7 +133,7 @@ impl Engine {
             "step {}: the agreement after the forward pass",
             self.step + 1
         ));
-        self.world().agree(local)?;
+        self.world().agree(self.settled(local))?;
         drop(label);
         let stop = self.end_step(on_step)?;
         self.step_bytes.push(self.acct.bytes() - bytes);
@@ -278,5 +278,45 @@ mod tests {
         assert_eq!(err.to_string(), "forward failed");
         let bad = Catalog::new(vec![("a".into(), 4, 4)], vec![vec![0]]);
         assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", world, cfg, None).is_err());
+    }
+
+    /// Rows on the GPU are checked without a download: a non-finite value fails the step that
+    /// took it at the agreement that ends the step, before its all-reduce, in the host check's
+    /// words; the step is not counted.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn nonfinite_device_rows_fail_their_step_before_the_all_reduce() {
+        use crate::device::gpu::{CudaOptions, Gpu};
+        use ndarray::Array2;
+        let gpu = Arc::new(Cuda::open(CudaOptions::default()).unwrap());
+        let catalog = Catalog::new(vec![("a".into(), 6, 3)], vec![vec![0]]);
+        let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
+        let mut e = Engine::external(
+            catalog,
+            vec![vec![0.0; 6]],
+            10,
+            "test",
+            world,
+            config(),
+            Some(gpu.clone()),
+        )
+        .unwrap();
+        let good = Array2::from_shape_fn((40, 6), |(i, j)| ((i * 7 + j * 3) % 11) as f32);
+        let x = gpu.to_device(&good).unwrap();
+        e.accumulate_rows(0, Rows::Device { gpu: &gpu, x: &x }, || "batch 1".into())
+            .unwrap();
+        e.end_external_step(Ok(()), &mut |_| {}).unwrap();
+        let mut bad = good.clone();
+        bad[(3, 4)] = f32::NAN;
+        bad[(5, 0)] = f32::INFINITY;
+        let y = gpu.to_device(&bad).unwrap();
+        e.accumulate_rows(0, Rows::Device { gpu: &gpu, x: &y }, || "batch 2".into())
+            .expect("queued: the verdict comes at the step's end");
+        let err = e.end_external_step(Ok(()), &mut |_| {}).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batch 2: non-finite activation NaN at token 3, feature 4"
+        );
+        assert_eq!(e.steps_done(), 1, "the failed step was not reduced");
     }
 }

@@ -31,6 +31,8 @@ use crate::comm;
 use crate::comm::codec::{Reader, Writer};
 use crate::comm::topology::Topology;
 use crate::config::RunConfig;
+use crate::device::cuda::Cuda;
+use crate::device::gpu::Gpu;
 use crate::device::rows::Rows;
 use crate::leader::{Decision, Leader, Precision, Tracker};
 use crate::source::stages::Staged;
@@ -154,6 +156,8 @@ pub struct Engine {
     /// The latest checkpoint complete on every rank that this run wrote or resumed from (what
     /// a failed checkpoint leaves resumable).
     checkpointed: Option<usize>,
+    /// The GPU the source computes on, whose queued finiteness checks [`Engine::settled`] reads.
+    device: Option<Arc<Cuda>>,
 }
 
 /// A one-line description of the catalog, for checking that every rank sees the same layers.
@@ -247,13 +251,14 @@ impl Engine {
             resumed_tokens: 0,
             references: Vec::new(),
             checkpointed: None,
+            device: source.device(),
             catalog,
             topo,
         };
         let refs = engine.reference_vectors(source)?;
         engine.references = refs.clone();
         // Statistics on a GPU can fail to fit on one rank only: agree before the first step.
-        let init = engine.init_stats(refs, source.device());
+        let init = engine.init_stats(refs);
         engine.world().agree(engine.in_stage(init))?;
         engine.resumed_from = engine.resume()?;
         engine.checkpointed = engine.resumed_from;
@@ -272,6 +277,14 @@ impl Engine {
                 source: Box::new(e),
             },
         })
+    }
+
+    /// `local`, and the verdict of the finiteness checks this rank's GPU queued since the last
+    /// one: the read phases end here, before the agreement that precedes every all-reduce and
+    /// checkpoint, so rows that fail their check never reach either.
+    fn settled(&self, local: Result<()>) -> Result<()> {
+        let queued = self.device.as_ref().map_or(Ok(()), |g| g.settle_finite());
+        local.and(queued)
     }
 
     fn world(&self) -> Wire<'_> {
@@ -320,7 +333,7 @@ impl Engine {
                 Ok(())
             },
         );
-        world.agree(self.in_stage(local))?;
+        world.agree(self.in_stage(self.settled(local)))?;
         let counts = &counts;
         let means: Vec<f32> = self
             .mine
@@ -352,11 +365,7 @@ impl Engine {
 
     /// One exact or sketch statistic per input of this stage (per `stats::choose` over the
     /// stage's inputs), on the source's GPU if it has one, and its shared part.
-    fn init_stats(
-        &mut self,
-        refs: Vec<Vec<f32>>,
-        device: Option<std::sync::Arc<crate::device::cuda::Cuda>>,
-    ) -> Result<()> {
+    fn init_stats(&mut self, refs: Vec<Vec<f32>>) -> Result<()> {
         let cfg = Arc::clone(&self.cfg);
         let dims: Vec<usize> = self
             .mine
@@ -395,7 +404,7 @@ impl Engine {
                     stream: crate::rng::name_key(name),
                 }
             };
-            local[g] = Some(InputStats::new(reference, estimator, device.as_ref())?);
+            local[g] = Some(InputStats::new(reference, estimator, self.device.as_ref())?);
         }
         self.stats.shared = local
             .iter()

@@ -160,6 +160,8 @@ impl Engine {
                 r
             },
         );
+        // A GPU's queued work drains here (its checks' verdict): counted as forward time.
+        let result = self.settled(result);
         let waited = self.acct.time() - comm_before;
         self.times.forward += (start.elapsed() - stat_time - waited).as_secs_f64();
         self.times.statistics += stat_time.as_secs_f64();

@@ -21,12 +21,13 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// A value type device buffers hold (f32, bf16, f64, i32, u32): plain bits, any pattern valid.
+/// A value type device buffers hold (f32, bf16, f64, i32, u32, u64): plain bits, any pattern valid.
 pub trait Elem: Copy + Default + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 impl Elem for i32 {}
 impl Elem for u32 {}
+impl Elem for u64 {}
 impl Elem for half::bf16 {}
 
 /// Emulated device memory of `len` values of `T` (at least one value is allocated, so that an

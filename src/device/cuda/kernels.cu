@@ -379,11 +379,18 @@ extern "C" __global__ void pack_upper_f64(const double* __restrict__ g, double* 
     for (int j = (int)i + threadIdx.x; j < d; j += blockDim.x) out[start + (j - i)] = g[i * d + j];
 }
 
-// device::rows::Rows::check_finite on the device: sets *flag when any of the n values is NaN or
-// infinite (exponent bits all ones, as the CPU's test).
-extern "C" __global__ void flag_nonfinite(const float* __restrict__ x, unsigned long long n, unsigned int* __restrict__ flag) {
-    unsigned int any = 0;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x)
-        any |= (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
-    if (any) atomicOr(flag, 1u);
+// device::rows::Rows::check_finite on the device, deferred: records the first NaN or infinite
+// value of the n values (exponent bits all ones, as the CPU's test) in *first as
+// seq << 40 | index << 2 | class (0 NaN, 1 +inf, 2 -inf), keeping the smallest such word, so that
+// one word read after many launches names the earliest failing check (seq) and its first value.
+// *first holds ~0 while nothing was found; index < 2^38 (the caller checks).
+extern "C" __global__ void first_nonfinite(const float* __restrict__ x, unsigned long long n, unsigned long long seq, unsigned long long* __restrict__ first) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned int b = __float_as_uint(x[i]);
+        if ((b & 0x7f800000u) == 0x7f800000u) {
+            unsigned long long cls = (b & 0x007fffffu) ? 0ull : ((b >> 31) ? 2ull : 1ull);
+            atomicMin(first, (seq << 40) | (i << 2) | cls);
+            return;  // this thread's later values have larger indices
+        }
+    }
 }

@@ -34,7 +34,7 @@ pub const NAMES: [&str; 18] = [
     "add_moments",
     "flush_f64",
     "pack_upper_f64",
-    "flag_nonfinite",
+    "first_nonfinite",
 ];
 
 /// Threads per block of every kernel; equals `BLOCK` in `kernels.cu` (the block reductions and

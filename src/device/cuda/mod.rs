@@ -53,7 +53,7 @@ use super::backend::{
     check_embed, norm_mismatch, Activation, AttentionMask, Backend, Heads, Segments,
 };
 use super::error::{Bytes, DeviceError};
-use super::gpu::{CudaOptions, Gpu};
+use super::gpu::{CudaOptions, Gpu, NonFinite};
 use super::host::HostTensor;
 use crate::config::validate::DType;
 use ndarray::{Array2, ArrayView2};
@@ -186,7 +186,25 @@ pub struct Cuda {
     /// What releases memory another library of this process caches on this GPU (PyTorch's
     /// allocator: `torch.cuda.empty_cache`), called before eva decides it is out of memory.
     release: Mutex<Option<Release>>,
+    /// The finiteness checks queued since the last [`Gpu::settle_finite`].
+    checks: Mutex<Checks>,
 }
+
+/// Finiteness checks in flight: the device word the `first_nonfinite` launches keep their
+/// earliest failure in (`seq << 40 | index << 2 | class`, `u64::MAX` while none failed) and,
+/// per check `seq`, what it names and its features.
+#[derive(Default)]
+struct Checks {
+    word: Option<Buffer<u64>>,
+    pending: Vec<(String, usize)>,
+}
+
+/// Checks queued before [`Gpu::queue_finite`] settles them itself (the word holds 24 bits of
+/// `seq`; this bounds the names kept).
+const MAX_PENDING_CHECKS: usize = 1 << 16;
+
+/// Values one check may cover (the word holds 38 bits of index).
+const MAX_CHECKED_VALUES: usize = 1 << 38;
 
 /// A callback that releases memory cached by another library on the same GPU.
 type Release = Box<dyn Fn() + Send + Sync>;
@@ -207,6 +225,7 @@ impl Cuda {
             opts,
             error: Mutex::new(None),
             release: Mutex::new(None),
+            checks: Mutex::new(Checks::default()),
         })
     }
 
@@ -557,21 +576,65 @@ impl Gpu for Cuda {
         self.produce(keep.len(), x.cols, || self.try_gather(x, keep))
     }
 
-    /// Whether every value of `x` is finite (one flag comes back to the host).
-    fn all_finite(&self, x: &CudaTensor) -> crate::Result<bool> {
+    fn queue_finite(&self, x: &CudaTensor, what: String) -> crate::Result<()> {
         self.check()?;
         let n = x.rows * x.cols;
         if n == 0 {
-            return Ok(true);
+            return Ok(());
         }
-        let flag = self.zeros_of::<u32>(1, "a finiteness flag")?;
-        let (px, n64, pf) = (self.rt.ptr(x.buf()?), n as u64, self.rt.ptr(&flag));
+        assert!(
+            n < MAX_CHECKED_VALUES,
+            "{what}: {n} values are more than one finiteness check covers"
+        );
+        if self.checks.lock().expect("not poisoned").pending.len() == MAX_PENDING_CHECKS {
+            self.settle_finite()?;
+        }
+        let mut checks = self.checks.lock().expect("not poisoned");
+        if checks.word.is_none() {
+            let mut word = self.zeros_of::<u64>(1, "a finiteness word")?;
+            self.rt.write(&[u64::MAX], &mut word, 0)?;
+            checks.word = Some(word);
+        }
+        let seq = checks.pending.len() as u64;
+        let (px, n64, pw) = (
+            self.rt.ptr(x.buf()?),
+            n as u64,
+            self.rt.ptr(checks.word.as_ref().expect("made above")),
+        );
         self.rt.launch(
-            "flag_nonfinite",
+            "first_nonfinite",
             kernels::Shape::Elements(n),
-            &args![px, n64, pf],
+            &args![px, n64, seq, pw],
         )?;
-        Ok(self.rt.download(&flag, 0..1)?[0] == 0)
+        checks.pending.push((what, x.cols));
+        Ok(())
+    }
+
+    fn settle_finite(&self) -> crate::Result<()> {
+        let mut checks = self.checks.lock().expect("not poisoned");
+        if checks.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut checks.pending);
+        let word = checks.word.as_mut().expect("a check was queued");
+        let first = self.rt.download(word, 0..1)?[0];
+        if first == u64::MAX {
+            return Ok(());
+        }
+        self.rt.write(&[u64::MAX], word, 0)?;
+        let (seq, index) = (
+            (first >> 40) as usize,
+            ((first >> 2) & ((1 << 38) - 1)) as usize,
+        );
+        let value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(first & 3) as usize];
+        let (what, cols) = pending.into_iter().nth(seq).expect("seq of a queued check");
+        Err(NonFinite {
+            what,
+            value,
+            token: index / cols,
+            feature: index % cols,
+        }
+        .into_error())
     }
 }
 
@@ -1122,6 +1185,54 @@ mod tests {
             x,
             "the owner's memory is untouched"
         );
+    }
+
+    /// Finiteness checks are queued without a download; the verdict names the earliest failing
+    /// check and its first non-finite value in the host check's words, and clears the queue;
+    /// a full queue settles itself before it takes the next check.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn queued_finiteness_checks_name_the_earliest_failure_as_the_host_check_does() {
+        use crate::device::rows::check_finite;
+        let gpu = Cuda::open(CudaOptions::default()).unwrap();
+        let fine = Array2::from_shape_fn((5, 4), |(i, j)| (i * 4 + j) as f32);
+        let mut nan = fine.clone();
+        nan[(4, 1)] = f32::INFINITY;
+        nan[(3, 2)] = f32::NAN;
+        let mut neg = fine.clone();
+        neg[(0, 3)] = f32::NEG_INFINITY;
+        let host_error = |x: &Array2<f32>, what: &str| {
+            check_finite(x.view(), || what.into())
+                .unwrap_err()
+                .to_string()
+        };
+        let on = |x: &Array2<f32>| gpu.to_device(x).unwrap();
+        let (f, n, g) = (on(&fine), on(&nan), on(&neg));
+        let queue = |x: &CudaTensor, what: &str| gpu.queue_finite(x, what.into());
+
+        gpu.settle_finite().unwrap();
+        queue(&f, "fine").unwrap();
+        gpu.settle_finite().unwrap();
+        for (x, what) in [(&f, "fine"), (&n, "nan"), (&g, "neg"), (&f, "fine")] {
+            queue(x, what).unwrap();
+        }
+        let e = gpu.settle_finite().unwrap_err().to_string();
+        assert_eq!(e, host_error(&nan, "nan"));
+        gpu.settle_finite().unwrap();
+        queue(&f, "fine").unwrap();
+        gpu.settle_finite().unwrap();
+        queue(&g, "neg").unwrap();
+        queue(&n, "nan").unwrap();
+        let e = gpu.settle_finite().unwrap_err().to_string();
+        assert_eq!(e, host_error(&neg, "neg"));
+
+        queue(&n, "nan").unwrap();
+        for _ in 1..MAX_PENDING_CHECKS {
+            queue(&f, "fine").unwrap();
+        }
+        let e = queue(&f, "fine").unwrap_err().to_string();
+        assert_eq!(e, host_error(&nan, "nan"), "a full queue settles first");
+        gpu.settle_finite().unwrap();
     }
 
     /// Memory another library caches (here: a tensor the release callback drops) is used for

@@ -337,7 +337,7 @@ mod tests {
     }
 
     #[test]
-    fn shift_moments_and_flag_nonfinite_match_their_definitions() {
+    fn shift_moments_and_first_nonfinite_match_their_definitions() {
         let (rows, d, block) = (100usize, 300usize, 32i32);
         let x: Vec<f32> = values(rows * d, 21).iter().map(|v| v * 5.0).collect();
         let c = values(d, 22);
@@ -412,25 +412,60 @@ mod tests {
             }
         }
 
+        // first_nonfinite keeps the smallest seq << 40 | index << 2 | class over its launches.
         let n = 5000;
-        for bad in [None, Some(f32::INFINITY), Some(f32::NAN)] {
-            let mut x = values(n, 23);
-            if let Some(v) = bad {
-                x[4321] = v;
-            }
-            let mut flag = [0u32];
-            // SAFETY: n values, one flag.
+        let first = |x: &[f32], seq: u64, word: &mut [u64; 1]| {
+            // SAFETY: n values, one word.
             unsafe {
                 launch(
-                    "flag_nonfinite",
+                    "first_nonfinite",
                     grid(3),
                     THREADS,
-                    &[p(&x), Arg::U64(n as u64), pm(&mut flag)],
+                    &[p(x), Arg::U64(n as u64), Arg::U64(seq), pm(word)],
                 )
             }
-            .unwrap();
-            assert_eq!(flag[0], bad.is_some() as u32, "{bad:?}");
+            .unwrap()
+        };
+        let cases: [(&[(usize, f32)], u64); 5] = [
+            (&[], u64::MAX),
+            (&[(4321, f32::NAN)], 4321 << 2),
+            (&[(4321, f32::INFINITY)], 4321 << 2 | 1),
+            (&[(4321, f32::NEG_INFINITY)], 4321 << 2 | 2),
+            // The first in row-major order, whichever thread of the grid stride saw it.
+            (
+                &[
+                    (4999, f32::NAN),
+                    (1000, f32::INFINITY),
+                    (7, f32::NEG_INFINITY),
+                ],
+                7 << 2 | 2,
+            ),
+        ];
+        for (bad, want) in cases {
+            let mut x = values(n, 23);
+            for &(i, v) in bad {
+                x[i] = v;
+            }
+            for seq in [0u64, 3] {
+                let mut word = [u64::MAX];
+                first(&x, seq, &mut word);
+                let want = if want == u64::MAX {
+                    want
+                } else {
+                    seq << 40 | want
+                };
+                assert_eq!(word[0], want, "{bad:?}, seq {seq}");
+            }
         }
+        // Over several checks the earliest failing one wins, wherever its value is.
+        let (mut late, mut early) = (values(n, 24), values(n, 25));
+        late[3] = f32::NAN;
+        early[4000] = f32::INFINITY;
+        let mut word = [u64::MAX];
+        first(&values(n, 26), 0, &mut word);
+        first(&late, 2, &mut word);
+        first(&early, 1, &mut word);
+        assert_eq!(word[0], 1 << 40 | 4000 << 2 | 1);
     }
 
     /// One attention problem: packed sequences, heads, and the kernel's mask arguments.
