@@ -17,7 +17,7 @@ use super::products;
 use super::{Engine, Stats};
 use crate::leader::{Gram, Precision, Spectrum};
 use crate::stats::{InputStats, Shared};
-use crate::{linalg, Result};
+use crate::{linalg, Error, Result};
 use ndarray::Array2;
 
 /// Inputs below this dimension are solved concurrently, one per thread: each solve's transient
@@ -151,12 +151,32 @@ impl Engine {
         inputs: &[usize],
         precision: Precision,
     ) -> Result<Vec<(usize, Spectrum)>> {
+        self.check_overflow(inputs)?;
         let mut solved = self.solve_spectra(inputs, precision)?;
         for (g, s) in &mut solved {
             let shared = self.stats.shared[*g].as_ref().expect("stage input");
             s.summary.second_moment = shared.moments.second_moment(&self.references[*g]);
         }
         Ok(solved)
+    }
+
+    /// Fails, naming the layer, when an input's squares overflowed f32 as its rows were
+    /// accumulated (finite activations beyond ~1.8e19 in magnitude): its Gram or sketch then
+    /// holds infinities that no eigen-solve takes. Every rank of the stage holds the same reduced
+    /// moments, so all of them fail here, before any collective of the solve.
+    fn check_overflow(&self, inputs: &[usize]) -> Result<()> {
+        for &g in inputs {
+            let m = &self.stats.shared[g].as_ref().expect("stage input").moments;
+            let bad = (m.sum.iter().zip(&m.sum_sq)).position(|(s, q)| !(s + q).is_finite());
+            if let Some(j) = bad {
+                let name = &self.catalog.layers[self.catalog.representative(g)].name;
+                return Err(Error::data(format!(
+                    "input of {name}: the squares of its activations overflow f32 (feature {j}: sum of squares {} over {} tokens); activations beyond ~1.8e19 in magnitude cannot be accumulated: the model diverges on this data (check its weights and the dtype they were saved in)",
+                    m.sum_sq[j], m.n
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// [`Engine::solve`] without the second moments.

@@ -123,6 +123,17 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
     if k == 0 {
         return Ok((Vec::new(), Array2::zeros((d, 0))));
     }
+    // xsyevr returns NaN eigenpairs, or none, for a matrix with a NaN or an infinity.
+    if (0..d).any(|i| {
+        a[i * d + i..(i + 1) * d]
+            .iter()
+            .any(|&v| !v.into().is_finite())
+    }) {
+        return Err(Error::Numeric {
+            op: "symmetric eigendecomposition (xsyevr)",
+            detail: format!("the {d} x {d} matrix has non-finite entries"),
+        });
+    }
     // LAPACK reads (and destroys) the column-major lower triangle, i.e. the row-major upper one
     // with the diagonal; the strict row-major lower triangle keeps a copy, the diagonal aside.
     let diag: Vec<T> = (0..d).map(|i| a[i * d + i]).collect();
@@ -142,6 +153,15 @@ pub fn sym_eig_top<T: Syevr>(a: &mut [T], d: usize, k: usize) -> Result<(Vec<f64
         }
     }
     let (values, vectors) = syevr_range(a, d, 1, d)?;
+    if values.len() < k {
+        return Err(Error::Numeric {
+            op: "symmetric eigendecomposition (xsyevr)",
+            detail: format!(
+                "found {} of the {k} largest eigenpairs of a {d} x {d} matrix",
+                values.len()
+            ),
+        });
+    }
     Ok((
         values[..k].to_vec(),
         vectors.slice(ndarray::s![.., ..k]).to_owned(),
@@ -255,5 +275,16 @@ mod tests {
             let dot: f64 = (0..d).map(|r| vectors[(r, i)] * all_vectors[(r, i)]).sum();
             assert!((dot.abs() - 1.0).abs() < 1e-8, "vector {i}: {dot}");
         }
+    }
+
+    /// A matrix with an infinity is an error naming the solve, not a panic: xsyevr finds no
+    /// eigenvalue there, and the retry over the full range finds none either.
+    #[test]
+    fn a_non_finite_matrix_is_an_error() {
+        let d = 6;
+        let mut a: Vec<f64> = (0..d * d).map(|i| (i % 7) as f64).collect();
+        a[2 * d + 3] = f64::INFINITY;
+        let e = sym_eig_top(&mut a, d, 2).unwrap_err().to_string();
+        assert!(e.contains("xsyevr") && e.contains("non-finite"), "{e}");
     }
 }

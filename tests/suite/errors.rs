@@ -219,6 +219,29 @@ fn nan_and_inf_activations() {
     }
 }
 
+/// Finite activations whose squares overflow f32 (|x| > ~1.8e19) cannot be accumulated: the run
+/// ends with a data error naming the layer, after the step's reduce (every rank holds the same
+/// sums), never with a panic in the eigen-solve.
+#[test]
+fn activations_whose_squares_overflow_f32() {
+    let tmp = tempdir();
+    valid(tmp.path(), 3);
+    let mut x: Array2<f32> = gen_rows(1, 1, 32, &power_law(8, 1.0), 0.0);
+    x[(5, 3)] = 3e19;
+    let y = gen_rows(2, 1, 32, &power_law(8, 0.5), 0.0);
+    write_shard(
+        &shard(tmp.path(), 1),
+        &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
+        Fmt::F32,
+    );
+    refuse(
+        tmp.path(),
+        &[],
+        1,
+        &["input of a.fc", "overflow f32", "feature 3"],
+    );
+}
+
 #[test]
 fn rank_larger_than_in_features() {
     let tmp = tempdir();

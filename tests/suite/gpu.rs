@@ -14,7 +14,7 @@
 //! | `sketch_products_match_f64` | `Xᵀ(X T)` in f64 on the host |
 //! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
 //! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
-//! | `nonfinite_activations_fail_the_run_as_on_the_cpu` | `eva init --device cpu` on a tiny Llama whose block 0 overflows: the same error line, exit 1, nothing written |
+//! | `nonfinite_activations_fail_the_run_as_on_the_cpu` | `eva init --device cpu` on a tiny Llama whose block 0 overflows to infinity, or whose activations' squares overflow f32: the same error line, exit 1, nothing written |
 
 use eva::config::validate::DType;
 use eva::device::backend::Backend;
@@ -786,10 +786,11 @@ fn whole_adapter_matches_the_cpu() {
     );
 }
 
-/// examples/tiny-llama with block 0's gate and up weights scaled by 2^100 (exactly, by their
-/// bf16 exponents; finite, so the load accepts them): `silu(gate)·up` overflows, so the input of
-/// block 0's `down_proj` holds infinities on both backends, from the first example on.
-fn overflowing_tiny_llama(dir: &std::path::Path) {
+/// examples/tiny-llama with block 0's gate and up weights scaled by `2^shift` (exactly, by their
+/// bf16 exponents; finite, so the load accepts them). At 100, `silu(gate)·up` overflows, so the
+/// input of block 0's `down_proj` holds infinities on both backends from the first example on; at
+/// 55 it stays finite (~1e33) but its squares overflow f32.
+fn overflowing_tiny_llama(dir: &std::path::Path, shift: u16) {
     let src = repo().join("examples/tiny-llama");
     std::fs::create_dir_all(dir).unwrap();
     for f in ["config.json", "generation_config.json", "tokenizer.json"] {
@@ -808,8 +809,8 @@ fn overflowing_tiny_llama(dir: &std::path::Path) {
                     let v = u16::from_le_bytes([b[0], b[1]]);
                     let exponent = (v >> 7) & 0xff;
                     if exponent != 0 {
-                        assert!(exponent + 100 < 0xff, "{name}: {v:#x} would overflow");
-                        b.copy_from_slice(&(v + (100 << 7)).to_le_bytes());
+                        assert!(exponent + shift < 0xff, "{name}: {v:#x} would overflow");
+                        b.copy_from_slice(&(v + (shift << 7)).to_le_bytes());
                     }
                 }
             }
@@ -824,9 +825,10 @@ fn overflowing_tiny_llama(dir: &std::path::Path) {
     super::common::write_raw(&dir.join("model.safetensors"), &tensors, None);
 }
 
-/// A non-finite activation on the GPU is found by the queued check (no download per capture)
-/// and fails the run as on the CPU: exit 1, the CPU's message word for word (the same capture,
-/// token, feature and value), nothing written.
+/// A non-finite activation on the GPU is found by the queued check (no download per capture),
+/// and a finite one whose square overflows f32 by the step's solve; either fails the run as on
+/// the CPU: exit 1, the CPU's message word for word (the same capture, token, feature and value;
+/// the same feature and token count), nothing written.
 #[test]
 #[cfg_attr(
     feature = "cuda",
@@ -835,38 +837,41 @@ fn overflowing_tiny_llama(dir: &std::path::Path) {
 fn nonfinite_activations_fail_the_run_as_on_the_cpu() {
     let _gpu = open(DType::F32);
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    overflowing_tiny_llama(&model);
     let data = repo().join("examples/data/train.txt");
-    let run = |device: &[&str]| {
-        let out = tmp.path().join(device[1]);
-        let o = std::process::Command::new(eva_bin())
-            .args(["init", "--model"])
-            .arg(&model)
-            .arg("--data")
-            .arg(&data)
-            .args(device)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        super::common::assert_refused(
-            &o,
-            1,
-            &[
-                "input of model.layers.0.mlp.down_proj",
-                "non-finite activation",
-            ],
-            &out,
+    for (shift, what) in [
+        (100, "non-finite activation"),
+        (55, "the squares of its activations overflow f32"),
+    ] {
+        let model = tmp.path().join(format!("model-{shift}"));
+        overflowing_tiny_llama(&model, shift);
+        let run = |device: &[&str]| {
+            let out = tmp.path().join(format!("{}-{shift}", device[1]));
+            let o = std::process::Command::new(eva_bin())
+                .args(["init", "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(&data)
+                .args(device)
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .unwrap();
+            super::common::assert_refused(
+                &o,
+                1,
+                &["input of model.layers.0.mlp.down_proj", what],
+                &out,
+            );
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            err.lines()
+                .find(|l| l.starts_with("eva: error"))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            run(&["--device", "cuda", "--dtype", "f32"]),
+            run(&["--device", "cpu"]),
+            "2^{shift}"
         );
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        err.lines()
-            .find(|l| l.starts_with("eva: error"))
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(
-        run(&["--device", "cuda", "--dtype", "f32"]),
-        run(&["--device", "cpu"])
-    );
+    }
 }
