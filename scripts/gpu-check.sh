@@ -95,7 +95,7 @@ PY
   timeout 60 "$bin/unit" device::cuda stats::device --test-threads=1 --nocapture || failed=1
 
   step "ignored GPU tests (tests/suite/gpu.rs)"
-  timeout 150 "$bin/tests" --ignored suite::gpu:: --skip dump_layer_inputs --skip bench_forward --test-threads=1 --nocapture || failed=1
+  timeout 240 "$bin/tests" --ignored suite::gpu:: --skip dump_layer_inputs --skip bench_forward --test-threads=1 --nocapture || failed=1
 
   step "parity against PyTorch's layer inputs and the forward benchmark (scripts/gpu_parity.py)"
   local quick=""

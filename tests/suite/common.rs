@@ -125,9 +125,23 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+/// The repository's root. The test binary may run in a copy of the tree elsewhere (the GPU
+/// machine): `EVA_REPO_DIR` names its root there.
+pub fn repo() -> PathBuf {
+    std::env::var_os("EVA_REPO_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// The `eva` binary: `EVA_BIN` where the test binary runs away from its build (the GPU machine),
+/// else the one cargo built with this test.
+pub fn eva_bin() -> PathBuf {
+    std::env::var_os("EVA_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eva")), PathBuf::from)
+}
+
 /// Runs the `eva` binary.
 pub fn eva(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eva"))
+    Command::new(eva_bin())
         .args(args)
         .env("OPENBLAS_NUM_THREADS", "1")
         .output()

@@ -13,9 +13,12 @@
 //! | `exact_gram_matches_the_cpu_f64_gram` | `stats::exact::ExactStats` (f32 products over 4096 rows, f64 sums) |
 //! | `sketch_products_match_f64` | `Xᵀ(X T)` in f64 on the host |
 //! | `device_input_stats_match_the_cpu` | `stats::InputStats` on the host: packed shared parts (exact with and without the Gram, sketch), `G·Q`, the packed Gram, `to_host`/`to_device` |
+//! | `init_f32_matches_pytorch_pca::<arch>` | a float64 PCA of PyTorch's layer inputs, as the CPU's adapter (qwen3, gemma3_text, gemma3, phi3, mixtral, qwen2_moe, qwen3_moe; MoE experts per expert): similarity ≥ 0.9999 |
 //! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
 //! | `nonfinite_activations_fail_the_run_as_on_the_cpu` | `eva init --device cpu` on a tiny Llama whose block 0 overflows to infinity, or whose activations' squares overflow f32: the same error line, exit 1, nothing written |
 
+use super::common::{eva_bin, repo};
+use super::model::fixture;
 use eva::config::validate::DType;
 use eva::device::backend::Backend;
 use eva::device::cpu::Cpu;
@@ -23,19 +26,6 @@ use eva::device::cuda::Cuda;
 use eva::device::gpu::{CudaOptions, DeviceBuffer, Gpu, GramAccumulator, SketchAccumulator};
 use eva::model::{Model, Need, Point};
 use ndarray::Array2;
-use std::path::PathBuf;
-
-/// The repository's root. The test binary may run in a copy of the tree elsewhere (the GPU
-/// machine): `EVA_REPO_DIR` names its root there.
-fn repo() -> PathBuf {
-    std::env::var_os("EVA_REPO_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-}
-
-/// A fixture directory of `tests/reference/`.
-fn fixture(arch: &str) -> PathBuf {
-    repo().join("tests/reference").join(arch)
-}
 
 /// An environment variable a test cannot run without (it fails, naming it).
 fn env(name: &str) -> String {
@@ -213,6 +203,39 @@ macro_rules! moe_forward_tests {
 }
 
 moe_forward_tests!(mixtral, qwen2_moe, qwen3_moe);
+
+/// `eva init --device cuda --dtype f32` on the fixtures of the 2026 families and the mixtures of
+/// experts, the whole run (forward, routed expert rows gathered on the device, device statistics,
+/// the leader): the components are a float64 PCA of PyTorch's own activations to similarity
+/// ≥ 0.9999 per layer and per expert, as the CPU's are (`model::init_<arch>_matches_pytorch_pca`).
+macro_rules! init_tests {
+    ($($arch:ident: $task:expr),* $(,)?) => {
+        mod init_f32_matches_pytorch_pca {
+            $(
+                #[test]
+                #[cfg_attr(feature = "cuda", ignore = "needs an NVIDIA GPU (scripts/gpu-check.sh)")]
+                fn $arch() {
+                    let _gpu = super::open(eva::config::validate::DType::F32);
+                    super::super::model::init_matches_pytorch_pca(
+                        stringify!($arch),
+                        $task,
+                        &["--device", "cuda", "--dtype", "f32"],
+                    );
+                }
+            )*
+        }
+    };
+}
+
+init_tests!(
+    qwen3: Some("CAUSAL_LM"),
+    gemma3_text: Some("CAUSAL_LM"),
+    gemma3: None,
+    phi3: Some("CAUSAL_LM"),
+    mixtral: Some("CAUSAL_LM"),
+    qwen2_moe: Some("CAUSAL_LM"),
+    qwen3_moe: Some("CAUSAL_LM"),
+);
 
 /// The tiled attention kernel through the backend against the CPU backend's attention, on the
 /// same inputs: both softmax in f32 over the same keys, in different orders (the CPU per row, the
@@ -711,13 +734,6 @@ fn device_input_stats_match_the_cpu() {
             );
         }
     }
-}
-
-/// The `eva` binary: `EVA_BIN` where the test binary runs away from its build (the GPU machine),
-/// else the one cargo built with this test.
-fn eva_bin() -> PathBuf {
-    std::env::var_os("EVA_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eva")), PathBuf::from)
 }
 
 /// The whole run: `eva init --device cuda --dtype f32` (forward, device statistics, the fused

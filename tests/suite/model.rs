@@ -19,7 +19,7 @@ const ATOL: f32 = 1e-5;
 const RTOL: f32 = 1e-4;
 
 pub fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference")
+    repo().join("tests/reference")
 }
 
 pub fn fixture(arch: &str) -> PathBuf {
@@ -382,10 +382,11 @@ fn only_wanted_inputs_are_delivered() {
     assert_eq!(seen, vec![1]);
 }
 
-/// `eva init` on a fixture: adapter names are the checkpoint's module paths, the config points
-/// at the model and its task, and with `--no-early-stop --estimator exact` the components are a
-/// float64 PCA of PyTorch's own activations.
-fn init_matches_pytorch_pca(arch: &str, task: Option<&str>) {
+/// `eva init` on a fixture (with `extra` flags: the GPU tests' `--device cuda`): adapter names
+/// are the checkpoint's module paths, the config points at the model and its task, and with
+/// `--no-early-stop --estimator exact` the components are a float64 PCA of PyTorch's own
+/// activations.
+pub fn init_matches_pytorch_pca(arch: &str, task: Option<&str>, extra: &[&str]) {
     let reference = read_reference(arch);
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
@@ -411,7 +412,10 @@ fn init_matches_pytorch_pca(arch: &str, task: Option<&str>) {
         "--batch-size",
         "2",
         "-q",
-    ]);
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w = read_adapter(&out);
     assert_eq!(w.config["task_type"].as_str(), task);
@@ -466,52 +470,52 @@ fn lora_a_of(w: &Written, name: &str) -> Array2<f32> {
 /// PyTorch routed to it (and of their `act(gate) · up`).
 #[test]
 fn init_mixtral_matches_pytorch_pca() {
-    init_matches_pytorch_pca("mixtral", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("mixtral", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_qwen2_moe_matches_pytorch_pca() {
-    init_matches_pytorch_pca("qwen2_moe", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("qwen2_moe", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_qwen3_moe_matches_pytorch_pca() {
-    init_matches_pytorch_pca("qwen3_moe", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("qwen3_moe", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_llama_matches_pytorch_pca() {
-    init_matches_pytorch_pca("llama", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("llama", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_bert_matches_pytorch_pca() {
-    init_matches_pytorch_pca("bert", None);
+    init_matches_pytorch_pca("bert", None, &[]);
 }
 
 #[test]
 fn init_roberta_matches_pytorch_pca() {
-    init_matches_pytorch_pca("roberta", Some("FEATURE_EXTRACTION"));
+    init_matches_pytorch_pca("roberta", Some("FEATURE_EXTRACTION"), &[]);
 }
 
 #[test]
 fn init_qwen3_matches_pytorch_pca() {
-    init_matches_pytorch_pca("qwen3", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("qwen3", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_gemma3_text_matches_pytorch_pca() {
-    init_matches_pytorch_pca("gemma3_text", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("gemma3_text", Some("CAUSAL_LM"), &[]);
 }
 
 #[test]
 fn init_gemma3_matches_pytorch_pca() {
-    init_matches_pytorch_pca("gemma3", None);
+    init_matches_pytorch_pca("gemma3", None, &[]);
 }
 
 #[test]
 fn init_phi3_matches_pytorch_pca() {
-    init_matches_pytorch_pca("phi3", Some("CAUSAL_LM"));
+    init_matches_pytorch_pca("phi3", Some("CAUSAL_LM"), &[]);
 }
 
 /// `eva inspect` on the newer families: the multimodal Gemma 3's key prefix and the module
@@ -1035,7 +1039,7 @@ fn inspect_describes_the_model() {
 fn readme_example_runs() {
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo();
     let o = eva(&[
         "init",
         "--model",
@@ -1101,7 +1105,7 @@ fn minilm_matches_pytorch_pca() {
 
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/sample.txt");
+    let sample = repo().join("examples/data/sample.txt");
     let o = eva(&[
         "init",
         "--model",
