@@ -713,15 +713,7 @@ fn rope_from(
     default_theta: f64,
     dim: usize,
 ) -> Result<(Rope, String)> {
-    let theta = theta
-        .filter(|t| !t.is_null())
-        .map(|t| {
-            t.as_f64()
-                .filter(|t| *t > 0.0)
-                .ok_or_else(|| r.err("rope_theta", "a positive number"))
-        })
-        .transpose()?
-        .unwrap_or(default_theta);
+    let theta = rope_theta(r, theta, default_theta)?;
     let kind = spec
         .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
         .and_then(Value::as_str)
@@ -736,13 +728,7 @@ fn rope_from(
                 ))
             })
     };
-    // inv_freq[i] = theta^(-2i/d), as transformers computes it: exponent and power in f32.
-    let base: Vec<f64> = (0..dim / 2)
-        .map(|i| {
-            let e = (2 * i) as f32 / dim as f32;
-            1.0 / (theta as f32).powf(e) as f64
-        })
-        .collect();
+    let base = default_inv_freq(theta, dim);
     let (inv, desc): (Vec<f64>, String) = match kind {
         "default" => (base, format!("theta {theta}")),
         "linear" => {
@@ -754,24 +740,12 @@ fn rope_from(
         }
         "llama3" => {
             let factor = num("factor")?;
-            let low = num("low_freq_factor")?;
-            let high = num("high_freq_factor")?;
-            let old = num("original_max_position_embeddings")?;
-            let (low_wavelen, high_wavelen) = (old / low, old / high);
-            let inv = base
-                .iter()
-                .map(|&f| {
-                    let f = f as f32 as f64;
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                    if wavelen < high_wavelen || wavelen > low_wavelen {
-                        scaled
-                    } else {
-                        let smooth = (old / wavelen - low) / (high - low);
-                        (1.0 - smooth) * scaled / factor + smooth * scaled
-                    }
-                })
-                .collect();
+            let inv = llama3_inv_freq(
+                &base,
+                factor,
+                (num("low_freq_factor")?, num("high_freq_factor")?),
+                num("original_max_position_embeddings")?,
+            );
             (inv, format!("theta {theta}, llama3 x{factor}"))
         }
         "longrope" | "su" => return longrope(r, spec, theta, dim),
@@ -787,6 +761,48 @@ fn rope_from(
         }
     };
     Ok((Rope::new(inv.into_iter().map(|f| f as f32).collect()), desc))
+}
+
+/// `rope_theta` where the config gives one (null: absent), else `default`.
+fn rope_theta(r: &Reader, theta: Option<&Value>, default: f64) -> Result<f64> {
+    Ok(theta
+        .filter(|t| !t.is_null())
+        .map(|t| {
+            t.as_f64()
+                .filter(|t| *t > 0.0)
+                .ok_or_else(|| r.err("rope_theta", "a positive number"))
+        })
+        .transpose()?
+        .unwrap_or(default))
+}
+
+/// `inv_freq[i] = theta^(-2i/dim)`, as transformers computes it: exponent and power in f32.
+fn default_inv_freq(theta: f64, dim: usize) -> Vec<f64> {
+    (0..dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / dim as f32;
+            1.0 / (theta as f32).powf(e) as f64
+        })
+        .collect()
+}
+
+/// Llama 3's scaling of `base` frequencies: wavelengths above `original / low` divided by
+/// `factor`, below `original / high` kept, and a smooth blend between.
+fn llama3_inv_freq(base: &[f64], factor: f64, (low, high): (f64, f64), original: f64) -> Vec<f64> {
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    base.iter()
+        .map(|&f| {
+            let f = f as f32 as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let scaled = if wavelen > low_wavelen { f / factor } else { f };
+            if wavelen < high_wavelen || wavelen > low_wavelen {
+                scaled
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            }
+        })
+        .collect()
 }
 
 /// LongRoPE (Phi-3's long-context RoPE), as transformers' `_compute_longrope_parameters`:
@@ -866,36 +882,51 @@ fn longrope(r: &Reader, spec: Option<&Value>, theta: f64, dim: usize) -> Result<
 /// a shape mismatch. There is no model to match; both of eva's backends give a window of 0 the
 /// mask's meaning (no key, output 0) if asked directly.
 fn layer_types(r: &Reader, arch: Arch, layers: usize) -> Result<(Vec<bool>, Vec<Option<usize>>)> {
-    let gemma = matches!(arch, Arch::Gemma3 | Arch::Gemma3Text);
-    let qwen = matches!(
-        arch,
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
-    );
     let used = match arch {
-        Arch::Mistral | Arch::Phi3 | Arch::Mixtral => true,
-        _ if gemma => true,
-        _ if qwen => r.bool_or("use_sliding_window", false)?,
+        Arch::Mistral | Arch::Phi3 | Arch::Mixtral | Arch::Gemma3 | Arch::Gemma3Text => true,
+        _ if is_qwen(arch) => r.bool_or("use_sliding_window", false)?,
         _ => false,
     };
-    let window = match r.v.get("sliding_window") {
-        _ if !used => None,
-        None | Some(Value::Null) => match arch {
+    let window = if used { sliding_window(r, arch)? } else { None };
+    let sliding = sliding_layers(r, arch, layers)?;
+    let windows = sliding
+        .iter()
+        .map(|&s| if s { window } else { None })
+        .collect();
+    Ok((sliding, windows))
+}
+
+/// The Qwen families (`use_sliding_window`, `max_window_layers`).
+fn is_qwen(arch: Arch) -> bool {
+    matches!(
+        arch,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen2Moe | Arch::Qwen3Moe
+    )
+}
+
+/// The `sliding_window` of a model that uses one (transformers' default where absent), refusing 0.
+fn sliding_window(r: &Reader, arch: Arch) -> Result<Option<usize>> {
+    match r.v.get("sliding_window") {
+        None | Some(Value::Null) => Ok(match arch {
             // Qwen3Config and Gemma3TextConfig default sliding_window to 4096.
             Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma3Text => Some(4096),
             _ => None,
-        },
-        Some(v) if v.as_u64() == Some(0) => {
-            return Err(Error::data(format!(
-                "{}: `sliding_window` 0 keeps no key at all (transformers' mask \
-                 `kv_idx > q_idx - sliding_window` with `kv_idx <= q_idx`), and transformers' eager \
-                 and SDPA attention then disagree (eager averages every key, future ones \
-                 included): set a positive window, or null for full causal attention",
-                r.path.display()
-            )))
-        }
-        Some(_) => Some(r.usize("sliding_window")?),
-    };
-    let sliding: Vec<bool> = if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
+        }),
+        Some(v) if v.as_u64() == Some(0) => Err(Error::data(format!(
+            "{}: `sliding_window` 0 keeps no key at all (transformers' mask \
+             `kv_idx > q_idx - sliding_window` with `kv_idx <= q_idx`), and transformers' eager \
+             and SDPA attention then disagree (eager averages every key, future ones \
+             included): set a positive window, or null for full causal attention",
+            r.path.display()
+        ))),
+        Some(_) => Ok(Some(r.usize("sliding_window")?)),
+    }
+}
+
+/// Which of the `layers` blocks are `sliding_attention` ones: the explicit `layer_types` list,
+/// else the family's default.
+fn sliding_layers(r: &Reader, arch: Arch, layers: usize) -> Result<Vec<bool>> {
+    if let Some(types) = r.v.get("layer_types").and_then(Value::as_array) {
         if types.len() != layers {
             return Err(Error::data(format!(
                 "{}: layer_types has {} entries for {layers} layers",
@@ -903,7 +934,7 @@ fn layer_types(r: &Reader, arch: Arch, layers: usize) -> Result<(Vec<bool>, Vec<
                 types.len()
             )));
         }
-        types
+        return types
             .iter()
             .map(|t| match t.as_str() {
                 Some("full_attention") => Ok(false),
@@ -913,34 +944,30 @@ fn layer_types(r: &Reader, arch: Arch, layers: usize) -> Result<(Vec<bool>, Vec<
                     r.path.display()
                 ))),
             })
-            .collect::<Result<_>>()?
-    } else if gemma {
-        let pattern = r.usize_or("sliding_window_pattern", 6)?;
-        (0..layers).map(|i| (i + 1) % pattern != 0).collect()
-    } else if arch == Arch::Qwen2Moe {
+            .collect();
+    }
+    Ok(match arch {
+        Arch::Gemma3 | Arch::Gemma3Text => {
+            let pattern = r.usize_or("sliding_window_pattern", 6)?;
+            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
         // Qwen2MoeConfig's default layer_types: sliding on even blocks below max_window_layers.
-        let below = r.usize_or("max_window_layers", 28)?;
-        (0..layers).map(|i| i % 2 == 0 && i < below).collect()
-    } else if arch == Arch::Qwen3Moe {
+        Arch::Qwen2Moe => {
+            let below = r.usize_or("max_window_layers", 28)?;
+            (0..layers).map(|i| i % 2 == 0 && i < below).collect()
+        }
         // Qwen3MoeAttention: the window (with use_sliding_window) on every layer.
-        vec![true; layers]
-    } else {
-        let first = match arch {
-            // Qwen2Config's and Qwen3Config's default max_window_layers is 28.
-            _ if qwen => {
+        Arch::Qwen3Moe => vec![true; layers],
+        // Qwen2Config's and Qwen3Config's default max_window_layers is 28.
+        _ if is_qwen(arch) => {
+            let first =
                 r.v.get("max_window_layers")
                     .and_then(Value::as_u64)
-                    .unwrap_or(28) as usize
-            }
-            _ => 0,
-        };
-        (0..layers).map(|i| i >= first).collect()
-    };
-    let windows = sliding
-        .iter()
-        .map(|&s| if s { window } else { None })
-        .collect();
-    Ok((sliding, windows))
+                    .unwrap_or(28) as usize;
+            (0..layers).map(|i| i >= first).collect()
+        }
+        _ => vec![true; layers],
+    })
 }
 
 #[cfg(test)]
