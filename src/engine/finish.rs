@@ -194,49 +194,8 @@ impl Engine {
 
     /// `eva_report.json` (global leader).
     fn report(&self, stop: StopReason, ranks: &[usize]) -> Report {
-        let (cfg, catalog, finals) = (&*self.cfg, &self.catalog, &self.finals);
-        let params = &cfg.eva;
-        let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
-        let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();
-        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, self.leader.caps());
-        let layers: Vec<LayerReport> = catalog
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, layer)| {
-                let g = layer.input;
-                let s = &finals[g];
-                LayerReport {
-                    name: layer.name.clone(),
-                    input: catalog.layers[catalog.representative(g)].name.clone(),
-                    in_features: layer.in_features,
-                    out_features: layer.out_features,
-                    rank: ranks[l],
-                    alpha: layer_alpha(params, layer.target(), ranks[l]),
-                    explained_variance_ratio: ratios[g].clone(),
-                    converged_step: self.leader.states[g].converged_step,
-                    tokens: s.tokens,
-                    estimator: s.estimator().to_string(),
-                    error_bound: bounds[g],
-                    allocation_certain: certain[l],
-                    degenerate: s.is_degenerate(),
-                    relative_variance: s.relative_variance(),
-                    certificate: match s.certificate {
-                        Certificate::Exact { residual } => CertificateReport::Exact { residual },
-                        Certificate::Sketch {
-                            sketch_size,
-                            nuclear_error,
-                            spectral_bound,
-                        } => CertificateReport::Sketch {
-                            sketch_size,
-                            nuclear_error,
-                            spectral_bound,
-                            trace: s.trace,
-                        },
-                    },
-                }
-            })
-            .collect();
+        let (cfg, params) = (&*self.cfg, &self.cfg.eva);
+        let layers = self.layer_reports(ranks);
         // Degenerate layers are listed apart: they have nothing to converge.
         let unconverged_layers: Vec<String> = layers
             .iter()
@@ -248,13 +207,6 @@ impl Engine {
             .filter(|l| l.degenerate)
             .map(|l| l.name.clone())
             .collect();
-        let mean = |v: &[u64]| {
-            if v.is_empty() {
-                0.0
-            } else {
-                v.iter().sum::<u64>() as f64 / v.len() as f64
-            }
-        };
         Report {
             eva_version: crate::device::VERSION.to_string(),
             backend: self.topo.world.backend().to_string(),
@@ -276,16 +228,74 @@ impl Engine {
             rho: params.rho,
             tau: params.tau,
             time_s: self.times.clone(),
-            bytes: Bytes {
-                per_rank_total: self.acct.bytes(),
-                per_rank_max_step: self.step_bytes.iter().copied().max().unwrap_or(0),
-                per_rank_mean_step: mean(&self.step_bytes),
-                per_step: self.step_bytes.clone(),
-                hidden_per_rank_total: self.acct.hidden(),
-                hidden_per_step: self.step_hidden.clone(),
-            },
+            bytes: self.bytes_report(),
             layers,
         }
+    }
+
+    /// Each layer's line of the report: its rank and alpha, its input's ratios, convergence,
+    /// estimator and certificate, and whether the allocation is certain.
+    fn layer_reports(&self, ranks: &[usize]) -> Vec<LayerReport> {
+        let (catalog, finals, params) = (&self.catalog, &self.finals, &self.cfg.eva);
+        let ratios: Vec<Vec<f64>> = finals.iter().map(Summary::ratios).collect();
+        let bounds: Vec<f64> = finals.iter().map(Summary::ratio_error_bound).collect();
+        let certain = allocate::certain(catalog, &ratios, &bounds, ranks, self.leader.caps());
+        catalog
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| {
+                let g = layer.input;
+                let s = &finals[g];
+                LayerReport {
+                    name: layer.name.clone(),
+                    input: catalog.layers[catalog.representative(g)].name.clone(),
+                    in_features: layer.in_features,
+                    out_features: layer.out_features,
+                    rank: ranks[l],
+                    alpha: layer_alpha(params, layer.target(), ranks[l]),
+                    explained_variance_ratio: ratios[g].clone(),
+                    converged_step: self.leader.states[g].converged_step,
+                    tokens: s.tokens,
+                    estimator: s.estimator().to_string(),
+                    error_bound: bounds[g],
+                    allocation_certain: certain[l],
+                    degenerate: s.is_degenerate(),
+                    relative_variance: s.relative_variance(),
+                    certificate: certificate_report(s),
+                }
+            })
+            .collect()
+    }
+
+    /// Collective and hidden-state bytes this rank moved, in all and per step.
+    fn bytes_report(&self) -> Bytes {
+        let steps = self.step_bytes.len().max(1) as f64;
+        Bytes {
+            per_rank_total: self.acct.bytes(),
+            per_rank_max_step: self.step_bytes.iter().copied().max().unwrap_or(0),
+            per_rank_mean_step: self.step_bytes.iter().sum::<u64>() as f64 / steps,
+            per_step: self.step_bytes.clone(),
+            hidden_per_rank_total: self.acct.hidden(),
+            hidden_per_step: self.step_hidden.clone(),
+        }
+    }
+}
+
+/// The report's certificate of an input's final summary.
+fn certificate_report(s: &Summary) -> CertificateReport {
+    match s.certificate {
+        Certificate::Exact { residual } => CertificateReport::Exact { residual },
+        Certificate::Sketch {
+            sketch_size,
+            nuclear_error,
+            spectral_bound,
+        } => CertificateReport::Sketch {
+            sketch_size,
+            nuclear_error,
+            spectral_bound,
+            trace: s.trace,
+        },
     }
 }
 
