@@ -201,9 +201,16 @@ impl Heads {
             heads,
             kv_heads,
             head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
+            scale: Self::default_scale(head_dim),
             softcap: None,
         }
+    }
+
+    /// `head_dim^-0.5` as transformers passes it (`self.head_dim**-0.5`, a Python float) to an
+    /// f32 attention: computed in f64, rounded once. At head_dim 24, 96 (Phi-3) and 112 this is
+    /// 1 ulp above the f32 `1 / sqrt(head_dim)`.
+    pub fn default_scale(head_dim: usize) -> f32 {
+        (head_dim as f64).powf(-0.5) as f32
     }
 }
 
@@ -359,6 +366,17 @@ pub trait Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The f64 `head_dim^-0.5` rounded once, as PyTorch receives transformers' Python float:
+    /// the f32 `1 / sqrt` is 1 ulp low at Phi-3's head_dim 96 (values from NumPy).
+    #[test]
+    fn the_default_scale_is_transformers_python_float_in_f32() {
+        assert_eq!(Heads::default_scale(96), 0.10206208);
+        assert_eq!(1.0 / 96f32.sqrt(), 0.10206207);
+        assert_eq!(Heads::default_scale(112), 0.09449112);
+        assert_eq!(Heads::default_scale(128), 0.088388346);
+        assert_eq!(Heads::default_scale(64), 0.125);
+    }
 
     #[test]
     fn exp_is_accurate_to_f32() {

@@ -4,7 +4,7 @@
 //! scales, Phi-3's fused projections and partial rotary, multimodal `text_config`s, RoBERTa's
 //! position offset).
 
-use crate::device::backend::{Activation, Rope};
+use crate::device::backend::{Activation, Heads, Rope};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -441,7 +441,7 @@ fn decoder(r: &Reader, arch: Arch) -> Result<DecoderConfig> {
     } else {
         (
             r.act_key("hidden_act", "silu")?,
-            1.0 / (head_dim as f32).sqrt(),
+            Heads::default_scale(head_dim),
         )
     };
     // Gemma3TextConfig has `attn_logit_softcapping`, but transformers' Gemma3Attention does not
