@@ -191,19 +191,24 @@ fn missing_out_features_metadata() {
     refuse(tmp.path(), &[], 1, &["out_features", "a.fc"]);
 }
 
+/// [`valid`] with 3 units, unit 1's `a.fc` holding `value` at token 5, feature 3.
+fn valid_but(dir: &Path, value: f32) {
+    valid(dir, 3);
+    let mut x: Array2<f32> = gen_rows(1, 1, 32, &power_law(8, 1.0), 0.0);
+    x[(5, 3)] = value;
+    let y = gen_rows(2, 1, 32, &power_law(8, 0.5), 0.0);
+    write_shard(
+        &shard(dir, 1),
+        &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
+        Fmt::F32,
+    );
+}
+
 #[test]
 fn nan_and_inf_activations() {
     for bad in [f32::NAN, f32::INFINITY] {
         let tmp = tempdir();
-        valid(tmp.path(), 3);
-        let mut x: Array2<f32> = gen_rows(1, 1, 32, &power_law(8, 1.0), 0.0);
-        x[(5, 3)] = bad;
-        let y = gen_rows(2, 1, 32, &power_law(8, 0.5), 0.0);
-        write_shard(
-            &shard(tmp.path(), 1),
-            &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
-            Fmt::F32,
-        );
+        valid_but(tmp.path(), bad);
         refuse(
             tmp.path(),
             &[],
@@ -225,15 +230,7 @@ fn nan_and_inf_activations() {
 #[test]
 fn activations_whose_squares_overflow_f32() {
     let tmp = tempdir();
-    valid(tmp.path(), 3);
-    let mut x: Array2<f32> = gen_rows(1, 1, 32, &power_law(8, 1.0), 0.0);
-    x[(5, 3)] = 3e19;
-    let y = gen_rows(2, 1, 32, &power_law(8, 0.5), 0.0);
-    write_shard(
-        &shard(tmp.path(), 1),
-        &[("a.fc".into(), x, 4), ("b.fc".into(), y, 4)],
-        Fmt::F32,
-    );
+    valid_but(tmp.path(), 3e19);
     refuse(
         tmp.path(),
         &[],
