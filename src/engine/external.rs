@@ -280,6 +280,34 @@ mod tests {
         assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", world, cfg, None).is_err());
     }
 
+    /// Rows handed over from Python whose squares overflow f32 fail the step that took them at
+    /// its solve, naming the input (the CLI's check, on the same engine).
+    #[test]
+    fn rows_whose_squares_overflow_f32_fail_their_step() {
+        let catalog = Catalog::new(vec![("a".into(), 6, 3)], vec![vec![0]]);
+        let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
+        let mut e = Engine::external(
+            catalog,
+            vec![vec![0.0; 6]],
+            10,
+            "test",
+            world,
+            config(),
+            None,
+        )
+        .unwrap();
+        let mut rows = ndarray::Array2::from_shape_fn((40, 6), |(i, j)| ((i + j) % 5) as f32);
+        rows[(7, 2)] = 3e19;
+        e.accumulate_rows(0, Rows::Host(rows.view()), || "batch 1".into())
+            .unwrap();
+        let err = e.end_external_step(Ok(()), &mut |_| {}).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("input of a:") && err.contains("overflow f32 (feature 2"),
+            "{err}"
+        );
+    }
+
     /// Rows on the GPU are checked without a download: a non-finite value fails the step that
     /// took it at the agreement that ends the step, before its all-reduce, in the host check's
     /// words; the step is not counted.
