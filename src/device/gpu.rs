@@ -95,8 +95,6 @@ pub trait Gpu: Backend + Sized {
     /// non-finite value as a [`NonFinite`] error. The layers above settle before every
     /// agreement that precedes an all-reduce or a checkpoint.
     fn settle_finite(&self) -> Result<()>;
-    /// The rows `keep` of `x`, in order, as a new activation on the device.
-    fn select(&self, x: &Self::Tensor, keep: &[usize]) -> Self::Tensor;
     /// A `rows × cols` activation over memory this process already holds on this GPU.
     ///
     /// # Safety

@@ -86,9 +86,6 @@ impl Gpu for Cuda {
     fn settle_finite(&self) -> Result<()> {
         match *self {}
     }
-    fn select(&self, _: &Infallible, _: &[usize]) -> Infallible {
-        match *self {}
-    }
     unsafe fn borrow(&self, _: u64, _: usize, _: usize) -> BorrowedTensor {
         match *self {}
     }

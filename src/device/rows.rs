@@ -118,7 +118,7 @@ impl Capture for Cpu {
         if keep.len() == x.nrows() {
             Captured::Host(CowArray::from(x.view()))
         } else {
-            Captured::Host(CowArray::from(self.rows(x, keep)))
+            Captured::Host(CowArray::from(self.gather(x, keep)))
         }
     }
 }
@@ -132,7 +132,7 @@ impl Capture for Cuda {
         } else {
             Captured::Gathered {
                 gpu: self,
-                x: self.select(x, keep),
+                x: self.gather(x, keep),
             }
         }
     }

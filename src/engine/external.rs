@@ -280,22 +280,27 @@ mod tests {
         assert!(Engine::external(bad, vec![vec![0.0; 3]], 1, "t", world, cfg, None).is_err());
     }
 
-    /// Rows handed over from Python whose squares overflow f32 fail the step that took them at
-    /// its solve, naming the input (the CLI's check, on the same engine).
-    #[test]
-    fn rows_whose_squares_overflow_f32_fail_their_step() {
+    /// A run over one input `a` of 6 features, its statistics on `device` if given.
+    fn one_input(device: Option<Arc<Cuda>>) -> Engine {
         let catalog = Catalog::new(vec![("a".into(), 6, 3)], vec![vec![0]]);
         let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
-        let mut e = Engine::external(
+        Engine::external(
             catalog,
             vec![vec![0.0; 6]],
             10,
             "test",
             world,
             config(),
-            None,
+            device,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Rows handed over from Python whose squares overflow f32 fail the step that took them at
+    /// its solve, naming the input (the CLI's check, on the same engine).
+    #[test]
+    fn rows_whose_squares_overflow_f32_fail_their_step() {
+        let mut e = one_input(None);
         let mut rows = ndarray::Array2::from_shape_fn((40, 6), |(i, j)| ((i + j) % 5) as f32);
         rows[(7, 2)] = 3e19;
         e.accumulate_rows(0, Rows::Host(rows.view()), || "batch 1".into())
@@ -317,18 +322,7 @@ mod tests {
         use crate::device::gpu::{CudaOptions, Gpu};
         use ndarray::Array2;
         let gpu = Arc::new(Cuda::open(CudaOptions::default()).unwrap());
-        let catalog = Catalog::new(vec![("a".into(), 6, 3)], vec![vec![0]]);
-        let world: Rc<dyn Communicator> = Rc::new(SingleProcess);
-        let mut e = Engine::external(
-            catalog,
-            vec![vec![0.0; 6]],
-            10,
-            "test",
-            world,
-            config(),
-            Some(gpu.clone()),
-        )
-        .unwrap();
+        let mut e = one_input(Some(gpu.clone()));
         let good = Array2::from_shape_fn((40, 6), |(i, j)| ((i * 7 + j * 3) % 11) as f32);
         let x = gpu.to_device(&good).unwrap();
         e.accumulate_rows(0, Rows::Device { gpu: &gpu, x: &x }, || "batch 1".into())

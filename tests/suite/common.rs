@@ -327,7 +327,8 @@ pub fn assert_same_written(wa: &Written, wb: &Written) {
 #[cfg(feature = "mpi")]
 pub fn mpirun(np: usize, args: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
-    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_eva")])
+    c.args(["-np", &np.to_string()])
+        .arg(eva_bin())
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

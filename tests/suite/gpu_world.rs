@@ -29,7 +29,7 @@ const RUN: [&str; 7] = [
 fn eva_on(devices: usize, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let scratch = tmp.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_eva"));
+    let mut c = Command::new(eva_bin());
     c.args(args)
         .env("OPENBLAS_NUM_THREADS", "1")
         .env("EVA_EMU_DEVICES", devices.to_string())
@@ -44,13 +44,40 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `eva init` of the shipped model in `dtype` into `out`, with `extra` arguments; must succeed.
-fn init(devices: usize, out: &Path, dtype: &str, extra: &[&str]) -> Output {
+/// The arguments of `eva init` of the shipped model in `dtype` into `out`, with `extra` ones.
+fn init_args<'a>(out: &'a Path, dtype: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["init", "--out", out.to_str().unwrap()];
     args.extend_from_slice(&shipped_model());
     args.extend_from_slice(&RUN);
     args.push(dtype);
     args.extend_from_slice(extra);
+    args
+}
+
+/// Asserts that a run whose NCCL peer stalled at `stall` failed within `limit`, naming the
+/// collective `op` and `--collective-timeout 2`, and wrote nothing at `out`.
+fn assert_collective_timed_out(
+    o: &Output,
+    took: Duration,
+    limit: u64,
+    stall: &str,
+    op: &str,
+    out: &Path,
+) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "{stall}: {err}");
+    assert!(
+        err.contains(&format!("collective {op}"))
+            && err.contains("did not complete within --collective-timeout 2 s"),
+        "{stall}: {err}"
+    );
+    assert!(took < Duration::from_secs(limit), "{stall}: took {took:?}");
+    assert!(!out.exists());
+}
+
+/// `eva init` of the shipped model in `dtype` into `out`, with `extra` arguments; must succeed.
+fn init(devices: usize, out: &Path, dtype: &str, extra: &[&str]) -> Output {
+    let args = init_args(out, dtype, extra);
     let o = eva_on(devices, out.parent().unwrap(), &args, &[])
         .output()
         .unwrap();
@@ -107,10 +134,7 @@ fn nccl_refuses_two_ranks_on_one_gpu_like_nccl() {
     // before any work.
     let tmp = tempdir();
     let out = tmp.path().join("dup");
-    let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q"];
-    args.extend_from_slice(&shipped_model());
-    args.extend_from_slice(&RUN);
-    args.extend(["f32", "--comm", "nccl", "--local-ranks", "2"]);
+    let args = init_args(&out, "f32", &["-q", "--comm", "nccl", "--local-ranks", "2"]);
     let o = eva_on(1, tmp.path(), &args, &[]).output().unwrap();
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -131,33 +155,22 @@ fn a_missing_nccl_peer_ends_the_job_within_the_timeout() {
     ] {
         let tmp = tempdir();
         let out = tmp.path().join("out");
-        let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q"];
-        args.extend_from_slice(&shipped_model());
-        args.extend_from_slice(&RUN);
-        args.extend([
-            "f32",
+        let extra = [
+            "-q",
             "--comm",
             "nccl",
             "--local-ranks",
             "2",
             "--collective-timeout",
             "2",
-        ]);
+        ];
+        let args = init_args(&out, "f32", &extra);
         let t = Instant::now();
         let o = eva_on(2, tmp.path(), &args, &[("EVA_EMU_NCCL_STALL", stall)])
             .output()
             .unwrap();
-        let took = t.elapsed();
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{stall}: {err}");
-        assert!(
-            err.contains(&format!("collective {op}"))
-                && err.contains("did not complete within --collective-timeout 2 s"),
-            "{stall}: {err}"
-        );
         // Two seconds of waiting, the rest is start-up (and the emulator's first launches).
-        assert!(took < Duration::from_secs(45), "{stall}: took {took:?}");
-        assert!(!out.exists());
+        assert_collective_timed_out(&o, t.elapsed(), 45, stall, op, &out);
     }
 }
 
@@ -175,11 +188,7 @@ fn a_killed_nccl_pipeline_resumes_to_the_same_bytes() {
     let grid = ["--comm", "nccl", "--local-ranks", "2", "--pp", "2", "-q"];
     init(2, &full, "f32", &grid);
     let args = |resume: bool| {
-        let mut a = vec!["init", "--out", out.to_str().unwrap()];
-        a.extend_from_slice(&shipped_model());
-        a.extend_from_slice(&RUN);
-        a.push("f32");
-        a.extend_from_slice(&grid);
+        let mut a = init_args(&out, "f32", &grid);
         a.extend([
             "--checkpoint",
             ck.to_str().unwrap(),
@@ -253,9 +262,8 @@ fn assert_cpu_parity(cpu: &Path, gpu: &Path, min: f64, what: &str) {
 #[test]
 fn f32_adapters_match_the_cpu_with_every_estimator() {
     let tmp = tempdir();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bert = root.join("tests/reference/bert");
-    let text = root.join("examples/data/sample.txt");
+    let bert = super::model::fixture("bert");
+    let text = repo().join("examples/data/sample.txt");
     let bert_source = [
         "--model",
         bert.to_str().unwrap(),
@@ -334,20 +342,13 @@ fn bf16_adapter_stays_within_the_documented_bound() {
 mod mpi {
     use super::*;
 
+    /// [`common::mpirun`](super::super::common::mpirun) on `np` emulated GPUs, with its own
+    /// temporary directory under `tmp`.
     fn mpirun(np: usize, tmp: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut full = vec!["-np".to_string(), np.to_string()];
-        full.push(env!("CARGO_BIN_EXE_eva").into());
-        full.extend(args.iter().map(|s| s.to_string()));
         let scratch = tmp.join("scratch");
         std::fs::create_dir_all(&scratch).unwrap();
-        let mut m = Command::new("mpirun");
-        m.args(&full)
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-            .env("OPENBLAS_NUM_THREADS", "1")
-            .env("EVA_EMU_DEVICES", np.to_string())
+        let mut m = super::mpirun(np, args);
+        m.env("EVA_EMU_DEVICES", np.to_string())
             .env("TMPDIR", &scratch);
         for (k, v) in env {
             m.env(k, v);
@@ -361,10 +362,7 @@ mod mpi {
         let tmp = tempdir();
         for np in [2, 4] {
             let out = tmp.path().join(format!("np{np}"));
-            let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q"];
-            args.extend_from_slice(&shipped_model());
-            args.extend_from_slice(&RUN);
-            args.extend(["f32", "--comm", "nccl", "--pp", "2"]);
+            let args = init_args(&out, "f32", &["-q", "--comm", "nccl", "--pp", "2"]);
             let o = mpirun(np, tmp.path(), &args, &[]);
             assert!(o.status.success(), "np {np}: {}", stderr(&o));
             let w = read_adapter(&out);
@@ -382,22 +380,11 @@ mod mpi {
         ] {
             let tmp = tempdir();
             let out = tmp.path().join("out");
-            let mut args = vec!["init", "--out", out.to_str().unwrap(), "-q"];
-            args.extend_from_slice(&shipped_model());
-            args.extend_from_slice(&RUN);
-            args.extend(["f32", "--comm", "nccl", "--collective-timeout", "2"]);
+            let extra = ["-q", "--comm", "nccl", "--collective-timeout", "2"];
+            let args = init_args(&out, "f32", &extra);
             let t = Instant::now();
             let o = mpirun(2, tmp.path(), &args, &[("EVA_EMU_NCCL_STALL", stall)]);
-            let took = t.elapsed();
-            let err = stderr(&o);
-            assert!(!o.status.success(), "{stall}: {err}");
-            assert!(
-                err.contains(&format!("collective {op}"))
-                    && err.contains("did not complete within --collective-timeout 2 s"),
-                "{stall}: {err}"
-            );
-            assert!(took < Duration::from_secs(60), "{stall}: took {took:?}");
-            assert!(!out.exists());
+            assert_collective_timed_out(&o, t.elapsed(), 60, stall, op, &out);
         }
     }
 }

@@ -81,10 +81,9 @@ fn every_grid_gives_the_single_process_adapter_on_the_shipped_model() {
 #[test]
 fn two_stages_give_the_single_process_adapter_on_the_newer_families() {
     let tmp = tempdir();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
-    let data = root.join("data.jsonl");
+    let data = super::model::reference_data();
     for arch in ["qwen3", "gemma3", "phi3"] {
-        let dir = root.join(arch);
+        let dir = super::model::fixture(arch);
         let source = [
             "--model",
             dir.to_str().unwrap(),

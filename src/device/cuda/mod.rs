@@ -566,16 +566,6 @@ impl Gpu for Cuda {
         *self.release.lock().expect("not poisoned") = Some(release);
     }
 
-    /// The rows `keep` of `x` on the device, for device statistics ([`gram`]).
-    fn select(&self, x: &CudaTensor, keep: &[usize]) -> CudaTensor {
-        assert!(
-            keep.iter().all(|&r| r < x.rows),
-            "select: a kept row is outside the {} rows",
-            x.rows
-        );
-        self.produce(keep.len(), x.cols, || self.try_gather(x, keep))
-    }
-
     fn queue_finite(&self, x: &CudaTensor, what: String) -> crate::Result<()> {
         self.check()?;
         let n = x.rows * x.cols;
@@ -942,7 +932,12 @@ impl Backend for Cuda {
     }
 
     fn gather(&self, x: &CudaTensor, idx: &[usize]) -> CudaTensor {
-        self.select(x, idx)
+        assert!(
+            idx.iter().all(|&r| r < x.rows),
+            "gather: a row is outside the {} rows",
+            x.rows
+        );
+        self.produce(idx.len(), x.cols, || self.try_gather(x, idx))
     }
 
     fn scatter_add(&self, out: &mut CudaTensor, y: &CudaTensor, idx: &[usize], w: &[f32]) {
