@@ -234,7 +234,6 @@ impl ModelSource {
             ex.lines[units[0]],
             ex.lines[*units.last().expect("non-empty")],
         );
-        let modules = self.model.modules();
         let catalog = &self.catalog;
         if let Some(h) = &input {
             if be.tokens(h) != batch.ids.len() {
@@ -273,17 +272,11 @@ impl ModelSource {
                 let captured = be.capture(x, rows_kept);
                 check()?;
                 let rows = captured.rows();
-                let name = || {
-                    modules
-                        .iter()
-                        .find(|m| m.layer == layer && m.point == point)
-                        .map_or("?", |m| m.name.as_str())
-                        .to_string()
-                };
+                // The group's first module at this point (a GPU takes the name at every capture).
+                let name = &catalog.layers[catalog.representative(g)].name;
                 rows.check_finite(|| {
                     format!(
-                        "model forward, input of {} (examples on lines {first}..={last} of {})",
-                        name(),
+                        "model forward, input of {name} (examples on lines {first}..={last} of {})",
                         ex.path.display()
                     )
                 })?;
