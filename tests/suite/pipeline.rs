@@ -76,6 +76,18 @@ fn every_grid_gives_the_single_process_adapter_on_the_shipped_model() {
     );
 }
 
+/// `--model DIR --data FILE` of a fixture, 24 tokens per example.
+fn fixture_source<'a>(dir: &'a Path, data: &'a Path) -> [&'a str; 6] {
+    [
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-seq-len",
+        "24",
+    ]
+}
+
 /// The newer decoders on two stages (one block each; the multimodal Gemma 3's keys
 /// `language_model.model.*`, Phi-3's fused layers) give bitwise the single-process adapter.
 #[test]
@@ -84,14 +96,7 @@ fn two_stages_give_the_single_process_adapter_on_the_newer_families() {
     let data = super::model::reference_data();
     for arch in ["qwen3", "gemma3", "phi3"] {
         let dir = super::model::fixture(arch);
-        let source = [
-            "--model",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--max-seq-len",
-            "24",
-        ];
+        let source = fixture_source(&dir, &data);
         let single = tmp.path().join(format!("{arch}-single"));
         let one = init(&single, &source, &["--batch-size", "2"]);
         let staged = tmp.path().join(format!("{arch}-pp2"));
@@ -382,17 +387,8 @@ fn moe_models_give_the_same_adapter_on_every_grid() {
     for arch in ["qwen3_moe", "qwen2_moe"] {
         let dir = super::model::fixture(arch);
         let data = super::model::reference_data();
-        let source = [
-            "--model",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--max-seq-len",
-            "24",
-            "--no-early-stop",
-            "--batch-size",
-            "2",
-        ];
+        let more = ["--no-early-stop", "--batch-size", "2"];
+        let source = [&fixture_source(&dir, &data)[..], &more].concat();
         let single = tmp.path().join(format!("{arch}-single"));
         let one = init(&single, &source, &[]);
         assert!(
