@@ -5,7 +5,7 @@
 //!
 //! | trait | implemented by | role |
 //! |---|---|---|
-//! | [`Gpu`] | `cuda::Cuda` | open a device, move activations to and from the host, gather rows, report failures |
+//! | [`Gpu`] | `cuda::Cuda` | open a device, move activations to and from the host, queue and settle finiteness checks, report failures |
 //! | [`DeviceBuffer`] | `cuda::DeviceSums` | f64 sums in device memory, which a device all-reduce sums in place |
 //! | [`GramAccumulator`] | `cuda::gram::DeviceGram` | an exact Gram `Σ x̃ x̃ᵀ` (f32 products flushed into f64) and the moments |
 //! | [`SketchAccumulator`] | `cuda::gram::DeviceSketch` | a Nyström sketch `Σ x̃ᵀ(x̃ [Ω Θ])` and the moments |
