@@ -984,9 +984,16 @@ impl Backend for Cuda {
             "rows: a kept row is outside the {} rows",
             x.rows
         );
+        // Every row in order (an MoE router's logits): download in place, without the gather's
+        // device copy.
+        let every_row = keep.len() == x.rows && keep.iter().enumerate().all(|(i, &r)| i == r);
         self.mutate(|| {
-            let picked = self.try_gather(x, keep)?;
-            let values = self.rt.download(&picked, 0..keep.len() * x.cols)?;
+            let values = if every_row {
+                self.rt.download(x.buf()?, 0..keep.len() * x.cols)?
+            } else {
+                let picked = self.try_gather(x, keep)?;
+                self.rt.download(&picked, 0..keep.len() * x.cols)?
+            };
             host.as_slice_mut()
                 .expect("standard layout")
                 .copy_from_slice(&values);
@@ -1105,6 +1112,26 @@ mod tests {
             }),
             (1, i32::MAX)
         );
+    }
+
+    /// `rows` copies the kept rows in order: every row (downloaded in place), a subset, repeats
+    /// and reordering (gathered first), as the CPU backend does.
+    #[cfg(feature = "cuda-emu")]
+    #[test]
+    fn rows_copies_every_row_or_the_kept_ones_in_order() {
+        use crate::device::cpu::Cpu;
+        let gpu = Cuda::open(CudaOptions::default()).unwrap();
+        let x = Array2::from_shape_fn((5, 3), |(i, j)| (i * 10 + j) as f32);
+        let dx = gpu.to_device(&x).unwrap();
+        for keep in [
+            vec![0, 1, 2, 3, 4],
+            vec![1, 3],
+            vec![4, 0, 4],
+            vec![],
+            vec![0, 1, 2, 3],
+        ] {
+            assert_eq!(gpu.rows(&dx, &keep), Cpu.rows(&x, &keep), "keep {keep:?}");
+        }
     }
 
     /// Another library's context (PyTorch's, on its current device) is current before eva is
