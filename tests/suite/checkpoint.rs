@@ -36,7 +36,7 @@ fn args<'a>(out: &'a Path, ck: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_eva"))
+    Command::new(eva_bin())
         .args(args)
         .env("OPENBLAS_NUM_THREADS", "1")
         .stdout(Stdio::null())

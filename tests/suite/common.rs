@@ -132,6 +132,12 @@ pub fn repo() -> PathBuf {
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
+/// A path in the repository as a string that lives as long as the test (for argument arrays).
+pub fn repo_str(relative: &str) -> &'static str {
+    let path = repo().join(relative).into_os_string();
+    Box::leak(path.into_string().expect("a UTF-8 path").into_boxed_str())
+}
+
 /// The `eva` binary: `EVA_BIN` where the test binary runs away from its build (the GPU machine),
 /// else the one cargo built with this test.
 pub fn eva_bin() -> PathBuf {
@@ -326,9 +332,15 @@ pub fn assert_same_written(wa: &Written, wb: &Written) {
 /// `mpirun -np NP eva ARGS` with the environment OpenMPI needs as root in a container.
 #[cfg(feature = "mpi")]
 pub fn mpirun(np: usize, args: &[&str]) -> Command {
+    mpirun_program(np, &eva_bin(), args)
+}
+
+/// `mpirun -np NP PROGRAM ARGS`, as [`mpirun`] runs eva.
+#[cfg(feature = "mpi")]
+pub fn mpirun_program(np: usize, program: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["-np", &np.to_string()])
-        .arg(eva_bin())
+        .arg(program)
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

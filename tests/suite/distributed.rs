@@ -104,9 +104,9 @@ fn thread_worlds_match_a_single_process_on_synthetic_data() {
 pub fn shipped_model() -> [&'static str; 4] {
     [
         "--model",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama"),
+        repo_str("examples/tiny-llama"),
         "--data",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/sample.txt"),
+        repo_str("examples/data/sample.txt"),
     ]
 }
 
@@ -201,24 +201,6 @@ fn a_failing_rank_ends_every_rank_with_its_cause() {
 #[cfg(feature = "mpi")]
 mod mpi {
     use super::*;
-    use std::process::{Command, Output};
-
-    fn mpirun(np: usize, program: &Path, args: &[&str]) -> Output {
-        Command::new("mpirun")
-            .args(["-np", &np.to_string(), program.to_str().unwrap()])
-            .args(args)
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-            .env("OPENBLAS_NUM_THREADS", "1")
-            .output()
-            .expect("mpirun is installed (apt-get install openmpi-bin)")
-    }
-
-    fn eva_bin() -> &'static Path {
-        Path::new(env!("CARGO_BIN_EXE_eva"))
-    }
 
     #[test]
     fn collectives_closed_forms_under_mpirun() {
@@ -230,7 +212,7 @@ mod mpi {
             .unwrap()
             .join("examples/collectives");
         for np in [1, 2, 4] {
-            let o = mpirun(np, &example, &[]);
+            let o = mpirun_program(np, &example, &[]).output().unwrap();
             let out = String::from_utf8_lossy(&o.stdout);
             assert!(
                 o.status.success(),
@@ -260,7 +242,7 @@ mod mpi {
             "3",
         ];
         args.extend_from_slice(source);
-        let o = mpirun(np, eva_bin(), &args);
+        let o = mpirun(np, &args).output().unwrap();
         assert!(
             o.status.success(),
             "np {np}: {}",
@@ -320,7 +302,7 @@ mod mpi {
                 if np == 0 {
                     eva(&args)
                 } else {
-                    mpirun(np, eva_bin(), &args)
+                    mpirun(np, &args).output().unwrap()
                 }
             };
             let single = tmp.path().join("single");
@@ -371,7 +353,6 @@ mod mpi {
         let t = Instant::now();
         let o = mpirun(
             2,
-            eva_bin(),
             &[
                 "init",
                 "--activations",
@@ -381,7 +362,9 @@ mod mpi {
                 "--rank",
                 "3",
             ],
-        );
+        )
+        .output()
+        .unwrap();
         assert!(t.elapsed() < Duration::from_secs(60));
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);

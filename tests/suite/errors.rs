@@ -421,15 +421,12 @@ fn device_cuda_without_a_gpu_is_a_usage_error_naming_what_is_missing() {
     }
     let tmp = tempdir();
     let out = tmp.path().join("adapter");
-    let root = env!("CARGO_MANIFEST_DIR");
     let (model, data) = (
-        format!("{root}/examples/tiny-llama"),
-        format!("{root}/examples/data/train.txt"),
+        repo_str("examples/tiny-llama"),
+        repo_str("examples/data/train.txt"),
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_eva"))
-        .args([
-            "init", "--model", &model, "--data", &data, "--device", "cuda",
-        ])
+    let o = Command::new(eva_bin())
+        .args(["init", "--model", model, "--data", data, "--device", "cuda"])
         .args(["--out", out.to_str().unwrap()])
         .env("LD_LIBRARY_PATH", "/nonexistent-eva-test")
         .output()

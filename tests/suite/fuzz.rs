@@ -72,7 +72,7 @@ const CASE_TIME: Duration = Duration::from_secs(20);
 fn run_case(what: &str, input: &[u8], case: impl FnOnce() -> Result<(), String> + Send + 'static) {
     let input_bytes = input.len();
     let saved = || {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz-failures");
+        let dir = repo().join("target/fuzz-failures");
         let _ = std::fs::create_dir_all(&dir);
         let name: String = what
             .chars()
@@ -232,7 +232,7 @@ fn mutate(rng: &mut Rng, valid: &[u8], json: bool) -> Vec<u8> {
 
 /// Fixtures kept from earlier failures, for `reader` (files `tests/fixtures/fuzz/<reader>-*`).
 fn fixtures(reader: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let dir = repo().join("tests/fixtures/fuzz");
     let mut out: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
         .map(|d| {
             d.flatten()
@@ -270,10 +270,6 @@ fn inputs(reader: &str, valid: &[Vec<u8>], cases: usize, json: bool) -> Vec<(Str
         }
     }
     out
-}
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]
@@ -388,8 +384,8 @@ fn checkpoint_files() {
     model_files(
         "checkpoint",
         &[
-            root().join("examples/tiny-llama"),
-            root().join("tests/reference/bert"),
+            repo().join("examples/tiny-llama"),
+            repo().join("tests/reference/bert"),
         ],
         "model.safetensors",
         250,
@@ -401,7 +397,7 @@ fn checkpoint_files() {
 fn sharded_checkpoint_index() {
     model_files(
         "index",
-        &[root().join("tests/reference/llama")],
+        &[repo().join("tests/reference/llama")],
         "model.safetensors.index.json",
         300,
         true,
@@ -413,8 +409,8 @@ fn config_json() {
     model_files(
         "config",
         &[
-            root().join("examples/tiny-llama"),
-            root().join("tests/reference/bert"),
+            repo().join("examples/tiny-llama"),
+            repo().join("tests/reference/bert"),
         ],
         "config.json",
         400,
@@ -427,8 +423,8 @@ fn tokenizer_json() {
     model_files(
         "tokenizer",
         &[
-            root().join("examples/tiny-llama"),
-            root().join("tests/reference/bert"),
+            repo().join("examples/tiny-llama"),
+            repo().join("tests/reference/bert"),
         ],
         "tokenizer.json",
         150,
@@ -440,11 +436,11 @@ fn tokenizer_json() {
 fn jsonl_data() {
     let tmp = tempdir();
     let valid = vec![
-        std::fs::read(root().join("tests/reference/data.jsonl")).unwrap(),
+        std::fs::read(repo().join("tests/reference/data.jsonl")).unwrap(),
         b"{\"prompt\": \"Q: two plus two?\\n\", \"completion\": \"A: four\"}\n{\"text\": \"plain \\u00e9t\\u00e9 text\"}\n\n".to_vec(),
     ];
     let encoder =
-        std::sync::Arc::new(TextEncoder::open(&root().join("examples/tiny-llama"), 64).unwrap());
+        std::sync::Arc::new(TextEncoder::open(&repo().join("examples/tiny-llama"), 64).unwrap());
     for (i, (what, bytes)) in inputs("jsonl", &valid, 1500, true).into_iter().enumerate() {
         let path = tmp.path().join(format!("case{i}.jsonl"));
         std::fs::write(&path, &bytes).unwrap();
@@ -522,7 +518,7 @@ fn wire_messages() {
 
 #[test]
 fn the_mutator_changes_inputs_and_is_deterministic() {
-    let valid = std::fs::read(root().join("examples/tiny-llama/config.json")).unwrap();
+    let valid = std::fs::read(repo().join("examples/tiny-llama/config.json")).unwrap();
     let a = inputs("selfcheck", std::slice::from_ref(&valid), 200, true);
     let b = inputs("selfcheck", std::slice::from_ref(&valid), 200, true);
     assert_eq!(a, b, "same seeds, same inputs");

@@ -3,6 +3,7 @@
 //! compute layer names cudarc (NCCL too: `comm/nccl.rs` reaches it through the seam
 //! `device::cuda::nccl`, so that the emulated device can serve it).
 
+use super::common::repo;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -138,7 +139,7 @@ fn resolve(name: &str) -> &str {
 
 #[test]
 fn every_import_runs_down_the_layers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo();
     let src = root.join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
@@ -166,11 +167,11 @@ fn every_import_runs_down_the_layers() {
                 Some(there) if there < here => {}
                 Some(there) => wrong.push(format!(
                     "{}: `{module}` (floor {here}) imports `{named}` (floor {there})",
-                    file.strip_prefix(root).unwrap().display()
+                    file.strip_prefix(&root).unwrap().display()
                 )),
                 None => wrong.push(format!(
                     "{}: imports `crate::{named}`, which is on no floor",
-                    file.strip_prefix(root).unwrap().display()
+                    file.strip_prefix(&root).unwrap().display()
                 )),
             }
         }
@@ -184,14 +185,14 @@ fn every_import_runs_down_the_layers() {
 
 #[test]
 fn only_the_compute_layer_names_cudarc() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo();
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
     rust_files(&root.join("python/src"), &mut files);
     let mut wrong = Vec::new();
     for file in &files {
         let rel = file
-            .strip_prefix(root)
+            .strip_prefix(&root)
             .unwrap()
             .to_string_lossy()
             .to_string();

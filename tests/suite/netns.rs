@@ -152,14 +152,14 @@ impl Nodes {
     /// `launch/mpirun.sh NP ARGS` run inside node 0 (where `mpirun` itself runs), ranks placed
     /// by the hostfile (rank r on node r), TCP only, on the veth subnet only.
     fn mpirun(&self, args: &[&str]) -> Command {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("launch/mpirun.sh");
+        let script = repo().join("launch/mpirun.sh");
         let subnet = format!("{SUBNET}.0/24");
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.names[0]])
             .arg(script)
             .arg("2")
             .args(args)
-            .env("EVA", env!("CARGO_BIN_EXE_eva"))
+            .env("EVA", eva_bin())
             .env("HOSTFILE", self.hostfile())
             .env("OMPI_MCA_plm_rsh_agent", self.agent())
             .env("OMPI_MCA_plm_rsh_no_tree_spawn", "1")
@@ -193,7 +193,7 @@ fn stderr_of(o: &Output) -> String {
 
 /// The shipped tiny Llama and its text; `--batch-size 16` gives both replicas data each step.
 fn tiny_model_args(out: &Path) -> Vec<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo();
     [
         "--model",
         root.join("examples/tiny-llama").to_str().unwrap(),

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 const LONG_RUN: &str = "layers=4,dim=256,tokens=4096,units=100000";
 
 fn example_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-llama")
+    repo().join("examples/tiny-llama")
 }
 
 fn example_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/train.txt")
+    repo().join("examples/data/train.txt")
 }
 
 fn stderr_of(o: &std::process::Output) -> String {
@@ -201,7 +201,7 @@ fn poison(src: &Path, dst: &Path, file: &str, name: &str, at: usize) {
 #[test]
 fn a_non_finite_weight_is_refused_naming_the_tensor() {
     let tmp = tempdir();
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+    let reference = repo().join("tests/reference");
     // BF16 (decoded) and F32 (memory-mapped, never decoded) checkpoints.
     let cases = [
         (
@@ -255,7 +255,7 @@ fn a_non_finite_weight_is_refused_naming_the_tensor() {
 
 /// Starts `eva init` on a long synthetic run and waits until its temporary directory exists.
 fn start_long_run(out: &Path) -> (Child, PathBuf) {
-    let child = Command::new(env!("CARGO_BIN_EXE_eva"))
+    let child = Command::new(eva_bin())
         .args([
             "init",
             "--synthetic",
@@ -418,7 +418,7 @@ fn long_texts() -> Vec<(String, String)> {
 
 #[test]
 fn long_lines_tokenize_by_prefixes_exactly_like_the_whole_line() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo();
     let mut dirs = vec![root.join("examples/tiny-llama")];
     for e in std::fs::read_dir(root.join("tests/reference"))
         .unwrap()

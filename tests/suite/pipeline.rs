@@ -144,7 +144,7 @@ fn shards_and_synthetic_data_split_their_inputs_over_the_stages() {
 fn a_stage_opens_only_the_shards_of_its_blocks() {
     // The fixture's three shards: embeddings and block 0's attention inputs; the rest of
     // block 0 and block 1's attention; the rest of block 1.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama");
+    let dir = repo().join("tests/reference/llama");
     let names = |m: &Model| {
         m.checkpoint
             .opened_files()
@@ -215,7 +215,7 @@ fn a_failing_block_on_the_last_stage_ends_the_job_with_its_cause() {
     let tmp = tempdir();
     let model = tmp.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny-llama");
+    let shipped = repo().join("examples/tiny-llama");
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(shipped.join(f), model.join(f)).unwrap();
     }
@@ -240,7 +240,7 @@ fn a_failing_block_on_the_last_stage_ends_the_job_with_its_cause() {
     write_raw(&model.join("model.safetensors"), &tensors, None);
     let out = tmp.path().join("adapter");
     let t = Instant::now();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/sample.txt");
+    let data = repo().join("examples/data/sample.txt");
     let o = eva(&[
         "init",
         "--model",

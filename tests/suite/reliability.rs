@@ -133,9 +133,9 @@ fn every_input_without_variance_fails_and_writes_nothing() {
     let o = eva(&[
         "init",
         "--model",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama"),
+        repo_str("examples/tiny-llama"),
         "--data",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/train.txt"),
+        repo_str("examples/data/train.txt"),
         "--out",
         out.to_str().unwrap(),
         "--max-seq-len",
@@ -185,7 +185,7 @@ fn synthetic<'a>(out: &'a Path, ck: Option<&'a Path>, extra: &[&'a str]) -> Vec<
 /// ignored so that a write past it fails with EFBIG instead of killing the process).
 fn eva_with_file_limit(args: &[&str], limit: u64) -> Output {
     use std::os::unix::process::CommandExt;
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_eva"));
+    let mut c = std::process::Command::new(eva_bin());
     c.args(args).env("OPENBLAS_NUM_THREADS", "1");
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -254,7 +254,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_keeps_the_last_complete_one() {
     assert!(!ck.exists(), "{:?}", tree(&ck));
     assert_nothing_written(&out);
     // 2. A run killed after its checkpoint of step 4 (or 8) ...
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eva"))
+    let mut child = std::process::Command::new(eva_bin())
         .args(synthetic(&out, Some(&ck), &every))
         .env("OPENBLAS_NUM_THREADS", "1")
         .stderr(std::process::Stdio::null())
@@ -304,9 +304,8 @@ fn a_failed_checkpoint_write_leaves_nothing_and_keeps_the_last_complete_one() {
 /// `mpirun -np 1 eva A : -np 1 eva B` (OpenMPI's MPMD form): two ranks, two command lines.
 #[cfg(feature = "mpi")]
 fn mpirun_two(a: &[&str], b: &[&str]) -> Output {
-    let eva = env!("CARGO_BIN_EXE_eva");
     let mut c = mpirun(1, a);
-    c.arg(":").args(["-np", "1", eva]).args(b);
+    c.arg(":").args(["-np", "1"]).arg(eva_bin()).args(b);
     c.output().unwrap()
 }
 
@@ -315,8 +314,8 @@ fn mpirun_two(a: &[&str], b: &[&str]) -> Output {
 fn ranks_started_with_different_flags_or_data_stop_before_any_work() {
     let dir = tempdir();
     let out = dir.path().join("out");
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tiny-llama");
-    let train = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/train.txt");
+    let model = repo_str("examples/tiny-llama");
+    let train = repo_str("examples/data/train.txt");
     // The shipped data and the same lines in another order: equal length, other content.
     let text = std::fs::read_to_string(train).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
@@ -403,7 +402,7 @@ fn a_second_run_on_a_busy_checkpoint_directory_is_refused_naming_the_holder() {
     );
     // 30 steps (a second or more): the second run starts as soon as the marker is there.
     let args_a = synthetic(&a, Some(&ck), &[]);
-    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_eva"))
+    let mut first = std::process::Command::new(eva_bin())
         .args(&args_a)
         .env("OPENBLAS_NUM_THREADS", "1")
         .stderr(std::process::Stdio::piped())
