@@ -238,6 +238,12 @@ impl<W> Moe<W> {
         let tokens = be.tokens(x);
         let all: Vec<usize> = (0..tokens).collect();
         let logits = be.rows(&be.linear(x, &self.router, None), &all);
+        // The shared expert's sigmoid gate comes to the host right behind the router's logits,
+        // before the experts are queued: on a GPU one drain of the stream per layer, not two.
+        let shared_gate: Option<Vec<f32>> = self.shared.as_ref().filter(|_| full).map(|s| {
+            let g = be.rows(&be.linear(x, &s.scale, None), &all);
+            g.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect()
+        });
         let routes = route(&logits, m.top_k, m.norm_topk);
         let mut out = full.then(|| be.zeros(tokens, be.dim(x)));
         for (e, (expert, routed)) in self.experts.iter().zip(&routes).enumerate() {
@@ -275,11 +281,9 @@ impl<W> Moe<W> {
                 if need.get(layer, Point::MlpHidden) {
                     capture(layer, Point::MlpHidden, &a, None)?;
                 }
-                if let Some(out) = out.as_mut() {
+                if let (Some(out), Some(w)) = (out.as_mut(), &shared_gate) {
                     let y = s.down.apply(be, &a);
-                    let g = be.rows(&be.linear(x, &s.scale, None), &all);
-                    let w: Vec<f32> = g.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
-                    be.scatter_add(out, &y, &all, &w);
+                    be.scatter_add(out, &y, &all, w);
                 }
             }
         }
