@@ -12,7 +12,7 @@
 //! other ranks serve ([`products::serve`]).
 
 use super::accounting::Wire;
-use super::messages::{self, Command};
+use super::messages;
 use super::products;
 use super::{Engine, Stats};
 use crate::leader::{Gram, Precision, Spectrum};
@@ -209,15 +209,13 @@ impl Engine {
             products::serve(&stage, &stats.local)?;
             return Ok(Vec::new());
         }
+        let remote_grams = products::Leader::new(&stage, &stats.local);
         let mut products = || -> Result<()> {
             for &g in &remote {
-                let (local, moments) = (
-                    &stats.local,
-                    &stats.shared[g].as_ref().expect("stage input").moments,
-                );
+                let moments = &stats.shared[g].as_ref().expect("stage input").moments;
                 let gram = Gram::Remote {
-                    apply: &mut |q| products::apply(&stage, local, g, q),
-                    all_reduce: &mut || products::gram(&stage, local, g),
+                    apply: &mut |q| remote_grams.apply(g, q),
+                    all_reduce: &mut || remote_grams.gram(g),
                 };
                 let spectrum =
                     Spectrum::from_gram(gram, moments, kmax(g), &mut stats.warm[g], precision)?;
@@ -226,15 +224,7 @@ impl Engine {
             Ok(())
         };
         let result = products();
-        if stage.comm.size() > 1 {
-            messages::send(
-                &stage,
-                &result
-                    .as_ref()
-                    .map_or_else(|e| Command::Abort(e.to_string()), |_| Command::Done),
-            )?;
-        }
-        result?;
+        remote_grams.finish(result)?;
         solved.sort_by_key(|(g, _)| *g);
         Ok(solved)
     }
