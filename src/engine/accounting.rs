@@ -87,15 +87,24 @@ impl<'a> Wire<'a> {
             Ok(Packed::Host(v)) => Packed::Host(v),
             other => self.agree(other)?,
         };
+        self.sum_packed(packed)
+    }
+
+    /// Sums every rank's `packed` values in place, where they are (host or GPU memory). Every
+    /// rank must hold its part.
+    pub fn all_reduce_in_place(&self, packed: &mut Packed) -> Result<()> {
         match packed {
-            Packed::Host(mut v) => {
-                self.all_reduce_sum(&mut v)?;
-                Ok(v)
-            }
-            Packed::Device(mut d) => {
-                self.all_reduce_device(&mut d)?;
-                d.to_host()
-            }
+            Packed::Host(v) => self.all_reduce_sum(v),
+            Packed::Device(d) => self.all_reduce_device(d),
+        }
+    }
+
+    /// [`Wire::all_reduce_in_place`], the sum returned in host memory.
+    pub fn sum_packed(&self, mut packed: Packed) -> Result<Vec<f64>> {
+        self.all_reduce_in_place(&mut packed)?;
+        match packed {
+            Packed::Host(v) => Ok(v),
+            Packed::Device(d) => d.to_host(),
         }
     }
 

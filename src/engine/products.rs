@@ -11,7 +11,6 @@
 
 use super::accounting::Wire;
 use super::messages::{send, Command};
-use crate::device::gpu::DeviceBuffer;
 use crate::stats::exact::{pack_upper, unpack_upper};
 use crate::stats::{InputStats, Packed};
 use crate::{Error, Result};
@@ -57,21 +56,6 @@ fn not_exact(input: usize) -> Error {
     Error::Comm(format!("the stage leader asked for Gram products of input {input}, which has no exact statistics on this rank"))
 }
 
-/// The sum of the stage's agreed parts, in host memory (a device part is summed in GPU memory,
-/// NCCL with `--comm nccl`, and then copied).
-fn summed(stage: &Wire, part: Packed) -> Result<Vec<f64>> {
-    match part {
-        Packed::Host(mut v) => {
-            stage.all_reduce_sum(&mut v)?;
-            Ok(v)
-        }
-        Packed::Device(mut d) => {
-            stage.all_reduce_device(&mut d)?;
-            d.to_host()
-        }
-    }
-}
-
 /// The stage leader's end of the products: it sends each command and takes its own part, and
 /// at the end tells the serving ranks to stop.
 pub struct Leader<'a> {
@@ -110,7 +94,7 @@ impl<'a> Leader<'a> {
             send(self.stage, &command)?;
         }
         let part = self.agree(product_part(self.stats, input, q))?;
-        let sum = summed(self.stage, part)?;
+        let sum = self.stage.sum_packed(part)?;
         Ok(Array2::from_shape_vec(q.dim(), sum).expect("d x m products"))
     }
 
@@ -125,7 +109,7 @@ impl<'a> Leader<'a> {
             .and_then(|s| s.as_ref())
             .map_or(0, |s| s.dim());
         let part = self.agree(gram_part(self.stats, input))?;
-        let packed = summed(self.stage, part)?;
+        let packed = self.stage.sum_packed(part)?;
         let mut g = vec![0.0; d * d];
         unpack_upper(&packed, d, &mut g);
         Ok(g)
@@ -146,19 +130,20 @@ impl<'a> Leader<'a> {
 }
 
 /// The stage's other ranks: serve the stage leader's products until `Done`, an `Abort`, or a
-/// part that failed on some rank (every rank of the stage stops at that agreement).
+/// part that failed on some rank (every rank of the stage stops at that agreement). Their sums
+/// stay where they were made: only the leader reads them.
 pub fn serve(stage: &Wire, stats: &[Option<InputStats>]) -> Result<()> {
     loop {
         let mut buf = Vec::new();
         stage.broadcast(&mut buf, 0)?;
         match Command::decode(&buf)? {
             Command::Apply { input, q } => {
-                let part = stage.agree(product_part(stats, input, q.view()))?;
-                summed(stage, part)?;
+                let mut part = stage.agree(product_part(stats, input, q.view()))?;
+                stage.all_reduce_in_place(&mut part)?;
             }
             Command::Gram { input } => {
-                let part = stage.agree(gram_part(stats, input))?;
-                summed(stage, part)?;
+                let mut part = stage.agree(gram_part(stats, input))?;
+                stage.all_reduce_in_place(&mut part)?;
             }
             Command::Done => return Ok(()),
             Command::Abort(msg) => {
