@@ -239,7 +239,8 @@ impl<W> Moe<W> {
         let all: Vec<usize> = (0..tokens).collect();
         let logits = be.rows(&be.linear(x, &self.router, None), &all);
         // The shared expert's sigmoid gate comes to the host right behind the router's logits,
-        // before the experts are queued: on a GPU one drain of the stream per layer, not two.
+        // before the experts are queued: on a GPU its download waits for its own small product
+        // only, not for every expert's work (the stream drains once per layer).
         let shared_gate: Option<Vec<f32>> = self.shared.as_ref().filter(|_| full).map(|s| {
             let g = be.rows(&be.linear(x, &s.scale, None), &all);
             g.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect()
