@@ -132,6 +132,21 @@ pub fn repo() -> PathBuf {
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
+/// `tests/reference/`: the fixtures `tests/reference/make_fixtures.py` writes.
+pub fn reference_dir() -> PathBuf {
+    repo().join("tests/reference")
+}
+
+/// The fixture checkpoint of `arch` in `tests/reference/`.
+pub fn fixture(arch: &str) -> PathBuf {
+    reference_dir().join(arch)
+}
+
+/// The fixtures' examples (`tests/reference/data.jsonl`).
+pub fn reference_data() -> PathBuf {
+    reference_dir().join("data.jsonl")
+}
+
 /// A path in the repository as a string that lives as long as the test (for argument arrays).
 pub fn repo_str(relative: &str) -> &'static str {
     let path = repo().join(relative).into_os_string();

@@ -383,10 +383,7 @@ fn checkpoint_files() {
     // A single-file BF16 checkpoint and an F32 one.
     model_files(
         "checkpoint",
-        &[
-            repo().join("examples/tiny-llama"),
-            repo().join("tests/reference/bert"),
-        ],
+        &[repo().join("examples/tiny-llama"), fixture("bert")],
         "model.safetensors",
         250,
         false,
@@ -397,7 +394,7 @@ fn checkpoint_files() {
 fn sharded_checkpoint_index() {
     model_files(
         "index",
-        &[repo().join("tests/reference/llama")],
+        &[fixture("llama")],
         "model.safetensors.index.json",
         300,
         true,
@@ -408,10 +405,7 @@ fn sharded_checkpoint_index() {
 fn config_json() {
     model_files(
         "config",
-        &[
-            repo().join("examples/tiny-llama"),
-            repo().join("tests/reference/bert"),
-        ],
+        &[repo().join("examples/tiny-llama"), fixture("bert")],
         "config.json",
         400,
         true,
@@ -422,10 +416,7 @@ fn config_json() {
 fn tokenizer_json() {
     model_files(
         "tokenizer",
-        &[
-            repo().join("examples/tiny-llama"),
-            repo().join("tests/reference/bert"),
-        ],
+        &[repo().join("examples/tiny-llama"), fixture("bert")],
         "tokenizer.json",
         150,
         true,
@@ -436,7 +427,7 @@ fn tokenizer_json() {
 fn jsonl_data() {
     let tmp = tempdir();
     let valid = vec![
-        std::fs::read(repo().join("tests/reference/data.jsonl")).unwrap(),
+        std::fs::read(reference_data()).unwrap(),
         b"{\"prompt\": \"Q: two plus two?\\n\", \"completion\": \"A: four\"}\n{\"text\": \"plain \\u00e9t\\u00e9 text\"}\n\n".to_vec(),
     ];
     let encoder =

@@ -17,8 +17,7 @@
 //! | `whole_adapter_matches_the_cpu` | `eva init --device cpu` on examples/tiny-llama: same ranks, subspace similarity ≥ 0.9999 per layer (`--dtype f32`) |
 //! | `nonfinite_activations_fail_the_run_as_on_the_cpu` | `eva init --device cpu` on a tiny Llama whose block 0 overflows to infinity, or whose activations' squares overflow f32: the same error line, exit 1, nothing written |
 
-use super::common::{eva_bin, repo};
-use super::model::fixture;
+use super::common::{eva_bin, fixture, repo};
 use eva::config::validate::DType;
 use eva::device::backend::Backend;
 use eva::device::cpu::Cpu;

@@ -262,7 +262,7 @@ fn assert_cpu_parity(cpu: &Path, gpu: &Path, min: f64, what: &str) {
 #[test]
 fn f32_adapters_match_the_cpu_with_every_estimator() {
     let tmp = tempdir();
-    let bert = super::model::fixture("bert");
+    let bert = fixture("bert");
     let text = repo().join("examples/data/sample.txt");
     let bert_source = [
         "--model",

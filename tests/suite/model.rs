@@ -18,18 +18,6 @@ const ATOL: f32 = 1e-5;
 /// See [`ATOL`].
 const RTOL: f32 = 1e-4;
 
-pub fn reference_dir() -> PathBuf {
-    repo().join("tests/reference")
-}
-
-pub fn fixture(arch: &str) -> PathBuf {
-    reference_dir().join(arch)
-}
-
-pub fn reference_data() -> PathBuf {
-    reference_dir().join("data.jsonl")
-}
-
 /// A tensor of `reference.safetensors` as f32 or i64 values with its shape.
 pub struct Reference {
     pub f32s: BTreeMap<String, Array2<f32>>,

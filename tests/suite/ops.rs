@@ -201,7 +201,7 @@ fn poison(src: &Path, dst: &Path, file: &str, name: &str, at: usize) {
 #[test]
 fn a_non_finite_weight_is_refused_naming_the_tensor() {
     let tmp = tempdir();
-    let reference = repo().join("tests/reference");
+    let reference = reference_dir();
     // BF16 (decoded) and F32 (memory-mapped, never decoded) checkpoints.
     let cases = [
         (

@@ -93,9 +93,9 @@ fn fixture_source<'a>(dir: &'a Path, data: &'a Path) -> [&'a str; 6] {
 #[test]
 fn two_stages_give_the_single_process_adapter_on_the_newer_families() {
     let tmp = tempdir();
-    let data = super::model::reference_data();
+    let data = reference_data();
     for arch in ["qwen3", "gemma3", "phi3"] {
-        let dir = super::model::fixture(arch);
+        let dir = fixture(arch);
         let source = fixture_source(&dir, &data);
         let single = tmp.path().join(format!("{arch}-single"));
         let one = init(&single, &source, &["--batch-size", "2"]);
@@ -144,7 +144,7 @@ fn shards_and_synthetic_data_split_their_inputs_over_the_stages() {
 fn a_stage_opens_only_the_shards_of_its_blocks() {
     // The fixture's three shards: embeddings and block 0's attention inputs; the rest of
     // block 0 and block 1's attention; the rest of block 1.
-    let dir = repo().join("tests/reference/llama");
+    let dir = fixture("llama");
     let names = |m: &Model| {
         m.checkpoint
             .opened_files()
@@ -385,8 +385,8 @@ fn large_exact_grams_stay_on_their_ranks_inside_each_stage() {
 fn moe_models_give_the_same_adapter_on_every_grid() {
     let tmp = tempdir();
     for arch in ["qwen3_moe", "qwen2_moe"] {
-        let dir = super::model::fixture(arch);
-        let data = super::model::reference_data();
+        let dir = fixture(arch);
+        let data = reference_data();
         let more = ["--no-early-stop", "--batch-size", "2"];
         let source = [&fixture_source(&dir, &data)[..], &more].concat();
         let single = tmp.path().join(format!("{arch}-single"));
